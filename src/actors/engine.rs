@@ -1,0 +1,347 @@
+//! The engine thread: one OS thread per model replica that loads the model, owns it (weights,
+//! KV cache, tokenizer) and runs generation jobs from a channel.
+//!
+//! Forward passes are long CPU/GPU work, so they never run on a tokio worker. Each job sends
+//! its events on its own unbounded channel; a job stops as soon as that channel is closed (the
+//! client went away) or its cancel flag is set. The KV cache is cleared after every job and
+//! after every error, and a panic inside a job is caught, reported to that job and ends the
+//! thread with an error its owner can see.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+
+use crate::models::{
+    self, tokenize_prompt, FinishReason, GenerationError, GenerationParams, LoadError,
+    LoadSpec, LoadedModel, ModelInfo, Prompt, Sequence,
+};
+
+/// How many sequences the loop steps at once. One today; continuous batching raises it.
+const MAX_ACTIVE_SEQUENCES: usize = 1;
+
+/// A generation request as the engine receives it.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// What to generate from.
+    pub prompt: Prompt,
+    /// How to generate.
+    pub params: GenerationParams,
+}
+
+/// One event of a job's stream. A stream is `Started`, any number of `Token`s, then exactly one
+/// of `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEvent {
+    /// The prompt was tokenized and accepted.
+    Started {
+        /// The prompt's token ids.
+        prompt_ids: Vec<u32>,
+    },
+    /// One generated token and the text it made final (possibly empty).
+    Token {
+        /// The token id.
+        id: u32,
+        /// Text that became final with this token.
+        text: String,
+    },
+    /// The generation ended normally.
+    Finished {
+        /// Why it ended.
+        reason: FinishReason,
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// Tokens generated.
+        completion_tokens: usize,
+    },
+    /// The generation failed; nothing follows.
+    Failed(EngineError),
+}
+
+/// Why a job failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The request was invalid for this model (bad prompt, parameters, context overflow).
+    #[error("{message}")]
+    Invalid {
+        /// A stable machine-readable code (`context_length_exceeded`, `invalid_parameter`, ...).
+        code: &'static str,
+        /// The parameter at fault, when known.
+        param: Option<&'static str>,
+        /// The message a user sees.
+        message: String,
+    },
+    /// The forward pass or tokenizer failed while generating.
+    #[error("generation failed: {0}")]
+    Generation(String),
+    /// The engine panicked while running this job.
+    #[error("the model crashed: {0}")]
+    Crashed(String),
+}
+
+impl From<GenerationError> for EngineError {
+    fn from(err: GenerationError) -> Self {
+        let message = err.to_string();
+        match err {
+            GenerationError::EmptyPrompt => invalid("empty_prompt", Some("prompt"), message),
+            GenerationError::ContextLengthExceeded { .. } => {
+                invalid("context_length_exceeded", Some("prompt"), message)
+            }
+            GenerationError::TokenOutOfVocabulary { .. } => {
+                invalid("token_out_of_vocabulary", Some("prompt"), message)
+            }
+            GenerationError::InvalidParameter { param, .. } => {
+                invalid("invalid_parameter", Some(param), message)
+            }
+            GenerationError::NoChatTemplate | GenerationError::ChatTemplate(_) => {
+                invalid("chat_template_error", Some("messages"), message)
+            }
+            GenerationError::Tokenizer(_) | GenerationError::Forward(_) => {
+                EngineError::Generation(message)
+            }
+        }
+    }
+}
+
+fn invalid(code: &'static str, param: Option<&'static str>, message: String) -> EngineError {
+    EngineError::Invalid {
+        code,
+        param,
+        message,
+    }
+}
+
+/// A job: a request, where its events go, and a flag that cancels it.
+#[derive(Debug)]
+pub struct Job {
+    /// The request.
+    pub request: GenerationRequest,
+    /// The job's event channel; closing its receiver cancels the job.
+    pub events: tokio_mpsc::UnboundedSender<TokenEvent>,
+    /// Set to cancel the job.
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Job {
+    /// Creates a job and returns it with its event receiver and cancel flag.
+    pub fn new(
+        request: GenerationRequest,
+    ) -> (Self, tokio_mpsc::UnboundedReceiver<TokenEvent>, Arc<AtomicBool>) {
+        let (events, receiver) = tokio_mpsc::unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let job = Self {
+            request,
+            events,
+            cancel: cancel.clone(),
+        };
+        (job, receiver, cancel)
+    }
+
+    fn abandoned(&self) -> bool {
+        self.events.is_closed() || self.cancel.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, event: TokenEvent) {
+        // A closed receiver means the client left; the job is dropped at the next check.
+        let _ = self.events.send(event);
+    }
+}
+
+/// How the engine thread ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineExit {
+    /// Its job channel closed (the owner dropped its handle or asked it to stop).
+    Stopped,
+    /// It caught a panic; the model may be corrupt and the thread must be restarted.
+    Panicked(String),
+}
+
+/// The owner's side of an engine thread.
+#[derive(Debug)]
+pub struct EngineHandle {
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<EngineExit>>,
+}
+
+/// Starts an engine thread that loads `spec`. The receiver yields the model's facts once it is
+/// loaded, or the load error (after which the thread has ended).
+pub fn spawn_engine(
+    name: &str,
+    spec: LoadSpec,
+) -> std::io::Result<(EngineHandle, oneshot::Receiver<Result<ModelInfo, LoadError>>)> {
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("engine-{name}"))
+        .spawn(move || run_engine(spec, jobs_rx, ready_tx))?;
+    Ok((
+        EngineHandle {
+            jobs: Some(jobs_tx),
+            thread: Some(thread),
+        },
+        ready_rx,
+    ))
+}
+
+impl EngineHandle {
+    /// Queues a job. Returns the job back if the engine thread has ended.
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        match &self.jobs {
+            Some(jobs) => jobs.send(job).map_err(|err| err.0),
+            None => Err(job),
+        }
+    }
+
+    /// Closes the job channel and waits for the thread to end (after its current job).
+    pub fn shutdown(mut self) -> EngineExit {
+        self.join()
+    }
+
+    fn join(&mut self) -> EngineExit {
+        self.jobs = None;
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(exit)) => exit,
+            Some(Err(_)) => EngineExit::Panicked("the engine thread panicked".to_string()),
+            None => EngineExit::Stopped,
+        }
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        // Closing the channel ends the loop; the thread finishes its current step on its own.
+        self.jobs = None;
+    }
+}
+
+fn run_engine(
+    spec: LoadSpec,
+    jobs: mpsc::Receiver<Job>,
+    ready: oneshot::Sender<Result<ModelInfo, LoadError>>,
+) -> EngineExit {
+    let mut model = match catch_unwind(|| models::load(&spec)) {
+        Ok(Ok(model)) => model,
+        Ok(Err(err)) => {
+            let _ = ready.send(Err(err));
+            return EngineExit::Stopped;
+        }
+        Err(panic) => {
+            let message = panic_message(panic.as_ref());
+            let _ = ready.send(Err(LoadError::Weights {
+                path: spec.source.to_string().into(),
+                message: format!("the loader panicked: {message}"),
+            }));
+            return EngineExit::Panicked(message);
+        }
+    };
+    if ready.send(Ok(model.info.clone())).is_err() {
+        return EngineExit::Stopped;
+    }
+    let mut active: Vec<Active> = Vec::with_capacity(MAX_ACTIVE_SEQUENCES);
+    loop {
+        if active.is_empty() {
+            match jobs.recv() {
+                Ok(job) => admit(&mut model, job, &mut active),
+                Err(_) => return EngineExit::Stopped,
+            }
+        }
+        while active.len() < MAX_ACTIVE_SEQUENCES {
+            match jobs.try_recv() {
+                Ok(job) => admit(&mut model, job, &mut active),
+                Err(_) => break,
+            }
+        }
+        if let Some(message) = step_all(&mut model, &mut active) {
+            return EngineExit::Panicked(message);
+        }
+    }
+}
+
+/// A job whose sequence is generating.
+struct Active {
+    job: Job,
+    sequence: Sequence,
+}
+
+/// Tokenizes and validates a job; a valid one joins `active`, an invalid one gets its error.
+fn admit(model: &mut LoadedModel, job: Job, active: &mut Vec<Active>) {
+    if job.abandoned() {
+        return;
+    }
+    let prepared = tokenize_prompt(&model.tokenizer, &job.request.prompt)
+        .and_then(|ids| Sequence::new(model, ids, job.request.params.clone()));
+    match prepared {
+        Ok(sequence) => {
+            job.send(TokenEvent::Started {
+                prompt_ids: sequence.prompt_ids().to_vec(),
+            });
+            active.push(Active { job, sequence });
+        }
+        Err(err) => job.send(TokenEvent::Failed(err.into())),
+    }
+}
+
+/// Steps every active sequence once. Returns a panic message if a step panicked (every active
+/// job is then failed and the engine must exit).
+fn step_all(model: &mut LoadedModel, active: &mut Vec<Active>) -> Option<String> {
+    let mut index = 0;
+    while index < active.len() {
+        let entry = &mut active[index];
+        if entry.job.abandoned() {
+            active.swap_remove(index);
+            reset_cache(model);
+            continue;
+        }
+        let stepped = catch_unwind(AssertUnwindSafe(|| entry.sequence.step(model)));
+        match stepped {
+            Ok(Ok(output)) => {
+                entry.job.send(TokenEvent::Token {
+                    id: output.token,
+                    text: output.text,
+                });
+                if let Some(reason) = output.finished {
+                    entry.job.send(TokenEvent::Finished {
+                        reason,
+                        prompt_tokens: entry.sequence.prompt_ids().len(),
+                        completion_tokens: entry.sequence.generated_ids().len(),
+                    });
+                    active.swap_remove(index);
+                    reset_cache(model);
+                    continue;
+                }
+                index += 1;
+            }
+            Ok(Err(err)) => {
+                entry.job.send(TokenEvent::Failed(err.into()));
+                active.swap_remove(index);
+                reset_cache(model);
+            }
+            Err(panic) => {
+                let message = panic_message(panic.as_ref());
+                for entry in active.drain(..) {
+                    entry
+                        .job
+                        .send(TokenEvent::Failed(EngineError::Crashed(message.clone())));
+                }
+                return Some(message);
+            }
+        }
+    }
+    None
+}
+
+fn reset_cache(model: &mut LoadedModel) {
+    if let Err(err) = model.clear_kv_cache() {
+        tracing::error!(error = %err, "clearing the kv cache failed");
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}

@@ -1,0 +1,172 @@
+//! The `llorch` command line.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Parser, Subcommand};
+
+use llorch::actors::engine::{spawn_engine, GenerationRequest, Job, TokenEvent};
+use llorch::models::{
+    ChatMessage, DTypeChoice, DeviceSpec, GenerationParams, LoadSpec, ModelSource, Prompt,
+    SamplingParams,
+};
+
+/// llorch: serve many LLMs on many devices from one process.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs one generation without a daemon and prints it.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A HuggingFace model directory, a .gguf file, hf:org/repo[@revision] or builtin:demo.
+    #[arg(long)]
+    source: String,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Send the prompt as one user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// RNG seed: the same seed gives the same tokens.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// A stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Device: cpu, cuda:N or metal:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// dtype: auto, f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Print {"prompt_ids", "generated_ids", "text"} as JSON instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let source: ModelSource = args.source.parse()?;
+    let device = args
+        .device
+        .parse::<DeviceSpec>()
+        .map_err(|err| anyhow!(err))?
+        .open()?;
+    let dtype = args
+        .dtype
+        .parse::<DTypeChoice>()
+        .map_err(|err| anyhow!(err))?;
+    let spec = LoadSpec {
+        source,
+        device,
+        dtype,
+        max_seq_len: None,
+    };
+    let (engine, ready) = spawn_engine("cli", spec).context("starting the engine thread")?;
+    ready
+        .blocking_recv()
+        .context("the engine thread ended while loading")??;
+    let prompt = if args.chat {
+        Prompt::Chat(vec![ChatMessage {
+            role: "user".to_string(),
+            content: args.prompt,
+        }])
+    } else {
+        Prompt::Text {
+            text: args.prompt,
+            add_special_tokens: true,
+        }
+    };
+    let params = GenerationParams {
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+            ..SamplingParams::default()
+        },
+        max_tokens: Some(args.max_tokens),
+        stop: args.stop,
+        ignore_eos: args.ignore_eos,
+    };
+    let (job, mut events, _cancel) = Job::new(GenerationRequest { prompt, params });
+    engine
+        .submit(job)
+        .map_err(|_| anyhow!("the engine thread has stopped"))?;
+    let mut prompt_ids = Vec::new();
+    let mut generated_ids = Vec::new();
+    let mut text = String::new();
+    let mut stdout = std::io::stdout().lock();
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            TokenEvent::Started { prompt_ids: ids } => prompt_ids = ids,
+            TokenEvent::Token { id, text: piece } => {
+                generated_ids.push(id);
+                if !args.json {
+                    stdout.write_all(piece.as_bytes())?;
+                    stdout.flush()?;
+                }
+                text.push_str(&piece);
+            }
+            TokenEvent::Finished { .. } => break,
+            TokenEvent::Failed(err) => return Err(anyhow!(err)),
+        }
+    }
+    if args.json {
+        let output = serde_json::json!({
+            "prompt_ids": prompt_ids,
+            "generated_ids": generated_ids,
+            "text": text,
+        });
+        writeln!(stdout, "{output}")?;
+    } else {
+        writeln!(stdout)?;
+    }
+    drop(engine);
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! Device names (`cpu`, `cuda:N`, `metal:N`) and dtype choice.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::error::LoadError;
+
+/// A device as named in configuration and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceSpec {
+    /// The host CPU.
+    Cpu,
+    /// An NVIDIA GPU by ordinal.
+    Cuda(usize),
+    /// An Apple GPU by ordinal.
+    Metal(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let ordinal = |rest: &str| {
+            rest.parse::<usize>()
+                .map_err(|_| format!("invalid device {text:?}: expected cpu, cuda:N or metal:N"))
+        };
+        match text {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            "metal" => Ok(DeviceSpec::Metal(0)),
+            _ => match text.split_once(':') {
+                Some(("cuda", rest)) => ordinal(rest).map(DeviceSpec::Cuda),
+                Some(("metal", rest)) => ordinal(rest).map(DeviceSpec::Metal),
+                _ => Err(format!(
+                    "invalid device {text:?}: expected cpu, cuda:N or metal:N"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+            DeviceSpec::Metal(i) => write!(f, "metal:{i}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Creates the candle device. Create each GPU device once and clone it: two devices made
+    /// for the same ordinal cannot mix tensors.
+    pub fn open(self) -> Result<Device, LoadError> {
+        let unavailable = |reason: String| LoadError::DeviceUnavailable {
+            device: self.to_string(),
+            reason,
+        };
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(ordinal) => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(unavailable(
+                        "this binary was built without the `cuda` feature".to_string(),
+                    ));
+                }
+                Device::new_cuda(ordinal).map_err(|err| unavailable(err.to_string()))
+            }
+            DeviceSpec::Metal(ordinal) => {
+                if !candle_core::utils::metal_is_available() {
+                    return Err(unavailable(
+                        "this binary was built without the `metal` feature".to_string(),
+                    ));
+                }
+                Device::new_metal(ordinal).map_err(|err| unavailable(err.to_string()))
+            }
+        }
+    }
+}
+
+/// The dtype asked for in configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeChoice {
+    /// bf16 on CUDA, f32 elsewhere.
+    #[default]
+    Auto,
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl FromStr for DTypeChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "auto" => Ok(DTypeChoice::Auto),
+            "f32" | "float32" => Ok(DTypeChoice::F32),
+            "f16" | "float16" => Ok(DTypeChoice::F16),
+            "bf16" | "bfloat16" => Ok(DTypeChoice::Bf16),
+            _ => Err(format!(
+                "invalid dtype {text:?}: expected auto, f32, f16 or bf16"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for DTypeChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DTypeChoice::Auto => "auto",
+            DTypeChoice::F32 => "f32",
+            DTypeChoice::F16 => "f16",
+            DTypeChoice::Bf16 => "bf16",
+        })
+    }
+}
+
+impl DTypeChoice {
+    /// Resolves the choice for a device and checks that the device can compute in that dtype
+    /// (a small matmul and softmax are run once).
+    pub fn resolve(self, device: &Device) -> Result<DType, LoadError> {
+        let dtype = match self {
+            DTypeChoice::Auto if device.is_cuda() => DType::BF16,
+            DTypeChoice::Auto | DTypeChoice::F32 => DType::F32,
+            DTypeChoice::F16 => DType::F16,
+            DTypeChoice::Bf16 => DType::BF16,
+        };
+        probe(dtype, device).map_err(|err| LoadError::UnsupportedDtype {
+            dtype: self.to_string(),
+            device: device_label(device),
+            reason: err.to_string(),
+        })?;
+        Ok(dtype)
+    }
+}
+
+fn probe(dtype: DType, device: &Device) -> candle_core::Result<()> {
+    let a = Tensor::ones((2, 2), dtype, device)?;
+    let product = a.matmul(&a)?;
+    candle_nn::ops::softmax_last_dim(&product)?.to_dtype(DType::F32)?;
+    Ok(())
+}
+
+/// Returns a short name for a candle device (`cpu`, `cuda`, `metal`).
+pub fn device_label(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".to_string(),
+        Device::Cuda(_) => "cuda".to_string(),
+        Device::Metal(_) => "metal".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
+        assert_eq!("metal:0".parse::<DeviceSpec>().unwrap(), DeviceSpec::Metal(0));
+        assert!("tpu:0".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn cpu_runs_every_float_dtype_and_auto_is_f32() {
+        assert_eq!(DTypeChoice::Auto.resolve(&Device::Cpu).unwrap(), DType::F32);
+        assert_eq!(DTypeChoice::F16.resolve(&Device::Cpu).unwrap(), DType::F16);
+        assert_eq!(DTypeChoice::Bf16.resolve(&Device::Cpu).unwrap(), DType::BF16);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_a_clear_error() {
+        let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+        assert!(err.contains("cuda:0") && err.contains("`cuda` feature"), "{err}");
+    }
+}

@@ -1,0 +1,321 @@
+//! Loading a model from a local HuggingFace directory (`config.json` + safetensors).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use candle_transformers::models::{
+    gemma, gemma2, llama, olmo, olmo2, phi, phi3, qwen2, qwen3, stable_lm, starcoder2,
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::arch::Architecture;
+use super::decoder::{Decoder, DecoderConfig};
+use super::error::LoadError;
+use super::model::Model;
+use super::source::shard_files;
+
+/// What a directory load produces besides the model itself.
+pub struct DirModel {
+    /// The runnable model.
+    pub model: Model,
+    /// The detected architecture.
+    pub architecture: Architecture,
+    /// The longest sequence (prompt + generated) this model computes exactly.
+    pub context_length: usize,
+    /// Logit vector length.
+    pub vocab_size: usize,
+    /// The parsed `config.json`.
+    pub config: Value,
+}
+
+/// Reads and parses a JSON file, mapping failures to typed errors that name the file.
+pub fn read_json(path: &Path, what: &'static str) -> Result<Value, LoadError> {
+    if !path.exists() {
+        return Err(LoadError::MissingFile {
+            path: path.to_path_buf(),
+            what,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|err| LoadError::BadJson {
+        path: path.to_path_buf(),
+        message: err.to_string(),
+    })
+}
+
+/// Loads the model in `dir` on `device` in `dtype`.
+pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<DirModel, LoadError> {
+    let config_path = dir.join("config.json");
+    let config = read_json(&config_path, "the model config")?;
+    let architecture = Architecture::detect(&config, &config_path)?;
+    let checker = ConfigCheck {
+        path: &config_path,
+        config: &config,
+    };
+    checker.check_rope_scaling(architecture)?;
+    let context_length = checker.context_length(architecture)?;
+    let files = weight_files(dir)?;
+    let weights_label = files
+        .first()
+        .cloned()
+        .unwrap_or_else(|| dir.to_path_buf());
+    let vb = mmap_weights(&files, dtype, device)?;
+    let weight_error = |err: candle_core::Error| LoadError::Weights {
+        path: weights_label.clone(),
+        message: err.to_string(),
+    };
+    let model = build(architecture, &checker, vb, dtype, device).map_err(|err| match err {
+        BuildError::Config(err) => err,
+        BuildError::Candle(err) => weight_error(err),
+    })?;
+    let vocab_size = config
+        .get("vocab_size")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| checker.bad("missing integer field `vocab_size`"))? as usize;
+    Ok(DirModel {
+        model,
+        architecture,
+        context_length,
+        vocab_size,
+        config,
+    })
+}
+
+enum BuildError {
+    Config(LoadError),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for BuildError {
+    fn from(err: candle_core::Error) -> Self {
+        BuildError::Candle(err)
+    }
+}
+
+impl From<LoadError> for BuildError {
+    fn from(err: LoadError) -> Self {
+        BuildError::Config(err)
+    }
+}
+
+fn build(
+    architecture: Architecture,
+    checker: &ConfigCheck<'_>,
+    vb: VarBuilder<'static>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Model, BuildError> {
+    Ok(match architecture {
+        Architecture::Llama => {
+            let cfg: llama::LlamaConfig = checker.parse()?;
+            let cfg = cfg.into_config(false);
+            let cache = llama::Cache::new(true, dtype, &cfg, device)?;
+            Model::Llama {
+                model: llama::Llama::load(vb, &cfg)?,
+                cache,
+                config: Box::new(cfg),
+                dtype,
+                device: device.clone(),
+            }
+        }
+        Architecture::Mistral | Architecture::Granite => {
+            let cfg: DecoderConfig = checker.parse()?;
+            checker.check_activation("hidden_act", &["silu"])?;
+            Model::Decoder(Decoder::new(&cfg, vb)?)
+        }
+        Architecture::Phi => Model::Phi(phi::Model::new(&checker.parse::<phi::Config>()?, vb)?),
+        Architecture::Phi3 => {
+            Model::Phi3(phi3::Model::new(&checker.parse::<phi3::Config>()?, vb)?)
+        }
+        Architecture::Qwen2 => {
+            checker.reject_true("use_sliding_window", "candle's Qwen2 has no per-layer window")?;
+            let cfg: qwen2::Config = checker.parse()?;
+            Model::Qwen2(qwen2::ModelForCausalLM::new(&cfg, vb)?)
+        }
+        Architecture::Qwen3 => {
+            checker.reject_true("use_sliding_window", "candle's Qwen3 has no sliding window")?;
+            let cfg: qwen3::Config = checker.parse()?;
+            Model::Qwen3(qwen3::ModelForCausalLM::new(&cfg, vb)?)
+        }
+        Architecture::Gemma => {
+            Model::Gemma(gemma::Model::new(false, &checker.parse::<gemma::Config>()?, vb)?)
+        }
+        Architecture::Gemma2 => {
+            Model::Gemma2(gemma2::Model::new(false, &checker.parse::<gemma2::Config>()?, vb)?)
+        }
+        Architecture::Olmo => Model::Olmo(olmo::Model::new(&checker.parse::<olmo::Config>()?, vb)?),
+        Architecture::Olmo2 => {
+            checker.reject_non_null("clip_qkv", "candle's OLMo 2 does not clip q/k/v")?;
+            Model::Olmo2(olmo2::Model::new(&checker.parse::<olmo2::Config>()?, vb)?)
+        }
+        Architecture::StableLm => {
+            checker.reject_true("qk_layernorm", "candle's StableLM has no q/k LayerNorm")?;
+            let cfg: stable_lm::Config = checker.parse()?;
+            Model::StableLm {
+                model: Box::new(stable_lm::Model::new(&cfg, vb.clone())?),
+                config: Box::new(cfg),
+                weights: vb,
+            }
+        }
+        Architecture::Starcoder2 => {
+            Model::Starcoder2(starcoder2::Model::new(&checker.parse::<starcoder2::Config>()?, vb)?)
+        }
+    })
+}
+
+/// Lists the safetensors files of a directory: `model.safetensors`, or the shards named by
+/// `model.safetensors.index.json`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        return Err(LoadError::MissingFile {
+            path: single,
+            what: "the weights (model.safetensors or model.safetensors.index.json)",
+        });
+    }
+    let files: Vec<PathBuf> = shard_files(&index)?
+        .into_iter()
+        .map(|name| dir.join(name))
+        .collect();
+    if let Some(missing) = files.iter().find(|path| !path.exists()) {
+        return Err(LoadError::MissingFile {
+            path: missing.clone(),
+            what: "a weight shard named by model.safetensors.index.json",
+        });
+    }
+    Ok(files)
+}
+
+/// Maps the safetensors files into a `VarBuilder`.
+#[allow(unsafe_code)]
+fn mmap_weights(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, LoadError> {
+    // SAFETY: the files are mapped read-only and llorch never writes to model files; a reload
+    // that changes weights on disk must write new files rather than modify mapped ones
+    // (documented in the README).
+    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|err| {
+        LoadError::Weights {
+            path: files.first().cloned().unwrap_or_default(),
+            message: err.to_string(),
+        }
+    })
+}
+
+/// Checks a parsed `config.json` for fields llorch cannot honour.
+struct ConfigCheck<'a> {
+    path: &'a Path,
+    config: &'a Value,
+}
+
+impl ConfigCheck<'_> {
+    fn bad(&self, message: &str) -> LoadError {
+        LoadError::BadJson {
+            path: self.path.to_path_buf(),
+            message: message.to_string(),
+        }
+    }
+
+    fn unsupported(&self, field: &str, value: &Value, reason: &str) -> LoadError {
+        LoadError::UnsupportedConfig {
+            path: self.path.to_path_buf(),
+            field: field.to_string(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn parse<T: DeserializeOwned>(&self) -> Result<T, LoadError> {
+        serde_json::from_value(self.config.clone()).map_err(|err| self.bad(&err.to_string()))
+    }
+
+    fn reject_true(&self, field: &str, reason: &str) -> Result<(), LoadError> {
+        match self.config.get(field) {
+            Some(value @ Value::Bool(true)) => Err(self.unsupported(field, value, reason)),
+            _ => Ok(()),
+        }
+    }
+
+    fn reject_non_null(&self, field: &str, reason: &str) -> Result<(), LoadError> {
+        match self.config.get(field) {
+            Some(Value::Null) | None => Ok(()),
+            Some(value) => Err(self.unsupported(field, value, reason)),
+        }
+    }
+
+    fn check_activation(&self, field: &str, allowed: &[&str]) -> Result<(), LoadError> {
+        match self.config.get(field).and_then(Value::as_str) {
+            Some(act) if !allowed.contains(&act) => Err(self.unsupported(
+                field,
+                &Value::String(act.to_string()),
+                "only silu is implemented for this architecture",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Rejects RoPE scaling schemes the architecture's implementation does not apply.
+    fn check_rope_scaling(&self, architecture: Architecture) -> Result<(), LoadError> {
+        let supported: &[&str] = match architecture {
+            Architecture::Llama => &["default", "llama3"],
+            Architecture::Phi3 => &["default", "longrope", "su"],
+            _ => &["default"],
+        };
+        for field in ["rope_scaling", "rope_parameters"] {
+            let Some(value) = self.config.get(field) else {
+                continue;
+            };
+            if value.is_null() {
+                continue;
+            }
+            let kind = value
+                .get("rope_type")
+                .or_else(|| value.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if !supported.contains(&kind) {
+                return Err(self.unsupported(
+                    field,
+                    value,
+                    &format!("RoPE scaling {kind:?} is not implemented for {}", architecture.model_type()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The context length: the trained length, capped where candle applies an attention window
+    /// inexactly (beyond that window its results would differ from the reference).
+    fn context_length(&self, architecture: Architecture) -> Result<usize, LoadError> {
+        let trained = ["max_position_embeddings", "n_positions", "max_sequence_length"]
+            .iter()
+            .find_map(|field| self.config.get(*field).and_then(Value::as_u64))
+            .ok_or_else(|| self.bad("missing integer field `max_position_embeddings`"))?
+            as usize;
+        let window = self.config.get("sliding_window").and_then(Value::as_u64);
+        let inexact_window = match architecture {
+            // Exact in llorch's own decoder.
+            Architecture::Mistral => None,
+            Architecture::Qwen2
+            | Architecture::Gemma2
+            | Architecture::Phi3
+            | Architecture::Starcoder2 => window,
+            _ => None,
+        };
+        Ok(match inexact_window {
+            Some(window) => trained.min(window as usize),
+            None => trained,
+        })
+    }
+}

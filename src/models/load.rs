@@ -1,0 +1,223 @@
+//! Turns a `ModelSource` into a `LoadedModel`: weights, tokenizer and generation facts.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use super::demo;
+use super::device::{device_label, DTypeChoice};
+use super::error::{GenerationError, LoadError};
+use super::gguf::load_gguf;
+use super::hf_dir::{load_dir, read_json};
+use super::model::Model;
+use super::source::{default_hub_cache, hub_offline, resolve_hub, ModelSource};
+use super::tokenizer::TextTokenizer;
+
+/// What to load and where.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Where the model comes from.
+    pub source: ModelSource,
+    /// The device to run on (create GPU devices once and clone them).
+    pub device: Device,
+    /// The compute dtype.
+    pub dtype: DTypeChoice,
+    /// An optional cap on the context length (prompt plus generated tokens).
+    pub max_seq_len: Option<usize>,
+}
+
+/// Facts about a loaded model that generation and the API need.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The source as given.
+    pub source: String,
+    /// The architecture (`model_type` or GGUF `general.architecture`).
+    pub architecture: String,
+    /// The longest sequence (prompt plus generated tokens) the model runs.
+    pub context_length: usize,
+    /// The length of the logit vector.
+    pub vocab_size: usize,
+    /// Token ids that end a generation unless `ignore_eos` is set.
+    pub eos_ids: Vec<u32>,
+    /// The compute dtype.
+    pub dtype: DType,
+    /// The device name (`cpu`, `cuda`, `metal`).
+    pub device: String,
+}
+
+/// A model ready to generate: weights with their KV cache, tokenizer and facts.
+pub struct LoadedModel {
+    /// The weights and KV cache.
+    pub model: Model,
+    /// The tokenizer and chat template.
+    pub tokenizer: TextTokenizer,
+    /// Facts about the model.
+    pub info: ModelInfo,
+    device: Device,
+}
+
+impl LoadedModel {
+    /// Runs `ids` at `position` and returns the last position's logits.
+    pub fn forward(&mut self, ids: &[u32], position: usize) -> Result<Vec<f32>, GenerationError> {
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        self.model.forward(&input, position)
+    }
+
+    /// Empties the KV cache.
+    pub fn clear_kv_cache(&mut self) -> Result<(), GenerationError> {
+        self.model.clear_kv_cache()
+    }
+
+    /// Returns the device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// Loads a model. This is CPU/IO-bound work: call it from an engine thread, never from an
+/// async task.
+pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
+    let device = spec.device.clone();
+    let mut loaded = match &spec.source {
+        ModelSource::Dir(dir) => load_hf_dir(dir, &device, spec.dtype)?,
+        ModelSource::Hub { repo, revision } => {
+            let dir = resolve_hub(repo, revision, &default_hub_cache(), hub_offline())?;
+            load_hf_dir(&dir, &device, spec.dtype)?
+        }
+        ModelSource::Gguf(path) => load_gguf_file(path, &device, spec.dtype)?,
+        ModelSource::BuiltinDemo => {
+            let dtype = spec.dtype.resolve(&device)?;
+            LoadedModel {
+                model: demo::demo_model(&device, dtype)?,
+                tokenizer: demo::demo_tokenizer()?,
+                info: ModelInfo {
+                    source: String::new(),
+                    architecture: "llama".to_string(),
+                    context_length: demo::DEMO_CONTEXT,
+                    vocab_size: 0,
+                    eos_ids: demo::DEMO_EOS.to_vec(),
+                    dtype,
+                    device: String::new(),
+                },
+                device: device.clone(),
+            }
+        }
+    };
+    if loaded.info.vocab_size == 0 {
+        loaded.info.vocab_size = loaded.tokenizer.vocab_size();
+    }
+    loaded.info.source = spec.source.to_string();
+    loaded.info.device = device_label(&device);
+    if let Some(cap) = spec.max_seq_len {
+        loaded.info.context_length = loaded.info.context_length.min(cap);
+    }
+    Ok(loaded)
+}
+
+fn load_hf_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<LoadedModel, LoadError> {
+    if !dir.is_dir() {
+        return Err(LoadError::MissingFile {
+            path: dir.to_path_buf(),
+            what: "the model directory",
+        });
+    }
+    let dtype = choice.resolve(device)?;
+    let tokenizer = TextTokenizer::from_dir(dir)?;
+    let loaded = load_dir(dir, device, dtype)?;
+    let eos_ids = eos_ids(dir, &loaded.config, &tokenizer)?;
+    Ok(LoadedModel {
+        model: loaded.model,
+        tokenizer,
+        info: ModelInfo {
+            source: String::new(),
+            architecture: loaded.architecture.model_type().to_string(),
+            context_length: loaded.context_length,
+            vocab_size: loaded.vocab_size,
+            eos_ids,
+            dtype,
+            device: String::new(),
+        },
+        device: device.clone(),
+    })
+}
+
+fn load_gguf_file(
+    path: &Path,
+    device: &Device,
+    choice: DTypeChoice,
+) -> Result<LoadedModel, LoadError> {
+    if !matches!(choice, DTypeChoice::Auto | DTypeChoice::F32) {
+        return Err(LoadError::UnsupportedDtype {
+            dtype: choice.to_string(),
+            device: device_label(device),
+            reason: "GGUF weights run in their stored quantized types; use dtype auto".to_string(),
+        });
+    }
+    let gguf = load_gguf(path, device)?;
+    let beside = path.with_file_name("tokenizer.json");
+    let tokens = |id: Option<u32>, tok: &tokenizers::Tokenizer| id.and_then(|id| tok.id_to_token(id));
+    let inner = if beside.exists() {
+        tokenizers::Tokenizer::from_file(&beside).map_err(|err| LoadError::Tokenizer {
+            origin: beside.display().to_string(),
+            message: err.to_string(),
+        })?
+    } else {
+        let document = gguf.tokenizer_json.map_err(|message| LoadError::Tokenizer {
+            origin: format!("gguf metadata of {}", path.display()),
+            message,
+        })?;
+        document
+            .to_string()
+            .parse()
+            .map_err(|err: tokenizers::Error| LoadError::Tokenizer {
+                origin: format!("gguf metadata of {}", path.display()),
+                message: err.to_string(),
+            })?
+    };
+    let bos = tokens(gguf.specials.bos, &inner);
+    let eos = tokens(gguf.specials.eos.first().copied(), &inner);
+    let tokenizer = TextTokenizer::new(inner, gguf.chat_template, bos, eos)?;
+    Ok(LoadedModel {
+        model: gguf.model,
+        tokenizer,
+        info: ModelInfo {
+            source: String::new(),
+            architecture: gguf.architecture,
+            context_length: gguf.context_length,
+            vocab_size: gguf.vocab_size,
+            eos_ids: gguf.specials.eos,
+            dtype: DType::F32,
+            device: String::new(),
+        },
+        device: device.clone(),
+    })
+}
+
+/// EOS ids: `generation_config.json` first, then `config.json`, then the tokenizer's EOS token.
+fn eos_ids(dir: &Path, config: &Value, tokenizer: &TextTokenizer) -> Result<Vec<u32>, LoadError> {
+    let generation_path = dir.join("generation_config.json");
+    let generation = if generation_path.exists() {
+        read_json(&generation_path, "the generation config")?
+    } else {
+        Value::Null
+    };
+    let from = |value: &Value| -> Vec<u32> {
+        match value.get("eos_token_id") {
+            Some(Value::Number(n)) => n.as_u64().map(|id| vec![id as u32]).unwrap_or_default(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(|v| v.as_u64().map(|id| id as u32))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let mut ids = from(&generation);
+    if ids.is_empty() {
+        ids = from(config);
+    }
+    if ids.is_empty() {
+        ids.extend(tokenizer.token_id(tokenizer.eos_token()));
+    }
+    Ok(ids)
+}

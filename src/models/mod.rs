@@ -1,0 +1,36 @@
+//! The model layer: synchronous, no tokio, no actors, no threads.
+//!
+//! It turns a model source (a HuggingFace directory, a GGUF file, a `hf:` repository or
+//! `builtin:demo`) into a [`LoadedModel`], and a prompt into a stream of tokens through a
+//! [`Sequence`]. It imports nothing from `actors`, `api` or `config`.
+
+mod arch;
+mod decoder;
+mod demo;
+mod detok;
+mod device;
+mod error;
+mod generation;
+mod gguf;
+mod gguf_tokenizer;
+mod hf_dir;
+mod load;
+mod model;
+mod sampling;
+mod source;
+mod stop;
+mod tokenizer;
+
+pub use arch::Architecture;
+pub use detok::Detokenizer;
+pub use device::{DTypeChoice, DeviceSpec};
+pub use error::{GenerationError, LoadError};
+pub use generation::{
+    tokenize_prompt, FinishReason, GenerationParams, Prompt, Sequence, StepOutput,
+};
+pub use load::{load, LoadSpec, LoadedModel, ModelInfo};
+pub use model::Model;
+pub use sampling::{argmax, SamplingParams};
+pub use source::{resolve_hub, ModelSource, BUILTIN_DEMO};
+pub use stop::{StopMatcher, StopOutcome};
+pub use tokenizer::{ChatMessage, TextTokenizer};

@@ -1,0 +1,271 @@
+//! Token sampling: repetition penalty, temperature, top-k, top-p, min-p, seeded RNG.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::error::GenerationError;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this (1 = off).
+    pub top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Drop tokens less likely than `min_p` times the most likely one (0 = off).
+    pub min_p: f32,
+    /// HuggingFace-style penalty on every token already in the sequence (1 = off).
+    pub repetition_penalty: f32,
+    /// RNG seed; the same seed gives the same tokens. `None` draws one from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Checks every parameter's range.
+    pub fn validate(&self) -> Result<(), GenerationError> {
+        let invalid = |param: &'static str, reason: &str| {
+            Err(GenerationError::InvalidParameter {
+                param,
+                reason: reason.to_string(),
+            })
+        };
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return invalid("temperature", "must be a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return invalid("top_p", "must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return invalid("min_p", "must be in [0, 1]");
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return invalid("repetition_penalty", "must be a finite number > 0");
+        }
+        Ok(())
+    }
+}
+
+/// Chooses tokens from logits, with its own seeded RNG.
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    /// Creates a sampler; the RNG is seeded from `params.seed` or from the OS.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self { params, rng }
+    }
+
+    /// Picks the next token. `previous` is every token of the sequence so far (prompt and
+    /// generated), for the repetition penalty.
+    pub fn sample(&mut self, logits: &mut [f32], previous: &[u32]) -> u32 {
+        if self.params.repetition_penalty != 1.0 {
+            apply_repetition_penalty(logits, previous, self.params.repetition_penalty);
+        }
+        if self.params.temperature == 0.0 {
+            return argmax(logits);
+        }
+        let candidates = self.filter(logits);
+        let total: f64 = candidates.iter().map(|(_, p)| p).sum();
+        let mut threshold = self.rng.random::<f64>() * total;
+        for (id, p) in &candidates {
+            threshold -= p;
+            if threshold <= 0.0 {
+                return *id;
+            }
+        }
+        candidates.last().map(|(id, _)| *id).unwrap_or(0)
+    }
+
+    /// Returns the surviving `(token, probability)` pairs, most likely first.
+    fn filter(&self, logits: &[f32]) -> Vec<(u32, f64)> {
+        let inv_t = 1.0 / f64::from(self.params.temperature);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(id, &logit)| (id as u32, (f64::from(logit - max) * inv_t).exp()))
+            .collect();
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.params.top_k > 0 {
+            probs.truncate(self.params.top_k.max(1));
+        }
+        let sum: f64 = probs.iter().map(|(_, p)| p).sum();
+        for entry in probs.iter_mut() {
+            entry.1 /= sum;
+        }
+        if self.params.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let keep = probs
+                .iter()
+                .position(|(_, p)| {
+                    cumulative += p;
+                    cumulative >= f64::from(self.params.top_p)
+                })
+                .map_or(probs.len(), |index| index + 1);
+            probs.truncate(keep.max(1));
+        }
+        if self.params.min_p > 0.0 {
+            let floor = probs[0].1 * f64::from(self.params.min_p);
+            probs.retain(|(_, p)| *p >= floor);
+        }
+        probs
+    }
+}
+
+/// Divides positive logits and multiplies negative ones by `penalty` for every distinct token
+/// in `previous` (transformers' `RepetitionPenaltyLogitsProcessor`).
+fn apply_repetition_penalty(logits: &mut [f32], previous: &[u32], penalty: f32) {
+    let mut seen = vec![false; logits.len()];
+    for &id in previous {
+        let Some(slot) = seen.get_mut(id as usize) else {
+            continue;
+        };
+        if std::mem::replace(slot, true) {
+            continue;
+        }
+        let logit = &mut logits[id as usize];
+        *logit = if *logit < 0.0 {
+            *logit * penalty
+        } else {
+            *logit / penalty
+        };
+    }
+}
+
+/// Index of the largest logit; the first one wins ties, as `torch.argmax` does.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (id, &logit) in logits.iter().enumerate() {
+        if logit > logits[best] {
+            best = id;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.0, 0.5, 2.9]
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut sampler = Sampler::new(SamplingParams::greedy());
+        assert_eq!(sampler.sample(&mut logits(), &[]), 1);
+        assert_eq!(argmax(&[2.0, 5.0, 5.0]), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_follows_transformers() {
+        let mut values = vec![2.0, -2.0, 1.0];
+        apply_repetition_penalty(&mut values, &[0, 1, 0], 2.0);
+        assert_eq!(values, vec![1.0, -4.0, 1.0]);
+    }
+
+    #[test]
+    fn penalty_changes_the_greedy_choice() {
+        let params = SamplingParams {
+            repetition_penalty: 1.5,
+            ..SamplingParams::greedy()
+        };
+        let mut sampler = Sampler::new(params);
+        assert_eq!(sampler.sample(&mut logits(), &[1]), 4);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let params = SamplingParams {
+            top_k: 1,
+            seed: Some(7),
+            ..SamplingParams::default()
+        };
+        let mut sampler = Sampler::new(params);
+        for _ in 0..20 {
+            assert_eq!(sampler.sample(&mut logits(), &[]), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        let params = SamplingParams {
+            top_p: 0.5,
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
+        let kept: Vec<u32> = Sampler::new(params).filter(&logits()).iter().map(|c| c.0).collect();
+        assert_eq!(kept, vec![1, 4]);
+        let params = SamplingParams {
+            min_p: 0.5,
+            seed: Some(1),
+            ..SamplingParams::default()
+        };
+        let kept: Vec<u32> = Sampler::new(params).filter(&logits()).iter().map(|c| c.0).collect();
+        assert_eq!(kept, vec![1, 4, 2]);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_differs() {
+        let draw = |seed| {
+            let mut sampler = Sampler::new(SamplingParams {
+                seed: Some(seed),
+                ..SamplingParams::default()
+            });
+            let flat = vec![0.0f32; 64];
+            (0..32)
+                .map(|_| sampler.sample(&mut flat.clone(), &[]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(42), draw(42));
+        assert_ne!(draw(42), draw(43));
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        let bad = [
+            SamplingParams { temperature: -1.0, ..SamplingParams::default() },
+            SamplingParams { top_p: 0.0, ..SamplingParams::default() },
+            SamplingParams { min_p: 2.0, ..SamplingParams::default() },
+            SamplingParams { repetition_penalty: 0.0, ..SamplingParams::default() },
+        ];
+        let names: Vec<String> = bad
+            .iter()
+            .map(|p| p.validate().unwrap_err().to_string())
+            .collect();
+        for (message, name) in names.iter().zip(["temperature", "top_p", "min_p", "repetition_penalty"]) {
+            assert!(message.contains(name), "{message}");
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Shared helpers for integration tests: the reference fixtures and their goldens.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use llorch::models::{
+    load, DTypeChoice, FinishReason, GenerationParams, LoadSpec, LoadedModel, ModelSource,
+    SamplingParams, Sequence,
+};
+use serde::Deserialize;
+
+/// Returns the fixtures folder (`LLORCH_FIXTURES`, default `../shared/fixtures`), or `None` with
+/// a message when it is absent. With `LLORCH_REQUIRE_FIXTURES=1` an absent folder fails the test.
+pub fn fixtures() -> Option<PathBuf> {
+    let dir = std::env::var_os("LLORCH_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+    if dir.join("index.json").is_file() {
+        return Some(dir);
+    }
+    let required = std::env::var("LLORCH_REQUIRE_FIXTURES").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "LLORCH_REQUIRE_FIXTURES=1 but no fixtures at {} (set LLORCH_FIXTURES)",
+        dir.display()
+    );
+    eprintln!(
+        "skipping: no reference fixtures at {} (set LLORCH_FIXTURES)",
+        dir.display()
+    );
+    None
+}
+
+/// One entry of `index.json`.
+#[derive(Debug, Deserialize)]
+pub struct IndexEntry {
+    pub name: String,
+    pub kind: String,
+    pub path: String,
+    pub golden: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Index {
+    entries: Vec<IndexEntry>,
+}
+
+/// Reads `index.json`.
+pub fn index(fixtures: &std::path::Path) -> Vec<IndexEntry> {
+    let text = std::fs::read_to_string(fixtures.join("index.json")).unwrap();
+    serde_json::from_str::<Index>(&text).unwrap().entries
+}
+
+/// A golden file.
+#[derive(Debug, Deserialize)]
+pub struct Golden {
+    pub cases: Vec<Case>,
+}
+
+/// One golden case.
+#[derive(Debug, Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub kind: String,
+    pub prompt: String,
+    #[serde(default)]
+    pub messages: Vec<llorch::models::ChatMessage>,
+    pub add_special_tokens: bool,
+    pub prompt_ids: Vec<u32>,
+    pub last_prompt_top5: Vec<TopLogit>,
+    pub generated_ids: Vec<u32>,
+    pub generated_text: String,
+}
+
+/// One of the top-5 logits.
+#[derive(Debug, Deserialize)]
+pub struct TopLogit {
+    pub id: u32,
+    pub logit: f32,
+}
+
+/// Reads a golden file relative to the fixtures folder.
+pub fn golden(fixtures: &std::path::Path, rel: &str) -> Golden {
+    let text = std::fs::read_to_string(fixtures.join(rel)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Loads a model on the CPU in f32.
+pub fn load_cpu(source: &str) -> LoadedModel {
+    load(&LoadSpec {
+        source: source.parse::<ModelSource>().unwrap(),
+        device: Device::Cpu,
+        dtype: DTypeChoice::Auto,
+        max_seq_len: None,
+    })
+    .unwrap_or_else(|err| panic!("loading {source}: {err}"))
+}
+
+/// Runs a greedy generation of `n` tokens with EOS ignored; returns ids and the streamed text.
+pub fn greedy(model: &mut LoadedModel, prompt_ids: Vec<u32>, n: usize) -> (Vec<u32>, String) {
+    let params = GenerationParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(n),
+        stop: Vec::new(),
+        ignore_eos: true,
+    };
+    let mut sequence = Sequence::new(model, prompt_ids, params).unwrap();
+    let mut text = String::new();
+    loop {
+        let step = sequence.step(model).unwrap();
+        text.push_str(&step.text);
+        if let Some(reason) = step.finished {
+            assert_eq!(reason, FinishReason::MaxTokens);
+            break;
+        }
+    }
+    model.clear_kv_cache().unwrap();
+    (sequence.generated_ids().to_vec(), text)
+}
+
+/// Top-`k` (id, logit) pairs, highest first.
+pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut pairs: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    pairs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    pairs.truncate(k);
+    pairs
+}

@@ -1,0 +1,153 @@
+//! Conformance against the HuggingFace transformers goldens: every fixture model, every case,
+//! token for token.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fixtures, golden, greedy, index, load_cpu, top_k, Case};
+use llorch::models::{tokenize_prompt, LoadedModel, Prompt};
+
+/// Largest allowed difference between our logits and the reference's.
+const LOGIT_TOLERANCE: f32 = 1e-3;
+
+/// How a golden file is checked.
+struct Check {
+    /// Compare the top-5 ids and logits at the last prompt position.
+    top5: bool,
+    /// Compare this many greedy tokens (all when `None`).
+    tokens: Option<usize>,
+    /// Compare the decoded text.
+    text: bool,
+}
+
+const FULL: Check = Check {
+    top5: true,
+    tokens: None,
+    text: true,
+};
+
+fn check_case(model: &mut LoadedModel, case: &Case, check: &Check, label: &str) {
+    let prompt = if case.kind == "chat" {
+        let rendered = model.tokenizer.render_chat(&case.messages, true).unwrap();
+        assert_eq!(rendered, case.prompt, "{label}: rendered chat template");
+        Prompt::Chat(case.messages.clone())
+    } else {
+        Prompt::Text {
+            text: case.prompt.clone(),
+            add_special_tokens: case.add_special_tokens,
+        }
+    };
+    let ids = tokenize_prompt(&model.tokenizer, &prompt).unwrap();
+    assert_eq!(ids, case.prompt_ids, "{label}: prompt ids");
+    if check.top5 {
+        let logits = model.forward(&ids, 0).unwrap();
+        model.clear_kv_cache().unwrap();
+        let ours = top_k(&logits, 5);
+        for (rank, (want, got)) in case.last_prompt_top5.iter().zip(&ours).enumerate() {
+            assert_eq!(got.0, want.id, "{label}: top-5 id at rank {rank}: {ours:?}");
+            assert!(
+                (got.1 - want.logit).abs() <= LOGIT_TOLERANCE,
+                "{label}: logit of {} is {} (reference {})",
+                want.id,
+                got.1,
+                want.logit
+            );
+        }
+    }
+    let n = check.tokens.unwrap_or(case.generated_ids.len());
+    let (generated, text) = greedy(model, ids, n);
+    assert_eq!(generated, case.generated_ids[..n], "{label}: greedy tokens");
+    if check.text {
+        assert_eq!(text, case.generated_text, "{label}: streamed text");
+        let decoded = model.tokenizer.decode(&generated).unwrap();
+        assert_eq!(decoded, case.generated_text, "{label}: decoded text");
+    }
+}
+
+fn check_entry(name: &str, checks: &[(&str, Check)]) {
+    let Some(fixtures) = fixtures() else { return };
+    let entry = index(&fixtures)
+        .into_iter()
+        .find(|entry| entry.name == name)
+        .unwrap_or_else(|| panic!("{name} is not in index.json"));
+    let source = fixtures.join(&entry.path);
+    let mut model = load_cpu(source.to_str().unwrap());
+    for golden_path in &entry.golden {
+        let check = checks
+            .iter()
+            .find(|(file, _)| golden_path.ends_with(file))
+            .map(|(_, check)| check)
+            .unwrap_or(&FULL);
+        for case in golden(&fixtures, golden_path).cases {
+            let label = format!("{name} {golden_path} {}", case.name);
+            check_case(&mut model, &case, check, &label);
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                check_entry($name, &[]);
+            }
+        )*
+        /// Every entry of index.json has a test above, so no fixture is silently skipped.
+        const COVERED: &[&str] = &[$($name,)* "stories260k-q8_0"];
+    };
+}
+
+conformance! {
+    gemma => "gemma",
+    gemma2 => "gemma2",
+    granite => "granite",
+    llama => "llama",
+    mistral => "mistral",
+    olmo => "olmo",
+    olmo2 => "olmo2",
+    phi => "phi",
+    phi3 => "phi3",
+    qwen2 => "qwen2",
+    qwen3 => "qwen3",
+    stablelm => "stablelm",
+    starcoder2 => "starcoder2",
+    stories260k_with_256_token_golden => "stories260k",
+    gguf_stories260k_f32 => "stories260k-f32",
+    gguf_tiny_llama_f32 => "tiny-llama-f32",
+    gguf_tiny_llama_q8_0 => "tiny-llama-q8_0",
+    gguf_tiny_qwen2_f32 => "tiny-qwen2-f32",
+    gguf_tiny_qwen2_q8_0 => "tiny-qwen2-q8_0",
+}
+
+/// stories260k Q8_0: candle multiplies its F16 `ffn_down` in f32 while llama.cpp rounds
+/// activations to f16, so logits differ by up to ~0.2 (fixtures README); the first 24 greedy
+/// tokens of every case agree.
+#[test]
+fn gguf_stories260k_q8_0_first_24_tokens() {
+    check_entry(
+        "stories260k-q8_0",
+        &[(
+            "stories260k-q8_0.golden.json",
+            Check {
+                top5: false,
+                tokens: Some(24),
+                text: false,
+            },
+        )],
+    );
+}
+
+#[test]
+fn every_index_entry_has_a_conformance_test() {
+    let Some(fixtures) = fixtures() else { return };
+    for entry in index(&fixtures) {
+        assert!(
+            COVERED.contains(&entry.name.as_str()),
+            "{} has no conformance test",
+            entry.name
+        );
+        assert!(Path::new(&fixtures.join(&entry.path)).exists());
+    }
+}

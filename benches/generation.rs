@@ -36,7 +36,9 @@ fn bench(c: &mut Criterion) {
     let mut model = model();
     let ids = prompt(&model, PREFILL_TOKENS);
     let mut group = c.benchmark_group("generation");
-    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
 
     group.throughput(Throughput::Elements(PREFILL_TOKENS as u64));
     group.bench_function("prefill_128", |b| {

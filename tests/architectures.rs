@@ -19,7 +19,11 @@ fn variant(
     edit_weights: impl FnOnce(&mut HashMap<String, Tensor>),
 ) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(fixture.join(name), dir.path().join(name)).unwrap();
     }
     let mut config: Value =
@@ -72,7 +76,10 @@ fn mistral_sliding_window_matches_its_definition_in_prefill_and_decode() {
     let full_dir = one_layer(None);
     let mut windowed = load_cpu(windowed_dir.path().to_str().unwrap());
     let mut full = load_cpu(full_dir.path().to_str().unwrap());
-    let mut ids = windowed.tokenizer.encode("Once upon a time, there was a little robot who", true).unwrap();
+    let mut ids = windowed
+        .tokenizer
+        .encode("Once upon a time, there was a little robot who", true)
+        .unwrap();
     assert!(ids.len() > 2 * WINDOW);
 
     // Prefill of the whole prompt.
@@ -125,7 +132,11 @@ fn granite_multipliers_are_applied_where_transformers_applies_them() {
             scale(weights, "lm_head.weight", 1.0 / logits_scaling);
             for layer in 0..2 {
                 let p = format!("model.layers.{layer}");
-                scale(weights, &format!("{p}.self_attn.q_proj.weight"), attention * head_dim.sqrt());
+                scale(
+                    weights,
+                    &format!("{p}.self_attn.q_proj.weight"),
+                    attention * head_dim.sqrt(),
+                );
                 scale(weights, &format!("{p}.self_attn.o_proj.weight"), residual);
                 scale(weights, &format!("{p}.mlp.down_proj.weight"), residual);
             }
@@ -133,12 +144,16 @@ fn granite_multipliers_are_applied_where_transformers_applies_them() {
     );
     let mut ours = load_cpu(with_multipliers.path().to_str().unwrap());
     let mut reference = load_cpu(folded.path().to_str().unwrap());
-    let ids = ours.tokenizer.encode("The license grants you the right to copy", true).unwrap();
+    let ids = ours
+        .tokenizer
+        .encode("The license grants you the right to copy", true)
+        .unwrap();
     let a = logits_at_end(&mut ours, &ids);
     let b = logits_at_end(&mut reference, &ids);
     assert_close(&a, &b, 1e-3, "granite multipliers");
-    let neutral = load_cpu(source.to_str().unwrap())
-        .forward(&ids, 0)
-        .unwrap();
-    assert!(a.iter().zip(&neutral).any(|(x, y)| (x - y).abs() > 0.1), "multipliers changed nothing");
+    let neutral = load_cpu(source.to_str().unwrap()).forward(&ids, 0).unwrap();
+    assert!(
+        a.iter().zip(&neutral).any(|(x, y)| (x - y).abs() > 0.1),
+        "multipliers changed nothing"
+    );
 }

@@ -151,3 +151,27 @@ fn every_index_entry_has_a_conformance_test() {
         assert!(Path::new(&fixtures.join(&entry.path)).exists());
     }
 }
+
+/// Without `ignore_eos`, generation ends at the first EOS id of `generation_config.json`
+/// (llama's plain_1 golden emits `<|end|>`, id 6, as its 25th token).
+#[test]
+fn generation_stops_at_the_first_eos_token() {
+    use llorch::models::{FinishReason, GenerationParams, SamplingParams, Sequence};
+    let Some(fixtures) = fixtures() else { return };
+    let case = &golden(&fixtures, "models/llama/golden.json").cases[1];
+    let mut model = load_cpu(fixtures.join("models/llama").to_str().unwrap());
+    assert_eq!(model.info.eos_ids, vec![2, 6]);
+    let params = GenerationParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: Some(32),
+        ..GenerationParams::default()
+    };
+    let mut sequence = Sequence::new(&model, case.prompt_ids.clone(), params).unwrap();
+    let reason = loop {
+        if let Some(reason) = sequence.step(&mut model).unwrap().finished {
+            break reason;
+        }
+    };
+    assert_eq!(reason, FinishReason::Eos);
+    assert_eq!(sequence.generated_ids(), &case.generated_ids[..25]);
+}

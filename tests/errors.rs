@@ -26,9 +26,15 @@ fn tiny_config() -> serde_json::Value {
 fn tiny_weights(embed_rows: usize) -> HashMap<String, Tensor> {
     let t = |shape: (usize, usize)| Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap();
     let mut w = HashMap::new();
-    w.insert("model.embed_tokens.weight".to_string(), t((embed_rows, HIDDEN)));
+    w.insert(
+        "model.embed_tokens.weight".to_string(),
+        t((embed_rows, HIDDEN)),
+    );
     w.insert("lm_head.weight".to_string(), t((VOCAB, HIDDEN)));
-    w.insert("model.norm.weight".to_string(), Tensor::ones(HIDDEN, DType::F32, &Device::Cpu).unwrap());
+    w.insert(
+        "model.norm.weight".to_string(),
+        Tensor::ones(HIDDEN, DType::F32, &Device::Cpu).unwrap(),
+    );
     let p = "model.layers.0";
     for (name, shape) in [
         ("self_attn.q_proj", (HIDDEN, HIDDEN)),
@@ -42,15 +48,17 @@ fn tiny_weights(embed_rows: usize) -> HashMap<String, Tensor> {
         w.insert(format!("{p}.{name}.weight"), t(shape));
     }
     for name in ["input_layernorm", "post_attention_layernorm"] {
-        w.insert(format!("{p}.{name}.weight"), Tensor::ones(HIDDEN, DType::F32, &Device::Cpu).unwrap());
+        w.insert(
+            format!("{p}.{name}.weight"),
+            Tensor::ones(HIDDEN, DType::F32, &Device::Cpu).unwrap(),
+        );
     }
     w
 }
 
 fn tiny_tokenizer() -> String {
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..VOCAB)
-        .map(|i| (format!("w{i}"), json!(i)))
-        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..VOCAB).map(|i| (format!("w{i}"), json!(i))).collect();
     json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
         "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
@@ -73,7 +81,11 @@ fn write_model(dir: &Path, config: &serde_json::Value, weights: &HashMap<String,
     candle_core::safetensors::save(weights, dir.join("model.safetensors")).unwrap();
 }
 
-fn try_load(source: &str, dtype: DTypeChoice, max_seq_len: Option<usize>) -> Result<LoadedModel, LoadError> {
+fn try_load(
+    source: &str,
+    dtype: DTypeChoice,
+    max_seq_len: Option<usize>,
+) -> Result<LoadedModel, LoadError> {
     load(&LoadSpec {
         source: source.parse::<ModelSource>()?,
         device: Device::Cpu,
@@ -111,12 +123,18 @@ fn missing_directory_and_files_are_named() {
     let dir = tiny_model_dir();
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     let err = load_error(dir.path());
-    assert!(err.contains("missing file") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("missing file") && err.contains("config.json"),
+        "{err}"
+    );
 
     let dir = tiny_model_dir();
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
     let err = load_error(dir.path());
-    assert!(err.contains("missing file") && err.contains("tokenizer.json"), "{err}");
+    assert!(
+        err.contains("missing file") && err.contains("tokenizer.json"),
+        "{err}"
+    );
 
     let dir = tiny_model_dir();
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
@@ -129,7 +147,10 @@ fn bad_json_names_the_file() {
     let dir = tiny_model_dir();
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
     let err = load_error(dir.path());
-    assert!(err.starts_with("invalid JSON in") && err.contains("config.json"), "{err}");
+    assert!(
+        err.starts_with("invalid JSON in") && err.contains("config.json"),
+        "{err}"
+    );
 
     let dir = tiny_model_dir();
     let mut config = tiny_config();
@@ -147,7 +168,10 @@ fn unknown_architecture_names_file_and_value() {
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     let err = load_error(dir.path());
     assert!(err.contains("unsupported architecture \"mamba\""), "{err}");
-    assert!(err.contains("config.json") && err.contains("llama, mistral"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("llama, mistral"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -167,7 +191,10 @@ fn a_config_field_we_cannot_honour_is_an_error() {
     config["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
     let err = load_error(dir.path());
-    assert!(err.contains("unsupported configuration") && err.contains("rope_scaling"), "{err}");
+    assert!(
+        err.contains("unsupported configuration") && err.contains("rope_scaling"),
+        "{err}"
+    );
     assert!(err.contains("\"linear\""), "{err}");
 }
 
@@ -175,7 +202,13 @@ fn a_config_field_we_cannot_honour_is_an_error() {
 fn prompt_longer_than_the_context_is_rejected() {
     let model = try_load("builtin:demo", DTypeChoice::Auto, Some(8)).unwrap();
     let err = Sequence::new(&model, vec![5; 8], GenerationParams::default()).unwrap_err();
-    assert!(matches!(err, GenerationError::ContextLengthExceeded { prompt_tokens: 8, context_length: 8 }));
+    assert!(matches!(
+        err,
+        GenerationError::ContextLengthExceeded {
+            prompt_tokens: 8,
+            context_length: 8
+        }
+    ));
     assert_eq!(
         err.to_string(),
         "the prompt has 8 tokens but the model's context is 8 tokens"
@@ -183,26 +216,45 @@ fn prompt_longer_than_the_context_is_rejected() {
     let err = Sequence::new(&model, vec![], GenerationParams::default()).unwrap_err();
     assert_eq!(err.to_string(), "the prompt is empty");
     let err = Sequence::new(&model, vec![1, 99_999], GenerationParams::default()).unwrap_err();
-    assert!(err.to_string().contains("token id 99999 is outside the vocabulary"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("token id 99999 is outside the vocabulary"),
+        "{err}"
+    );
 }
 
 #[test]
 fn gguf_errors_are_clear() {
-    let err = try_load("/nonexistent/x.gguf", DTypeChoice::Auto, None).err().unwrap().to_string();
+    let err = try_load("/nonexistent/x.gguf", DTypeChoice::Auto, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("missing file /nonexistent/x.gguf"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("junk.gguf");
     std::fs::write(&path, b"this is not a gguf file at all").unwrap();
-    let err = try_load(path.to_str().unwrap(), DTypeChoice::Auto, None).err().unwrap().to_string();
+    let err = try_load(path.to_str().unwrap(), DTypeChoice::Auto, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.starts_with("invalid GGUF file"), "{err}");
-    let err = try_load(path.to_str().unwrap(), DTypeChoice::Bf16, None).err().unwrap().to_string();
+    let err = try_load(path.to_str().unwrap(), DTypeChoice::Bf16, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("dtype bf16 is not supported"), "{err}");
 }
 
 #[test]
 fn bad_sources_are_rejected_before_loading() {
-    let err = try_load("builtin:llama", DTypeChoice::Auto, None).err().unwrap().to_string();
-    assert!(err.contains("the only built-in model is builtin:demo"), "{err}");
+    let err = try_load("builtin:llama", DTypeChoice::Auto, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("the only built-in model is builtin:demo"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -216,5 +268,8 @@ fn hub_source_missing_from_an_offline_cache_is_a_clear_error() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("org/absent@main") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(
+        err.contains("org/absent@main") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
 }

@@ -73,10 +73,28 @@ fn greedy_args() -> Vec<&'static str> {
 #[test]
 fn builtin_demo_generates_and_the_seed_fixes_the_tokens() {
     let args = ["--max-tokens", "12", "--temperature", "1.0", "--ignore-eos"];
-    let first = generate_json("builtin:demo", "Hello", &[&args[..], &["--seed", "7"]].concat(), &[]);
-    let again = generate_json("builtin:demo", "Hello", &[&args[..], &["--seed", "7"]].concat(), &[]);
-    let other = generate_json("builtin:demo", "Hello", &[&args[..], &["--seed", "8"]].concat(), &[]);
-    assert_eq!(first["prompt_ids"], serde_json::json!([1, 79, 108, 115, 115, 118]));
+    let first = generate_json(
+        "builtin:demo",
+        "Hello",
+        &[&args[..], &["--seed", "7"]].concat(),
+        &[],
+    );
+    let again = generate_json(
+        "builtin:demo",
+        "Hello",
+        &[&args[..], &["--seed", "7"]].concat(),
+        &[],
+    );
+    let other = generate_json(
+        "builtin:demo",
+        "Hello",
+        &[&args[..], &["--seed", "8"]].concat(),
+        &[],
+    );
+    assert_eq!(
+        first["prompt_ids"],
+        serde_json::json!([1, 79, 108, 115, 115, 118])
+    );
     assert_eq!(first["generated_ids"].as_array().unwrap().len(), 12);
     assert_eq!(first, again);
     assert_ne!(first["generated_ids"], other["generated_ids"]);
@@ -92,10 +110,27 @@ fn hub_cache_branch_and_commit_resolve_offline() {
     files.extend(model_files(&source, &["model.safetensors"]));
     lay_out_cache(cache.path(), "fixture/llama", &files);
     for spec in ["hf:fixture/llama", &format!("hf:fixture/llama@{COMMIT}")] {
-        let out = generate_json(spec, &case.prompt, &greedy_args(), &[("HF_HUB_CACHE", cache.path())]);
-        assert_eq!(out["prompt_ids"], serde_json::json!(case.prompt_ids), "{spec}");
-        assert_eq!(out["generated_ids"], serde_json::json!(case.generated_ids), "{spec}");
-        assert_eq!(out["text"], Value::String(case.generated_text.clone()), "{spec}");
+        let out = generate_json(
+            spec,
+            &case.prompt,
+            &greedy_args(),
+            &[("HF_HUB_CACHE", cache.path())],
+        );
+        assert_eq!(
+            out["prompt_ids"],
+            serde_json::json!(case.prompt_ids),
+            "{spec}"
+        );
+        assert_eq!(
+            out["generated_ids"],
+            serde_json::json!(case.generated_ids),
+            "{spec}"
+        );
+        assert_eq!(
+            out["text"],
+            Value::String(case.generated_text.clone()),
+            "{spec}"
+        );
     }
 }
 
@@ -118,16 +153,27 @@ fn sharded_weights_in_the_hub_cache_load() {
             .map(|name| ((*name).clone(), weights[*name].clone()))
             .collect();
         candle_core::safetensors::save(&part, scratch.path().join(&file)).unwrap();
-        files.insert(file.clone(), std::fs::read(scratch.path().join(&file)).unwrap());
+        files.insert(
+            file.clone(),
+            std::fs::read(scratch.path().join(&file)).unwrap(),
+        );
         for name in chunk {
             weight_map.insert((*name).clone(), Value::String(file.clone()));
         }
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    files.insert("model.safetensors.index.json".into(), index.to_string().into_bytes());
+    files.insert(
+        "model.safetensors.index.json".into(),
+        index.to_string().into_bytes(),
+    );
     let cache = tempfile::tempdir().unwrap();
     lay_out_cache(cache.path(), "fixture/sharded", &files);
-    let out = generate_json("hf:fixture/sharded", &case.prompt, &greedy_args(), &[("HF_HUB_CACHE", cache.path())]);
+    let out = generate_json(
+        "hf:fixture/sharded",
+        &case.prompt,
+        &greedy_args(),
+        &[("HF_HUB_CACHE", cache.path())],
+    );
     assert_eq!(out["generated_ids"], serde_json::json!(case.generated_ids));
 }
 
@@ -145,10 +191,27 @@ fn a_gguf_without_tokenizer_json_tokenizes_from_its_metadata() {
 
 #[test]
 fn errors_exit_non_zero_with_the_reason() {
-    let (ok, _, stderr) = llorch(&["generate", "--source", "hf:org/absent", "--prompt", "x"], &[]);
+    let (ok, _, stderr) = llorch(
+        &["generate", "--source", "hf:org/absent", "--prompt", "x"],
+        &[],
+    );
     assert!(!ok);
     assert!(stderr.contains("cannot fetch org/absent@main"), "{stderr}");
-    let (ok, _, stderr) = llorch(&["generate", "--source", "builtin:demo", "--prompt", "x", "--device", "cuda:0"], &[]);
+    let (ok, _, stderr) = llorch(
+        &[
+            "generate",
+            "--source",
+            "builtin:demo",
+            "--prompt",
+            "x",
+            "--device",
+            "cuda:0",
+        ],
+        &[],
+    );
     assert!(!ok);
-    assert!(stderr.contains("device cuda:0 is not available"), "{stderr}");
+    assert!(
+        stderr.contains("device cuda:0 is not available"),
+        "{stderr}"
+    );
 }

@@ -15,8 +15,8 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::models::{
-    self, tokenize_prompt, FinishReason, GenerationError, GenerationParams, LoadError,
-    LoadSpec, LoadedModel, ModelInfo, Prompt, Sequence,
+    self, tokenize_prompt, FinishReason, GenerationError, GenerationParams, LoadError, LoadSpec,
+    LoadedModel, ModelInfo, Prompt, Sequence,
 };
 
 /// How many sequences the loop steps at once. One today; continuous batching raises it.
@@ -128,7 +128,11 @@ impl Job {
     /// Creates a job and returns it with its event receiver and cancel flag.
     pub fn new(
         request: GenerationRequest,
-    ) -> (Self, tokio_mpsc::UnboundedReceiver<TokenEvent>, Arc<AtomicBool>) {
+    ) -> (
+        Self,
+        tokio_mpsc::UnboundedReceiver<TokenEvent>,
+        Arc<AtomicBool>,
+    ) {
         let (events, receiver) = tokio_mpsc::unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let job = Self {
@@ -170,7 +174,10 @@ pub struct EngineHandle {
 pub fn spawn_engine(
     name: &str,
     spec: LoadSpec,
-) -> std::io::Result<(EngineHandle, oneshot::Receiver<Result<ModelInfo, LoadError>>)> {
+) -> std::io::Result<(
+    EngineHandle,
+    oneshot::Receiver<Result<ModelInfo, LoadError>>,
+)> {
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
     let (ready_tx, ready_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()
@@ -187,10 +194,10 @@ pub fn spawn_engine(
 
 impl EngineHandle {
     /// Queues a job. Returns the job back if the engine thread has ended.
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
+    pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
         match &self.jobs {
-            Some(jobs) => jobs.send(job).map_err(|err| err.0),
-            None => Err(job),
+            Some(jobs) => jobs.send(job).map_err(|err| Box::new(err.0)),
+            None => Err(Box::new(job)),
         }
     }
 

@@ -148,7 +148,9 @@ mod tests {
 
     #[test]
     fn unsupported_value_names_file_and_value() {
-        let err = detect(json!({"model_type": "mamba"})).unwrap_err().to_string();
+        let err = detect(json!({"model_type": "mamba"}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"mamba\""), "{err}");
         assert!(err.contains("/m/config.json"), "{err}");
         let err = detect(json!({"architectures": ["BertModel"]}))

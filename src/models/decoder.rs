@@ -210,7 +210,13 @@ fn attention_mask(
     }
     let mask: Vec<f32> = (0..seq_len)
         .flat_map(|i| (0..kv_len).map(move |j| (i, j)))
-        .map(|(i, j)| if visible(i, j) { 0.0 } else { f32::NEG_INFINITY })
+        .map(|(i, j)| {
+            if visible(i, j) {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
         .collect();
     Tensor::from_vec(mask, (1, 1, seq_len, kv_len), device).map(Some)
 }
@@ -268,7 +274,11 @@ impl Decoder {
             .map(|index| {
                 let vb = model.pp("layers").pp(index);
                 Ok(Block {
-                    input_norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+                    input_norm: rms_norm(
+                        cfg.hidden_size,
+                        cfg.rms_norm_eps,
+                        vb.pp("input_layernorm"),
+                    )?,
                     attn: Attention::new(cfg, vb.pp("self_attn"))?,
                     post_attn_norm: rms_norm(
                         cfg.hidden_size,
@@ -325,7 +335,12 @@ impl Decoder {
 mod tests {
     use super::*;
 
-    fn mask_rows(seq_len: usize, kv_len: usize, pos: usize, window: Option<usize>) -> Vec<Vec<bool>> {
+    fn mask_rows(
+        seq_len: usize,
+        kv_len: usize,
+        pos: usize,
+        window: Option<usize>,
+    ) -> Vec<Vec<bool>> {
         match attention_mask(seq_len, kv_len, pos, window, &Device::Cpu).unwrap() {
             None => vec![vec![true; kv_len]; seq_len],
             Some(mask) => mask
@@ -359,6 +374,8 @@ mod tests {
     fn sliding_window_applies_during_decode() {
         let rows = mask_rows(1, 6, 5, Some(3));
         assert_eq!(rows[0], vec![false, false, false, true, true, true]);
-        assert!(attention_mask(1, 6, 5, None, &Device::Cpu).unwrap().is_none());
+        assert!(attention_mask(1, 6, 5, None, &Device::Cpu)
+            .unwrap()
+            .is_none());
     }
 }

@@ -99,8 +99,18 @@ fn demo_tensors(
     for layer in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{layer}");
         entries.push(matrix(format!("{p}.self_attn.q_proj.weight"), h, h, 1.0)?);
-        entries.push(matrix(format!("{p}.self_attn.k_proj.weight"), kv_width, h, 1.0)?);
-        entries.push(matrix(format!("{p}.self_attn.v_proj.weight"), kv_width, h, 1.0)?);
+        entries.push(matrix(
+            format!("{p}.self_attn.k_proj.weight"),
+            kv_width,
+            h,
+            1.0,
+        )?);
+        entries.push(matrix(
+            format!("{p}.self_attn.v_proj.weight"),
+            kv_width,
+            h,
+            1.0,
+        )?);
         entries.push(matrix(format!("{p}.self_attn.o_proj.weight"), h, h, 1.0)?);
         entries.push(matrix(format!("{p}.mlp.gate_proj.weight"), i, h, 1.0)?);
         entries.push(matrix(format!("{p}.mlp.up_proj.weight"), i, h, 1.0)?);
@@ -171,7 +181,9 @@ pub fn demo_tokenizer() -> Result<TextTokenizer, LoadError> {
 
 /// GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to U+0100 onward.
 fn byte_level_alphabet() -> Vec<char> {
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let printable = |b: u32| {
+        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+    };
     let mut next = 0x100u32;
     (0u32..256)
         .map(|b| {

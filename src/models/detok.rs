@@ -31,8 +31,7 @@ impl Detokenizer {
         self.ids.push(id);
         let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let text = tokenizer.decode(&self.ids[self.prefix_offset..])?;
-        if text.len() <= prefix.len() || text.ends_with(REPLACEMENT) || !text.starts_with(&prefix)
-        {
+        if text.len() <= prefix.len() || text.ends_with(REPLACEMENT) || !text.starts_with(&prefix) {
             return Ok(String::new());
         }
         let delta = text[prefix.len()..].to_string();
@@ -88,9 +87,16 @@ mod tests {
         let tokenizer = demo_tokenizer().unwrap();
         let text = "naïve café — ü 🦀!";
         let ids = tokenizer.encode(text, false).unwrap();
-        assert_eq!(ids.len(), text.len(), "the demo tokenizer has one token per byte");
+        assert_eq!(
+            ids.len(),
+            text.len(),
+            "the demo tokenizer has one token per byte"
+        );
         let pieces = stream(&tokenizer, &ids);
-        assert!(pieces.iter().all(|piece| !piece.contains(REPLACEMENT)), "{pieces:?}");
+        assert!(
+            pieces.iter().all(|piece| !piece.contains(REPLACEMENT)),
+            "{pieces:?}"
+        );
         assert_eq!(pieces.concat(), text);
         let crab_start = text.find('🦀').unwrap();
         assert_eq!(pieces[crab_start..crab_start + 3], ["", "", ""]);

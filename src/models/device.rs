@@ -165,7 +165,10 @@ mod tests {
     fn parses_devices() {
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
         assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
-        assert_eq!("metal:0".parse::<DeviceSpec>().unwrap(), DeviceSpec::Metal(0));
+        assert_eq!(
+            "metal:0".parse::<DeviceSpec>().unwrap(),
+            DeviceSpec::Metal(0)
+        );
         assert!("tpu:0".parse::<DeviceSpec>().is_err());
         assert!("cuda:x".parse::<DeviceSpec>().is_err());
     }
@@ -174,13 +177,19 @@ mod tests {
     fn cpu_runs_every_float_dtype_and_auto_is_f32() {
         assert_eq!(DTypeChoice::Auto.resolve(&Device::Cpu).unwrap(), DType::F32);
         assert_eq!(DTypeChoice::F16.resolve(&Device::Cpu).unwrap(), DType::F16);
-        assert_eq!(DTypeChoice::Bf16.resolve(&Device::Cpu).unwrap(), DType::BF16);
+        assert_eq!(
+            DTypeChoice::Bf16.resolve(&Device::Cpu).unwrap(),
+            DType::BF16
+        );
     }
 
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_without_the_feature_is_a_clear_error() {
         let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
-        assert!(err.contains("cuda:0") && err.contains("`cuda` feature"), "{err}");
+        assert!(
+            err.contains("cuda:0") && err.contains("`cuda` feature"),
+            "{err}"
+        );
     }
 }

@@ -118,7 +118,9 @@ pub enum GenerationError {
     #[error("the prompt is empty")]
     EmptyPrompt,
     /// The prompt (plus at least one generated token) does not fit the context.
-    #[error("the prompt has {prompt_tokens} tokens but the model's context is {context_length} tokens")]
+    #[error(
+        "the prompt has {prompt_tokens} tokens but the model's context is {context_length} tokens"
+    )]
     ContextLengthExceeded {
         /// Tokens in the prompt.
         prompt_tokens: usize,

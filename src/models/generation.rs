@@ -29,7 +29,7 @@ pub enum Prompt {
 }
 
 /// Everything that shapes one generation besides the prompt.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct GenerationParams {
     /// Sampling settings.
     pub sampling: SamplingParams,
@@ -39,17 +39,6 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Keep generating past EOS tokens.
     pub ignore_eos: bool,
-}
-
-impl Default for GenerationParams {
-    fn default() -> Self {
-        Self {
-            sampling: SamplingParams::default(),
-            max_tokens: None,
-            stop: Vec::new(),
-            ignore_eos: false,
-        }
-    }
 }
 
 /// Why a generation ended.

@@ -60,10 +60,7 @@ pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<DirModel, L
     checker.check_rope_scaling(architecture)?;
     let context_length = checker.context_length(architecture)?;
     let files = weight_files(dir)?;
-    let weights_label = files
-        .first()
-        .cloned()
-        .unwrap_or_else(|| dir.to_path_buf());
+    let weights_label = files.first().cloned().unwrap_or_else(|| dir.to_path_buf());
     let vb = mmap_weights(&files, dtype, device)?;
     let weight_error = |err: candle_core::Error| LoadError::Weights {
         path: weights_label.clone(),
@@ -76,7 +73,8 @@ pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<DirModel, L
     let vocab_size = config
         .get("vocab_size")
         .and_then(Value::as_u64)
-        .ok_or_else(|| checker.bad("missing integer field `vocab_size`"))? as usize;
+        .ok_or_else(|| checker.bad("missing integer field `vocab_size`"))?
+        as usize;
     Ok(DirModel {
         model,
         architecture,
@@ -129,11 +127,12 @@ fn build(
             Model::Decoder(Decoder::new(&cfg, vb)?)
         }
         Architecture::Phi => Model::Phi(phi::Model::new(&checker.parse::<phi::Config>()?, vb)?),
-        Architecture::Phi3 => {
-            Model::Phi3(phi3::Model::new(&checker.parse::<phi3::Config>()?, vb)?)
-        }
+        Architecture::Phi3 => Model::Phi3(phi3::Model::new(&checker.parse::<phi3::Config>()?, vb)?),
         Architecture::Qwen2 => {
-            checker.reject_true("use_sliding_window", "candle's Qwen2 has no per-layer window")?;
+            checker.reject_true(
+                "use_sliding_window",
+                "candle's Qwen2 has no per-layer window",
+            )?;
             let cfg: qwen2::Config = checker.parse()?;
             Model::Qwen2(qwen2::ModelForCausalLM::new(&cfg, vb)?)
         }
@@ -142,12 +141,16 @@ fn build(
             let cfg: qwen3::Config = checker.parse()?;
             Model::Qwen3(qwen3::ModelForCausalLM::new(&cfg, vb)?)
         }
-        Architecture::Gemma => {
-            Model::Gemma(gemma::Model::new(false, &checker.parse::<gemma::Config>()?, vb)?)
-        }
-        Architecture::Gemma2 => {
-            Model::Gemma2(gemma2::Model::new(false, &checker.parse::<gemma2::Config>()?, vb)?)
-        }
+        Architecture::Gemma => Model::Gemma(gemma::Model::new(
+            false,
+            &checker.parse::<gemma::Config>()?,
+            vb,
+        )?),
+        Architecture::Gemma2 => Model::Gemma2(gemma2::Model::new(
+            false,
+            &checker.parse::<gemma2::Config>()?,
+            vb,
+        )?),
         Architecture::Olmo => Model::Olmo(olmo::Model::new(&checker.parse::<olmo::Config>()?, vb)?),
         Architecture::Olmo2 => {
             checker.reject_non_null("clip_qkv", "candle's OLMo 2 does not clip q/k/v")?;
@@ -162,9 +165,10 @@ fn build(
                 weights: vb,
             }
         }
-        Architecture::Starcoder2 => {
-            Model::Starcoder2(starcoder2::Model::new(&checker.parse::<starcoder2::Config>()?, vb)?)
-        }
+        Architecture::Starcoder2 => Model::Starcoder2(starcoder2::Model::new(
+            &checker.parse::<starcoder2::Config>()?,
+            vb,
+        )?),
     })
 }
 
@@ -288,7 +292,10 @@ impl ConfigCheck<'_> {
                 return Err(self.unsupported(
                     field,
                     value,
-                    &format!("RoPE scaling {kind:?} is not implemented for {}", architecture.model_type()),
+                    &format!(
+                        "RoPE scaling {kind:?} is not implemented for {}",
+                        architecture.model_type()
+                    ),
                 ));
             }
         }
@@ -298,10 +305,14 @@ impl ConfigCheck<'_> {
     /// The context length: the trained length, capped where candle applies an attention window
     /// inexactly (beyond that window its results would differ from the reference).
     fn context_length(&self, architecture: Architecture) -> Result<usize, LoadError> {
-        let trained = ["max_position_embeddings", "n_positions", "max_sequence_length"]
-            .iter()
-            .find_map(|field| self.config.get(*field).and_then(Value::as_u64))
-            .ok_or_else(|| self.bad("missing integer field `max_position_embeddings`"))?
+        let trained = [
+            "max_position_embeddings",
+            "n_positions",
+            "max_sequence_length",
+        ]
+        .iter()
+        .find_map(|field| self.config.get(*field).and_then(Value::as_u64))
+        .ok_or_else(|| self.bad("missing integer field `max_position_embeddings`"))?
             as usize;
         let window = self.config.get("sliding_window").and_then(Value::as_u64);
         let inexact_window = match architecture {

@@ -156,17 +156,20 @@ fn load_gguf_file(
     }
     let gguf = load_gguf(path, device)?;
     let beside = path.with_file_name("tokenizer.json");
-    let tokens = |id: Option<u32>, tok: &tokenizers::Tokenizer| id.and_then(|id| tok.id_to_token(id));
+    let tokens =
+        |id: Option<u32>, tok: &tokenizers::Tokenizer| id.and_then(|id| tok.id_to_token(id));
     let inner = if beside.exists() {
         tokenizers::Tokenizer::from_file(&beside).map_err(|err| LoadError::Tokenizer {
             origin: beside.display().to_string(),
             message: err.to_string(),
         })?
     } else {
-        let document = gguf.tokenizer_json.map_err(|message| LoadError::Tokenizer {
-            origin: format!("gguf metadata of {}", path.display()),
-            message,
-        })?;
+        let document = gguf
+            .tokenizer_json
+            .map_err(|message| LoadError::Tokenizer {
+                origin: format!("gguf metadata of {}", path.display()),
+                message,
+            })?;
         document
             .to_string()
             .parse()

@@ -83,7 +83,11 @@ impl Model {
     /// Runs `input` (token ids, shape `(1, seq)`, on the model's device) at absolute position
     /// `position` (the number of tokens already in the KV cache) and returns the f32 logits of
     /// the last position.
-    pub fn forward(&mut self, input: &Tensor, position: usize) -> Result<Vec<f32>, GenerationError> {
+    pub fn forward(
+        &mut self,
+        input: &Tensor,
+        position: usize,
+    ) -> Result<Vec<f32>, GenerationError> {
         let logits = match self {
             Model::Llama { model, cache, .. } => model.forward(input, position, cache)?,
             Model::Decoder(m) => m.forward(input, position)?,

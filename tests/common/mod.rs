@@ -122,7 +122,11 @@ pub fn greedy(model: &mut LoadedModel, prompt_ids: Vec<u32>, n: usize) -> (Vec<u
 
 /// Top-`k` (id, logit) pairs, highest first.
 pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut pairs: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let mut pairs: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
     pairs.sort_by(|a, b| b.1.total_cmp(&a.1));
     pairs.truncate(k);
     pairs

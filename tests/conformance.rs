@@ -175,3 +175,27 @@ fn generation_stops_at_the_first_eos_token() {
     assert_eq!(reason, FinishReason::Eos);
     assert_eq!(sequence.generated_ids(), &case.generated_ids[..25]);
 }
+
+/// f16 and bf16 run on request; the first greedy token of every llama case still matches.
+#[test]
+fn half_precision_dtypes_run_on_request() {
+    use candle_core::{DType, Device};
+    use llorch::models::{load, DTypeChoice, LoadSpec, ModelSource};
+    let Some(fixtures) = fixtures() else { return };
+    let cases = golden(&fixtures, "models/llama/golden.json").cases;
+    for (choice, dtype) in [(DTypeChoice::F16, DType::F16), (DTypeChoice::Bf16, DType::BF16)] {
+        let mut model = load(&LoadSpec {
+            source: ModelSource::Dir(fixtures.join("models/llama")),
+            device: Device::Cpu,
+            dtype: choice,
+            max_seq_len: None,
+        })
+        .unwrap();
+        assert_eq!(model.info.dtype, dtype);
+        for case in &cases {
+            let logits = model.forward(&case.prompt_ids, 0).unwrap();
+            model.clear_kv_cache().unwrap();
+            assert_eq!(top_k(&logits, 1)[0].0, case.generated_ids[0], "{choice} {}", case.name);
+        }
+    }
+}

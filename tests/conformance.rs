@@ -183,7 +183,10 @@ fn half_precision_dtypes_run_on_request() {
     use llorch::models::{load, DTypeChoice, LoadSpec, ModelSource};
     let Some(fixtures) = fixtures() else { return };
     let cases = golden(&fixtures, "models/llama/golden.json").cases;
-    for (choice, dtype) in [(DTypeChoice::F16, DType::F16), (DTypeChoice::Bf16, DType::BF16)] {
+    for (choice, dtype) in [
+        (DTypeChoice::F16, DType::F16),
+        (DTypeChoice::Bf16, DType::BF16),
+    ] {
         let mut model = load(&LoadSpec {
             source: ModelSource::Dir(fixtures.join("models/llama")),
             device: Device::Cpu,
@@ -195,7 +198,12 @@ fn half_precision_dtypes_run_on_request() {
         for case in &cases {
             let logits = model.forward(&case.prompt_ids, 0).unwrap();
             model.clear_kv_cache().unwrap();
-            assert_eq!(top_k(&logits, 1)[0].0, case.generated_ids[0], "{choice} {}", case.name);
+            assert_eq!(
+                top_k(&logits, 1)[0].0,
+                case.generated_ids[0],
+                "{choice} {}",
+                case.name
+            );
         }
     }
 }

@@ -57,6 +57,16 @@ fn token_ids(events: &[TokenEvent]) -> Vec<u32> {
         .collect()
 }
 
+fn text_of(events: &[TokenEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TokenEvent::Token { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn a_job_streams_started_tokens_then_finished() {
     let engine = engine();
@@ -160,13 +170,7 @@ fn a_stop_string_ends_a_job_and_is_not_emitted() {
     let (job, events, _) = Job::new(request("Hi", 40, SamplingParams::greedy()));
     engine.submit(job).unwrap();
     let events = drain(events);
-    let text: String = events
-        .iter()
-        .filter_map(|e| match e {
-            TokenEvent::Token { text, .. } => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
+    let text = text_of(&events);
     let stop: String = text.chars().skip(3).take(2).collect();
     let expected: String = text.split(stop.as_str()).next().unwrap().to_string();
     let mut with_stop = request("Hi", 40, SamplingParams::greedy());
@@ -174,13 +178,7 @@ fn a_stop_string_ends_a_job_and_is_not_emitted() {
     let (job, events, _) = Job::new(with_stop);
     engine.submit(job).unwrap();
     let events = drain(events);
-    let streamed: String = events
-        .iter()
-        .filter_map(|e| match e {
-            TokenEvent::Token { text, .. } => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
+    let streamed = text_of(&events);
     assert_eq!(streamed, expected, "stop {stop:?}");
     assert!(matches!(
         events.last(),

@@ -2,11 +2,22 @@
 //!
 //! # Layout
 //!
+//! - [`config`]: `pool.toml` wire types and validation into a [`config::PoolConfig`].
 //! - [`models`]: synchronous model code: sources, architectures, tokenizers, generation.
-//! - [`actors`]: everything concurrent; today the engine thread that owns a model.
+//! - [`actors`]: everything concurrent: supervisor, router, model actors, engine threads.
+//! - [`api`]: the HTTP API (OpenAI-compatible routes, `/execute`, health).
+//!
+//! ```text
+//! client ─► api ─► Router ─cast─► ModelActor ─job─► engine thread (owns the model)
+//!    ▲                                                   │
+//!    └──────── SSE / JSON ◄── per-request TokenEvent channel
+//!                 PoolSupervisor spawns and watches the Router and every ModelActor
+//! ```
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod actors;
+pub mod api;
+pub mod config;
 pub mod models;

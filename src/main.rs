@@ -1,12 +1,16 @@
 //! The `llorch` command line.
 
 use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
 
 use llorch::actors::engine::{spawn_engine, GenerationRequest, Job, TokenEvent};
+use llorch::actors::pool::Pool;
+use llorch::api::AppState;
 use llorch::models::{
     ChatMessage, DTypeChoice, DeviceSpec, GenerationParams, LoadSpec, ModelSource, Prompt,
     SamplingParams,
@@ -17,13 +21,25 @@ use llorch::models::{
 #[command(version, about)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serves the models of a pool file over HTTP (the default command).
+    Serve(ServeArgs),
     /// Runs one generation without a daemon and prints it.
     Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The pool file.
+    #[arg(long, default_value = "config/pool.toml")]
+    config: PathBuf,
+    /// Listen address (overrides `[server] listen`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -78,7 +94,12 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
+        Some(Command::Generate(args)) => generate(args),
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(ServeArgs {
+            config: PathBuf::from("config/pool.toml"),
+            listen: None,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,6 +107,47 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = llorch::config::load(&args.config)?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("binding {}", config.server.listen))?;
+        let address = listener.local_addr()?;
+        let models = config.models.len();
+        let pool = Pool::start(config).await?;
+        tracing::info!(%address, models, "llorch listening");
+        eprintln!("llorch listening on http://{address}");
+        let state = AppState::new(pool.router());
+        llorch::api::serve(listener, state, shutdown_signal()).await?;
+        pool.stop().await;
+        Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
     }
 }
 

@@ -79,6 +79,9 @@ pub enum EngineError {
     /// The engine panicked while running this job.
     #[error("the model crashed: {0}")]
     Crashed(String),
+    /// No replica of the model can serve (the message says why).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<GenerationError> for EngineError {
@@ -113,6 +116,31 @@ fn invalid(code: &'static str, param: Option<&'static str>, message: String) -> 
     }
 }
 
+/// A callback run once when a job is dropped, wherever that happens (finished, failed,
+/// abandoned, or lost with a dead engine): the router uses it to free the job's slot.
+pub struct CompletionNotice(Option<Box<dyn FnOnce() + Send>>);
+
+impl CompletionNotice {
+    /// Wraps the callback.
+    pub fn new(callback: impl FnOnce() + Send + 'static) -> Self {
+        Self(Some(Box::new(callback)))
+    }
+}
+
+impl Drop for CompletionNotice {
+    fn drop(&mut self) {
+        if let Some(callback) = self.0.take() {
+            callback();
+        }
+    }
+}
+
+impl std::fmt::Debug for CompletionNotice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CompletionNotice")
+    }
+}
+
 /// A job: a request, where its events go, and a flag that cancels it.
 #[derive(Debug)]
 pub struct Job {
@@ -122,6 +150,8 @@ pub struct Job {
     pub events: tokio_mpsc::UnboundedSender<TokenEvent>,
     /// Set to cancel the job.
     pub cancel: Arc<AtomicBool>,
+    /// Runs when the job is dropped.
+    pub notice: Option<CompletionNotice>,
 }
 
 impl Job {
@@ -139,16 +169,18 @@ impl Job {
             request,
             events,
             cancel: cancel.clone(),
+            notice: None,
         };
         (job, receiver, cancel)
     }
 
-    fn abandoned(&self) -> bool {
+    /// Whether the client has gone (receiver closed) or the job was cancelled.
+    pub fn abandoned(&self) -> bool {
         self.events.is_closed() || self.cancel.load(Ordering::Relaxed)
     }
 
-    fn send(&self, event: TokenEvent) {
-        // A closed receiver means the client left; the job is dropped at the next check.
+    /// Sends an event; a closed receiver is ignored (the job is dropped at the next check).
+    pub fn send(&self, event: TokenEvent) {
         let _ = self.events.send(event);
     }
 }

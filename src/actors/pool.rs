@@ -1,0 +1,51 @@
+//! Starting and stopping the whole actor tree.
+
+use ractor::{Actor, ActorRef};
+use tokio::sync::oneshot;
+
+use super::router::RouterMsg;
+use super::supervisor::{PoolSupervisor, SupervisorArgs};
+use crate::config::PoolConfig;
+
+/// A running pool: the supervisor and the router it spawned.
+pub struct Pool {
+    supervisor: ActorRef<()>,
+    supervisor_done: tokio::task::JoinHandle<()>,
+    router: ActorRef<RouterMsg>,
+}
+
+/// Why the pool could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("the pool failed to start: {0}")]
+pub struct PoolStartError(String);
+
+impl Pool {
+    /// Spawns the supervisor, which spawns the router and every model actor. Models load in the
+    /// background; the router answers 503 or queues until they are ready.
+    pub async fn start(config: PoolConfig) -> Result<Self, PoolStartError> {
+        let (router_tx, router_rx) = oneshot::channel();
+        let (supervisor, supervisor_done) =
+            Actor::spawn(None, PoolSupervisor, SupervisorArgs { config, router_tx })
+                .await
+                .map_err(|err| PoolStartError(err.to_string()))?;
+        let router = router_rx
+            .await
+            .map_err(|_| PoolStartError("the supervisor did not start the router".into()))?;
+        Ok(Self {
+            supervisor,
+            supervisor_done,
+            router,
+        })
+    }
+
+    /// The router's address.
+    pub fn router(&self) -> ActorRef<RouterMsg> {
+        self.router.clone()
+    }
+
+    /// Stops every actor; engine threads end after their current step.
+    pub async fn stop(self) {
+        self.supervisor.stop(None);
+        let _ = self.supervisor_done.await;
+    }
+}

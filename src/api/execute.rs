@@ -1,0 +1,113 @@
+//! `POST /execute`: the ancestor worker's endpoint, kept for its clients. SSE frames
+//! `{"type":"started",...}`, `{"type":"token","t":..,"i":..}`, then exactly one
+//! `{"type":"end",...}` or `{"type":"error",...}`.
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::dispatch::start;
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::stream::{sse, ChunkFormat, Usage};
+use super::types::{CommonParams, StopInput};
+use super::AppState;
+use crate::actors::engine::GenerationRequest;
+use crate::models::{FinishReason, Prompt};
+
+/// The `/execute` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExecuteRequest {
+    /// The caller's id for the job, echoed in `started`.
+    pub job_id: String,
+    /// The model name.
+    pub model: String,
+    /// The prompt text.
+    pub prompt: String,
+    /// Most tokens to generate.
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature.
+    pub temperature: Option<f32>,
+    /// RNG seed.
+    pub seed: Option<u64>,
+    /// Nucleus sampling.
+    pub top_p: Option<f32>,
+    /// Top-k.
+    pub top_k: Option<i64>,
+    /// Repetition penalty.
+    pub repetition_penalty: Option<f32>,
+    /// Stop strings.
+    pub stop: Option<StopInput>,
+    /// Min-p.
+    pub min_p: Option<f32>,
+}
+
+struct ExecuteFrames {
+    index: usize,
+    started_at: Instant,
+}
+
+impl ChunkFormat for ExecuteFrames {
+    fn token(&mut self, _id: u32, text: &str) -> Value {
+        let frame = json!({"type": "token", "t": text, "i": self.index});
+        self.index += 1;
+        frame
+    }
+
+    fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<Value> {
+        vec![json!({
+            "type": "end",
+            "tokens_out": usage.completion_tokens,
+            "decode_time_ms": self.started_at.elapsed().as_millis() as u64,
+            "stop_reason": reason,
+        })]
+    }
+
+    fn error(&mut self, error: &ApiError) -> Value {
+        json!({"type": "error", "code": error.code, "message": error.message})
+    }
+
+    fn done_marker(&self) -> bool {
+        false
+    }
+}
+
+/// `POST /execute`.
+pub async fn execute(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<ExecuteRequest>,
+) -> Result<Response, ApiError> {
+    let common = CommonParams {
+        max_tokens: request.max_tokens,
+        temperature: request.temperature,
+        top_p: request.top_p,
+        top_k: request.top_k,
+        min_p: request.min_p,
+        repetition_penalty: request.repetition_penalty,
+        seed: request.seed,
+        stop: request.stop.clone(),
+        ..CommonParams::default()
+    };
+    let generation = GenerationRequest {
+        prompt: Prompt::Text {
+            text: request.prompt.clone(),
+            add_special_tokens: true,
+        },
+        params: common.to_params()?,
+    };
+    let started = start(&state, &request.model, generation).await?;
+    let opening = vec![json!({
+        "type": "started",
+        "job_id": request.job_id,
+        "model": request.model,
+        "prompt_tokens": started.prompt_ids.len(),
+    })];
+    let frames = ExecuteFrames {
+        index: 0,
+        started_at: Instant::now(),
+    };
+    Ok(sse(opening, started.events, started.guard, frames).into_response())
+}

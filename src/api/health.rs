@@ -1,0 +1,80 @@
+//! `GET /health`, `GET /ready` and `GET /v1/models`.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ractor::rpc::CallResult;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::actors::router::{ModelStatus, ReplicaState, RouterMsg};
+
+/// How long the router may take to answer a health or listing call.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn statuses(state: &AppState) -> Option<Vec<ModelStatus>> {
+    match state.router.call(RouterMsg::List, Some(STATUS_TIMEOUT)).await {
+        Ok(CallResult::Success(list)) => Some(list),
+        _ => None,
+    }
+}
+
+fn ready_replicas(status: &ModelStatus) -> usize {
+    status
+        .replicas
+        .iter()
+        .filter(|(_, state, _)| *state == ReplicaState::Ready)
+        .count()
+}
+
+/// Liveness: the HTTP loop and the router answer.
+pub async fn health(State(state): State<AppState>) -> Response {
+    match statuses(&state).await {
+        Some(_) => Json(json!({"status": "ok"})).into_response(),
+        None => ApiError::unavailable("unhealthy", "the router does not answer").into_response(),
+    }
+}
+
+/// Readiness: every configured model has at least one ready replica.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let Some(list) = statuses(&state).await else {
+        return ApiError::unavailable("unhealthy", "the router does not answer").into_response();
+    };
+    let waiting: Vec<&str> = list
+        .iter()
+        .filter(|status| ready_replicas(status) == 0)
+        .map(|status| status.name.as_str())
+        .collect();
+    if waiting.is_empty() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        let body = json!({"status": "not_ready", "models_not_ready": waiting});
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+/// `GET /v1/models`: the models with a ready replica, in the OpenAI list shape.
+pub async fn models(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let list = statuses(&state)
+        .await
+        .ok_or_else(|| ApiError::unavailable("unhealthy", "the router does not answer"))?;
+    let data: Vec<_> = list
+        .iter()
+        .filter(|status| ready_replicas(status) > 0)
+        .map(|status| {
+            json!({
+                "id": status.name,
+                "object": "model",
+                "created": state.started_at,
+                "owned_by": "llorch",
+                "max_model_len": status.info.as_ref().map(|info| info.context_length),
+                "replicas": ready_replicas(status),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}

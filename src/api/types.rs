@@ -1,0 +1,297 @@
+//! OpenAI request types and their validation into an engine [`GenerationRequest`].
+
+use serde::Deserialize;
+
+use super::error::ApiError;
+use crate::actors::engine::GenerationRequest;
+use crate::models::{ChatMessage, GenerationParams, Prompt, SamplingParams};
+
+/// `max_tokens` when the request gives none.
+pub const DEFAULT_MAX_TOKENS: usize = 512;
+/// Most stop strings per request.
+pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// A prompt: a string, a one-element list of strings, or token ids.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    /// Plain text.
+    Text(String),
+    /// Token ids.
+    Ids(Vec<u32>),
+    /// A batch of texts (only one is accepted).
+    Texts(Vec<String>),
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopInput {
+    /// One stop string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+/// Sampling and stopping fields shared by completions and chat completions (OpenAI plus the
+/// vLLM extensions `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `return_token_ids`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CommonParams {
+    /// Most tokens to generate.
+    pub max_tokens: Option<usize>,
+    /// Chat's newer name for `max_tokens`.
+    pub max_completion_tokens: Option<usize>,
+    /// Sampling temperature (default 1).
+    pub temperature: Option<f32>,
+    /// Nucleus sampling (default 1).
+    pub top_p: Option<f32>,
+    /// Top-k (0 or -1: off).
+    pub top_k: Option<i64>,
+    /// Min-p (default 0).
+    pub min_p: Option<f32>,
+    /// Repetition penalty (default 1).
+    pub repetition_penalty: Option<f32>,
+    /// RNG seed.
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Option<StopInput>,
+    /// Stream with server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// Number of choices; only 1 is served.
+    pub n: Option<u32>,
+    /// Keep generating past EOS.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// Add `prompt_token_ids` and `token_ids` to each choice.
+    #[serde(default)]
+    pub return_token_ids: bool,
+    /// Not supported beyond 0.
+    pub frequency_penalty: Option<f32>,
+    /// Not supported beyond 0.
+    pub presence_penalty: Option<f32>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// The model name.
+    pub model: String,
+    /// The prompt.
+    pub prompt: PromptInput,
+    /// Everything else.
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+/// Chat message content: a string or a list of text parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ContentInput {
+    /// Plain text.
+    Text(String),
+    /// Content parts; only `{"type":"text"}` parts are supported.
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    /// The part type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a text part.
+    pub text: Option<String>,
+}
+
+/// One chat message on the wire.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MessageInput {
+    /// The role.
+    pub role: String,
+    /// The content.
+    pub content: ContentInput,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    /// The model name.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<MessageInput>,
+    /// Everything else.
+    #[serde(flatten)]
+    pub common: CommonParams,
+}
+
+impl CompletionRequest {
+    /// Validates the request into an engine request.
+    pub fn to_generation(&self) -> Result<GenerationRequest, ApiError> {
+        let prompt = match &self.prompt {
+            PromptInput::Text(text) => text.clone(),
+            PromptInput::Texts(texts) if texts.len() == 1 => texts[0].clone(),
+            PromptInput::Texts(_) => {
+                return Err(ApiError::bad_request(
+                    "unsupported_parameter",
+                    Some("prompt"),
+                    "only one prompt per request is supported",
+                ))
+            }
+            PromptInput::Ids(ids) => {
+                return Ok(GenerationRequest {
+                    prompt: Prompt::Ids(ids.clone()),
+                    params: self.common.to_params()?,
+                })
+            }
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::bad_request("empty_prompt", Some("prompt"), "the prompt is empty"));
+        }
+        Ok(GenerationRequest {
+            prompt: Prompt::Text {
+                text: prompt,
+                add_special_tokens: true,
+            },
+            params: self.common.to_params()?,
+        })
+    }
+}
+
+impl ChatRequest {
+    /// Validates the request into an engine request.
+    pub fn to_generation(&self) -> Result<GenerationRequest, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::bad_request(
+                "missing_field",
+                Some("messages"),
+                "messages must not be empty",
+            ));
+        }
+        let messages = self
+            .messages
+            .iter()
+            .map(|message| {
+                let content = match &message.content {
+                    ContentInput::Text(text) => text.clone(),
+                    ContentInput::Parts(parts) => parts
+                        .iter()
+                        .map(|part| match (part.kind.as_str(), &part.text) {
+                            ("text", Some(text)) => Ok(text.as_str()),
+                            _ => Err(ApiError::bad_request(
+                                "unsupported_parameter",
+                                Some("messages"),
+                                format!("content parts of type {:?} are not supported", part.kind),
+                            )),
+                        })
+                        .collect::<Result<String, _>>()?,
+                };
+                Ok(ChatMessage {
+                    role: message.role.clone(),
+                    content,
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        Ok(GenerationRequest {
+            prompt: Prompt::Chat(messages),
+            params: self.common.to_params()?,
+        })
+    }
+}
+
+impl CommonParams {
+    /// Validates the sampling and stopping fields.
+    pub fn to_params(&self) -> Result<GenerationParams, ApiError> {
+        let out_of_range = |param: &str, message: &str| {
+            ApiError::bad_request("integer_out_of_range", Some(param), message.to_string())
+        };
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad_request(
+                "unsupported_parameter",
+                Some("n"),
+                "only n = 1 is supported",
+            ));
+        }
+        for (param, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::bad_request(
+                    "unsupported_parameter",
+                    Some(param),
+                    format!("{param} is not supported; use repetition_penalty"),
+                ));
+            }
+        }
+        let max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(DEFAULT_MAX_TOKENS);
+        if max_tokens == 0 {
+            return Err(out_of_range("max_tokens", "max_tokens must be at least 1"));
+        }
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(_) => return Err(out_of_range("top_k", "top_k must be -1, 0 or positive")),
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(StopInput::One(stop)) => vec![stop.clone()],
+            Some(StopInput::Many(stops)) => stops.clone(),
+        };
+        if stop.len() > MAX_STOP_SEQUENCES {
+            return Err(out_of_range("stop", "at most 4 stop sequences are allowed"));
+        }
+        if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(out_of_range("stop", "a stop sequence may be at most 256 bytes"));
+        }
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(1.0),
+            top_k,
+            min_p: self.min_p.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            seed: self.seed,
+        };
+        sampling.validate().map_err(|err| match err {
+            crate::models::GenerationError::InvalidParameter { param, .. } => {
+                ApiError::bad_request("invalid_parameter", Some(param), err.to_string())
+            }
+            other => ApiError::bad_request("invalid_parameter", None, other.to_string()),
+        })?;
+        Ok(GenerationParams {
+            sampling,
+            max_tokens: Some(max_tokens),
+            stop,
+            ignore_eos: self.ignore_eos,
+        })
+    }
+}
+
+/// `stream_options` (`include_usage` adds a final chunk with token counts).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+impl CompletionRequest {
+    /// Whether the client asked for a usage chunk at the end of the stream.
+    pub fn stream_include_usage(&self) -> bool {
+        self.common.stream_options.as_ref().is_some_and(|o| o.include_usage)
+    }
+}
+
+impl ChatRequest {
+    /// Whether the client asked for a usage chunk at the end of the stream.
+    pub fn stream_include_usage(&self) -> bool {
+        self.common.stream_options.as_ref().is_some_and(|o| o.include_usage)
+    }
+}

@@ -1,0 +1,125 @@
+//! Configuration: `pool.toml` plus `LLORCH_SERVER__*` environment overrides, validated in full
+//! before any actor starts. Actors only ever see the validated [`PoolConfig`].
+
+mod schema;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Serialized};
+use figment::Figment;
+
+pub use schema::{ModelEntry, PoolFile, ServerSection};
+pub use validate::validate;
+
+use crate::models::{DTypeChoice, DeviceSpec, ModelSource};
+
+/// A validated pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Server settings.
+    pub server: ServerConfig,
+    /// Models in file order.
+    pub models: Vec<ModelSpec>,
+}
+
+/// Validated server settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+}
+
+/// A validated model entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The routing name.
+    pub name: String,
+    /// Where the weights come from.
+    pub source: ModelSource,
+    /// One replica per device (a device may repeat).
+    pub devices: Vec<DeviceSpec>,
+    /// The compute dtype.
+    pub dtype: DTypeChoice,
+    /// Requests generating at once per replica.
+    pub max_concurrent: usize,
+    /// Waiting requests per model.
+    pub max_queue: usize,
+    /// Cap on prompt plus generated tokens.
+    pub max_seq_len: Option<usize>,
+}
+
+/// A configuration error that names the file, the line (when known) and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: {field}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line of the offending entry, when it can be located.
+    pub line: Option<usize>,
+    /// The field path (`models[1].name`, `server.listen`, ...).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Reads, overrides and validates a pool file.
+pub fn load(path: &Path) -> Result<PoolConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+        file: path.to_path_buf(),
+        line: None,
+        field: "-".to_string(),
+        message: format!("cannot read the file: {err}"),
+    })?;
+    let parsed = parse(path, &text)?;
+    let merged: PoolFile = Figment::from(Serialized::defaults(parsed))
+        .merge(
+            Env::prefixed("LLORCH_")
+                .split("__")
+                .filter(|key| key.as_str().starts_with("server.")),
+        )
+        .extract()
+        .map_err(|err| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            field: err
+                .path
+                .last()
+                .cloned()
+                .unwrap_or_else(|| "environment".to_string()),
+            message: format!("environment override: {err}"),
+        })?;
+    validate(path, &text, &merged)
+}
+
+/// Parses the TOML text into the wire types, locating errors by line.
+pub fn parse(path: &Path, text: &str) -> Result<PoolFile, ConfigError> {
+    toml::from_str::<PoolFile>(text).map_err(|err| {
+        let line = err
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let message = err.message().to_string();
+        let field = field_of(&message, line.and_then(|l| text.lines().nth(l - 1)));
+        ConfigError {
+            file: path.to_path_buf(),
+            line,
+            field,
+            message,
+        }
+    })
+}
+
+/// Names the field of a TOML error: the one in backquotes in the message, else the key on the
+/// offending line.
+fn field_of(message: &str, line: Option<&str>) -> String {
+    if let Some(start) = message.find('`') {
+        if let Some(len) = message[start + 1..].find('`') {
+            return message[start + 1..start + 1 + len].to_string();
+        }
+    }
+    line.and_then(|l| l.split('=').next())
+        .map(|key| key.trim().trim_matches(['[', ']']).to_string())
+        .filter(|key| !key.is_empty())
+        .unwrap_or_else(|| "-".to_string())
+}

@@ -1,0 +1,253 @@
+//! Validation of the wire types into a [`PoolConfig`]: every error names file, line and field.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use super::schema::{ModelEntry, PoolFile};
+use super::{ConfigError, ModelSpec, PoolConfig, ServerConfig};
+use crate::models::{DTypeChoice, DeviceSpec, ModelSource};
+
+/// The only schema version this build reads.
+const SCHEMA_VERSION: u32 = 1;
+
+/// Validates a parsed pool file. `text` is the file's content, used to locate lines.
+pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, ConfigError> {
+    let error = |line: Option<usize>, field: String, message: String| ConfigError {
+        file: path.to_path_buf(),
+        line,
+        field,
+        message,
+    };
+    if file.version != SCHEMA_VERSION {
+        return Err(error(
+            find_key_line(text, None, "version"),
+            "version".to_string(),
+            format!("unsupported version {}; this build reads version 1", file.version),
+        ));
+    }
+    let listen: SocketAddr = file.server.listen.parse().map_err(|_| {
+        error(
+            find_key_line(text, Some("server"), "listen"),
+            "server.listen".to_string(),
+            format!("{:?} is not an address like 127.0.0.1:8080", file.server.listen),
+        )
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut names = HashSet::new();
+    let mut models = Vec::with_capacity(file.models.len());
+    for (index, entry) in file.models.iter().enumerate() {
+        let locate = |field: &str| find_model_line(text, index, field);
+        let fail = |field: &str, message: String| {
+            error(locate(field), format!("models[{index}].{field}"), message)
+        };
+        if entry.name.trim().is_empty() {
+            return Err(fail("name", "the name is empty".to_string()));
+        }
+        if !names.insert(entry.name.clone()) {
+            return Err(fail("name", format!("duplicate model name {:?}", entry.name)));
+        }
+        models.push(validate_model(entry, base, &fail)?);
+    }
+    Ok(PoolConfig {
+        server: ServerConfig { listen },
+        models,
+    })
+}
+
+fn validate_model(
+    entry: &ModelEntry,
+    base: &Path,
+    fail: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ModelSpec, ConfigError> {
+    let source = resolve_source(entry, base, fail)?;
+    if entry.devices.is_empty() {
+        return Err(fail("devices", "at least one device is needed".to_string()));
+    }
+    let devices = entry
+        .devices
+        .iter()
+        .map(|device| device.parse::<DeviceSpec>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|message| fail("devices", message))?;
+    let dtype: DTypeChoice = entry.dtype.parse().map_err(|message| fail("dtype", message))?;
+    if matches!(source, ModelSource::Gguf(_)) && !matches!(dtype, DTypeChoice::Auto | DTypeChoice::F32) {
+        return Err(fail(
+            "dtype",
+            format!("GGUF models run in their stored quantized types; dtype {dtype} does not apply"),
+        ));
+    }
+    if dtype == DTypeChoice::Bf16 && devices.iter().any(|d| matches!(d, DeviceSpec::Metal(_))) {
+        return Err(fail("dtype", "bf16 is not supported on metal devices".to_string()));
+    }
+    if entry.max_concurrent == 0 {
+        return Err(fail("max_concurrent", "must be at least 1".to_string()));
+    }
+    if entry.max_queue == 0 {
+        return Err(fail("max_queue", "must be at least 1".to_string()));
+    }
+    if entry.max_seq_len == Some(0) {
+        return Err(fail("max_seq_len", "must be at least 1".to_string()));
+    }
+    Ok(ModelSpec {
+        name: entry.name.clone(),
+        source,
+        devices,
+        dtype,
+        max_concurrent: entry.max_concurrent,
+        max_queue: entry.max_queue,
+        max_seq_len: entry.max_seq_len,
+    })
+}
+
+/// Parses the source and, for local sources, checks the files exist (relative paths are taken
+/// from the config file's folder).
+fn resolve_source(
+    entry: &ModelEntry,
+    base: &Path,
+    fail: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ModelSource, ConfigError> {
+    let source: ModelSource = entry
+        .source
+        .parse()
+        .map_err(|err: crate::models::LoadError| fail("source", err.to_string()))?;
+    Ok(match source {
+        ModelSource::Dir(dir) => {
+            let dir = base.join(dir);
+            for needed in ["config.json", "tokenizer.json"] {
+                if !dir.join(needed).is_file() {
+                    return Err(fail(
+                        "source",
+                        format!("missing file {}", dir.join(needed).display()),
+                    ));
+                }
+            }
+            ModelSource::Dir(dir)
+        }
+        ModelSource::Gguf(file) => {
+            let file = base.join(file);
+            if !file.is_file() {
+                return Err(fail("source", format!("missing file {}", file.display())));
+            }
+            ModelSource::Gguf(file)
+        }
+        other => other,
+    })
+}
+
+/// Finds the 1-based line of `key = ...` inside the `[section]` table (top level when `None`).
+fn find_key_line(text: &str, section: Option<&str>, key: &str) -> Option<usize> {
+    let mut current: Option<String> = None;
+    for (number, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            current = Some(trimmed.trim_matches(['[', ']']).trim().to_string());
+            continue;
+        }
+        if current.as_deref() == section && key_of(trimmed) == Some(key) {
+            return Some(number + 1);
+        }
+    }
+    None
+}
+
+/// Finds the line of `field` in the `index`-th `[[models]]` table, or the table's header.
+fn find_model_line(text: &str, index: usize, field: &str) -> Option<usize> {
+    let mut seen = 0usize;
+    let mut header = None;
+    for (number, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            if header.is_some() {
+                break;
+            }
+            if trimmed == "[[models]]" {
+                if seen == index {
+                    header = Some(number + 1);
+                }
+                seen += 1;
+            }
+            continue;
+        }
+        if header.is_some() && key_of(trimmed) == Some(field) {
+            return Some(number + 1);
+        }
+    }
+    header
+}
+
+fn key_of(line: &str) -> Option<&str> {
+    let (key, _) = line.split_once('=')?;
+    Some(key.trim().trim_matches('"'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse;
+    use super::*;
+
+    fn check(text: &str) -> Result<PoolConfig, ConfigError> {
+        let path = Path::new("/etc/llorch/pool.toml");
+        let file = parse(path, text)?;
+        validate(path, text, &file)
+    }
+
+    const DEMO: &str = "version = 1\n\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n";
+
+    #[test]
+    fn defaults_fill_everything_but_name_and_source() {
+        let pool = check(DEMO).unwrap();
+        assert_eq!(pool.server.listen.to_string(), "127.0.0.1:8080");
+        let model = &pool.models[0];
+        assert_eq!(model.devices, vec![DeviceSpec::Cpu]);
+        assert_eq!((model.max_concurrent, model.max_queue), (1, 64));
+        assert_eq!(model.dtype, DTypeChoice::Auto);
+    }
+
+    #[test]
+    fn syntax_errors_name_file_and_line() {
+        let err = check("version = 1\n[server\nlisten = 1\n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(err.to_string().starts_with("/etc/llorch/pool.toml:2:"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_name_the_field_and_line() {
+        let err = check(&format!("{DEMO}max_concurency = 2\n")).unwrap_err();
+        assert_eq!(err.line, Some(6), "{err}");
+        assert_eq!(err.field, "max_concurency", "{err}");
+    }
+
+    #[test]
+    fn duplicate_names_point_at_the_second_entry() {
+        let err = check(&format!("{DEMO}\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n")).unwrap_err();
+        assert_eq!((err.line, err.field.as_str()), (Some(8), "models[1].name"), "{err}");
+        assert!(err.message.contains("duplicate model name \"demo\""), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let cases = [
+            ("devices = [\"tpu:0\"]", "models[0].devices", "invalid device"),
+            ("dtype = \"f8\"", "models[0].dtype", "invalid dtype"),
+            ("max_concurrent = 0", "models[0].max_concurrent", "at least 1"),
+        ];
+        for (line, field, message) in cases {
+            let err = check(&format!("{DEMO}{line}\n")).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            assert_eq!(err.line, Some(6), "{err}");
+            assert!(err.message.contains(message), "{err}");
+        }
+        let err = check("version = 2\n").unwrap_err();
+        assert_eq!((err.line, err.field.as_str()), (Some(1), "version"));
+        let err = check("version = 1\n[server]\nlisten = \"nowhere\"\n").unwrap_err();
+        assert_eq!((err.line, err.field.as_str()), (Some(3), "server.listen"));
+    }
+
+    #[test]
+    fn missing_model_files_are_reported() {
+        let err = check("version = 1\n[[models]]\nname = \"x\"\nsource = \"no/such/dir\"\n").unwrap_err();
+        assert_eq!((err.line, err.field.as_str()), (Some(4), "models[0].source"));
+        assert!(err.message.contains("missing file /etc/llorch/no/such/dir/config.json"), "{err}");
+    }
+}

@@ -76,8 +76,12 @@ impl Actor for ModelActor {
         match message {
             ModelMsg::Loaded(result) => {
                 match &result {
-                    Ok(info) => tracing::info!(replica = %state.replica, context = info.context_length, "model ready"),
-                    Err(err) => tracing::error!(replica = %state.replica, error = %err, "model failed to load"),
+                    Ok(info) => {
+                        tracing::info!(replica = %state.replica, context = info.context_length, "model ready")
+                    }
+                    Err(err) => {
+                        tracing::error!(replica = %state.replica, error = %err, "model failed to load")
+                    }
                 }
                 state.router.cast(RouterMsg::ReplicaLoaded {
                     replica: state.replica.clone(),

@@ -131,9 +131,10 @@ impl Actor for PoolSupervisor {
         }
         if let Some((id, _)) = state.replicas.remove(&cell.get_id()) {
             tracing::error!(replica = %id, %reason, "model actor died");
-            state
-                .router
-                .cast(RouterMsg::ReplicaDown { replica: id, reason })?;
+            state.router.cast(RouterMsg::ReplicaDown {
+                replica: id,
+                reason,
+            })?;
         }
         Ok(())
     }

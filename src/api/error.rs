@@ -47,7 +47,11 @@ pub struct ErrorDetail {
 
 impl ApiError {
     /// A 400 `invalid_request_error`.
-    pub fn bad_request(code: &'static str, param: Option<&str>, message: impl Into<String>) -> Self {
+    pub fn bad_request(
+        code: &'static str,
+        param: Option<&str>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             kind: "invalid_request_error",

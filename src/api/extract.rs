@@ -15,9 +15,7 @@ impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let text = rejection.body_text();
         match rejection {
-            JsonRejection::JsonSyntaxError(_) => {
-                ApiError::bad_request("invalid_json", None, text)
-            }
+            JsonRejection::JsonSyntaxError(_) => ApiError::bad_request("invalid_json", None, text),
             JsonRejection::JsonDataError(_) => {
                 let field = backquoted(&text);
                 let code = if text.contains("missing field") {

@@ -17,7 +17,11 @@ use crate::actors::router::{ModelStatus, ReplicaState, RouterMsg};
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
 async fn statuses(state: &AppState) -> Option<Vec<ModelStatus>> {
-    match state.router.call(RouterMsg::List, Some(STATUS_TIMEOUT)).await {
+    match state
+        .router
+        .call(RouterMsg::List, Some(STATUS_TIMEOUT))
+        .await
+    {
         Ok(CallResult::Success(list)) => Some(list),
         _ => None,
     }

@@ -80,7 +80,9 @@ impl Envelope {
 
     fn text_choice(&self, text: &str, chunk: bool, role: bool) -> Value {
         match self.kind {
-            Kind::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}),
+            Kind::Completion => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null})
+            }
             Kind::Chat if chunk => {
                 let delta = if role {
                     json!({"role": "assistant", "content": text})
@@ -89,7 +91,9 @@ impl Envelope {
                 };
                 json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": null})
             }
-            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": null}),
+            Kind::Chat => {
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": null})
+            }
         }
     }
 }
@@ -140,9 +144,20 @@ pub async fn completions(
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let generation = request.to_generation()?;
-    let mut envelope = Envelope::new(Kind::Completion, &request.model, request.common.return_token_ids);
+    let mut envelope = Envelope::new(
+        Kind::Completion,
+        &request.model,
+        request.common.return_token_ids,
+    );
     envelope.include_usage = request.stream_include_usage();
-    respond(&state, &request.model, generation, envelope, request.common.stream).await
+    respond(
+        &state,
+        &request.model,
+        generation,
+        envelope,
+        request.common.stream,
+    )
+    .await
 }
 
 /// `POST /v1/chat/completions`.
@@ -153,7 +168,14 @@ pub async fn chat_completions(
     let generation = request.to_generation()?;
     let mut envelope = Envelope::new(Kind::Chat, &request.model, request.common.return_token_ids);
     envelope.include_usage = request.stream_include_usage();
-    respond(&state, &request.model, generation, envelope, request.common.stream).await
+    respond(
+        &state,
+        &request.model,
+        generation,
+        envelope,
+        request.common.stream,
+    )
+    .await
 }
 
 async fn respond(

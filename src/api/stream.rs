@@ -49,43 +49,40 @@ pub fn sse<F: ChunkFormat>(
     format: F,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let head = stream::iter(opening.into_iter().map(|chunk| json_event(&chunk)));
-    let body = stream::unfold(
-        Some((events, guard, format)),
-        |state| async move {
-            let (mut events, guard, mut format) = state?;
-            let (batch, finished) = match events.recv().await {
-                Some(TokenEvent::Token { id, text }) => (vec![format.token(id, &text)], false),
-                Some(TokenEvent::Finished {
-                    reason,
+    let body = stream::unfold(Some((events, guard, format)), |state| async move {
+        let (mut events, guard, mut format) = state?;
+        let (batch, finished) = match events.recv().await {
+            Some(TokenEvent::Token { id, text }) => (vec![format.token(id, &text)], false),
+            Some(TokenEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let usage = Usage {
                     prompt_tokens,
                     completion_tokens,
-                }) => {
-                    let usage = Usage {
-                        prompt_tokens,
-                        completion_tokens,
-                    };
-                    (format.finish(reason, usage), true)
-                }
-                Some(TokenEvent::Started { .. }) => (Vec::new(), false),
-                Some(TokenEvent::Failed(err)) => (vec![format.error(&err.into())], true),
-                None => {
-                    let lost = ApiError {
-                        code: "model_crashed",
-                        ..ApiError::internal("the model stopped before finishing the request")
-                    };
-                    (vec![format.error(&lost)], true)
-                }
-            };
-            let mut out: Vec<Event> = batch.iter().map(json_event).collect();
-            if finished {
-                if format.done_marker() {
-                    out.push(Event::default().data("[DONE]"));
-                }
-                return Some((stream::iter(out), None));
+                };
+                (format.finish(reason, usage), true)
             }
-            Some((stream::iter(out), Some((events, guard, format))))
-        },
-    )
+            Some(TokenEvent::Started { .. }) => (Vec::new(), false),
+            Some(TokenEvent::Failed(err)) => (vec![format.error(&err.into())], true),
+            None => {
+                let lost = ApiError {
+                    code: "model_crashed",
+                    ..ApiError::internal("the model stopped before finishing the request")
+                };
+                (vec![format.error(&lost)], true)
+            }
+        };
+        let mut out: Vec<Event> = batch.iter().map(json_event).collect();
+        if finished {
+            if format.done_marker() {
+                out.push(Event::default().data("[DONE]"));
+            }
+            return Some((stream::iter(out), None));
+        }
+        Some((stream::iter(out), Some((events, guard, format))))
+    })
     .flatten();
     Sse::new(head.chain(body).map(Ok)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
 }

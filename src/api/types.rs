@@ -150,7 +150,11 @@ impl CompletionRequest {
             }
         };
         if prompt.is_empty() {
-            return Err(ApiError::bad_request("empty_prompt", Some("prompt"), "the prompt is empty"));
+            return Err(ApiError::bad_request(
+                "empty_prompt",
+                Some("prompt"),
+                "the prompt is empty",
+            ));
         }
         Ok(GenerationRequest {
             prompt: Prompt::Text {
@@ -249,7 +253,10 @@ impl CommonParams {
             return Err(out_of_range("stop", "at most 4 stop sequences are allowed"));
         }
         if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
-            return Err(out_of_range("stop", "a stop sequence may be at most 256 bytes"));
+            return Err(out_of_range(
+                "stop",
+                "a stop sequence may be at most 256 bytes",
+            ));
         }
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),
@@ -285,13 +292,19 @@ pub struct StreamOptions {
 impl CompletionRequest {
     /// Whether the client asked for a usage chunk at the end of the stream.
     pub fn stream_include_usage(&self) -> bool {
-        self.common.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.common
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }
 
 impl ChatRequest {
     /// Whether the client asked for a usage chunk at the end of the stream.
     pub fn stream_include_usage(&self) -> bool {
-        self.common.stream_options.as_ref().is_some_and(|o| o.include_usage)
+        self.common
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 }

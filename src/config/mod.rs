@@ -77,7 +77,7 @@ pub fn load(path: &Path) -> Result<PoolConfig, ConfigError> {
         .merge(
             Env::prefixed("LLORCH_")
                 .split("__")
-                .filter(|key| key.as_str().starts_with("server.")),
+                .filter(|key| key.as_str().to_ascii_lowercase().starts_with("server.")),
         )
         .extract()
         .map_err(|err| ConfigError {
@@ -110,10 +110,11 @@ pub fn parse(path: &Path, text: &str) -> Result<PoolFile, ConfigError> {
     })
 }
 
-/// Names the field of a TOML error: the one in backquotes in the message, else the key on the
-/// offending line.
+/// Names the field of a TOML error: the one in backquotes in a field error's message, else the
+/// key or table on the offending line.
 fn field_of(message: &str, line: Option<&str>) -> String {
-    if let Some(start) = message.find('`') {
+    let about_a_field = message.contains("field");
+    if let Some(start) = message.find('`').filter(|_| about_a_field) {
         if let Some(len) = message[start + 1..].find('`') {
             return message[start + 1..start + 1 + len].to_string();
         }

@@ -23,14 +23,20 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
         return Err(error(
             find_key_line(text, None, "version"),
             "version".to_string(),
-            format!("unsupported version {}; this build reads version 1", file.version),
+            format!(
+                "unsupported version {}; this build reads version 1",
+                file.version
+            ),
         ));
     }
     let listen: SocketAddr = file.server.listen.parse().map_err(|_| {
         error(
             find_key_line(text, Some("server"), "listen"),
             "server.listen".to_string(),
-            format!("{:?} is not an address like 127.0.0.1:8080", file.server.listen),
+            format!(
+                "{:?} is not an address like 127.0.0.1:8080",
+                file.server.listen
+            ),
         )
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
@@ -45,7 +51,10 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
             return Err(fail("name", "the name is empty".to_string()));
         }
         if !names.insert(entry.name.clone()) {
-            return Err(fail("name", format!("duplicate model name {:?}", entry.name)));
+            return Err(fail(
+                "name",
+                format!("duplicate model name {:?}", entry.name),
+            ));
         }
         models.push(validate_model(entry, base, &fail)?);
     }
@@ -70,15 +79,25 @@ fn validate_model(
         .map(|device| device.parse::<DeviceSpec>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|message| fail("devices", message))?;
-    let dtype: DTypeChoice = entry.dtype.parse().map_err(|message| fail("dtype", message))?;
-    if matches!(source, ModelSource::Gguf(_)) && !matches!(dtype, DTypeChoice::Auto | DTypeChoice::F32) {
+    let dtype: DTypeChoice = entry
+        .dtype
+        .parse()
+        .map_err(|message| fail("dtype", message))?;
+    if matches!(source, ModelSource::Gguf(_))
+        && !matches!(dtype, DTypeChoice::Auto | DTypeChoice::F32)
+    {
         return Err(fail(
             "dtype",
-            format!("GGUF models run in their stored quantized types; dtype {dtype} does not apply"),
+            format!(
+                "GGUF models run in their stored quantized types; dtype {dtype} does not apply"
+            ),
         ));
     }
     if dtype == DTypeChoice::Bf16 && devices.iter().any(|d| matches!(d, DeviceSpec::Metal(_))) {
-        return Err(fail("dtype", "bf16 is not supported on metal devices".to_string()));
+        return Err(fail(
+            "dtype",
+            "bf16 is not supported on metal devices".to_string(),
+        ));
     }
     if entry.max_concurrent == 0 {
         return Err(fail("max_concurrent", "must be at least 1".to_string()));
@@ -208,7 +227,10 @@ mod tests {
     fn syntax_errors_name_file_and_line() {
         let err = check("version = 1\n[server\nlisten = 1\n").unwrap_err();
         assert_eq!(err.line, Some(2), "{err}");
-        assert!(err.to_string().starts_with("/etc/llorch/pool.toml:2:"), "{err}");
+        assert!(
+            err.to_string().starts_with("/etc/llorch/pool.toml:2:"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -220,17 +242,35 @@ mod tests {
 
     #[test]
     fn duplicate_names_point_at_the_second_entry() {
-        let err = check(&format!("{DEMO}\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n")).unwrap_err();
-        assert_eq!((err.line, err.field.as_str()), (Some(8), "models[1].name"), "{err}");
-        assert!(err.message.contains("duplicate model name \"demo\""), "{err}");
+        let err = check(&format!(
+            "{DEMO}\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (err.line, err.field.as_str()),
+            (Some(8), "models[1].name"),
+            "{err}"
+        );
+        assert!(
+            err.message.contains("duplicate model name \"demo\""),
+            "{err}"
+        );
     }
 
     #[test]
     fn semantic_errors_name_the_field() {
         let cases = [
-            ("devices = [\"tpu:0\"]", "models[0].devices", "invalid device"),
+            (
+                "devices = [\"tpu:0\"]",
+                "models[0].devices",
+                "invalid device",
+            ),
             ("dtype = \"f8\"", "models[0].dtype", "invalid dtype"),
-            ("max_concurrent = 0", "models[0].max_concurrent", "at least 1"),
+            (
+                "max_concurrent = 0",
+                "models[0].max_concurrent",
+                "at least 1",
+            ),
         ];
         for (line, field, message) in cases {
             let err = check(&format!("{DEMO}{line}\n")).unwrap_err();
@@ -245,9 +285,33 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment::Error
+    fn environment_overrides_the_server_section_only() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("pool.toml", DEMO)?;
+            jail.set_env("LLORCH_SERVER__LISTEN", "127.0.0.1:9999");
+            jail.set_env("LLORCH_FIXTURES", "/not/a/config/key");
+            let pool = super::super::load(Path::new("pool.toml")).unwrap();
+            assert_eq!(pool.server.listen.to_string(), "127.0.0.1:9999");
+            jail.set_env("LLORCH_SERVER__LISTEN", "not an address");
+            let err = super::super::load(Path::new("pool.toml")).unwrap_err();
+            assert_eq!(err.field, "server.listen");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn missing_model_files_are_reported() {
-        let err = check("version = 1\n[[models]]\nname = \"x\"\nsource = \"no/such/dir\"\n").unwrap_err();
-        assert_eq!((err.line, err.field.as_str()), (Some(4), "models[0].source"));
-        assert!(err.message.contains("missing file /etc/llorch/no/such/dir/config.json"), "{err}");
+        let err =
+            check("version = 1\n[[models]]\nname = \"x\"\nsource = \"no/such/dir\"\n").unwrap_err();
+        assert_eq!(
+            (err.line, err.field.as_str()),
+            (Some(4), "models[0].source")
+        );
+        assert!(
+            err.message
+                .contains("missing file /etc/llorch/no/such/dir/config.json"),
+            "{err}"
+        );
     }
 }

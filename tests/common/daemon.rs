@@ -1,0 +1,152 @@
+//! Starts the real daemon (config loading, actor pool, axum) on 127.0.0.1:0 in-process and
+//! speaks HTTP to it.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use llorch::actors::pool::Pool;
+use llorch::api::{serve, AppState};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// How long a test waits for its models to load.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running daemon; stopped when dropped.
+pub struct Daemon {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// A client for it.
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Writes `pool_toml` to a temp dir, validates it, starts the pool and the server, and
+    /// waits for `/ready`.
+    pub async fn start(pool_toml: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.toml");
+        std::fs::write(&path, pool_toml).unwrap();
+        let config = llorch::config::load(&path).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let pool = Pool::start(config).await.unwrap();
+        let state = AppState::new(pool.router());
+        let (shutdown, stop) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            serve(listener, state, async {
+                let _ = stop.await;
+            })
+            .await
+            .unwrap();
+            pool.stop().await;
+        });
+        let daemon = Daemon {
+            url,
+            client: reqwest::Client::new(),
+            shutdown: Some(shutdown),
+            _dir: dir,
+        };
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let response = self.client.get(self.at("/ready")).send().await;
+            if response.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the daemon never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The URL of a path.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// POSTs JSON and returns status and body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.at(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
+    /// POSTs a streaming request and returns every `data:` payload until the stream ends.
+    pub async fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let response = self
+            .client
+            .post(self.at(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut reader = SseReader::new(response);
+        let mut all = Vec::new();
+        while let Some(data) = reader.next().await {
+            all.push(data);
+        }
+        all
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// Reads `data:` payloads from an SSE response one at a time.
+pub struct SseReader {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: Vec<u8>,
+}
+
+impl SseReader {
+    /// Wraps a response.
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            body: response.bytes_stream().boxed(),
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next `data:` payload, or `None` at the end of the stream.
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                let frame = String::from_utf8(raw).expect("SSE frames are UTF-8");
+                let data: Vec<&str> = frame
+                    .lines()
+                    .filter_map(|line| {
+                        line.strip_prefix("data: ")
+                            .or_else(|| line.strip_prefix("data:"))
+                    })
+                    .collect();
+                if data.is_empty() {
+                    continue;
+                }
+                return Some(data.join("\n"));
+            }
+            match self.body.next().await {
+                Some(Ok(bytes)) => self.buffer.extend_from_slice(&bytes),
+                _ => return None,
+            }
+        }
+    }
+}

@@ -184,8 +184,19 @@ async fn requests_beyond_slots_and_queue_get_503_with_retry_after() {
         "[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\nmax_concurrent = 1\nmax_queue = 2\n",
     ))
     .await;
-    let body = json!({"model": "demo", "prompt": "Hello", "max_tokens": 60, "ignore_eos": true});
-    let admitted: Vec<_> = (0..3)
+    // A long stream holds the only slot until the test drops it.
+    let holder = json!({"model": "demo", "prompt": "Hello", "max_tokens": 2000, "ignore_eos": true, "stream": true});
+    let response = daemon
+        .client
+        .post(daemon.at("/v1/completions"))
+        .json(&holder)
+        .send()
+        .await
+        .unwrap();
+    let mut holder = SseReader::new(response);
+    assert!(holder.next().await.is_some());
+    let body = json!({"model": "demo", "prompt": "Hello", "max_tokens": 20, "ignore_eos": true});
+    let queued: Vec<_> = (0..2)
         .map(|_| {
             let client = daemon.client.clone();
             let url = daemon.at("/v1/completions");
@@ -193,8 +204,8 @@ async fn requests_beyond_slots_and_queue_get_503_with_retry_after() {
             tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap() })
         })
         .collect();
-    // Wait until the three are in (one generating, two queued) before overflowing.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Admission is one router message; give both requests time to reach the queue.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let refused = daemon
         .client
         .post(daemon.at("/v1/completions"))
@@ -207,11 +218,16 @@ async fn requests_beyond_slots_and_queue_get_503_with_retry_after() {
     let error: Value = refused.json().await.unwrap();
     assert_eq!(error["error"]["code"], "server_overloaded");
     assert_eq!(error["error"]["type"], "service_unavailable_error");
-    for task in admitted {
+    assert!(
+        holder.next().await.is_some(),
+        "the slot holder is still generating"
+    );
+    drop(holder);
+    for task in queued {
         let response = task.await.unwrap();
         assert_eq!(response.status(), 200);
         let done: Value = response.json().await.unwrap();
-        assert_eq!(done["usage"]["completion_tokens"], 60);
+        assert_eq!(done["usage"]["completion_tokens"], 20);
     }
 }
 

@@ -168,7 +168,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         dtype,
         max_seq_len: None,
     };
-    let (engine, ready) = spawn_engine("cli", spec).context("starting the engine thread")?;
+    let (engine, ready) =
+        spawn_engine("cli", spec, |_| {}).context("starting the engine thread")?;
     ready
         .blocking_recv()
         .context("the engine thread ended while loading")??;

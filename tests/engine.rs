@@ -18,7 +18,7 @@ fn engine() -> EngineHandle {
         dtype: DTypeChoice::Auto,
         max_seq_len: None,
     };
-    let (handle, ready) = spawn_engine("test", spec).unwrap();
+    let (handle, ready) = spawn_engine("test", spec, |_| {}).unwrap();
     let info = ready.blocking_recv().unwrap().unwrap();
     assert_eq!(info.architecture, "llama");
     handle
@@ -190,10 +190,20 @@ fn a_stop_string_ends_a_job_and_is_not_emitted() {
 }
 
 #[test]
-fn shutdown_joins_the_thread() {
-    let engine = engine();
-    assert_eq!(
-        engine.shutdown(),
+fn shutdown_joins_the_thread_and_reports_a_clean_stop() {
+    let spec = LoadSpec {
+        source: ModelSource::BuiltinDemo,
+        device: Device::Cpu,
+        dtype: DTypeChoice::Auto,
+        max_seq_len: None,
+    };
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+    let (engine, ready) =
+        spawn_engine("test", spec, move |exit| exit_tx.send(exit).unwrap()).unwrap();
+    ready.blocking_recv().unwrap().unwrap();
+    engine.shutdown();
+    assert!(matches!(
+        exit_rx.recv().unwrap(),
         llorch::actors::engine::EngineExit::Stopped
-    );
+    ));
 }

@@ -186,35 +186,46 @@ impl Job {
 }
 
 /// How the engine thread ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum EngineExit {
     /// Its job channel closed (the owner dropped its handle or asked it to stop).
     Stopped,
-    /// It caught a panic; the model may be corrupt and the thread must be restarted.
-    Panicked(String),
+    /// It caught a panic while generating; the model may be corrupt and the thread must be
+    /// restarted. The owner tells the router first, then ends the `crashed` jobs, so a client
+    /// that retries never reaches the dead replica again.
+    Panicked {
+        /// The panic message.
+        message: String,
+        /// Jobs that were generating: they get one `Crashed` error from the owner.
+        crashed: Vec<Job>,
+        /// Jobs waiting in the channel that never started: they may run elsewhere.
+        unstarted: Vec<Job>,
+    },
 }
 
 /// The owner's side of an engine thread.
 #[derive(Debug)]
 pub struct EngineHandle {
     jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<JoinHandle<EngineExit>>,
+    thread: Option<JoinHandle<()>>,
 }
 
-/// Starts an engine thread that loads `spec`. The receiver yields the model's facts once it is
-/// loaded, or the load error (after which the thread has ended).
+/// The result of a load, as the engine thread reports it.
+pub type LoadResult = Result<ModelInfo, LoadError>;
+
+/// Starts an engine thread named `name` that loads `spec`. The receiver yields the model's
+/// facts once it is loaded, or the load error; `on_exit` runs on the thread when it ends.
 pub fn spawn_engine(
     name: &str,
     spec: LoadSpec,
-) -> std::io::Result<(
-    EngineHandle,
-    oneshot::Receiver<Result<ModelInfo, LoadError>>,
-)> {
+    on_exit: impl FnOnce(EngineExit) + Send + 'static,
+) -> std::io::Result<(EngineHandle, oneshot::Receiver<LoadResult>)> {
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
     let (ready_tx, ready_rx) = oneshot::channel();
+    let replica = name.to_string();
     let thread = std::thread::Builder::new()
         .name(format!("engine-{name}"))
-        .spawn(move || run_engine(spec, jobs_rx, ready_tx))?;
+        .spawn(move || on_exit(run_engine(&replica, spec, jobs_rx, ready_tx)))?;
     Ok((
         EngineHandle {
             jobs: Some(jobs_tx),
@@ -234,16 +245,10 @@ impl EngineHandle {
     }
 
     /// Closes the job channel and waits for the thread to end (after its current job).
-    pub fn shutdown(mut self) -> EngineExit {
-        self.join()
-    }
-
-    fn join(&mut self) -> EngineExit {
+    pub fn shutdown(mut self) {
         self.jobs = None;
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(exit)) => exit,
-            Some(Err(_)) => EngineExit::Panicked("the engine thread panicked".to_string()),
-            None => EngineExit::Stopped,
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -256,23 +261,22 @@ impl Drop for EngineHandle {
 }
 
 fn run_engine(
+    replica: &str,
     spec: LoadSpec,
     jobs: mpsc::Receiver<Job>,
-    ready: oneshot::Sender<Result<ModelInfo, LoadError>>,
+    ready: oneshot::Sender<LoadResult>,
 ) -> EngineExit {
-    let mut model = match catch_unwind(|| models::load(&spec)) {
+    let mut model = match catch_unwind(AssertUnwindSafe(|| load(replica, &spec))) {
         Ok(Ok(model)) => model,
         Ok(Err(err)) => {
             let _ = ready.send(Err(err));
             return EngineExit::Stopped;
         }
         Err(panic) => {
+            // A failed load is reported, not restarted: the replica is failed until reloaded.
             let message = panic_message(panic.as_ref());
-            let _ = ready.send(Err(LoadError::Weights {
-                path: spec.source.to_string().into(),
-                message: format!("the loader panicked: {message}"),
-            }));
-            return EngineExit::Panicked(message);
+            let _ = ready.send(Err(LoadError::Panicked(message)));
+            return EngineExit::Stopped;
         }
     };
     if ready.send(Ok(model.info.clone())).is_err() {
@@ -292,8 +296,12 @@ fn run_engine(
                 Err(_) => break,
             }
         }
-        if let Some(message) = step_all(&mut model, &mut active) {
-            return EngineExit::Panicked(message);
+        if let Some(message) = step_all(replica, &mut model, &mut active) {
+            return EngineExit::Panicked {
+                message,
+                crashed: active.drain(..).map(|entry| entry.job).collect(),
+                unstarted: jobs.try_iter().collect(),
+            };
         }
     }
 }
@@ -322,9 +330,10 @@ fn admit(model: &mut LoadedModel, job: Job, active: &mut Vec<Active>) {
     }
 }
 
-/// Steps every active sequence once. Returns a panic message if a step panicked (every active
-/// job is then failed and the engine must exit).
-fn step_all(model: &mut LoadedModel, active: &mut Vec<Active>) -> Option<String> {
+/// Steps every active sequence once. Returns a panic message if a step panicked (the engine
+/// must then exit; the active jobs are left for its owner to fail).
+fn step_all(replica: &str, model: &mut LoadedModel, active: &mut Vec<Active>) -> Option<String> {
+    let _ = replica; // read only by the fault hooks of test builds
     let mut index = 0;
     while index < active.len() {
         let entry = &mut active[index];
@@ -333,7 +342,11 @@ fn step_all(model: &mut LoadedModel, active: &mut Vec<Active>) -> Option<String>
             reset_cache(model);
             continue;
         }
-        let stepped = catch_unwind(AssertUnwindSafe(|| entry.sequence.step(model)));
+        let stepped = catch_unwind(AssertUnwindSafe(|| {
+            #[cfg(feature = "fault-injection")]
+            super::faults::on_step(replica, entry.sequence.generated_ids().len());
+            entry.sequence.step(model)
+        }));
         match stepped {
             Ok(Ok(output)) => {
                 entry.job.send(TokenEvent::Token {
@@ -357,18 +370,20 @@ fn step_all(model: &mut LoadedModel, active: &mut Vec<Active>) -> Option<String>
                 active.swap_remove(index);
                 reset_cache(model);
             }
-            Err(panic) => {
-                let message = panic_message(panic.as_ref());
-                for entry in active.drain(..) {
-                    entry
-                        .job
-                        .send(TokenEvent::Failed(EngineError::Crashed(message.clone())));
-                }
-                return Some(message);
-            }
+            Err(panic) => return Some(panic_message(panic.as_ref())),
         }
     }
     None
+}
+
+/// Loads the model (acting on an injected load fault first, in test builds).
+fn load(replica: &str, spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
+    #[cfg(feature = "fault-injection")]
+    if let Some(message) = super::faults::on_load(replica) {
+        return Err(LoadError::Injected(message));
+    }
+    let _ = replica; // read only by the fault hooks of test builds
+    models::load(spec)
 }
 
 fn reset_cache(model: &mut LoadedModel) {

@@ -2,7 +2,10 @@
 //! threads. Messages carry no candle types; nobody awaits a generation inside a handler.
 
 pub mod engine;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod model_actor;
 pub mod pool;
+pub mod restart;
 pub mod router;
 pub mod supervisor;

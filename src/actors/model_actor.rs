@@ -1,10 +1,11 @@
 //! The model actor: the mailbox and lifecycle face of one replica (a model on a device). It
 //! owns the engine thread, which owns the model; loading happens on that thread and is reported
-//! back as a message, so the actor never blocks.
+//! back as a message, so the actor never blocks. When the engine thread panics, the actor hands
+//! the jobs that never started back to the router and fails, so its supervisor restarts it.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use super::engine::{spawn_engine, EngineError, EngineHandle, Job, TokenEvent};
+use super::engine::{spawn_engine, EngineError, EngineExit, EngineHandle, Job, TokenEvent};
 use super::router::{ReplicaEntry, ReplicaId, RouterMsg};
 use crate::models::{LoadSpec, ModelInfo};
 
@@ -15,9 +16,12 @@ pub enum ModelMsg {
     Generate(Job),
     /// The engine thread finished loading (or failed to).
     Loaded(Result<ModelInfo, String>),
+    /// The engine thread ended.
+    EngineExited(EngineExit),
 }
 
 /// What a model actor is started with.
+#[derive(Clone)]
 pub struct ModelActorArgs {
     /// Which replica this is.
     pub replica: ReplicaId,
@@ -33,8 +37,32 @@ pub struct ModelActor;
 /// A model actor's state.
 pub struct ModelState {
     replica: ReplicaId,
-    engine: EngineHandle,
+    engine: Option<EngineHandle>,
     router: ActorRef<RouterMsg>,
+}
+
+/// Takes a crashed replica out of routing, hands its unstarted jobs back, then fails the jobs
+/// that were generating. The order matters: a client that retries after its error must find
+/// the router already aware of the crash.
+fn crash(
+    state: &mut ModelState,
+    reason: String,
+    crashed: Vec<Job>,
+    unstarted: Vec<Job>,
+) -> Result<(), ActorProcessingErr> {
+    state.router.cast(RouterMsg::ReplicaDown {
+        replica: state.replica.clone(),
+        reason: reason.clone(),
+        restarting: true,
+    })?;
+    state.router.cast(RouterMsg::Requeue {
+        replica: state.replica.clone(),
+        jobs: unstarted,
+    })?;
+    for job in crashed {
+        job.send(TokenEvent::Failed(EngineError::Crashed(reason.clone())));
+    }
+    Ok(())
 }
 
 impl Actor for ModelActor {
@@ -51,7 +79,10 @@ impl Actor for ModelActor {
             id: args.replica.clone(),
             actor: Some(myself.clone()),
         }))?;
-        let (engine, ready) = spawn_engine(&args.replica.to_string(), args.spec)?;
+        let exits = myself.clone();
+        let (engine, ready) = spawn_engine(&args.replica.to_string(), args.spec, move |exit| {
+            let _ = exits.cast(ModelMsg::EngineExited(exit));
+        })?;
         tokio::spawn(async move {
             let result = match ready.await {
                 Ok(Ok(info)) => Ok(info),
@@ -62,9 +93,22 @@ impl Actor for ModelActor {
         });
         Ok(ModelState {
             replica: args.replica,
-            engine,
+            engine: Some(engine),
             router: args.router,
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ModelMsg>,
+        state: &mut ModelState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Closing the job channel ends the engine thread after its current step; joining it
+        // happens off the async runtime.
+        if let Some(engine) = state.engine.take() {
+            tokio::task::spawn_blocking(move || engine.shutdown());
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -89,15 +133,31 @@ impl Actor for ModelActor {
                 })?;
                 Ok(())
             }
-            ModelMsg::Generate(job) => match state.engine.submit(job) {
-                Ok(()) => Ok(()),
-                Err(job) => {
-                    job.send(TokenEvent::Failed(EngineError::Crashed(
-                        "the engine thread has stopped".to_string(),
-                    )));
-                    Err(format!("{}: the engine thread has stopped", state.replica).into())
+            ModelMsg::Generate(job) => {
+                let submitted = match &state.engine {
+                    Some(engine) => engine.submit(job),
+                    None => Err(Box::new(job)),
+                };
+                match submitted {
+                    Ok(()) => Ok(()),
+                    Err(job) => {
+                        let reason = "the engine thread has stopped".to_string();
+                        crash(state, reason.clone(), vec![*job], Vec::new())?;
+                        Err(format!("{}: {reason}", state.replica).into())
+                    }
                 }
-            },
+            }
+            ModelMsg::EngineExited(EngineExit::Stopped) => Ok(()),
+            ModelMsg::EngineExited(EngineExit::Panicked {
+                message,
+                crashed,
+                unstarted,
+            }) => {
+                tracing::error!(replica = %state.replica, panic = %message, "engine thread panicked");
+                state.engine = None;
+                crash(state, message.clone(), crashed, unstarted)?;
+                Err(format!("{}: the engine panicked: {message}", state.replica).into())
+            }
         }
     }
 }

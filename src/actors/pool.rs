@@ -4,12 +4,12 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::oneshot;
 
 use super::router::RouterMsg;
-use super::supervisor::{PoolSupervisor, SupervisorArgs};
+use super::supervisor::{PoolSupervisor, SupervisorArgs, SupervisorMsg};
 use crate::config::PoolConfig;
 
 /// A running pool: the supervisor and the router it spawned.
 pub struct Pool {
-    supervisor: ActorRef<()>,
+    supervisor: ActorRef<SupervisorMsg>,
     supervisor_done: tokio::task::JoinHandle<()>,
     router: ActorRef<RouterMsg>,
 }

@@ -43,6 +43,8 @@ pub enum ReplicaState {
     Loading,
     /// Serving.
     Ready,
+    /// Crashed; its supervisor restarts it after a backoff. Requests wait in the queue.
+    Restarting,
     /// Failed (load error or crash); the message says why.
     Failed(String),
 }
@@ -80,12 +82,27 @@ pub struct Admitted {
 pub struct ModelStatus {
     /// The model name.
     pub name: String,
-    /// Its replicas: id, state, in-flight count.
-    pub replicas: Vec<(ReplicaId, ReplicaState, usize)>,
+    /// Its replicas.
+    pub replicas: Vec<ReplicaStatus>,
     /// Requests waiting.
     pub queued: usize,
     /// The model's facts, once a replica has loaded.
     pub info: Option<ModelInfo>,
+}
+
+/// One replica's status for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// Which replica.
+    pub id: ReplicaId,
+    /// Its lifecycle state.
+    pub state: ReplicaState,
+    /// Jobs sent to it and not yet finished.
+    pub in_flight: usize,
+    /// The last load error or crash reason.
+    pub last_error: Option<String>,
+    /// How many times it was restarted.
+    pub restarts: usize,
 }
 
 /// Messages the router handles.
@@ -114,9 +131,18 @@ pub enum RouterMsg {
         replica: ReplicaId,
         /// Why.
         reason: String,
+        /// Whether the supervisor will restart it (else it is failed until an admin reload).
+        restarting: bool,
     },
-    /// A job left a replica (finished, failed or abandoned).
-    Release(ReplicaId),
+    /// Jobs a dead replica never started: queue them again, at the front.
+    Requeue {
+        /// The replica they were sent to.
+        replica: ReplicaId,
+        /// The jobs.
+        jobs: Vec<Job>,
+    },
+    /// A job left a replica instance (finished, failed or abandoned).
+    Release(ReplicaId, u64),
     /// List every model's status.
     List(RpcReplyPort<Vec<ModelStatus>>),
 }
@@ -141,9 +167,14 @@ pub struct RouteSpec {
 
 struct Replica {
     id: ReplicaId,
+    /// Which incarnation of the replica this is; a restart registers a new one, so releases
+    /// of jobs from a dead incarnation do not free slots of the live one.
+    epoch: u64,
     actor: Option<ActorRef<ModelMsg>>,
     state: ReplicaState,
     in_flight: usize,
+    last_error: Option<String>,
+    restarts: usize,
 }
 
 struct Route {
@@ -161,6 +192,7 @@ pub struct Router;
 pub struct RouterState {
     routes: HashMap<String, Route>,
     order: Vec<String>,
+    next_epoch: u64,
 }
 
 impl RouterState {
@@ -193,7 +225,11 @@ impl Actor for Router {
                 (spec.name, route)
             })
             .collect();
-        Ok(RouterState { routes, order })
+        Ok(RouterState {
+            routes,
+            order,
+            next_epoch: 0,
+        })
     }
 
     async fn handle(
@@ -212,14 +248,27 @@ impl Actor for Router {
                 let _ = reply.send(result);
             }
             RouterMsg::Register(entry) => {
+                state.next_epoch += 1;
+                let epoch = state.next_epoch;
                 if let Some(route) = state.route(&entry.id.model) {
-                    route.replicas.retain(|r| r.id != entry.id);
+                    let previous = route.replicas.iter().position(|r| r.id == entry.id);
+                    let (last_error, restarts) = match previous {
+                        Some(index) => {
+                            let old = route.replicas.remove(index);
+                            (old.last_error, old.restarts + 1)
+                        }
+                        None => (None, 0),
+                    };
                     route.replicas.push(Replica {
                         id: entry.id,
+                        epoch,
                         actor: entry.actor,
                         state: ReplicaState::Loading,
                         in_flight: 0,
+                        last_error,
+                        restarts,
                     });
+                    route.replicas.sort_by_key(|r| r.id.index);
                 }
             }
             RouterMsg::ReplicaLoaded { replica, result } => {
@@ -230,25 +279,52 @@ impl Actor for Router {
                                 route.info.get_or_insert(info);
                                 ReplicaState::Ready
                             }
-                            Err(err) => ReplicaState::Failed(err),
+                            Err(err) => {
+                                entry.last_error = Some(err.clone());
+                                ReplicaState::Failed(err)
+                            }
                         };
                     }
                     start_queued(&myself, route);
                     fail_queue_if_unservable(&replica.model, route);
                 }
             }
-            RouterMsg::ReplicaDown { replica, reason } => {
+            RouterMsg::ReplicaDown {
+                replica,
+                reason,
+                restarting,
+            } => {
                 if let Some(route) = state.route(&replica.model) {
                     if let Some(entry) = route.replicas.iter_mut().find(|r| r.id == replica) {
-                        entry.state = ReplicaState::Failed(reason);
+                        entry.last_error = Some(reason.clone());
+                        entry.state = if restarting {
+                            ReplicaState::Restarting
+                        } else {
+                            ReplicaState::Failed(reason)
+                        };
                         entry.actor = None;
                     }
                     fail_queue_if_unservable(&replica.model, route);
                 }
             }
-            RouterMsg::Release(replica) => {
+            RouterMsg::Requeue { replica, jobs } => {
                 if let Some(route) = state.route(&replica.model) {
-                    if let Some(entry) = route.replicas.iter_mut().find(|r| r.id == replica) {
+                    for mut job in jobs.into_iter().rev() {
+                        // Dropping the notice frees the dead replica's slot.
+                        job.notice = None;
+                        route.queue.push_front(job);
+                    }
+                    start_queued(&myself, route);
+                    fail_queue_if_unservable(&replica.model, route);
+                }
+            }
+            RouterMsg::Release(replica, epoch) => {
+                if let Some(route) = state.route(&replica.model) {
+                    if let Some(entry) = route
+                        .replicas
+                        .iter_mut()
+                        .find(|r| r.id == replica && r.epoch == epoch)
+                    {
                         entry.in_flight = entry.in_flight.saturating_sub(1);
                     }
                     start_queued(&myself, route);
@@ -264,7 +340,13 @@ impl Actor for Router {
                         replicas: route
                             .replicas
                             .iter()
-                            .map(|r| (r.id.clone(), r.state.clone(), r.in_flight))
+                            .map(|r| ReplicaStatus {
+                                id: r.id.clone(),
+                                state: r.state.clone(),
+                                in_flight: r.in_flight,
+                                last_error: r.last_error.clone(),
+                                restarts: r.restarts,
+                            })
                             .collect(),
                         queued: route.queue.len(),
                         info: route.info.clone(),
@@ -326,9 +408,9 @@ fn start_queued(myself: &ActorRef<RouterMsg>, route: &mut Route) {
         }
         replica.in_flight += 1;
         let router = myself.clone();
-        let id = replica.id.clone();
+        let (id, epoch) = (replica.id.clone(), replica.epoch);
         job.notice = Some(CompletionNotice::new(move || {
-            let _ = router.cast(RouterMsg::Release(id));
+            let _ = router.cast(RouterMsg::Release(id, epoch));
         }));
         if let Some(actor) = &replica.actor {
             if let Err(err) = actor.cast(ModelMsg::Generate(job)) {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::actors::engine::{GenerationRequest, TokenEvent};
+use crate::actors::engine::{EngineError, GenerationRequest, TokenEvent};
 use crate::actors::router::RouterMsg;
 
 /// How long the router may take to answer an admission call.
@@ -27,23 +27,70 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// A started job: its prompt ids and the rest of its events.
+/// A job's events after `Started`, with the first one already read.
+pub struct EventStream {
+    first: Option<TokenEvent>,
+    rest: UnboundedReceiver<TokenEvent>,
+}
+
+impl EventStream {
+    /// The next event; `None` when the engine dropped the job without a terminal event.
+    pub async fn recv(&mut self) -> Option<TokenEvent> {
+        match self.first.take() {
+            Some(event) => Some(event),
+            None => self.rest.recv().await,
+        }
+    }
+}
+
+/// A started job: its prompt ids and its events from the first token on.
 pub struct Started {
     /// The prompt's token ids.
     pub prompt_ids: Vec<u32>,
     /// The events after `Started`.
-    pub events: UnboundedReceiver<TokenEvent>,
+    pub events: EventStream,
     /// Cancels the job when dropped.
     pub guard: CancelOnDrop,
 }
 
-/// Admits a request and waits until the engine has accepted it (tokenized and validated), so
-/// that errors before the first byte get a real status.
+/// How one attempt at a request ended before its first token.
+enum Attempt {
+    Started(Started),
+    /// The replica crashed before the request emitted anything: it may be retried.
+    Lost(ApiError),
+}
+
+/// Admits a request and waits for its first token, so that errors before the first byte get a
+/// real status. A request whose replica crashes before its first token is retried once (it has
+/// emitted nothing); it then waits in the queue for another replica or the restarted one.
 pub async fn start(
     state: &AppState,
     model: &str,
     request: GenerationRequest,
 ) -> Result<Started, ApiError> {
+    match attempt(state, model, request.clone()).await? {
+        Attempt::Started(started) => Ok(started),
+        Attempt::Lost(error) => {
+            tracing::warn!(model, error = %error.message, "retrying a request lost before its first token");
+            match attempt(state, model, request).await? {
+                Attempt::Started(started) => Ok(started),
+                Attempt::Lost(error) => Err(ApiError::unavailable(
+                    "model_restarting",
+                    format!(
+                        "the model {model:?} crashed twice on this request and is restarting: {}",
+                        error.message
+                    ),
+                )),
+            }
+        }
+    }
+}
+
+async fn attempt(
+    state: &AppState,
+    model: &str,
+    request: GenerationRequest,
+) -> Result<Attempt, ApiError> {
     let model = model.to_string();
     let call = state
         .router
@@ -67,16 +114,33 @@ pub async fn start(
     };
     let guard = CancelOnDrop(admitted.cancel);
     let mut events = admitted.events;
+    let prompt_ids = match events.recv().await {
+        Some(TokenEvent::Started { prompt_ids }) => prompt_ids,
+        Some(TokenEvent::Failed(err @ EngineError::Crashed(_))) => {
+            return Ok(Attempt::Lost(err.into()))
+        }
+        Some(TokenEvent::Failed(err)) => return Err(err.into()),
+        Some(_) | None => return Ok(Attempt::Lost(lost())),
+    };
     match events.recv().await {
-        Some(TokenEvent::Started { prompt_ids }) => Ok(Started {
-            prompt_ids,
-            events,
-            guard,
-        }),
+        Some(TokenEvent::Failed(err @ EngineError::Crashed(_))) => Ok(Attempt::Lost(err.into())),
         Some(TokenEvent::Failed(err)) => Err(err.into()),
-        Some(_) | None => Err(ApiError {
-            code: "model_crashed",
-            ..ApiError::internal("the model stopped before starting the request")
-        }),
+        None => Ok(Attempt::Lost(lost())),
+        first => Ok(Attempt::Started(Started {
+            prompt_ids,
+            events: EventStream {
+                first,
+                rest: events,
+            },
+            guard,
+        })),
+    }
+}
+
+/// The error of a job dropped without a terminal event (its engine died).
+pub fn lost() -> ApiError {
+    ApiError {
+        code: "model_crashed",
+        ..ApiError::internal("the model stopped before finishing the request")
     }
 }

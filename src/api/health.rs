@@ -31,7 +31,7 @@ fn ready_replicas(status: &ModelStatus) -> usize {
     status
         .replicas
         .iter()
-        .filter(|(_, state, _)| *state == ReplicaState::Ready)
+        .filter(|replica| replica.state == ReplicaState::Ready)
         .count()
 }
 

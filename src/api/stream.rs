@@ -8,9 +8,8 @@ use std::time::Duration;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::Value;
-use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::dispatch::CancelOnDrop;
+use super::dispatch::{lost, CancelOnDrop, EventStream};
 use super::error::ApiError;
 use crate::actors::engine::TokenEvent;
 use crate::models::FinishReason;
@@ -44,7 +43,7 @@ pub trait ChunkFormat: Send + 'static {
 /// Streams a started job as SSE in the given format. `opening` chunks are sent first.
 pub fn sse<F: ChunkFormat>(
     opening: Vec<Value>,
-    events: UnboundedReceiver<TokenEvent>,
+    events: EventStream,
     guard: CancelOnDrop,
     format: F,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
@@ -93,7 +92,7 @@ fn json_event(chunk: &Value) -> Event {
 
 /// Collects a started job to its end: token ids, text, and how it ended.
 pub async fn collect(
-    mut events: UnboundedReceiver<TokenEvent>,
+    mut events: EventStream,
 ) -> Result<(Vec<u32>, String, FinishReason, Usage), ApiError> {
     let mut ids = Vec::new();
     let mut text = String::new();
@@ -118,8 +117,5 @@ pub async fn collect(
             TokenEvent::Failed(err) => return Err(err.into()),
         }
     }
-    Err(ApiError {
-        code: "model_crashed",
-        ..ApiError::internal("the model stopped before finishing the request")
-    })
+    Err(lost())
 }

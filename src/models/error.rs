@@ -101,6 +101,13 @@ pub enum LoadError {
         /// Why not.
         reason: String,
     },
+    /// The loader panicked (a bug or a corrupt file); the message is the panic's.
+    #[error("the loader panicked: {0}")]
+    Panicked(String),
+    /// A load failure injected by a test.
+    #[cfg(feature = "fault-injection")]
+    #[error("injected load failure: {0}")]
+    Injected(String),
     /// The requested device is not available in this build or on this machine.
     #[error("device {device} is not available: {reason}")]
     DeviceUnavailable {

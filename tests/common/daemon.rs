@@ -26,6 +26,13 @@ impl Daemon {
     /// Writes `pool_toml` to a temp dir, validates it, starts the pool and the server, and
     /// waits for `/ready`.
     pub async fn start(pool_toml: &str) -> Daemon {
+        let daemon = Self::start_unready(pool_toml).await;
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    /// Like [`Daemon::start`] but returns without waiting for the models to load.
+    pub async fn start_unready(pool_toml: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pool.toml");
         std::fs::write(&path, pool_toml).unwrap();
@@ -43,14 +50,36 @@ impl Daemon {
             .unwrap();
             pool.stop().await;
         });
-        let daemon = Daemon {
+        Daemon {
             url,
             client: reqwest::Client::new(),
             shutdown: Some(shutdown),
             _dir: dir,
-        };
-        daemon.wait_ready().await;
-        daemon
+        }
+    }
+
+    /// Waits until `/v1/models` lists `model` (it has a ready replica).
+    pub async fn wait_model(&self, model: &str) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let listed: Value = self
+                .client
+                .get(self.at("/v1/models"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let ready = listed["data"]
+                .as_array()
+                .is_some_and(|models| models.iter().any(|m| m["id"] == model));
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{model} never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn wait_ready(&self) {

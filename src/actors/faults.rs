@@ -1,0 +1,64 @@
+//! Fault injection for tests: arm a fault on a replica (by its `model#index@device` name) and
+//! the engine thread acts on it. Compiled only with the `fault-injection` feature, which the
+//! test suite enables; release builds have no trace of it.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// A fault a replica's engine will hit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Panic when about to generate token `k` (0 = during prefill) of the next job.
+    PanicAtToken(usize),
+    /// Sleep this long when about to generate token `k` of the next job.
+    HangAtToken(usize, Duration),
+    /// Make the next load fail with this message.
+    FailNextLoad(String),
+    /// Make the next load panic.
+    PanicNextLoad,
+}
+
+fn registry() -> &'static Mutex<HashMap<String, Vec<Fault>>> {
+    static FAULTS: OnceLock<Mutex<HashMap<String, Vec<Fault>>>> = OnceLock::new();
+    FAULTS.get_or_init(Mutex::default)
+}
+
+/// Arms `fault` on the replica named `replica` (e.g. `victim#0@cpu`). Faults fire once, in
+/// the order they were armed.
+pub fn arm(replica: &str, fault: Fault) {
+    let mut faults = registry().lock().unwrap_or_else(|e| e.into_inner());
+    faults.entry(replica.to_string()).or_default().push(fault);
+}
+
+/// Takes the first armed fault of `replica` that `matches`, if any.
+fn take(replica: &str, matches: impl Fn(&Fault) -> bool) -> Option<Fault> {
+    let mut faults = registry().lock().unwrap_or_else(|e| e.into_inner());
+    let list = faults.get_mut(replica)?;
+    let index = list.iter().position(matches)?;
+    Some(list.remove(index))
+}
+
+/// Acts on a token fault armed for `replica` at `token`: panics or sleeps.
+pub(crate) fn on_step(replica: &str, token: usize) {
+    let fault = take(
+        replica,
+        |fault| matches!(fault, Fault::PanicAtToken(k) | Fault::HangAtToken(k, _) if *k == token),
+    );
+    match fault {
+        Some(Fault::PanicAtToken(_)) => panic!("injected panic at token {token}"),
+        Some(Fault::HangAtToken(_, pause)) => std::thread::sleep(pause),
+        _ => {}
+    }
+}
+
+/// Acts on a load fault armed for `replica`: returns the error to report, or panics.
+pub(crate) fn on_load(replica: &str) -> Option<String> {
+    match take(replica, |f| {
+        matches!(f, Fault::FailNextLoad(_) | Fault::PanicNextLoad)
+    }) {
+        Some(Fault::FailNextLoad(message)) => Some(message),
+        Some(Fault::PanicNextLoad) => panic!("injected panic while loading"),
+        _ => None,
+    }
+}

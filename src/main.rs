@@ -8,9 +8,11 @@ use std::process::ExitCode;
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
 
+use llorch::actors::admin::AdminCommand;
 use llorch::actors::engine::{spawn_engine, GenerationRequest, Job, TokenEvent};
 use llorch::actors::pool::Pool;
-use llorch::api::AppState;
+use llorch::actors::supervisor::SupervisorMsg;
+use llorch::api::{AppState, Keys};
 use llorch::models::{
     ChatMessage, DTypeChoice, DeviceSpec, GenerationParams, LoadSpec, ModelSource, Prompt,
     SamplingParams,
@@ -122,14 +124,45 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", config.server.listen))?;
         let address = listener.local_addr()?;
         let models = config.models.len();
-        let pool = Pool::start(config).await?;
+        let pool = Pool::start(config, Some(args.config.clone())).await?;
         tracing::info!(%address, models, "llorch listening");
         eprintln!("llorch listening on http://{address}");
-        let state = AppState::new(pool.router());
+        let state = AppState::new(&pool, Keys::from_env());
+        reload_on_sighup(pool.supervisor());
         llorch::api::serve(listener, state, shutdown_signal()).await?;
         pool.stop().await;
         Ok(())
     })
+}
+
+/// Re-reads the pool file on every SIGHUP (as `POST /admin/reload` does) and logs the outcome.
+fn reload_on_sighup(supervisor: ractor::ActorRef<SupervisorMsg>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP");
+        return;
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let reply = supervisor
+                .call(
+                    |reply| SupervisorMsg::Admin(AdminCommand::ReloadPool, reply),
+                    None,
+                )
+                .await;
+            match reply {
+                Ok(ractor::rpc::CallResult::Success(Ok(outcomes))) => {
+                    for outcome in outcomes {
+                        tracing::info!(model = %outcome.name, action = outcome.action, error = ?outcome.error, "pool reload");
+                    }
+                }
+                Ok(ractor::rpc::CallResult::Success(Err(err))) => {
+                    tracing::error!(error = %err, "pool reload refused; nothing changed")
+                }
+                _ => tracing::error!("pool reload: the supervisor did not answer"),
+            }
+        }
+    });
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -7,6 +7,7 @@
 //! after every error, and a panic inside a job is caught, reported to that job and ends the
 //! thread with an error its owner can see.
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -82,6 +83,9 @@ pub enum EngineError {
     /// No replica of the model can serve (the message says why).
     #[error("{0}")]
     Unavailable(String),
+    /// The model was evicted while the job ran or waited.
+    #[error("{0}")]
+    Evicted(String),
 }
 
 impl From<GenerationError> for EngineError {
@@ -206,7 +210,7 @@ pub enum EngineExit {
 /// The owner's side of an engine thread.
 #[derive(Debug)]
 pub struct EngineHandle {
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<mpsc::Sender<Command>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -220,7 +224,7 @@ pub fn spawn_engine(
     spec: LoadSpec,
     on_exit: impl FnOnce(EngineExit) + Send + 'static,
 ) -> std::io::Result<(EngineHandle, oneshot::Receiver<LoadResult>)> {
-    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Command>();
     let (ready_tx, ready_rx) = oneshot::channel();
     let replica = name.to_string();
     let thread = std::thread::Builder::new()
@@ -238,9 +242,19 @@ pub fn spawn_engine(
 impl EngineHandle {
     /// Queues a job. Returns the job back if the engine thread has ended.
     pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
-        match &self.jobs {
-            Some(jobs) => jobs.send(job).map_err(|err| Box::new(err.0)),
-            None => Err(Box::new(job)),
+        let Some(jobs) = &self.jobs else {
+            return Err(Box::new(job));
+        };
+        jobs.send(Command::Run(job)).map_err(|err| match err.0 {
+            Command::Run(job) => Box::new(job),
+            Command::Abort(_) => unreachable!("a Run command was sent"),
+        })
+    }
+
+    /// Ends every job of this engine, running or waiting, with `error` (at the next step).
+    pub fn abort_all(&self, error: EngineError) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(Command::Abort(error));
         }
     }
 
@@ -260,10 +274,19 @@ impl Drop for EngineHandle {
     }
 }
 
+/// What the engine thread receives.
+#[derive(Debug)]
+enum Command {
+    /// Run a job.
+    Run(Job),
+    /// End every running and waiting job with this error.
+    Abort(EngineError),
+}
+
 fn run_engine(
     replica: &str,
     spec: LoadSpec,
-    jobs: mpsc::Receiver<Job>,
+    commands: mpsc::Receiver<Command>,
     ready: oneshot::Sender<LoadResult>,
 ) -> EngineExit {
     let mut model = match catch_unwind(AssertUnwindSafe(|| load(replica, &spec))) {
@@ -283,25 +306,52 @@ fn run_engine(
         return EngineExit::Stopped;
     }
     let mut active: Vec<Active> = Vec::with_capacity(MAX_ACTIVE_SEQUENCES);
+    let mut waiting: VecDeque<Job> = VecDeque::new();
     loop {
-        if active.is_empty() {
-            match jobs.recv() {
-                Ok(job) => admit(&mut model, job, &mut active),
+        if active.is_empty() && waiting.is_empty() {
+            match commands.recv() {
+                Ok(command) => apply(command, &mut active, &mut waiting),
                 Err(_) => return EngineExit::Stopped,
             }
         }
+        while let Ok(command) = commands.try_recv() {
+            apply(command, &mut active, &mut waiting);
+        }
         while active.len() < MAX_ACTIVE_SEQUENCES {
-            match jobs.try_recv() {
-                Ok(job) => admit(&mut model, job, &mut active),
-                Err(_) => break,
+            match waiting.pop_front() {
+                Some(job) => admit(&mut model, job, &mut active),
+                None => break,
             }
         }
+        if active.is_empty() {
+            reset_cache(&mut model);
+            continue;
+        }
         if let Some(message) = step_all(replica, &mut model, &mut active) {
+            let mut unstarted: Vec<Job> = waiting.drain(..).collect();
+            unstarted.extend(commands.try_iter().filter_map(|command| match command {
+                Command::Run(job) => Some(job),
+                Command::Abort(_) => None,
+            }));
             return EngineExit::Panicked {
                 message,
                 crashed: active.drain(..).map(|entry| entry.job).collect(),
-                unstarted: jobs.try_iter().collect(),
+                unstarted,
             };
+        }
+    }
+}
+
+fn apply(command: Command, active: &mut Vec<Active>, waiting: &mut VecDeque<Job>) {
+    match command {
+        Command::Run(job) => waiting.push_back(job),
+        Command::Abort(error) => {
+            for entry in active.drain(..) {
+                entry.job.send(TokenEvent::Failed(error.clone()));
+            }
+            for job in waiting.drain(..) {
+                job.send(TokenEvent::Failed(error.clone()));
+            }
         }
     }
 }

@@ -1,9 +1,11 @@
 //! Everything concurrent: the pool supervisor, the router, the model actors and their engine
 //! threads. Messages carry no candle types; nobody awaits a generation inside a handler.
 
+pub mod admin;
 pub mod engine;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+pub mod lifecycle;
 pub mod model_actor;
 pub mod pool;
 pub mod restart;

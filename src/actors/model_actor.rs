@@ -18,6 +18,8 @@ pub enum ModelMsg {
     Loaded(Result<ModelInfo, String>),
     /// The engine thread ended.
     EngineExited(EngineExit),
+    /// End every job this replica runs or holds with this error.
+    Abort(EngineError),
 }
 
 /// What a model actor is started with.
@@ -29,6 +31,8 @@ pub struct ModelActorArgs {
     pub spec: LoadSpec,
     /// Where to report load results.
     pub router: ActorRef<RouterMsg>,
+    /// Whether it loads beside the active generation (a make-before-break reload).
+    pub standby: bool,
 }
 
 /// The model actor.
@@ -78,6 +82,7 @@ impl Actor for ModelActor {
         args.router.cast(RouterMsg::Register(ReplicaEntry {
             id: args.replica.clone(),
             actor: Some(myself.clone()),
+            standby: args.standby,
         }))?;
         let exits = myself.clone();
         let (engine, ready) = spawn_engine(&args.replica.to_string(), args.spec, move |exit| {
@@ -103,10 +108,10 @@ impl Actor for ModelActor {
         _myself: ActorRef<ModelMsg>,
         state: &mut ModelState,
     ) -> Result<(), ActorProcessingErr> {
-        // Closing the job channel ends the engine thread after its current step; joining it
-        // happens off the async runtime.
+        // Closing the job channel ends the engine thread after its current step; it is joined
+        // off the async runtime, so that once the actor has stopped the model's memory is free.
         if let Some(engine) = state.engine.take() {
-            tokio::task::spawn_blocking(move || engine.shutdown());
+            let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
         }
         Ok(())
     }
@@ -146,6 +151,12 @@ impl Actor for ModelActor {
                         Err(format!("{}: {reason}", state.replica).into())
                     }
                 }
+            }
+            ModelMsg::Abort(error) => {
+                if let Some(engine) = &state.engine {
+                    engine.abort_all(error);
+                }
+                Ok(())
             }
             ModelMsg::EngineExited(EngineExit::Stopped) => Ok(()),
             ModelMsg::EngineExited(EngineExit::Panicked {

@@ -1,5 +1,7 @@
 //! Starting and stopping the whole actor tree.
 
+use std::path::PathBuf;
+
 use ractor::{Actor, ActorRef};
 use tokio::sync::oneshot;
 
@@ -22,12 +24,22 @@ pub struct PoolStartError(String);
 impl Pool {
     /// Spawns the supervisor, which spawns the router and every model actor. Models load in the
     /// background; the router answers 503 or queues until they are ready.
-    pub async fn start(config: PoolConfig) -> Result<Self, PoolStartError> {
+    pub async fn start(
+        config: PoolConfig,
+        config_path: Option<PathBuf>,
+    ) -> Result<Self, PoolStartError> {
         let (router_tx, router_rx) = oneshot::channel();
-        let (supervisor, supervisor_done) =
-            Actor::spawn(None, PoolSupervisor, SupervisorArgs { config, router_tx })
-                .await
-                .map_err(|err| PoolStartError(err.to_string()))?;
+        let (supervisor, supervisor_done) = Actor::spawn(
+            None,
+            PoolSupervisor,
+            SupervisorArgs {
+                config,
+                config_path,
+                router_tx,
+            },
+        )
+        .await
+        .map_err(|err| PoolStartError(err.to_string()))?;
         let router = router_rx
             .await
             .map_err(|_| PoolStartError("the supervisor did not start the router".into()))?;
@@ -36,6 +48,11 @@ impl Pool {
             supervisor_done,
             router,
         })
+    }
+
+    /// The supervisor's address (for admin commands).
+    pub fn supervisor(&self) -> ActorRef<SupervisorMsg> {
+        self.supervisor.clone()
     }
 
     /// The router's address.

@@ -3,11 +3,16 @@
 //! with the fewest requests in flight, waits in the queue when all are busy, and is refused
 //! (503) when the queue is full. Handlers get the job's event stream at once and never wait on
 //! the router for a generation.
+//!
+//! Replicas have a role: `Active` ones serve; `Standby` ones are a reload's new generation,
+//! loading beside the old one (make-before-break); `Retiring` ones are an old generation that
+//! finishes its in-flight jobs and takes no new ones.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -19,7 +24,8 @@ use crate::models::ModelInfo;
 /// How long a refused client is told to wait before retrying, in seconds.
 pub const RETRY_AFTER_SECS: u64 = 1;
 
-/// Names one replica: a model and its index in the model's device list.
+/// Names one replica: a model, its index in the model's device list, and the generation of
+/// the model's spec it runs (a reload starts a new generation).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ReplicaId {
     /// The model name.
@@ -28,6 +34,8 @@ pub struct ReplicaId {
     pub index: usize,
     /// The device, for logs and listings.
     pub device: String,
+    /// The spec generation.
+    pub generation: u64,
 }
 
 impl fmt::Display for ReplicaId {
@@ -36,7 +44,7 @@ impl fmt::Display for ReplicaId {
     }
 }
 
-/// A replica's state as the router sees it.
+/// A replica's lifecycle state as the router sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicaState {
     /// Loading on its engine thread.
@@ -45,8 +53,19 @@ pub enum ReplicaState {
     Ready,
     /// Crashed; its supervisor restarts it after a backoff. Requests wait in the queue.
     Restarting,
-    /// Failed (load error or crash); the message says why.
+    /// Failed (load error or too many crashes); the message says why.
     Failed(String),
+}
+
+/// Whether a replica takes new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Serves requests.
+    Active,
+    /// A reload's new generation, loading beside the active one.
+    Standby,
+    /// An old generation finishing its in-flight jobs.
+    Retiring,
 }
 
 /// Why a request was not admitted.
@@ -58,12 +77,12 @@ pub enum RouteError {
     /// Every slot and the queue are full.
     #[error("the model {0:?} is overloaded; retry later")]
     Overloaded(String),
-    /// No replica can serve (all failed).
+    /// No replica can serve (all failed, or the model is being evicted).
     #[error("the model {model:?} is unavailable: {reason}")]
     Unavailable {
         /// The model.
         model: String,
-        /// The last error seen.
+        /// Why.
         reason: String,
     },
 }
@@ -77,6 +96,25 @@ pub struct Admitted {
     pub cancel: Arc<AtomicBool>,
 }
 
+/// One replica's status for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// Which replica.
+    pub id: ReplicaId,
+    /// Its lifecycle state.
+    pub state: ReplicaState,
+    /// Whether it takes new work.
+    pub role: Role,
+    /// Jobs sent to it and not yet finished.
+    pub in_flight: usize,
+    /// The last load error or crash reason.
+    pub last_error: Option<String>,
+    /// How many times it was restarted.
+    pub restarts: usize,
+    /// When it last became ready.
+    pub loaded_at: Option<SystemTime>,
+}
+
 /// A model's status for listings.
 #[derive(Debug, Clone)]
 pub struct ModelStatus {
@@ -86,23 +124,41 @@ pub struct ModelStatus {
     pub replicas: Vec<ReplicaStatus>,
     /// Requests waiting.
     pub queued: usize,
+    /// Whether it is being evicted.
+    pub draining: bool,
     /// The model's facts, once a replica has loaded.
     pub info: Option<ModelInfo>,
 }
 
-/// One replica's status for listings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicaStatus {
-    /// Which replica.
+impl ModelStatus {
+    /// Active replicas that are ready.
+    pub fn ready_replicas(&self) -> usize {
+        self.replicas
+            .iter()
+            .filter(|r| r.role == Role::Active && r.state == ReplicaState::Ready)
+            .count()
+    }
+}
+
+/// One replica registered with the router.
+pub struct ReplicaEntry {
+    /// Its id.
     pub id: ReplicaId,
-    /// Its lifecycle state.
-    pub state: ReplicaState,
-    /// Jobs sent to it and not yet finished.
-    pub in_flight: usize,
-    /// The last load error or crash reason.
-    pub last_error: Option<String>,
-    /// How many times it was restarted.
-    pub restarts: usize,
+    /// Its actor (`None` when it could not be started, e.g. its device is missing).
+    pub actor: Option<ActorRef<ModelMsg>>,
+    /// Whether it loads beside the active generation (a make-before-break reload).
+    pub standby: bool,
+}
+
+/// One model's admission limits.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    /// The model name.
+    pub name: String,
+    /// Requests generating at once per replica.
+    pub max_concurrent: usize,
+    /// Waiting requests before 503.
+    pub max_queue: usize,
 }
 
 /// Messages the router handles.
@@ -116,6 +172,12 @@ pub enum RouterMsg {
         /// Where the admission result goes.
         reply: RpcReplyPort<Result<Admitted, RouteError>>,
     },
+    /// Adds a model (or updates its limits when it exists).
+    AddRoute(RouteSpec),
+    /// Removes a model; queued requests end with `model_evicted`.
+    RemoveRoute(String),
+    /// Starts or stops refusing new requests for a model (an evict drains it).
+    SetDraining(String, bool),
     /// A replica's actor started (sent by the actor itself, before it reports its load).
     Register(ReplicaEntry),
     /// A replica finished loading.
@@ -143,38 +205,38 @@ pub enum RouterMsg {
     },
     /// A job left a replica instance (finished, failed or abandoned).
     Release(ReplicaId, u64),
-    /// List every model's status.
+    /// Makes a model's standby generation active and its active generation retiring.
+    Promote {
+        /// The model.
+        model: String,
+        /// The standby generation.
+        generation: u64,
+    },
+    /// Drops replicas from the table (retired or abandoned ones).
+    Forget(Vec<ReplicaId>),
+    /// Lists every model's status.
     List(RpcReplyPort<Vec<ModelStatus>>),
-}
-
-/// One replica registered with the router.
-pub struct ReplicaEntry {
-    /// Its id.
-    pub id: ReplicaId,
-    /// Its actor (`None` when it could not be started, e.g. its device is missing).
-    pub actor: Option<ActorRef<ModelMsg>>,
-}
-
-/// One model's routing table entry, as the supervisor hands it over.
-pub struct RouteSpec {
-    /// The model name.
-    pub name: String,
-    /// Requests generating at once per replica.
-    pub max_concurrent: usize,
-    /// Waiting requests before 503.
-    pub max_queue: usize,
 }
 
 struct Replica {
     id: ReplicaId,
-    /// Which incarnation of the replica this is; a restart registers a new one, so releases
-    /// of jobs from a dead incarnation do not free slots of the live one.
+    /// Which incarnation this is; a restart registers a new one, so releases of jobs from a
+    /// dead incarnation do not free slots of the live one.
     epoch: u64,
     actor: Option<ActorRef<ModelMsg>>,
     state: ReplicaState,
+    role: Role,
     in_flight: usize,
     last_error: Option<String>,
     restarts: usize,
+    loaded_at: Option<SystemTime>,
+    info: Option<ModelInfo>,
+}
+
+impl Replica {
+    fn serves(&self) -> bool {
+        self.role == Role::Active && self.state == ReplicaState::Ready && self.actor.is_some()
+    }
 }
 
 struct Route {
@@ -182,7 +244,23 @@ struct Route {
     queue: VecDeque<Job>,
     max_concurrent: usize,
     max_queue: usize,
-    info: Option<ModelInfo>,
+    draining: bool,
+}
+
+impl Route {
+    fn new(spec: &RouteSpec) -> Self {
+        Self {
+            replicas: Vec::new(),
+            queue: VecDeque::new(),
+            max_concurrent: spec.max_concurrent,
+            max_queue: spec.max_queue,
+            draining: false,
+        }
+    }
+
+    fn replica(&mut self, id: &ReplicaId) -> Option<&mut Replica> {
+        self.replicas.iter_mut().find(|r| &r.id == id)
+    }
 }
 
 /// The router actor.
@@ -211,25 +289,15 @@ impl Actor for Router {
         _myself: ActorRef<RouterMsg>,
         specs: Vec<RouteSpec>,
     ) -> Result<RouterState, ActorProcessingErr> {
-        let order = specs.iter().map(|spec| spec.name.clone()).collect();
-        let routes = specs
-            .into_iter()
-            .map(|spec| {
-                let route = Route {
-                    replicas: Vec::new(),
-                    queue: VecDeque::new(),
-                    max_concurrent: spec.max_concurrent,
-                    max_queue: spec.max_queue,
-                    info: None,
-                };
-                (spec.name, route)
-            })
-            .collect();
-        Ok(RouterState {
-            routes,
-            order,
+        let mut state = RouterState {
+            routes: HashMap::new(),
+            order: Vec::new(),
             next_epoch: 0,
-        })
+        };
+        for spec in specs {
+            add_route(&mut state, spec);
+        }
+        Ok(state)
     }
 
     async fn handle(
@@ -247,43 +315,43 @@ impl Actor for Router {
                 let result = dispatch(&myself, state, &model, request);
                 let _ = reply.send(result);
             }
+            RouterMsg::AddRoute(spec) => add_route(state, spec),
+            RouterMsg::RemoveRoute(model) => {
+                if let Some(mut route) = state.routes.remove(&model) {
+                    state.order.retain(|name| name != &model);
+                    for job in route.queue.drain(..) {
+                        job.send(TokenEvent::Failed(EngineError::Evicted(format!(
+                            "the model {model:?} was evicted"
+                        ))));
+                    }
+                }
+            }
+            RouterMsg::SetDraining(model, draining) => {
+                if let Some(route) = state.route(&model) {
+                    route.draining = draining;
+                }
+            }
             RouterMsg::Register(entry) => {
                 state.next_epoch += 1;
                 let epoch = state.next_epoch;
                 if let Some(route) = state.route(&entry.id.model) {
-                    let previous = route.replicas.iter().position(|r| r.id == entry.id);
-                    let (last_error, restarts) = match previous {
-                        Some(index) => {
-                            let old = route.replicas.remove(index);
-                            (old.last_error, old.restarts + 1)
-                        }
-                        None => (None, 0),
-                    };
-                    route.replicas.push(Replica {
-                        id: entry.id,
-                        epoch,
-                        actor: entry.actor,
-                        state: ReplicaState::Loading,
-                        in_flight: 0,
-                        last_error,
-                        restarts,
-                    });
-                    route.replicas.sort_by_key(|r| r.id.index);
+                    register(route, entry, epoch);
                 }
             }
             RouterMsg::ReplicaLoaded { replica, result } => {
                 if let Some(route) = state.route(&replica.model) {
-                    if let Some(entry) = route.replicas.iter_mut().find(|r| r.id == replica) {
-                        entry.state = match result {
+                    if let Some(entry) = route.replica(&replica) {
+                        match result {
                             Ok(info) => {
-                                route.info.get_or_insert(info);
-                                ReplicaState::Ready
+                                entry.state = ReplicaState::Ready;
+                                entry.loaded_at = Some(SystemTime::now());
+                                entry.info = Some(info);
                             }
                             Err(err) => {
                                 entry.last_error = Some(err.clone());
-                                ReplicaState::Failed(err)
+                                entry.state = ReplicaState::Failed(err);
                             }
-                        };
+                        }
                     }
                     start_queued(&myself, route);
                     fail_queue_if_unservable(&replica.model, route);
@@ -295,7 +363,7 @@ impl Actor for Router {
                 restarting,
             } => {
                 if let Some(route) = state.route(&replica.model) {
-                    if let Some(entry) = route.replicas.iter_mut().find(|r| r.id == replica) {
+                    if let Some(entry) = route.replica(&replica) {
                         entry.last_error = Some(reason.clone());
                         entry.state = if restarting {
                             ReplicaState::Restarting
@@ -330,33 +398,103 @@ impl Actor for Router {
                     start_queued(&myself, route);
                 }
             }
+            RouterMsg::Promote { model, generation } => {
+                if let Some(route) = state.route(&model) {
+                    for replica in route.replicas.iter_mut() {
+                        replica.role = match replica.role {
+                            Role::Standby if replica.id.generation == generation => Role::Active,
+                            Role::Active => Role::Retiring,
+                            other => other,
+                        };
+                    }
+                    start_queued(&myself, route);
+                }
+            }
+            RouterMsg::Forget(ids) => {
+                for id in ids {
+                    if let Some(route) = state.route(&id.model) {
+                        route.replicas.retain(|r| r.id != id);
+                        fail_queue_if_unservable(&id.model, route);
+                    }
+                }
+            }
             RouterMsg::List(reply) => {
-                let list = state
-                    .order
-                    .iter()
-                    .filter_map(|name| state.routes.get(name).map(|route| (name, route)))
-                    .map(|(name, route)| ModelStatus {
-                        name: name.clone(),
-                        replicas: route
-                            .replicas
-                            .iter()
-                            .map(|r| ReplicaStatus {
-                                id: r.id.clone(),
-                                state: r.state.clone(),
-                                in_flight: r.in_flight,
-                                last_error: r.last_error.clone(),
-                                restarts: r.restarts,
-                            })
-                            .collect(),
-                        queued: route.queue.len(),
-                        info: route.info.clone(),
-                    })
-                    .collect();
-                let _ = reply.send(list);
+                let _ = reply.send(list(state));
             }
         }
         Ok(())
     }
+}
+
+fn add_route(state: &mut RouterState, spec: RouteSpec) {
+    match state.routes.get_mut(&spec.name) {
+        Some(route) => {
+            route.max_concurrent = spec.max_concurrent;
+            route.max_queue = spec.max_queue;
+        }
+        None => {
+            state.order.push(spec.name.clone());
+            state.routes.insert(spec.name.clone(), Route::new(&spec));
+        }
+    }
+}
+
+fn register(route: &mut Route, entry: ReplicaEntry, epoch: u64) {
+    let previous = route.replicas.iter().position(|r| r.id == entry.id);
+    let (last_error, restarts, role) = match previous {
+        Some(index) => {
+            let old = route.replicas.remove(index);
+            (old.last_error, old.restarts + 1, old.role)
+        }
+        None if entry.standby => (None, 0, Role::Standby),
+        None => (None, 0, Role::Active),
+    };
+    route.replicas.push(Replica {
+        id: entry.id,
+        epoch,
+        actor: entry.actor,
+        state: ReplicaState::Loading,
+        role,
+        in_flight: 0,
+        last_error,
+        restarts,
+        loaded_at: None,
+        info: None,
+    });
+    route
+        .replicas
+        .sort_by_key(|r| (r.id.generation, r.id.index));
+}
+
+fn list(state: &RouterState) -> Vec<ModelStatus> {
+    state
+        .order
+        .iter()
+        .filter_map(|name| state.routes.get(name).map(|route| (name, route)))
+        .map(|(name, route)| ModelStatus {
+            name: name.clone(),
+            replicas: route
+                .replicas
+                .iter()
+                .map(|r| ReplicaStatus {
+                    id: r.id.clone(),
+                    state: r.state.clone(),
+                    role: r.role,
+                    in_flight: r.in_flight,
+                    last_error: r.last_error.clone(),
+                    restarts: r.restarts,
+                    loaded_at: r.loaded_at,
+                })
+                .collect(),
+            queued: route.queue.len(),
+            draining: route.draining,
+            info: route
+                .replicas
+                .iter()
+                .filter(|r| r.role == Role::Active)
+                .find_map(|r| r.info.clone()),
+        })
+        .collect()
 }
 
 fn dispatch(
@@ -368,6 +506,12 @@ fn dispatch(
     let route = state
         .route(model)
         .ok_or_else(|| RouteError::UnknownModel(model.to_string()))?;
+    if route.draining {
+        return Err(RouteError::Unavailable {
+            model: model.to_string(),
+            reason: "it is being evicted".to_string(),
+        });
+    }
     if let Some(reason) = unservable(route) {
         return Err(RouteError::Unavailable {
             model: model.to_string(),
@@ -375,10 +519,11 @@ fn dispatch(
         });
     }
     route.queue.retain(|job| !job.abandoned());
+    let max = route.max_concurrent;
     let has_free_slot = route
         .replicas
         .iter()
-        .any(|r| r.state == ReplicaState::Ready && r.in_flight < route.max_concurrent);
+        .any(|r| r.serves() && r.in_flight < max);
     if !has_free_slot && route.queue.len() >= route.max_queue {
         return Err(RouteError::Overloaded(model.to_string()));
     }
@@ -388,14 +533,14 @@ fn dispatch(
     Ok(Admitted { events, cancel })
 }
 
-/// Starts queued jobs while some ready replica has a free slot.
+/// Starts queued jobs while some ready active replica has a free slot.
 fn start_queued(myself: &ActorRef<RouterMsg>, route: &mut Route) {
     loop {
         let max = route.max_concurrent;
         let Some(replica) = route
             .replicas
             .iter_mut()
-            .filter(|r| r.state == ReplicaState::Ready && r.actor.is_some() && r.in_flight < max)
+            .filter(|r| r.serves() && r.in_flight < max)
             .min_by_key(|r| r.in_flight)
         else {
             return;
@@ -420,20 +565,22 @@ fn start_queued(myself: &ActorRef<RouterMsg>, route: &mut Route) {
     }
 }
 
-/// Returns why no replica can ever serve this model (every one failed), if so.
+/// Returns why no active replica can ever serve this model (every one failed), if so.
 fn unservable(route: &Route) -> Option<String> {
-    let all_failed = !route.replicas.is_empty()
-        && route
-            .replicas
-            .iter()
-            .all(|r| matches!(r.state, ReplicaState::Failed(_)));
-    if !all_failed {
-        return None;
+    let mut active = route
+        .replicas
+        .iter()
+        .filter(|r| r.role == Role::Active)
+        .peekable();
+    active.peek()?;
+    let mut reasons = Vec::new();
+    for replica in active {
+        match &replica.state {
+            ReplicaState::Failed(reason) => reasons.push(reason.clone()),
+            _ => return None,
+        }
     }
-    route.replicas.iter().find_map(|r| match &r.state {
-        ReplicaState::Failed(reason) => Some(reason.clone()),
-        _ => None,
-    })
+    reasons.into_iter().next()
 }
 
 /// Ends every queued job with an error when no replica is left to serve them.

@@ -151,6 +151,7 @@ impl From<EngineError> for ApiError {
                 ..Self::internal(message)
             },
             EngineError::Unavailable(_) => Self::unavailable("model_unavailable", message),
+            EngineError::Evicted(_) => Self::unavailable("model_evicted", message),
         }
     }
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::actors::router::{ModelStatus, ReplicaState, RouterMsg};
+use crate::actors::router::{ModelStatus, RouterMsg};
 
 /// How long the router may take to answer a health or listing call.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
@@ -28,11 +28,7 @@ async fn statuses(state: &AppState) -> Option<Vec<ModelStatus>> {
 }
 
 fn ready_replicas(status: &ModelStatus) -> usize {
-    status
-        .replicas
-        .iter()
-        .filter(|replica| replica.state == ReplicaState::Ready)
-        .count()
+    status.ready_replicas()
 }
 
 /// Liveness: the HTTP loop and the router answer.

@@ -2,6 +2,8 @@
 //! or not), `/v1/models`, `/health`, `/ready`, and the ancestor's `/execute`. Every error is
 //! the OpenAI envelope with the statuses of RELIABILITY.md §8.
 
+mod admin;
+mod auth;
 mod dispatch;
 mod error;
 mod execute;
@@ -12,36 +14,50 @@ mod stream;
 mod types;
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{StatusCode, Uri};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ractor::ActorRef;
 use tokio::net::TcpListener;
 
+pub use auth::Keys;
 pub use error::ApiError;
 
+use crate::actors::pool::Pool;
 use crate::actors::router::RouterMsg;
+use crate::actors::supervisor::SupervisorMsg;
 
 /// Largest accepted request body (2 MiB).
 const BODY_LIMIT: usize = 2 * 1024 * 1024;
+/// Largest accepted admin request body (64 KiB).
+const ADMIN_BODY_LIMIT: usize = 64 * 1024;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     /// The router actor.
     pub router: ActorRef<RouterMsg>,
+    /// The supervisor (admin commands).
+    pub supervisor: ActorRef<SupervisorMsg>,
+    /// The configured keys.
+    pub keys: Arc<Keys>,
     /// Unix time the server started (the `created` of listed models).
     pub started_at: u64,
 }
 
 impl AppState {
-    /// Creates the state for a router.
-    pub fn new(router: ActorRef<RouterMsg>) -> Self {
+    /// Creates the state for a running pool.
+    pub fn new(pool: &Pool, keys: Keys) -> Self {
         Self {
-            router,
+            router: pool.router(),
+            supervisor: pool.supervisor(),
+            keys: Arc::new(keys),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -52,7 +68,18 @@ impl AppState {
 
 /// Builds the axum application.
 pub fn app(state: AppState) -> axum::Router {
+    let admin = axum::Router::new()
+        .route("/admin/models", get(admin::list).post(admin::load))
+        .route("/admin/models/{name}/reload", post(admin::reload))
+        .route("/admin/models/{name}/evict", post(admin::evict))
+        .route("/admin/reload", post(admin::reload_pool))
+        .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ));
     axum::Router::new()
+        .merge(admin)
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(health::models))
@@ -84,7 +111,8 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
+    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -11,7 +11,7 @@ use figment::providers::{Env, Serialized};
 use figment::Figment;
 
 pub use schema::{ModelEntry, PoolFile, ServerSection};
-pub use validate::validate;
+pub use validate::{validate, validate_entry};
 
 use crate::models::{DTypeChoice, DeviceSpec, ModelSource};
 

@@ -64,6 +64,21 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
     })
 }
 
+/// Validates one `[[models]]` entry given outside a file (an admin load); relative paths are
+/// taken from `base`. Errors name the field as `models.<field>`.
+pub fn validate_entry(entry: &ModelEntry, base: &Path) -> Result<ModelSpec, ConfigError> {
+    let fail = |field: &str, message: String| ConfigError {
+        file: "request body".into(),
+        line: None,
+        field: format!("models.{field}"),
+        message,
+    };
+    if entry.name.trim().is_empty() {
+        return Err(fail("name", "the name is empty".to_string()));
+    }
+    validate_model(entry, base, &fail)
+}
+
 fn validate_model(
     entry: &ModelEntry,
     base: &Path,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use llorch::actors::pool::Pool;
-use llorch::api::{serve, AppState};
+use llorch::api::{serve, AppState, Keys};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -39,8 +39,8 @@ impl Daemon {
         let config = llorch::config::load(&path).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let pool = Pool::start(config).await.unwrap();
-        let state = AppState::new(pool.router());
+        let pool = Pool::start(config, Some(path.clone())).await.unwrap();
+        let state = AppState::new(&pool, Keys::default());
         let (shutdown, stop) = oneshot::channel::<()>();
         tokio::spawn(async move {
             serve(listener, state, async {

@@ -1,0 +1,79 @@
+//! Admin operations on the pool (load, evict, reload, re-read pool.toml): their commands,
+//! outcomes and errors as the supervisor sees them.
+
+use std::time::Duration;
+
+use crate::config::{ConfigError, ModelSpec};
+
+/// How long an evict (or the old generation of a reload) may drain before its remaining
+/// requests end with `model_evicted`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a load may take before it is reported failed.
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// An admin command.
+#[derive(Debug, Clone)]
+pub enum AdminCommand {
+    /// Load a new model.
+    Load(ModelSpec),
+    /// Evict a model: drain (or abort) its requests, stop its replicas, free their memory.
+    Evict {
+        /// The model.
+        name: String,
+        /// End in-flight requests at once instead of draining.
+        abort: bool,
+        /// How long to drain.
+        drain: Duration,
+    },
+    /// Reload a model (from a new spec, or its current one), make-before-break.
+    Reload {
+        /// The model.
+        name: String,
+        /// The new spec; `None` reloads the current one.
+        spec: Option<ModelSpec>,
+    },
+    /// Re-read the pool file and apply the difference.
+    ReloadPool,
+}
+
+/// What happened to one model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelOutcome {
+    /// The model.
+    pub name: String,
+    /// `loaded`, `evicted`, `reloaded`, `unchanged` or `failed`.
+    pub action: &'static str,
+    /// The error, for `failed`.
+    pub error: Option<String>,
+}
+
+/// Why an admin command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// No model by that name.
+    #[error("the model {0:?} does not exist")]
+    NotFound(String),
+    /// A model by that name is already loaded.
+    #[error("a model named {0:?} is already loaded")]
+    AlreadyLoaded(String),
+    /// Another admin operation on the model is running.
+    #[error("another operation on {0:?} is in progress")]
+    InProgress(String),
+    /// The model failed to load (the old generation, if any, keeps serving).
+    #[error("the model {name:?} failed to load: {reason}")]
+    LoadFailed {
+        /// The model.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The pool file is invalid; nothing changed.
+    #[error("{0}")]
+    Config(ConfigError),
+    /// The pool was started without a file to re-read.
+    #[error("the pool was not started from a file")]
+    NoPoolFile,
+    /// The supervisor did not answer.
+    #[error("the supervisor did not answer: {0}")]
+    Unavailable(String),
+}

@@ -1,0 +1,317 @@
+//! The long parts of admin operations, run in tasks: wait for a load, drain an evict, swap a
+//! reload's generations. Each talks to the supervisor and the router with short messages and
+//! tells the supervisor when it is done, so a model is never operated on twice at once.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use ractor::rpc::CallResult;
+use ractor::ActorRef;
+
+use super::admin::{AdminError, ModelOutcome, DEFAULT_DRAIN_TIMEOUT, LOAD_TIMEOUT};
+use super::engine::EngineError;
+use super::model_actor::ModelMsg;
+use super::router::{ModelStatus, ReplicaId, ReplicaState, RouterMsg};
+use super::supervisor::{route_spec, Plan, PoolPlan, SupervisorMsg};
+use crate::config::ModelSpec;
+
+/// How often a waiting task looks at the router.
+const POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// How long an RPC to the router or supervisor may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping model actor may take to join its engine thread.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The actors an operation talks to.
+pub struct Ctx {
+    /// The supervisor.
+    pub supervisor: ActorRef<SupervisorMsg>,
+    /// The router.
+    pub router: ActorRef<RouterMsg>,
+}
+
+/// Runs a claimed plan, then releases its models.
+pub async fn run(ctx: &Ctx, plan: Plan) -> Result<Vec<ModelOutcome>, AdminError> {
+    let result = match plan {
+        Plan::Load(spec) => {
+            let name = spec.name.clone();
+            let outcome = load(ctx, spec).await;
+            finish(ctx, vec![name]);
+            outcome.map(|o| vec![o])
+        }
+        Plan::Evict { name, abort, drain } => {
+            let outcome = evict(ctx, &name, abort, drain).await;
+            finish(ctx, vec![name]);
+            outcome.map(|o| vec![o])
+        }
+        Plan::Reload(spec) => {
+            let name = spec.name.clone();
+            let outcome = reload(ctx, spec).await;
+            finish(ctx, vec![name]);
+            outcome.map(|o| vec![o])
+        }
+        Plan::Pool(pool) => Ok(apply_pool(ctx, pool).await),
+    };
+    if let Err(err) = &result {
+        tracing::warn!(error = %err, "admin operation failed");
+    }
+    result
+}
+
+fn finish(ctx: &Ctx, names: Vec<String>) {
+    let _ = ctx.supervisor.cast(SupervisorMsg::Finished(names));
+}
+
+/// Applies a pool diff: added models load, removed ones are evicted (drained), changed ones
+/// reload, unchanged ones are not touched. Each model's outcome is reported.
+async fn apply_pool(ctx: &Ctx, pool: PoolPlan) -> Vec<ModelOutcome> {
+    let PoolPlan {
+        added,
+        changed,
+        removed,
+        unchanged,
+    } = pool;
+    let mut touched: Vec<String> = Vec::new();
+    let loads = added.into_iter().map(|spec| {
+        touched.push(spec.name.clone());
+        let name = spec.name.clone();
+        async move { outcome_of(name, load(ctx, spec).await) }
+    });
+    let loads: Vec<_> = loads.collect();
+    let reloads: Vec<_> = changed
+        .into_iter()
+        .map(|spec| {
+            touched.push(spec.name.clone());
+            let name = spec.name.clone();
+            async move { outcome_of(name, reload(ctx, spec).await) }
+        })
+        .collect();
+    let evicts: Vec<_> = removed
+        .into_iter()
+        .map(|name| {
+            touched.push(name.clone());
+            async move {
+                let result = evict(ctx, &name, false, DEFAULT_DRAIN_TIMEOUT).await;
+                outcome_of(name, result)
+            }
+        })
+        .collect();
+    let (mut outcomes, reloaded, evicted) =
+        futures::join!(join_all(loads), join_all(reloads), join_all(evicts));
+    outcomes.extend(reloaded);
+    outcomes.extend(evicted);
+    outcomes.extend(unchanged.into_iter().map(|name| ModelOutcome {
+        name,
+        action: "unchanged",
+        error: None,
+    }));
+    finish(ctx, touched);
+    outcomes
+}
+
+fn outcome_of(name: String, result: Result<ModelOutcome, AdminError>) -> ModelOutcome {
+    result.unwrap_or_else(|err| ModelOutcome {
+        name,
+        action: "failed",
+        error: Some(err.to_string()),
+    })
+}
+
+/// Adds a model and waits for its replicas. A failed load leaves the model listed as failed,
+/// so that a reload can retry it.
+async fn load(ctx: &Ctx, spec: ModelSpec) -> Result<ModelOutcome, AdminError> {
+    ctx.router
+        .cast(RouterMsg::AddRoute(route_spec(&spec)))
+        .map_err(|err| AdminError::Unavailable(err.to_string()))?;
+    let name = spec.name.clone();
+    let ids = start_generation(ctx, spec, false).await?;
+    match wait_loaded(ctx, &name, &ids).await {
+        Ok(()) => Ok(ModelOutcome {
+            name,
+            action: "loaded",
+            error: None,
+        }),
+        Err(reason) => Err(AdminError::LoadFailed { name, reason }),
+    }
+}
+
+/// Drains (or aborts) a model, stops its replicas, joins their engine threads (so their memory
+/// is free when this returns) and removes it.
+async fn evict(
+    ctx: &Ctx,
+    name: &str,
+    abort: bool,
+    drain: Duration,
+) -> Result<ModelOutcome, AdminError> {
+    let _ = ctx
+        .router
+        .cast(RouterMsg::SetDraining(name.to_string(), true));
+    let ids = replica_ids(ctx, name, |_| true).await;
+    if !abort {
+        wait_idle(ctx, name, &ids, drain).await;
+    }
+    stop(ctx, name, ids).await;
+    let _ = ctx.router.cast(RouterMsg::RemoveRoute(name.to_string()));
+    let _ = ctx.supervisor.cast(SupervisorMsg::Commit {
+        name: name.to_string(),
+        spec: None,
+    });
+    Ok(ModelOutcome {
+        name: name.to_string(),
+        action: "evicted",
+        error: None,
+    })
+}
+
+/// Make-before-break: the new generation loads beside the old one, takes over when every new
+/// replica is ready, and the old one drains and stops. If the new generation fails to load,
+/// it is dropped and the old one keeps serving.
+async fn reload(ctx: &Ctx, spec: ModelSpec) -> Result<ModelOutcome, AdminError> {
+    let name = spec.name.clone();
+    let old = replica_ids(ctx, &name, |_| true).await;
+    let new = start_generation(ctx, spec.clone(), true).await?;
+    if let Err(reason) = wait_loaded(ctx, &name, &new).await {
+        stop(ctx, &name, new.clone()).await;
+        let _ = ctx.router.cast(RouterMsg::Forget(new));
+        return Err(AdminError::LoadFailed { name, reason });
+    }
+    let generation = new.first().map_or(0, |id| id.generation);
+    let _ = ctx.router.cast(RouterMsg::AddRoute(route_spec(&spec)));
+    let _ = ctx.router.cast(RouterMsg::Promote {
+        model: name.clone(),
+        generation,
+    });
+    wait_idle(ctx, &name, &old, DEFAULT_DRAIN_TIMEOUT).await;
+    stop(ctx, &name, old.clone()).await;
+    let _ = ctx.router.cast(RouterMsg::Forget(old));
+    let _ = ctx.supervisor.cast(SupervisorMsg::Commit {
+        name: name.clone(),
+        spec: Some(spec),
+    });
+    Ok(ModelOutcome {
+        name,
+        action: "reloaded",
+        error: None,
+    })
+}
+
+async fn start_generation(
+    ctx: &Ctx,
+    spec: ModelSpec,
+    standby: bool,
+) -> Result<Vec<ReplicaId>, AdminError> {
+    let call = ctx
+        .supervisor
+        .call(
+            |reply| SupervisorMsg::StartGeneration {
+                spec,
+                standby,
+                reply,
+            },
+            Some(CALL_TIMEOUT),
+        )
+        .await;
+    match call {
+        Ok(CallResult::Success(ids)) => Ok(ids),
+        _ => Err(AdminError::Unavailable(
+            "the supervisor did not start the replicas".to_string(),
+        )),
+    }
+}
+
+/// Stops supervising `ids`, ends what they still run with `model_evicted`, stops their actors
+/// and waits until their engine threads have ended.
+async fn stop(ctx: &Ctx, name: &str, ids: Vec<ReplicaId>) {
+    let call = ctx
+        .supervisor
+        .call(
+            |reply| SupervisorMsg::Detach(ids, reply),
+            Some(CALL_TIMEOUT),
+        )
+        .await;
+    let Ok(CallResult::Success(actors)) = call else {
+        return;
+    };
+    let reason = format!("the model {name:?} was evicted");
+    let stops = actors.into_iter().map(|actor| {
+        let reason = reason.clone();
+        async move {
+            let _ = actor.cast(ModelMsg::Abort(EngineError::Evicted(reason)));
+            let _ = actor.stop_and_wait(None, Some(STOP_TIMEOUT)).await;
+        }
+    });
+    join_all(stops).await;
+}
+
+async fn status(ctx: &Ctx, name: &str) -> Option<ModelStatus> {
+    match ctx.router.call(RouterMsg::List, Some(CALL_TIMEOUT)).await {
+        Ok(CallResult::Success(list)) => list.into_iter().find(|status| status.name == name),
+        _ => None,
+    }
+}
+
+async fn replica_ids(ctx: &Ctx, name: &str, keep: impl Fn(&ReplicaId) -> bool) -> Vec<ReplicaId> {
+    status(ctx, name)
+        .await
+        .map(|status| {
+            status
+                .replicas
+                .into_iter()
+                .map(|replica| replica.id)
+                .filter(|id| keep(id))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until every replica in `ids` is ready; returns the first failure's reason otherwise.
+async fn wait_loaded(ctx: &Ctx, name: &str, ids: &[ReplicaId]) -> Result<(), String> {
+    let deadline = Instant::now() + LOAD_TIMEOUT;
+    loop {
+        if let Some(status) = status(ctx, name).await {
+            let ours: Vec<_> = status
+                .replicas
+                .iter()
+                .filter(|replica| ids.contains(&replica.id))
+                .collect();
+            if let Some(failed) = ours.iter().find_map(|replica| match &replica.state {
+                ReplicaState::Failed(reason) => Some(reason.clone()),
+                _ => None,
+            }) {
+                return Err(failed);
+            }
+            if ours.len() == ids.len() && ours.iter().all(|r| r.state == ReplicaState::Ready) {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("the load took longer than {LOAD_TIMEOUT:?}"));
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Waits until the replicas in `ids` run nothing and (for an evict) nothing is queued, or the
+/// deadline passes.
+async fn wait_idle(ctx: &Ctx, name: &str, ids: &[ReplicaId], drain: Duration) {
+    let deadline = Instant::now() + drain;
+    loop {
+        let Some(status) = status(ctx, name).await else {
+            return;
+        };
+        let busy: usize = status
+            .replicas
+            .iter()
+            .filter(|replica| ids.contains(&replica.id))
+            .map(|replica| replica.in_flight)
+            .sum();
+        let queued = if status.draining { status.queued } else { 0 };
+        if busy == 0 && queued == 0 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}

@@ -1,0 +1,185 @@
+//! The admin API: list replicas, load, reload, evict, and re-read `pool.toml`. Every route
+//! goes through [`super::auth::require_admin`].
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use ractor::rpc::CallResult;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::AppState;
+use crate::actors::admin::{AdminCommand, AdminError, ModelOutcome, DEFAULT_DRAIN_TIMEOUT};
+use crate::actors::router::{ReplicaState, Role, RouterMsg};
+use crate::actors::supervisor::SupervisorMsg;
+use crate::config::{validate_entry, ModelEntry};
+
+/// How long an admin call may wait for its operation (a load, a drain) to finish.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl From<AdminError> for ApiError {
+    fn from(err: AdminError) -> Self {
+        let message = err.to_string();
+        let conflict = |code| ApiError {
+            status: StatusCode::CONFLICT,
+            kind: "conflict_error",
+            code,
+            param: None,
+            message: message.clone(),
+        };
+        match err {
+            AdminError::NotFound(_) => ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "not_found_error",
+                code: "model_not_found",
+                param: Some("name".to_string()),
+                message,
+            },
+            AdminError::AlreadyLoaded(_) => conflict("model_already_loaded"),
+            AdminError::InProgress(_) => conflict("operation_in_progress"),
+            AdminError::LoadFailed { .. } => {
+                ApiError::bad_request("model_load_failed", None, message)
+            }
+            AdminError::Config(_) => ApiError::bad_request("invalid_config", None, message),
+            AdminError::NoPoolFile => ApiError::bad_request("no_pool_file", None, message),
+            AdminError::Unavailable(_) => ApiError::unavailable("supervisor_unavailable", message),
+        }
+    }
+}
+
+async fn run(state: &AppState, command: AdminCommand) -> Result<Json<Value>, ApiError> {
+    let call = state
+        .supervisor
+        .call(
+            |reply| SupervisorMsg::Admin(command, reply),
+            Some(ADMIN_TIMEOUT),
+        )
+        .await;
+    let outcomes = match call {
+        Ok(CallResult::Success(result)) => result?,
+        _ => return Err(AdminError::Unavailable("no answer".to_string()).into()),
+    };
+    Ok(Json(
+        json!({ "models": outcomes.iter().map(outcome_json).collect::<Vec<_>>() }),
+    ))
+}
+
+fn outcome_json(outcome: &ModelOutcome) -> Value {
+    json!({"name": outcome.name, "action": outcome.action, "error": outcome.error})
+}
+
+/// `GET /admin/models`: every replica with its state, load and history.
+pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let call = state
+        .router
+        .call(RouterMsg::List, Some(Duration::from_secs(2)))
+        .await;
+    let Ok(CallResult::Success(models)) = call else {
+        return Err(ApiError::unavailable(
+            "unhealthy",
+            "the router does not answer",
+        ));
+    };
+    let models: Vec<Value> = models
+        .iter()
+        .map(|model| {
+            let replicas: Vec<Value> = model
+                .replicas
+                .iter()
+                .map(|replica| {
+                    let state_name = match (&replica.state, replica.role, model.draining) {
+                        (_, Role::Retiring, _) | (ReplicaState::Ready, _, true) => "draining",
+                        (ReplicaState::Loading, _, _) => "loading",
+                        (ReplicaState::Ready, _, false) => "ready",
+                        (ReplicaState::Restarting, _, _) => "restarting",
+                        (ReplicaState::Failed(_), _, _) => "failed",
+                    };
+                    json!({
+                        "replica": replica.id.to_string(),
+                        "device": replica.id.device,
+                        "generation": replica.id.generation,
+                        "state": state_name,
+                        "standby": replica.role == Role::Standby,
+                        "in_flight": replica.in_flight,
+                        "restarts": replica.restarts,
+                        "last_error": replica.last_error,
+                        "loaded_at": replica.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+                    })
+                })
+                .collect();
+            json!({
+                "name": model.name,
+                "queued": model.queued,
+                "context_length": model.info.as_ref().map(|info| info.context_length),
+                "replicas": replicas,
+            })
+        })
+        .collect();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(Json(json!({"models": models, "time": now})))
+}
+
+/// `POST /admin/models`: loads a new model from a `[[models]]`-shaped JSON body.
+pub async fn load(
+    State(state): State<AppState>,
+    ApiJson(entry): ApiJson<ModelEntry>,
+) -> Result<Json<Value>, ApiError> {
+    let spec = validate_entry(&entry, Path::new("."))
+        .map_err(|err| ApiError::bad_request("invalid_model", Some(&err.field), err.to_string()))?;
+    run(&state, AdminCommand::Load(spec)).await
+}
+
+/// `POST /admin/models/{name}/reload`.
+pub async fn reload(
+    State(state): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    run(&state, AdminCommand::Reload { name, spec: None }).await
+}
+
+/// Query of `POST /admin/models/{name}/evict`.
+#[derive(Debug, Deserialize)]
+pub struct EvictQuery {
+    /// `drain` (default) or `abort`.
+    #[serde(default)]
+    mode: Option<String>,
+    /// Drain deadline in milliseconds (default 30 000).
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// `POST /admin/models/{name}/evict[?mode=abort][&timeout_ms=N]`.
+pub async fn evict(
+    State(state): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+    Query(query): Query<EvictQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let abort = match query.mode.as_deref() {
+        None | Some("drain") => false,
+        Some("abort") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                Some("mode"),
+                format!("mode must be drain or abort, not {other:?}"),
+            ))
+        }
+    };
+    let drain = query
+        .timeout_ms
+        .map_or(DEFAULT_DRAIN_TIMEOUT, Duration::from_millis);
+    run(&state, AdminCommand::Evict { name, abort, drain }).await
+}
+
+/// `POST /admin/reload`: re-reads `pool.toml` and applies the difference.
+pub async fn reload_pool(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    run(&state, AdminCommand::ReloadPool).await
+}

@@ -314,8 +314,17 @@ fn run_engine(
                 Err(_) => return EngineExit::Stopped,
             }
         }
-        while let Ok(command) = commands.try_recv() {
-            apply(command, &mut active, &mut waiting);
+        loop {
+            match commands.try_recv() {
+                Ok(command) => apply(command, &mut active, &mut waiting),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    // The owner is gone: nothing may outlive it without a terminal event.
+                    let gone = EngineError::Unavailable("the replica stopped".to_string());
+                    apply(Command::Abort(gone), &mut active, &mut waiting);
+                    return EngineExit::Stopped;
+                }
+            }
         }
         while active.len() < MAX_ACTIVE_SEQUENCES {
             match waiting.pop_front() {

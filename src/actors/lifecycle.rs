@@ -236,8 +236,12 @@ async fn stop(ctx: &Ctx, name: &str, ids: Vec<ReplicaId>) {
     let stops = actors.into_iter().map(|actor| {
         let reason = reason.clone();
         async move {
-            let _ = actor.cast(ModelMsg::Abort(EngineError::Evicted(reason)));
-            let _ = actor.stop_and_wait(None, Some(STOP_TIMEOUT)).await;
+            if actor
+                .cast(ModelMsg::Retire(EngineError::Evicted(reason)))
+                .is_ok()
+            {
+                let _ = actor.wait(Some(STOP_TIMEOUT)).await;
+            }
         }
     });
     join_all(stops).await;

@@ -18,8 +18,8 @@ pub enum ModelMsg {
     Loaded(Result<ModelInfo, String>),
     /// The engine thread ended.
     EngineExited(EngineExit),
-    /// End every job this replica runs or holds with this error.
-    Abort(EngineError),
+    /// End every job this replica runs or holds with this error, then stop.
+    Retire(EngineError),
 }
 
 /// What a model actor is started with.
@@ -118,7 +118,7 @@ impl Actor for ModelActor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<ModelMsg>,
+        myself: ActorRef<ModelMsg>,
         message: ModelMsg,
         state: &mut ModelState,
     ) -> Result<(), ActorProcessingErr> {
@@ -152,10 +152,12 @@ impl Actor for ModelActor {
                     }
                 }
             }
-            ModelMsg::Abort(error) => {
+            ModelMsg::Retire(error) => {
+                // The abort reaches the engine before the channel closes in post_stop.
                 if let Some(engine) = &state.engine {
                     engine.abort_all(error);
                 }
+                myself.stop(None);
                 Ok(())
             }
             ModelMsg::EngineExited(EngineExit::Stopped) => Ok(()),

@@ -19,7 +19,7 @@ pub struct Daemon {
     /// A client for it.
     pub client: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Daemon {
@@ -33,6 +33,11 @@ impl Daemon {
 
     /// Like [`Daemon::start`] but returns without waiting for the models to load.
     pub async fn start_unready(pool_toml: &str) -> Daemon {
+        Self::start_with_keys(pool_toml, Keys::default()).await
+    }
+
+    /// Starts with the given keys, without waiting for the models to load.
+    pub async fn start_with_keys(pool_toml: &str, keys: Keys) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pool.toml");
         std::fs::write(&path, pool_toml).unwrap();
@@ -40,7 +45,7 @@ impl Daemon {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let pool = Pool::start(config, Some(path.clone())).await.unwrap();
-        let state = AppState::new(&pool, Keys::default());
+        let state = AppState::new(&pool, keys);
         let (shutdown, stop) = oneshot::channel::<()>();
         tokio::spawn(async move {
             serve(listener, state, async {
@@ -54,7 +59,7 @@ impl Daemon {
             url,
             client: reqwest::Client::new(),
             shutdown: Some(shutdown),
-            _dir: dir,
+            dir,
         }
     }
 
@@ -82,16 +87,42 @@ impl Daemon {
         }
     }
 
+    /// Waits until `/ready` is 200 and no replica is still loading.
     async fn wait_ready(&self) {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let response = self.client.get(self.at("/ready")).send().await;
-            if response.is_ok_and(|r| r.status() == 200) {
+            let ready = self
+                .client
+                .get(self.at("/ready"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            let listing: Value = self
+                .client
+                .get(self.at("/admin/models"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let loading = listing["models"].as_array().is_some_and(|models| {
+                models
+                    .iter()
+                    .flat_map(|m| m["replicas"].as_array().cloned().unwrap_or_default())
+                    .any(|r| r["state"] == "loading")
+            });
+            if ready && !loading {
                 return;
             }
             assert!(Instant::now() < deadline, "the daemon never became ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The pool file the daemon was started from.
+    pub fn pool_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("pool.toml")
     }
 
     /// The URL of a path.

@@ -12,6 +12,7 @@ use llorch::actors::admin::AdminCommand;
 use llorch::actors::engine::{spawn_engine, GenerationRequest, Job, TokenEvent};
 use llorch::actors::pool::Pool;
 use llorch::actors::supervisor::SupervisorMsg;
+use llorch::api::client::{AdminClient, ClientError};
 use llorch::api::{AppState, Keys};
 use llorch::models::{
     ChatMessage, DTypeChoice, DeviceSpec, GenerationParams, LoadSpec, ModelSource, Prompt,
@@ -32,6 +33,42 @@ enum Command {
     Serve(ServeArgs),
     /// Runs one generation without a daemon and prints it.
     Generate(GenerateArgs),
+    /// Lists a running daemon's replicas.
+    Ps(UrlArgs),
+    /// Loads the models of a TOML or JSON file into a running daemon.
+    Load {
+        /// `[[models]]` tables or one entry (TOML), or an object or array of objects (JSON).
+        file: PathBuf,
+        #[command(flatten)]
+        url: UrlArgs,
+    },
+    /// Reloads one model, or re-reads the pool file when no name is given.
+    Reload {
+        /// The model to reload.
+        name: Option<String>,
+        #[command(flatten)]
+        url: UrlArgs,
+    },
+    /// Evicts a model from a running daemon.
+    Evict {
+        /// The model.
+        name: String,
+        /// End in-flight requests at once instead of draining them.
+        #[arg(long)]
+        abort: bool,
+        /// How long to drain, in milliseconds (default 30000).
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[command(flatten)]
+        url: UrlArgs,
+    },
+}
+
+#[derive(Args)]
+struct UrlArgs {
+    /// The daemon's address (the admin key comes from LLORCH_ADMIN_KEY).
+    #[arg(long, env = "LLORCH_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
 }
 
 #[derive(Args)]
@@ -98,6 +135,21 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Generate(args)) => generate(args),
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Ps(url)) => admin(&url, |client| Box::pin(async move { client.ps().await })),
+        Some(Command::Load { file, url }) => admin(&url, |client| {
+            Box::pin(async move { client.load(&file).await })
+        }),
+        Some(Command::Reload { name, url }) => admin(&url, |client| {
+            Box::pin(async move { client.reload(name.as_deref()).await })
+        }),
+        Some(Command::Evict {
+            name,
+            abort,
+            timeout_ms,
+            url,
+        }) => admin(&url, |client| {
+            Box::pin(async move { client.evict(&name, abort, timeout_ms).await })
+        }),
         None => serve(ServeArgs {
             config: PathBuf::from("config/pool.toml"),
             listen: None,
@@ -133,6 +185,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         pool.stop().await;
         Ok(())
     })
+}
+
+/// A future returned by an admin client call.
+type ClientCall<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, ClientError>> + 'a>>;
+
+/// Runs one admin client call and prints its answer.
+fn admin(
+    url: &UrlArgs,
+    call: impl for<'a> FnOnce(&'a AdminClient) -> ClientCall<'a>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let client = AdminClient::new(&url.url);
+    let output = runtime.block_on(call(&client))?;
+    println!("{output}");
+    Ok(())
 }
 
 /// Re-reads the pool file on every SIGHUP (as `POST /admin/reload` does) and logs the outcome.

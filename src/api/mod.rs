@@ -4,6 +4,7 @@
 
 mod admin;
 mod auth;
+pub mod client;
 mod dispatch;
 mod error;
 mod execute;

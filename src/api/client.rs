@@ -1,0 +1,258 @@
+//! The operator's client for a running daemon's admin API: `llorch ps`, `load`, `reload`,
+//! `evict`. The admin key comes from `LLORCH_ADMIN_KEY`.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::config::ModelEntry;
+
+/// A client for one daemon.
+pub struct AdminClient {
+    base: String,
+    key: Option<String>,
+    http: reqwest::Client,
+}
+
+/// What went wrong talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon could not be reached.
+    #[error("cannot reach the daemon at {url}: {source}")]
+    Unreachable {
+        /// The URL.
+        url: String,
+        /// The transport error.
+        source: reqwest::Error,
+    },
+    /// The daemon answered with an error.
+    #[error("{status}: {message}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The error message from the envelope.
+        message: String,
+    },
+    /// The file of a `load` could not be read or parsed.
+    #[error("{0}")]
+    BadInput(String),
+}
+
+impl AdminClient {
+    /// Creates a client for the daemon at `base` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            key: std::env::var("LLORCH_ADMIN_KEY")
+                .ok()
+                .filter(|k| !k.is_empty()),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method, &url);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let status = response.status().as_u16();
+        let body: Value = response
+            .json()
+            .await
+            .map_err(|source| ClientError::Unreachable { url, source })?;
+        if status >= 400 {
+            let message = body["error"]["message"]
+                .as_str()
+                .unwrap_or("unknown error")
+                .to_string();
+            return Err(ClientError::Refused { status, message });
+        }
+        Ok(body)
+    }
+
+    /// `GET /admin/models` rendered as a table.
+    pub async fn ps(&self) -> Result<String, ClientError> {
+        let listing = self
+            .send(reqwest::Method::GET, "/admin/models", None)
+            .await?;
+        Ok(render_table(&listing))
+    }
+
+    /// Loads every model entry of a TOML (`[[models]]` tables or one entry) or JSON file.
+    pub async fn load(&self, file: &Path) -> Result<String, ClientError> {
+        let mut lines = Vec::new();
+        for entry in read_entries(file)? {
+            let body =
+                serde_json::to_value(&entry).map_err(|e| ClientError::BadInput(e.to_string()))?;
+            let reply = self
+                .send(reqwest::Method::POST, "/admin/models", Some(&body))
+                .await?;
+            lines.push(outcomes(&reply));
+        }
+        Ok(lines.join("\n"))
+    }
+
+    /// Reloads one model, or re-reads the pool file when `name` is `None`.
+    pub async fn reload(&self, name: Option<&str>) -> Result<String, ClientError> {
+        let path = match name {
+            Some(name) => format!("/admin/models/{name}/reload"),
+            None => "/admin/reload".to_string(),
+        };
+        let reply = self.send(reqwest::Method::POST, &path, None).await?;
+        Ok(outcomes(&reply))
+    }
+
+    /// Evicts a model (draining, or aborting its requests).
+    pub async fn evict(
+        &self,
+        name: &str,
+        abort: bool,
+        timeout_ms: Option<u64>,
+    ) -> Result<String, ClientError> {
+        let mut path = format!(
+            "/admin/models/{name}/evict?mode={}",
+            if abort { "abort" } else { "drain" }
+        );
+        if let Some(ms) = timeout_ms {
+            path.push_str(&format!("&timeout_ms={ms}"));
+        }
+        let reply = self.send(reqwest::Method::POST, &path, None).await?;
+        Ok(outcomes(&reply))
+    }
+}
+
+fn read_entries(file: &Path) -> Result<Vec<ModelEntry>, ClientError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ClientError::BadInput(format!("cannot read {}: {e}", file.display())))?;
+    let bad = |e: String| ClientError::BadInput(format!("{}: {e}", file.display()));
+    let is_json = file.extension().is_some_and(|ext| ext == "json");
+    if is_json {
+        let value: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let list = match value {
+            Value::Array(list) => list,
+            other => vec![other],
+        };
+        return list
+            .into_iter()
+            .map(|v| serde_json::from_value(v).map_err(|e| bad(e.to_string())))
+            .collect();
+    }
+    #[derive(serde::Deserialize)]
+    struct Models {
+        models: Vec<ModelEntry>,
+    }
+    match toml::from_str::<Models>(&text) {
+        Ok(models) => Ok(models.models),
+        Err(_) => toml::from_str::<ModelEntry>(&text)
+            .map(|entry| vec![entry])
+            .map_err(|e| bad(e.to_string())),
+    }
+}
+
+fn outcomes(reply: &Value) -> String {
+    reply["models"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|o| {
+                    let error = o["error"]
+                        .as_str()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default();
+                    format!(
+                        "{} {}{error}",
+                        o["name"].as_str().unwrap_or("?"),
+                        o["action"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+/// Renders `/admin/models` as aligned columns.
+pub fn render_table(listing: &Value) -> String {
+    let mut rows = vec![[
+        "MODEL",
+        "REPLICA",
+        "STATE",
+        "IN FLIGHT",
+        "QUEUED",
+        "RESTARTS",
+        "LAST ERROR",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for model in listing["models"].as_array().into_iter().flatten() {
+        for replica in model["replicas"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                model["name"].as_str().unwrap_or("").to_string(),
+                replica["replica"].as_str().unwrap_or("").to_string(),
+                replica["state"].as_str().unwrap_or("").to_string(),
+                replica["in_flight"].to_string(),
+                model["queued"].to_string(),
+                replica["restarts"].to_string(),
+                replica["last_error"].as_str().unwrap_or("-").to_string(),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|col| {
+            rows.iter()
+                .map(|row| row[col].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    rows.iter()
+        .map(|row| {
+            row.iter()
+                .zip(&widths)
+                .map(|(cell, width)| format!("{cell:<width$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_aligns_columns() {
+        let listing = serde_json::json!({"models": [{"name": "demo", "queued": 0, "replicas": [
+            {"replica": "demo#0@cpu", "state": "ready", "in_flight": 1, "restarts": 0, "last_error": null}
+        ]}]});
+        let table = render_table(&listing);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "MODEL  REPLICA     STATE  IN FLIGHT  QUEUED  RESTARTS  LAST ERROR"
+        );
+        assert_eq!(
+            lines[1],
+            "demo   demo#0@cpu  ready  1          0       0         -"
+        );
+    }
+}

@@ -1,0 +1,68 @@
+//! The operator CLI (`llorch ps`, `load`, `reload`, `evict`) against a running daemon.
+
+mod common;
+
+use common::daemon::Daemon;
+
+async fn llorch(args: &[&str], url: &str) -> (bool, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_llorch"))
+        .args(args)
+        .args(["--url", url])
+        .env_remove("LLORCH_ADMIN_KEY")
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ps_load_reload_and_evict_drive_a_running_daemon() {
+    let daemon =
+        Daemon::start("version = 1\n[[models]]\nname = \"first\"\nsource = \"builtin:demo\"\n")
+            .await;
+    let (ok, table, stderr) = llorch(&["ps"], &daemon.url).await;
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("MODEL  REPLICA"), "{table}");
+    assert!(lines[1].starts_with("first  first#0@cpu  ready"), "{table}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("second.toml");
+    std::fs::write(&file, "name = \"second\"\nsource = \"builtin:demo\"\n").unwrap();
+    let (ok, out, stderr) = llorch(&["load", file.to_str().unwrap()], &daemon.url).await;
+    assert!(ok, "{stderr}");
+    assert_eq!(out.trim(), "second loaded");
+    let (ok, _, stderr) = llorch(&["load", file.to_str().unwrap()], &daemon.url).await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("409") && stderr.contains("already loaded"),
+        "{stderr}"
+    );
+
+    let (ok, out, stderr) = llorch(&["reload", "second"], &daemon.url).await;
+    assert!(ok, "{stderr}");
+    assert_eq!(out.trim(), "second reloaded");
+    let (ok, out, stderr) = llorch(&["reload"], &daemon.url).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        out.contains("first unchanged") && out.contains("second evicted"),
+        "{out}"
+    );
+
+    let (ok, out, stderr) = llorch(&["evict", "first", "--abort"], &daemon.url).await;
+    assert!(ok, "{stderr}");
+    assert_eq!(out.trim(), "first evicted");
+    let (ok, table, _) = llorch(&["ps"], &daemon.url).await;
+    assert!(ok);
+    assert_eq!(
+        table.trim(),
+        "MODEL  REPLICA  STATE  IN FLIGHT  QUEUED  RESTARTS  LAST ERROR"
+    );
+    let (ok, _, stderr) = llorch(&["evict", "first"], &daemon.url).await;
+    assert!(!ok);
+    assert!(stderr.contains("404"), "{stderr}");
+}

@@ -33,21 +33,40 @@ pub struct Ctx {
 /// Runs a claimed plan, then releases its models.
 pub async fn run(ctx: &Ctx, plan: Plan) -> Result<Vec<ModelOutcome>, AdminError> {
     let result = match plan {
-        Plan::Load(spec) => {
+        Plan::Load { spec, unload } | Plan::Activate { spec, unload } => {
             let name = spec.name.clone();
+            unload_all(ctx, &unload).await;
             let outcome = load(ctx, spec).await;
-            finish(ctx, vec![name]);
+            finish(ctx, std::iter::once(name).chain(unload).collect());
             outcome.map(|o| vec![o])
+        }
+        Plan::Unload(name) => {
+            unload_one(ctx, &name).await;
+            finish(ctx, vec![name.clone()]);
+            Ok(vec![ModelOutcome {
+                name,
+                action: "unloaded",
+                error: None,
+            }])
         }
         Plan::Evict { name, abort, drain } => {
             let outcome = evict(ctx, &name, abort, drain).await;
             finish(ctx, vec![name]);
             outcome.map(|o| vec![o])
         }
-        Plan::Reload(spec) => {
+        Plan::Reload {
+            spec,
+            unload,
+            break_first,
+        } => {
             let name = spec.name.clone();
-            let outcome = reload(ctx, spec).await;
-            finish(ctx, vec![name]);
+            unload_all(ctx, &unload).await;
+            let outcome = if break_first {
+                reload_break_first(ctx, spec).await
+            } else {
+                reload(ctx, spec).await
+            };
+            finish(ctx, std::iter::once(name).chain(unload).collect());
             outcome.map(|o| vec![o])
         }
         Plan::Pool(pool) => Ok(apply_pool(ctx, pool).await),
@@ -115,6 +134,49 @@ fn outcome_of(name: String, result: Result<ModelOutcome, AdminError>) -> ModelOu
         action: "failed",
         error: Some(err.to_string()),
     })
+}
+
+async fn unload_all(ctx: &Ctx, names: &[String]) {
+    join_all(names.iter().map(|name| unload_one(ctx, name))).await;
+}
+
+/// Unloads a model's replicas but keeps it configured: requests that arrive meanwhile wait,
+/// and the next request loads it again.
+async fn unload_one(ctx: &Ctx, name: &str) {
+    let _ = ctx.router.cast(RouterMsg::Park(name.to_string(), true));
+    let ids = replica_ids(ctx, name, |_| true).await;
+    wait_idle(ctx, name, &ids, DEFAULT_DRAIN_TIMEOUT).await;
+    stop(ctx, name, ids.clone()).await;
+    let _ = ctx.router.cast(RouterMsg::Forget(ids));
+    let _ = ctx.supervisor.cast(SupervisorMsg::Unloaded(name.to_string()));
+    let _ = ctx.router.cast(RouterMsg::Park(name.to_string(), false));
+}
+
+/// Break-before-make, for a device budget that cannot hold both generations: requests wait
+/// while the old generation stops and the new one loads.
+async fn reload_break_first(ctx: &Ctx, spec: ModelSpec) -> Result<ModelOutcome, AdminError> {
+    let name = spec.name.clone();
+    let _ = ctx.router.cast(RouterMsg::Park(name.clone(), true));
+    let old = replica_ids(ctx, &name, |_| true).await;
+    wait_idle(ctx, &name, &old, DEFAULT_DRAIN_TIMEOUT).await;
+    stop(ctx, &name, old.clone()).await;
+    let _ = ctx.router.cast(RouterMsg::Forget(old));
+    let _ = ctx.router.cast(RouterMsg::AddRoute(route_spec(&spec)));
+    let started = start_generation(ctx, spec.clone(), false).await;
+    let _ = ctx.router.cast(RouterMsg::Park(name.clone(), false));
+    let new = started?;
+    let _ = ctx.supervisor.cast(SupervisorMsg::Commit {
+        name: name.clone(),
+        spec: Some(spec),
+    });
+    match wait_loaded(ctx, &name, &new).await {
+        Ok(()) => Ok(ModelOutcome {
+            name,
+            action: "reloaded",
+            error: None,
+        }),
+        Err(reason) => Err(AdminError::LoadFailed { name, reason }),
+    }
 }
 
 /// Adds a model and waits for its replicas. A failed load leaves the model listed as failed,

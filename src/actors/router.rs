@@ -12,13 +12,14 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::engine::{CompletionNotice, EngineError, GenerationRequest, Job, TokenEvent};
 use super::model_actor::ModelMsg;
+use super::supervisor::SupervisorMsg;
 use crate::models::ModelInfo;
 
 /// How long a refused client is told to wait before retrying, in seconds.
@@ -126,11 +127,20 @@ pub struct ModelStatus {
     pub queued: usize,
     /// Whether it is being evicted.
     pub draining: bool,
+    /// How long it has been idle (nothing in flight or queued), if it is.
+    pub idle_for: Option<Duration>,
+    /// Whether it loads on demand (not at startup, or again after an idle unload).
+    pub lazy: bool,
     /// The model's facts, once a replica has loaded.
     pub info: Option<ModelInfo>,
 }
 
 impl ModelStatus {
+    /// Whether it has no replica and loads on its next request.
+    pub fn unloaded(&self) -> bool {
+        self.lazy && self.replicas.is_empty()
+    }
+
     /// Active replicas that are ready.
     pub fn ready_replicas(&self) -> usize {
         self.replicas
@@ -159,6 +169,8 @@ pub struct RouteSpec {
     pub max_concurrent: usize,
     /// Waiting requests before 503.
     pub max_queue: usize,
+    /// Loaded on the first request (and again after an idle unload).
+    pub lazy: bool,
 }
 
 /// Messages the router handles.
@@ -178,6 +190,9 @@ pub enum RouterMsg {
     RemoveRoute(String),
     /// Starts or stops refusing new requests for a model (an evict drains it).
     SetDraining(String, bool),
+    /// Holds (or releases) a model's queue while it is unloaded to make room or for idleness;
+    /// requests that arrive meanwhile wait and trigger a new load.
+    Park(String, bool),
     /// A replica's actor started (sent by the actor itself, before it reports its load).
     Register(ReplicaEntry),
     /// A replica finished loading.
@@ -245,6 +260,10 @@ struct Route {
     max_concurrent: usize,
     max_queue: usize,
     draining: bool,
+    lazy: bool,
+    parked: bool,
+    load_requested: bool,
+    last_active: Instant,
 }
 
 impl Route {
@@ -255,6 +274,23 @@ impl Route {
             max_concurrent: spec.max_concurrent,
             max_queue: spec.max_queue,
             draining: false,
+            lazy: spec.lazy,
+            parked: false,
+            load_requested: false,
+            last_active: Instant::now(),
+        }
+    }
+
+    fn busy(&self) -> bool {
+        !self.queue.is_empty() || self.replicas.iter().any(|r| r.in_flight > 0)
+    }
+
+    /// Asks the supervisor to load a lazy model that has work waiting and no replica.
+    fn request_load(&mut self, name: &str, supervisor: &ActorRef<SupervisorMsg>) {
+        let unloaded = !self.replicas.iter().any(|r| r.role == Role::Active);
+        if self.lazy && unloaded && !self.parked && !self.queue.is_empty() && !self.load_requested {
+            self.load_requested = true;
+            let _ = supervisor.cast(SupervisorMsg::EnsureLoaded(name.to_string()));
         }
     }
 
@@ -271,6 +307,15 @@ pub struct RouterState {
     routes: HashMap<String, Route>,
     order: Vec<String>,
     next_epoch: u64,
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+/// What the router is started with.
+pub struct RouterArgs {
+    /// The models.
+    pub routes: Vec<RouteSpec>,
+    /// Where load requests for lazy models go.
+    pub supervisor: ActorRef<SupervisorMsg>,
 }
 
 impl RouterState {
@@ -282,19 +327,20 @@ impl RouterState {
 impl Actor for Router {
     type Msg = RouterMsg;
     type State = RouterState;
-    type Arguments = Vec<RouteSpec>;
+    type Arguments = RouterArgs;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<RouterMsg>,
-        specs: Vec<RouteSpec>,
+        args: RouterArgs,
     ) -> Result<RouterState, ActorProcessingErr> {
         let mut state = RouterState {
             routes: HashMap::new(),
             order: Vec::new(),
             next_epoch: 0,
+            supervisor: args.supervisor,
         };
-        for spec in specs {
+        for spec in args.routes {
             add_route(&mut state, spec);
         }
         Ok(state)
@@ -331,10 +377,24 @@ impl Actor for Router {
                     route.draining = draining;
                 }
             }
+            RouterMsg::Park(model, parked) => {
+                let supervisor = state.supervisor.clone();
+                if let Some(route) = state.route(&model) {
+                    route.parked = parked;
+                    if !parked {
+                        route.lazy = true;
+                        route.load_requested = false;
+                        route.request_load(&model, &supervisor);
+                    }
+                }
+            }
             RouterMsg::Register(entry) => {
                 state.next_epoch += 1;
                 let epoch = state.next_epoch;
                 if let Some(route) = state.route(&entry.id.model) {
+                    if !entry.standby {
+                        route.load_requested = false;
+                    }
                     register(route, entry, epoch);
                 }
             }
@@ -395,6 +455,7 @@ impl Actor for Router {
                     {
                         entry.in_flight = entry.in_flight.saturating_sub(1);
                     }
+                    route.last_active = Instant::now();
                     start_queued(&myself, route);
                 }
             }
@@ -488,6 +549,8 @@ fn list(state: &RouterState) -> Vec<ModelStatus> {
                 .collect(),
             queued: route.queue.len(),
             draining: route.draining,
+            idle_for: (!route.busy()).then(|| route.last_active.elapsed()),
+            lazy: route.lazy,
             info: route
                 .replicas
                 .iter()
@@ -503,6 +566,7 @@ fn dispatch(
     model: &str,
     request: GenerationRequest,
 ) -> Result<Admitted, RouteError> {
+    let supervisor = state.supervisor.clone();
     let route = state
         .route(model)
         .ok_or_else(|| RouteError::UnknownModel(model.to_string()))?;
@@ -519,6 +583,7 @@ fn dispatch(
         });
     }
     route.queue.retain(|job| !job.abandoned());
+    route.last_active = Instant::now();
     let max = route.max_concurrent;
     let has_free_slot = route
         .replicas
@@ -530,11 +595,15 @@ fn dispatch(
     let (job, events, cancel) = Job::new(request);
     route.queue.push_back(job);
     start_queued(myself, route);
+    route.request_load(model, &supervisor);
     Ok(Admitted { events, cancel })
 }
 
 /// Starts queued jobs while some ready active replica has a free slot.
 fn start_queued(myself: &ActorRef<RouterMsg>, route: &mut Route) {
+    if route.parked {
+        return;
+    }
     loop {
         let max = route.max_concurrent;
         let Some(replica) = route

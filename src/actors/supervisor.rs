@@ -19,9 +19,11 @@ use super::admin::{AdminCommand, AdminError, ModelOutcome};
 use super::lifecycle;
 use super::model_actor::{ModelActor, ModelActorArgs, ModelMsg};
 use super::restart::{Decision, RestartTracker};
-use super::router::{ReplicaEntry, ReplicaId, RouteSpec, Router, RouterMsg};
+use super::router::{
+    ModelStatus, ReplicaEntry, ReplicaId, RouteSpec, Router, RouterArgs, RouterMsg,
+};
 use crate::config::{ModelSpec, PoolConfig};
-use crate::models::{DeviceSpec, LoadSpec};
+use crate::models::{estimate_weight_bytes, DeviceSpec, LoadSpec};
 
 /// The reply to an admin command.
 pub type AdminReply = RpcReplyPort<Result<Vec<ModelOutcome>, AdminError>>;
@@ -52,7 +54,16 @@ pub enum SupervisorMsg {
     },
     /// An operation on these models has ended.
     Finished(Vec<String>),
+    /// A lazy model got a request and has no replica: load it.
+    EnsureLoaded(String),
+    /// A model's replicas were unloaded (for idleness or to make room); its route stays.
+    Unloaded(String),
+    /// Periodic check for models idle past their `keep_alive`.
+    Tick,
 }
+
+/// How often idle models are looked for.
+const TICK: Duration = Duration::from_secs(1);
 
 /// What the supervisor is started with.
 pub struct SupervisorArgs {
@@ -84,6 +95,9 @@ pub struct SupervisorState {
     busy: HashSet<String>,
     next_generation: u64,
     config_path: Option<PathBuf>,
+    budgets: HashMap<DeviceSpec, u64>,
+    /// Estimated bytes each loaded (or loading) model holds, per replica device.
+    held: HashMap<String, Vec<(DeviceSpec, u64)>>,
 }
 
 impl Actor for PoolSupervisor {
@@ -97,7 +111,12 @@ impl Actor for PoolSupervisor {
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
         let routes = args.config.models.iter().map(route_spec).collect();
-        let (router, _) = Actor::spawn_linked(None, Router, routes, myself.get_cell()).await?;
+        let router_args = RouterArgs {
+            routes,
+            supervisor: myself.clone(),
+        };
+        let (router, _) =
+            Actor::spawn_linked(None, Router, router_args, myself.get_cell()).await?;
         let mut state = SupervisorState {
             router: router.clone(),
             slots: HashMap::new(),
@@ -107,11 +126,25 @@ impl Actor for PoolSupervisor {
             busy: HashSet::new(),
             next_generation: 0,
             config_path: args.config_path,
+            budgets: args.config.budgets.clone(),
+            held: HashMap::new(),
         };
         for model in &args.config.models {
             state.models.insert(model.name.clone(), model.clone());
-            start_generation(&myself, &mut state, model, false).await?;
+            if model.preload {
+                start_generation(&myself, &mut state, model, false).await?;
+            }
         }
+        let ticker = myself.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(TICK);
+            loop {
+                interval.tick().await;
+                if ticker.cast(SupervisorMsg::Tick).is_err() {
+                    return;
+                }
+            }
+        });
         let _ = args.router_tx.send(router);
         Ok(state)
     }
@@ -147,7 +180,21 @@ impl Actor for PoolSupervisor {
                     })?;
                 }
             }
-            SupervisorMsg::Admin(command, reply) => admin(&myself, state, command, reply),
+            SupervisorMsg::Admin(command, reply) => {
+                let statuses = router_statuses(&state.router).await;
+                admin(&myself, state, command, reply, &statuses);
+            }
+            SupervisorMsg::EnsureLoaded(name) => {
+                let statuses = router_statuses(&state.router).await;
+                activate(&myself, state, &name, &statuses);
+            }
+            SupervisorMsg::Unloaded(name) => {
+                state.held.remove(&name);
+            }
+            SupervisorMsg::Tick => {
+                let statuses = router_statuses(&state.router).await;
+                unload_idle(&myself, state, &statuses);
+            }
             SupervisorMsg::StartGeneration {
                 spec,
                 standby,
@@ -173,6 +220,7 @@ impl Actor for PoolSupervisor {
                 }
                 None => {
                     state.models.remove(&name);
+                    state.held.remove(&name);
                 }
             },
             SupervisorMsg::Finished(names) => {
@@ -243,8 +291,9 @@ fn admin(
     state: &mut SupervisorState,
     command: AdminCommand,
     reply: AdminReply,
+    statuses: &[ModelStatus],
 ) {
-    match plan(state, command) {
+    match plan(state, command, statuses) {
         Err(err) => {
             tracing::info!(error = %err, "admin command refused");
             let _ = reply.send(Err(err));
@@ -261,13 +310,23 @@ fn admin(
     }
 }
 
-fn plan(state: &mut SupervisorState, command: AdminCommand) -> Result<Plan, AdminError> {
+fn plan(
+    state: &mut SupervisorState,
+    command: AdminCommand,
+    statuses: &[ModelStatus],
+) -> Result<Plan, AdminError> {
     let plan = match command {
         AdminCommand::Load(spec) => {
             if state.models.contains_key(&spec.name) {
                 return Err(AdminError::AlreadyLoaded(spec.name));
             }
-            Plan::Load(spec)
+            let unload = make_room(state, statuses, &spec, false).map_err(|reason| {
+                AdminError::LoadFailed {
+                    name: spec.name.clone(),
+                    reason,
+                }
+            })?;
+            Plan::Load { spec, unload }
         }
         AdminCommand::Evict { name, abort, drain } => {
             if !state.models.contains_key(&name) {
@@ -281,7 +340,8 @@ fn plan(state: &mut SupervisorState, command: AdminCommand) -> Result<Plan, Admi
                 .get(&name)
                 .cloned()
                 .ok_or(AdminError::NotFound(name))?;
-            Plan::Reload(spec.unwrap_or(current))
+            let spec = spec.unwrap_or(current);
+            reload_plan(state, statuses, spec)?
         }
         AdminCommand::ReloadPool => {
             let path = state.config_path.as_ref().ok_or(AdminError::NoPoolFile)?;
@@ -304,12 +364,17 @@ fn plan(state: &mut SupervisorState, command: AdminCommand) -> Result<Plan, Admi
             Plan::Pool(pool)
         }
     };
+    claim(state, plan)
+}
+
+/// Claims every model a plan touches, or refuses with 409 if one is already being worked on.
+fn claim(state: &mut SupervisorState, plan: Plan) -> Result<Plan, AdminError> {
     let touched = plan.touched();
     if let Some(name) = touched.iter().find(|name| state.busy.contains(*name)) {
         return Err(AdminError::InProgress(name.clone()));
     }
     state.busy.extend(touched);
-    if let Plan::Load(spec) = &plan {
+    if let Plan::Load { spec, .. } = &plan {
         state.models.insert(spec.name.clone(), spec.clone());
     }
     if let Plan::Pool(pool) = &plan {
@@ -320,10 +385,207 @@ fn plan(state: &mut SupervisorState, command: AdminCommand) -> Result<Plan, Admi
     Ok(plan)
 }
 
+/// Make-before-break when the budgets hold both generations, else break-before-make.
+fn reload_plan(
+    state: &SupervisorState,
+    statuses: &[ModelStatus],
+    spec: ModelSpec,
+) -> Result<Plan, AdminError> {
+    if let Ok(unload) = make_room(state, statuses, &spec, true) {
+        return Ok(Plan::Reload {
+            spec,
+            unload,
+            break_first: false,
+        });
+    }
+    let unload = make_room(state, statuses, &spec, false).map_err(|reason| {
+        AdminError::LoadFailed {
+            name: spec.name.clone(),
+            reason,
+        }
+    })?;
+    Ok(Plan::Reload {
+        spec,
+        unload,
+        break_first: true,
+    })
+}
+
+/// Loads a lazy model that got a request, making room on its devices first.
+fn activate(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+    name: &str,
+    statuses: &[ModelStatus],
+) {
+    let Some(spec) = state.models.get(name).cloned() else {
+        return;
+    };
+    if state.held.contains_key(name) {
+        return;
+    }
+    if state.busy.contains(name) {
+        // An unload of this model is finishing; ask again once it is done.
+        let supervisor = myself.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = supervisor.cast(SupervisorMsg::EnsureLoaded(name));
+        });
+        return;
+    }
+    let plan = make_room(state, statuses, &spec, false)
+        .map(|unload| Plan::Activate { spec, unload })
+        .map_err(|reason| AdminError::LoadFailed {
+            name: name.to_string(),
+            reason,
+        })
+        .and_then(|plan| claim(state, plan));
+    match plan {
+        Ok(plan) => spawn_plan(myself, state, plan),
+        Err(err) => {
+            tracing::error!(model = name, error = %err, "cannot load on demand");
+            let _ = state.router.cast(RouterMsg::Register(ReplicaEntry {
+                id: ReplicaId {
+                    model: name.to_string(),
+                    index: 0,
+                    device: "-".to_string(),
+                    generation: 0,
+                },
+                actor: None,
+                standby: false,
+            }));
+            let _ = state.router.cast(RouterMsg::ReplicaLoaded {
+                replica: ReplicaId {
+                    model: name.to_string(),
+                    index: 0,
+                    device: "-".to_string(),
+                    generation: 0,
+                },
+                result: Err(err.to_string()),
+            });
+        }
+    }
+}
+
+/// Unloads loaded models idle past their `keep_alive`.
+fn unload_idle(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, statuses: &[ModelStatus]) {
+    for status in statuses {
+        let Some(keep_alive) = state.models.get(&status.name).and_then(|spec| spec.keep_alive) else {
+            continue;
+        };
+        let idle_long = status.idle_for.is_some_and(|idle| idle >= keep_alive);
+        if !idle_long || !state.held.contains_key(&status.name) || state.busy.contains(&status.name) {
+            continue;
+        }
+        tracing::info!(model = %status.name, ?keep_alive, "unloading an idle model");
+        if let Ok(plan) = claim(state, Plan::Unload(status.name.clone())) {
+            spawn_plan(myself, state, plan);
+        }
+    }
+}
+
+fn spawn_plan(myself: &ActorRef<SupervisorMsg>, state: &SupervisorState, plan: Plan) {
+    let ctx = lifecycle::Ctx {
+        supervisor: myself.clone(),
+        router: state.router.clone(),
+    };
+    tokio::spawn(async move {
+        if let Err(err) = lifecycle::run(&ctx, plan).await {
+            tracing::error!(error = %err, "background model operation failed");
+        }
+    });
+}
+
+/// Chooses idle, unpinned models to unload so that `spec` fits every device's budget, least
+/// recently used first. `both` keeps the model's own current copy (a make-before-break
+/// reload); otherwise its current copy is not counted.
+fn make_room(
+    state: &SupervisorState,
+    statuses: &[ModelStatus],
+    spec: &ModelSpec,
+    both: bool,
+) -> Result<Vec<String>, String> {
+    let mut victims: Vec<String> = Vec::new();
+    let mut devices = spec.devices.clone();
+    devices.sort_by_key(|d| d.to_string());
+    devices.dedup();
+    for device in devices {
+        let Some(&budget) = state.budgets.get(&device) else {
+            continue;
+        };
+        let copies = spec.devices.iter().filter(|d| **d == device).count() as u64;
+        let need = copies * estimate_weight_bytes(&spec.source, spec.dtype, device);
+        let held_on = |name: &str| -> u64 {
+            state
+                .held
+                .get(name)
+                .map(|list| list.iter().filter(|(d, _)| *d == device).map(|(_, b)| b).sum())
+                .unwrap_or(0)
+        };
+        let mut used: u64 = state
+            .held
+            .keys()
+            .filter(|name| both || **name != spec.name)
+            .filter(|name| !victims.contains(name))
+            .map(|name| held_on(name))
+            .sum();
+        if used + need <= budget {
+            continue;
+        }
+        let mut candidates: Vec<(&ModelStatus, u64)> = statuses
+            .iter()
+            .filter(|status| status.name != spec.name && !victims.contains(&status.name))
+            .filter(|status| !state.busy.contains(&status.name))
+            .filter(|status| !state.models.get(&status.name).is_some_and(|m| m.pinned))
+            .filter(|status| status.idle_for.is_some())
+            .map(|status| (status, held_on(&status.name)))
+            .filter(|(_, bytes)| *bytes > 0)
+            .collect();
+        candidates.sort_by_key(|(status, _)| std::cmp::Reverse(status.idle_for));
+        for (status, bytes) in candidates {
+            if used + need <= budget {
+                break;
+            }
+            victims.push(status.name.clone());
+            used -= bytes;
+        }
+        if used + need > budget {
+            return Err(format!(
+                "{} needs {need} bytes on {device}, whose memory budget is {budget} bytes; \
+                 {used} bytes are held by models that are busy or pinned",
+                spec.name
+            ));
+        }
+    }
+    Ok(victims)
+}
+
+async fn router_statuses(router: &ActorRef<RouterMsg>) -> Vec<ModelStatus> {
+    match router.call(RouterMsg::List, Some(Duration::from_secs(2))).await {
+        Ok(ractor::rpc::CallResult::Success(list)) => list,
+        _ => Vec::new(),
+    }
+}
+
 /// An admin command, checked and with its models claimed.
 pub enum Plan {
-    /// Load a new model.
-    Load(ModelSpec),
+    /// Load a new model, after unloading these to make room.
+    Load {
+        /// The model.
+        spec: ModelSpec,
+        /// Models to unload first.
+        unload: Vec<String>,
+    },
+    /// Load a configured, unloaded model (a lazy model's first request).
+    Activate {
+        /// The model.
+        spec: ModelSpec,
+        /// Models to unload first.
+        unload: Vec<String>,
+    },
+    /// Unload an idle model's replicas, keeping it configured.
+    Unload(String),
     /// Evict a model.
     Evict {
         /// The model.
@@ -334,7 +596,14 @@ pub enum Plan {
         drain: Duration,
     },
     /// Reload a model from this spec.
-    Reload(ModelSpec),
+    Reload {
+        /// The new spec.
+        spec: ModelSpec,
+        /// Models to unload first.
+        unload: Vec<String>,
+        /// Stop the old generation before loading the new one (budget too small for both).
+        break_first: bool,
+    },
     /// Apply a new pool file.
     Pool(PoolPlan),
 }
@@ -355,8 +624,12 @@ pub struct PoolPlan {
 impl Plan {
     fn touched(&self) -> Vec<String> {
         match self {
-            Plan::Load(spec) | Plan::Reload(spec) => vec![spec.name.clone()],
-            Plan::Evict { name, .. } => vec![name.clone()],
+            Plan::Load { spec, unload }
+            | Plan::Activate { spec, unload }
+            | Plan::Reload { spec, unload, .. } => std::iter::once(spec.name.clone())
+                .chain(unload.iter().cloned())
+                .collect(),
+            Plan::Evict { name, .. } | Plan::Unload(name) => vec![name.clone()],
             Plan::Pool(pool) => pool
                 .added
                 .iter()
@@ -374,6 +647,7 @@ pub fn route_spec(spec: &ModelSpec) -> RouteSpec {
         name: spec.name.clone(),
         max_concurrent: spec.max_concurrent,
         max_queue: spec.max_queue,
+        lazy: !spec.preload,
     }
 }
 
@@ -386,6 +660,12 @@ async fn start_generation(
 ) -> Result<Vec<ReplicaId>, ActorProcessingErr> {
     state.next_generation += 1;
     let generation = state.next_generation;
+    let held = spec
+        .devices
+        .iter()
+        .map(|device| (*device, estimate_weight_bytes(&spec.source, spec.dtype, *device)))
+        .collect();
+    state.held.insert(spec.name.clone(), held);
     let mut ids = Vec::new();
     for (index, device_spec) in spec.devices.iter().enumerate() {
         let id = ReplicaId {

@@ -114,6 +114,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
                 .collect();
             json!({
                 "name": model.name,
+                "loaded": !model.replicas.is_empty(),
                 "queued": model.queued,
                 "context_length": model.info.as_ref().map(|info| info.context_length),
                 "replicas": replicas,

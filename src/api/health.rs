@@ -46,7 +46,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     };
     let waiting: Vec<&str> = list
         .iter()
-        .filter(|status| ready_replicas(status) == 0)
+        .filter(|status| ready_replicas(status) == 0 && !status.unloaded())
         .map(|status| status.name.as_str())
         .collect();
     if waiting.is_empty() {
@@ -64,7 +64,7 @@ pub async fn models(State(state): State<AppState>) -> Result<Response, ApiError>
         .ok_or_else(|| ApiError::unavailable("unhealthy", "the router does not answer"))?;
     let data: Vec<_> = list
         .iter()
-        .filter(|status| ready_replicas(status) > 0)
+        .filter(|status| ready_replicas(status) > 0 || status.unloaded())
         .map(|status| {
             json!({
                 "id": status.name,

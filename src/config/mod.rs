@@ -4,14 +4,16 @@
 mod schema;
 mod validate;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Serialized};
 use figment::Figment;
 
-pub use schema::{ModelEntry, PoolFile, ServerSection};
-pub use validate::{validate, validate_entry};
+pub use schema::{DeviceSection, ModelEntry, PoolFile, ServerSection};
+pub use validate::{parse_bytes, parse_duration, validate, validate_entry};
 
 use crate::models::{DTypeChoice, DeviceSpec, ModelSource};
 
@@ -22,6 +24,8 @@ pub struct PoolConfig {
     pub server: ServerConfig,
     /// Models in file order.
     pub models: Vec<ModelSpec>,
+    /// Memory budgets per device, in bytes (devices without one are unlimited).
+    pub budgets: HashMap<DeviceSpec, u64>,
 }
 
 /// Validated server settings.
@@ -48,6 +52,12 @@ pub struct ModelSpec {
     pub max_queue: usize,
     /// Cap on prompt plus generated tokens.
     pub max_seq_len: Option<usize>,
+    /// Load at startup.
+    pub preload: bool,
+    /// Unload after this much idle time.
+    pub keep_alive: Option<Duration>,
+    /// Never unload automatically to make room.
+    pub pinned: bool,
 }
 
 /// A configuration error that names the file, the line (when known) and the field.

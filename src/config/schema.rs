@@ -1,5 +1,7 @@
 //! The wire types of `pool.toml`: exactly what the file may say, with documented defaults.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// The default listen address: loopback only.
@@ -21,6 +23,18 @@ pub struct PoolFile {
     /// The models to serve.
     #[serde(default)]
     pub models: Vec<ModelEntry>,
+    /// Per-device settings: `[devices.cpu]`, `[devices."cuda:0"]`.
+    #[serde(default)]
+    pub devices: BTreeMap<String, DeviceSection>,
+}
+
+/// `[devices."<device>"]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    /// Memory the models on this device may hold, e.g. `"8GiB"` (default: unlimited).
+    #[serde(default)]
+    pub memory_budget: Option<String>,
 }
 
 /// `[server]`.
@@ -63,6 +77,19 @@ pub struct ModelEntry {
     /// Cap on prompt plus generated tokens (default: the model's context length).
     #[serde(default)]
     pub max_seq_len: Option<usize>,
+    /// Load at startup (default true); `false` loads on the first request.
+    #[serde(default = "default_true")]
+    pub preload: bool,
+    /// Unload after this much idle time, e.g. `"5m"` (default: never).
+    #[serde(default)]
+    pub keep_alive: Option<String>,
+    /// Never unload automatically to make room (default false).
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_listen() -> String {

@@ -1,8 +1,9 @@
 //! Validation of the wire types into a [`PoolConfig`]: every error names file, line and field.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use super::schema::{ModelEntry, PoolFile};
 use super::{ConfigError, ModelSpec, PoolConfig, ServerConfig};
@@ -58,10 +59,67 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
         }
         models.push(validate_model(entry, base, &fail)?);
     }
+    let mut budgets = HashMap::new();
+    for (name, section) in &file.devices {
+        let section_name = format!("devices.\"{name}\"");
+        let fail = |field: &str, message: String| {
+            let line = find_key_line(text, Some(&section_name), field)
+                .or_else(|| find_key_line(text, Some(&format!("devices.{name}")), field));
+            error(line, format!("devices.{name}.{field}"), message)
+        };
+        let device: DeviceSpec = name.parse().map_err(|message| fail("memory_budget", message))?;
+        if let Some(budget) = &section.memory_budget {
+            let bytes = parse_bytes(budget).map_err(|message| fail("memory_budget", message))?;
+            budgets.insert(device, bytes);
+        }
+    }
     Ok(PoolConfig {
         server: ServerConfig { listen },
         models,
+        budgets,
     })
+}
+
+/// Parses a size such as `"8GiB"`, `"512MB"`, `"1024"` (bytes).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected e.g. \"8GiB\" or \"512MB\""))?;
+    let scale: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("invalid size unit {other:?} in {text:?} (B, KB, MB, GB, KiB, MiB, GiB)")),
+    };
+    Ok((number * scale) as u64)
+}
+
+/// Parses a duration such as `"30s"`, `"5m"`, `"1h"`, `"250ms"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. \"30s\" or \"5m\""))?;
+    let seconds = match unit.trim() {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        other => return Err(format!("invalid duration unit {other:?} in {text:?} (ms, s, m, h)")),
+    };
+    if seconds <= 0.0 {
+        return Err(format!("the duration {text:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Validates one `[[models]]` entry given outside a file (an admin load); relative paths are
@@ -123,6 +181,12 @@ fn validate_model(
     if entry.max_seq_len == Some(0) {
         return Err(fail("max_seq_len", "must be at least 1".to_string()));
     }
+    let keep_alive = entry
+        .keep_alive
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(|message| fail("keep_alive", message))?;
     Ok(ModelSpec {
         name: entry.name.clone(),
         source,
@@ -131,6 +195,9 @@ fn validate_model(
         max_concurrent: entry.max_concurrent,
         max_queue: entry.max_queue,
         max_seq_len: entry.max_seq_len,
+        preload: entry.preload,
+        keep_alive,
+        pinned: entry.pinned,
     })
 }
 
@@ -313,6 +380,25 @@ mod tests {
             assert_eq!(err.field, "server.listen");
             Ok(())
         });
+    }
+
+    #[test]
+    fn sizes_durations_and_budgets_parse() {
+        assert_eq!(parse_bytes("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_bytes("512MB").unwrap(), 512_000_000);
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert!(parse_bytes("8 parsecs").is_err());
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("0s").is_err());
+        let pool = check(&format!("{DEMO}keep_alive = \"30s\"\npinned = true\npreload = false\n\n[devices.cpu]\nmemory_budget = \"2GiB\"\n")).unwrap();
+        assert_eq!(pool.models[0].keep_alive, Some(Duration::from_secs(30)));
+        assert!(pool.models[0].pinned && !pool.models[0].preload);
+        assert_eq!(pool.budgets[&DeviceSpec::Cpu], 2 << 30);
+        let err = check(&format!("{DEMO}\n[devices.cpu]\nmemory_budget = \"lots\"\n")).unwrap_err();
+        assert_eq!((err.field.as_str(), err.line), ("devices.cpu.memory_budget", Some(8)), "{err}");
+        let err = check(&format!("{DEMO}keep_alive = \"soon\"\n")).unwrap_err();
+        assert_eq!(err.field, "models[0].keep_alive");
     }
 
     #[test]

@@ -33,6 +33,10 @@ const DEMO_SEED: u64 = 0x11_0c4;
 const DEMO_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}";
 /// The demo model's context length.
 pub const DEMO_CONTEXT: usize = 2048;
+/// The demo model's parameter count: embeddings and head (263 × 128 each), 4 layers of
+/// attention (128×128 ×2, 64×128 ×2), MLP (256×128 ×3) and two norms, and the final norm.
+pub const DEMO_PARAMETERS: u64 =
+    2 * 263 * 128 + 4 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128 + 2 * 128) + 128;
 
 /// The demo model's shape.
 fn demo_config() -> llama::Config {

@@ -10,6 +10,7 @@ mod demo;
 mod detok;
 mod device;
 mod error;
+mod footprint;
 mod generation;
 mod gguf;
 mod gguf_tokenizer;
@@ -25,6 +26,7 @@ pub use arch::Architecture;
 pub use detok::Detokenizer;
 pub use device::{DTypeChoice, DeviceSpec};
 pub use error::{GenerationError, LoadError};
+pub use footprint::estimate_weight_bytes;
 pub use generation::{
     tokenize_prompt, FinishReason, GenerationParams, Prompt, Sequence, StepOutput,
 };

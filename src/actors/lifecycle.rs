@@ -148,7 +148,9 @@ async fn unload_one(ctx: &Ctx, name: &str) {
     wait_idle(ctx, name, &ids, DEFAULT_DRAIN_TIMEOUT).await;
     stop(ctx, name, ids.clone()).await;
     let _ = ctx.router.cast(RouterMsg::Forget(ids));
-    let _ = ctx.supervisor.cast(SupervisorMsg::Unloaded(name.to_string()));
+    let _ = ctx
+        .supervisor
+        .cast(SupervisorMsg::Unloaded(name.to_string()));
     let _ = ctx.router.cast(RouterMsg::Park(name.to_string(), false));
 }
 

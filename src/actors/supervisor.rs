@@ -115,8 +115,7 @@ impl Actor for PoolSupervisor {
             routes,
             supervisor: myself.clone(),
         };
-        let (router, _) =
-            Actor::spawn_linked(None, Router, router_args, myself.get_cell()).await?;
+        let (router, _) = Actor::spawn_linked(None, Router, router_args, myself.get_cell()).await?;
         let mut state = SupervisorState {
             router: router.clone(),
             slots: HashMap::new(),
@@ -398,12 +397,11 @@ fn reload_plan(
             break_first: false,
         });
     }
-    let unload = make_room(state, statuses, &spec, false).map_err(|reason| {
-        AdminError::LoadFailed {
+    let unload =
+        make_room(state, statuses, &spec, false).map_err(|reason| AdminError::LoadFailed {
             name: spec.name.clone(),
             reason,
-        }
-    })?;
+        })?;
     Ok(Plan::Reload {
         spec,
         unload,
@@ -469,13 +467,22 @@ fn activate(
 }
 
 /// Unloads loaded models idle past their `keep_alive`.
-fn unload_idle(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, statuses: &[ModelStatus]) {
+fn unload_idle(
+    myself: &ActorRef<SupervisorMsg>,
+    state: &mut SupervisorState,
+    statuses: &[ModelStatus],
+) {
     for status in statuses {
-        let Some(keep_alive) = state.models.get(&status.name).and_then(|spec| spec.keep_alive) else {
+        let Some(keep_alive) = state
+            .models
+            .get(&status.name)
+            .and_then(|spec| spec.keep_alive)
+        else {
             continue;
         };
         let idle_long = status.idle_for.is_some_and(|idle| idle >= keep_alive);
-        if !idle_long || !state.held.contains_key(&status.name) || state.busy.contains(&status.name) {
+        if !idle_long || !state.held.contains_key(&status.name) || state.busy.contains(&status.name)
+        {
             continue;
         }
         tracing::info!(model = %status.name, ?keep_alive, "unloading an idle model");
@@ -520,7 +527,12 @@ fn make_room(
             state
                 .held
                 .get(name)
-                .map(|list| list.iter().filter(|(d, _)| *d == device).map(|(_, b)| b).sum())
+                .map(|list| {
+                    list.iter()
+                        .filter(|(d, _)| *d == device)
+                        .map(|(_, b)| b)
+                        .sum()
+                })
                 .unwrap_or(0)
         };
         let mut used: u64 = state
@@ -562,7 +574,10 @@ fn make_room(
 }
 
 async fn router_statuses(router: &ActorRef<RouterMsg>) -> Vec<ModelStatus> {
-    match router.call(RouterMsg::List, Some(Duration::from_secs(2))).await {
+    match router
+        .call(RouterMsg::List, Some(Duration::from_secs(2)))
+        .await
+    {
         Ok(ractor::rpc::CallResult::Success(list)) => list,
         _ => Vec::new(),
     }
@@ -663,7 +678,12 @@ async fn start_generation(
     let held = spec
         .devices
         .iter()
-        .map(|device| (*device, estimate_weight_bytes(&spec.source, spec.dtype, *device)))
+        .map(|device| {
+            (
+                *device,
+                estimate_weight_bytes(&spec.source, spec.dtype, *device),
+            )
+        })
         .collect();
     state.held.insert(spec.name.clone(), held);
     let mut ids = Vec::new();

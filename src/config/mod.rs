@@ -6,8 +6,8 @@ mod validate;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::providers::{Env, Serialized};
 use figment::Figment;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::schema::{ModelEntry, PoolFile};
 use super::{ConfigError, ModelSpec, PoolConfig, ServerConfig};
-use crate::models::{DTypeChoice, DeviceSpec, ModelSource};
+use crate::models::{estimate_weight_bytes, DTypeChoice, DeviceSpec, ModelSource};
 
 /// The only schema version this build reads.
 const SCHEMA_VERSION: u32 = 1;
@@ -67,10 +67,43 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
                 .or_else(|| find_key_line(text, Some(&format!("devices.{name}")), field));
             error(line, format!("devices.{name}.{field}"), message)
         };
-        let device: DeviceSpec = name.parse().map_err(|message| fail("memory_budget", message))?;
+        let device: DeviceSpec = name
+            .parse()
+            .map_err(|message| fail("memory_budget", message))?;
         if let Some(budget) = &section.memory_budget {
             let bytes = parse_bytes(budget).map_err(|message| fail("memory_budget", message))?;
             budgets.insert(device, bytes);
+        }
+    }
+    for (device, budget) in &budgets {
+        let preloaded: Vec<(&ModelSpec, u64)> = models
+            .iter()
+            .filter(|model| model.preload)
+            .map(|model| {
+                let copies = model.devices.iter().filter(|d| *d == device).count() as u64;
+                (
+                    model,
+                    copies * estimate_weight_bytes(&model.source, model.dtype, *device),
+                )
+            })
+            .filter(|(_, bytes)| *bytes > 0)
+            .collect();
+        let total: u64 = preloaded.iter().map(|(_, bytes)| bytes).sum();
+        if total > *budget {
+            let names: Vec<&str> = preloaded.iter().map(|(m, _)| m.name.as_str()).collect();
+            let section = format!("devices.\"{device}\"");
+            let line = find_key_line(text, Some(&section), "memory_budget").or_else(|| {
+                find_key_line(text, Some(&format!("devices.{device}")), "memory_budget")
+            });
+            return Err(error(
+                line,
+                format!("devices.{device}.memory_budget"),
+                format!(
+                    "the models preloaded on {device} ({}) need {total} bytes, over the budget of {budget} bytes; \
+                     set preload = false on some of them",
+                    names.join(", ")
+                ),
+            ));
         }
     }
     Ok(PoolConfig {
@@ -83,7 +116,9 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
 /// Parses a size such as `"8GiB"`, `"512MB"`, `"1024"` (bytes).
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: f64 = number
         .parse()
@@ -96,7 +131,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "KiB" => 1024.0,
         "MiB" => 1024.0 * 1024.0,
         "GiB" => 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("invalid size unit {other:?} in {text:?} (B, KB, MB, GB, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {text:?} (B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
     };
     Ok((number * scale) as u64)
 }
@@ -104,7 +143,9 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 /// Parses a duration such as `"30s"`, `"5m"`, `"1h"`, `"250ms"`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: f64 = number
         .parse()
@@ -114,7 +155,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => number,
         "m" => number * 60.0,
         "h" => number * 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {text:?} (ms, s, m, h)")),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {text:?} (ms, s, m, h)"
+            ))
+        }
     };
     if seconds <= 0.0 {
         return Err(format!("the duration {text:?} must be positive"));
@@ -395,10 +440,27 @@ mod tests {
         assert_eq!(pool.models[0].keep_alive, Some(Duration::from_secs(30)));
         assert!(pool.models[0].pinned && !pool.models[0].preload);
         assert_eq!(pool.budgets[&DeviceSpec::Cpu], 2 << 30);
-        let err = check(&format!("{DEMO}\n[devices.cpu]\nmemory_budget = \"lots\"\n")).unwrap_err();
-        assert_eq!((err.field.as_str(), err.line), ("devices.cpu.memory_budget", Some(8)), "{err}");
+        let err = check(&format!(
+            "{DEMO}\n[devices.cpu]\nmemory_budget = \"lots\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.line),
+            ("devices.cpu.memory_budget", Some(8)),
+            "{err}"
+        );
         let err = check(&format!("{DEMO}keep_alive = \"soon\"\n")).unwrap_err();
         assert_eq!(err.field, "models[0].keep_alive");
+        let err = check(&format!(
+            "{DEMO}\n[devices.cpu]\nmemory_budget = \"1MiB\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.line),
+            ("devices.cpu.memory_budget", Some(8)),
+            "{err}"
+        );
+        assert!(err.message.contains("(demo) need"), "{err}");
     }
 
     #[test]

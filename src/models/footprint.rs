@@ -67,19 +67,37 @@ mod tests {
         let file = dir.path().join("m.gguf");
         std::fs::write(&file, vec![0u8; 4096]).unwrap();
         let source = ModelSource::Gguf(file);
-        assert_eq!(estimate_weight_bytes(&source, DTypeChoice::Auto, DeviceSpec::Cpu), 4096);
-        let demo = estimate_weight_bytes(&ModelSource::BuiltinDemo, DTypeChoice::Auto, DeviceSpec::Cpu);
-        let half = estimate_weight_bytes(&ModelSource::BuiltinDemo, DTypeChoice::F16, DeviceSpec::Cpu);
+        assert_eq!(
+            estimate_weight_bytes(&source, DTypeChoice::Auto, DeviceSpec::Cpu),
+            4096
+        );
+        let demo = estimate_weight_bytes(
+            &ModelSource::BuiltinDemo,
+            DTypeChoice::Auto,
+            DeviceSpec::Cpu,
+        );
+        let half =
+            estimate_weight_bytes(&ModelSource::BuiltinDemo, DTypeChoice::F16, DeviceSpec::Cpu);
         assert_eq!(demo, 2 * half);
     }
 
     #[test]
     fn a_directory_scales_from_the_stored_to_the_compute_dtype() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("config.json"), r#"{"torch_dtype": "bfloat16"}"#).unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"torch_dtype": "bfloat16"}"#,
+        )
+        .unwrap();
         std::fs::write(dir.path().join("model.safetensors"), vec![0u8; 1000]).unwrap();
         let source = ModelSource::Dir(dir.path().to_path_buf());
-        assert_eq!(estimate_weight_bytes(&source, DTypeChoice::Auto, DeviceSpec::Cpu), 2000);
-        assert_eq!(estimate_weight_bytes(&source, DTypeChoice::Bf16, DeviceSpec::Cpu), 1000);
+        assert_eq!(
+            estimate_weight_bytes(&source, DTypeChoice::Auto, DeviceSpec::Cpu),
+            2000
+        );
+        assert_eq!(
+            estimate_weight_bytes(&source, DTypeChoice::Bf16, DeviceSpec::Cpu),
+            1000
+        );
     }
 }

@@ -244,3 +244,53 @@ async fn a_failed_or_panicking_load_fails_only_that_model() {
     let ready = daemon.client.get(daemon.at("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
 }
+
+/// F6: a replica that stops producing tokens is caught by the stall watchdog: its stream ends
+/// with `generation_stalled`, the replica restarts, and another model is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_generation_is_stalled_out_and_the_replica_restarts() {
+    let daemon = Daemon::start(&pool(&[
+        ("f6-victim", "stall_timeout = \"400ms\""),
+        ("f6-other", ""),
+    ]))
+    .await;
+    arm(
+        "f6-victim#0@cpu",
+        Fault::HangAtToken(3, Duration::from_secs(3)),
+    );
+    let body = json!({"model": "f6-victim", "prompt": "Hello", "max_tokens": 50, "ignore_eos": true, "stream": true});
+    let started = Instant::now();
+    let response = daemon
+        .client
+        .post(daemon.at("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut hung = SseReader::new(response);
+    let frames = all_frames(&mut hung).await;
+    let stalled_after = started.elapsed();
+    let (last, before) = frames.split_last().unwrap();
+    assert_eq!(last, "[DONE]");
+    let error: Value = serde_json::from_str(before.last().unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], "generation_stalled", "{frames:?}");
+    assert!(
+        stalled_after < Duration::from_secs(2),
+        "the stall was reported after {stalled_after:?}"
+    );
+    let (status, _) = daemon
+        .post(
+            "/v1/completions",
+            &json!({"model": "f6-other", "prompt": "Hi", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    daemon.wait_model("f6-victim").await;
+    let (status, body) = daemon
+        .post(
+            "/v1/completions",
+            &json!({"model": "f6-victim", "prompt": "Hi", "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}

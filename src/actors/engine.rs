@@ -9,9 +9,10 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
@@ -86,6 +87,9 @@ pub enum EngineError {
     /// The model was evicted while the job ran or waited.
     #[error("{0}")]
     Evicted(String),
+    /// The engine made no progress within the stall timeout.
+    #[error("{0}")]
+    Stalled(String),
 }
 
 impl From<GenerationError> for EngineError {
@@ -207,11 +211,50 @@ pub enum EngineExit {
     },
 }
 
+/// The engine thread's heartbeat: when the step in progress, if any, began. The model actor
+/// reads it to detect a stalled generation.
+#[derive(Debug)]
+pub struct Heartbeat {
+    base: Instant,
+    /// Milliseconds after `base` plus one at which the current step began; 0 when idle.
+    step_began: AtomicU64,
+}
+
+impl Heartbeat {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            step_began: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(&self) {
+        let now = self.base.elapsed().as_millis() as u64 + 1;
+        self.step_began.store(now, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.step_began.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the step in progress has been running, or `None` when the engine is idle.
+    pub fn step_running_for(&self) -> Option<Duration> {
+        match self.step_began.load(Ordering::Relaxed) {
+            0 => None,
+            began => {
+                let now = self.base.elapsed().as_millis() as u64 + 1;
+                Some(Duration::from_millis(now.saturating_sub(began)))
+            }
+        }
+    }
+}
+
 /// The owner's side of an engine thread.
 #[derive(Debug)]
 pub struct EngineHandle {
     jobs: Option<mpsc::Sender<Command>>,
     thread: Option<JoinHandle<()>>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 /// The result of a load, as the engine thread reports it.
@@ -227,19 +270,27 @@ pub fn spawn_engine(
     let (jobs_tx, jobs_rx) = mpsc::channel::<Command>();
     let (ready_tx, ready_rx) = oneshot::channel();
     let replica = name.to_string();
+    let heartbeat = Arc::new(Heartbeat::new());
+    let beat = heartbeat.clone();
     let thread = std::thread::Builder::new()
         .name(format!("engine-{name}"))
-        .spawn(move || on_exit(run_engine(&replica, spec, jobs_rx, ready_tx)))?;
+        .spawn(move || on_exit(run_engine(&replica, spec, jobs_rx, ready_tx, &beat)))?;
     Ok((
         EngineHandle {
             jobs: Some(jobs_tx),
             thread: Some(thread),
+            heartbeat,
         },
         ready_rx,
     ))
 }
 
 impl EngineHandle {
+    /// The engine's heartbeat.
+    pub fn heartbeat(&self) -> Arc<Heartbeat> {
+        self.heartbeat.clone()
+    }
+
     /// Queues a job. Returns the job back if the engine thread has ended.
     pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
         let Some(jobs) = &self.jobs else {
@@ -288,6 +339,7 @@ fn run_engine(
     spec: LoadSpec,
     commands: mpsc::Receiver<Command>,
     ready: oneshot::Sender<LoadResult>,
+    heartbeat: &Heartbeat,
 ) -> EngineExit {
     let mut model = match catch_unwind(AssertUnwindSafe(|| load(replica, &spec))) {
         Ok(Ok(model)) => model,
@@ -336,7 +388,10 @@ fn run_engine(
             reset_cache(&mut model);
             continue;
         }
-        if let Some(message) = step_all(replica, &mut model, &mut active) {
+        heartbeat.begin();
+        let panicked = step_all(replica, &mut model, &mut active);
+        heartbeat.end();
+        if let Some(message) = panicked {
             let mut unstarted: Vec<Job> = waiting.drain(..).collect();
             unstarted.extend(commands.try_iter().filter_map(|command| match command {
                 Command::Run(job) => Some(job),

@@ -3,11 +3,19 @@
 //! back as a message, so the actor never blocks. When the engine thread panics, the actor hands
 //! the jobs that never started back to the router and fails, so its supervisor restarts it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc::UnboundedSender;
 
 use super::engine::{spawn_engine, EngineError, EngineExit, EngineHandle, Job, TokenEvent};
 use super::router::{ReplicaEntry, ReplicaId, RouterMsg};
 use crate::models::{LoadSpec, ModelInfo};
+
+/// Shortest interval between two stall checks.
+const MIN_WATCHDOG_PERIOD: Duration = Duration::from_millis(20);
 
 /// Messages a model actor handles.
 #[derive(Debug)]
@@ -20,6 +28,8 @@ pub enum ModelMsg {
     EngineExited(EngineExit),
     /// End every job this replica runs or holds with this error, then stop.
     Retire(EngineError),
+    /// Check that the engine is making progress.
+    Watchdog,
 }
 
 /// What a model actor is started with.
@@ -33,6 +43,8 @@ pub struct ModelActorArgs {
     pub router: ActorRef<RouterMsg>,
     /// Whether it loads beside the active generation (a make-before-break reload).
     pub standby: bool,
+    /// Longest a generation step may run before the replica is declared stalled.
+    pub stall_timeout: Duration,
 }
 
 /// The model actor.
@@ -43,6 +55,10 @@ pub struct ModelState {
     replica: ReplicaId,
     engine: Option<EngineHandle>,
     router: ActorRef<RouterMsg>,
+    stall_timeout: Duration,
+    /// The event channels and cancel flags of jobs handed to the engine, so that a stalled
+    /// engine's requests can still be ended (the engine thread itself is stuck).
+    watched: Vec<(UnboundedSender<TokenEvent>, Arc<AtomicBool>)>,
 }
 
 /// Takes a crashed replica out of routing, hands its unstarted jobs back, then fails the jobs
@@ -88,18 +104,32 @@ impl Actor for ModelActor {
         let (engine, ready) = spawn_engine(&args.replica.to_string(), args.spec, move |exit| {
             let _ = exits.cast(ModelMsg::EngineExited(exit));
         })?;
+        let loads = myself.clone();
         tokio::spawn(async move {
             let result = match ready.await {
                 Ok(Ok(info)) => Ok(info),
                 Ok(Err(err)) => Err(err.to_string()),
                 Err(_) => Err("the engine thread ended while loading".to_string()),
             };
-            let _ = myself.cast(ModelMsg::Loaded(result));
+            let _ = loads.cast(ModelMsg::Loaded(result));
+        });
+        let watchdog = myself;
+        let period = (args.stall_timeout / 4).max(MIN_WATCHDOG_PERIOD);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(period);
+            loop {
+                interval.tick().await;
+                if watchdog.cast(ModelMsg::Watchdog).is_err() {
+                    return;
+                }
+            }
         });
         Ok(ModelState {
             replica: args.replica,
             engine: Some(engine),
             router: args.router,
+            stall_timeout: args.stall_timeout,
+            watched: Vec::new(),
         })
     }
 
@@ -139,6 +169,8 @@ impl Actor for ModelActor {
                 Ok(())
             }
             ModelMsg::Generate(job) => {
+                state.watched.retain(|(events, _)| !events.is_closed());
+                state.watched.push((job.events.clone(), job.cancel.clone()));
                 let submitted = match &state.engine {
                     Some(engine) => engine.submit(job),
                     None => Err(Box::new(job)),
@@ -159,6 +191,32 @@ impl Actor for ModelActor {
                 }
                 myself.stop(None);
                 Ok(())
+            }
+            ModelMsg::Watchdog => {
+                let running = state
+                    .engine
+                    .as_ref()
+                    .and_then(|e| e.heartbeat().step_running_for());
+                match running {
+                    Some(running) if running > state.stall_timeout => {
+                        let reason = format!(
+                            "generation stalled: no token for {running:?} (stall_timeout {:?})",
+                            state.stall_timeout
+                        );
+                        tracing::error!(replica = %state.replica, %reason, "engine stalled");
+                        // The router first, so that a client retrying after its error does not
+                        // reach this replica; the stuck thread ends once its step returns.
+                        state.engine = None;
+                        crash(state, reason.clone(), Vec::new(), Vec::new())?;
+                        for (events, cancel) in state.watched.drain(..) {
+                            cancel.store(true, Ordering::Relaxed);
+                            let _ = events
+                                .send(TokenEvent::Failed(EngineError::Stalled(reason.clone())));
+                        }
+                        Err(format!("{}: {reason}", state.replica).into())
+                    }
+                    _ => Ok(()),
+                }
             }
             ModelMsg::EngineExited(EngineExit::Stopped) => Ok(()),
             ModelMsg::EngineExited(EngineExit::Panicked {

@@ -727,6 +727,7 @@ async fn start_generation(
             },
             router: state.router.clone(),
             standby,
+            stall_timeout: spec.stall_timeout,
         };
         state.slots.insert(
             id.clone(),

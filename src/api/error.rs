@@ -152,6 +152,7 @@ impl From<EngineError> for ApiError {
             },
             EngineError::Unavailable(_) => Self::unavailable("model_unavailable", message),
             EngineError::Evicted(_) => Self::unavailable("model_evicted", message),
+            EngineError::Stalled(_) => Self::unavailable("generation_stalled", message),
         }
     }
 }

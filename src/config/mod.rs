@@ -58,7 +58,12 @@ pub struct ModelSpec {
     pub keep_alive: Option<Duration>,
     /// Never unload automatically to make room.
     pub pinned: bool,
+    /// Longest a generation step may run before the replica is declared stalled.
+    pub stall_timeout: Duration,
 }
+
+/// The default stall timeout.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A configuration error that names the file, the line (when known) and the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

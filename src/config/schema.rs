@@ -86,6 +86,10 @@ pub struct ModelEntry {
     /// Never unload automatically to make room (default false).
     #[serde(default)]
     pub pinned: bool,
+    /// A generation step running longer than this fails its requests with
+    /// `generation_stalled` and restarts the replica (default `"30s"`).
+    #[serde(default)]
+    pub stall_timeout: Option<String>,
 }
 
 fn default_true() -> bool {

@@ -232,6 +232,13 @@ fn validate_model(
         .map(parse_duration)
         .transpose()
         .map_err(|message| fail("keep_alive", message))?;
+    let stall_timeout = entry
+        .stall_timeout
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(|message| fail("stall_timeout", message))?
+        .unwrap_or(super::DEFAULT_STALL_TIMEOUT);
     Ok(ModelSpec {
         name: entry.name.clone(),
         source,
@@ -243,6 +250,7 @@ fn validate_model(
         preload: entry.preload,
         keep_alive,
         pinned: entry.pinned,
+        stall_timeout,
     })
 }
 

@@ -96,6 +96,8 @@ async fn admin_models_lists_every_replica_with_its_state() {
         assert_eq!(replica["restarts"], 0);
         assert!(replica["loaded_at"].as_u64().is_some());
         assert!(replica["last_error"].is_null());
+        // The demo's 658,304 f32 parameters.
+        assert_eq!(replica["memory_bytes"], 2_633_216);
     }
     assert_eq!(listed["context_length"], 2048);
 }

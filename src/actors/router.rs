@@ -114,6 +114,8 @@ pub struct ReplicaStatus {
     pub restarts: usize,
     /// When it last became ready.
     pub loaded_at: Option<SystemTime>,
+    /// Bytes its weights hold, once loaded.
+    pub memory_bytes: Option<u64>,
 }
 
 /// A model's status for listings.
@@ -545,6 +547,7 @@ fn list(state: &RouterState) -> Vec<ModelStatus> {
                     last_error: r.last_error.clone(),
                     restarts: r.restarts,
                     loaded_at: r.loaded_at,
+                    memory_bytes: r.info.as_ref().map(|info| info.weights_bytes),
                 })
                 .collect(),
             queued: route.queue.len(),

@@ -108,6 +108,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
                         "in_flight": replica.in_flight,
                         "restarts": replica.restarts,
                         "last_error": replica.last_error,
+                        "memory_bytes": replica.memory_bytes,
                         "loaded_at": replica.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
                     })
                 })

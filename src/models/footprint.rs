@@ -33,6 +33,16 @@ fn compute_element_bytes(dtype: DTypeChoice, device: DeviceSpec) -> u64 {
     }
 }
 
+/// The bytes a loaded model's weights take, from its weight files and its compute dtype.
+pub fn loaded_bytes(source: &ModelSource, dtype: candle_core::DType) -> u64 {
+    let choice = match dtype {
+        candle_core::DType::F16 => DTypeChoice::F16,
+        candle_core::DType::BF16 => DTypeChoice::Bf16,
+        _ => DTypeChoice::F32,
+    };
+    estimate_weight_bytes(source, choice, DeviceSpec::Cpu)
+}
+
 /// Estimates the bytes a model's weights will take on `device`; 0 when the files cannot be
 /// found (the load itself will then report the error).
 pub fn estimate_weight_bytes(source: &ModelSource, dtype: DTypeChoice, device: DeviceSpec) -> u64 {

@@ -44,6 +44,8 @@ pub struct ModelInfo {
     pub dtype: DType,
     /// The device name (`cpu`, `cuda`, `metal`).
     pub device: String,
+    /// Bytes the weights take (estimated from the weight files and the compute dtype).
+    pub weights_bytes: u64,
 }
 
 /// A model ready to generate: weights with their KV cache, tokenizer and facts.
@@ -99,6 +101,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
                     eos_ids: demo::DEMO_EOS.to_vec(),
                     dtype,
                     device: String::new(),
+                    weights_bytes: 0,
                 },
                 device: device.clone(),
             }
@@ -108,6 +111,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
         loaded.info.vocab_size = loaded.tokenizer.vocab_size();
     }
     loaded.info.source = spec.source.to_string();
+    loaded.info.weights_bytes = super::footprint::loaded_bytes(&spec.source, loaded.info.dtype);
     loaded.info.device = device_label(&device);
     if let Some(cap) = spec.max_seq_len {
         loaded.info.context_length = loaded.info.context_length.min(cap);
@@ -137,6 +141,7 @@ fn load_hf_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<Loade
             eos_ids,
             dtype,
             device: String::new(),
+            weights_bytes: 0,
         },
         device: device.clone(),
     })
@@ -192,6 +197,7 @@ fn load_gguf_file(
             eos_ids: gguf.specials.eos,
             dtype: DType::F32,
             device: String::new(),
+            weights_bytes: 0,
         },
         device: device.clone(),
     })

@@ -32,11 +32,18 @@ fn start(config: &std::path::Path) -> (Child, String) {
     });
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let line = lines_rx
-            .recv_timeout(deadline - Instant::now())
-            .expect("the daemon never listened");
-        if let Some(url) = line.strip_prefix("llorch listening on ") {
-            return (child, url.trim().to_string());
+        let line = lines_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        match line {
+            Ok(line) => {
+                if let Some(url) = line.strip_prefix("llorch listening on ") {
+                    return (child, url.trim().to_string());
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the daemon never listened");
+            }
         }
     }
 }

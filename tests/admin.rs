@@ -486,3 +486,111 @@ async fn admin_routes_need_the_admin_key_when_one_is_set() {
     assert_eq!(get(Some("wrong")).await.unwrap().status(), 401);
     assert_eq!(get(Some("admin-secret")).await.unwrap().status(), 200);
 }
+
+/// E5: a request for a model being evicted is refused at once with 503, never routed to a
+/// stopping replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_a_draining_model_gets_503_at_once() {
+    let daemon = Daemon::start(&format!("version = 1\n{}", demo("e5", ""))).await;
+    let mut in_flight = open_stream(&daemon, "e5", 300).await;
+    let evict = {
+        let client = daemon.client.clone();
+        let url = daemon.at("/admin/models/e5/evict?timeout_ms=5000");
+        tokio::spawn(async move { client.post(url).send().await.unwrap().status().as_u16() })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = daemon
+            .post(
+                "/v1/completions",
+                &json!({"model": "e5", "prompt": "x", "max_tokens": 1}),
+            )
+            .await;
+        if status == 503 {
+            assert_eq!(body["error"]["code"], "model_unavailable");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("being evicted"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status} {body}");
+    }
+    let frames = rest(&mut in_flight).await;
+    assert_eq!(frames.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(evict.await.unwrap(), 200);
+}
+
+/// Reload with a budget that holds one copy only: break-before-make, and requests sent during
+/// the reload wait and succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_breaks_before_making_when_the_budget_holds_one_copy() {
+    let daemon = Daemon::start(&format!(
+        "version = 1\n[devices.cpu]\nmemory_budget = \"4MiB\"\n{}",
+        demo("tight", "")
+    ))
+    .await;
+    let before =
+        model(&admin_models(&daemon).await, "tight").unwrap()["replicas"][0]["generation"].as_u64();
+    let request = {
+        let client = daemon.client.clone();
+        let url = daemon.at("/v1/completions");
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let body = json!({"model": "tight", "prompt": "Hi", "max_tokens": 3});
+            client
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let (status, body) = admin_post(&daemon, "/admin/models/tight/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["models"][0]["action"], "reloaded");
+    assert_eq!(request.await.unwrap(), 200);
+    let replicas = model(&admin_models(&daemon).await, "tight").unwrap()["replicas"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(replicas.len(), 1);
+    assert!(replicas[0]["generation"].as_u64() > before);
+}
+
+/// R5: the pool file is read once per reload: a truncated file is refused whole, and a file
+/// replaced by rename is applied whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_reload_reads_the_file_once_and_applies_it_whole() {
+    let daemon = Daemon::start(&format!("version = 1\n{}", demo("r5-a", ""))).await;
+    std::fs::write(daemon.pool_path(), "").unwrap();
+    let (status, body) = admin_post(&daemon, "/admin/reload", None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_config")),
+        "{body}"
+    );
+    assert!(model(&admin_models(&daemon).await, "r5-a").is_some());
+    let staged = daemon.pool_path().with_extension("new");
+    std::fs::write(
+        &staged,
+        format!("version = 1\n{}{}", demo("r5-b", ""), demo("r5-c", "")),
+    )
+    .unwrap();
+    std::fs::rename(&staged, daemon.pool_path()).unwrap();
+    let (status, body) = admin_post(&daemon, "/admin/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    let listing = admin_models(&daemon).await;
+    let names: Vec<&str> = listing["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["r5-b", "r5-c"]);
+}

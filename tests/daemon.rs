@@ -316,6 +316,11 @@ fn a_broken_pool_file_fails_startup_naming_file_line_and_field() {
             ":6:",
             "models[1].name",
         ),
+        (
+            "version = 1\n[[models]]\nname = \"x\"\nsource = \"builtin:demo\"\ndevices = [\"cuda:7\"]\n",
+            ":5:",
+            "device cuda:7 is not available",
+        ),
     ];
     for (text, line, field) in cases {
         let dir = tempfile::tempdir().unwrap();

@@ -59,6 +59,21 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
         }
         models.push(validate_model(entry, base, &fail)?);
     }
+    let mut opened: HashSet<DeviceSpec> = HashSet::new();
+    for (index, model) in models.iter().enumerate() {
+        for device in &model.devices {
+            if *device == DeviceSpec::Cpu || !opened.insert(*device) {
+                continue;
+            }
+            if let Err(err) = device.open() {
+                return Err(error(
+                    find_model_line(text, index, "devices"),
+                    format!("models[{index}].devices"),
+                    err.to_string(),
+                ));
+            }
+        }
+    }
     let mut budgets = HashMap::new();
     for (name, section) in &file.devices {
         let section_name = format!("devices.\"{name}\"");

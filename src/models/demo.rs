@@ -9,7 +9,7 @@ use candle_transformers::models::llama;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use super::error::LoadError;
+use super::error::{candle_message, LoadError};
 use super::model::Model;
 use super::tokenizer::TextTokenizer;
 
@@ -63,7 +63,7 @@ pub fn demo_model(device: &Device, dtype: DType) -> Result<Model, LoadError> {
     let cfg = demo_config();
     let weights = |err: candle_core::Error| LoadError::Weights {
         path: "builtin:demo".into(),
-        message: err.to_string(),
+        message: candle_message(&err),
     };
     let tensors = demo_tensors(&cfg, device).map_err(weights)?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);

@@ -166,6 +166,25 @@ pub enum GenerationError {
 
 impl From<candle_core::Error> for GenerationError {
     fn from(err: candle_core::Error) -> Self {
-        GenerationError::Forward(err.to_string())
+        GenerationError::Forward(candle_message(&err))
     }
+}
+
+/// A candle error's message without its backtrace: formatting a captured backtrace
+/// symbolises the binary (slow, and it leaks source paths into user-facing text).
+pub fn candle_message(err: &candle_core::Error) -> String {
+    match err {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => first_line(&other.to_string()),
+    }
+}
+
+/// The first line of an error's text: candle appends a backtrace (with source paths) when
+/// `RUST_BACKTRACE` is set, which users must not see.
+pub fn first_line(text: &str) -> String {
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .trim_end()
+        .to_string()
 }

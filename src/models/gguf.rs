@@ -9,7 +9,7 @@ use candle_transformers::models::{
     quantized_gemma3, quantized_llama, quantized_phi3, quantized_qwen2, quantized_qwen3,
 };
 
-use super::error::LoadError;
+use super::error::{candle_message, LoadError};
 use super::gguf_tokenizer::{self, GgufSpecials};
 use super::model::Model;
 
@@ -50,7 +50,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, LoadError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let content = Content::read(&mut file).map_err(|err| bad(err.to_string()))?;
+    let content = Content::read(&mut file).map_err(|err| bad(candle_message(&err)))?;
     let meta_string = |key: &str| {
         content
             .metadata
@@ -83,7 +83,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, LoadError> {
     let tokenizer_json = gguf_tokenizer::tokenizer_json(&content);
     let weights_error = |err: candle_core::Error| LoadError::Weights {
         path: path.to_path_buf(),
-        message: err.to_string(),
+        message: candle_message(&err),
     };
     let model = match architecture.as_str() {
         "llama" | "mistral" => Model::QuantLlama(

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::arch::Architecture;
 use super::decoder::{Decoder, DecoderConfig};
-use super::error::LoadError;
+use super::error::{candle_message, LoadError};
 use super::model::Model;
 use super::source::shard_files;
 
@@ -64,7 +64,7 @@ pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<DirModel, L
     let vb = mmap_weights(&files, dtype, device)?;
     let weight_error = |err: candle_core::Error| LoadError::Weights {
         path: weights_label.clone(),
-        message: err.to_string(),
+        message: candle_message(&err),
     };
     let model = build(architecture, &checker, vb, dtype, device).map_err(|err| match err {
         BuildError::Config(err) => err,
@@ -212,7 +212,7 @@ fn mmap_weights(
     unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|err| {
         LoadError::Weights {
             path: files.first().cloned().unwrap_or_default(),
-            message: err.to_string(),
+            message: candle_message(&err),
         }
     })
 }

@@ -25,7 +25,7 @@ mod tokenizer;
 pub use arch::Architecture;
 pub use detok::Detokenizer;
 pub use device::{DTypeChoice, DeviceSpec};
-pub use error::{GenerationError, LoadError};
+pub use error::{first_line, GenerationError, LoadError};
 pub use footprint::estimate_weight_bytes;
 pub use generation::{
     tokenize_prompt, FinishReason, GenerationParams, Prompt, Sequence, StepOutput,

@@ -3,8 +3,11 @@
 //! test suite enables; release builds have no trace of it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// A fault a replica's engine will hit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,4 +64,53 @@ pub(crate) fn on_load(replica: &str) -> Option<String> {
         Some(Fault::PanicNextLoad) => panic!("injected panic while loading"),
         _ => None,
     }
+}
+
+/// Whether restart backoff jitter is switched off (for exact timing tests).
+static NO_JITTER: AtomicBool = AtomicBool::new(false);
+
+/// Switches restart backoff jitter off (`true`) or on.
+pub fn set_no_jitter(off: bool) {
+    NO_JITTER.store(off, Ordering::Relaxed);
+}
+
+/// Scales a jitter sample: 0 when jitter is switched off.
+pub(crate) fn jitter(sample: f64) -> f64 {
+    if NO_JITTER.load(Ordering::Relaxed) {
+        0.0
+    } else {
+        sample
+    }
+}
+
+/// What the supervisor did to a replica, and when (tokio's clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SupervisionEvent {
+    /// Its actor failed.
+    Failed,
+    /// It was started again after its backoff.
+    Respawned,
+    /// It was given up on (too many restarts).
+    GaveUp,
+}
+
+fn journal() -> &'static Mutex<Vec<(String, SupervisionEvent, Instant)>> {
+    static JOURNAL: OnceLock<Mutex<Vec<(String, SupervisionEvent, Instant)>>> = OnceLock::new();
+    JOURNAL.get_or_init(Mutex::default)
+}
+
+/// Records a supervision event of `replica`.
+pub(crate) fn record(replica: &str, event: SupervisionEvent) {
+    let mut journal = journal().lock().unwrap_or_else(|e| e.into_inner());
+    journal.push((replica.to_string(), event, Instant::now()));
+}
+
+/// Every recorded supervision event of `replica`, in order.
+pub fn supervision_events(replica: &str) -> Vec<(SupervisionEvent, Instant)> {
+    let journal = journal().lock().unwrap_or_else(|e| e.into_inner());
+    journal
+        .iter()
+        .filter(|(name, _, _)| name == replica)
+        .map(|(_, event, at)| (*event, *at))
+        .collect()
 }

@@ -1,9 +1,12 @@
 //! The restart policy of RELIABILITY.md §10: exponential backoff (250 ms doubling, 30 s cap,
 //! ±20 % jitter); more than 5 restarts within 120 s makes the replica `failed` until an admin
-//! reload; 300 s without a failure resets the backoff.
+//! reload; 300 s without a failure resets the backoff. Time is tokio's clock, so tests can run
+//! the policy in paused (virtual) time.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// First backoff delay.
 pub const BASE_DELAY: Duration = Duration::from_millis(250);

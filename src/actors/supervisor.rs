@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::Device;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -170,6 +170,8 @@ impl Actor for PoolSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SupervisorMsg::Respawn(id) => {
+                #[cfg(feature = "fault-injection")]
+                super::faults::record(&id.to_string(), super::faults::SupervisionEvent::Respawned);
                 if let Err(err) = spawn_replica(&myself, state, &id).await {
                     tracing::error!(replica = %id, error = %err, "restart failed");
                     state.router.cast(RouterMsg::ReplicaDown {
@@ -260,7 +262,14 @@ impl Actor for PoolSupervisor {
             return Ok(());
         }
         let jitter = rand::rng().random_range(-1.0..=1.0);
-        match slot.restarts.on_failure(Instant::now(), jitter) {
+        #[cfg(feature = "fault-injection")]
+        let jitter = super::faults::jitter(jitter);
+        #[cfg(feature = "fault-injection")]
+        super::faults::record(&id.to_string(), super::faults::SupervisionEvent::Failed);
+        match slot
+            .restarts
+            .on_failure(tokio::time::Instant::now(), jitter)
+        {
             Decision::RestartAfter(delay) => {
                 tracing::warn!(replica = %id, %reason, ?delay, "model actor failed; restarting");
                 state.router.cast(RouterMsg::ReplicaDown {
@@ -271,6 +280,8 @@ impl Actor for PoolSupervisor {
                 schedule_respawn(myself, id, delay);
             }
             Decision::GiveUp => {
+                #[cfg(feature = "fault-injection")]
+                super::faults::record(&id.to_string(), super::faults::SupervisionEvent::GaveUp);
                 tracing::error!(replica = %id, %reason, "too many restarts; replica failed");
                 state.router.cast(RouterMsg::ReplicaDown {
                     replica: id,

@@ -62,6 +62,16 @@ async fn a_lazy_model_loads_on_its_first_request() {
         models["data"][0]["id"], "lazy",
         "an unloaded model is still listed"
     );
+    let listing: Value = daemon
+        .client
+        .get(daemon.at("/admin/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["models"][0]["state"], "evicted");
     let (status, body) = complete(&daemon, "lazy").await;
     assert_eq!(status, 200, "{body}");
     assert!(loaded(&daemon, "lazy").await);

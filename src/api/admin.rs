@@ -116,6 +116,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
             json!({
                 "name": model.name,
                 "loaded": !model.replicas.is_empty(),
+                "state": if model.replicas.is_empty() { "evicted" } else if model.draining { "draining" } else { "loaded" },
                 "queued": model.queued,
                 "context_length": model.info.as_ref().map(|info| info.context_length),
                 "replicas": replicas,

@@ -172,3 +172,58 @@ async fn pinned_and_busy_models_are_never_unloaded_to_make_room() {
     assert_eq!(last, "[DONE]");
     assert!(loaded(&daemon, "busy").await);
 }
+
+/// A pool reload that adds a model makes room within the budget the same way (here by
+/// unloading a lazily loaded, idle model), and reports a model that cannot fit as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_reload_respects_the_memory_budget() {
+    for pinned in [false, true] {
+        let old = demo(
+            "old",
+            if pinned {
+                "preload = false\npinned = true"
+            } else {
+                "preload = false"
+            },
+        );
+        let daemon = Daemon::start(&format!("version = 1\n{ONE_DEMO}{old}")).await;
+        let (status, _) = complete(&daemon, "old").await;
+        assert_eq!(status, 200);
+        assert!(loaded(&daemon, "old").await);
+        std::fs::write(
+            daemon.pool_path(),
+            format!("version = 1\n{ONE_DEMO}{old}{}", demo("new", "")),
+        )
+        .unwrap();
+        let response = daemon
+            .client
+            .post(daemon.at("/admin/reload"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        let outcome = body["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == "new")
+            .unwrap()
+            .clone();
+        if pinned {
+            assert_eq!(outcome["action"], "failed", "{body}");
+            assert!(
+                outcome["error"].as_str().unwrap().contains("memory budget"),
+                "{outcome}"
+            );
+            assert!(loaded(&daemon, "old").await);
+        } else {
+            assert_eq!(outcome["action"], "loaded", "{body}");
+            assert!(loaded(&daemon, "new").await);
+            assert!(
+                !loaded(&daemon, "old").await,
+                "the idle model was not unloaded to make room"
+            );
+        }
+    }
+}

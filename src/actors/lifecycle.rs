@@ -89,36 +89,56 @@ async fn apply_pool(ctx: &Ctx, pool: PoolPlan) -> Vec<ModelOutcome> {
         changed,
         removed,
         unchanged,
+        unload,
+        rejected,
     } = pool;
-    let mut touched: Vec<String> = Vec::new();
-    let loads = added.into_iter().map(|spec| {
-        touched.push(spec.name.clone());
-        let name = spec.name.clone();
-        async move { outcome_of(name, load(ctx, spec).await) }
+    let touched: Vec<String> = added
+        .iter()
+        .map(|spec| spec.name.clone())
+        .chain(changed.iter().map(|(spec, _)| spec.name.clone()))
+        .chain(removed.iter().cloned())
+        .chain(unload.iter().cloned())
+        .collect();
+    // Removals and unloads first, so that their memory is free for what loads next.
+    let evicts = removed.into_iter().map(|name| async move {
+        let result = evict(ctx, &name, false, DEFAULT_DRAIN_TIMEOUT).await;
+        outcome_of(name, result)
     });
-    let loads: Vec<_> = loads.collect();
-    let reloads: Vec<_> = changed
-        .into_iter()
-        .map(|spec| {
-            touched.push(spec.name.clone());
-            let name = spec.name.clone();
-            async move { outcome_of(name, reload(ctx, spec).await) }
-        })
-        .collect();
-    let evicts: Vec<_> = removed
-        .into_iter()
-        .map(|name| {
-            touched.push(name.clone());
-            async move {
-                let result = evict(ctx, &name, false, DEFAULT_DRAIN_TIMEOUT).await;
-                outcome_of(name, result)
-            }
-        })
-        .collect();
-    let (mut outcomes, reloaded, evicted) =
-        futures::join!(join_all(loads), join_all(reloads), join_all(evicts));
+    let mut outcomes = join_all(evicts).await;
+    unload_all(ctx, &unload).await;
+    let loads = added.into_iter().map(|spec| async move {
+        let name = spec.name.clone();
+        if !spec.preload {
+            let _ = ctx.router.cast(RouterMsg::AddRoute(route_spec(&spec)));
+            let _ = ctx.supervisor.cast(SupervisorMsg::Commit {
+                name: name.clone(),
+                spec: Some(spec),
+            });
+            return ModelOutcome {
+                name,
+                action: "added",
+                error: None,
+            };
+        }
+        outcome_of(name, load(ctx, spec).await)
+    });
+    let reloads = changed.into_iter().map(|(spec, break_first)| async move {
+        let name = spec.name.clone();
+        let result = if break_first {
+            reload_break_first(ctx, spec).await
+        } else {
+            reload(ctx, spec).await
+        };
+        outcome_of(name, result)
+    });
+    let (loaded, reloaded) = futures::join!(join_all(loads), join_all(reloads));
+    outcomes.extend(loaded);
     outcomes.extend(reloaded);
-    outcomes.extend(evicted);
+    outcomes.extend(rejected.into_iter().map(|(name, reason)| ModelOutcome {
+        name,
+        action: "failed",
+        error: Some(reason),
+    }));
     outcomes.extend(unchanged.into_iter().map(|name| ModelOutcome {
         name,
         action: "unchanged",

@@ -330,7 +330,7 @@ fn plan(
             if state.models.contains_key(&spec.name) {
                 return Err(AdminError::AlreadyLoaded(spec.name));
             }
-            let unload = make_room(state, statuses, &spec, false).map_err(|reason| {
+            let unload = make_room(state, statuses, &spec, false, &[]).map_err(|reason| {
                 AdminError::LoadFailed {
                     name: spec.name.clone(),
                     reason,
@@ -357,13 +357,6 @@ fn plan(
             let path = state.config_path.as_ref().ok_or(AdminError::NoPoolFile)?;
             let config = crate::config::load(path).map_err(AdminError::Config)?;
             let mut pool = PoolPlan::default();
-            for spec in &config.models {
-                match state.models.get(&spec.name) {
-                    None => pool.added.push(spec.clone()),
-                    Some(current) if current != spec => pool.changed.push(spec.clone()),
-                    Some(_) => pool.unchanged.push(spec.name.clone()),
-                }
-            }
             pool.removed = state
                 .models
                 .keys()
@@ -371,6 +364,44 @@ fn plan(
                 .cloned()
                 .collect();
             pool.removed.sort();
+            let gone = pool.removed.clone();
+            let mut victims: Vec<String> = Vec::new();
+            for spec in &config.models {
+                match state.models.get(&spec.name) {
+                    None => match make_room(state, statuses, spec, false, &gone) {
+                        Ok(unload) => {
+                            victims.extend(unload);
+                            pool.added.push(spec.clone());
+                        }
+                        Err(reason) => pool.rejected.push((spec.name.clone(), reason)),
+                    },
+                    Some(current) if current != spec => {
+                        let both = make_room(state, statuses, spec, true, &gone);
+                        let one = make_room(state, statuses, spec, false, &gone);
+                        match (both, one) {
+                            (Ok(unload), _) => {
+                                victims.extend(unload);
+                                pool.changed.push((spec.clone(), false));
+                            }
+                            (Err(_), Ok(unload)) => {
+                                victims.extend(unload);
+                                pool.changed.push((spec.clone(), true));
+                            }
+                            (Err(_), Err(reason)) => {
+                                pool.rejected.push((spec.name.clone(), reason))
+                            }
+                        }
+                    }
+                    Some(_) => pool.unchanged.push(spec.name.clone()),
+                }
+            }
+            victims.sort();
+            victims.dedup();
+            victims.retain(|name| {
+                !pool.added.iter().any(|s| &s.name == name)
+                    && !pool.changed.iter().any(|(s, _)| &s.name == name)
+            });
+            pool.unload = victims;
             Plan::Pool(pool)
         }
     };
@@ -388,6 +419,9 @@ fn claim(state: &mut SupervisorState, plan: Plan) -> Result<Plan, AdminError> {
         state.models.insert(spec.name.clone(), spec.clone());
     }
     if let Plan::Pool(pool) = &plan {
+        for (name, _) in &pool.rejected {
+            tracing::warn!(model = %name, "pool reload: the model does not fit its memory budget");
+        }
         for spec in &pool.added {
             state.models.insert(spec.name.clone(), spec.clone());
         }
@@ -401,7 +435,7 @@ fn reload_plan(
     statuses: &[ModelStatus],
     spec: ModelSpec,
 ) -> Result<Plan, AdminError> {
-    if let Ok(unload) = make_room(state, statuses, &spec, true) {
+    if let Ok(unload) = make_room(state, statuses, &spec, true, &[]) {
         return Ok(Plan::Reload {
             spec,
             unload,
@@ -409,7 +443,7 @@ fn reload_plan(
         });
     }
     let unload =
-        make_room(state, statuses, &spec, false).map_err(|reason| AdminError::LoadFailed {
+        make_room(state, statuses, &spec, false, &[]).map_err(|reason| AdminError::LoadFailed {
             name: spec.name.clone(),
             reason,
         })?;
@@ -443,7 +477,7 @@ fn activate(
         });
         return;
     }
-    let plan = make_room(state, statuses, &spec, false)
+    let plan = make_room(state, statuses, &spec, false, &[])
         .map(|unload| Plan::Activate { spec, unload })
         .map_err(|reason| AdminError::LoadFailed {
             name: name.to_string(),
@@ -523,6 +557,7 @@ fn make_room(
     statuses: &[ModelStatus],
     spec: &ModelSpec,
     both: bool,
+    gone: &[String],
 ) -> Result<Vec<String>, String> {
     let mut victims: Vec<String> = Vec::new();
     let mut devices = spec.devices.clone();
@@ -550,7 +585,7 @@ fn make_room(
             .held
             .keys()
             .filter(|name| both || **name != spec.name)
-            .filter(|name| !victims.contains(name))
+            .filter(|name| !victims.contains(name) && !gone.contains(name))
             .map(|name| held_on(name))
             .sum();
         if used + need <= budget {
@@ -559,6 +594,7 @@ fn make_room(
         let mut candidates: Vec<(&ModelStatus, u64)> = statuses
             .iter()
             .filter(|status| status.name != spec.name && !victims.contains(&status.name))
+            .filter(|status| !gone.contains(&status.name))
             .filter(|status| !state.busy.contains(&status.name))
             .filter(|status| !state.models.get(&status.name).is_some_and(|m| m.pinned))
             .filter(|status| status.idle_for.is_some())
@@ -639,12 +675,16 @@ pub enum Plan {
 pub struct PoolPlan {
     /// Models only in the file.
     pub added: Vec<ModelSpec>,
-    /// Models whose spec changed.
-    pub changed: Vec<ModelSpec>,
+    /// Models whose spec changed, and whether their reload must break before making.
+    pub changed: Vec<(ModelSpec, bool)>,
     /// Models no longer in the file.
     pub removed: Vec<String>,
     /// Models whose spec is the same.
     pub unchanged: Vec<String>,
+    /// Idle models to unload first, to make room within the memory budgets.
+    pub unload: Vec<String>,
+    /// Models that cannot fit their devices' budgets, with the reason.
+    pub rejected: Vec<(String, String)>,
 }
 
 impl Plan {
@@ -659,9 +699,10 @@ impl Plan {
             Plan::Pool(pool) => pool
                 .added
                 .iter()
-                .chain(&pool.changed)
+                .chain(pool.changed.iter().map(|(spec, _)| spec))
                 .map(|spec| spec.name.clone())
                 .chain(pool.removed.iter().cloned())
+                .chain(pool.unload.iter().cloned())
                 .collect(),
         }
     }

@@ -356,14 +356,17 @@ fn plan(
         AdminCommand::ReloadPool => {
             let path = state.config_path.as_ref().ok_or(AdminError::NoPoolFile)?;
             let config = crate::config::load(path).map_err(AdminError::Config)?;
-            let mut pool = PoolPlan::default();
-            pool.removed = state
+            let mut removed: Vec<String> = state
                 .models
                 .keys()
                 .filter(|name| !config.models.iter().any(|spec| &spec.name == *name))
                 .cloned()
                 .collect();
-            pool.removed.sort();
+            removed.sort();
+            let mut pool = PoolPlan {
+                removed,
+                ..PoolPlan::default()
+            };
             let gone = pool.removed.clone();
             let mut victims: Vec<String> = Vec::new();
             for spec in &config.models {

@@ -60,6 +60,8 @@ pub enum SupervisorMsg {
     Unloaded(String),
     /// Periodic check for models idle past their `keep_alive`.
     Tick,
+    /// Lists the models an admin or background operation is working on.
+    Busy(RpcReplyPort<Vec<String>>),
 }
 
 /// How often idle models are looked for.
@@ -191,6 +193,11 @@ impl Actor for PoolSupervisor {
             }
             SupervisorMsg::Unloaded(name) => {
                 state.held.remove(&name);
+            }
+            SupervisorMsg::Busy(reply) => {
+                let mut names: Vec<String> = state.busy.iter().cloned().collect();
+                names.sort();
+                let _ = reply.send(names);
             }
             SupervisorMsg::Tick => {
                 let statuses = router_statuses(&state.router).await;

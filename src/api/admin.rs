@@ -85,6 +85,14 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
             "the router does not answer",
         ));
     };
+    let busy_call = state
+        .supervisor
+        .call(SupervisorMsg::Busy, Some(Duration::from_secs(2)))
+        .await;
+    let busy = match busy_call {
+        Ok(CallResult::Success(names)) => names,
+        _ => Vec::new(),
+    };
     let models: Vec<Value> = models
         .iter()
         .map(|model| {
@@ -116,6 +124,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
             json!({
                 "name": model.name,
                 "loaded": !model.replicas.is_empty(),
+                "operation_in_progress": busy.contains(&model.name),
                 "state": if model.replicas.is_empty() { "evicted" } else if model.draining { "draining" } else { "loaded" },
                 "queued": model.queued,
                 "context_length": model.info.as_ref().map(|info| info.context_length),

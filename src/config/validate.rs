@@ -128,17 +128,23 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
     })
 }
 
-/// Parses a size such as `"8GiB"`, `"512MB"`, `"1024"` (bytes).
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
+/// Splits `"8GiB"` into `(8.0, "GiB")`; `example` completes the error message.
+fn number_and_unit<'a>(text: &'a str, what: &str, example: &str) -> Result<(f64, &'a str), String> {
     let split = text
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: f64 = number
+    let number = number
         .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected e.g. \"8GiB\" or \"512MB\""))?;
-    let scale: f64 = match unit.trim() {
+        .map_err(|_| format!("invalid {what} {text:?}: expected e.g. {example}"))?;
+    Ok((number, unit.trim()))
+}
+
+/// Parses a size such as `"8GiB"`, `"512MB"`, `"1024"` (bytes).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = number_and_unit(text, "size", "\"8GiB\" or \"512MB\"")?;
+    let scale: f64 = match unit {
         "" | "B" => 1.0,
         "KB" => 1e3,
         "MB" => 1e6,
@@ -158,14 +164,8 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 /// Parses a duration such as `"30s"`, `"5m"`, `"1h"`, `"250ms"`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. \"30s\" or \"5m\""))?;
-    let seconds = match unit.trim() {
+    let (number, unit) = number_and_unit(text, "duration", "\"30s\" or \"5m\"")?;
+    let seconds = match unit {
         "ms" => number / 1000.0,
         "s" => number,
         "m" => number * 60.0,

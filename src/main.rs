@@ -79,6 +79,9 @@ struct ServeArgs {
     /// Listen address (overrides `[server] listen`).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Listen on a non-loopback address without any API key (refused otherwise).
+    #[arg(long)]
+    insecure_no_auth: bool,
 }
 
 #[derive(Args)]
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
         None => serve(ServeArgs {
             config: PathBuf::from("config/pool.toml"),
             listen: None,
+            insecure_no_auth: false,
         }),
     };
     match result {
@@ -169,6 +173,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
+    let keys = Keys::from_env();
+    if !config.server.listen.ip().is_loopback() && !keys.any() && !args.insecure_no_auth {
+        anyhow::bail!(
+            "refusing to listen on {} without API keys: set LLORCH_API_KEYS (and \
+             LLORCH_ADMIN_KEY), or pass --insecure-no-auth",
+            config.server.listen
+        );
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
@@ -179,7 +191,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let pool = Pool::start(config, Some(args.config.clone())).await?;
         tracing::info!(%address, models, "llorch listening");
         eprintln!("llorch listening on http://{address}");
-        let state = AppState::new(&pool, Keys::from_env());
+        let state = AppState::new(&pool, keys);
         reload_on_sighup(pool.supervisor());
         llorch::api::serve(listener, state, shutdown_signal()).await?;
         pool.stop().await;

@@ -462,10 +462,7 @@ async fn pool_reload_applies_the_diff_and_refuses_a_broken_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_routes_need_the_admin_key_when_one_is_set() {
-    let keys = Keys {
-        admin: Some("admin-secret".into()),
-        inference: vec!["user-key".into()],
-    };
+    let keys = Keys::parse(Some("admin-secret"), "user-key");
     let daemon = Daemon::start_with_keys("version = 1\n", keys).await;
     let get = |token: Option<&str>| {
         let mut request = daemon.client.get(daemon.at("/admin/models"));

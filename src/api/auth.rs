@@ -1,6 +1,11 @@
-//! Keys: the admin key (`LLORCH_ADMIN_KEY`) guards `/admin/*`; inference keys
-//! (`LLORCH_API_KEYS`, comma separated) are recognised so that using one on an admin route is a
-//! 403, not a 401. Without an admin key, admin routes answer only clients on loopback.
+//! Keys, bearer tokens compared in constant time.
+//!
+//! - The admin key (`LLORCH_ADMIN_KEY`) guards `/admin/*`; an inference key there is a 403.
+//!   Without an admin key, admin routes answer only clients on loopback.
+//! - Inference keys (`LLORCH_API_KEYS="key1:modelA|modelB,key2"`: a key, optionally limited to
+//!   some models) guard `/v1/*` and `/execute` once any key is configured; the admin key works
+//!   there too. A key limited to some models gets 403 `model_not_allowed` for the others and
+//!   sees only its models in `/v1/models`. `/health` and `/ready` are always public.
 
 use std::net::SocketAddr;
 
@@ -17,23 +22,89 @@ use super::AppState;
 pub struct Keys {
     /// The admin key, if configured.
     pub admin: Option<String>,
-    /// Inference keys (the part before any `:model|model` restriction).
-    pub inference: Vec<String>,
+    /// Inference keys.
+    pub inference: Vec<InferenceKey>,
+}
+
+/// One inference key and the models it may use (`None`: all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferenceKey {
+    /// The secret.
+    pub key: String,
+    /// The models it may use.
+    pub models: Option<Vec<String>>,
+}
+
+/// What an authenticated request may use; handlers read it from the request extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Every model.
+    All,
+    /// Only these models.
+    Models(Vec<String>),
+}
+
+impl Access {
+    /// Whether `model` may be used.
+    pub fn allows(&self, model: &str) -> bool {
+        match self {
+            Access::All => true,
+            Access::Models(models) => models.iter().any(|m| m == model),
+        }
+    }
+
+    /// Refuses a model this key may not use with 403 `model_not_allowed`.
+    pub fn check(&self, model: &str) -> Result<(), ApiError> {
+        if self.allows(model) {
+            return Ok(());
+        }
+        Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            kind: "permission_error",
+            code: "model_not_allowed",
+            param: Some("model".to_string()),
+            message: format!("this key may not use the model {model:?}"),
+        })
+    }
 }
 
 impl Keys {
     /// Reads `LLORCH_ADMIN_KEY` and `LLORCH_API_KEYS`.
     pub fn from_env() -> Self {
-        let admin = std::env::var("LLORCH_ADMIN_KEY")
-            .ok()
-            .filter(|key| !key.is_empty());
-        let inference = std::env::var("LLORCH_API_KEYS")
-            .unwrap_or_default()
+        Self::parse(
+            std::env::var("LLORCH_ADMIN_KEY").ok().as_deref(),
+            &std::env::var("LLORCH_API_KEYS").unwrap_or_default(),
+        )
+    }
+
+    /// Parses an admin key and an `LLORCH_API_KEYS` value (`key1:modelA|modelB,key2`).
+    pub fn parse(admin: Option<&str>, api_keys: &str) -> Self {
+        let inference = api_keys
             .split(',')
-            .map(|entry| entry.split(':').next().unwrap_or("").trim().to_string())
-            .filter(|key| !key.is_empty())
+            .filter_map(|entry| {
+                let (key, models) = match entry.split_once(':') {
+                    Some((key, models)) => {
+                        let models = models.split('|').map(|m| m.trim().to_string());
+                        (key, Some(models.filter(|m| !m.is_empty()).collect()))
+                    }
+                    None => (entry, None),
+                };
+                let key = key.trim();
+                (!key.is_empty()).then(|| InferenceKey {
+                    key: key.to_string(),
+                    models,
+                })
+            })
             .collect();
-        Self { admin, inference }
+        Self {
+            admin: admin.filter(|key| !key.is_empty()).map(str::to_string),
+            inference,
+        }
+    }
+
+    /// Whether any key is configured (then inference routes need one).
+    pub fn any(&self) -> bool {
+        self.admin.is_some() || !self.inference.is_empty()
     }
 }
 
@@ -72,24 +143,66 @@ pub async fn require_admin(
     };
     match bearer(&request) {
         Some(token) if same_secret(token, admin) => next.run(request).await,
-        Some(token) if keys.inference.iter().any(|key| same_secret(token, key)) => {
+        Some(token)
+            if keys
+                .inference
+                .iter()
+                .any(|key| same_secret(token, &key.key)) =>
+        {
             forbidden("an inference key cannot use admin routes")
         }
-        _ => {
-            let mut response = ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                kind: "authentication_error",
-                code: "invalid_api_key",
-                param: None,
-                message: "a valid admin key is required (Authorization: Bearer ...)".to_string(),
-            }
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            response
-        }
+        _ => unauthorized("a valid admin key is required (Authorization: Bearer ...)"),
     }
+}
+
+/// Middleware for inference routes: once any key is configured, a valid inference or admin key
+/// is required; the request carries what it may use as an [`Access`] extension.
+pub async fn require_inference_key(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let keys = &state.keys;
+    let access = if !keys.any() {
+        Access::All
+    } else {
+        let token = bearer(&request).unwrap_or("");
+        let admin = keys
+            .admin
+            .as_deref()
+            .is_some_and(|key| same_secret(token, key));
+        let inference = keys
+            .inference
+            .iter()
+            .find(|key| same_secret(token, &key.key));
+        match (admin, inference) {
+            (true, _) => Access::All,
+            (false, Some(key)) => match &key.models {
+                None => Access::All,
+                Some(models) => Access::Models(models.clone()),
+            },
+            (false, None) => {
+                return unauthorized("a valid API key is required (Authorization: Bearer ...)")
+            }
+        }
+    };
+    request.extensions_mut().insert(access);
+    next.run(request).await
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response = ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        kind: "authentication_error",
+        code: "invalid_api_key",
+        param: None,
+        message: message.to_string(),
+    }
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
 }
 
 fn forbidden(message: &str) -> Response {
@@ -105,7 +218,28 @@ fn forbidden(message: &str) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::same_secret;
+    use super::*;
+
+    #[test]
+    fn api_keys_parse_with_model_limits() {
+        let keys = Keys::parse(Some("adm"), "k1:alpha|beta, k2 ,,");
+        assert_eq!(keys.admin.as_deref(), Some("adm"));
+        assert_eq!(
+            keys.inference,
+            vec![
+                InferenceKey {
+                    key: "k1".into(),
+                    models: Some(vec!["alpha".into(), "beta".into()])
+                },
+                InferenceKey {
+                    key: "k2".into(),
+                    models: None
+                },
+            ]
+        );
+        assert!(!Keys::parse(None, "").any());
+        assert!(Access::Models(vec!["alpha".into()]).check("beta").is_err());
+    }
 
     #[test]
     fn secrets_compare_by_content_and_length() {

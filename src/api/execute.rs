@@ -6,9 +6,11 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::auth::Access;
 use super::dispatch::start;
 use super::error::ApiError;
 use super::extract::ApiJson;
@@ -78,8 +80,10 @@ impl ChunkFormat for ExecuteFrames {
 /// `POST /execute`.
 pub async fn execute(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     ApiJson(request): ApiJson<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
+    access.check(&request.model)?;
     let common = CommonParams {
         max_tokens: request.max_tokens,
         temperature: request.temperature,

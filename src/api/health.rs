@@ -5,10 +5,11 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use ractor::rpc::CallResult;
 use serde_json::json;
 
+use super::auth::Access;
 use super::error::ApiError;
 use super::AppState;
 use crate::actors::router::{ModelStatus, RouterMsg};
@@ -58,13 +59,17 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /v1/models`: the models with a ready replica, in the OpenAI list shape.
-pub async fn models(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn models(
+    State(state): State<AppState>,
+    Extension(access): Extension<Access>,
+) -> Result<Response, ApiError> {
     let list = statuses(&state)
         .await
         .ok_or_else(|| ApiError::unavailable("unhealthy", "the router does not answer"))?;
     let data: Vec<_> = list
         .iter()
         .filter(|status| ready_replicas(status) > 0 || status.unloaded())
+        .filter(|status| access.allows(&status.name))
         .map(|status| {
             json!({
                 "id": status.name,

@@ -11,6 +11,7 @@ mod execute;
 mod extract;
 mod health;
 mod openai;
+mod request_id;
 mod stream;
 mod types;
 
@@ -27,7 +28,7 @@ use axum::routing::{get, post};
 use ractor::ActorRef;
 use tokio::net::TcpListener;
 
-pub use auth::Keys;
+pub use auth::{Access, InferenceKey, Keys};
 pub use error::ApiError;
 
 use crate::actors::pool::Pool;
@@ -79,17 +80,24 @@ pub fn app(state: AppState) -> axum::Router {
             state.clone(),
             auth::require_admin,
         ));
-    axum::Router::new()
-        .merge(admin)
+    let inference = axum::Router::new()
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(health::models))
         .route("/execute", post(execute::execute))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_inference_key,
+        ));
+    axum::Router::new()
+        .merge(admin)
+        .merge(inference)
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(request_id::request_id))
         .with_state(state)
 }
 

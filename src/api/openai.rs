@@ -4,10 +4,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use rand::Rng;
 use serde_json::{json, Value};
 
+use super::auth::Access;
 use super::dispatch::start;
 use super::error::ApiError;
 use super::extract::ApiJson;
@@ -141,8 +143,10 @@ impl ChunkFormat for OpenAiChunks {
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    access.check(&request.model)?;
     let generation = request.to_generation()?;
     let mut envelope = Envelope::new(
         Kind::Completion,
@@ -163,8 +167,10 @@ pub async fn completions(
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    access.check(&request.model)?;
     let generation = request.to_generation()?;
     let mut envelope = Envelope::new(Kind::Chat, &request.model, request.common.return_token_ids);
     envelope.include_usage = request.stream_include_usage();

@@ -207,3 +207,28 @@ fn half_precision_dtypes_run_on_request() {
         }
     }
 }
+
+/// candle's Phi runs only in f32: `auto` picks f32 for it on every device, and f16/bf16 are a
+/// load error that says so (found on an H100, where `auto` means bf16).
+#[test]
+fn phi_refuses_half_precision_with_a_clear_error() {
+    use candle_core::Device;
+    use llorch::models::{load, DTypeChoice, LoadSpec, ModelSource};
+    let Some(fixtures) = fixtures() else { return };
+    let spec = |dtype| LoadSpec {
+        source: ModelSource::Dir(fixtures.join("models/phi")),
+        device: Device::Cpu,
+        dtype,
+        max_seq_len: None,
+    };
+    let err = load(&spec(DTypeChoice::Bf16)).err().unwrap().to_string();
+    assert!(
+        err.contains("dtype bf16 is not supported") && err.contains("phi"),
+        "{err}"
+    );
+    assert!(load(&spec(DTypeChoice::F16)).is_err());
+    assert_eq!(
+        load(&spec(DTypeChoice::Auto)).unwrap().info.dtype,
+        candle_core::DType::F32
+    );
+}

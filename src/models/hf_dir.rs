@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::arch::Architecture;
 use super::decoder::{Decoder, DecoderConfig};
+use super::device::DTypeChoice;
 use super::error::{candle_message, LoadError};
 use super::model::Model;
 use super::source::shard_files;
@@ -28,6 +29,8 @@ pub struct DirModel {
     pub vocab_size: usize,
     /// The parsed `config.json`.
     pub config: Value,
+    /// The compute dtype.
+    pub dtype: DType,
 }
 
 /// Reads and parses a JSON file, mapping failures to typed errors that name the file.
@@ -48,11 +51,12 @@ pub fn read_json(path: &Path, what: &'static str) -> Result<Value, LoadError> {
     })
 }
 
-/// Loads the model in `dir` on `device` in `dtype`.
-pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<DirModel, LoadError> {
+/// Loads the model in `dir` on `device` in the dtype `choice` resolves to.
+pub fn load_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<DirModel, LoadError> {
     let config_path = dir.join("config.json");
     let config = read_json(&config_path, "the model config")?;
     let architecture = Architecture::detect(&config, &config_path)?;
+    let dtype = resolve_dtype(architecture, choice, device)?;
     let checker = ConfigCheck {
         path: &config_path,
         config: &config,
@@ -81,7 +85,30 @@ pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<DirModel, L
         context_length,
         vocab_size,
         config,
+        dtype,
     })
+}
+
+/// candle-transformers 0.11.1's Phi builds its rotary tables in f32 whatever the weights'
+/// dtype, so it runs only in f32: `auto` means f32 for it, and f16/bf16 are refused.
+fn resolve_dtype(
+    architecture: Architecture,
+    choice: DTypeChoice,
+    device: &Device,
+) -> Result<DType, LoadError> {
+    if architecture != Architecture::Phi {
+        return choice.resolve(device);
+    }
+    match choice {
+        DTypeChoice::Auto | DTypeChoice::F32 => DTypeChoice::F32.resolve(device),
+        other => Err(LoadError::UnsupportedDtype {
+            dtype: other.to_string(),
+            device: super::device::device_label(device),
+            reason: "candle-transformers 0.11.1's phi computes its rotary embedding in f32 only; \
+                     use dtype = \"f32\" (or auto)"
+                .to_string(),
+        }),
+    }
 }
 
 enum BuildError {

@@ -126,9 +126,9 @@ fn load_hf_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<Loade
             what: "the model directory",
         });
     }
-    let dtype = choice.resolve(device)?;
     let tokenizer = TextTokenizer::from_dir(dir)?;
-    let loaded = load_dir(dir, device, dtype)?;
+    let loaded = load_dir(dir, device, choice)?;
+    let dtype = loaded.dtype;
     let eos_ids = eos_ids(dir, &loaded.config, &tokenizer)?;
     Ok(LoadedModel {
         model: loaded.model,

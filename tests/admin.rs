@@ -15,15 +15,7 @@ fn demo(name: &str, extra: &str) -> String {
 }
 
 async fn admin_models(daemon: &Daemon) -> Value {
-    daemon
-        .client
-        .get(daemon.at("/admin/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    daemon.get_json("/admin/models").await
 }
 
 fn model<'a>(listing: &'a Value, name: &str) -> Option<&'a Value> {

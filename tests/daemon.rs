@@ -109,15 +109,7 @@ async fn models_and_replicas_are_served_by_name_and_unknown_names_are_404() {
          [[models]]\nname = \"beta\"\nsource = \"builtin:demo\"\n",
     ))
     .await;
-    let models: Value = daemon
-        .client
-        .get(daemon.at("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = daemon.get_json("/v1/models").await;
     let listed: Vec<(String, u64)> = models["data"]
         .as_array()
         .unwrap()

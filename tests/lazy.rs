@@ -18,15 +18,7 @@ fn demo(name: &str, extra: &str) -> String {
 }
 
 async fn loaded(daemon: &Daemon, name: &str) -> bool {
-    let listing: Value = daemon
-        .client
-        .get(daemon.at("/admin/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listing: Value = daemon.get_json("/admin/models").await;
     listing["models"]
         .as_array()
         .unwrap()
@@ -44,15 +36,7 @@ async fn complete(daemon: &Daemon, name: &str) -> (u16, Value) {
     let answer = daemon.post("/v1/completions", &body).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let listing: Value = daemon
-            .client
-            .get(daemon.at("/admin/models"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let listing: Value = daemon.get_json("/admin/models").await;
         let busy = listing["models"].as_array().unwrap().iter().any(|m| {
             m["queued"] != 0
                 || m["operation_in_progress"] == true
@@ -73,28 +57,12 @@ async fn complete(daemon: &Daemon, name: &str) -> (u16, Value) {
 async fn a_lazy_model_loads_on_its_first_request() {
     let daemon = Daemon::start(&format!("version = 1\n{}", demo("lazy", "preload = false"))).await;
     assert!(!loaded(&daemon, "lazy").await);
-    let models: Value = daemon
-        .client
-        .get(daemon.at("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = daemon.get_json("/v1/models").await;
     assert_eq!(
         models["data"][0]["id"], "lazy",
         "an unloaded model is still listed"
     );
-    let listing: Value = daemon
-        .client
-        .get(daemon.at("/admin/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listing: Value = daemon.get_json("/admin/models").await;
     assert_eq!(listing["models"][0]["state"], "evicted");
     let (status, body) = complete(&daemon, "lazy").await;
     assert_eq!(status, 200, "{body}");

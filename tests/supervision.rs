@@ -179,15 +179,7 @@ async fn too_many_restarts_mark_the_replica_failed() {
     );
     let ready = daemon.client.get(daemon.at("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
-    let models: Value = daemon
-        .client
-        .get(daemon.at("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = daemon.get_json("/v1/models").await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()

@@ -130,6 +130,18 @@ impl Daemon {
         format!("{}{path}", self.url)
     }
 
+    /// GETs a path and returns its JSON body.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.client
+            .get(self.at(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// POSTs JSON and returns status and body.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let response = self

@@ -20,4 +20,5 @@
 pub mod actors;
 pub mod api;
 pub mod config;
+pub mod metrics;
 pub mod models;

@@ -188,16 +188,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", config.server.listen))?;
         let address = listener.local_addr()?;
         let models = config.models.len();
+        let server = config.server.clone();
         let pool = Pool::start(config, Some(args.config.clone())).await?;
         tracing::info!(%address, models, "llorch listening");
         eprintln!("llorch listening on http://{address}");
-        let state = AppState::new(&pool, keys);
+        let state = AppState::new(&pool, keys, server);
         reload_on_sighup(pool.supervisor());
-        llorch::api::serve(listener, state, shutdown_signal()).await?;
-        pool.stop().await;
-        Ok(())
-    })
+        let mut signals = ShutdownSignals::new()?;
+        let draining = state.clone();
+        let stop = async move {
+            signals.next().await;
+            eprintln!("llorch: shutting down (a second signal aborts)");
+            llorch::api::drain(&draining, signals.next()).await;
+        };
+        llorch::api::serve(listener, state, stop).await?;
+        if tokio::time::timeout(POOL_STOP_GRACE, pool.stop())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the pool did not stop in time (a load may still run); exiting anyway");
+        }
+        Ok::<(), anyhow::Error>(())
+    })?;
+    runtime.shutdown_timeout(POOL_STOP_GRACE);
+    Ok(())
 }
+
+/// How long stopping the actors may take at exit (engines finish their current step).
+const POOL_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A future returned by an admin client call.
 type ClientCall<'a> =
@@ -245,22 +263,27 @@ fn reload_on_sighup(supervisor: ractor::ActorRef<SupervisorMsg>) {
     });
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGTERM and SIGINT, in arrival order.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+        })
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
     }
 }
 
@@ -308,6 +331,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         max_tokens: Some(args.max_tokens),
         stop: args.stop,
         ignore_eos: args.ignore_eos,
+        strict_max_tokens: false,
     };
     let (job, mut events, _cancel) = Job::new(GenerationRequest { prompt, params });
     engine

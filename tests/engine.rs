@@ -35,6 +35,7 @@ fn request(text: &str, max_tokens: usize, sampling: SamplingParams) -> Generatio
             max_tokens: Some(max_tokens),
             stop: Vec::new(),
             ignore_eos: true,
+            strict_max_tokens: false,
         },
     }
 }

@@ -100,6 +100,9 @@ impl From<GenerationError> for EngineError {
             GenerationError::ContextLengthExceeded { .. } => {
                 invalid("context_length_exceeded", Some("prompt"), message)
             }
+            GenerationError::MaxTokensExceedContext { .. } => {
+                invalid("context_length_exceeded", Some("max_tokens"), message)
+            }
             GenerationError::TokenOutOfVocabulary { .. } => {
                 invalid("token_out_of_vocabulary", Some("prompt"), message)
             }
@@ -307,6 +310,14 @@ impl EngineHandle {
         if let Some(jobs) = &self.jobs {
             let _ = jobs.send(Command::Abort(error));
         }
+    }
+
+    /// Closes the job channel and lets the thread go without joining it (it may be stuck in a
+    /// load that ran past its deadline); it ends on its own once it finds the channel closed.
+    pub fn detach(mut self) -> Self {
+        self.jobs = None;
+        self.thread = None;
+        self
     }
 
     /// Closes the job channel and waits for the thread to end (after its current job).

@@ -20,6 +20,8 @@ pub enum Fault {
     FailNextLoad(String),
     /// Make the next load panic.
     PanicNextLoad,
+    /// Make the next load take this long before it goes on.
+    SlowNextLoad(Duration),
 }
 
 fn registry() -> &'static Mutex<HashMap<String, Vec<Fault>>> {
@@ -58,10 +60,17 @@ pub(crate) fn on_step(replica: &str, token: usize) {
 /// Acts on a load fault armed for `replica`: returns the error to report, or panics.
 pub(crate) fn on_load(replica: &str) -> Option<String> {
     match take(replica, |f| {
-        matches!(f, Fault::FailNextLoad(_) | Fault::PanicNextLoad)
+        matches!(
+            f,
+            Fault::FailNextLoad(_) | Fault::PanicNextLoad | Fault::SlowNextLoad(_)
+        )
     }) {
         Some(Fault::FailNextLoad(message)) => Some(message),
         Some(Fault::PanicNextLoad) => panic!("injected panic while loading"),
+        Some(Fault::SlowNextLoad(pause)) => {
+            std::thread::sleep(pause);
+            None
+        }
         _ => None,
     }
 }

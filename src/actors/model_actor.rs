@@ -24,6 +24,8 @@ pub enum ModelMsg {
     Generate(Job),
     /// The engine thread finished loading (or failed to).
     Loaded(Result<ModelInfo, String>),
+    /// The load ran past the load deadline; its engine thread is left to finish on its own.
+    LoadTimedOut(Duration),
     /// The engine thread ended.
     EngineExited(EngineExit),
     /// End every job this replica runs or holds with this error, then stop.
@@ -45,6 +47,8 @@ pub struct ModelActorArgs {
     pub standby: bool,
     /// Longest a generation step may run before the replica is declared stalled.
     pub stall_timeout: Duration,
+    /// Longest the load may take before the replica is failed.
+    pub load_timeout: Duration,
 }
 
 /// The model actor.
@@ -105,13 +109,17 @@ impl Actor for ModelActor {
             let _ = exits.cast(ModelMsg::EngineExited(exit));
         })?;
         let loads = myself.clone();
+        let load_timeout = args.load_timeout;
         tokio::spawn(async move {
-            let result = match ready.await {
-                Ok(Ok(info)) => Ok(info),
-                Ok(Err(err)) => Err(err.to_string()),
-                Err(_) => Err("the engine thread ended while loading".to_string()),
+            let message = match tokio::time::timeout(load_timeout, ready).await {
+                Ok(Ok(Ok(info))) => ModelMsg::Loaded(Ok(info)),
+                Ok(Ok(Err(err))) => ModelMsg::Loaded(Err(err.to_string())),
+                Ok(Err(_)) => {
+                    ModelMsg::Loaded(Err("the engine thread ended while loading".to_string()))
+                }
+                Err(_) => ModelMsg::LoadTimedOut(load_timeout),
             };
-            let _ = loads.cast(ModelMsg::Loaded(result));
+            let _ = loads.cast(message);
         });
         let watchdog = myself;
         let period = (args.stall_timeout / 4).max(MIN_WATCHDOG_PERIOD);
@@ -153,6 +161,18 @@ impl Actor for ModelActor {
         state: &mut ModelState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
+            ModelMsg::LoadTimedOut(deadline) => {
+                let err = format!("the load took longer than load_timeout ({deadline:?})");
+                tracing::error!(replica = %state.replica, error = %err, "model failed to load");
+                // The engine thread is stuck in the load; it is not joined, and exits on its own
+                // once the load returns and finds its job channel closed.
+                state.engine = state.engine.take().map(EngineHandle::detach);
+                state.router.cast(RouterMsg::ReplicaLoaded {
+                    replica: state.replica.clone(),
+                    result: Err(err),
+                })?;
+                Ok(())
+            }
             ModelMsg::Loaded(result) => {
                 match &result {
                     Ok(info) => {

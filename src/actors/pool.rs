@@ -1,6 +1,7 @@
 //! Starting and stopping the whole actor tree.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use ractor::{Actor, ActorRef};
 use tokio::sync::oneshot;
@@ -8,12 +9,14 @@ use tokio::sync::oneshot;
 use super::router::RouterMsg;
 use super::supervisor::{PoolSupervisor, SupervisorArgs, SupervisorMsg};
 use crate::config::PoolConfig;
+use crate::metrics::Metrics;
 
 /// A running pool: the supervisor and the router it spawned.
 pub struct Pool {
     supervisor: ActorRef<SupervisorMsg>,
     supervisor_done: tokio::task::JoinHandle<()>,
     router: ActorRef<RouterMsg>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why the pool could not start.
@@ -29,6 +32,7 @@ impl Pool {
         config_path: Option<PathBuf>,
     ) -> Result<Self, PoolStartError> {
         let (router_tx, router_rx) = oneshot::channel();
+        let metrics = Arc::new(Metrics::new());
         let (supervisor, supervisor_done) = Actor::spawn(
             None,
             PoolSupervisor,
@@ -36,6 +40,7 @@ impl Pool {
                 config,
                 config_path,
                 router_tx,
+                metrics: metrics.clone(),
             },
         )
         .await
@@ -47,6 +52,7 @@ impl Pool {
             supervisor,
             supervisor_done,
             router,
+            metrics,
         })
     }
 
@@ -58,6 +64,11 @@ impl Pool {
     /// The router's address.
     pub fn router(&self) -> ActorRef<RouterMsg> {
         self.router.clone()
+    }
+
+    /// The pool's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Stops every actor; engine threads end after their current step.

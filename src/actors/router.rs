@@ -20,6 +20,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::engine::{CompletionNotice, EngineError, GenerationRequest, Job, TokenEvent};
 use super::model_actor::ModelMsg;
 use super::supervisor::SupervisorMsg;
+use crate::metrics::Metrics;
 use crate::models::ModelInfo;
 
 /// How long a refused client is told to wait before retrying, in seconds.
@@ -78,6 +79,14 @@ pub enum RouteError {
     /// Every slot and the queue are full.
     #[error("the model {0:?} is overloaded; retry later")]
     Overloaded(String),
+    /// No replica is ready yet (loading or restarting) and the model does not queue meanwhile.
+    #[error("the model {model:?} is {}; retry later", if *restarting { "restarting" } else { "loading" })]
+    NotReady {
+        /// The model.
+        model: String,
+        /// Whether it is restarting after a crash (else loading).
+        restarting: bool,
+    },
     /// No replica can serve (all failed, or the model is being evicted).
     #[error("the model {model:?} is unavailable: {reason}")]
     Unavailable {
@@ -88,13 +97,17 @@ pub enum RouteError {
     },
 }
 
-/// An admitted request: its event stream and cancel flag.
+/// An admitted request: its event stream, cancel flag and deadlines.
 #[derive(Debug)]
 pub struct Admitted {
     /// The job's events.
     pub events: UnboundedReceiver<TokenEvent>,
     /// Setting it stops the job.
     pub cancel: Arc<AtomicBool>,
+    /// Longest the job may wait for a slot.
+    pub queue_timeout: Duration,
+    /// Longest the job may run in all.
+    pub request_timeout: Duration,
 }
 
 /// One replica's status for listings.
@@ -173,6 +186,12 @@ pub struct RouteSpec {
     pub max_queue: usize,
     /// Loaded on the first request (and again after an idle unload).
     pub lazy: bool,
+    /// Longest a request may wait for a slot.
+    pub queue_timeout: Duration,
+    /// Longest a request may run in all.
+    pub request_timeout: Duration,
+    /// Whether requests wait while no replica is ready but one is loading or restarting.
+    pub queue_during_load: bool,
 }
 
 /// Messages the router handles.
@@ -248,6 +267,7 @@ struct Replica {
     restarts: usize,
     loaded_at: Option<SystemTime>,
     info: Option<ModelInfo>,
+    registered_at: Instant,
 }
 
 impl Replica {
@@ -259,6 +279,7 @@ impl Replica {
 struct Route {
     replicas: Vec<Replica>,
     queue: VecDeque<Job>,
+    spec: RouteSpec,
     max_concurrent: usize,
     max_queue: usize,
     draining: bool,
@@ -273,6 +294,7 @@ impl Route {
         Self {
             replicas: Vec::new(),
             queue: VecDeque::new(),
+            spec: spec.clone(),
             max_concurrent: spec.max_concurrent,
             max_queue: spec.max_queue,
             draining: false,
@@ -310,6 +332,7 @@ pub struct RouterState {
     order: Vec<String>,
     next_epoch: u64,
     supervisor: ActorRef<SupervisorMsg>,
+    metrics: Arc<Metrics>,
 }
 
 /// What the router is started with.
@@ -318,6 +341,8 @@ pub struct RouterArgs {
     pub routes: Vec<RouteSpec>,
     /// Where load requests for lazy models go.
     pub supervisor: ActorRef<SupervisorMsg>,
+    /// Where restarts and load durations are recorded.
+    pub metrics: Arc<Metrics>,
 }
 
 impl RouterState {
@@ -341,6 +366,7 @@ impl Actor for Router {
             order: Vec::new(),
             next_epoch: 0,
             supervisor: args.supervisor,
+            metrics: args.metrics,
         };
         for spec in args.routes {
             add_route(&mut state, spec);
@@ -393,16 +419,26 @@ impl Actor for Router {
             RouterMsg::Register(entry) => {
                 state.next_epoch += 1;
                 let epoch = state.next_epoch;
+                let metrics = state.metrics.clone();
                 if let Some(route) = state.route(&entry.id.model) {
                     if !entry.standby {
                         route.load_requested = false;
                     }
-                    register(route, entry, epoch);
+                    let model = entry.id.model.clone();
+                    if register(route, entry, epoch) {
+                        metrics.restarts.with_label_values(&[model.as_str()]).inc();
+                    }
                 }
             }
             RouterMsg::ReplicaLoaded { replica, result } => {
+                let metrics = state.metrics.clone();
                 if let Some(route) = state.route(&replica.model) {
                     if let Some(entry) = route.replica(&replica) {
+                        let outcome = if result.is_ok() { "ok" } else { "error" };
+                        metrics
+                            .load_duration
+                            .with_label_values(&[replica.model.as_str(), outcome])
+                            .observe(entry.registered_at.elapsed().as_secs_f64());
                         match result {
                             Ok(info) => {
                                 entry.state = ReplicaState::Ready;
@@ -494,6 +530,7 @@ fn add_route(state: &mut RouterState, spec: RouteSpec) {
         Some(route) => {
             route.max_concurrent = spec.max_concurrent;
             route.max_queue = spec.max_queue;
+            route.spec = spec;
         }
         None => {
             state.order.push(spec.name.clone());
@@ -502,8 +539,10 @@ fn add_route(state: &mut RouterState, spec: RouteSpec) {
     }
 }
 
-fn register(route: &mut Route, entry: ReplicaEntry, epoch: u64) {
+/// Adds (or replaces, on a restart) a replica; returns whether it was a restart.
+fn register(route: &mut Route, entry: ReplicaEntry, epoch: u64) -> bool {
     let previous = route.replicas.iter().position(|r| r.id == entry.id);
+    let restart = previous.is_some();
     let (last_error, restarts, role) = match previous {
         Some(index) => {
             let old = route.replicas.remove(index);
@@ -523,10 +562,12 @@ fn register(route: &mut Route, entry: ReplicaEntry, epoch: u64) {
         restarts,
         loaded_at: None,
         info: None,
+        registered_at: Instant::now(),
     });
     route
         .replicas
         .sort_by_key(|r| (r.id.generation, r.id.index));
+    restart
 }
 
 fn list(state: &RouterState) -> Vec<ModelStatus> {
@@ -585,6 +626,19 @@ fn dispatch(
             reason,
         });
     }
+    if !route.spec.queue_during_load && !route.replicas.iter().any(Replica::serves) {
+        let starting = route
+            .replicas
+            .iter()
+            .filter(|r| r.role == Role::Active)
+            .find(|r| matches!(r.state, ReplicaState::Loading | ReplicaState::Restarting));
+        if let Some(replica) = starting {
+            return Err(RouteError::NotReady {
+                model: model.to_string(),
+                restarting: replica.state == ReplicaState::Restarting,
+            });
+        }
+    }
     route.queue.retain(|job| !job.abandoned());
     route.last_active = Instant::now();
     let max = route.max_concurrent;
@@ -599,7 +653,12 @@ fn dispatch(
     route.queue.push_back(job);
     start_queued(myself, route);
     route.request_load(model, &supervisor);
-    Ok(Admitted { events, cancel })
+    Ok(Admitted {
+        events,
+        cancel,
+        queue_timeout: route.spec.queue_timeout,
+        request_timeout: route.spec.request_timeout,
+    })
 }
 
 /// Starts queued jobs while some ready active replica has a free slot.

@@ -75,6 +75,8 @@ pub struct SupervisorArgs {
     pub config_path: Option<PathBuf>,
     /// Receives the router's address once it is up.
     pub router_tx: oneshot::Sender<ActorRef<RouterMsg>>,
+    /// The pool's metrics (the router records into them).
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// The supervisor actor.
@@ -116,6 +118,7 @@ impl Actor for PoolSupervisor {
         let router_args = RouterArgs {
             routes,
             supervisor: myself.clone(),
+            metrics: args.metrics.clone(),
         };
         let (router, _) = Actor::spawn_linked(None, Router, router_args, myself.get_cell()).await?;
         let mut state = SupervisorState {
@@ -725,6 +728,9 @@ pub fn route_spec(spec: &ModelSpec) -> RouteSpec {
         max_concurrent: spec.max_concurrent,
         max_queue: spec.max_queue,
         lazy: !spec.preload,
+        queue_timeout: spec.queue_timeout,
+        request_timeout: spec.request_timeout,
+        queue_during_load: spec.queue_during_load,
     }
 }
 
@@ -790,6 +796,7 @@ async fn start_generation(
             router: state.router.clone(),
             standby,
             stall_timeout: spec.stall_timeout,
+            load_timeout: spec.load_timeout,
         };
         state.slots.insert(
             id.clone(),

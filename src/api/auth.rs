@@ -118,13 +118,16 @@ fn same_secret(given: &str, expected: &str) -> bool {
     diff == 0
 }
 
+/// The token of the request's one `Authorization: Bearer` header (the scheme in any letter
+/// case); none when the header is missing, repeated, not ASCII or another scheme.
 fn bearer(request: &Request) -> Option<&str> {
-    request
-        .headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    let mut values = request.headers().get_all(header::AUTHORIZATION).iter();
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 /// Middleware for `/admin/*`.

@@ -132,6 +132,14 @@ impl From<RouteError> for ApiError {
                 message,
             },
             RouteError::Overloaded(_) => Self::unavailable("server_overloaded", message),
+            RouteError::NotReady { restarting, .. } => Self::unavailable(
+                if restarting {
+                    "model_restarting"
+                } else {
+                    "model_loading"
+                },
+                message,
+            ),
             RouteError::Unavailable { .. } => Self::unavailable("model_unavailable", message),
         }
     }

@@ -14,6 +14,7 @@ use super::auth::Access;
 use super::dispatch::start;
 use super::error::ApiError;
 use super::extract::ApiJson;
+use super::openai::observe;
 use super::stream::{sse, ChunkFormat, Usage};
 use super::types::{CommonParams, StopInput};
 use super::AppState;
@@ -82,6 +83,15 @@ pub async fn execute(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
     ApiJson(request): ApiJson<ExecuteRequest>,
+) -> Response {
+    let result = run(&state, &access, &request).await;
+    observe(&state, &request.model, result)
+}
+
+async fn run(
+    state: &AppState,
+    access: &Access,
+    request: &ExecuteRequest,
 ) -> Result<Response, ApiError> {
     access.check(&request.model)?;
     let common = CommonParams {
@@ -100,9 +110,9 @@ pub async fn execute(
             text: request.prompt.clone(),
             add_special_tokens: true,
         },
-        params: common.to_params()?,
+        params: common.to_params(&state.server.limits)?,
     };
-    let started = start(&state, &request.model, generation).await?;
+    let started = start(state, &request.model, generation).await?;
     let opening = vec![json!({
         "type": "started",
         "job_id": request.job_id,
@@ -113,5 +123,5 @@ pub async fn execute(
         index: 0,
         started_at: Instant::now(),
     };
-    Ok(sse(opening, started.events, started.guard, frames).into_response())
+    Ok(sse(opening, started, frames).into_response())
 }

@@ -40,8 +40,12 @@ pub async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Readiness: every configured model has at least one ready replica.
+/// Readiness: not shutting down, and every configured model has at least one ready replica.
 pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.shutdown.draining() {
+        let body = json!({"status": "shutting_down"});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     let Some(list) = statuses(&state).await else {
         return ApiError::unavailable("unhealthy", "the router does not answer").into_response();
     };

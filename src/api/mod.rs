@@ -10,13 +10,15 @@ mod error;
 mod execute;
 mod extract;
 mod health;
+mod metrics;
 mod openai;
 mod request_id;
+mod server;
+mod shutdown;
 mod stream;
 mod types;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,13 +32,14 @@ use tokio::net::TcpListener;
 
 pub use auth::{Access, InferenceKey, Keys};
 pub use error::ApiError;
+pub use shutdown::Shutdown;
 
 use crate::actors::pool::Pool;
 use crate::actors::router::RouterMsg;
 use crate::actors::supervisor::SupervisorMsg;
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
 
-/// Largest accepted request body (2 MiB).
-const BODY_LIMIT: usize = 2 * 1024 * 1024;
 /// Largest accepted admin request body (64 KiB).
 const ADMIN_BODY_LIMIT: usize = 64 * 1024;
 
@@ -51,15 +54,24 @@ pub struct AppState {
     pub keys: Arc<Keys>,
     /// Unix time the server started (the `created` of listed models).
     pub started_at: u64,
+    /// Server limits and timeouts.
+    pub server: Arc<ServerConfig>,
+    /// The drain state.
+    pub shutdown: Arc<Shutdown>,
+    /// The pool's metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
     /// Creates the state for a running pool.
-    pub fn new(pool: &Pool, keys: Keys) -> Self {
+    pub fn new(pool: &Pool, keys: Keys, server: ServerConfig) -> Self {
         Self {
             router: pool.router(),
             supervisor: pool.supervisor(),
             keys: Arc::new(keys),
+            server: Arc::new(server),
+            shutdown: Arc::new(Shutdown::default()),
+            metrics: pool.metrics(),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -87,16 +99,30 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/execute", post(execute::execute))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
+            shutdown::track_in_flight,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
             auth::require_inference_key,
         ));
+    let metrics = axum::Router::new().route("/metrics", get(metrics::metrics));
+    let metrics = if state.server.metrics_public {
+        metrics
+    } else {
+        metrics.route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ))
+    };
     axum::Router::new()
         .merge(admin)
         .merge(inference)
+        .merge(metrics)
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(DefaultBodyLimit::max(state.server.max_body))
         .layer(middleware::from_fn(request_id::request_id))
         .with_state(state)
 }
@@ -114,14 +140,39 @@ async fn method_not_allowed(uri: Uri) -> Response {
     .into_response()
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API on `listener` until `stop` resolves, then closes every connection within
+/// two seconds (see [`drain`] for ending in-flight requests first).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    stop: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    let service = app(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = server::ConnectionLimits {
+        header_timeout: state.server.header_timeout,
+        max_connections: state.server.max_connections,
+    };
+    server::serve_connections(listener, app(state), limits, stop).await
+}
+
+/// Drains the server: refuses new inference requests, waits until the ones in flight end, the
+/// shutdown timeout passes or `abort_now` resolves (a second signal), then ends the remaining
+/// ones with `server_shutdown`.
+pub async fn drain(state: &AppState, abort_now: impl Future<Output = ()>) {
+    let shutdown = &state.shutdown;
+    shutdown.begin_drain();
+    tracing::info!(
+        in_flight = shutdown.in_flight(),
+        timeout = ?state.server.shutdown_timeout,
+        "draining"
+    );
+    tokio::select! {
+        () = shutdown.wait_idle() => {}
+        () = tokio::time::sleep(state.server.shutdown_timeout) => {
+            tracing::warn!(in_flight = shutdown.in_flight(), "shutdown timeout: ending the requests left");
+        }
+        () = abort_now => {
+            tracing::warn!(in_flight = shutdown.in_flight(), "second signal: aborting");
+        }
+    }
+    shutdown.abort();
 }

@@ -145,23 +145,20 @@ pub async fn completions(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
     ApiJson(request): ApiJson<CompletionRequest>,
-) -> Result<Response, ApiError> {
-    access.check(&request.model)?;
-    let generation = request.to_generation()?;
-    let mut envelope = Envelope::new(
-        Kind::Completion,
-        &request.model,
-        request.common.return_token_ids,
-    );
-    envelope.include_usage = request.stream_include_usage();
-    respond(
-        &state,
-        &request.model,
-        generation,
-        envelope,
-        request.common.stream,
-    )
-    .await
+) -> Response {
+    let result = async {
+        access.check(&request.model)?;
+        let generation = request.to_generation(&state.server.limits)?;
+        let mut envelope = Envelope::new(
+            Kind::Completion,
+            &request.model,
+            request.common.return_token_ids,
+        );
+        envelope.include_usage = request.stream_include_usage();
+        respond(&state, generation, envelope, request.common.stream).await
+    }
+    .await;
+    observe(&state, &request.model, result)
 }
 
 /// `POST /v1/chat/completions`.
@@ -169,29 +166,46 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
     ApiJson(request): ApiJson<ChatRequest>,
-) -> Result<Response, ApiError> {
-    access.check(&request.model)?;
-    let generation = request.to_generation()?;
-    let mut envelope = Envelope::new(Kind::Chat, &request.model, request.common.return_token_ids);
-    envelope.include_usage = request.stream_include_usage();
-    respond(
-        &state,
-        &request.model,
-        generation,
-        envelope,
-        request.common.stream,
-    )
-    .await
+) -> Response {
+    let result = async {
+        access.check(&request.model)?;
+        let generation = request.to_generation(&state.server.limits)?;
+        let mut envelope =
+            Envelope::new(Kind::Chat, &request.model, request.common.return_token_ids);
+        envelope.include_usage = request.stream_include_usage();
+        respond(&state, generation, envelope, request.common.stream).await
+    }
+    .await;
+    observe(&state, &request.model, result)
+}
+
+/// Counts a request's response in the metrics. Requests refused before they reached a model
+/// (validation, unknown model, keys) are counted under `model="-"`, so that client-chosen names
+/// never become metric labels.
+pub fn observe(state: &AppState, model: &str, result: Result<Response, ApiError>) -> Response {
+    let routed =
+        |error: &ApiError| !matches!(error.status.as_u16(), 400 | 401 | 403 | 404 | 413 | 415);
+    match result {
+        Ok(response) => {
+            state.metrics.request(model, response.status().as_u16());
+            response
+        }
+        Err(error) => {
+            let label = if routed(&error) { model } else { "-" };
+            state.metrics.request(label, error.status.as_u16());
+            state.metrics.failure(label, error.code);
+            error.into_response()
+        }
+    }
 }
 
 async fn respond(
     state: &AppState,
-    model: &str,
     generation: crate::actors::engine::GenerationRequest,
     envelope: Envelope,
     stream: bool,
 ) -> Result<Response, ApiError> {
-    let started = start(state, model, generation).await?;
+    let mut started = start(state, &envelope.model, generation).await?;
     if stream {
         let mut opening = Vec::new();
         if envelope.kind == Kind::Chat || envelope.return_token_ids {
@@ -202,10 +216,9 @@ async fn respond(
             opening.push(envelope.wrap(true, choice, None));
         }
         let format = OpenAiChunks(envelope);
-        return Ok(sse(opening, started.events, started.guard, format).into_response());
+        return Ok(sse(opening, started, format).into_response());
     }
-    let _guard = started.guard;
-    let (ids, text, reason, usage) = collect(started.events).await?;
+    let (ids, text, reason, usage) = collect(&mut started).await?;
     let mut choice = envelope.text_choice(&text, false, true);
     choice["finish_reason"] = json!(reason.openai());
     if envelope.return_token_ids {

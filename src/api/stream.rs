@@ -1,6 +1,6 @@
 //! Turning a job's events into SSE: one `data:` chunk per token, then a final chunk and
-//! `data: [DONE]`; after a failure, one `data: {"error":...}` event then `data: [DONE]`. A
-//! stream never just stops.
+//! `data: [DONE]`; after a failure (the model's, the request deadline or the server's
+//! shutdown), one `data: {"error":...}` event then `data: [DONE]`. A stream never just stops.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::Value;
 
-use super::dispatch::{lost, CancelOnDrop, EventStream};
+use super::dispatch::{lost, Started};
 use super::error::ApiError;
 use crate::actors::engine::TokenEvent;
 use crate::models::FinishReason;
@@ -40,38 +40,62 @@ pub trait ChunkFormat: Send + 'static {
     }
 }
 
+/// How a job's next step went.
+enum Step {
+    Token(u32, String),
+    Finished(FinishReason, Usage),
+    Failed(ApiError),
+    Nothing,
+}
+
+/// Waits for the job's next event, or for the deadline or the server's abort.
+async fn next_step(started: &mut Started) -> Step {
+    let event = tokio::select! {
+        event = started.events.recv() => event,
+        error = started.interrupts.fired() => return Step::Failed(error),
+    };
+    match event {
+        Some(TokenEvent::Token { id, text }) => Step::Token(id, text),
+        Some(TokenEvent::Finished {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+        }) => Step::Finished(
+            reason,
+            Usage {
+                prompt_tokens,
+                completion_tokens,
+            },
+        ),
+        Some(TokenEvent::Started { .. }) => Step::Nothing,
+        Some(TokenEvent::Failed(err)) => Step::Failed(err.into()),
+        None => Step::Failed(lost()),
+    }
+}
+
 /// Streams a started job as SSE in the given format. `opening` chunks are sent first.
 pub fn sse<F: ChunkFormat>(
     opening: Vec<Value>,
-    events: EventStream,
-    guard: CancelOnDrop,
+    started: Started,
     format: F,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let head = stream::iter(opening.into_iter().map(|chunk| json_event(&chunk)));
-    let body = stream::unfold(Some((events, guard, format)), |state| async move {
-        let (mut events, guard, mut format) = state?;
-        let (batch, finished) = match events.recv().await {
-            Some(TokenEvent::Token { id, text }) => (vec![format.token(id, &text)], false),
-            Some(TokenEvent::Finished {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-            }) => {
-                let usage = Usage {
-                    prompt_tokens,
-                    completion_tokens,
-                };
+    let body = stream::unfold(Some((started, format)), |state| async move {
+        let (mut started, mut format) = state?;
+        let (batch, finished) = match next_step(&mut started).await {
+            Step::Token(id, text) => {
+                started.recorder.token();
+                (vec![format.token(id, &text)], false)
+            }
+            Step::Finished(reason, usage) => {
+                started.recorder.finished();
                 (format.finish(reason, usage), true)
             }
-            Some(TokenEvent::Started { .. }) => (Vec::new(), false),
-            Some(TokenEvent::Failed(err)) => (vec![format.error(&err.into())], true),
-            None => {
-                let lost = ApiError {
-                    code: "model_crashed",
-                    ..ApiError::internal("the model stopped before finishing the request")
-                };
-                (vec![format.error(&lost)], true)
+            Step::Failed(error) => {
+                started.recorder.failed(&error);
+                (vec![format.error(&error)], true)
             }
+            Step::Nothing => (Vec::new(), false),
         };
         let mut out: Vec<Event> = batch.iter().map(json_event).collect();
         if finished {
@@ -80,7 +104,7 @@ pub fn sse<F: ChunkFormat>(
             }
             return Some((stream::iter(out), None));
         }
-        Some((stream::iter(out), Some((events, guard, format))))
+        Some((stream::iter(out), Some((started, format))))
     })
     .flatten();
     Sse::new(head.chain(body).map(Ok)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
@@ -92,30 +116,27 @@ fn json_event(chunk: &Value) -> Event {
 
 /// Collects a started job to its end: token ids, text, and how it ended.
 pub async fn collect(
-    mut events: EventStream,
+    started: &mut Started,
 ) -> Result<(Vec<u32>, String, FinishReason, Usage), ApiError> {
     let mut ids = Vec::new();
     let mut text = String::new();
-    while let Some(event) = events.recv().await {
-        match event {
-            TokenEvent::Token { id, text: piece } => {
+    loop {
+        match next_step(started).await {
+            Step::Token(id, piece) => {
+                started.recorder.token();
                 ids.push(id);
                 text.push_str(&piece);
             }
-            TokenEvent::Finished {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                let usage = Usage {
-                    prompt_tokens,
-                    completion_tokens,
-                };
+            Step::Finished(reason, usage) => {
+                started.recorder.finished();
                 return Ok((ids, text, reason, usage));
             }
-            TokenEvent::Started { .. } => {}
-            TokenEvent::Failed(err) => return Err(err.into()),
+            Step::Failed(error) => {
+                // The handler's response counts this failure.
+                started.recorder.finished();
+                return Err(error);
+            }
+            Step::Nothing => {}
         }
     }
-    Err(lost())
 }

@@ -4,14 +4,17 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use crate::actors::engine::GenerationRequest;
+use crate::config::RequestLimits;
 use crate::models::{ChatMessage, GenerationParams, Prompt, SamplingParams};
 
 /// `max_tokens` when the request gives none.
 pub const DEFAULT_MAX_TOKENS: usize = 512;
-/// Most stop strings per request.
-pub const MAX_STOP_SEQUENCES: usize = 4;
-/// Longest stop string, in bytes.
-pub const MAX_STOP_BYTES: usize = 256;
+/// Longest model name, in bytes.
+pub const MAX_MODEL_NAME: usize = 256;
+/// The chat roles a message may have.
+pub const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+/// Most `top_logprobs`.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// A prompt: a string, a one-element list of strings, or token ids.
 #[derive(Debug, Clone, Deserialize)]
@@ -74,6 +77,12 @@ pub struct CommonParams {
     pub frequency_penalty: Option<f32>,
     /// Not supported beyond 0.
     pub presence_penalty: Option<f32>,
+    /// Log probabilities of the chosen tokens (not returned; `true` is refused).
+    pub logprobs: Option<bool>,
+    /// Alternatives per position with their log probabilities (at most 20; not returned).
+    pub top_logprobs: Option<u32>,
+    /// Additive biases on token logits, by token id (-100 to 100, at most 300 entries).
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
 }
 
 /// `POST /v1/completions`.
@@ -131,7 +140,8 @@ pub struct ChatRequest {
 
 impl CompletionRequest {
     /// Validates the request into an engine request.
-    pub fn to_generation(&self) -> Result<GenerationRequest, ApiError> {
+    pub fn to_generation(&self, limits: &RequestLimits) -> Result<GenerationRequest, ApiError> {
+        check_model_name(&self.model)?;
         let prompt = match &self.prompt {
             PromptInput::Text(text) => text.clone(),
             PromptInput::Texts(texts) if texts.len() == 1 => texts[0].clone(),
@@ -145,7 +155,7 @@ impl CompletionRequest {
             PromptInput::Ids(ids) => {
                 return Ok(GenerationRequest {
                     prompt: Prompt::Ids(ids.clone()),
-                    params: self.common.to_params()?,
+                    params: self.common.to_params(limits)?,
                 })
             }
         };
@@ -161,14 +171,38 @@ impl CompletionRequest {
                 text: prompt,
                 add_special_tokens: true,
             },
-            params: self.common.to_params()?,
+            params: self.common.to_params(limits)?,
         })
     }
 }
 
+/// Refuses model names no route could have (they are registry keys, never paths).
+fn check_model_name(model: &str) -> Result<(), ApiError> {
+    if model.len() > MAX_MODEL_NAME {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            Some("model"),
+            format!("the model name is longer than {MAX_MODEL_NAME} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 impl ChatRequest {
     /// Validates the request into an engine request.
-    pub fn to_generation(&self) -> Result<GenerationRequest, ApiError> {
+    pub fn to_generation(&self, limits: &RequestLimits) -> Result<GenerationRequest, ApiError> {
+        check_model_name(&self.model)?;
+        if self.messages.len() > limits.max_messages {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                Some("messages"),
+                format!(
+                    "{} messages given; at most {} are allowed",
+                    self.messages.len(),
+                    limits.max_messages
+                ),
+            ));
+        }
         if self.messages.is_empty() {
             return Err(ApiError::bad_request(
                 "missing_field",
@@ -180,6 +214,17 @@ impl ChatRequest {
             .messages
             .iter()
             .map(|message| {
+                if !ROLES.contains(&message.role.as_str()) {
+                    return Err(ApiError::bad_request(
+                        "invalid_parameter",
+                        Some("messages"),
+                        format!(
+                            "unknown role {:?}; expected one of {}",
+                            message.role,
+                            ROLES.join(", ")
+                        ),
+                    ));
+                }
                 let content = match &message.content {
                     ContentInput::Text(text) => text.clone(),
                     ContentInput::Parts(parts) => parts
@@ -202,14 +247,14 @@ impl ChatRequest {
             .collect::<Result<Vec<_>, ApiError>>()?;
         Ok(GenerationRequest {
             prompt: Prompt::Chat(messages),
-            params: self.common.to_params()?,
+            params: self.common.to_params(limits)?,
         })
     }
 }
 
 impl CommonParams {
     /// Validates the sampling and stopping fields.
-    pub fn to_params(&self) -> Result<GenerationParams, ApiError> {
+    pub fn to_params(&self, limits: &RequestLimits) -> Result<GenerationParams, ApiError> {
         let out_of_range = |param: &str, message: &str| {
             ApiError::bad_request("integer_out_of_range", Some(param), message.to_string())
         };
@@ -249,13 +294,32 @@ impl CommonParams {
             Some(StopInput::One(stop)) => vec![stop.clone()],
             Some(StopInput::Many(stops)) => stops.clone(),
         };
-        if stop.len() > MAX_STOP_SEQUENCES {
-            return Err(out_of_range("stop", "at most 4 stop sequences are allowed"));
-        }
-        if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        if stop.len() > limits.max_stop {
             return Err(out_of_range(
                 "stop",
-                "a stop sequence may be at most 256 bytes",
+                &format!("at most {} stop sequences are allowed", limits.max_stop),
+            ));
+        }
+        if stop.iter().any(|s| s.len() > limits.max_stop_bytes) {
+            return Err(out_of_range(
+                "stop",
+                &format!(
+                    "a stop sequence may be at most {} bytes",
+                    limits.max_stop_bytes
+                ),
+            ));
+        }
+        if self.top_logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(out_of_range(
+                "top_logprobs",
+                "top_logprobs may be at most 20",
+            ));
+        }
+        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(ApiError::bad_request(
+                "unsupported_parameter",
+                Some("logprobs"),
+                "logprobs are not returned by this server",
             ));
         }
         let sampling = SamplingParams {
@@ -265,6 +329,7 @@ impl CommonParams {
             min_p: self.min_p.unwrap_or(0.0),
             repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
             seed: self.seed,
+            logit_bias: self.logit_bias()?,
         };
         sampling.validate().map_err(|err| match err {
             crate::models::GenerationError::InvalidParameter { param, .. } => {
@@ -277,7 +342,28 @@ impl CommonParams {
             max_tokens: Some(max_tokens),
             stop,
             ignore_eos: self.ignore_eos,
+            strict_max_tokens: self.max_completion_tokens.or(self.max_tokens).is_some(),
         })
+    }
+}
+
+impl CommonParams {
+    /// `logit_bias` with its keys parsed as token ids.
+    fn logit_bias(&self) -> Result<Vec<(u32, f32)>, ApiError> {
+        let Some(bias) = &self.logit_bias else {
+            return Ok(Vec::new());
+        };
+        bias.iter()
+            .map(|(key, value)| {
+                key.parse::<u32>().map(|id| (id, *value)).map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_parameter",
+                        Some("logit_bias"),
+                        format!("logit_bias keys are token ids; {key:?} is not one"),
+                    )
+                })
+            })
+            .collect()
     }
 }
 

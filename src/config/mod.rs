@@ -33,7 +33,75 @@ pub struct PoolConfig {
 pub struct ServerConfig {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// Longest time to receive a request's headers.
+    pub header_timeout: Duration,
+    /// Longest time to receive a request's body (then 408).
+    pub body_timeout: Duration,
+    /// Largest inference request body in bytes.
+    pub max_body: usize,
+    /// Most open connections.
+    pub max_connections: usize,
+    /// How long in-flight requests may finish after a shutdown signal.
+    pub shutdown_timeout: Duration,
+    /// Whether `/metrics` needs no key.
+    pub metrics_public: bool,
+    /// Per-request limits checked before a request reaches a model.
+    pub limits: RequestLimits,
 }
+
+impl ServerConfig {
+    /// The defaults of every field, listening on `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            max_body: DEFAULT_MAX_BODY,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            metrics_public: false,
+            limits: RequestLimits::default(),
+        }
+    }
+}
+
+/// Per-request limits (RELIABILITY.md §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Most chat messages.
+    pub max_messages: usize,
+    /// Most stop strings.
+    pub max_stop: usize,
+    /// Longest stop string in bytes.
+    pub max_stop_bytes: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_messages: 2048,
+            max_stop: 4,
+            max_stop_bytes: 256,
+        }
+    }
+}
+
+/// Default time to receive a request's headers.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time to receive a request's body.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default largest inference request body (2 MiB).
+pub const DEFAULT_MAX_BODY: usize = 2 * 1024 * 1024;
+/// Default most open connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default shutdown drain.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default longest wait in a model's queue.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default longest a request may run in all.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default longest a load may take.
+pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A validated model entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +128,14 @@ pub struct ModelSpec {
     pub pinned: bool,
     /// Longest a generation step may run before the replica is declared stalled.
     pub stall_timeout: Duration,
+    /// Longest a request may wait in the queue.
+    pub queue_timeout: Duration,
+    /// Longest a request may run in all.
+    pub request_timeout: Duration,
+    /// Longest a load may take.
+    pub load_timeout: Duration,
+    /// Whether requests wait while the model loads or restarts (else 503 at once).
+    pub queue_during_load: bool,
 }
 
 /// The default stall timeout.

@@ -37,21 +37,42 @@ pub struct DeviceSection {
     pub memory_budget: Option<String>,
 }
 
-/// `[server]`.
+/// `[server]`. Durations are strings such as `"30s"`, sizes strings such as `"2MiB"`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// Address to listen on (default `127.0.0.1:8080`).
     #[serde(default = "default_listen")]
     pub listen: String,
-}
-
-impl Default for ServerSection {
-    fn default() -> Self {
-        Self {
-            listen: default_listen(),
-        }
-    }
+    /// Longest time to receive a request's headers before the connection is closed
+    /// (default `"30s"`).
+    #[serde(default)]
+    pub header_timeout: Option<String>,
+    /// Longest time to receive a request's body before 408 (default `"30s"`).
+    #[serde(default)]
+    pub body_timeout: Option<String>,
+    /// Largest inference request body (default `"2MiB"`; admin bodies are capped at 64 KiB).
+    #[serde(default)]
+    pub max_body: Option<String>,
+    /// Most open connections; further ones wait to be accepted (default 1024).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// How long in-flight requests may finish after SIGTERM before they end with
+    /// `server_shutdown` (default `"30s"`).
+    #[serde(default)]
+    pub shutdown_timeout: Option<String>,
+    /// Serve `/metrics` without a key (default false: the admin key is needed when keys are set).
+    #[serde(default)]
+    pub metrics_public: bool,
+    /// Most chat messages per request (default 2048).
+    #[serde(default)]
+    pub max_messages: Option<usize>,
+    /// Most stop strings per request (default 4).
+    #[serde(default)]
+    pub max_stop: Option<usize>,
+    /// Longest stop string in bytes (default 256).
+    #[serde(default)]
+    pub max_stop_bytes: Option<usize>,
 }
 
 /// One `[[models]]` entry.
@@ -90,6 +111,37 @@ pub struct ModelEntry {
     /// `generation_stalled` and restarts the replica (default `"30s"`).
     #[serde(default)]
     pub stall_timeout: Option<String>,
+    /// Longest a request may wait for a free slot before 503 `queue_timeout` (default `"60s"`).
+    #[serde(default)]
+    pub queue_timeout: Option<String>,
+    /// Longest a request may run in all before it ends with `deadline_exceeded`
+    /// (default `"600s"`).
+    #[serde(default)]
+    pub request_timeout: Option<String>,
+    /// Longest a load may take before the replica is `failed` (default `"300s"`).
+    #[serde(default)]
+    pub load_timeout: Option<String>,
+    /// Whether requests for a model that is loading or restarting wait in the queue (default
+    /// true); `false` answers 503 `model_loading` or `model_restarting` at once.
+    #[serde(default = "default_true")]
+    pub queue_during_load: bool,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            header_timeout: None,
+            body_timeout: None,
+            max_body: None,
+            max_connections: None,
+            shutdown_timeout: None,
+            metrics_public: false,
+            max_messages: None,
+            max_stop: None,
+            max_stop_bytes: None,
+        }
+    }
 }
 
 fn default_true() -> bool {

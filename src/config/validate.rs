@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::schema::{ModelEntry, PoolFile};
+use super::schema::{ModelEntry, PoolFile, ServerSection};
 use super::{ConfigError, ModelSpec, PoolConfig, ServerConfig};
 use crate::models::{estimate_weight_bytes, DTypeChoice, DeviceSpec, ModelSource};
 
@@ -121,11 +121,83 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
             ));
         }
     }
+    let server = validate_server(&file.server, listen, &|field: &str, message: String| {
+        error(
+            find_key_line(text, Some("server"), field),
+            format!("server.{field}"),
+            message,
+        )
+    })?;
     Ok(PoolConfig {
-        server: ServerConfig { listen },
+        server,
         models,
         budgets,
     })
+}
+
+/// Validates `[server]` beyond its address.
+fn validate_server(
+    section: &ServerSection,
+    listen: SocketAddr,
+    fail: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ServerConfig, ConfigError> {
+    let mut server = ServerConfig::new(listen);
+    let durations = [
+        (
+            "header_timeout",
+            &section.header_timeout,
+            &mut server.header_timeout,
+        ),
+        (
+            "body_timeout",
+            &section.body_timeout,
+            &mut server.body_timeout,
+        ),
+        (
+            "shutdown_timeout",
+            &section.shutdown_timeout,
+            &mut server.shutdown_timeout,
+        ),
+    ];
+    for (field, value, target) in durations {
+        if let Some(value) = value {
+            *target = parse_duration(value).map_err(|message| fail(field, message))?;
+        }
+    }
+    if let Some(max_body) = &section.max_body {
+        let bytes = parse_bytes(max_body).map_err(|message| fail("max_body", message))?;
+        if bytes == 0 {
+            return Err(fail("max_body", "must be at least 1 byte".to_string()));
+        }
+        server.max_body = usize::try_from(bytes).unwrap_or(usize::MAX);
+    }
+    let counts = [
+        (
+            "max_connections",
+            section.max_connections,
+            &mut server.max_connections,
+        ),
+        (
+            "max_messages",
+            section.max_messages,
+            &mut server.limits.max_messages,
+        ),
+        ("max_stop", section.max_stop, &mut server.limits.max_stop),
+        (
+            "max_stop_bytes",
+            section.max_stop_bytes,
+            &mut server.limits.max_stop_bytes,
+        ),
+    ];
+    for (field, value, target) in counts {
+        match value {
+            Some(0) => return Err(fail(field, "must be at least 1".to_string())),
+            Some(value) => *target = value,
+            None => {}
+        }
+    }
+    server.metrics_public = section.metrics_public;
+    Ok(server)
 }
 
 /// Splits `"8GiB"` into `(8.0, "GiB")`; `example` completes the error message.
@@ -247,13 +319,34 @@ fn validate_model(
         .map(parse_duration)
         .transpose()
         .map_err(|message| fail("keep_alive", message))?;
-    let stall_timeout = entry
-        .stall_timeout
-        .as_deref()
-        .map(parse_duration)
-        .transpose()
-        .map_err(|message| fail("stall_timeout", message))?
-        .unwrap_or(super::DEFAULT_STALL_TIMEOUT);
+    let duration = |field: &str, value: &Option<String>, default: Duration| {
+        value
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|message| fail(field, message))
+            .map(|parsed| parsed.unwrap_or(default))
+    };
+    let stall_timeout = duration(
+        "stall_timeout",
+        &entry.stall_timeout,
+        super::DEFAULT_STALL_TIMEOUT,
+    )?;
+    let queue_timeout = duration(
+        "queue_timeout",
+        &entry.queue_timeout,
+        super::DEFAULT_QUEUE_TIMEOUT,
+    )?;
+    let request_timeout = duration(
+        "request_timeout",
+        &entry.request_timeout,
+        super::DEFAULT_REQUEST_TIMEOUT,
+    )?;
+    let load_timeout = duration(
+        "load_timeout",
+        &entry.load_timeout,
+        super::DEFAULT_LOAD_TIMEOUT,
+    )?;
     Ok(ModelSpec {
         name: entry.name.clone(),
         source,
@@ -266,6 +359,10 @@ fn validate_model(
         keep_alive,
         pinned: entry.pinned,
         stall_timeout,
+        queue_timeout,
+        request_timeout,
+        load_timeout,
+        queue_during_load: entry.queue_during_load,
     })
 }
 

@@ -134,6 +134,19 @@ pub enum GenerationError {
         /// The model's context length.
         context_length: usize,
     },
+    /// The prompt plus the requested `max_tokens` does not fit the context.
+    #[error(
+        "the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}, {} in all, but the model's context is {context_length} tokens",
+        prompt_tokens + max_tokens
+    )]
+    MaxTokensExceedContext {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// The requested maximum.
+        max_tokens: usize,
+        /// The model's context length.
+        context_length: usize,
+    },
     /// A prompt token id is outside the vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab_size} tokens")]
     TokenOutOfVocabulary {

@@ -39,6 +39,9 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Keep generating past EOS tokens.
     pub ignore_eos: bool,
+    /// Refuse a `max_tokens` that does not fit beside the prompt in the context (a client asked
+    /// for it explicitly) instead of stopping when the context is full.
+    pub strict_max_tokens: bool,
 }
 
 /// Why a generation ended.
@@ -126,6 +129,15 @@ impl Sequence {
                 prompt_tokens: prompt_ids.len(),
                 context_length,
             });
+        }
+        if let Some(max_tokens) = params.max_tokens.filter(|_| params.strict_max_tokens) {
+            if prompt_ids.len() + max_tokens > context_length {
+                return Err(GenerationError::MaxTokensExceedContext {
+                    prompt_tokens: prompt_ids.len(),
+                    max_tokens,
+                    context_length,
+                });
+            }
         }
         let vocab_size = model.info.vocab_size;
         if let Some(&id) = prompt_ids.iter().find(|&&id| id as usize >= vocab_size) {

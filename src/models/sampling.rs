@@ -20,6 +20,9 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// RNG seed; the same seed gives the same tokens. `None` draws one from the OS.
     pub seed: Option<u64>,
+    /// Added to the logits of these token ids before anything else (ids past the vocabulary
+    /// are ignored).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -31,6 +34,7 @@ impl Default for SamplingParams {
             min_p: 0.0,
             repetition_penalty: 1.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -52,8 +56,8 @@ impl SamplingParams {
                 reason: reason.to_string(),
             })
         };
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return invalid("temperature", "must be a finite number >= 0");
+        if !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
+            return invalid("temperature", "must be in [0, 2]");
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return invalid("top_p", "must be in (0, 1]");
@@ -64,9 +68,24 @@ impl SamplingParams {
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return invalid("repetition_penalty", "must be a finite number > 0");
         }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return invalid("logit_bias", "at most 300 token biases are allowed");
+        }
+        if self
+            .logit_bias
+            .iter()
+            .any(|(_, bias)| !(-100.0..=100.0).contains(bias))
+        {
+            return invalid("logit_bias", "each bias must be in [-100, 100]");
+        }
         Ok(())
     }
 }
+
+/// Highest accepted temperature.
+pub const MAX_TEMPERATURE: f32 = 2.0;
+/// Most `logit_bias` entries.
+pub const MAX_LOGIT_BIAS: usize = 300;
 
 /// Chooses tokens from logits, with its own seeded RNG.
 #[derive(Debug)]
@@ -88,6 +107,11 @@ impl Sampler {
     /// Picks the next token. `previous` is every token of the sequence so far (prompt and
     /// generated), for the repetition penalty.
     pub fn sample(&mut self, logits: &mut [f32], previous: &[u32]) -> u32 {
+        for (id, bias) in &self.params.logit_bias {
+            if let Some(logit) = logits.get_mut(*id as usize) {
+                *logit += bias;
+            }
+        }
         if self.params.repetition_penalty != 1.0 {
             apply_repetition_penalty(logits, previous, self.params.repetition_penalty);
         }
@@ -206,6 +230,15 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_moves_the_greedy_choice() {
+        let params = SamplingParams {
+            logit_bias: vec![(2, 100.0), (99, 5.0)],
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(Sampler::new(params).sample(&mut logits(), &[]), 2);
+    }
+
+    #[test]
     fn top_k_one_is_greedy() {
         let params = SamplingParams {
             top_k: 1,
@@ -279,16 +312,27 @@ mod tests {
                 repetition_penalty: 0.0,
                 ..SamplingParams::default()
             },
+            SamplingParams {
+                temperature: 2.5,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(1, 101.0)],
+                ..SamplingParams::default()
+            },
         ];
         let names: Vec<String> = bad
             .iter()
             .map(|p| p.validate().unwrap_err().to_string())
             .collect();
-        for (message, name) in
-            names
-                .iter()
-                .zip(["temperature", "top_p", "min_p", "repetition_penalty"])
-        {
+        for (message, name) in names.iter().zip([
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "temperature",
+            "logit_bias",
+        ]) {
             assert!(message.contains(name), "{message}");
         }
     }

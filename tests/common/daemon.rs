@@ -42,10 +42,11 @@ impl Daemon {
         let path = dir.path().join("pool.toml");
         std::fs::write(&path, pool_toml).unwrap();
         let config = llorch::config::load(&path).unwrap();
+        let config_server = config.server.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let pool = Pool::start(config, Some(path.clone())).await.unwrap();
-        let state = AppState::new(&pool, keys);
+        let state = AppState::new(&pool, keys, config_server);
         let (shutdown, stop) = oneshot::channel::<()>();
         tokio::spawn(async move {
             serve(listener, state, async {
@@ -65,17 +66,22 @@ impl Daemon {
 
     /// Waits until `/v1/models` lists `model` (it has a ready replica).
     pub async fn wait_model(&self, model: &str) {
+        self.wait_model_as(model, None).await
+    }
+
+    /// Like [`Daemon::wait_model`], asking with an inference key.
+    pub async fn wait_model_with_key(&self, model: &str, key: &str) {
+        self.wait_model_as(model, Some(key)).await
+    }
+
+    async fn wait_model_as(&self, model: &str, key: Option<&str>) {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let listed: Value = self
-                .client
-                .get(self.at("/v1/models"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let mut request = self.client.get(self.at("/v1/models"));
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            let listed: Value = request.send().await.unwrap().json().await.unwrap();
             let ready = listed["data"]
                 .as_array()
                 .is_some_and(|models| models.iter().any(|m| m["id"] == model));

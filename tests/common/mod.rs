@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod raw;
 
 use std::path::PathBuf;
 
@@ -107,6 +108,7 @@ pub fn greedy(model: &mut LoadedModel, prompt_ids: Vec<u32>, n: usize) -> (Vec<u
         max_tokens: Some(n),
         stop: Vec::new(),
         ignore_eos: true,
+        strict_max_tokens: false,
     };
     let mut sequence = Sequence::new(model, prompt_ids, params).unwrap();
     let mut text = String::new();

@@ -1,51 +1,13 @@
 //! The daemon as a process: SIGHUP re-reads pool.toml (a broken file changes nothing), and
 //! SIGTERM exits cleanly.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
+use common::process::signal;
 use std::time::{Duration, Instant};
 
 fn demo(name: &str) -> String {
     format!("[[models]]\nname = \"{name}\"\nsource = \"builtin:demo\"\n")
-}
-
-/// Starts `llorch serve` on a free port and returns it with its base URL.
-fn start(config: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llorch"))
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (lines_tx, lines_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = lines_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-        match line {
-            Ok(line) => {
-                if let Some(url) = line.strip_prefix("llorch listening on ") {
-                    return (child, url.trim().to_string());
-                }
-            }
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the daemon never listened");
-            }
-        }
-    }
 }
 
 fn model_ids(url: &str) -> Vec<String> {
@@ -57,14 +19,6 @@ fn model_ids(url: &str) -> Vec<String> {
         .iter()
         .map(|m| m["id"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 fn wait_for(what: &str, check: impl Fn() -> bool) {
@@ -86,7 +40,7 @@ fn sighup_applies_a_valid_pool_file_and_ignores_a_broken_one_and_sigterm_exits_c
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("pool.toml");
     std::fs::write(&config, format!("version = 1\n{}", demo("first"))).unwrap();
-    let (mut child, url) = start(&config);
+    let (mut child, url) = common::process::start(&config);
     wait_for("first", || model_ids(&url) == ["first"]);
 
     std::fs::write(

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod process;
 pub mod raw;
 
 use std::path::PathBuf;

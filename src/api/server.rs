@@ -60,6 +60,10 @@ pub async fn serve_connections(
                 }
             },
         };
+        // Tokens are small writes: without this, Nagle's algorithm holds them for up to 40 ms.
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "TCP_NODELAY");
+        }
         let app = app.clone();
         let mut closed = closed.clone();
         connections.spawn(async move {

@@ -64,6 +64,8 @@ pub fn estimate_weight_bytes(source: &ModelSource, dtype: DTypeChoice, device: D
                 .unwrap_or(0)
         }
         ModelSource::BuiltinDemo => demo::DEMO_PARAMETERS * compute_element_bytes(dtype, device),
+        #[cfg(feature = "fault-injection")]
+        ModelSource::BuiltinFake { .. } => 0,
     }
 }
 

@@ -88,6 +88,28 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
             load_hf_dir(&dir, &device, spec.dtype)?
         }
         ModelSource::Gguf(path) => load_gguf_file(path, &device, spec.dtype)?,
+        #[cfg(feature = "fault-injection")]
+        ModelSource::BuiltinFake { ms } => {
+            let tokenizer = demo::demo_tokenizer()?;
+            LoadedModel {
+                model: super::model::Model::Fake(super::fake::FakeModel {
+                    per_token: std::time::Duration::from_millis(*ms),
+                    vocab: tokenizer.vocab_size(),
+                }),
+                tokenizer,
+                info: ModelInfo {
+                    source: String::new(),
+                    architecture: "fake".to_string(),
+                    context_length: super::fake::FAKE_CONTEXT,
+                    vocab_size: 0,
+                    eos_ids: demo::DEMO_EOS.to_vec(),
+                    dtype: candle_core::DType::F32,
+                    device: String::new(),
+                    weights_bytes: 0,
+                },
+                device: device.clone(),
+            }
+        }
         ModelSource::BuiltinDemo => {
             let dtype = spec.dtype.resolve(&device)?;
             LoadedModel {

@@ -10,6 +10,8 @@ mod demo;
 mod detok;
 mod device;
 mod error;
+#[cfg(feature = "fault-injection")]
+mod fake;
 mod footprint;
 mod generation;
 mod gguf;

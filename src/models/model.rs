@@ -70,6 +70,9 @@ pub enum Model {
         /// An unused copy with an empty cache.
         pristine: quantized_phi3::ModelWeights,
     },
+    /// The test backend of `builtin:fake` (test builds only).
+    #[cfg(feature = "fault-injection")]
+    Fake(super::fake::FakeModel),
     /// A GGUF Gemma 3, reset like Phi-3.
     QuantGemma3 {
         /// The model in use.
@@ -89,6 +92,8 @@ impl Model {
         position: usize,
     ) -> Result<Vec<f32>, GenerationError> {
         let logits = match self {
+            #[cfg(feature = "fault-injection")]
+            Model::Fake(fake) => return fake.forward(position + input.dim(1)?),
             Model::Llama { model, cache, .. } => model.forward(input, position, cache)?,
             Model::Decoder(m) => m.forward(input, position)?,
             Model::Phi(m) => m.forward(input)?,
@@ -140,6 +145,8 @@ impl Model {
             Model::QuantQwen3(m) => m.clear_kv_cache(),
             Model::QuantPhi3 { model, pristine } => *model = pristine.clone(),
             Model::QuantGemma3 { model, pristine } => *model = pristine.clone(),
+            #[cfg(feature = "fault-injection")]
+            Model::Fake(_) => {}
         }
         Ok(())
     }

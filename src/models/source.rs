@@ -36,6 +36,12 @@ pub enum ModelSource {
     },
     /// The small seeded random Llama built in memory.
     BuiltinDemo,
+    /// The test backend: `ms` milliseconds per forward pass, no compute (test builds only).
+    #[cfg(feature = "fault-injection")]
+    BuiltinFake {
+        /// Milliseconds per forward pass.
+        ms: u64,
+    },
 }
 
 impl FromStr for ModelSource {
@@ -50,6 +56,15 @@ impl FromStr for ModelSource {
             return Err(bad("the source is empty"));
         }
         if let Some(name) = text.strip_prefix("builtin:") {
+            #[cfg(feature = "fault-injection")]
+            if let Some(rest) = name.strip_prefix("fake") {
+                let query = rest.strip_prefix('?');
+                if rest.is_empty() || query.is_some() {
+                    return super::fake::parse_ms(query)
+                        .map(|ms| ModelSource::BuiltinFake { ms })
+                        .map_err(|reason| bad(&reason));
+                }
+            }
             return match name {
                 "demo" => Ok(ModelSource::BuiltinDemo),
                 _ => Err(bad("the only built-in model is builtin:demo")),
@@ -93,6 +108,8 @@ impl fmt::Display for ModelSource {
             ModelSource::Dir(path) | ModelSource::Gguf(path) => write!(f, "{}", path.display()),
             ModelSource::Hub { repo, revision } => write!(f, "{HUB_PREFIX}{repo}@{revision}"),
             ModelSource::BuiltinDemo => f.write_str(BUILTIN_DEMO),
+            #[cfg(feature = "fault-injection")]
+            ModelSource::BuiltinFake { ms } => write!(f, "builtin:fake?ms={ms}"),
         }
     }
 }

@@ -1,0 +1,50 @@
+//! `builtin:fake?ms=N`: a test backend for the reliability suites (compiled only with the
+//! `fault-injection` feature). It has the demo tokenizer, a 64K-token context, and a forward
+//! pass that sleeps `N` ms and returns logits that pick the next byte of the alphabet, never
+//! an end token: streams run to `max_tokens` at a known rate, using almost no CPU, so a
+//! 2-core machine can hold many concurrent streams (RELIABILITY.md §13).
+
+use std::time::Duration;
+
+use super::error::GenerationError;
+
+/// The fake model's context length.
+pub const FAKE_CONTEXT: usize = 65_536;
+/// The fake's default time per forward pass.
+pub const DEFAULT_MS_PER_TOKEN: u64 = 5;
+
+/// Ids of the demo vocabulary's bytes `a`..`z` (byte tokens follow the 7 special tokens).
+const FIRST_LETTER: u32 = 7 + b'a' as u32;
+
+/// The fake model's state.
+#[derive(Debug, Clone)]
+pub struct FakeModel {
+    /// Time each forward pass takes.
+    pub per_token: Duration,
+    /// Vocabulary size (logits length).
+    pub vocab: usize,
+}
+
+impl FakeModel {
+    /// Sleeps one step, then returns logits whose argmax is a letter chosen by `position`.
+    pub fn forward(&self, position: usize) -> Result<Vec<f32>, GenerationError> {
+        std::thread::sleep(self.per_token);
+        let mut logits = vec![0.0f32; self.vocab];
+        let letter = FIRST_LETTER as usize + position % 26;
+        if let Some(logit) = logits.get_mut(letter) {
+            *logit = 10.0;
+        }
+        Ok(logits)
+    }
+}
+
+/// Parses the query of `builtin:fake[?ms=N]` into milliseconds per token.
+pub fn parse_ms(query: Option<&str>) -> Result<u64, String> {
+    match query {
+        None => Ok(DEFAULT_MS_PER_TOKEN),
+        Some(query) => query
+            .strip_prefix("ms=")
+            .and_then(|ms| ms.parse().ok())
+            .ok_or_else(|| format!("expected builtin:fake?ms=N, got ?{query}")),
+    }
+}

@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::daemon::Daemon;
@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 /// Load tests share two cores: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const MS_PER_TOKEN: u64 = 5;
 
@@ -106,7 +106,7 @@ async fn warm_up(daemon: &Daemon, models: &[&str]) -> Snapshot {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l1_steady_load_at_capacity_has_no_errors_and_keeps_the_token_rate() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let models = ["a", "b", "c"];
     let daemon = Daemon::start(&pool(&models, 11, 64)).await;
     let baseline = warm_up(&daemon, &models).await;
@@ -171,7 +171,7 @@ async fn l1_steady_load_at_capacity_has_no_errors_and_keeps_the_token_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l2_overload_sheds_with_503_fast_and_health_stays_fast() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let models = ["a", "b", "c"];
     let max_queue = 16;
     let daemon = Daemon::start(&pool(&models, 4, max_queue)).await;
@@ -280,7 +280,7 @@ async fn l2_overload_sheds_with_503_fast_and_health_stays_fast() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l7_loading_one_model_does_not_slow_another() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let daemon = Daemon::start(&pool(&["a"], 1, 64)).await;
     let client = reqwest::Client::new();
     let body = common::load::body("a", 40);

@@ -4,6 +4,7 @@
 //! an end token: streams run to `max_tokens` at a known rate, using almost no CPU, so a
 //! 2-core machine can hold many concurrent streams (RELIABILITY.md §13).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::error::GenerationError;
@@ -15,6 +16,15 @@ pub const DEFAULT_MS_PER_TOKEN: u64 = 5;
 
 /// Ids of the demo vocabulary's bytes `a`..`z` (byte tokens follow the 7 special tokens).
 const FIRST_LETTER: u32 = 7 + b'a' as u32;
+
+/// Forward passes run by every fake model of this process.
+static FORWARDS: AtomicU64 = AtomicU64::new(0);
+
+/// How many forward passes fake models have run in this process (tests compare it before and
+/// after a client leaves, to count the steps generated for nobody).
+pub fn fake_forwards() -> u64 {
+    FORWARDS.load(Ordering::SeqCst)
+}
 
 /// The fake model's state.
 #[derive(Debug, Clone)]
@@ -29,6 +39,7 @@ impl FakeModel {
     /// Sleeps one step, then returns logits whose argmax is a letter chosen by `position`.
     pub fn forward(&self, position: usize) -> Result<Vec<f32>, GenerationError> {
         std::thread::sleep(self.per_token);
+        FORWARDS.fetch_add(1, Ordering::SeqCst);
         let mut logits = vec![0.0f32; self.vocab];
         let letter = FIRST_LETTER as usize + position % 26;
         if let Some(logit) = logits.get_mut(letter) {

@@ -28,6 +28,8 @@ pub use arch::Architecture;
 pub use detok::Detokenizer;
 pub use device::{DTypeChoice, DeviceSpec};
 pub use error::{first_line, GenerationError, LoadError};
+#[cfg(feature = "fault-injection")]
+pub use fake::fake_forwards;
 pub use footprint::estimate_weight_bytes;
 pub use generation::{
     tokenize_prompt, FinishReason, GenerationParams, Prompt, Sequence, StepOutput,

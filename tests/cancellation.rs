@@ -1,0 +1,180 @@
+//! RELIABILITY.md checklist X on the fake backend (5 ms per token): a client that leaves stops
+//! its generation within two steps, whether it was streaming, waiting for a non-streamed
+//! answer, or still queued, and the slot is free again at once. Cancellation reaches the engine
+//! through the job's cancel flag (set when the handler's future or the response stream is
+//! dropped), read by the engine thread before every step, and through the closed event channel.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::{Daemon, SseReader};
+use futures::StreamExt;
+use llorch::models::fake_forwards;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+/// Cancellation tests count forward passes process-wide: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn pool(replicas: usize, max_queue: usize) -> String {
+    let devices = vec!["\"cpu\""; replicas].join(", ");
+    format!(
+        "version = 1\n[[models]]\nname = \"fake\"\nsource = \"builtin:fake?ms=5\"\n\
+         devices = [{devices}]\nmax_queue = {max_queue}\n"
+    )
+}
+
+fn long(stream: bool) -> Value {
+    json!({"model": "fake", "prompt": "Go", "max_tokens": 10000, "stream": stream})
+}
+
+/// Sums a gauge over models from `/metrics`.
+async fn gauge(daemon: &Daemon, name: &str) -> f64 {
+    let text = daemon.client.get(daemon.at("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until nothing is in flight or queued; returns how long it took.
+async fn settle(daemon: &Daemon, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let busy = gauge(daemon, "llorch_in_flight").await + gauge(daemon, "llorch_queue_depth").await;
+        if busy == 0.0 {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "still busy after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Time until a fresh streamed request's first token.
+async fn first_token_time(daemon: &Daemon) -> Duration {
+    let started = Instant::now();
+    let response = daemon
+        .client
+        .post(daemon.at("/v1/completions"))
+        .json(&json!({"model": "fake", "prompt": "Go", "max_tokens": 2, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut reader = SseReader::new(response);
+    assert!(reader.next().await.is_some());
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x1_two_hundred_abandoned_streams_free_everything() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start(&pool(4, 256)).await;
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        let (client, url) = (daemon.client.clone(), daemon.at("/v1/completions"));
+        clients.push(tokio::spawn(async move {
+            let request = client.post(url).json(&long(true)).send();
+            // Each client leaves after 0.5 s, started or still queued.
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                if let Ok(response) = request.await {
+                    let mut body = response.bytes_stream();
+                    while body.next().await.is_some() {}
+                }
+            })
+            .await;
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    let left = fake_forwards();
+    let first = first_token_time(&daemon).await;
+    let settled = settle(&daemon, Duration::from_secs(2)).await;
+    let after = fake_forwards() - left;
+    eprintln!("X1: first token {first:?} after the clients left, gauges 0 after {settled:?}, {after} forward passes for nobody or the probe");
+    assert!(first < Duration::from_secs(1), "first token after {first:?}");
+    // At most two steps per stream after its client left (and 3 for the probe request).
+    assert!(after <= 2 * 200 + 3, "{after} forward passes after the clients left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x2_a_single_slot_is_free_within_a_second_of_a_client_timeout() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start(&pool(1, 8)).await;
+    let request = daemon.client.post(daemon.at("/v1/completions")).json(&long(true)).timeout(Duration::from_millis(100));
+    let _ = async {
+        let response = request.send().await?;
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            chunk?;
+        }
+        Ok::<(), reqwest::Error>(())
+    }
+    .await;
+    let first = first_token_time(&daemon).await;
+    eprintln!("X2: the next request's first token came {first:?} after the client timed out");
+    assert!(first < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x3_a_closed_non_streaming_request_stops_within_two_steps() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start(&pool(1, 8)).await;
+    let request = daemon.client.post(daemon.at("/v1/completions")).json(&long(false)).timeout(Duration::from_millis(300));
+    assert!(request.send().await.unwrap_err().is_timeout());
+    let left = fake_forwards();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = fake_forwards() - left;
+    eprintln!("X3: {after} forward passes after the client closed");
+    assert!(after <= 2, "{after} forward passes after the client closed");
+    settle(&daemon, Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x4_a_client_that_leaves_while_queued_never_reaches_the_engine() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start(&pool(1, 8)).await;
+    let running = daemon
+        .client
+        .post(daemon.at("/v1/completions"))
+        .json(&json!({"model": "fake", "prompt": "Go", "max_tokens": 60, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let queued = daemon.client.post(daemon.at("/v1/completions")).json(&long(true)).timeout(Duration::from_millis(100));
+    assert!(queued.send().await.unwrap_err().is_timeout());
+    let mut running = SseReader::new(running);
+    let mut events = 0;
+    while running.next().await.is_some() {
+        events += 1;
+    }
+    let done = fake_forwards();
+    settle(&daemon, Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = fake_forwards() - done;
+    eprintln!("X4: the running stream sent {events} events; {after} forward passes after it ended");
+    assert_eq!(after, 0, "the abandoned queued request was run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x6_cancelled_jobs_are_counted_and_free_their_slot() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start(&pool(1, 8)).await;
+    for _ in 0..3 {
+        let response = daemon.client.post(daemon.at("/v1/completions")).json(&long(true)).send().await.unwrap();
+        let mut reader = SseReader::new(response);
+        for _ in 0..5 {
+            assert!(reader.next().await.is_some());
+        }
+    }
+    settle(&daemon, Duration::from_secs(2)).await;
+    let text = daemon.client.get(daemon.at("/metrics")).send().await.unwrap().text().await.unwrap();
+    let cancelled: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("llorch_request_failures_total{") && l.contains("code=\"cancelled\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(cancelled, 3.0);
+}

@@ -31,7 +31,15 @@ fn long(stream: bool) -> Value {
 
 /// Sums a gauge over models from `/metrics`.
 async fn gauge(daemon: &Daemon, name: &str) -> f64 {
-    let text = daemon.client.get(daemon.at("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = daemon
+        .client
+        .get(daemon.at("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -42,7 +50,8 @@ async fn gauge(daemon: &Daemon, name: &str) -> f64 {
 async fn settle(daemon: &Daemon, limit: Duration) -> Duration {
     let started = Instant::now();
     loop {
-        let busy = gauge(daemon, "llorch_in_flight").await + gauge(daemon, "llorch_queue_depth").await;
+        let busy =
+            gauge(daemon, "llorch_in_flight").await + gauge(daemon, "llorch_queue_depth").await;
         if busy == 0.0 {
             return started.elapsed();
         }
@@ -94,16 +103,26 @@ async fn x1_two_hundred_abandoned_streams_free_everything() {
     let settled = settle(&daemon, Duration::from_secs(2)).await;
     let after = fake_forwards() - left;
     eprintln!("X1: first token {first:?} after the clients left, gauges 0 after {settled:?}, {after} forward passes for nobody or the probe");
-    assert!(first < Duration::from_secs(1), "first token after {first:?}");
+    assert!(
+        first < Duration::from_secs(1),
+        "first token after {first:?}"
+    );
     // At most two steps per stream after its client left (and 3 for the probe request).
-    assert!(after <= 2 * 200 + 3, "{after} forward passes after the clients left");
+    assert!(
+        after <= 2 * 200 + 3,
+        "{after} forward passes after the clients left"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x2_a_single_slot_is_free_within_a_second_of_a_client_timeout() {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::start(&pool(1, 8)).await;
-    let request = daemon.client.post(daemon.at("/v1/completions")).json(&long(true)).timeout(Duration::from_millis(100));
+    let request = daemon
+        .client
+        .post(daemon.at("/v1/completions"))
+        .json(&long(true))
+        .timeout(Duration::from_millis(100));
     let _ = async {
         let response = request.send().await?;
         let mut body = response.bytes_stream();
@@ -122,7 +141,11 @@ async fn x2_a_single_slot_is_free_within_a_second_of_a_client_timeout() {
 async fn x3_a_closed_non_streaming_request_stops_within_two_steps() {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::start(&pool(1, 8)).await;
-    let request = daemon.client.post(daemon.at("/v1/completions")).json(&long(false)).timeout(Duration::from_millis(300));
+    let request = daemon
+        .client
+        .post(daemon.at("/v1/completions"))
+        .json(&long(false))
+        .timeout(Duration::from_millis(300));
     assert!(request.send().await.unwrap_err().is_timeout());
     let left = fake_forwards();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -143,7 +166,11 @@ async fn x4_a_client_that_leaves_while_queued_never_reaches_the_engine() {
         .send()
         .await
         .unwrap();
-    let queued = daemon.client.post(daemon.at("/v1/completions")).json(&long(true)).timeout(Duration::from_millis(100));
+    let queued = daemon
+        .client
+        .post(daemon.at("/v1/completions"))
+        .json(&long(true))
+        .timeout(Duration::from_millis(100));
     assert!(queued.send().await.unwrap_err().is_timeout());
     let mut running = SseReader::new(running);
     let mut events = 0;
@@ -163,17 +190,33 @@ async fn x6_cancelled_jobs_are_counted_and_free_their_slot() {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::start(&pool(1, 8)).await;
     for _ in 0..3 {
-        let response = daemon.client.post(daemon.at("/v1/completions")).json(&long(true)).send().await.unwrap();
+        let response = daemon
+            .client
+            .post(daemon.at("/v1/completions"))
+            .json(&long(true))
+            .send()
+            .await
+            .unwrap();
         let mut reader = SseReader::new(response);
         for _ in 0..5 {
             assert!(reader.next().await.is_some());
         }
     }
     settle(&daemon, Duration::from_secs(2)).await;
-    let text = daemon.client.get(daemon.at("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = daemon
+        .client
+        .get(daemon.at("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let cancelled: f64 = text
         .lines()
-        .filter(|l| l.starts_with("llorch_request_failures_total{") && l.contains("code=\"cancelled\""))
+        .filter(|l| {
+            l.starts_with("llorch_request_failures_total{") && l.contains("code=\"cancelled\"")
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(cancelled, 3.0);

@@ -36,12 +36,36 @@ pub fn arm(replica: &str, fault: Fault) {
     faults.entry(replica.to_string()).or_default().push(fault);
 }
 
-/// Takes the first armed fault of `replica` that `matches`, if any.
+/// Faults that fired, by replica.
+fn fired_registry() -> &'static Mutex<HashMap<String, Vec<Fault>>> {
+    static FIRED: OnceLock<Mutex<HashMap<String, Vec<Fault>>>> = OnceLock::new();
+    FIRED.get_or_init(Mutex::default)
+}
+
+/// Takes the first armed fault of `replica` that `matches`, if any, and records it as fired.
 fn take(replica: &str, matches: impl Fn(&Fault) -> bool) -> Option<Fault> {
     let mut faults = registry().lock().unwrap_or_else(|e| e.into_inner());
     let list = faults.get_mut(replica)?;
     let index = list.iter().position(matches)?;
-    Some(list.remove(index))
+    let fault = list.remove(index);
+    let mut fired = fired_registry().lock().unwrap_or_else(|e| e.into_inner());
+    fired
+        .entry(replica.to_string())
+        .or_default()
+        .push(fault.clone());
+    Some(fault)
+}
+
+/// Disarms every fault of `replica` that has not fired.
+pub fn clear(replica: &str) {
+    let mut faults = registry().lock().unwrap_or_else(|e| e.into_inner());
+    faults.remove(replica);
+}
+
+/// The faults of `replica` that fired, in order.
+pub fn fired(replica: &str) -> Vec<Fault> {
+    let fired = fired_registry().lock().unwrap_or_else(|e| e.into_inner());
+    fired.get(replica).cloned().unwrap_or_default()
 }
 
 /// Acts on a token fault armed for `replica` at `token`: panics or sleeps.

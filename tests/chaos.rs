@@ -19,7 +19,7 @@ const VICTIM: &str = "victim#0@cpu";
 const VICTIM_QUEUE: usize = 16;
 
 fn pool() -> String {
-    let eight = vec!["\"cpu\""; 8].join(", ");
+    let eight = ["\"cpu\""; 8].join(", ");
     format!(
         "version = 1\n\
          [[models]]\nname = \"a\"\nsource = \"builtin:fake?ms=5\"\ndevices = [{eight}]\n\

@@ -22,6 +22,8 @@ pub enum Fault {
     PanicNextLoad,
     /// Make the next load take this long before it goes on.
     SlowNextLoad(Duration),
+    /// Panic in the HTTP handler of the next request for the model (arm it on `handler:<model>`).
+    PanicInHandler,
 }
 
 fn registry() -> &'static Mutex<HashMap<String, Vec<Fault>>> {
@@ -78,6 +80,13 @@ pub(crate) fn on_step(replica: &str, token: usize) {
         Some(Fault::PanicAtToken(_)) => panic!("injected panic at token {token}"),
         Some(Fault::HangAtToken(_, pause)) => std::thread::sleep(pause),
         _ => {}
+    }
+}
+
+/// Acts on a handler fault armed for `model`: panics in the request's handler.
+pub fn on_handler(model: &str) {
+    if take(&format!("handler:{model}"), |f| *f == Fault::PanicInHandler).is_some() {
+        panic!("injected panic in the handler");
     }
 }
 

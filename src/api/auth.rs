@@ -1,4 +1,5 @@
-//! Keys, bearer tokens compared in constant time.
+//! Keys, bearer tokens compared in constant time (SHA-256 digests, `subtle`'s equality, every
+//! configured key compared with no early exit).
 //!
 //! - The admin key (`LLORCH_ADMIN_KEY`) guards `/admin/*`; an inference key there is a 403.
 //!   Without an admin key, admin routes answer only clients on loopback.
@@ -13,6 +14,9 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
 
 use super::error::ApiError;
 use super::AppState;
@@ -108,14 +112,25 @@ impl Keys {
     }
 }
 
-/// Compares two secrets in time that depends only on their lengths.
+/// Compares two secrets as SHA-256 digests with a constant-time equality, so the time taken
+/// depends on neither their contents nor their lengths.
 fn same_secret(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    let mut diff = a.len() ^ b.len();
-    for (i, byte) in b.iter().enumerate() {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ byte);
+    secret_matches(given, expected).into()
+}
+
+fn secret_matches(given: &str, expected: &str) -> Choice {
+    Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(expected.as_bytes()))
+}
+
+/// The inference key `token` is, comparing it with every key (no early exit).
+fn find_inference_key<'a>(keys: &'a [InferenceKey], token: &str) -> Option<&'a InferenceKey> {
+    let mut found = None;
+    for key in keys {
+        if bool::from(secret_matches(token, &key.key)) && found.is_none() {
+            found = Some(key);
+        }
     }
-    diff == 0
+    found
 }
 
 /// The token of the request's one `Authorization: Bearer` header (the scheme in any letter
@@ -146,12 +161,7 @@ pub async fn require_admin(
     };
     match bearer(&request) {
         Some(token) if same_secret(token, admin) => next.run(request).await,
-        Some(token)
-            if keys
-                .inference
-                .iter()
-                .any(|key| same_secret(token, &key.key)) =>
-        {
+        Some(token) if find_inference_key(&keys.inference, token).is_some() => {
             forbidden("an inference key cannot use admin routes")
         }
         _ => unauthorized("a valid admin key is required (Authorization: Bearer ...)"),
@@ -174,10 +184,7 @@ pub async fn require_inference_key(
             .admin
             .as_deref()
             .is_some_and(|key| same_secret(token, key));
-        let inference = keys
-            .inference
-            .iter()
-            .find(|key| same_secret(token, &key.key));
+        let inference = find_inference_key(&keys.inference, token);
         match (admin, inference) {
             (true, _) => Access::All,
             (false, Some(key)) => match &key.models {
@@ -251,5 +258,15 @@ mod tests {
         assert!(!same_secret("ab", "abc"));
         assert!(!same_secret("abcd", "abc"));
         assert!(!same_secret("", "abc"));
+        assert!(!same_secret("ABC", "abc"));
+    }
+
+    #[test]
+    fn every_key_is_compared_and_the_first_match_wins() {
+        let keys = Keys::parse(None, "k1:alpha,k2,k1");
+        let found = find_inference_key(&keys.inference, "k1").unwrap();
+        assert_eq!(found.models, Some(vec!["alpha".to_string()]));
+        assert_eq!(find_inference_key(&keys.inference, "k2").unwrap().key, "k2");
+        assert!(find_inference_key(&keys.inference, "k3").is_none());
     }
 }

@@ -10,9 +10,11 @@ mod error;
 mod execute;
 mod extract;
 mod health;
+mod host;
 mod metrics;
 mod openai;
 mod request_id;
+mod routes;
 mod server;
 mod shutdown;
 mod stream;
@@ -22,16 +24,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::DefaultBodyLimit;
-use axum::http::{StatusCode, Uri};
-use axum::middleware;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use ractor::ActorRef;
 use tokio::net::TcpListener;
 
 pub use auth::{Access, InferenceKey, Keys};
 pub use error::ApiError;
+pub use routes::{app, route_inventory, Guard, RouteInfo};
 pub use shutdown::Shutdown;
 
 use crate::actors::pool::Pool;
@@ -39,9 +37,6 @@ use crate::actors::router::RouterMsg;
 use crate::actors::supervisor::SupervisorMsg;
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
-
-/// Largest accepted admin request body (64 KiB).
-const ADMIN_BODY_LIMIT: usize = 64 * 1024;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -78,66 +73,6 @@ impl AppState {
                 .unwrap_or(0),
         }
     }
-}
-
-/// Builds the axum application.
-pub fn app(state: AppState) -> axum::Router {
-    let admin = axum::Router::new()
-        .route("/admin/models", get(admin::list).post(admin::load))
-        .route("/admin/models/{name}/reload", post(admin::reload))
-        .route("/admin/models/{name}/evict", post(admin::evict))
-        .route("/admin/reload", post(admin::reload_pool))
-        .layer(DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_admin,
-        ));
-    let inference = axum::Router::new()
-        .route("/v1/completions", post(openai::completions))
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/models", get(health::models))
-        .route("/execute", post(execute::execute))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            shutdown::track_in_flight,
-        ))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_inference_key,
-        ));
-    let metrics = axum::Router::new().route("/metrics", get(metrics::metrics));
-    let metrics = if state.server.metrics_public {
-        metrics
-    } else {
-        metrics.route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_admin,
-        ))
-    };
-    axum::Router::new()
-        .merge(admin)
-        .merge(inference)
-        .merge(metrics)
-        .route("/health", get(health::health))
-        .route("/ready", get(health::ready))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(state.server.max_body))
-        .layer(middleware::from_fn(request_id::request_id))
-        .with_state(state)
-}
-
-async fn not_found(uri: Uri) -> ApiError {
-    ApiError::route_not_found(uri.path())
-}
-
-async fn method_not_allowed(uri: Uri) -> Response {
-    ApiError {
-        status: StatusCode::METHOD_NOT_ALLOWED,
-        code: "method_not_allowed",
-        ..ApiError::bad_request("", None, format!("method not allowed on {}", uri.path()))
-    }
-    .into_response()
 }
 
 /// Serves the API on `listener` until `stop` resolves, then closes every connection within

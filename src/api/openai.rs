@@ -167,6 +167,8 @@ pub async fn chat_completions(
     Extension(access): Extension<Access>,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Response {
+    #[cfg(feature = "fault-injection")]
+    crate::actors::faults::on_handler(&request.model);
     let result = async {
         access.check(&request.model)?;
         let generation = request.to_generation(&state.server.limits)?;

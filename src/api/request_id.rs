@@ -1,6 +1,7 @@
 //! `x-request-id`: echoed when the client sends a sane one (at most 128 visible ASCII
 //! characters), generated otherwise, set on every response and carried in the request's
-//! tracing span.
+//! tracing span. Every answer is logged at info level with its status and latency (never its
+//! headers or body).
 
 use axum::extract::Request;
 use axum::http::HeaderValue;
@@ -37,7 +38,15 @@ pub async fn request_id(mut request: Request, next: Next) -> Response {
         request.headers_mut().insert(HEADER, value);
     }
     let span = tracing::info_span!("request", request_id = %id, method = %request.method(), path = %request.uri().path());
-    let mut response = next.run(request).instrument(span).await;
+    let started = std::time::Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            millis = started.elapsed().as_millis() as u64,
+            "answered"
+        )
+    });
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(HEADER, value);
     }

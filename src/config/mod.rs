@@ -47,6 +47,10 @@ pub struct ServerConfig {
     pub metrics_public: bool,
     /// Per-request limits checked before a request reaches a model.
     pub limits: RequestLimits,
+    /// Origins allowed by CORS.
+    pub cors_origins: Vec<String>,
+    /// Host names accepted besides loopback ones.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl ServerConfig {
@@ -61,6 +65,8 @@ impl ServerConfig {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             metrics_public: false,
             limits: RequestLimits::default(),
+            cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 }

@@ -73,6 +73,12 @@ pub struct ServerSection {
     /// Longest stop string in bytes (default 256).
     #[serde(default)]
     pub max_stop_bytes: Option<usize>,
+    /// Origins allowed by CORS (default none: no CORS headers at all).
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    /// Host names accepted besides loopback ones when listening on loopback (default none).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// One `[[models]]` entry.
@@ -140,6 +146,8 @@ impl Default for ServerSection {
             max_messages: None,
             max_stop: None,
             max_stop_bytes: None,
+            cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 }

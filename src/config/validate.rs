@@ -197,6 +197,18 @@ fn validate_server(
         }
     }
     server.metrics_public = section.metrics_public;
+    for origin in &section.cors_origins {
+        let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+            && axum::http::HeaderValue::from_str(origin).is_ok();
+        if !valid || origin.contains('*') {
+            return Err(fail(
+                "cors_origins",
+                format!("{origin:?} is not an origin like https://app.example (no wildcards)"),
+            ));
+        }
+    }
+    server.cors_origins = section.cors_origins.clone();
+    server.allowed_hosts = section.allowed_hosts.clone();
     Ok(server)
 }
 

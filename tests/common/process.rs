@@ -7,7 +7,17 @@ use std::time::{Duration, Instant};
 
 /// Starts `llorch serve` on a free port and returns it with its base URL.
 pub fn start(config: &std::path::Path) -> (Child, String) {
+    let (child, url, _) = start_logged(config, &[]);
+    (child, url)
+}
+
+/// Like [`start`] with extra environment variables; also returns every later stderr line.
+pub fn start_logged(
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Child, String, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_llorch"))
+        .envs(env.iter().copied())
         .args([
             "serve",
             "--config",
@@ -31,7 +41,7 @@ pub fn start(config: &std::path::Path) -> (Child, String) {
         match line {
             Ok(line) => {
                 if let Some(url) = line.strip_prefix("llorch listening on ") {
-                    return (child, url.trim().to_string());
+                    return (child, url.trim().to_string(), lines_rx);
                 }
             }
             Err(_) => {

@@ -460,8 +460,7 @@ fn admit(model: &mut LoadedModel, job: Job, active: &mut Vec<Active>) {
 fn step_all(replica: &str, model: &mut LoadedModel, active: &mut Vec<Active>) -> Option<String> {
     let _ = replica; // read only by the fault hooks of test builds
     let mut index = 0;
-    while index < active.len() {
-        let entry = &mut active[index];
+    while let Some(entry) = active.get_mut(index) {
         if entry.job.abandoned() {
             active.swap_remove(index);
             reset_cache(model);

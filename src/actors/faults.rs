@@ -71,6 +71,7 @@ pub fn fired(replica: &str) -> Vec<Fault> {
 }
 
 /// Acts on a token fault armed for `replica` at `token`: panics or sleeps.
+#[allow(clippy::panic)]
 pub(crate) fn on_step(replica: &str, token: usize) {
     let fault = take(
         replica,
@@ -84,6 +85,7 @@ pub(crate) fn on_step(replica: &str, token: usize) {
 }
 
 /// Acts on a handler fault armed for `model`: panics in the request's handler.
+#[allow(clippy::panic)]
 pub fn on_handler(model: &str) {
     if take(&format!("handler:{model}"), |f| *f == Fault::PanicInHandler).is_some() {
         panic!("injected panic in the handler");
@@ -91,6 +93,7 @@ pub fn on_handler(model: &str) {
 }
 
 /// Acts on a load fault armed for `replica`: returns the error to report, or panics.
+#[allow(clippy::panic)]
 pub(crate) fn on_load(replica: &str) -> Option<String> {
     match take(replica, |f| {
         matches!(

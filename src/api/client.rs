@@ -77,8 +77,10 @@ impl AdminClient {
             .await
             .map_err(|source| ClientError::Unreachable { url, source })?;
         if status >= 400 {
-            let message = body["error"]["message"]
-                .as_str()
+            let message = body
+                .get("error")
+                .and_then(|error| error.get("message"))
+                .and_then(Value::as_str)
                 .unwrap_or("unknown error")
                 .to_string();
             return Err(ClientError::Refused { status, message });
@@ -213,10 +215,11 @@ pub fn render_table(listing: &Value) -> String {
             ]);
         }
     }
-    let widths: Vec<usize> = (0..rows[0].len())
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
         .map(|col| {
             rows.iter()
-                .map(|row| row[col].chars().count())
+                .map(|row| row.get(col).map_or(0, |cell| cell.chars().count()))
                 .max()
                 .unwrap_or(0)
         })

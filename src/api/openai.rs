@@ -75,7 +75,7 @@ impl Envelope {
             "choices": [choice],
         });
         if let Some(usage) = usage {
-            body["usage"] = usage_json(usage);
+            set(&mut body, "usage", usage_json(usage));
         }
         body
     }
@@ -100,6 +100,13 @@ impl Envelope {
     }
 }
 
+/// Sets `key` on a JSON object (does nothing to a value that is not an object).
+fn set(target: &mut Value, key: &str, value: Value) {
+    if let Some(object) = target.as_object_mut() {
+        object.insert(key.to_string(), value);
+    }
+}
+
 fn usage_json(usage: Usage) -> Value {
     json!({
         "prompt_tokens": usage.prompt_tokens,
@@ -115,21 +122,21 @@ impl ChunkFormat for OpenAiChunks {
     fn token(&mut self, id: u32, text: &str) -> Value {
         let mut choice = self.0.text_choice(text, true, false);
         if self.0.return_token_ids {
-            choice["token_ids"] = json!([id]);
+            set(&mut choice, "token_ids", json!([id]));
         }
         self.0.wrap(true, choice, None)
     }
 
     fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<Value> {
         let mut choice = self.0.text_choice("", true, false);
-        choice["finish_reason"] = json!(reason.openai());
+        set(&mut choice, "finish_reason", json!(reason.openai()));
         if self.0.kind == Kind::Chat {
-            choice["delta"] = json!({});
+            set(&mut choice, "delta", json!({}));
         }
         let mut chunks = vec![self.0.wrap(true, choice, None)];
         if self.0.include_usage {
             let mut last = self.0.wrap(true, Value::Null, Some(usage));
-            last["choices"] = json!([]);
+            set(&mut last, "choices", json!([]));
             chunks.push(last);
         }
         chunks
@@ -213,7 +220,7 @@ async fn respond(
         if envelope.kind == Kind::Chat || envelope.return_token_ids {
             let mut choice = envelope.text_choice("", true, true);
             if envelope.return_token_ids {
-                choice["prompt_token_ids"] = json!(started.prompt_ids);
+                set(&mut choice, "prompt_token_ids", json!(started.prompt_ids));
             }
             opening.push(envelope.wrap(true, choice, None));
         }
@@ -222,10 +229,10 @@ async fn respond(
     }
     let (ids, text, reason, usage) = collect(&mut started).await?;
     let mut choice = envelope.text_choice(&text, false, true);
-    choice["finish_reason"] = json!(reason.openai());
+    set(&mut choice, "finish_reason", json!(reason.openai()));
     if envelope.return_token_ids {
-        choice["prompt_token_ids"] = json!(started.prompt_ids);
-        choice["token_ids"] = json!(ids);
+        set(&mut choice, "prompt_token_ids", json!(started.prompt_ids));
+        set(&mut choice, "token_ids", json!(ids));
     }
     Ok(Json(envelope.wrap(false, choice, Some(usage))).into_response())
 }

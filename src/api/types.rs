@@ -144,7 +144,7 @@ impl CompletionRequest {
         check_model_name(&self.model)?;
         let prompt = match &self.prompt {
             PromptInput::Text(text) => text.clone(),
-            PromptInput::Texts(texts) if texts.len() == 1 => texts[0].clone(),
+            PromptInput::Texts(texts) if texts.len() == 1 => texts.concat(),
             PromptInput::Texts(_) => {
                 return Err(ApiError::bad_request(
                     "unsupported_parameter",

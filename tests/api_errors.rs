@@ -104,7 +104,7 @@ async fn every_rejection_is_an_openai_envelope_and_the_daemon_keeps_serving() {
             br#"{"model":"demo","prompt":"x","max_tokens":"many"}"#,
             400,
             "invalid_type",
-            None,
+            Some("max_tokens"),
         ),
         Case::new(
             "POST",
@@ -241,15 +241,31 @@ async fn a_prompt_longer_than_the_context_names_both_numbers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation_stops_at_the_context_length_with_finish_reason_length() {
     let daemon = demo().await;
+    // Without max_tokens, generation runs until the context is full.
     let (status, body) = daemon
         .post(
             "/v1/completions",
-            &json!({"model": "demo", "prompt": "Hello", "max_tokens": 500, "ignore_eos": true}),
+            &json!({"model": "demo", "prompt": "Hello", "ignore_eos": true}),
         )
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["finish_reason"], "length");
     assert_eq!(body["usage"]["total_tokens"], 64);
+    // An explicit max_tokens that cannot fit is refused, naming the numbers.
+    let (status, body) = daemon
+        .post(
+            "/v1/completions",
+            &json!({"model": "demo", "prompt": "Hello", "max_tokens": 500}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+    assert_eq!(body["error"]["param"], "max_tokens");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("500") && message.contains("64"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

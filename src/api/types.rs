@@ -394,3 +394,192 @@ impl ChatRequest {
             .is_some_and(|o| o.include_usage)
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! RELIABILITY.md Z1: the validators never panic on any JSON, and whatever they accept
+    //! satisfies the §9 limits. Fields are absent, plausible (valid or just out of range) or
+    //! arbitrary JSON; about 4 % of chat and 8 % of completion cases are accepted (counted
+    //! once while writing the generator), so the accepted-request checks do run.
+
+    use proptest::prelude::*;
+    use serde_json::{json, Map, Value};
+
+    use super::{ChatRequest, CompletionRequest};
+    use crate::config::RequestLimits;
+
+    /// Field names the validators look at, so random objects hit their branches.
+    const KEYS: &[&str] = &[
+        "model",
+        "prompt",
+        "messages",
+        "role",
+        "content",
+        "type",
+        "text",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "include_usage",
+        "n",
+        "ignore_eos",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "frequency_penalty",
+        "presence_penalty",
+        "0",
+        "1",
+    ];
+
+    fn scalar() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-5i64..5000).prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            (-3.0f64..3.0).prop_map(|f| json!(f)),
+            "[a-z ]{0,12}".prop_map(Value::from),
+            prop::sample::select(vec!["user", "system", "assistant", "wizard", "demo"])
+                .prop_map(Value::from),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        scalar().prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec((prop::sample::select(KEYS), inner), 0..8).prop_map(
+                    |pairs| {
+                        let mut object = Map::new();
+                        for (key, value) in pairs {
+                            object.insert(key.to_string(), value);
+                        }
+                        Value::Object(object)
+                    }
+                ),
+            ]
+        })
+    }
+
+    /// A plausible value for a known field (often valid, sometimes just out of range).
+    fn plausible(key: &'static str) -> BoxedStrategy<Value> {
+        match key {
+            "prompt" => "[a-z ]{0,20}".prop_map(Value::from).boxed(),
+            "messages" => prop::collection::vec(
+                (
+                    prop::sample::select(vec!["user", "system", "assistant", "tool", "wizard"]),
+                    "[a-z ]{0,10}",
+                )
+                    .prop_map(|(role, content)| json!({"role": role, "content": content})),
+                0..4,
+            )
+            .prop_map(Value::Array)
+            .boxed(),
+            "max_tokens" => (0i64..3000).prop_map(Value::from).boxed(),
+            "temperature" => (-0.5f64..2.5).prop_map(|f| json!(f)).boxed(),
+            "top_p" => (-0.1f64..1.2).prop_map(|f| json!(f)).boxed(),
+            "stop" => prop::collection::vec("[a-z]{0,300}", 0..6)
+                .prop_map(|v| json!(v))
+                .boxed(),
+            "n" => (0i64..3).prop_map(Value::from).boxed(),
+            "logit_bias" => prop::collection::vec(("[0-9a-z]{1,3}", -150.0f64..150.0), 0..4)
+                .prop_map(|pairs| {
+                    Value::Object(pairs.into_iter().map(|(k, v)| (k, json!(v))).collect())
+                })
+                .boxed(),
+            "top_logprobs" => (0i64..30).prop_map(Value::from).boxed(),
+            "stream" | "ignore_eos" | "logprobs" => any::<bool>().prop_map(Value::from).boxed(),
+            "seed" => any::<u64>().prop_map(Value::from).boxed(),
+            "min_p" => (-0.1f64..1.1).prop_map(|f| json!(f)).boxed(),
+            "repetition_penalty" => (0.0f64..2.0).prop_map(|f| json!(f)).boxed(),
+            "top_k" => (-2i64..50).prop_map(Value::from).boxed(),
+            "max_completion_tokens" => (0i64..100).prop_map(Value::from).boxed(),
+            "frequency_penalty" | "presence_penalty" => prop::sample::select(vec![0.0, 0.0, 0.5])
+                .prop_map(|f| json!(f))
+                .boxed(),
+            "stream_options" => any::<bool>()
+                .prop_map(|b| json!({"include_usage": b}))
+                .boxed(),
+            _ => value().boxed(),
+        }
+    }
+
+    /// A request object with `model`, and each known field absent, plausible or random.
+    fn request() -> impl Strategy<Value = Value> {
+        let fields: Vec<BoxedStrategy<Option<(&'static str, Value)>>> = KEYS
+            .iter()
+            .filter(|key| **key != "model")
+            .map(|key| {
+                let key: &'static str = key;
+                let absent = if matches!(key, "prompt" | "messages") {
+                    2
+                } else {
+                    20
+                };
+                prop_oneof![
+                    absent => Just(None),
+                    10 => plausible(key).prop_map(move |v| Some((key, v))),
+                    1 => value().prop_map(move |v| Some((key, v))),
+                ]
+                .boxed()
+            })
+            .collect();
+        fields.prop_map(|fields| {
+            let mut object = Map::new();
+            object.insert("model".into(), json!("demo"));
+            for (key, value) in fields.into_iter().flatten() {
+                object.insert(key.to_string(), value);
+            }
+            Value::Object(object)
+        })
+    }
+
+    fn check_params(params: &crate::models::GenerationParams, limits: &RequestLimits) {
+        let max_tokens = params.max_tokens.unwrap_or(1);
+        assert!(max_tokens >= 1);
+        assert!(params.stop.len() <= limits.max_stop);
+        assert!(params.stop.iter().all(|s| s.len() <= limits.max_stop_bytes));
+        let sampling = &params.sampling;
+        assert!((0.0..=2.0).contains(&sampling.temperature));
+        assert!(sampling.top_p > 0.0 && sampling.top_p <= 1.0);
+        assert!(sampling.logit_bias.len() <= 300);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+        #[test]
+        fn completions_never_panic_and_accept_only_valid_requests(body in request()) {
+            let limits = RequestLimits::default();
+            if let Ok(request) = serde_json::from_value::<CompletionRequest>(body) {
+                if let Ok(generation) = request.to_generation(&limits) {
+                    check_params(&generation.params, &limits);
+                    prop_assert!(request.common.n.is_none_or(|n| n == 1));
+                }
+            }
+        }
+
+        #[test]
+        fn chat_never_panics_and_accepts_only_valid_requests(body in request()) {
+            let limits = RequestLimits::default();
+            if let Ok(request) = serde_json::from_value::<ChatRequest>(body) {
+                if let Ok(generation) = request.to_generation(&limits) {
+                    check_params(&generation.params, &limits);
+                    prop_assert!(!request.messages.is_empty());
+                    prop_assert!(request.messages.len() <= limits.max_messages);
+                    prop_assert!(request.messages.iter().all(|m| super::ROLES.contains(&m.role.as_str())));
+                }
+            }
+        }
+    }
+}

@@ -193,3 +193,45 @@ fn s10_builds_unwind_on_panic() {
         "ractor needs panic = unwind in release"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s9_a_key_over_its_rate_gets_429_and_another_key_is_unaffected() {
+    let pool = POOL.replace(
+        "version = 1\n",
+        "version = 1\n[server]\nrate_limit = 2\nrate_burst = 4\n",
+    );
+    let daemon = Daemon::start_with_keys(&pool, Keys::parse(None, "sk-a,sk-b")).await;
+    daemon.wait_model_with_key("demo", "sk-b").await;
+    let ask = |key: &'static str| {
+        let request = daemon.client.get(daemon.at("/v1/models")).bearer_auth(key);
+        async move { request.send().await.unwrap() }
+    };
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..8 {
+        let response = ask("sk-a").await;
+        if response.status() == 429 {
+            retry_after = response.headers().get("retry-after").cloned();
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+            statuses.push(429);
+        } else {
+            statuses.push(response.status().as_u16());
+        }
+    }
+    assert_eq!(
+        &statuses[..4],
+        &[200, 200, 200, 200],
+        "the burst is served: {statuses:?}"
+    );
+    assert!(
+        statuses[4..].contains(&429),
+        "8 requests at once exceed 2/s: {statuses:?}"
+    );
+    assert_eq!(retry_after.unwrap(), "1");
+    assert_eq!(
+        ask("sk-b").await.status(),
+        200,
+        "another key has its own bucket"
+    );
+}

@@ -7,12 +7,13 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::corpus::{corpus, load_case};
 use common::daemon::Daemon;
-use common::load::{body, snapshot, stream_once, Outcome, Stats};
+use common::load::{body, snapshot, stream_once, Outcome, Record};
 use common::raw::{exchange, RawReply, SendMode};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
@@ -32,6 +33,17 @@ const DOCUMENTED_503: [&str; 5] = [
     "model_evicted",
     "model_loading",
 ];
+
+/// Whether a streamed request ended in a documented way (the victim may be evicted).
+fn expected(record: &Record) -> bool {
+    match &record.outcome {
+        Outcome::Completed => true,
+        Outcome::ErroredInBand(code) => code == "model_evicted",
+        Outcome::HttpError(503, code, true) => DOCUMENTED_503.contains(&code.as_str()),
+        Outcome::HttpError(404, code, _) => record.model == "victim" && code == "model_not_found",
+        _ => false,
+    }
+}
 
 /// Least-squares slope of `(x, y)` points.
 fn slope(points: &[(f64, f64)]) -> f64 {
@@ -69,16 +81,16 @@ async fn l5_mixed_soak_keeps_every_invariant() {
         .filter(|c| c.mode == SendMode::Whole && !c.stream_ok && c.expect_status != Some(503))
         .collect();
     let cases = Arc::new(cases);
-    let stats = Arc::new(Stats::default());
+    let streamed = Arc::new(AtomicUsize::new(0));
     let problems = Arc::new(Mutex::new(Vec::<String>::new()));
     let started = Instant::now();
     let until = started + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for client_index in 0..48u64 {
-        let (url, address, stats, problems, cases) = (
+        let (url, address, streamed, problems, cases) = (
             daemon.url.clone(),
             address.clone(),
-            stats.clone(),
+            streamed.clone(),
             problems.clone(),
             cases.clone(),
         );
@@ -97,7 +109,14 @@ async fn l5_mixed_soak_keeps_every_invariant() {
                         Duration::from_secs(35),
                     )
                     .await;
-                    stats.push(record);
+                    // Only bad outcomes are kept: half an hour of records would itself grow RSS.
+                    streamed.fetch_add(1, Ordering::Relaxed);
+                    if !expected(&record) {
+                        problems
+                            .lock()
+                            .unwrap()
+                            .push(format!("{} {:?}", record.model, record.outcome));
+                    }
                 } else if roll < 80 {
                     let response = client
                         .post(format!("{url}/v1/completions"))
@@ -205,18 +224,6 @@ async fn l5_mixed_soak_keeps_every_invariant() {
         task.await.unwrap();
     }
     let cycles = admin.await.unwrap();
-    let records = stats.records();
-    let bad: Vec<_> = records
-        .iter()
-        .filter(|r| match &r.outcome {
-            Outcome::Completed => false,
-            Outcome::ErroredInBand(code) => code != "model_evicted",
-            Outcome::HttpError(503, code, true) => !DOCUMENTED_503.contains(&code.as_str()),
-            Outcome::HttpError(404, code, _) => !(r.model == "victim" && code == "model_not_found"),
-            _ => true,
-        })
-        .map(|r| format!("{} {:?}", r.model, r.outcome))
-        .collect();
     let warm: Vec<(f64, f64)> = samples
         .iter()
         .filter(|(minute, _)| *minute >= 5.0)
@@ -230,20 +237,17 @@ async fn l5_mixed_soak_keeps_every_invariant() {
         .collect();
     let fd_slope = slope(&fds);
     eprintln!(
-        "L5: {} streamed requests, {} bad, {} other problems, {cycles} evict/load cycles; \
-         RSS slope {rss_slope:.3} MiB/min over {} samples (first {:.1} MiB, last {:.1} MiB); \
-         fd slope {fd_slope:.3}/min",
-        records.len(),
-        bad.len(),
+        "L5: {} streamed requests, {} problems, {cycles} evict/load cycles; \
+         RSS {:.1} MiB at 10 s; RSS slope {rss_slope:.3} MiB/min over {} samples (first {:.1} MiB, \
+         last {:.1} MiB); fd slope {fd_slope:.3}/min",
+        streamed.load(Ordering::Relaxed),
         problems.lock().unwrap().len(),
+        samples
+            .first()
+            .map_or(0.0, |(_, s)| s.rss as f64 / (1024.0 * 1024.0)),
         warm.len(),
         warm.first().map(|p| p.1).unwrap_or(0.0),
         warm.last().map(|p| p.1).unwrap_or(0.0),
-    );
-    assert!(
-        bad.is_empty(),
-        "unexpected outcomes: {:?}",
-        &bad[..bad.len().min(10)]
     );
     let problems = problems.lock().unwrap().clone();
     assert!(

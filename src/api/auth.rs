@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
 use super::error::ApiError;
+use super::rate::Caller;
 use super::AppState;
 
 /// The keys the daemon knows.
@@ -122,12 +123,15 @@ fn secret_matches(given: &str, expected: &str) -> Choice {
     Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(expected.as_bytes()))
 }
 
-/// The inference key `token` is, comparing it with every key (no early exit).
-fn find_inference_key<'a>(keys: &'a [InferenceKey], token: &str) -> Option<&'a InferenceKey> {
+/// The inference key `token` is, with its index, comparing it with every key (no early exit).
+fn find_inference_key<'a>(
+    keys: &'a [InferenceKey],
+    token: &str,
+) -> Option<(usize, &'a InferenceKey)> {
     let mut found = None;
-    for key in keys {
+    for (index, key) in keys.iter().enumerate() {
         if bool::from(secret_matches(token, &key.key)) && found.is_none() {
-            found = Some(key);
+            found = Some((index, key));
         }
     }
     found
@@ -177,6 +181,7 @@ pub async fn require_inference_key(
 ) -> Response {
     let keys = &state.keys;
     let access = if !keys.any() {
+        request.extensions_mut().insert(Caller::Anonymous);
         Access::All
     } else {
         let token = bearer(&request).unwrap_or("");
@@ -185,9 +190,17 @@ pub async fn require_inference_key(
             .as_deref()
             .is_some_and(|key| same_secret(token, key));
         let inference = find_inference_key(&keys.inference, token);
+        let caller = match (admin, inference) {
+            (true, _) => Some(Caller::Admin),
+            (false, Some((index, _))) => Some(Caller::Key(index)),
+            (false, None) => None,
+        };
+        if let Some(caller) = caller {
+            request.extensions_mut().insert(caller);
+        }
         match (admin, inference) {
             (true, _) => Access::All,
-            (false, Some(key)) => match &key.models {
+            (false, Some((_, key))) => match &key.models {
                 None => Access::All,
                 Some(models) => Access::Models(models.clone()),
             },
@@ -264,9 +277,12 @@ mod tests {
     #[test]
     fn every_key_is_compared_and_the_first_match_wins() {
         let keys = Keys::parse(None, "k1:alpha,k2,k1");
-        let found = find_inference_key(&keys.inference, "k1").unwrap();
-        assert_eq!(found.models, Some(vec!["alpha".to_string()]));
-        assert_eq!(find_inference_key(&keys.inference, "k2").unwrap().key, "k2");
+        let (index, found) = find_inference_key(&keys.inference, "k1").unwrap();
+        assert_eq!(
+            (index, found.models.clone()),
+            (0, Some(vec!["alpha".to_string()]))
+        );
+        assert_eq!(find_inference_key(&keys.inference, "k2").unwrap().0, 1);
         assert!(find_inference_key(&keys.inference, "k3").is_none());
     }
 }

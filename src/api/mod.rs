@@ -13,6 +13,7 @@ mod health;
 mod host;
 mod metrics;
 mod openai;
+mod rate;
 mod request_id;
 mod routes;
 mod server;
@@ -29,6 +30,7 @@ use tokio::net::TcpListener;
 
 pub use auth::{Access, InferenceKey, Keys};
 pub use error::ApiError;
+pub use rate::Rate;
 pub use routes::{app, route_inventory, Guard, RouteInfo};
 pub use shutdown::Shutdown;
 
@@ -55,6 +57,8 @@ pub struct AppState {
     pub shutdown: Arc<Shutdown>,
     /// The pool's metrics.
     pub metrics: Arc<Metrics>,
+    /// Per-caller token buckets (used when `server.rate_limit` is set).
+    pub limiter: Arc<rate::Limiter>,
 }
 
 impl AppState {
@@ -67,6 +71,7 @@ impl AppState {
             server: Arc::new(server),
             shutdown: Arc::new(Shutdown::default()),
             metrics: pool.metrics(),
+            limiter: Arc::default(),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())

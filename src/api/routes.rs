@@ -12,7 +12,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::error::ApiError;
 use super::AppState;
-use super::{admin, auth, execute, health, host, metrics, openai, request_id, shutdown};
+use super::{admin, auth, execute, health, host, metrics, openai, rate, request_id, shutdown};
 
 /// Largest accepted admin request body (64 KiB).
 const ADMIN_BODY_LIMIT: usize = 64 * 1024;
@@ -141,6 +141,7 @@ pub fn app(state: AppState) -> axum::Router {
             state.clone(),
             shutdown::track_in_flight,
         ))
+        .route_layer(middleware::from_fn_with_state(state.clone(), rate::limit))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_inference_key,

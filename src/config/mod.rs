@@ -29,7 +29,7 @@ pub struct PoolConfig {
 }
 
 /// Validated server settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// Where to listen.
     pub listen: SocketAddr,
@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// Host names accepted besides loopback ones.
     pub allowed_hosts: Vec<String>,
+    /// Per-caller request rate, if limited.
+    pub rate_limit: Option<crate::api::Rate>,
 }
 
 impl ServerConfig {
@@ -67,6 +69,7 @@ impl ServerConfig {
             limits: RequestLimits::default(),
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),
+            rate_limit: None,
         }
     }
 }

@@ -79,6 +79,13 @@ pub struct ServerSection {
     /// Host names accepted besides loopback ones when listening on loopback (default none).
     #[serde(default)]
     pub allowed_hosts: Vec<String>,
+    /// Inference requests per second per key (per client address without keys), e.g. `10`
+    /// (default: no limit).
+    #[serde(default)]
+    pub rate_limit: Option<f64>,
+    /// Requests a caller may send at once before the rate applies (default: one second's worth).
+    #[serde(default)]
+    pub rate_burst: Option<u32>,
 }
 
 /// One `[[models]]` entry.
@@ -148,6 +155,8 @@ impl Default for ServerSection {
             max_stop_bytes: None,
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),
+            rate_limit: None,
+            rate_burst: None,
         }
     }
 }

@@ -209,6 +209,21 @@ fn validate_server(
     }
     server.cors_origins = section.cors_origins.clone();
     server.allowed_hosts = section.allowed_hosts.clone();
+    if let Some(per_second) = section.rate_limit {
+        if !(per_second.is_finite() && per_second > 0.0) {
+            return Err(fail(
+                "rate_limit",
+                "must be a positive number of requests per second".to_string(),
+            ));
+        }
+        let burst = section
+            .rate_burst
+            .map_or(per_second.ceil().max(1.0), f64::from);
+        if burst < 1.0 {
+            return Err(fail("rate_burst", "must be at least 1".to_string()));
+        }
+        server.rate_limit = Some(crate::api::Rate { per_second, burst });
+    }
     Ok(server)
 }
 

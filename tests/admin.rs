@@ -205,8 +205,33 @@ async fn a_model_loads_through_the_admin_api_once() {
     let unknown = json!({"name": "bad", "source": "builtin:demo", "colour": "red"});
     let (status, _) = admin_post(&daemon, "/admin/models", Some(unknown)).await;
     assert_eq!(status, 400);
-    let missing = json!({"name": "missing", "source": "/nonexistent/model"});
-    let (status, body) = admin_post(&daemon, "/admin/models", Some(missing)).await;
+    // S5: local sources must lie under server.models_root (here the pool file's folder).
+    for path in [
+        "/nonexistent/model",
+        "../x",
+        "%2e%2e/x",
+        "model/../../y",
+        "/etc/passwd",
+        "/dev/zero",
+        "nope",
+    ] {
+        let missing = json!({"name": "missing", "source": path});
+        let (status, body) = admin_post(&daemon, "/admin/models", Some(missing)).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(
+            body["error"]["code"], "path_outside_models_root",
+            "{path}: {body}"
+        );
+        assert_eq!(body["error"]["param"], "source");
+    }
+    let empty = daemon.pool_path().parent().unwrap().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (status, body) = admin_post(
+        &daemon,
+        "/admin/models",
+        Some(json!({"name": "e", "source": "empty"})),
+    )
+    .await;
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"]["message"]

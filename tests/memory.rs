@@ -99,10 +99,17 @@ async fn cycle(daemon: &Daemon, source: &str) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evicting_gives_the_memory_back_over_twenty_cycles() {
+    // Admin loads read only under server.models_root.
     let dir = tempfile::tempdir().unwrap();
-    write_big_model(dir.path());
-    let source = dir.path().to_str().unwrap().to_string();
-    let daemon = Daemon::start("version = 1\n").await;
+    let model = dir.path().join("big");
+    std::fs::create_dir(&model).unwrap();
+    write_big_model(&model);
+    let source = "big".to_string();
+    let daemon = Daemon::start(&format!(
+        "version = 1\n[server]\nmodels_root = {:?}\n",
+        dir.path()
+    ))
+    .await;
     cycle(&daemon, &source).await;
     let baseline = rss_bytes();
     let mut after_evicts = Vec::new();
@@ -146,7 +153,7 @@ async fn evicting_gives_the_memory_back_over_twenty_cycles() {
 
     // F7: the config claims one more layer than the weights have, so the embeddings, the head
     // and two layers are read before the load fails.
-    let config_path = dir.path().join("config.json");
+    let config_path = model.join("config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
     config["num_hidden_layers"] = json!(LAYERS + 1);

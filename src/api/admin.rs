@@ -1,7 +1,6 @@
 //! The admin API: list replicas, load, reload, evict, and re-read `pool.toml`. Every route
 //! goes through [`super::auth::require_admin`].
 
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path as UrlPath, Query, State};
@@ -17,7 +16,8 @@ use super::AppState;
 use crate::actors::admin::{AdminCommand, AdminError, ModelOutcome, DEFAULT_DRAIN_TIMEOUT};
 use crate::actors::router::{ReplicaState, Role, RouterMsg};
 use crate::actors::supervisor::SupervisorMsg;
-use crate::config::{validate_entry, ModelEntry};
+use crate::config::{confine, validate_entry, ModelEntry};
+use crate::models::ModelSource;
 
 /// How long an admin call may wait for its operation (a load, a drain) to finish.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(600);
@@ -144,7 +144,23 @@ pub async fn load(
     State(state): State<AppState>,
     ApiJson(entry): ApiJson<ModelEntry>,
 ) -> Result<Json<Value>, ApiError> {
-    let spec = validate_entry(&entry, Path::new("."))
+    let mut entry = entry;
+    let root = &state.server.models_root;
+    let local = matches!(
+        entry.source.parse::<ModelSource>(),
+        Ok(ModelSource::Dir(_) | ModelSource::Gguf(_))
+    );
+    if local {
+        let path = confine(root, &entry.source).map_err(|err| {
+            ApiError::bad_request(
+                "path_outside_models_root",
+                Some("source"),
+                format!("{err} (server.models_root)"),
+            )
+        })?;
+        entry.source = path.to_string_lossy().into_owned();
+    }
+    let spec = validate_entry(&entry, root)
         .map_err(|err| ApiError::bad_request("invalid_model", Some(&err.field), err.to_string()))?;
     run(&state, AdminCommand::Load(spec)).await
 }

@@ -1,6 +1,7 @@
 //! Configuration: `pool.toml` plus `LLORCH_SERVER__*` environment overrides, validated in full
 //! before any actor starts. Actors only ever see the validated [`PoolConfig`].
 
+mod confine;
 mod schema;
 mod validate;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use figment::providers::{Env, Serialized};
 use figment::Figment;
 
+pub use confine::{confine, Outside};
 pub use schema::{DeviceSection, ModelEntry, PoolFile, ServerSection};
 pub use validate::{parse_bytes, parse_duration, validate, validate_entry};
 
@@ -53,6 +55,8 @@ pub struct ServerConfig {
     pub allowed_hosts: Vec<String>,
     /// Per-caller request rate, if limited.
     pub rate_limit: Option<crate::api::Rate>,
+    /// The folder admin loads may read local models from.
+    pub models_root: PathBuf,
 }
 
 impl ServerConfig {
@@ -70,6 +74,7 @@ impl ServerConfig {
             cors_origins: Vec::new(),
             allowed_hosts: Vec::new(),
             rate_limit: None,
+            models_root: PathBuf::from("."),
         }
     }
 }

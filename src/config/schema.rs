@@ -86,6 +86,10 @@ pub struct ServerSection {
     /// Requests a caller may send at once before the rate applies (default: one second's worth).
     #[serde(default)]
     pub rate_burst: Option<u32>,
+    /// The only folder `POST /admin/models` may load local models from (relative to this
+    /// file; default: the folder of this file).
+    #[serde(default)]
+    pub models_root: Option<String>,
 }
 
 /// One `[[models]]` entry.
@@ -157,6 +161,7 @@ impl Default for ServerSection {
             allowed_hosts: Vec::new(),
             rate_limit: None,
             rate_burst: None,
+            models_root: None,
         }
     }
 }

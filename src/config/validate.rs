@@ -121,13 +121,17 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
             ));
         }
     }
-    let server = validate_server(&file.server, listen, &|field: &str, message: String| {
+    let mut server = validate_server(&file.server, listen, &|field: &str, message: String| {
         error(
             find_key_line(text, Some("server"), field),
             format!("server.{field}"),
             message,
         )
     })?;
+    server.models_root = match &file.server.models_root {
+        Some(root) => base.join(root),
+        None => base.to_path_buf(),
+    };
     Ok(PoolConfig {
         server,
         models,

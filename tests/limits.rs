@@ -135,3 +135,42 @@ async fn a_load_past_the_load_deadline_fails_the_replica_and_the_pool_serves() {
         .await;
     assert_eq!(status, 200);
 }
+
+/// RELIABILITY.md C6: `finish_reason` and `usage` match what the fake backend produced (one
+/// letter per token, never an end token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_equal_the_tokens_produced() {
+    let daemon =
+        Daemon::start("version = 1\n[[models]]\nname = \"fake\"\nsource = \"builtin:fake?ms=1\"\n")
+            .await;
+    for max_tokens in [1usize, 7, 33] {
+        let body = json!({"model": "fake", "prompt": "Go", "max_tokens": max_tokens});
+        let (status, value) = daemon.post("/v1/completions", &body).await;
+        assert_eq!(status, 200);
+        let text = value["choices"][0]["text"].as_str().unwrap();
+        assert_eq!(text.chars().count(), max_tokens, "{text}");
+        assert_eq!(value["choices"][0]["finish_reason"], "length");
+        assert_eq!(value["usage"]["completion_tokens"], max_tokens);
+        let stream = json!({"model": "fake", "prompt": "Go", "max_tokens": max_tokens,
+                            "stream": true, "stream_options": {"include_usage": true}});
+        let events = daemon.stream("/v1/completions", &stream).await;
+        let chunks: Vec<Value> = events
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let streamed: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["text"].as_str())
+            .collect();
+        assert_eq!(streamed, text, "streamed and one-shot texts differ");
+        let finish: Vec<_> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["finish_reason"].as_str())
+            .collect();
+        assert_eq!(finish, ["length"]);
+        let usage = &chunks.last().unwrap()["usage"];
+        assert_eq!(usage["completion_tokens"], max_tokens);
+        assert_eq!(events.last().unwrap(), "[DONE]");
+    }
+}

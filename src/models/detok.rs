@@ -114,4 +114,27 @@ mod tests {
             assert_eq!(pieces.concat(), tokenizer.decode(&ids).unwrap(), "{ids:?}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(10_000))]
+
+        /// RELIABILITY.md C5: for text with multi-byte characters split over byte tokens, and
+        /// for arbitrary byte tokens, the streamed deltas concatenate to the one-shot decode,
+        /// and no delta carries a replacement character the full text does not have.
+        #[test]
+        fn streamed_deltas_equal_the_one_shot_decode(
+            text in "\\PC{0,24}",
+            noise in proptest::collection::vec(0u32..263, 0..6),
+        ) {
+            let tokenizer = demo_tokenizer().unwrap();
+            let mut ids = tokenizer.encode(&text, false).unwrap();
+            ids.extend(noise);
+            let pieces = stream(&tokenizer, &ids);
+            let full = tokenizer.decode(&ids).unwrap();
+            proptest::prop_assert_eq!(pieces.concat(), full.clone());
+            if !full.contains(REPLACEMENT) {
+                proptest::prop_assert!(pieces.iter().all(|p| !p.contains(REPLACEMENT)));
+            }
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! `builtin:fake?ms=N`: a test backend for the reliability suites (compiled only with the
 //! `fault-injection` feature). It has the demo tokenizer, a 64K-token context, and a forward
-//! pass that sleeps `N` ms and returns logits that pick the next byte of the alphabet, never
+//! pass that sleeps `N` ms and returns logits that put all probability on the next letter of
+//! the alphabet (whatever the sampling settings), never
 //! an end token: streams run to `max_tokens` at a known rate, using almost no CPU, so a
 //! 2-core machine can hold many concurrent streams (RELIABILITY.md §13).
 
@@ -43,7 +44,7 @@ impl FakeModel {
         let mut logits = vec![0.0f32; self.vocab];
         let letter = FIRST_LETTER as usize + position % 26;
         if let Some(logit) = logits.get_mut(letter) {
-            *logit = 10.0;
+            *logit = 100.0;
         }
         Ok(logits)
     }

@@ -17,6 +17,10 @@ use crate::models::{LoadSpec, ModelInfo};
 /// Shortest interval between two stall checks.
 const MIN_WATCHDOG_PERIOD: Duration = Duration::from_millis(20);
 
+/// How a load error caused by malformed model files begins, so that the admin API can answer
+/// it as `invalid_model_file`.
+pub const INVALID_FILE: &str = "invalid model file";
+
 /// Messages a model actor handles.
 #[derive(Debug)]
 pub enum ModelMsg {
@@ -113,6 +117,9 @@ impl Actor for ModelActor {
         tokio::spawn(async move {
             let message = match tokio::time::timeout(load_timeout, ready).await {
                 Ok(Ok(Ok(info))) => ModelMsg::Loaded(Ok(info)),
+                Ok(Ok(Err(err))) if err.is_invalid_file() => {
+                    ModelMsg::Loaded(Err(format!("{INVALID_FILE}: {err}")))
+                }
                 Ok(Ok(Err(err))) => ModelMsg::Loaded(Err(err.to_string())),
                 Ok(Err(_)) => {
                     ModelMsg::Loaded(Err("the engine thread ended while loading".to_string()))

@@ -14,6 +14,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::AppState;
 use crate::actors::admin::{AdminCommand, AdminError, ModelOutcome, DEFAULT_DRAIN_TIMEOUT};
+use crate::actors::model_actor::INVALID_FILE;
 use crate::actors::router::{ReplicaState, Role, RouterMsg};
 use crate::actors::supervisor::SupervisorMsg;
 use crate::config::{confine, validate_entry, ModelEntry};
@@ -42,6 +43,9 @@ impl From<AdminError> for ApiError {
             },
             AdminError::AlreadyLoaded(_) => conflict("model_already_loaded"),
             AdminError::InProgress(_) => conflict("operation_in_progress"),
+            AdminError::LoadFailed { reason, .. } if reason.contains(INVALID_FILE) => {
+                ApiError::bad_request("invalid_model_file", Some("source"), message)
+            }
             AdminError::LoadFailed { .. } => {
                 ApiError::bad_request("model_load_failed", None, message)
             }

@@ -118,6 +118,17 @@ pub enum LoadError {
     },
 }
 
+impl LoadError {
+    /// Whether the model's files themselves are malformed (weights, GGUF or config JSON), as
+    /// opposed to missing, unsupported or failing for another reason.
+    pub fn is_invalid_file(&self) -> bool {
+        matches!(
+            self,
+            LoadError::Weights { .. } | LoadError::Gguf { .. } | LoadError::BadJson { .. }
+        )
+    }
+}
+
 /// Errors raised while running a generation on a loaded model.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerationError {

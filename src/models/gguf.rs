@@ -1,6 +1,7 @@
 //! Loading a single `.gguf` file: quantized weights through candle's quantized models, the
 //! tokenizer from a `tokenizer.json` beside the file or else from the GGUF metadata.
 
+use std::io::Seek;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
@@ -47,6 +48,18 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, LoadError> {
         });
     }
     let mut file = std::fs::File::open(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let length = file
+        .metadata()
+        .map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    super::gguf_check::check_gguf(&mut file, length).map_err(bad)?;
+    file.rewind().map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
     })?;

@@ -15,6 +15,7 @@ mod fake;
 mod footprint;
 mod generation;
 mod gguf;
+mod gguf_check;
 mod gguf_tokenizer;
 mod hf_dir;
 mod load;

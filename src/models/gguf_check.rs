@@ -189,7 +189,7 @@ pub fn check_gguf<R: Read + Seek>(reader: R, length: u64) -> Result<(), Refusal>
         let offset = walker.u64()?;
         let (block, bytes) =
             block_layout(kind).ok_or_else(|| format!("tensor {name}: unknown type {kind}"))?;
-        if elements % block != 0 {
+        if !elements.is_multiple_of(block) {
             return Err(format!(
                 "tensor {name}: {elements} elements do not fill whole blocks"
             ));

@@ -112,7 +112,7 @@ fn gguf(key_length: u64, dims: &[u64], data: usize) -> Vec<u8> {
     }
     out.extend(0u32.to_le_bytes()); // f32
     out.extend(0u64.to_le_bytes()); // offset
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     out.extend(vec![0u8; data]);

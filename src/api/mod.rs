@@ -33,6 +33,7 @@ pub use error::ApiError;
 pub use rate::Rate;
 pub use routes::{app, route_inventory, Guard, RouteInfo};
 pub use shutdown::Shutdown;
+pub use types::{ChatRequest, CompletionRequest};
 
 use crate::actors::pool::Pool;
 use crate::actors::router::RouterMsg;

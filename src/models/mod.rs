@@ -32,10 +32,10 @@ pub use error::{first_line, GenerationError, LoadError};
 #[cfg(feature = "fault-injection")]
 pub use fake::fake_forwards;
 pub use footprint::estimate_weight_bytes;
-pub use gguf_check::check_gguf;
 pub use generation::{
     tokenize_prompt, FinishReason, GenerationParams, Prompt, Sequence, StepOutput,
 };
+pub use gguf_check::check_gguf;
 pub use load::{load, LoadSpec, LoadedModel, ModelInfo};
 pub use model::Model;
 pub use sampling::{argmax, SamplingParams};

@@ -97,6 +97,21 @@ async fn f11_chaos_on_victim_keeps_every_invariant() {
         200
     );
     daemon.wait_model("victim").await;
+    // And one crash: with RUST_BACKTRACE set, the first panic symbolises the debug binary
+    // (about 340 MiB that stay mapped), which must not count against I6.
+    arm(VICTIM, Fault::PanicAtToken(1));
+    let events = daemon
+        .stream(
+            "/v1/completions",
+            &json!({"model": "victim", "prompt": "Go", "max_tokens": 4, "stream": true}),
+        )
+        .await;
+    assert!(
+        events.iter().any(|e| e.contains("model_crashed")),
+        "{events:?}"
+    );
+    // The router learns of a crash before the client does, so this waits for the restart.
+    daemon.wait_model("victim").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let baseline = snapshot();
 

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::daemon::Daemon;
+use common::daemon::{metric_sum, Daemon};
 use common::load::{client_loop, snapshot, Outcome, Stats};
 use llorch::actors::faults::{arm, clear, fired, Fault};
 use rand::{Rng, SeedableRng};
@@ -40,25 +40,6 @@ const DOCUMENTED: [&str; 9] = [
     "queue_timeout",
     "model_not_found",
 ];
-
-async fn metrics(daemon: &Daemon) -> String {
-    daemon
-        .client
-        .get(daemon.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-fn sum(text: &str, name: &str, filter: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(filter))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 async fn admin(daemon: &Daemon, path: &str, body: Option<Value>) -> u16 {
     let request = daemon.client.post(daemon.at(path));
@@ -149,7 +130,11 @@ async fn f11_chaos_on_victim_keeps_every_invariant() {
             let mut most = 0.0f64;
             while Instant::now() < until {
                 let text = client.get(&url).send().await.unwrap().text().await.unwrap();
-                most = most.max(sum(&text, "llorch_queue_depth", "model=\"victim\""));
+                most = most.max(metric_sum(
+                    &text,
+                    "llorch_queue_depth",
+                    &[("model", "victim")],
+                ));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             most
@@ -265,9 +250,10 @@ async fn f11_chaos_on_victim_keeps_every_invariant() {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     let text = loop {
-        let text = metrics(&daemon).await;
-        let ready = sum(&text, "llorch_replica_state", "state=\"ready\"");
-        let busy = sum(&text, "llorch_in_flight", "") + sum(&text, "llorch_queue_depth", "");
+        let text = daemon.metrics().await;
+        let ready = metric_sum(&text, "llorch_replica_state", &[("state", "ready")]);
+        let busy = metric_sum(&text, "llorch_in_flight", &[])
+            + metric_sum(&text, "llorch_queue_depth", &[]);
         if ready >= 17.0 && busy == 0.0 && daemon.get_json("/ready").await["status"] == "ready" {
             break text;
         }
@@ -292,7 +278,7 @@ async fn f11_chaos_on_victim_keeps_every_invariant() {
         "I6 tasks {after:?} vs {baseline:?}"
     );
     // I7: no silent restarts.
-    let restarts = sum(&text, "llorch_restarts_total", "model=\"victim\"") as usize;
+    let restarts = metric_sum(&text, "llorch_restarts_total", &[("model", "victim")]) as usize;
     eprintln!("I7: {restarts} restarts for {crashes} crashes and {load_failures} failed loads");
     assert!(
         restarts <= crashes + load_failures,

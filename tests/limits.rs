@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::daemon::{Daemon, SseReader};
+use common::daemon::Daemon;
 use llorch::actors::faults::{arm, Fault};
 use serde_json::{json, Value};
 
@@ -15,21 +15,9 @@ fn long(stream: bool) -> Value {
            "stream": stream})
 }
 
-/// Follows a stream to its end and returns its last two payloads.
+/// The last two payloads of a stream.
 async fn tail(daemon: &Daemon, body: &Value) -> Vec<String> {
-    let response = daemon
-        .client
-        .post(daemon.at("/v1/completions"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut reader = SseReader::new(response);
-    let mut all = Vec::new();
-    while let Some(data) = reader.next().await {
-        all.push(data);
-    }
+    let mut all = daemon.stream("/v1/completions", body).await;
     all.split_off(all.len().saturating_sub(2))
 }
 

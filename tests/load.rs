@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::daemon::Daemon;
+use common::daemon::{metric_sum, Daemon};
 use common::load::{client_loop, quantile, snapshot, stream_once, Outcome, Snapshot, Stats};
 use llorch::actors::faults::{arm, Fault};
 use serde_json::json;
@@ -39,14 +39,6 @@ fn pool(models: &[&str], replicas: usize, max_queue: usize) -> String {
     text
 }
 
-/// Sums a metric's samples over models (0 when absent).
-fn metric(text: &str, name: &str) -> Vec<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect()
-}
-
 /// L4: within 10 s of the last request, nothing is in flight and the process is back within
 /// bounds of `baseline` (fds ±8, tokio tasks ±16, RSS +50 MiB).
 async fn resources_return(daemon: &Daemon, baseline: Snapshot) {
@@ -61,8 +53,8 @@ async fn resources_return(daemon: &Daemon, baseline: Snapshot) {
             .text()
             .await
             .unwrap();
-        let busy: f64 = metric(&text, "llorch_in_flight").iter().sum::<f64>()
-            + metric(&text, "llorch_queue_depth").iter().sum::<f64>();
+        let busy: f64 = metric_sum(&text, "llorch_in_flight", &[])
+            + metric_sum(&text, "llorch_queue_depth", &[]);
         let now = snapshot();
         let settled = busy == 0.0
             && now.fds.abs_diff(baseline.fds) <= 8
@@ -210,8 +202,8 @@ async fn l2_overload_sheds_with_503_fast_and_health_stays_fast() {
             let mut most = 0.0f64;
             while Instant::now() < until {
                 let text = client.get(&url).send().await.unwrap().text().await.unwrap();
-                for depth in metric(&text, "llorch_queue_depth") {
-                    most = most.max(depth);
+                for model in ["a", "b", "c"] {
+                    most = most.max(metric_sum(&text, "llorch_queue_depth", &[("model", model)]));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -8,28 +8,13 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::daemon::{Daemon, SseReader};
+use common::daemon::{metric_sum, Daemon, SseReader};
 use llorch::actors::faults::{arm, Fault};
 use serde_json::{json, Value};
 
 const POOL: &str = "version = 1\n\
     [[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\nmax_queue = 1\n\
     [[models]]\nname = \"victim\"\nsource = \"builtin:demo\"\n";
-
-/// The value of the sample `name{labels...}` (labels in any order), or 0 when absent.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 async fn scrape(daemon: &Daemon) -> String {
     let response = daemon
@@ -110,7 +95,7 @@ async fn counters_move_on_success_shed_cancel_and_crash_and_promtool_accepts_the
     assert_eq!(status, 200);
     let text = scrape(&daemon).await;
     assert_eq!(
-        sample(
+        metric_sum(
             &text,
             "llorch_requests_total",
             &[("model", "demo"), ("status", "200")]
@@ -118,12 +103,12 @@ async fn counters_move_on_success_shed_cancel_and_crash_and_promtool_accepts_the
         1.0
     );
     assert_eq!(
-        sample(&text, "llorch_generated_tokens_total", &[("model", "demo")]),
+        metric_sum(&text, "llorch_generated_tokens_total", &[("model", "demo")]),
         3.0
     );
-    assert!(sample(&text, "llorch_prompt_tokens_total", &[("model", "demo")]) >= 1.0);
+    assert!(metric_sum(&text, "llorch_prompt_tokens_total", &[("model", "demo")]) >= 1.0);
     assert_eq!(
-        sample(
+        metric_sum(
             &text,
             "llorch_time_to_first_token_seconds_count",
             &[("model", "demo")]
@@ -131,7 +116,7 @@ async fn counters_move_on_success_shed_cancel_and_crash_and_promtool_accepts_the
         1.0
     );
     assert_eq!(
-        sample(
+        metric_sum(
             &text,
             "llorch_inter_token_latency_seconds_count",
             &[("model", "demo")]
@@ -139,16 +124,16 @@ async fn counters_move_on_success_shed_cancel_and_crash_and_promtool_accepts_the
         2.0
     );
     assert_eq!(
-        sample(
+        metric_sum(
             &text,
             "llorch_replica_state",
             &[("model", "demo"), ("state", "ready")]
         ),
         1.0
     );
-    assert!(sample(&text, "llorch_replica_memory_bytes", &[("model", "demo")]) > 0.0);
+    assert!(metric_sum(&text, "llorch_replica_memory_bytes", &[("model", "demo")]) > 0.0);
     assert_eq!(
-        sample(
+        metric_sum(
             &text,
             "llorch_load_duration_seconds_count",
             &[("model", "demo"), ("outcome", "ok")]
@@ -172,10 +157,13 @@ async fn counters_move_on_success_shed_cancel_and_crash_and_promtool_accepts_the
         tokio::spawn(async move { client.post(url).json(&long("demo")).send().await })
     };
     let text = eventually(&daemon, "llorch_queue_depth", |text| {
-        sample(text, "llorch_queue_depth", &[("model", "demo")]) == 1.0
+        metric_sum(text, "llorch_queue_depth", &[("model", "demo")]) == 1.0
     })
     .await;
-    assert_eq!(sample(&text, "llorch_in_flight", &[("model", "demo")]), 1.0);
+    assert_eq!(
+        metric_sum(&text, "llorch_in_flight", &[("model", "demo")]),
+        1.0
+    );
     let (status, body) = daemon
         .post(
             "/v1/completions",
@@ -188,7 +176,7 @@ async fn counters_move_on_success_shed_cancel_and_crash_and_promtool_accepts_the
     );
     let text = scrape(&daemon).await;
     assert_eq!(
-        sample(
+        metric_sum(
             &text,
             "llorch_requests_total",
             &[("model", "demo"), ("status", "503")]
@@ -200,7 +188,10 @@ async fn counters_move_on_success_shed_cancel_and_crash_and_promtool_accepts_the
         ("reason", "overloaded"),
         ("code", "server_overloaded"),
     ];
-    assert_eq!(sample(&text, "llorch_request_failures_total", &shed), 1.0);
+    assert_eq!(
+        metric_sum(&text, "llorch_request_failures_total", &shed),
+        1.0
+    );
 
     // Cancel: both clients go away mid-stream.
     drop(running);
@@ -211,8 +202,8 @@ async fn counters_move_on_success_shed_cancel_and_crash_and_promtool_accepts_the
         ("code", "cancelled"),
     ];
     eventually(&daemon, "cancelled requests", |text| {
-        sample(text, "llorch_request_failures_total", &cancelled) >= 1.0
-            && sample(text, "llorch_in_flight", &[("model", "demo")]) == 0.0
+        metric_sum(text, "llorch_request_failures_total", &cancelled) >= 1.0
+            && metric_sum(text, "llorch_in_flight", &[("model", "demo")]) == 0.0
     })
     .await;
 
@@ -229,8 +220,8 @@ async fn counters_move_on_success_shed_cancel_and_crash_and_promtool_accepts_the
         ("code", "model_crashed"),
     ];
     let text = eventually(&daemon, "crash counters", |text| {
-        sample(text, "llorch_request_failures_total", &crashed) == 1.0
-            && sample(text, "llorch_restarts_total", &[("model", "victim")]) == 1.0
+        metric_sum(text, "llorch_request_failures_total", &crashed) == 1.0
+            && metric_sum(text, "llorch_restarts_total", &[("model", "victim")]) == 1.0
     })
     .await;
     assert!(!text.contains("Once"), "a prompt leaked into the metrics");

@@ -10,17 +10,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use common::daemon::Daemon;
+use common::load::snapshot;
 use serde_json::{json, Value};
-
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    kib * 1024
-}
 
 /// Writes a tiny valid Llama (config, tokenizer, weights) into `dir`.
 fn write_model(dir: &Path) {
@@ -177,7 +168,7 @@ async fn malformed_model_files_fail_fast_with_invalid_model_file() {
         root.path()
     ))
     .await;
-    let before = rss();
+    let before = snapshot().rss;
     let names: Vec<&str> = cases
         .iter()
         .map(|(n, _)| *n)
@@ -205,7 +196,7 @@ async fn malformed_model_files_fail_fast_with_invalid_model_file() {
             .await;
         assert_eq!(status, 200, "the demo model stopped serving after {name}");
     }
-    let grown = rss().saturating_sub(before);
+    let grown = snapshot().rss.saturating_sub(before);
     eprintln!(
         "S6: {} malformed files refused; RSS grew {} KiB",
         names.len(),

@@ -148,6 +148,18 @@ impl Daemon {
             .unwrap()
     }
 
+    /// The `/metrics` text (no key).
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.at("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// POSTs JSON and returns status and body.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let response = self
@@ -227,4 +239,20 @@ impl SseReader {
             }
         }
     }
+}
+
+/// The sum of the samples of metric `name` whose labels contain every `k="v"` of `labels`
+/// (0 when none match).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -19,6 +19,14 @@ use llorch::models::{
     SamplingParams,
 };
 
+/// jemalloc instead of the system allocator. glibc malloc keeps one arena per thread that ever
+/// allocated; with ~20 engine threads tokenizing large prompts and 2 MiB request bodies freed on
+/// other threads, the daemon's RSS crept up by about 2 MiB/min in the 30-minute soak (L5).
+/// jemalloc returns dirty pages to the OS after a delay.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// llorch: serve many LLMs on many devices from one process.
 #[derive(Parser)]
 #[command(version, about)]

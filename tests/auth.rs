@@ -1,5 +1,5 @@
-//! Inference keys, model limits, request ids, and the refusal to listen on a non-loopback
-//! address without keys.
+//! Inference keys, model limits, request ids, the default loopback bind (S1), and the refusal
+//! to listen on a non-loopback address without keys.
 
 mod common;
 
@@ -129,6 +129,24 @@ async fn request_ids_are_echoed_or_generated_on_every_response() {
         .await
         .unwrap();
     assert_ne!(response.headers()["x-request-id"], too_long.as_str());
+}
+
+#[test]
+fn s1_the_default_config_listens_on_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pool.toml");
+    // No `listen` in the file and none on the command line: the built-in default applies.
+    std::fs::write(&config, POOL).unwrap();
+    let (mut child, url, _) = common::process::start_with_args(&config, &[], &[]);
+    let sockets = common::process::listening_addresses(child.id());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(url, "http://127.0.0.1:8080");
+    // 127.0.0.1:8080 as /proc/net/tcp writes it; nothing on IPv6 or another address.
+    assert_eq!(
+        sockets,
+        vec![("tcp".to_string(), "0100007F:1F90".to_string())]
+    );
 }
 
 #[test]

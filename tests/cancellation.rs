@@ -3,12 +3,18 @@
 //! answer, or still queued, and the slot is free again at once. Cancellation reaches the engine
 //! through the job's cancel flag (set when the handler's future or the response stream is
 //! dropped), read by the engine thread before every step, and through the closed event channel.
+//! A client that stops reading pauses its generation (the event channel is bounded) until its
+//! `slow_reader_timeout` ends it.
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::daemon::{Daemon, SseReader};
+use common::load::snapshot;
+use common::raw::{parse, RawReply};
 use futures::StreamExt;
 use llorch::models::fake_forwards;
 use serde_json::{json, Value};
@@ -220,4 +226,116 @@ async fn x6_cancelled_jobs_are_counted_and_free_their_slot() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(cancelled, 3.0);
+}
+
+/// Streams `max_tokens` tokens from `model` and returns the longest gap between events.
+async fn longest_gap(daemon: &Daemon, model: &str, max_tokens: usize) -> Duration {
+    let response = daemon
+        .client
+        .post(daemon.at("/v1/completions"))
+        .json(&json!({"model": model, "prompt": "Go", "max_tokens": max_tokens, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut reader = SseReader::new(response);
+    let (mut last, mut longest, mut done) = (Instant::now(), Duration::ZERO, false);
+    while let Some(event) = reader.next().await {
+        longest = longest.max(last.elapsed());
+        last = Instant::now();
+        done = event == "[DONE]";
+    }
+    assert!(done, "the stream did not end with [DONE]");
+    longest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x5_a_client_that_reads_nothing_is_paused_then_ended() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::start(
+        "version = 1\n[[models]]\nname = \"fake\"\nsource = \"builtin:fake?ms=0\"\n\
+         slow_reader_timeout = \"2s\"\n\
+         [[models]]\nname = \"other\"\nsource = \"builtin:fake?ms=5\"\n",
+    )
+    .await;
+    let address: SocketAddr = daemon.url.trim_start_matches("http://").parse().unwrap();
+    let body =
+        json!({"model": "fake", "prompt": "Go", "max_tokens": 60000, "stream": true}).to_string();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // A small receive window, so that what the client's kernel holds is small too.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&address.into()).unwrap();
+    let mut slow = std::net::TcpStream::from(socket);
+    let rss_before = snapshot().rss;
+    let before = fake_forwards();
+    slow.write_all(request.as_bytes()).unwrap();
+    // The generation pauses once the buffers between the engine and the client are full.
+    let started = Instant::now();
+    let mut last = (fake_forwards(), Instant::now());
+    while last.1.elapsed() < Duration::from_millis(500) {
+        assert!(started.elapsed() < Duration::from_secs(10), "never paused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = fake_forwards();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+    let generated = last.0 - before;
+    let paused_at = last.1;
+    // Another model streams normally while the slow client reads nothing.
+    let gap = longest_gap(&daemon, "other", 100).await;
+    let rss_growth = snapshot().rss.saturating_sub(rss_before);
+    let wait = Duration::from_secs(3).saturating_sub(paused_at.elapsed());
+    tokio::time::sleep(wait).await;
+    let received = tokio::task::spawn_blocking(move || {
+        slow.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut bytes = Vec::new();
+        slow.read_to_end(&mut bytes).unwrap();
+        bytes
+    })
+    .await
+    .unwrap();
+    let RawReply::Response { status, body, .. } = parse(&received) else {
+        panic!("no response");
+    };
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|frame| frame.strip_prefix("data: "))
+        .collect();
+    let tokens = events.iter().filter(|e| e.contains("\"text\"")).count();
+    let error: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    eprintln!(
+        "X5: the generation paused after {generated} tokens ({} KiB of SSE) for a client \
+         that read nothing; RSS +{} KiB meanwhile; the other model's longest gap {gap:?}",
+        text.len() / 1024,
+        rss_growth / 1024
+    );
+    assert_eq!(error["error"]["code"], "slow_reader");
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    assert_eq!(
+        tokens as u64, generated,
+        "every generated token was delivered"
+    );
+    // 60 000 tokens were asked for; only what the bounded channel and the socket buffers hold
+    // was generated before the pause.
+    assert!(
+        text.len() < 512 * 1024,
+        "{} bytes were buffered",
+        text.len()
+    );
+    assert!(rss_growth < 32 << 20, "RSS grew {rss_growth} bytes");
+    assert!(
+        gap < Duration::from_millis(500),
+        "the other model's gap was {gap:?}"
+    );
+    // The slot is free again.
+    assert!(first_token_time(&daemon).await < Duration::from_secs(1));
 }

@@ -9,7 +9,7 @@ use llorch::actors::engine::{
 use llorch::models::{
     DTypeChoice, FinishReason, GenerationParams, LoadSpec, ModelSource, Prompt, SamplingParams,
 };
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 fn engine() -> EngineHandle {
     let spec = LoadSpec {
@@ -40,7 +40,7 @@ fn request(text: &str, max_tokens: usize, sampling: SamplingParams) -> Generatio
     }
 }
 
-fn drain(mut events: UnboundedReceiver<TokenEvent>) -> Vec<TokenEvent> {
+fn drain(mut events: Receiver<TokenEvent>) -> Vec<TokenEvent> {
     let mut all = Vec::new();
     while let Some(event) = events.blocking_recv() {
         all.push(event);

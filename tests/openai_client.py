@@ -1,6 +1,7 @@
 """Drives a running llorch daemon with the official `openai` Python client.
 
-Usage: python3 openai_client.py BASE_URL MODEL
+Usage: python3 openai_client.py BASE_URL MODEL SLOW_MODEL
+SLOW_MODEL is a model whose streams run past its request deadline after a few tokens.
 Exits non-zero (with the failing assertion) when anything differs from what a user expects.
 """
 
@@ -8,7 +9,7 @@ import sys
 
 import openai
 
-base_url, model = sys.argv[1], sys.argv[2]
+base_url, model, slow_model = sys.argv[1], sys.argv[2], sys.argv[3]
 client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
 
 ids = [m.id for m in client.models.list().data]
@@ -48,5 +49,21 @@ try:
 except openai.NotFoundError as err:
     assert err.status_code == 404, err
     assert err.body["code"] == "model_not_found", err.body
+
+# An error after the first byte: one `data: {"error":...}` event, which the client raises as
+# APIError with our message, after the chunks that came before it.
+stream = client.chat.completions.create(
+    model=slow_model, messages=messages, max_tokens=1000, stream=True
+)
+received = 0
+try:
+    for chunk in stream:
+        received += 1
+    raise AssertionError("a stream past its deadline ended without an error")
+except openai.APIError as err:
+    assert not isinstance(err, openai.APIStatusError), err
+    assert "request_timeout" in err.message, err.message
+    assert err.body["code"] == "deadline_exceeded", err.body
+assert received >= 2, received
 
 print("openai client: all checks passed")

@@ -1,5 +1,6 @@
 //! The official `openai` Python package against the running daemon: list models, chat
-//! completion, streamed chat completion, completion, and `NotFoundError` for an unknown model.
+//! completion, streamed chat completion, completion, `NotFoundError` for an unknown model (an
+//! error before the first byte), and `APIError` for a stream that fails after its first chunks.
 
 mod common;
 
@@ -28,12 +29,14 @@ async fn the_official_openai_python_client_works_against_the_daemon() {
     if !openai_available() {
         return;
     }
-    let daemon =
-        Daemon::start("version = 1\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n")
-            .await;
+    let daemon = Daemon::start(
+        "version = 1\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n\
+         [[models]]\nname = \"slow\"\nsource = \"builtin:fake?ms=50\"\nrequest_timeout = \"400ms\"\n",
+    )
+    .await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
     let output = tokio::process::Command::new("python3")
-        .args([script, &daemon.url, "demo"])
+        .args([script, &daemon.url, "demo", "slow"])
         .output()
         .await
         .unwrap();

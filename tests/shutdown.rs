@@ -1,7 +1,8 @@
 //! RELIABILITY.md checklist G: graceful shutdown of the daemon process. SIGTERM drains
 //! (`/ready` 503 at once, new requests 503 `shutting_down`, streams in flight finish), streams
 //! still running at the drain deadline end with `server_shutdown` + `[DONE]`, a second signal
-//! aborts, and an idle daemon exits at once even with a keep-alive connection open.
+//! aborts, an idle daemon exits at once even with a keep-alive connection open, and a load or
+//! an evict in progress does not hold the exit back.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::daemon::SseReader;
-use common::process::{signal, start, wait_exit};
+use common::process::{signal, start, start_logged, wait_exit};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
@@ -48,11 +49,16 @@ async fn wait_ready(url: &str) {
     }
 }
 
-/// Starts a streamed completion of `max_tokens` tokens and follows it to its end.
+/// Starts a streamed completion of `max_tokens` tokens from `demo` and follows it to its end.
 fn stream(url: &str, max_tokens: usize) -> JoinHandle<Ending> {
-    let url = url.to_string();
+    stream_from(url, "demo", max_tokens)
+}
+
+/// Starts a streamed completion of `max_tokens` tokens from `model` and follows it to its end.
+fn stream_from(url: &str, model: &str, max_tokens: usize) -> JoinHandle<Ending> {
+    let (url, model) = (url.to_string(), model.to_string());
     tokio::spawn(async move {
-        let body = json!({"model": "demo", "prompt": "Once upon", "max_tokens": max_tokens,
+        let body = json!({"model": model, "prompt": "Once upon", "max_tokens": max_tokens,
                           "ignore_eos": true, "stream": true});
         let response = match reqwest::Client::new()
             .post(format!("{url}/v1/completions"))
@@ -194,4 +200,93 @@ async fn g5_an_idle_daemon_exits_at_once_despite_a_keep_alive_connection() {
     eprintln!("idle exit took {took:?}");
     assert!(took < Duration::from_secs(2), "exit took {took:?}");
     drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g4_a_load_and_a_draining_evict_do_not_hold_the_exit_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool.toml");
+    std::fs::write(
+        &path,
+        "version = 1\n[server]\nshutdown_timeout = \"2s\"\n\
+         [[models]]\nname = \"busy\"\nsource = \"builtin:fake?ms=20\"\n\
+         [[models]]\nname = \"slow\"\nsource = \"builtin:fake?ms=5&load_ms=60000\"\n\
+         preload = false\n",
+    )
+    .unwrap();
+    let (mut child, url, lines) = start_logged(&path, &[]);
+    wait_ready(&url).await;
+    // A request that waits for slow's 60-second load, and a stream on busy that an evict
+    // (with a 60-second drain deadline) waits for.
+    let waiting = stream_from(&url, "slow", 10);
+    let draining = stream_from(&url, "busy", 10_000);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !status_and_code(&url, "/admin/models", None).await.1["models"]
+        .as_array()
+        .is_some_and(|models| {
+            models
+                .iter()
+                .any(|m| m["name"] == "busy" && m["replicas"][0]["in_flight"] == 1)
+        })
+    {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the busy stream never started");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let evict = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{url}/admin/models/busy/evict?timeout_ms=60000"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, listing) = status_and_code(&url, "/admin/models", None).await;
+        let state = |name: &str| {
+            listing["models"]
+                .as_array()
+                .and_then(|models| models.iter().find(|m| m["name"] == name))
+                .map(|m| (m["state"].clone(), m["replicas"][0]["state"].clone()))
+        };
+        let (busy, slow) = (state("busy"), state("slow"));
+        if busy.as_ref().map(|d| d.0 == "draining") == Some(true)
+            && slow.as_ref().map(|s| s.1 == "loading") == Some(true)
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("never both loading and draining: {listing}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal(&child, "TERM");
+    let took = exit_within(&mut child, Duration::from_secs(7));
+    eprintln!(
+        "exited {took:?} after SIGTERM with a load and a drain in progress (drain deadline 2 s)"
+    );
+    // A thread still loading is not waited for: the exit follows the 2 s drain.
+    assert!(took < Duration::from_millis(3500), "exit took {took:?}");
+    let waited = waiting.await.unwrap();
+    assert!(
+        matches!(&waited, Ending::Broken(s) if s.starts_with("status 503")),
+        "the request waiting for the load: {waited:?}"
+    );
+    let drained = draining.await.unwrap();
+    assert!(
+        matches!(&drained, Ending::Error(code) if code == "server_shutdown" || code == "model_evicted"),
+        "the draining stream: {drained:?}"
+    );
+    let _ = evict.await.unwrap();
+    let log: Vec<String> = lines.try_iter().collect();
+    assert!(
+        !log.iter().any(|line| line.contains("panicked")),
+        "the daemon panicked: {log:?}"
+    );
 }

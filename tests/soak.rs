@@ -3,7 +3,8 @@
 //! mid-stream, 10 % not streamed, 5 % malformed (a random corpus case), 5 % prompts over the
 //! context; the `victim` model is evicted and loaded again every 60 s. No unexpected 5xx, no
 //! truncated or stalled stream, RSS slope under 1 MiB/min after a 5-minute warm-up, fd count
-//! flat (their slopes are fitted over 10-second samples).
+//! flat (their slopes are fitted over 10-second samples). The daemon runs as its own process
+//! (`llorch serve`, with the allocator it ships with), so its RSS and fds are measured alone.
 
 mod common;
 
@@ -12,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::corpus::{corpus, load_case};
-use common::daemon::Daemon;
-use common::load::{body, snapshot, stream_once, Outcome, Record};
+use common::load::{body, stream_once, Outcome, Record};
+use common::process::{resources, signal, start, wait_exit};
 use common::raw::{exchange, RawReply, SendMode};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
@@ -61,6 +62,18 @@ fn slope(points: &[(f64, f64)]) -> f64 {
     }
 }
 
+/// Waits until `/ready` answers 200.
+async fn wait_ready(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("{url}/ready"))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "the daemon never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l5_mixed_soak_keeps_every_invariant() {
     if std::env::var("RELIAB_EXTENDED").is_err() {
@@ -73,8 +86,12 @@ async fn l5_mixed_soak_keeps_every_invariant() {
         .unwrap_or(1800);
     let seed: u64 = rand::random();
     eprintln!("L5: {secs} s, seed {seed}");
-    let daemon = Daemon::start(POOL).await;
-    let address = daemon.url.trim_start_matches("http://").to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool.toml");
+    std::fs::write(&pool, POOL).unwrap();
+    let (mut child, url) = start(&pool);
+    wait_ready(&url).await;
+    let address = url.trim_start_matches("http://").to_string();
     let cases: Vec<_> = corpus()
         .iter()
         .map(|p| load_case(p))
@@ -88,7 +105,7 @@ async fn l5_mixed_soak_keeps_every_invariant() {
     let mut tasks = Vec::new();
     for client_index in 0..48u64 {
         let (url, address, streamed, problems, cases) = (
-            daemon.url.clone(),
+            url.clone(),
             address.clone(),
             streamed.clone(),
             problems.clone(),
@@ -187,7 +204,7 @@ async fn l5_mixed_soak_keeps_every_invariant() {
         }));
     }
     let admin = {
-        let (client, url) = (daemon.client.clone(), daemon.url.clone());
+        let (client, url) = (reqwest::Client::new(), url.clone());
         tokio::spawn(async move {
             let mut cycles = 0;
             while Instant::now() + Duration::from_secs(60) < until {
@@ -217,23 +234,27 @@ async fn l5_mixed_soak_keeps_every_invariant() {
     let mut samples = Vec::new();
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let now = snapshot();
-        samples.push((started.elapsed().as_secs_f64() / 60.0, now));
+        samples.push((
+            started.elapsed().as_secs_f64() / 60.0,
+            resources(child.id()),
+        ));
     }
     for task in tasks {
         task.await.unwrap();
     }
     let cycles = admin.await.unwrap();
+    signal(&child, "TERM");
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).is_some());
     let warm: Vec<(f64, f64)> = samples
         .iter()
         .filter(|(minute, _)| *minute >= 5.0)
-        .map(|(minute, s)| (*minute, s.rss as f64 / (1024.0 * 1024.0)))
+        .map(|(minute, (rss, _))| (*minute, *rss as f64 / (1024.0 * 1024.0)))
         .collect();
     let rss_slope = slope(&warm);
     let fds: Vec<(f64, f64)> = samples
         .iter()
         .filter(|(minute, _)| *minute >= 5.0)
-        .map(|(minute, s)| (*minute, s.fds as f64))
+        .map(|(minute, (_, fds))| (*minute, *fds as f64))
         .collect();
     let fd_slope = slope(&fds);
     eprintln!(
@@ -244,7 +265,7 @@ async fn l5_mixed_soak_keeps_every_invariant() {
         problems.lock().unwrap().len(),
         samples
             .first()
-            .map_or(0.0, |(_, s)| s.rss as f64 / (1024.0 * 1024.0)),
+            .map_or(0.0, |(_, (rss, _))| *rss as f64 / (1024.0 * 1024.0)),
         warm.len(),
         warm.first().map(|p| p.1).unwrap_or(0.0),
         warm.last().map(|p| p.1).unwrap_or(0.0),

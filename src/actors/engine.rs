@@ -2,8 +2,9 @@
 //! KV cache, tokenizer) and runs generation jobs from a channel.
 //!
 //! Forward passes are long CPU/GPU work, so they never run on a tokio worker. Each job sends
-//! its events on its own unbounded channel; a job stops as soon as that channel is closed (the
-//! client went away) or its cancel flag is set. The KV cache is cleared after every job and
+//! its events on its own bounded channel; a job stops as soon as that channel is closed (the
+//! client went away) or its cancel flag is set. A job whose channel is full (its client does
+//! not read) is paused, and ended with `slow_reader` once paused for its `slow_reader_timeout`. The KV cache is cleared after every job and
 //! after every error, and a panic inside a job is caught, reported to that job and ends the
 //! thread with an error its owner can see.
 
@@ -23,6 +24,17 @@ use crate::models::{
 
 /// How many sequences the loop steps at once. One today; continuous batching raises it.
 const MAX_ACTIVE_SEQUENCES: usize = 1;
+
+/// Events a job's channel holds before the job is paused. A token event becomes one SSE frame
+/// of under 512 bytes, so a client that stops reading makes the server hold at most 64 KiB
+/// for it (plus hyper's write queue); one slot is kept for the terminal event.
+pub const EVENT_BUFFER: usize = 128;
+
+/// How long a paused job's replica waits before looking at it again.
+const PAUSE_POLL: Duration = Duration::from_millis(5);
+
+/// How long a job may stay paused by a client that does not read, unless its model says.
+pub const DEFAULT_SLOW_READER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A generation request as the engine receives it.
 #[derive(Debug, Clone)]
@@ -90,6 +102,9 @@ pub enum EngineError {
     /// The engine made no progress within the stall timeout.
     #[error("{0}")]
     Stalled(String),
+    /// The client read nothing for the slow-reader timeout while the job was paused.
+    #[error("{0}")]
+    SlowReader(String),
 }
 
 impl From<GenerationError> for EngineError {
@@ -158,29 +173,28 @@ pub struct Job {
     /// The request.
     pub request: GenerationRequest,
     /// The job's event channel; closing its receiver cancels the job.
-    pub events: tokio_mpsc::UnboundedSender<TokenEvent>,
+    pub events: tokio_mpsc::Sender<TokenEvent>,
     /// Set to cancel the job.
     pub cancel: Arc<AtomicBool>,
     /// Runs when the job is dropped.
     pub notice: Option<CompletionNotice>,
+    /// How long the job may stay paused because its channel is full.
+    pub slow_reader_timeout: Duration,
 }
 
 impl Job {
     /// Creates a job and returns it with its event receiver and cancel flag.
     pub fn new(
         request: GenerationRequest,
-    ) -> (
-        Self,
-        tokio_mpsc::UnboundedReceiver<TokenEvent>,
-        Arc<AtomicBool>,
-    ) {
-        let (events, receiver) = tokio_mpsc::unbounded_channel();
+    ) -> (Self, tokio_mpsc::Receiver<TokenEvent>, Arc<AtomicBool>) {
+        let (events, receiver) = tokio_mpsc::channel(EVENT_BUFFER);
         let cancel = Arc::new(AtomicBool::new(false));
         let job = Self {
             request,
             events,
             cancel: cancel.clone(),
             notice: None,
+            slow_reader_timeout: DEFAULT_SLOW_READER_TIMEOUT,
         };
         (job, receiver, cancel)
     }
@@ -191,8 +205,17 @@ impl Job {
     }
 
     /// Sends an event; a closed receiver is ignored (the job is dropped at the next check).
+    /// A token is only generated while two slots are free, so the terminal event that may
+    /// follow it always fits.
     pub fn send(&self, event: TokenEvent) {
-        let _ = self.events.send(event);
+        if let Err(tokio_mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
+            tracing::warn!(?event, "a job's event channel was full; event dropped");
+        }
+    }
+
+    /// Whether the channel has room for a token and the terminal event after it.
+    fn has_room(&self) -> bool {
+        self.events.capacity() >= 2
     }
 }
 
@@ -400,9 +423,12 @@ fn run_engine(
             continue;
         }
         heartbeat.begin();
-        let panicked = step_all(replica, &mut model, &mut active);
+        let stepped = step_all(replica, &mut model, &mut active);
         heartbeat.end();
-        if let Some(message) = panicked {
+        if let Stepped::Paused = stepped {
+            std::thread::sleep(PAUSE_POLL);
+        }
+        if let Stepped::Panicked(message) = stepped {
             let mut unstarted: Vec<Job> = waiting.drain(..).collect();
             unstarted.extend(commands.try_iter().filter_map(|command| match command {
                 Command::Run(job) => Some(job),
@@ -435,6 +461,18 @@ fn apply(command: Command, active: &mut Vec<Active>, waiting: &mut VecDeque<Job>
 struct Active {
     job: Job,
     sequence: Sequence,
+    /// When its client stopped reading (its channel filled up), while it still has not.
+    paused_since: Option<Instant>,
+}
+
+/// What one round over the active sequences did.
+enum Stepped {
+    /// At least one sequence stepped or ended.
+    Progressed,
+    /// Every sequence waits for its client to read.
+    Paused,
+    /// A step panicked (the message); the engine must exit.
+    Panicked(String),
 }
 
 /// Tokenizes and validates a job; a valid one joins `active`, an invalid one gets its error.
@@ -449,23 +487,48 @@ fn admit(model: &mut LoadedModel, job: Job, active: &mut Vec<Active>) {
             job.send(TokenEvent::Started {
                 prompt_ids: sequence.prompt_ids().to_vec(),
             });
-            active.push(Active { job, sequence });
+            active.push(Active {
+                job,
+                sequence,
+                paused_since: None,
+            });
         }
         Err(err) => job.send(TokenEvent::Failed(err.into())),
     }
 }
 
-/// Steps every active sequence once. Returns a panic message if a step panicked (the engine
-/// must then exit; the active jobs are left for its owner to fail).
-fn step_all(replica: &str, model: &mut LoadedModel, active: &mut Vec<Active>) -> Option<String> {
+/// Steps every active sequence whose client keeps up once. After a panic the engine must exit;
+/// the active jobs are left for its owner to fail.
+fn step_all(replica: &str, model: &mut LoadedModel, active: &mut Vec<Active>) -> Stepped {
     let _ = replica; // read only by the fault hooks of test builds
+    let mut progressed = false;
     let mut index = 0;
     while let Some(entry) = active.get_mut(index) {
         if entry.job.abandoned() {
             active.swap_remove(index);
             reset_cache(model);
+            progressed = true;
             continue;
         }
+        if !entry.job.has_room() {
+            let since = *entry.paused_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= entry.job.slow_reader_timeout {
+                entry
+                    .job
+                    .send(TokenEvent::Failed(EngineError::SlowReader(format!(
+                        "the client read nothing for {:?} (slow_reader_timeout)",
+                        entry.job.slow_reader_timeout
+                    ))));
+                active.swap_remove(index);
+                reset_cache(model);
+                progressed = true;
+                continue;
+            }
+            index += 1;
+            continue;
+        }
+        entry.paused_since = None;
+        progressed = true;
         let stepped = catch_unwind(AssertUnwindSafe(|| {
             #[cfg(feature = "fault-injection")]
             super::faults::on_step(replica, entry.sequence.generated_ids().len());
@@ -494,10 +557,14 @@ fn step_all(replica: &str, model: &mut LoadedModel, active: &mut Vec<Active>) ->
                 active.swap_remove(index);
                 reset_cache(model);
             }
-            Err(panic) => return Some(panic_message(panic.as_ref())),
+            Err(panic) => return Stepped::Panicked(panic_message(panic.as_ref())),
         }
     }
-    None
+    if progressed {
+        Stepped::Progressed
+    } else {
+        Stepped::Paused
+    }
 }
 
 /// Loads the model (acting on an injected load fault first, in test builds).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
 
 use super::engine::{spawn_engine, EngineError, EngineExit, EngineHandle, Job, TokenEvent};
 use super::router::{ReplicaEntry, ReplicaId, RouterMsg};
@@ -66,7 +66,9 @@ pub struct ModelState {
     stall_timeout: Duration,
     /// The event channels and cancel flags of jobs handed to the engine, so that a stalled
     /// engine's requests can still be ended (the engine thread itself is stuck).
-    watched: Vec<(UnboundedSender<TokenEvent>, Arc<AtomicBool>)>,
+    watched: Vec<(Sender<TokenEvent>, Arc<AtomicBool>)>,
+    /// Whether the engine finished loading (a thread still loading is not joined on stop).
+    loaded: bool,
 }
 
 /// Takes a crashed replica out of routing, hands its unstarted jobs back, then fails the jobs
@@ -145,6 +147,7 @@ impl Actor for ModelActor {
             router: args.router,
             stall_timeout: args.stall_timeout,
             watched: Vec::new(),
+            loaded: false,
         })
     }
 
@@ -155,8 +158,14 @@ impl Actor for ModelActor {
     ) -> Result<(), ActorProcessingErr> {
         // Closing the job channel ends the engine thread after its current step; it is joined
         // off the async runtime, so that once the actor has stopped the model's memory is free.
-        if let Some(engine) = state.engine.take() {
-            let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        // A thread still loading is let go instead: it ends once its load returns, and waiting
+        // for it would hold back a shutdown or an evict by as long as the load takes.
+        match state.engine.take() {
+            Some(engine) if state.loaded => {
+                let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+            }
+            Some(engine) => drop(engine.detach()),
+            None => {}
         }
         Ok(())
     }
@@ -181,6 +190,7 @@ impl Actor for ModelActor {
                 Ok(())
             }
             ModelMsg::Loaded(result) => {
+                state.loaded = result.is_ok();
                 match &result {
                     Ok(info) => {
                         tracing::info!(replica = %state.replica, context = info.context_length, "model ready")
@@ -238,7 +248,7 @@ impl Actor for ModelActor {
                         for (events, cancel) in state.watched.drain(..) {
                             cancel.store(true, Ordering::Relaxed);
                             let _ = events
-                                .send(TokenEvent::Failed(EngineError::Stalled(reason.clone())));
+                                .try_send(TokenEvent::Failed(EngineError::Stalled(reason.clone())));
                         }
                         Err(format!("{}: {reason}", state.replica).into())
                     }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 use super::engine::{CompletionNotice, EngineError, GenerationRequest, Job, TokenEvent};
 use super::model_actor::ModelMsg;
@@ -101,7 +101,7 @@ pub enum RouteError {
 #[derive(Debug)]
 pub struct Admitted {
     /// The job's events.
-    pub events: UnboundedReceiver<TokenEvent>,
+    pub events: Receiver<TokenEvent>,
     /// Setting it stops the job.
     pub cancel: Arc<AtomicBool>,
     /// Longest the job may wait for a slot.
@@ -192,6 +192,8 @@ pub struct RouteSpec {
     pub request_timeout: Duration,
     /// Whether requests wait while no replica is ready but one is loading or restarting.
     pub queue_during_load: bool,
+    /// Longest a stream may stay paused by a client that reads nothing.
+    pub slow_reader_timeout: Duration,
 }
 
 /// Messages the router handles.
@@ -649,7 +651,8 @@ fn dispatch(
     if !has_free_slot && route.queue.len() >= route.max_queue {
         return Err(RouteError::Overloaded(model.to_string()));
     }
-    let (job, events, cancel) = Job::new(request);
+    let (mut job, events, cancel) = Job::new(request);
+    job.slow_reader_timeout = route.spec.slow_reader_timeout;
     route.queue.push_back(job);
     start_queued(myself, route);
     route.request_load(model, &supervisor);

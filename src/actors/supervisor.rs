@@ -731,6 +731,7 @@ pub fn route_spec(spec: &ModelSpec) -> RouteSpec {
         queue_timeout: spec.queue_timeout,
         request_timeout: spec.request_timeout,
         queue_during_load: spec.queue_during_load,
+        slow_reader_timeout: spec.slow_reader_timeout,
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use ractor::rpc::CallResult;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -36,7 +36,7 @@ impl Drop for CancelOnDrop {
 /// A job's events after `Started`, with the first one already read.
 pub struct EventStream {
     first: Option<TokenEvent>,
-    rest: UnboundedReceiver<TokenEvent>,
+    rest: Receiver<TokenEvent>,
 }
 
 impl EventStream {

@@ -18,6 +18,12 @@ use tower::ServiceExt;
 /// How long connections may take to close once the server stops, before they are dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// The kernel send buffer of each connection (Linux doubles it for bookkeeping). Autotuning
+/// would let it grow to `tcp_wmem`'s maximum (4 MiB by default): that much of a stream whose
+/// client stops reading would pile up in the kernel before its generation pauses. 32 KiB
+/// still carries thousands of tokens per round trip.
+const SEND_BUFFER: usize = 32 * 1024;
+
 /// Connection-level limits.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -63,6 +69,9 @@ pub async fn serve_connections(
         // Tokens are small writes: without this, Nagle's algorithm holds them for up to 40 ms.
         if let Err(err) = stream.set_nodelay(true) {
             tracing::debug!(error = %err, "TCP_NODELAY");
+        }
+        if let Err(err) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER) {
+            tracing::debug!(error = %err, "SO_SNDBUF");
         }
         let app = app.clone();
         let mut closed = closed.clone();

@@ -148,6 +148,8 @@ pub struct ModelSpec {
     pub request_timeout: Duration,
     /// Longest a load may take.
     pub load_timeout: Duration,
+    /// Longest a stream may stay paused by a client that reads nothing.
+    pub slow_reader_timeout: Duration,
     /// Whether requests wait while the model loads or restarts (else 503 at once).
     pub queue_during_load: bool,
 }

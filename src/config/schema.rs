@@ -138,6 +138,10 @@ pub struct ModelEntry {
     /// Longest a load may take before the replica is `failed` (default `"300s"`).
     #[serde(default)]
     pub load_timeout: Option<String>,
+    /// Longest a stream stays paused because its client reads nothing before it ends with
+    /// `slow_reader` (default `"30s"`).
+    #[serde(default)]
+    pub slow_reader_timeout: Option<String>,
     /// Whether requests for a model that is loading or restarting wait in the queue (default
     /// true); `false` answers 503 `model_loading` or `model_restarting` at once.
     #[serde(default = "default_true")]

@@ -378,6 +378,11 @@ fn validate_model(
         &entry.load_timeout,
         super::DEFAULT_LOAD_TIMEOUT,
     )?;
+    let slow_reader_timeout = duration(
+        "slow_reader_timeout",
+        &entry.slow_reader_timeout,
+        crate::actors::engine::DEFAULT_SLOW_READER_TIMEOUT,
+    )?;
     Ok(ModelSpec {
         name: entry.name.clone(),
         source,
@@ -393,6 +398,7 @@ fn validate_model(
         queue_timeout,
         request_timeout,
         load_timeout,
+        slow_reader_timeout,
         queue_during_load: entry.queue_during_load,
     })
 }

@@ -1,7 +1,7 @@
-//! `builtin:fake?ms=N`: a test backend for the reliability suites (compiled only with the
+//! `builtin:fake?ms=N[&load_ms=M]`: a test backend for the reliability suites (compiled only with the
 //! `fault-injection` feature). It has the demo tokenizer, a 64K-token context, and a forward
 //! pass that sleeps `N` ms and returns logits that put all probability on the next letter of
-//! the alphabet (whatever the sampling settings), never an end token: streams run to
+//! the alphabet (whatever the sampling settings), never an end token; its load sleeps `M` ms: streams run to
 //! `max_tokens` at a known rate, using almost no CPU, so a 2-core machine can hold many
 //! concurrent streams (RELIABILITY.md §13).
 
@@ -50,13 +50,25 @@ impl FakeModel {
     }
 }
 
-/// Parses the query of `builtin:fake[?ms=N]` into milliseconds per token.
-pub fn parse_ms(query: Option<&str>) -> Result<u64, String> {
-    match query {
-        None => Ok(DEFAULT_MS_PER_TOKEN),
-        Some(query) => query
-            .strip_prefix("ms=")
-            .and_then(|ms| ms.parse().ok())
-            .ok_or_else(|| format!("expected builtin:fake?ms=N, got ?{query}")),
+/// Parses the query of `builtin:fake[?ms=N][&load_ms=M]` (either key may be left out) into
+/// milliseconds per token and milliseconds per load.
+pub fn parse_query(query: Option<&str>) -> Result<(u64, u64), String> {
+    let (mut ms, mut load_ms) = (DEFAULT_MS_PER_TOKEN, 0);
+    for pair in query.into_iter().flat_map(|q| q.split('&')) {
+        let number = |value: &str| {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("expected builtin:fake?ms=N&load_ms=M, got {pair:?}"))
+        };
+        match pair.split_once('=') {
+            Some(("ms", value)) => ms = number(value)?,
+            Some(("load_ms", value)) => load_ms = number(value)?,
+            _ => {
+                return Err(format!(
+                    "expected builtin:fake?ms=N&load_ms=M, got {pair:?}"
+                ))
+            }
+        }
     }
+    Ok((ms, load_ms))
 }

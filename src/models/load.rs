@@ -89,7 +89,8 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
         }
         ModelSource::Gguf(path) => load_gguf_file(path, &device, spec.dtype)?,
         #[cfg(feature = "fault-injection")]
-        ModelSource::BuiltinFake { ms } => {
+        ModelSource::BuiltinFake { ms, load_ms } => {
+            std::thread::sleep(std::time::Duration::from_millis(*load_ms));
             let tokenizer = demo::demo_tokenizer()?;
             LoadedModel {
                 model: super::model::Model::Fake(super::fake::FakeModel {

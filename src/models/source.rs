@@ -36,11 +36,14 @@ pub enum ModelSource {
     },
     /// The small seeded random Llama built in memory.
     BuiltinDemo,
-    /// The test backend: `ms` milliseconds per forward pass, no compute (test builds only).
+    /// The test backend: `ms` milliseconds per forward pass, no compute, and a load that
+    /// takes `load_ms` (test builds only).
     #[cfg(feature = "fault-injection")]
     BuiltinFake {
         /// Milliseconds per forward pass.
         ms: u64,
+        /// Milliseconds the load takes.
+        load_ms: u64,
     },
 }
 
@@ -60,8 +63,8 @@ impl FromStr for ModelSource {
             if let Some(rest) = name.strip_prefix("fake") {
                 let query = rest.strip_prefix('?');
                 if rest.is_empty() || query.is_some() {
-                    return super::fake::parse_ms(query)
-                        .map(|ms| ModelSource::BuiltinFake { ms })
+                    return super::fake::parse_query(query)
+                        .map(|(ms, load_ms)| ModelSource::BuiltinFake { ms, load_ms })
                         .map_err(|reason| bad(&reason));
                 }
             }
@@ -109,7 +112,11 @@ impl fmt::Display for ModelSource {
             ModelSource::Hub { repo, revision } => write!(f, "{HUB_PREFIX}{repo}@{revision}"),
             ModelSource::BuiltinDemo => f.write_str(BUILTIN_DEMO),
             #[cfg(feature = "fault-injection")]
-            ModelSource::BuiltinFake { ms } => write!(f, "builtin:fake?ms={ms}"),
+            ModelSource::BuiltinFake { ms, load_ms: 0 } => write!(f, "builtin:fake?ms={ms}"),
+            #[cfg(feature = "fault-injection")]
+            ModelSource::BuiltinFake { ms, load_ms } => {
+                write!(f, "builtin:fake?ms={ms}&load_ms={load_ms}")
+            }
         }
     }
 }

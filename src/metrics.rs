@@ -131,7 +131,7 @@ impl Metrics {
         let replica_memory = GaugeVec::new(
             Opts::new(
                 "llorch_replica_memory_bytes",
-                "Bytes of weights a loaded replica holds on its device.",
+                "Bytes a loaded replica holds on its device: measured at load on a GPU, the weights' size on the CPU.",
             ),
             &["model", "replica", "device"],
         )

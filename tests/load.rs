@@ -1,7 +1,7 @@
 //! RELIABILITY.md checklist L (PR tier) on the fake backend (5 ms per token, no compute):
 //! L1 steady load at capacity, L2 overload at several times capacity with H2 (health stays
-//! fast), L4 resources return to baseline after each, and L7 (loading one model does not slow
-//! another). `LLORCH_LOAD_SECS` sets the run length (default 60 s). The tests run one at a time.
+//! fast), L3 non-streamed load with `oha` at and beyond capacity, L4 resources return to
+//! baseline after each, and L7 (loading one model does not slow another). `LLORCH_LOAD_SECS` sets the run length (default 60 s). The tests run one at a time.
 
 mod common;
 
@@ -310,4 +310,94 @@ async fn l7_loading_one_model_does_not_slow_another() {
         p99_during.as_secs_f64() < p99_before.as_secs_f64() * 1.2 + 0.001,
         "p99 gap rose from {p99_before:?} to {p99_during:?}"
     );
+}
+
+/// The `oha` load generator: `LLORCH_OHA`, else `oha` on `PATH`. Without it the test is
+/// skipped with a message, unless `LLORCH_REQUIRE_OHA=1` (set by `.ci/run`, which installs it).
+fn oha() -> Option<String> {
+    let program = std::env::var("LLORCH_OHA").unwrap_or_else(|_| "oha".to_string());
+    let found = std::process::Command::new(&program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    let required = std::env::var("LLORCH_REQUIRE_OHA").is_ok_and(|v| v == "1");
+    assert!(
+        found || !required,
+        "LLORCH_REQUIRE_OHA=1 but {program} does not run"
+    );
+    if !found {
+        eprintln!("skipping L3: no oha (cargo install oha, or set LLORCH_OHA)");
+    }
+    found.then_some(program)
+}
+
+/// Runs `oha` for `secs` with `clients` connections posting a non-streamed completion to
+/// model `a`; returns its status histogram and its errors other than the requests cut off by
+/// the end of the run.
+async fn oha_run(
+    oha: &str,
+    daemon: &Daemon,
+    secs: u64,
+    clients: usize,
+) -> (HashMap<String, u64>, serde_json::Value) {
+    let body = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        body.path(),
+        json!({"model": "a", "prompt": "Go", "max_tokens": 8}).to_string(),
+    )
+    .unwrap();
+    let output = tokio::process::Command::new(oha)
+        .args(["-z", &format!("{secs}s"), "-c", &clients.to_string()])
+        .args(["--no-tui", "--output-format", "json", "-m", "POST"])
+        .args(["-H", "content-type: application/json", "-D"])
+        .arg(body.path())
+        .arg(daemon.at("/v1/completions"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let statuses: HashMap<String, u64> =
+        serde_json::from_value(report["statusCodeDistribution"].clone()).unwrap();
+    let mut errors = report["errorDistribution"].clone();
+    if let Some(errors) = errors.as_object_mut() {
+        errors.remove("aborted due to deadline");
+    }
+    eprintln!(
+        "L3 ({clients} clients, {secs} s): statuses {statuses:?}, other errors {errors}, {:.0} req/s, p99 {:.1} ms",
+        report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        report["latencyPercentiles"]["p99"].as_f64().unwrap_or(0.0) * 1000.0
+    );
+    (statuses, errors)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l3_non_streaming_load_with_oha_is_all_200_at_capacity_and_200_or_503_beyond() {
+    let Some(oha) = oha() else { return };
+    let _serial = SERIAL.lock().await;
+    let secs = run_secs().min(30);
+    // At capacity: 64 connections, 64 replicas.
+    let daemon = Daemon::start(&pool(&["a"], 64, 64)).await;
+    let baseline = warm_up(&daemon, &["a"]).await;
+    let (statuses, errors) = oha_run(&oha, &daemon, secs, 64).await;
+    assert_eq!(statuses.keys().collect::<Vec<_>>(), ["200"], "{statuses:?}");
+    assert_eq!(errors, json!({}));
+    resources_return(&daemon, baseline).await;
+    drop(daemon);
+    // Four times capacity: 64 connections, 16 replicas, a queue of one.
+    let daemon = Daemon::start(&pool(&["a"], 16, 1)).await;
+    let baseline = warm_up(&daemon, &["a"]).await;
+    let (statuses, errors) = oha_run(&oha, &daemon, secs, 64).await;
+    assert!(statuses.get("200").is_some_and(|n| *n > 0), "{statuses:?}");
+    assert!(statuses.get("503").is_some_and(|n| *n > 0), "{statuses:?}");
+    assert!(
+        statuses.keys().all(|s| s == "200" || s == "503"),
+        "{statuses:?}"
+    );
+    assert_eq!(errors, json!({}));
+    resources_return(&daemon, baseline).await;
 }

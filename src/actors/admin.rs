@@ -11,6 +11,52 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a load may take before it is reported failed.
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// What kind of failure took a replica down, as far as a client needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The model files are malformed (answered as `invalid_model_file`).
+    InvalidFile,
+    /// The device ran out of memory while loading (answered as `out_of_memory`).
+    OutOfMemory,
+    /// Anything else: a missing file, a crash, a load past its deadline.
+    Other,
+}
+
+/// Why a replica failed to load or stopped serving.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// Its kind.
+    pub kind: FailureKind,
+    /// The message a user sees.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure of kind [`FailureKind::Other`].
+    pub fn other(message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Other,
+            message: message.into(),
+        }
+    }
+
+    /// Classifies a load error.
+    pub fn from_load(err: &crate::models::LoadError) -> Self {
+        let kind = if err.is_out_of_memory() {
+            FailureKind::OutOfMemory
+        } else if err.is_invalid_file() {
+            FailureKind::InvalidFile
+        } else {
+            FailureKind::Other
+        };
+        Self {
+            kind,
+            message: err.to_string(),
+        }
+    }
+}
+
 /// An admin command.
 #[derive(Debug, Clone)]
 pub enum AdminCommand {
@@ -65,7 +111,7 @@ pub enum AdminError {
         /// The model.
         name: String,
         /// Why.
-        reason: String,
+        reason: Failure,
     },
     /// The pool file is invalid; nothing changed.
     #[error("{0}")]

@@ -102,6 +102,9 @@ pub enum EngineError {
     /// The engine made no progress within the stall timeout.
     #[error("{0}")]
     Stalled(String),
+    /// The device ran out of memory for this job; the replica keeps serving others.
+    #[error("{0}")]
+    OutOfMemory(String),
     /// The client read nothing for the slow-reader timeout while the job was paused.
     #[error("{0}")]
     SlowReader(String),
@@ -130,6 +133,7 @@ impl From<GenerationError> for EngineError {
             GenerationError::Tokenizer(_) | GenerationError::Forward(_) => {
                 EngineError::Generation(message)
             }
+            GenerationError::OutOfMemory(_) => EngineError::OutOfMemory(message),
         }
     }
 }

@@ -8,7 +8,7 @@ use futures::future::join_all;
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 
-use super::admin::{AdminError, ModelOutcome, DEFAULT_DRAIN_TIMEOUT, LOAD_TIMEOUT};
+use super::admin::{AdminError, Failure, ModelOutcome, DEFAULT_DRAIN_TIMEOUT, LOAD_TIMEOUT};
 use super::engine::EngineError;
 use super::model_actor::ModelMsg;
 use super::router::{ModelStatus, ReplicaId, ReplicaState, RouterMsg};
@@ -353,7 +353,7 @@ async fn replica_ids(ctx: &Ctx, name: &str, keep: impl Fn(&ReplicaId) -> bool) -
 }
 
 /// Waits until every replica in `ids` is ready; returns the first failure's reason otherwise.
-async fn wait_loaded(ctx: &Ctx, name: &str, ids: &[ReplicaId]) -> Result<(), String> {
+async fn wait_loaded(ctx: &Ctx, name: &str, ids: &[ReplicaId]) -> Result<(), Failure> {
     let deadline = Instant::now() + LOAD_TIMEOUT;
     loop {
         if let Some(status) = status(ctx, name).await {
@@ -373,7 +373,9 @@ async fn wait_loaded(ctx: &Ctx, name: &str, ids: &[ReplicaId]) -> Result<(), Str
             }
         }
         if Instant::now() >= deadline {
-            return Err(format!("the load took longer than {LOAD_TIMEOUT:?}"));
+            return Err(Failure::other(format!(
+                "the load took longer than {LOAD_TIMEOUT:?}"
+            )));
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc::Sender;
 
+use super::admin::Failure;
 use super::engine::{spawn_engine, EngineError, EngineExit, EngineHandle, Job, TokenEvent};
 use super::router::{ReplicaEntry, ReplicaId, RouterMsg};
 use crate::models::{LoadSpec, ModelInfo};
@@ -17,17 +18,13 @@ use crate::models::{LoadSpec, ModelInfo};
 /// Shortest interval between two stall checks.
 const MIN_WATCHDOG_PERIOD: Duration = Duration::from_millis(20);
 
-/// How a load error caused by malformed model files begins, so that the admin API can answer
-/// it as `invalid_model_file`.
-pub const INVALID_FILE: &str = "invalid model file";
-
 /// Messages a model actor handles.
 #[derive(Debug)]
 pub enum ModelMsg {
     /// Run a job on this replica's engine.
     Generate(Job),
     /// The engine thread finished loading (or failed to).
-    Loaded(Result<ModelInfo, String>),
+    Loaded(Result<ModelInfo, Failure>),
     /// The load ran past the load deadline; its engine thread is left to finish on its own.
     LoadTimedOut(Duration),
     /// The engine thread ended.
@@ -119,12 +116,9 @@ impl Actor for ModelActor {
         tokio::spawn(async move {
             let message = match tokio::time::timeout(load_timeout, ready).await {
                 Ok(Ok(Ok(info))) => ModelMsg::Loaded(Ok(info)),
-                Ok(Ok(Err(err))) if err.is_invalid_file() => {
-                    ModelMsg::Loaded(Err(format!("{INVALID_FILE}: {err}")))
-                }
-                Ok(Ok(Err(err))) => ModelMsg::Loaded(Err(err.to_string())),
+                Ok(Ok(Err(err))) => ModelMsg::Loaded(Err(Failure::from_load(&err))),
                 Ok(Err(_)) => {
-                    ModelMsg::Loaded(Err("the engine thread ended while loading".to_string()))
+                    ModelMsg::Loaded(Err(Failure::other("the engine thread ended while loading")))
                 }
                 Err(_) => ModelMsg::LoadTimedOut(load_timeout),
             };
@@ -185,7 +179,7 @@ impl Actor for ModelActor {
                 state.engine = state.engine.take().map(EngineHandle::detach);
                 state.router.cast(RouterMsg::ReplicaLoaded {
                     replica: state.replica.clone(),
-                    result: Err(err),
+                    result: Err(Failure::other(err)),
                 })?;
                 Ok(())
             }

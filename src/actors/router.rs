@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc::Receiver;
 
+use super::admin::Failure;
 use super::engine::{CompletionNotice, EngineError, GenerationRequest, Job, TokenEvent};
 use super::model_actor::ModelMsg;
 use super::supervisor::SupervisorMsg;
@@ -55,8 +56,8 @@ pub enum ReplicaState {
     Ready,
     /// Crashed; its supervisor restarts it after a backoff. Requests wait in the queue.
     Restarting,
-    /// Failed (load error or too many crashes); the message says why.
-    Failed(String),
+    /// Failed (load error or too many crashes); the failure says why.
+    Failed(Failure),
 }
 
 /// Whether a replica takes new work.
@@ -127,7 +128,7 @@ pub struct ReplicaStatus {
     pub restarts: usize,
     /// When it last became ready.
     pub loaded_at: Option<SystemTime>,
-    /// Bytes its weights hold, once loaded.
+    /// Bytes it holds on its device once loaded (measured on a GPU, its weights on the CPU).
     pub memory_bytes: Option<u64>,
 }
 
@@ -223,7 +224,7 @@ pub enum RouterMsg {
         /// Which one.
         replica: ReplicaId,
         /// Its facts, or the load error.
-        result: Result<ModelInfo, String>,
+        result: Result<ModelInfo, Failure>,
     },
     /// A replica's actor died.
     ReplicaDown {
@@ -448,7 +449,7 @@ impl Actor for Router {
                                 entry.info = Some(info);
                             }
                             Err(err) => {
-                                entry.last_error = Some(err.clone());
+                                entry.last_error = Some(err.to_string());
                                 entry.state = ReplicaState::Failed(err);
                             }
                         }
@@ -468,7 +469,7 @@ impl Actor for Router {
                         entry.state = if restarting {
                             ReplicaState::Restarting
                         } else {
-                            ReplicaState::Failed(reason)
+                            ReplicaState::Failed(Failure::other(reason))
                         };
                         entry.actor = None;
                     }
@@ -590,7 +591,10 @@ fn list(state: &RouterState) -> Vec<ModelStatus> {
                     last_error: r.last_error.clone(),
                     restarts: r.restarts,
                     loaded_at: r.loaded_at,
-                    memory_bytes: r.info.as_ref().map(|info| info.weights_bytes),
+                    memory_bytes: r
+                        .info
+                        .as_ref()
+                        .map(|info| info.device_bytes.unwrap_or(info.weights_bytes)),
                 })
                 .collect(),
             queued: route.queue.len(),
@@ -710,7 +714,7 @@ fn unservable(route: &Route) -> Option<String> {
     let mut reasons = Vec::new();
     for replica in active {
         match &replica.state {
-            ReplicaState::Failed(reason) => reasons.push(reason.clone()),
+            ReplicaState::Failed(reason) => reasons.push(reason.to_string()),
             _ => return None,
         }
     }

@@ -15,7 +15,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use rand::Rng;
 use tokio::sync::oneshot;
 
-use super::admin::{AdminCommand, AdminError, ModelOutcome};
+use super::admin::{AdminCommand, AdminError, Failure, ModelOutcome};
 use super::lifecycle;
 use super::model_actor::{ModelActor, ModelActorArgs, ModelMsg};
 use super::restart::{Decision, RestartTracker};
@@ -343,7 +343,7 @@ fn plan(
             let unload = make_room(state, statuses, &spec, false, &[]).map_err(|reason| {
                 AdminError::LoadFailed {
                     name: spec.name.clone(),
-                    reason,
+                    reason: Failure::other(reason),
                 }
             })?;
             Plan::Load { spec, unload }
@@ -458,7 +458,7 @@ fn reload_plan(
     let unload =
         make_room(state, statuses, &spec, false, &[]).map_err(|reason| AdminError::LoadFailed {
             name: spec.name.clone(),
-            reason,
+            reason: Failure::other(reason),
         })?;
     Ok(Plan::Reload {
         spec,
@@ -494,7 +494,7 @@ fn activate(
         .map(|unload| Plan::Activate { spec, unload })
         .map_err(|reason| AdminError::LoadFailed {
             name: name.to_string(),
-            reason,
+            reason: Failure::other(reason),
         })
         .and_then(|plan| claim(state, plan));
     match plan {
@@ -518,7 +518,7 @@ fn activate(
                     device: "-".to_string(),
                     generation: 0,
                 },
-                result: Err(err.to_string()),
+                result: Err(Failure::other(err.to_string())),
             });
         }
     }
@@ -781,7 +781,7 @@ async fn start_generation(
                 }))?;
                 state.router.cast(RouterMsg::ReplicaLoaded {
                     replica: id,
-                    result: Err(err),
+                    result: Err(Failure::other(err)),
                 })?;
                 continue;
             }

@@ -13,8 +13,9 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::AppState;
-use crate::actors::admin::{AdminCommand, AdminError, ModelOutcome, DEFAULT_DRAIN_TIMEOUT};
-use crate::actors::model_actor::INVALID_FILE;
+use crate::actors::admin::{
+    AdminCommand, AdminError, FailureKind, ModelOutcome, DEFAULT_DRAIN_TIMEOUT,
+};
 use crate::actors::router::{ReplicaState, Role, RouterMsg};
 use crate::actors::supervisor::SupervisorMsg;
 use crate::config::{confine, validate_entry, ModelEntry};
@@ -43,12 +44,13 @@ impl From<AdminError> for ApiError {
             },
             AdminError::AlreadyLoaded(_) => conflict("model_already_loaded"),
             AdminError::InProgress(_) => conflict("operation_in_progress"),
-            AdminError::LoadFailed { reason, .. } if reason.contains(INVALID_FILE) => {
-                ApiError::bad_request("invalid_model_file", Some("source"), message)
-            }
-            AdminError::LoadFailed { .. } => {
-                ApiError::bad_request("model_load_failed", None, message)
-            }
+            AdminError::LoadFailed { reason, .. } => match reason.kind {
+                FailureKind::InvalidFile => {
+                    ApiError::bad_request("invalid_model_file", Some("source"), message)
+                }
+                FailureKind::OutOfMemory => ApiError::unavailable("out_of_memory", message),
+                FailureKind::Other => ApiError::bad_request("model_load_failed", None, message),
+            },
             AdminError::Config(_) => ApiError::bad_request("invalid_config", None, message),
             AdminError::NoPoolFile => ApiError::bad_request("no_pool_file", None, message),
             AdminError::Unavailable(_) => ApiError::unavailable("supervisor_unavailable", message),

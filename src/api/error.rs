@@ -161,6 +161,7 @@ impl From<EngineError> for ApiError {
             EngineError::Unavailable(_) => Self::unavailable("model_unavailable", message),
             EngineError::Evicted(_) => Self::unavailable("model_evicted", message),
             EngineError::Stalled(_) => Self::unavailable("generation_stalled", message),
+            EngineError::OutOfMemory(_) => Self::unavailable("out_of_memory", message),
             EngineError::SlowReader(_) => Self {
                 status: StatusCode::REQUEST_TIMEOUT,
                 kind: "timeout_error",

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -154,6 +155,33 @@ pub fn device_label(device: &Device) -> String {
         Device::Cpu => "cpu".to_string(),
         Device::Cuda(_) => "cuda".to_string(),
         Device::Metal(_) => "metal".to_string(),
+    }
+}
+
+/// One lock per GPU ordinal (modulo its length) that loads take in turn.
+static GPU_LOADS: [Mutex<()>; 16] = [const { Mutex::new(()) }; 16];
+
+/// Waits for this device's turn to load (GPUs only; `None` on the CPU): a load's memory is
+/// measured as the change in the device's use, which a concurrent load would blur, and two
+/// loads racing for the last free memory would both fail.
+pub fn gpu_load_turn(device: &Device) -> Option<MutexGuard<'static, ()>> {
+    let candle_core::DeviceLocation::Cuda { gpu_id } = device.location() else {
+        return None;
+    };
+    let lock = GPU_LOADS.get(gpu_id % GPU_LOADS.len())?;
+    Some(lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+}
+
+/// Bytes in use on the GPU behind `device` (its total minus its free memory, whichever
+/// process holds them), or `None` on the CPU.
+pub fn gpu_memory_used(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some(total.saturating_sub(free) as u64)
+        }
+        _ => None,
     }
 }
 

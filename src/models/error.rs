@@ -119,6 +119,11 @@ pub enum LoadError {
 }
 
 impl LoadError {
+    /// Whether the device ran out of memory while the weights were placed on it.
+    pub fn is_out_of_memory(&self) -> bool {
+        is_out_of_memory(&self.to_string())
+    }
+
     /// Whether the model's files themselves are malformed (weights, GGUF or config JSON), as
     /// opposed to missing, unsupported or failing for another reason.
     pub fn is_invalid_file(&self) -> bool {
@@ -183,15 +188,31 @@ pub enum GenerationError {
     /// Tokenizing or detokenizing failed.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
-    /// The forward pass failed (device error, out of memory, shape bug).
+    /// The forward pass failed (device error, shape bug).
     #[error("forward pass failed: {0}")]
     Forward(String),
+    /// The device ran out of memory during the forward pass (the KV cache or the activations
+    /// of this request do not fit).
+    #[error("the device ran out of memory for this request: {0}")]
+    OutOfMemory(String),
 }
 
 impl From<candle_core::Error> for GenerationError {
     fn from(err: candle_core::Error) -> Self {
-        GenerationError::Forward(candle_message(&err))
+        let message = candle_message(&err);
+        if is_out_of_memory(&message) {
+            GenerationError::OutOfMemory(message)
+        } else {
+            GenerationError::Forward(message)
+        }
     }
+}
+
+/// Whether an error text reports a device allocation failure (CUDA's
+/// `CUDA_ERROR_OUT_OF_MEMORY`, or an "out of memory" message from another backend).
+pub fn is_out_of_memory(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    lower.contains("out_of_memory") || lower.contains("out of memory")
 }
 
 /// A candle error's message without its backtrace: formatting a captured backtrace
@@ -211,4 +232,25 @@ pub fn first_line(text: &str) -> String {
         .unwrap_or_default()
         .trim_end()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_allocation_failures_are_out_of_memory_and_nothing_else_is() {
+        // The text candle gives for a failed CUDA allocation.
+        let cuda = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        assert!(is_out_of_memory(cuda));
+        let err: GenerationError = candle_core::Error::Msg(cuda.to_string()).into();
+        assert!(matches!(err, GenerationError::OutOfMemory(_)), "{err:?}");
+        let other: GenerationError = candle_core::Error::Msg("shape mismatch".into()).into();
+        assert!(matches!(other, GenerationError::Forward(_)), "{other:?}");
+        let load = LoadError::Weights {
+            path: "model.safetensors".into(),
+            message: cuda.to_string(),
+        };
+        assert!(load.is_out_of_memory());
+    }
 }

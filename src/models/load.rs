@@ -46,6 +46,8 @@ pub struct ModelInfo {
     pub device: String,
     /// Bytes the weights take (estimated from the weight files and the compute dtype).
     pub weights_bytes: u64,
+    /// Bytes of GPU memory the load took (measured on the device; `None` on the CPU).
+    pub device_bytes: Option<u64>,
 }
 
 /// A model ready to generate: weights with their KV cache, tokenizer and facts.
@@ -81,6 +83,9 @@ impl LoadedModel {
 /// async task.
 pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
     let device = spec.device.clone();
+    // On a GPU, loads take turns, so the memory each one takes is the difference in use.
+    let _turn = super::device::gpu_load_turn(&device);
+    let before = super::device::gpu_memory_used(&device);
     let mut loaded = match &spec.source {
         ModelSource::Dir(dir) => load_hf_dir(dir, &device, spec.dtype)?,
         ModelSource::Hub { repo, revision } => {
@@ -107,6 +112,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
                     dtype: candle_core::DType::F32,
                     device: String::new(),
                     weights_bytes: 0,
+                    device_bytes: None,
                 },
                 device: device.clone(),
             }
@@ -125,6 +131,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
                     dtype,
                     device: String::new(),
                     weights_bytes: 0,
+                    device_bytes: None,
                 },
                 device: device.clone(),
             }
@@ -136,6 +143,9 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
     loaded.info.source = spec.source.to_string();
     loaded.info.weights_bytes = super::footprint::loaded_bytes(&spec.source, loaded.info.dtype);
     loaded.info.device = device_label(&device);
+    loaded.info.device_bytes = before
+        .zip(super::device::gpu_memory_used(&device))
+        .map(|(before, after)| after.saturating_sub(before));
     if let Some(cap) = spec.max_seq_len {
         loaded.info.context_length = loaded.info.context_length.min(cap);
     }
@@ -165,6 +175,7 @@ fn load_hf_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<Loade
             dtype,
             device: String::new(),
             weights_bytes: 0,
+            device_bytes: None,
         },
         device: device.clone(),
     })
@@ -221,6 +232,7 @@ fn load_gguf_file(
             dtype: DType::F32,
             device: String::new(),
             weights_bytes: 0,
+            device_bytes: None,
         },
         device: device.clone(),
     })

@@ -9,6 +9,30 @@ use llorch::api::{serve, AppState, Keys};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+/// Moves every model of a pool file to the device named by `LLORCH_TEST_DEVICE` (e.g.
+/// `cuda:0`, to run a suite on a GPU), in the dtype `LLORCH_TEST_DTYPE` if set; unchanged
+/// when it is not set.
+fn on_test_device(pool_toml: &str) -> String {
+    let Ok(device) = std::env::var("LLORCH_TEST_DEVICE") else {
+        return pool_toml.to_string();
+    };
+    let mut pool: toml::Table = pool_toml.parse().unwrap();
+    if let Some(models) = pool.get_mut("models").and_then(|m| m.as_array_mut()) {
+        for model in models.iter_mut().filter_map(|m| m.as_table_mut()) {
+            let count = model
+                .get("devices")
+                .and_then(|d| d.as_array())
+                .map_or(1, Vec::len);
+            let devices = vec![toml::Value::from(device.as_str()); count];
+            model.insert("devices".to_string(), toml::Value::from(devices));
+            if let Ok(dtype) = std::env::var("LLORCH_TEST_DTYPE") {
+                model.insert("dtype".to_string(), toml::Value::from(dtype));
+            }
+        }
+    }
+    toml::to_string(&pool).unwrap()
+}
+
 /// How long a test waits for its models to load.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -40,7 +64,7 @@ impl Daemon {
     pub async fn start_with_keys(pool_toml: &str, keys: Keys) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pool.toml");
-        std::fs::write(&path, pool_toml).unwrap();
+        std::fs::write(&path, on_test_device(pool_toml)).unwrap();
         let config = llorch::config::load(&path).unwrap();
         let config_server = config.server.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::daemon::{Daemon, SseReader};
+use common::daemon::{on_test_device, test_device, Daemon, SseReader};
 use llorch::api::Keys;
 use serde_json::{json, Value};
 
@@ -82,7 +82,10 @@ async fn admin_models_lists_every_replica_with_its_state() {
     let replicas = listed["replicas"].as_array().unwrap();
     assert_eq!(replicas.len(), 2);
     for (index, replica) in replicas.iter().enumerate() {
-        assert_eq!(replica["replica"], format!("listed#{index}@cpu"));
+        assert_eq!(
+            replica["replica"],
+            format!("listed#{index}@{}", test_device())
+        );
         assert_eq!(replica["state"], "ready");
         assert_eq!(replica["in_flight"], 0);
         assert_eq!(replica["restarts"], 0);
@@ -420,7 +423,7 @@ async fn pool_reload_applies_the_diff_and_refuses_a_broken_file() {
         demo("r-add", ""),
         broken.path().display(),
     );
-    std::fs::write(daemon.pool_path(), next).unwrap();
+    std::fs::write(daemon.pool_path(), on_test_device(&next)).unwrap();
     let (status, body) = admin_post(&daemon, "/admin/reload", None).await;
     assert_eq!(status, 200, "{body}");
     let broken_outcome = body["models"]
@@ -593,7 +596,11 @@ async fn a_pool_reload_reads_the_file_once_and_applies_it_whole() {
     let staged = daemon.pool_path().with_extension("new");
     std::fs::write(
         &staged,
-        format!("version = 1\n{}{}", demo("r5-b", ""), demo("r5-c", "")),
+        on_test_device(&format!(
+            "version = 1\n{}{}",
+            demo("r5-b", ""),
+            demo("r5-c", "")
+        )),
     )
     .unwrap();
     std::fs::rename(&staged, daemon.pool_path()).unwrap();

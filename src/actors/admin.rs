@@ -43,15 +43,18 @@ impl Failure {
 
     /// Classifies a load error.
     pub fn from_load(err: &crate::models::LoadError) -> Self {
-        let kind = if err.is_out_of_memory() {
-            FailureKind::OutOfMemory
-        } else if err.is_invalid_file() {
-            FailureKind::InvalidFile
-        } else {
-            FailureKind::Other
-        };
+        if err.is_out_of_memory() {
+            return Self {
+                kind: FailureKind::OutOfMemory,
+                message: format!("the device ran out of memory loading the weights ({err})"),
+            };
+        }
         Self {
-            kind,
+            kind: if err.is_invalid_file() {
+                FailureKind::InvalidFile
+            } else {
+                FailureKind::Other
+            },
             message: err.to_string(),
         }
     }

@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::error::LoadError;
+use super::error::{candle_message, LoadError};
 
 /// A device as named in configuration and on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,7 +68,7 @@ impl DeviceSpec {
                         "this binary was built without the `cuda` feature".to_string(),
                     ));
                 }
-                Device::new_cuda(ordinal).map_err(|err| unavailable(err.to_string()))
+                Device::new_cuda(ordinal).map_err(|err| unavailable(candle_message(&err)))
             }
             DeviceSpec::Metal(ordinal) => {
                 if !candle_core::utils::metal_is_available() {
@@ -76,7 +76,7 @@ impl DeviceSpec {
                         "this binary was built without the `metal` feature".to_string(),
                     ));
                 }
-                Device::new_metal(ordinal).map_err(|err| unavailable(err.to_string()))
+                Device::new_metal(ordinal).map_err(|err| unavailable(candle_message(&err)))
             }
         }
     }

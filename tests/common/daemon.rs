@@ -9,10 +9,15 @@ use llorch::api::{serve, AppState, Keys};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-/// Moves every model of a pool file to the device named by `LLORCH_TEST_DEVICE` (e.g.
-/// `cuda:0`, to run a suite on a GPU), in the dtype `LLORCH_TEST_DTYPE` if set; unchanged
-/// when it is not set.
-fn on_test_device(pool_toml: &str) -> String {
+/// The device the daemon suites run on: `LLORCH_TEST_DEVICE` (e.g. `cuda:0`), else `cpu`.
+pub fn test_device() -> String {
+    std::env::var("LLORCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_string())
+}
+
+/// Moves every model of a pool file to the device named by `LLORCH_TEST_DEVICE` (to run a
+/// suite on a GPU), in the dtype `LLORCH_TEST_DTYPE` if set; unchanged when it is not set.
+/// Tests that rewrite the pool file pass the new text through it too.
+pub fn on_test_device(pool_toml: &str) -> String {
     let Ok(device) = std::env::var("LLORCH_TEST_DEVICE") else {
         return pool_toml.to_string();
     };

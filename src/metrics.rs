@@ -31,6 +31,7 @@ pub struct Metrics {
     in_flight: IntGaugeVec,
     replica_state: IntGaugeVec,
     replica_memory: GaugeVec,
+    replica_device_memory: GaugeVec,
 }
 
 /// The replica states exported as `llorch_replica_state{state=...}`.
@@ -128,17 +129,16 @@ impl Metrics {
             "1 for each replica's current state (loading, ready, restarting, failed), else 0.",
             &["model", "replica", "device", "state"],
         );
-        let replica_memory = GaugeVec::new(
-            Opts::new(
-                "llorch_replica_memory_bytes",
-                "Bytes a loaded replica holds on its device: measured at load on a GPU, the weights' size on the CPU.",
-            ),
-            &["model", "replica", "device"],
-        )
-        .unwrap_or_else(|err| unreachable!("static metric: {err}"));
-        registry
-            .register(Box::new(replica_memory.clone()))
-            .unwrap_or_else(|err| unreachable!("metric registered twice: {err}"));
+        let replica_memory = float_gauge(
+            &registry,
+            "llorch_replica_memory_bytes",
+            "Bytes of weights a loaded replica holds on its device.",
+        );
+        let replica_device_memory = float_gauge(
+            &registry,
+            "llorch_replica_device_memory_bytes",
+            "GPU memory in use on the device grew by this much while the replica loaded (GPUs only).",
+        );
         Self {
             registry,
             requests,
@@ -153,6 +153,7 @@ impl Metrics {
             in_flight,
             replica_state,
             replica_memory,
+            replica_device_memory,
         }
     }
 
@@ -176,6 +177,7 @@ impl Metrics {
         self.in_flight.reset();
         self.replica_state.reset();
         self.replica_memory.reset();
+        self.replica_device_memory.reset();
         for model in models {
             let name = model.name.as_str();
             self.queued
@@ -201,6 +203,11 @@ impl Metrics {
                 }
                 if let Some(bytes) = replica.memory_bytes {
                     self.replica_memory
+                        .with_label_values(&[name, &id, device])
+                        .set(bytes as f64);
+                }
+                if let Some(bytes) = replica.device_memory_bytes {
+                    self.replica_device_memory
                         .with_label_values(&[name, &id, device])
                         .set(bytes as f64);
                 }
@@ -258,4 +265,14 @@ mod tests {
             "llorch_request_failures_total{code=\"server_overloaded\",model=\"demo\",reason=\"overloaded\"} 1"
         ));
     }
+}
+
+/// A float gauge labelled by model, replica and device, registered in `registry`.
+fn float_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
+    let gauge = GaugeVec::new(Opts::new(name, help), &["model", "replica", "device"])
+        .unwrap_or_else(|err| unreachable!("static metric: {err}"));
+    registry
+        .register(Box::new(gauge.clone()))
+        .unwrap_or_else(|err| unreachable!("metric registered twice: {err}"));
+    gauge
 }

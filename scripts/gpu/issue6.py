@@ -231,12 +231,13 @@ def memory():
             replica = [m for m in listing["models"] if m["name"] == "big"][0]["replicas"][0]
             _, metrics = http("GET", "/metrics")
             metric = [l for l in str(metrics).splitlines()
-                      if l.startswith("llorch_replica_memory_bytes") and 'model="big"' in l]
+                      if l.startswith("llorch_replica_") and "memory_bytes" in l and 'model="big"' in l]
             evict = http("POST", "/admin/models/big/evict")
             time.sleep(0.5)
             result["cycles"].append({
                 "load_status": load[0], "load_s": round(load_s, 2), "generate_status": generated[0],
                 "loaded": loaded, "admin_memory_bytes": replica["memory_bytes"],
+                "admin_device_memory_bytes": replica["device_memory_bytes"],
                 "replica_state": replica["state"], "metric": metric, "evict_status": evict[0],
                 "after_evict": daemon.memory(),
             })

@@ -128,8 +128,10 @@ pub struct ReplicaStatus {
     pub restarts: usize,
     /// When it last became ready.
     pub loaded_at: Option<SystemTime>,
-    /// Bytes it holds on its device once loaded (measured on a GPU, its weights on the CPU).
+    /// Bytes of weights it holds on its device, once loaded.
     pub memory_bytes: Option<u64>,
+    /// How much the GPU's memory in use grew while it loaded (GPUs only).
+    pub device_memory_bytes: Option<u64>,
 }
 
 /// A model's status for listings.
@@ -591,10 +593,8 @@ fn list(state: &RouterState) -> Vec<ModelStatus> {
                     last_error: r.last_error.clone(),
                     restarts: r.restarts,
                     loaded_at: r.loaded_at,
-                    memory_bytes: r
-                        .info
-                        .as_ref()
-                        .map(|info| info.device_bytes.unwrap_or(info.weights_bytes)),
+                    memory_bytes: r.info.as_ref().map(|info| info.weights_bytes),
+                    device_memory_bytes: r.info.as_ref().and_then(|info| info.device_bytes),
                 })
                 .collect(),
             queued: route.queue.len(),

@@ -123,6 +123,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
                         "restarts": replica.restarts,
                         "last_error": replica.last_error,
                         "memory_bytes": replica.memory_bytes,
+                        "device_memory_bytes": replica.device_memory_bytes,
                         "loaded_at": replica.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
                     })
                 })

@@ -46,7 +46,9 @@ pub struct ModelInfo {
     pub device: String,
     /// Bytes the weights take (estimated from the weight files and the compute dtype).
     pub weights_bytes: u64,
-    /// Bytes of GPU memory the load took (measured on the device; `None` on the CPU).
+    /// How much the GPU's memory in use grew during the load (`None` on the CPU). It counts
+    /// what the allocator reserved, so it can exceed the weights, or be 0 when a reserved
+    /// block had room.
     pub device_bytes: Option<u64>,
 }
 

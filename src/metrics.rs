@@ -241,6 +241,16 @@ pub fn failure_class(code: &str) -> &'static str {
     }
 }
 
+/// A float gauge labelled by model, replica and device, registered in `registry`.
+fn float_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
+    let gauge = GaugeVec::new(Opts::new(name, help), &["model", "replica", "device"])
+        .unwrap_or_else(|err| unreachable!("static metric: {err}"));
+    registry
+        .register(Box::new(gauge.clone()))
+        .unwrap_or_else(|err| unreachable!("metric registered twice: {err}"));
+    gauge
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,14 +275,4 @@ mod tests {
             "llorch_request_failures_total{code=\"server_overloaded\",model=\"demo\",reason=\"overloaded\"} 1"
         ));
     }
-}
-
-/// A float gauge labelled by model, replica and device, registered in `registry`.
-fn float_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
-    let gauge = GaugeVec::new(Opts::new(name, help), &["model", "replica", "device"])
-        .unwrap_or_else(|err| unreachable!("static metric: {err}"));
-    registry
-        .register(Box::new(gauge.clone()))
-        .unwrap_or_else(|err| unreachable!("metric registered twice: {err}"));
-    gauge
 }

@@ -1,5 +1,7 @@
 //! The `llorch` command line.
 
+mod bench;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +43,8 @@ enum Command {
     Serve(ServeArgs),
     /// Runs one generation without a daemon and prints it.
     Generate(GenerateArgs),
+    /// Measures prefill and decode speed on the bare engine and prints JSON.
+    Bench(bench::BenchArgs),
     /// Lists a running daemon's replicas.
     Ps(UrlArgs),
     /// Loads the models of a TOML or JSON file into a running daemon.
@@ -145,6 +149,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Generate(args)) => generate(args),
+        Some(Command::Bench(args)) => bench::bench(args).map(|report| println!("{report}")),
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Ps(url)) => admin(&url, |client| Box::pin(async move { client.ps().await })),
         Some(Command::Load { file, url }) => admin(&url, |client| {

@@ -1,0 +1,186 @@
+//! `llorch bench`: prefill and decode speed of one model on the bare engine (its own thread,
+//! no HTTP), as medians over several runs, with the load time and the peak RSS, as JSON.
+//! The CPU thread count is candle's: `RAYON_NUM_THREADS`, else every core.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use clap::Args;
+use serde_json::{json, Value};
+
+use llorch::actors::engine::{spawn_engine, GenerationRequest, Job, TokenEvent};
+use llorch::models::{
+    DTypeChoice, DeviceSpec, GenerationParams, LoadSpec, ModelSource, Prompt, SamplingParams,
+};
+
+/// What `llorch bench` measures.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A HuggingFace model directory, a .gguf file, hf:org/repo[@revision] or builtin:demo.
+    #[arg(long)]
+    source: String,
+    /// Device: cpu, cuda:N or metal:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// dtype: auto, f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Prompt length of each run (token ids chosen from the vocabulary).
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens generated in each run.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Measured runs (after one warm-up run).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+}
+
+/// One run: time to the first token (the prefill) and the times of the tokens after it.
+struct Run {
+    first_token: Duration,
+    decode: Option<Duration>,
+    tokens: usize,
+}
+
+/// Loads the model, runs the warm-up and the measured runs, and returns the report.
+pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
+    if args.prompt_tokens == 0 || args.decode_tokens < 2 || args.runs == 0 {
+        return Err(anyhow!(
+            "--prompt-tokens must be at least 1, --decode-tokens at least 2, --runs at least 1"
+        ));
+    }
+    let source: ModelSource = args.source.parse()?;
+    let device = args
+        .device
+        .parse::<DeviceSpec>()
+        .map_err(|err| anyhow!(err))?
+        .open()?;
+    let dtype = args
+        .dtype
+        .parse::<DTypeChoice>()
+        .map_err(|err| anyhow!(err))?;
+    let spec = LoadSpec {
+        source,
+        device,
+        dtype,
+        max_seq_len: None,
+    };
+    let loading = Instant::now();
+    let (engine, ready) =
+        spawn_engine("bench", spec, |_| {}).context("starting the engine thread")?;
+    let info = ready
+        .blocking_recv()
+        .context("the engine thread ended while loading")??;
+    let load = loading.elapsed();
+    // Ids past the first few (often special tokens), cycling through the vocabulary.
+    let vocab = info.vocab_size.max(8) as u32;
+    let ids: Vec<u32> = (0..args.prompt_tokens as u32)
+        .map(|i| 3 + (i * 7) % (vocab - 3))
+        .collect();
+    let once = |decode_tokens: usize| -> anyhow::Result<Run> {
+        let params = GenerationParams {
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            max_tokens: Some(decode_tokens),
+            ignore_eos: true,
+            ..GenerationParams::default()
+        };
+        let (job, mut events, _cancel) = Job::new(GenerationRequest {
+            prompt: Prompt::Ids(ids.clone()),
+            params,
+        });
+        let submitted = Instant::now();
+        engine
+            .submit(job)
+            .map_err(|_| anyhow!("the engine thread has stopped"))?;
+        let mut times = Vec::with_capacity(decode_tokens);
+        while let Some(event) = events.blocking_recv() {
+            match event {
+                TokenEvent::Started { .. } => {}
+                TokenEvent::Token { .. } => times.push(submitted.elapsed()),
+                TokenEvent::Finished { .. } => break,
+                TokenEvent::Failed(err) => return Err(anyhow!(err)),
+            }
+        }
+        let first_token = *times.first().ok_or_else(|| anyhow!("no token generated"))?;
+        let decode = times.last().map(|last| *last - first_token);
+        Ok(Run {
+            first_token,
+            decode: decode.filter(|_| times.len() > 1),
+            tokens: times.len(),
+        })
+    };
+    once(args.decode_tokens.min(4))?;
+    let runs = (0..args.runs)
+        .map(|_| once(args.decode_tokens))
+        .collect::<anyhow::Result<Vec<Run>>>()?;
+    let prefill: Vec<f64> = runs
+        .iter()
+        .map(|r| args.prompt_tokens as f64 / r.first_token.as_secs_f64())
+        .collect();
+    let decode: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| Some((r.tokens - 1) as f64 / r.decode?.as_secs_f64()))
+        .collect();
+    let ttft: Vec<f64> = runs
+        .iter()
+        .map(|r| r.first_token.as_secs_f64() * 1000.0)
+        .collect();
+    Ok(json!({
+        "source": args.source,
+        "device": args.device,
+        "dtype": format!("{:?}", info.dtype).to_lowercase(),
+        "threads": candle_core::utils::get_num_threads(),
+        "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.decode_tokens,
+        "runs": args.runs,
+        "load_s": load.as_secs_f64(),
+        "prefill_tok_s": median(&prefill),
+        "decode_tok_s": median(&decode),
+        "ttft_ms": median(&ttft),
+        "prefill_tok_s_runs": prefill,
+        "decode_tok_s_runs": decode,
+        "peak_rss_bytes": peak_rss(),
+    }))
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => sorted.get(n / 2).copied(),
+        _ => Some((sorted.get(n / 2 - 1)? + sorted.get(n / 2)?) / 2.0),
+    }
+}
+
+/// The process's peak resident set size (`VmHWM`), where `/proc` has it.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn medians_of_odd_even_and_empty_lists() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
+}

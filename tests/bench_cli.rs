@@ -1,0 +1,59 @@
+//! `llorch bench` on the built-in demo model: it reports medians over the asked-for runs as
+//! JSON, and refuses settings that measure nothing.
+
+use serde_json::Value;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_llorch"))
+        .arg("bench")
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bench_reports_prefill_and_decode_medians_as_json() {
+    let output = bench(&[
+        "--source",
+        "builtin:demo",
+        "--prompt-tokens",
+        "16",
+        "--decode-tokens",
+        "8",
+        "--runs",
+        "3",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["threads"], 1);
+    assert_eq!(report["prompt_tokens"], 16);
+    assert_eq!(report["dtype"], "f32");
+    for runs in ["prefill_tok_s_runs", "decode_tok_s_runs"] {
+        let values = report[runs].as_array().unwrap();
+        assert_eq!(values.len(), 3, "{runs}");
+        assert!(values.iter().all(|v| v.as_f64().unwrap() > 0.0), "{runs}");
+    }
+    let decode: Vec<f64> = report["decode_tok_s_runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let median = report["decode_tok_s"].as_f64().unwrap();
+    assert!(decode.iter().filter(|&&v| v <= median).count() >= 2);
+    assert!(decode.iter().filter(|&&v| v >= median).count() >= 2);
+    assert!(report["load_s"].as_f64().unwrap() > 0.0);
+    assert!(report["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+}
+
+#[test]
+fn bench_refuses_a_run_that_measures_nothing() {
+    let output = bench(&["--source", "builtin:demo", "--decode-tokens", "1"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--decode-tokens at least 2"));
+}

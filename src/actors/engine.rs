@@ -4,9 +4,9 @@
 //! Forward passes are long CPU/GPU work, so they never run on a tokio worker. Each job sends
 //! its events on its own bounded channel; a job stops as soon as that channel is closed (the
 //! client went away) or its cancel flag is set. A job whose channel is full (its client does
-//! not read) is paused, and ended with `slow_reader` once paused for its `slow_reader_timeout`. The KV cache is cleared after every job and
-//! after every error, and a panic inside a job is caught, reported to that job and ends the
-//! thread with an error its owner can see.
+//! not read) is paused, and ended with `slow_reader` once paused for its `slow_reader_timeout`.
+//! The KV cache is cleared after every job and after every error, and a panic inside a job is
+//! caught, reported to that job and ends the thread with an error its owner can see.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -212,8 +212,8 @@ impl Job {
     /// A token is only generated while two slots are free, so the terminal event that may
     /// follow it always fits.
     pub fn send(&self, event: TokenEvent) {
-        if let Err(tokio_mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
-            tracing::warn!(?event, "a job's event channel was full; event dropped");
+        if let Err(tokio_mpsc::error::TrySendError::Full(_)) = self.events.try_send(event) {
+            tracing::warn!("a job's event channel was full; an event was dropped");
         }
     }
 
@@ -429,20 +429,21 @@ fn run_engine(
         heartbeat.begin();
         let stepped = step_all(replica, &mut model, &mut active);
         heartbeat.end();
-        if let Stepped::Paused = stepped {
-            std::thread::sleep(PAUSE_POLL);
-        }
-        if let Stepped::Panicked(message) = stepped {
-            let mut unstarted: Vec<Job> = waiting.drain(..).collect();
-            unstarted.extend(commands.try_iter().filter_map(|command| match command {
-                Command::Run(job) => Some(job),
-                Command::Abort(_) => None,
-            }));
-            return EngineExit::Panicked {
-                message,
-                crashed: active.drain(..).map(|entry| entry.job).collect(),
-                unstarted,
-            };
+        match stepped {
+            Stepped::Progressed => {}
+            Stepped::Paused => std::thread::sleep(PAUSE_POLL),
+            Stepped::Panicked(message) => {
+                let mut unstarted: Vec<Job> = waiting.drain(..).collect();
+                unstarted.extend(commands.try_iter().filter_map(|command| match command {
+                    Command::Run(job) => Some(job),
+                    Command::Abort(_) => None,
+                }));
+                return EngineExit::Panicked {
+                    message,
+                    crashed: active.drain(..).map(|entry| entry.job).collect(),
+                    unstarted,
+                };
+            }
         }
     }
 }

@@ -9,9 +9,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use llorch::actors::engine::{spawn_engine, GenerationRequest, Job, TokenEvent};
-use llorch::models::{
-    DTypeChoice, DeviceSpec, GenerationParams, LoadSpec, ModelSource, Prompt, SamplingParams,
-};
+use llorch::models::{GenerationParams, Prompt, SamplingParams};
 
 /// What `llorch bench` measures.
 #[derive(Args)]
@@ -50,22 +48,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
             "--prompt-tokens must be at least 1, --decode-tokens at least 2, --runs at least 1"
         ));
     }
-    let source: ModelSource = args.source.parse()?;
-    let device = args
-        .device
-        .parse::<DeviceSpec>()
-        .map_err(|err| anyhow!(err))?
-        .open()?;
-    let dtype = args
-        .dtype
-        .parse::<DTypeChoice>()
-        .map_err(|err| anyhow!(err))?;
-    let spec = LoadSpec {
-        source,
-        device,
-        dtype,
-        max_seq_len: None,
-    };
+    let spec = crate::load_spec(&args.source, &args.device, &args.dtype)?;
     let loading = Instant::now();
     let (engine, ready) =
         spawn_engine("bench", spec, |_| {}).context("starting the engine thread")?;

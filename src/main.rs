@@ -300,23 +300,21 @@ impl ShutdownSignals {
     }
 }
 
-fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let source: ModelSource = args.source.parse()?;
-    let device = args
-        .device
-        .parse::<DeviceSpec>()
-        .map_err(|err| anyhow!(err))?
-        .open()?;
-    let dtype = args
-        .dtype
-        .parse::<DTypeChoice>()
-        .map_err(|err| anyhow!(err))?;
-    let spec = LoadSpec {
-        source,
-        device,
-        dtype,
+/// The load spec named by `--source`, `--device` and `--dtype` (the device is opened here).
+fn load_spec(source: &str, device: &str, dtype: &str) -> anyhow::Result<LoadSpec> {
+    Ok(LoadSpec {
+        source: source.parse::<ModelSource>()?,
+        device: device
+            .parse::<DeviceSpec>()
+            .map_err(|err| anyhow!(err))?
+            .open()?,
+        dtype: dtype.parse::<DTypeChoice>().map_err(|err| anyhow!(err))?,
         max_seq_len: None,
-    };
+    })
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let spec = load_spec(&args.source, &args.device, &args.dtype)?;
     let (engine, ready) =
         spawn_engine("cli", spec, |_| {}).context("starting the engine thread")?;
     ready

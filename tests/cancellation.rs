@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::daemon::{Daemon, SseReader};
+use common::daemon::{metric_sum, Daemon, SseReader};
 use common::load::snapshot;
 use common::raw::{parse, RawReply};
 use futures::StreamExt;
@@ -37,19 +37,7 @@ fn long(stream: bool) -> Value {
 
 /// Sums a gauge over models from `/metrics`.
 async fn gauge(daemon: &Daemon, name: &str) -> f64 {
-    let text = daemon
-        .client
-        .get(daemon.at("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(&daemon.metrics().await, name, &[])
 }
 
 /// Waits until nothing is in flight or queued; returns how long it took.

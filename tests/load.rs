@@ -44,15 +44,7 @@ fn pool(models: &[&str], replicas: usize, max_queue: usize) -> String {
 async fn resources_return(daemon: &Daemon, baseline: Snapshot) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let text = daemon
-            .client
-            .get(daemon.at("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = daemon.metrics().await;
         let busy: f64 = metric_sum(&text, "llorch_in_flight", &[])
             + metric_sum(&text, "llorch_queue_depth", &[]);
         let now = snapshot();
@@ -316,19 +308,12 @@ async fn l7_loading_one_model_does_not_slow_another() {
 /// skipped with a message, unless `LLORCH_REQUIRE_OHA=1` (set by `.ci/run`, which installs it).
 fn oha() -> Option<String> {
     let program = std::env::var("LLORCH_OHA").unwrap_or_else(|_| "oha".to_string());
-    let found = std::process::Command::new(&program)
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| out.status.success());
-    let required = std::env::var("LLORCH_REQUIRE_OHA").is_ok_and(|v| v == "1");
-    assert!(
-        found || !required,
-        "LLORCH_REQUIRE_OHA=1 but {program} does not run"
-    );
-    if !found {
-        eprintln!("skipping L3: no oha (cargo install oha, or set LLORCH_OHA)");
-    }
-    found.then_some(program)
+    common::tool_available(
+        std::process::Command::new(&program).arg("--version"),
+        "LLORCH_REQUIRE_OHA",
+        "no oha for L3 (cargo install oha, or set LLORCH_OHA)",
+    )
+    .then_some(program)
 }
 
 /// Runs `oha` for `secs` with `clients` connections posting a non-streamed completion to

@@ -6,22 +6,14 @@ mod common;
 
 use common::daemon::Daemon;
 
-/// Whether `python3` can import `openai`; a machine without it skips with a message unless
-/// `LLORCH_REQUIRE_OPENAI=1` (set by `.ci/run`, which installs it).
+/// Whether `python3` can import `openai` (required with `LLORCH_REQUIRE_OPENAI=1`, set by
+/// `.ci/run`, which installs it).
 fn openai_available() -> bool {
-    let found = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|status| status.success());
-    let required = std::env::var("LLORCH_REQUIRE_OPENAI").is_ok_and(|v| v == "1");
-    assert!(
-        found || !required,
-        "LLORCH_REQUIRE_OPENAI=1 but python3 cannot import openai"
-    );
-    if !found {
-        eprintln!("skipping: python3 cannot import openai (pip install openai)");
-    }
-    found
+    common::tool_available(
+        std::process::Command::new("python3").args(["-c", "import openai"]),
+        "LLORCH_REQUIRE_OPENAI",
+        "python3 cannot import openai (pip install openai)",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

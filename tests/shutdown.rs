@@ -11,7 +11,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::daemon::SseReader;
-use common::process::{signal, start, start_logged, wait_exit};
+use common::process::{signal, start, start_logged, wait_exit, wait_ready};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
@@ -34,19 +34,6 @@ fn pool(dir: &tempfile::TempDir, shutdown_timeout: &str) -> PathBuf {
     );
     std::fs::write(&path, text).unwrap();
     path
-}
-
-async fn wait_ready(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(format!("{url}/ready"))
-        .await
-        .map(|r| r.status())
-        .ok()
-        != Some(reqwest::StatusCode::OK)
-    {
-        assert!(Instant::now() < deadline, "the daemon never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Starts a streamed completion of `max_tokens` tokens from `demo` and follows it to its end.

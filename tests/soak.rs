@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::corpus::{corpus, load_case};
 use common::load::{body, stream_once, Outcome, Record};
-use common::process::{resources, signal, start, wait_exit};
+use common::process::{resources, signal, start, wait_exit, wait_ready};
 use common::raw::{exchange, RawReply, SendMode};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
@@ -59,18 +59,6 @@ fn slope(points: &[(f64, f64)]) -> f64 {
         0.0
     } else {
         num / den
-    }
-}
-
-/// Waits until `/ready` answers 200.
-async fn wait_ready(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !reqwest::get(format!("{url}/ready"))
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(Instant::now() < deadline, "the daemon never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -207,14 +207,7 @@ pub struct Snapshot {
 
 /// Takes a snapshot of this process.
 pub fn snapshot() -> Snapshot {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024;
-    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let (rss, fds) = super::process::resources(std::process::id());
     let tasks = tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks();

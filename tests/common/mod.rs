@@ -17,6 +17,21 @@ use llorch::models::{
 };
 use serde::Deserialize;
 
+/// Whether `command` (an external tool a test drives) runs and succeeds. Without it the test
+/// skips with `hint`, unless the environment variable `require` is `1`: then it fails.
+pub fn tool_available(command: &mut std::process::Command, require: &str, hint: &str) -> bool {
+    let found = command.output().is_ok_and(|out| out.status.success());
+    let required = std::env::var(require).is_ok_and(|v| v == "1");
+    assert!(
+        found || !required,
+        "{require}=1 but {command:?} does not run"
+    );
+    if !found {
+        eprintln!("skipping: {hint}");
+    }
+    found
+}
+
 /// Returns the fixtures folder (`LLORCH_FIXTURES`, default `../shared/fixtures`), or `None` with
 /// a message when it is absent. With `LLORCH_REQUIRE_FIXTURES=1` an absent folder fails the test.
 pub fn fixtures() -> Option<PathBuf> {

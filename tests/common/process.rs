@@ -58,6 +58,18 @@ pub fn start_with_args(
     }
 }
 
+/// Waits until the daemon at `url` answers `/ready` with 200 (at most 60 s).
+pub async fn wait_ready(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("{url}/ready"))
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(Instant::now() < deadline, "the daemon never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Sends a signal (`TERM`, `INT`, `HUP`) to the child.
 pub fn signal(child: &Child, name: &str) {
     let status = Command::new("kill")

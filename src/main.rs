@@ -17,8 +17,8 @@ use llorch::actors::supervisor::SupervisorMsg;
 use llorch::api::client::{AdminClient, ClientError};
 use llorch::api::{AppState, Keys};
 use llorch::models::{
-    ChatMessage, DTypeChoice, DeviceSpec, GenerationParams, LoadSpec, ModelSource, Prompt,
-    SamplingParams,
+    quantize_dir, ChatMessage, DTypeChoice, DeviceSpec, GenerationParams, LoadSpec, ModelSource,
+    Prompt, QuantType, SamplingParams,
 };
 
 /// jemalloc instead of the system allocator. glibc malloc keeps one arena per thread that ever
@@ -45,6 +45,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Measures prefill and decode speed on the bare engine and prints JSON.
     Bench(bench::BenchArgs),
+    /// Converts a HuggingFace Llama directory to one GGUF file (f32, f16, q8_0, q4_0, q4_k_m).
+    Quantize(QuantizeArgs),
     /// Lists a running daemon's replicas.
     Ps(UrlArgs),
     /// Loads the models of a TOML or JSON file into a running daemon.
@@ -150,6 +152,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Generate(args)) => generate(args),
         Some(Command::Bench(args)) => bench::bench(args).map(|report| println!("{report}")),
+        Some(Command::Quantize(args)) => quantize(args),
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Ps(url)) => admin(&url, |client| Box::pin(async move { client.ps().await })),
         Some(Command::Load { file, url }) => admin(&url, |client| {
@@ -311,6 +314,29 @@ fn load_spec(source: &str, device: &str, dtype: &str) -> anyhow::Result<LoadSpec
         dtype: dtype.parse::<DTypeChoice>().map_err(|err| anyhow!(err))?,
         max_seq_len: None,
     })
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The HuggingFace model directory (config.json, tokenizer.json, safetensors).
+    dir: PathBuf,
+    /// The format: f32, f16, q8_0, q4_0 or q4_k_m.
+    #[arg(long = "type", default_value = "q4_k_m")]
+    format: String,
+    /// The GGUF file to write (default: `model-<type>.gguf` in the model directory, beside its
+    /// tokenizer.json, which llorch then uses).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
+    let format: QuantType = args.format.parse().map_err(|err: String| anyhow!(err))?;
+    let out = args
+        .out
+        .unwrap_or_else(|| args.dir.join(format!("model-{format}.gguf")));
+    let report = quantize_dir(&args.dir, &out, format)?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {

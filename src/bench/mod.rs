@@ -1,6 +1,10 @@
 //! `llorch bench`: prefill and decode speed of one model on the bare engine (its own thread,
-//! no HTTP), as medians over several runs, with the load time and the peak RSS, as JSON.
+//! no HTTP) and, with `--http`, through a daemon process over HTTP, as medians over several
+//! runs, with the load time, the peak RSS and the memory-bandwidth bound of decode, as JSON.
 //! The CPU thread count is candle's: `RAYON_NUM_THREADS`, else every core.
+
+mod bandwidth;
+mod http;
 
 use std::time::{Duration, Instant};
 
@@ -32,13 +36,38 @@ pub struct BenchArgs {
     /// Measured runs (after one warm-up run).
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Also measure through a daemon process over HTTP.
+    #[arg(long)]
+    http: bool,
+    /// Stream counts for the aggregate decode runs over HTTP.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    concurrency: Vec<usize>,
 }
 
-/// One run: time to the first token (the prefill) and the times of the tokens after it.
-struct Run {
+/// One run: the time of every token from the request's submission.
+pub(crate) struct Run {
+    times: Vec<Duration>,
     first_token: Duration,
-    decode: Option<Duration>,
-    tokens: usize,
+}
+
+impl Run {
+    pub(crate) fn from_times(times: &[Duration]) -> anyhow::Result<Run> {
+        let first_token = *times.first().ok_or_else(|| anyhow!("no token generated"))?;
+        Ok(Run {
+            times: times.to_vec(),
+            first_token,
+        })
+    }
+
+    pub(crate) fn last_token(&self) -> Duration {
+        self.times.last().copied().unwrap_or(self.first_token)
+    }
+
+    /// Tokens per second after the first token; `None` for a single token.
+    pub(crate) fn decode_rate(&self) -> Option<f64> {
+        let span = self.last_token().checked_sub(self.first_token)?;
+        (self.times.len() > 1).then(|| (self.times.len() - 1) as f64 / span.as_secs_f64())
+    }
 }
 
 /// Loads the model, runs the warm-up and the measured runs, and returns the report.
@@ -88,13 +117,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
                 TokenEvent::Failed(err) => return Err(anyhow!(err)),
             }
         }
-        let first_token = *times.first().ok_or_else(|| anyhow!("no token generated"))?;
-        let decode = times.last().map(|last| *last - first_token);
-        Ok(Run {
-            first_token,
-            decode: decode.filter(|_| times.len() > 1),
-            tokens: times.len(),
-        })
+        Run::from_times(&times)
     };
     once(args.decode_tokens.min(4))?;
     let runs = (0..args.runs)
@@ -104,34 +127,55 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         .iter()
         .map(|r| args.prompt_tokens as f64 / r.first_token.as_secs_f64())
         .collect();
-    let decode: Vec<f64> = runs
-        .iter()
-        .filter_map(|r| Some((r.tokens - 1) as f64 / r.decode?.as_secs_f64()))
-        .collect();
+    let decode: Vec<f64> = runs.iter().filter_map(Run::decode_rate).collect();
     let ttft: Vec<f64> = runs
         .iter()
         .map(|r| r.first_token.as_secs_f64() * 1000.0)
         .collect();
-    Ok(json!({
+    drop(engine);
+    let threads = candle_core::utils::get_num_threads();
+    let decode_tok_s = median(&decode);
+    let bytes_per_token = bandwidth::weight_bytes_per_token(&args.source, info.dtype)?;
+    let bandwidth = bandwidth::read_bandwidth(threads);
+    let bound = bandwidth / bytes_per_token as f64;
+    let mut report = json!({
         "source": args.source,
         "device": args.device,
         "dtype": format!("{:?}", info.dtype).to_lowercase(),
-        "threads": candle_core::utils::get_num_threads(),
+        "threads": threads,
         "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens,
         "runs": args.runs,
         "load_s": load.as_secs_f64(),
         "prefill_tok_s": median(&prefill),
-        "decode_tok_s": median(&decode),
+        "decode_tok_s": decode_tok_s,
         "ttft_ms": median(&ttft),
         "prefill_tok_s_runs": prefill,
         "decode_tok_s_runs": decode,
-        "peak_rss_bytes": peak_rss(),
-    }))
+        "peak_rss_bytes": peak_rss_of(std::process::id()),
+        "weight_bytes_per_token": bytes_per_token,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "decode_bound_tok_s": bound,
+        "decode_fraction_of_bound": decode_tok_s.map(|d| d / bound),
+    });
+    if args.http {
+        let http = http::HttpBench {
+            source: &args.source,
+            device: &args.device,
+            dtype: &args.dtype,
+            ids: &ids,
+            decode_tokens: args.decode_tokens,
+            runs: args.runs,
+            concurrency: &args.concurrency,
+        }
+        .run()?;
+        report["http"] = http;
+    }
+    Ok(report)
 }
 
 /// The median of `values` (the mean of the middle two for an even count).
-fn median(values: &[f64]) -> Option<f64> {
+pub(crate) fn median(values: &[f64]) -> Option<f64> {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let n = sorted.len();
@@ -142,9 +186,9 @@ fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
-/// The process's peak resident set size (`VmHWM`), where `/proc` has it.
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// A process's peak resident set size (`VmHWM`), where `/proc` has it.
+pub(crate) fn peak_rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))?

@@ -1,0 +1,116 @@
+//! The decode speed memory bandwidth allows: weight bytes read per token, and the machine's
+//! measured read bandwidth.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::DType;
+
+/// Bytes of weights one decode step reads: every matrix once, but of the token embedding only
+/// one row unless it doubles as the output projection. `dtype` is the dtype the weights of a
+/// HuggingFace directory are loaded in; GGUF tensors keep their stored types.
+pub fn weight_bytes_per_token(source: &str, dtype: DType) -> anyhow::Result<u64> {
+    let path = Path::new(source);
+    let tensors = if path.extension().is_some_and(|e| e == "gguf") {
+        gguf_tensors(path)?
+    } else {
+        safetensors_tensors(path, dtype)?
+    };
+    let total: u64 = tensors.iter().map(|(_, bytes)| bytes).sum();
+    let has_output = tensors
+        .iter()
+        .any(|(name, _)| name == "output.weight" || name == "lm_head.weight");
+    let embedding: u64 = tensors
+        .iter()
+        .filter(|(name, _)| name == "token_embd.weight" || name == "model.embed_tokens.weight")
+        .map(|(_, bytes)| bytes)
+        .sum();
+    Ok(if has_output { total - embedding } else { total })
+}
+
+fn gguf_tensors(path: &Path) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut file = std::fs::File::open(path)?;
+    let content = Content::read(&mut file)?;
+    Ok(content
+        .tensor_infos
+        .iter()
+        .map(|(name, info)| {
+            let dtype = info.ggml_dtype;
+            let elements = info.shape.elem_count() as u64;
+            let bytes = elements / dtype.block_size() as u64 * dtype.type_size() as u64;
+            (name.clone(), bytes)
+        })
+        .collect())
+}
+
+fn safetensors_tensors(dir: &Path, dtype: DType) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        let mut file = std::fs::File::open(&path)?;
+        let mut length = [0u8; 8];
+        std::io::Read::read_exact(&mut file, &mut length)?;
+        let mut header = vec![0u8; u64::from_le_bytes(length) as usize];
+        std::io::Read::read_exact(&mut file, &mut header)?;
+        let header: serde_json::Value = serde_json::from_slice(&header)?;
+        for (name, info) in header.as_object().into_iter().flatten() {
+            let Some(shape) = info.get("shape").and_then(|s| s.as_array()) else {
+                continue;
+            };
+            let elements: u64 = shape.iter().filter_map(|d| d.as_u64()).product();
+            out.push((name.clone(), elements * dtype.size_in_bytes() as u64));
+        }
+    }
+    Ok(out)
+}
+
+/// Read bandwidth in bytes per second with `threads` threads summing a 512 MiB buffer, best of
+/// five passes (each thread reads its own contiguous part).
+pub fn read_bandwidth(threads: usize) -> f64 {
+    const BYTES: usize = 512 << 20;
+    let words: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let threads = threads.max(1);
+    let part = words.len().div_ceil(threads);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let sum: u64 = std::thread::scope(|scope| {
+            let handles: Vec<_> = words
+                .chunks(part)
+                .map(|chunk| scope.spawn(move || sum_words(chunk)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        });
+        std::hint::black_box(sum);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    BYTES as f64 / best
+}
+
+/// Sums with eight independent accumulators so the loop is bound by loads, not by one add chain.
+fn sum_words(words: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let mut chunks = words.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (a, w) in acc.iter_mut().zip(chunk) {
+            *a = a.wrapping_add(*w);
+        }
+    }
+    let tail: u64 = chunks.remainder().iter().fold(0, |a, w| a.wrapping_add(*w));
+    acc.iter().fold(tail, |a, w| a.wrapping_add(*w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sum_words;
+
+    #[test]
+    fn sums_every_word_including_the_tail() {
+        let words: Vec<u64> = (1..=19).collect();
+        assert_eq!(sum_words(&words), 190);
+    }
+}

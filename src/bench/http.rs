@@ -1,0 +1,211 @@
+//! `llorch bench --http`: the same runs through a daemon process (`llorch serve`, started by the
+//! bench on a free port) over HTTP, streamed like a client streams them, plus the aggregate
+//! decode speed of several streams at once on one replica.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::bench::{median, peak_rss_of, Run};
+
+/// What the HTTP runs share with the bare-engine runs.
+pub struct HttpBench<'a> {
+    /// The model source.
+    pub source: &'a str,
+    /// The device.
+    pub device: &'a str,
+    /// The dtype choice.
+    pub dtype: &'a str,
+    /// The prompt's token ids.
+    pub ids: &'a [u32],
+    /// Tokens generated per run.
+    pub decode_tokens: usize,
+    /// Measured single-stream runs.
+    pub runs: usize,
+    /// Stream counts for the aggregate runs.
+    pub concurrency: &'a [usize],
+}
+
+/// A daemon process the bench started; killed when dropped.
+struct Daemon {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl HttpBench<'_> {
+    /// Starts the daemon, measures, stops it, and returns the `http` part of the report.
+    pub fn run(&self) -> anyhow::Result<Value> {
+        let streams = self.concurrency.iter().copied().max().unwrap_or(1).max(1);
+        let daemon = self.start(streams)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let report = runtime.block_on(self.measure(&daemon.url))?;
+        let rss = peak_rss_of(daemon.child.id());
+        let mut report = report;
+        report["daemon_peak_rss_bytes"] = json!(rss);
+        Ok(report)
+    }
+
+    fn start(&self, streams: usize) -> anyhow::Result<Daemon> {
+        let dir = tempfile::tempdir()?;
+        let pool = dir.path().join("pool.toml");
+        let mut file = std::fs::File::create(&pool)?;
+        write!(
+            file,
+            "version = 1\n[server]\nlisten = \"127.0.0.1:0\"\n[[models]]\nname = \"bench\"\n\
+             source = {}\ndevices = [{}]\ndtype = {}\nmax_concurrent = {streams}\n",
+            toml::Value::from(self.source),
+            toml::Value::from(self.device),
+            toml::Value::from(self.dtype),
+        )?;
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&pool)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting llorch serve")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let url = loop {
+            match lines.next() {
+                Some(line) => {
+                    if let Some(url) = line?.strip_prefix("llorch listening on ") {
+                        break url.trim().to_string();
+                    }
+                }
+                None => bail!("the daemon exited before it listened"),
+            }
+        };
+        // Keep draining the daemon's log so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(Daemon {
+            child,
+            url,
+            _dir: dir,
+        })
+    }
+
+    async fn measure(&self, url: &str) -> anyhow::Result<Value> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !matches!(client.get(format!("{url}/ready")).send().await, Ok(r) if r.status() == 200)
+        {
+            if Instant::now() > deadline {
+                bail!("the daemon did not become ready in 600 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.stream(&client, url, 4).await?;
+        let mut runs = Vec::with_capacity(self.runs);
+        for _ in 0..self.runs {
+            runs.push(self.stream(&client, url, self.decode_tokens).await?);
+        }
+        let mut aggregate = Vec::new();
+        for &streams in self.concurrency {
+            let all = futures::future::try_join_all(
+                (0..streams).map(|_| self.stream(&client, url, self.decode_tokens)),
+            )
+            .await?;
+            aggregate.push(json!({
+                "streams": streams,
+                "decode_tok_s": steady_decode(&all),
+            }));
+        }
+        let prefill: Vec<f64> = runs
+            .iter()
+            .map(|r| self.ids.len() as f64 / r.first_token.as_secs_f64())
+            .collect();
+        let decode: Vec<f64> = runs.iter().filter_map(Run::decode_rate).collect();
+        let ttft: Vec<f64> = runs
+            .iter()
+            .map(|r| r.first_token.as_secs_f64() * 1000.0)
+            .collect();
+        Ok(json!({
+            "prefill_tok_s": median(&prefill),
+            "decode_tok_s": median(&decode),
+            "ttft_ms": median(&ttft),
+            "decode_tok_s_runs": decode,
+            "concurrent": aggregate,
+        }))
+    }
+
+    /// One streamed completion of `max_tokens` tokens; token times from the request's start.
+    async fn stream(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        max_tokens: usize,
+    ) -> anyhow::Result<Run> {
+        let body = json!({
+            "model": "bench",
+            "prompt": self.ids,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": true,
+            "stream": true,
+            "return_token_ids": true,
+        });
+        let start = Instant::now();
+        let response = client
+            .post(format!("{url}/v1/completions"))
+            .json(&body)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("{}: {}", response.status(), response.text().await?);
+        }
+        let mut times = Vec::with_capacity(max_tokens);
+        let mut pending = Vec::new();
+        let mut bytes = response.bytes_stream();
+        while let Some(chunk) = bytes.next().await {
+            pending.extend_from_slice(&chunk?);
+            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = pending.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&event);
+                let Some(data) = text.trim().strip_prefix("data: ") else {
+                    continue;
+                };
+                if data == "[DONE]" {
+                    continue;
+                }
+                let value: Value = serde_json::from_str(data)?;
+                if let Some(error) = value.get("error") {
+                    return Err(anyhow!("stream error: {error}"));
+                }
+                let ids = value["choices"][0]["token_ids"].as_array().map(Vec::len);
+                times.extend(std::iter::repeat_n(start.elapsed(), ids.unwrap_or(0)));
+            }
+        }
+        Run::from_times(&times)
+    }
+}
+
+/// Tokens per second while every stream was decoding: from the last stream's first token to the
+/// first stream's last token, counting each stream's tokens in that window. With one stream it is
+/// that stream's decode rate; `None` when the streams never all decoded at once.
+fn steady_decode(runs: &[Run]) -> Option<f64> {
+    let from = runs.iter().map(|r| r.first_token).max()?;
+    let to = runs.iter().map(|r| r.last_token()).min()?;
+    if to <= from {
+        return None;
+    }
+    let tokens: usize = runs
+        .iter()
+        .map(|r| r.times.iter().filter(|t| **t > from && **t <= to).count())
+        .sum();
+    Some(tokens as f64 / (to - from).as_secs_f64())
+}

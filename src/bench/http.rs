@@ -1,6 +1,10 @@
 //! `llorch bench --http`: the same runs through a daemon process (`llorch serve`, started by the
 //! bench on a free port) over HTTP, streamed like a client streams them, plus the aggregate
 //! decode speed of several streams at once on one replica.
+//!
+//! `tokens_per_s` of a concurrent run counts every stream's tokens over the time from the
+//! submissions to the last token, prefills included; `steady_decode_tok_s` is the decode rate
+//! while every stream was decoding at once (`None` when the replica ran them one after another).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -120,9 +124,12 @@ impl HttpBench<'_> {
                 (0..streams).map(|_| self.stream(&client, url, self.decode_tokens)),
             )
             .await?;
+            let tokens: usize = all.iter().map(|r| r.times.len()).sum();
+            let wall = all.iter().map(Run::last_token).max().unwrap_or_default();
             aggregate.push(json!({
                 "streams": streams,
-                "decode_tok_s": steady_decode(&all),
+                "tokens_per_s": tokens as f64 / wall.as_secs_f64(),
+                "steady_decode_tok_s": steady_decode(&all),
             }));
         }
         let prefill: Vec<f64> = runs

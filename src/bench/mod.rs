@@ -133,6 +133,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         .map(|r| r.first_token.as_secs_f64() * 1000.0)
         .collect();
     drop(engine);
+    // Before the bandwidth probe, whose buffer would count otherwise.
+    let peak_rss = peak_rss_of(std::process::id());
     let threads = candle_core::utils::get_num_threads();
     let decode_tok_s = median(&decode);
     let bytes_per_token = bandwidth::weight_bytes_per_token(&args.source, info.dtype)?;
@@ -152,7 +154,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         "ttft_ms": median(&ttft),
         "prefill_tok_s_runs": prefill,
         "decode_tok_s_runs": decode,
-        "peak_rss_bytes": peak_rss_of(std::process::id()),
+        "peak_rss_bytes": peak_rss,
         "weight_bytes_per_token": bytes_per_token,
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "decode_bound_tok_s": bound,

@@ -57,7 +57,9 @@ pub enum Model {
     },
     /// StarCoder2.
     Starcoder2(starcoder2::Model),
-    /// A GGUF Llama/Mistral.
+    /// A GGUF Llama/Mistral on the CPU, run by llorch's own forward pass.
+    CpuLlama(Box<super::cpu::CpuLlama>),
+    /// A GGUF Llama/Mistral (other devices, or tensor types the CPU path does not multiply).
     QuantLlama(quantized_llama::ModelWeights),
     /// A GGUF Qwen2.
     QuantQwen2(quantized_qwen2::ModelWeights),
@@ -106,6 +108,10 @@ impl Model {
             Model::Olmo2(m) => m.forward(input, position)?,
             Model::StableLm { model, .. } => model.forward(input, position)?,
             Model::Starcoder2(m) => m.forward(input, position)?,
+            Model::CpuLlama(m) => {
+                let ids = input.flatten_all()?.to_vec1::<u32>()?;
+                return Ok(m.forward(&ids, position)?);
+            }
             Model::QuantLlama(m) => m.forward(input, position)?,
             Model::QuantQwen2(m) => m.forward(input, position)?,
             Model::QuantQwen3(m) => m.forward(input, position)?,
@@ -140,6 +146,7 @@ impl Model {
                 weights,
             } => **model = stable_lm::Model::new(config, weights.clone())?,
             Model::Starcoder2(m) => m.clear_kv_cache(),
+            Model::CpuLlama(m) => m.clear_kv_cache(),
             Model::QuantLlama(m) => m.clear_kv_cache(),
             Model::QuantQwen2(m) => m.clear_kv_cache(),
             Model::QuantQwen3(m) => m.clear_kv_cache(),

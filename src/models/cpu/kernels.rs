@@ -1,0 +1,346 @@
+//! Dot products of one weight row with one activation row, the inner loop of every CPU matrix
+//! product: Q8_0 and Q4_0 rows against Q8_0 activations, f16 and f32 rows against f32
+//! activations. Each has a scalar version, the reference, and an AVX2/FMA/F16C version used
+//! when the CPU has those features; the tests hold the two to the same result.
+//!
+//! The block layouts are GGML's: a Q8_0 block is an f16 scale then 32 `i8`; a Q4_0 block is an
+//! f16 scale then 16 bytes, the low nibbles holding values 0..16 and the high nibbles 16..32,
+//! each stored plus 8.
+
+use half::f16;
+
+/// Values per Q8_0 / Q4_0 block.
+pub const BLOCK: usize = 32;
+/// Bytes per Q8_0 block.
+pub const Q8_0_BYTES: usize = 34;
+/// Bytes per Q4_0 block.
+pub const Q4_0_BYTES: usize = 18;
+
+/// Whether the AVX2 versions can run here (checked once by the standard library, then cached).
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Quantizes `x` (a multiple of 32 values) to Q8_0 blocks in `out`: per block, the scale is
+/// the largest magnitude over 127 and each value is rounded to the nearest step.
+pub fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    assert_eq!(x.len() % BLOCK, 0, "Q8_0 rows are whole blocks");
+    assert_eq!(out.len(), x.len() / BLOCK * Q8_0_BYTES, "Q8_0 output size");
+    for (values, block) in x.chunks_exact(BLOCK).zip(out.chunks_exact_mut(Q8_0_BYTES)) {
+        let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inverse = if d == 0.0 { 0.0 } else { 1.0 / d };
+        block[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        for (q, v) in block[2..].iter_mut().zip(values) {
+            *q = (v * inverse).round() as i8 as u8;
+        }
+    }
+}
+
+fn scale(block: &[u8]) -> f32 {
+    f16::from_le_bytes([block[0], block[1]]).to_f32()
+}
+
+/// `w · a` for Q8_0 rows of the same length.
+pub fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    assert_eq!(w.len(), a.len(), "Q8_0 rows of one length");
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the features `avx2::dot_q8_0` enables were detected above; the rows are whole
+        // blocks of equal length, which it reads within.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot_q8_0(w, a) };
+    }
+    scalar::dot_q8_0(w, a)
+}
+
+/// `w · a` for a Q4_0 row and a Q8_0 activation row of as many values.
+pub fn dot_q4_0(w: &[u8], a: &[u8]) -> f32 {
+    assert_eq!(
+        w.len() / Q4_0_BYTES * Q8_0_BYTES,
+        a.len(),
+        "rows of one length"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: as for `dot_q8_0`; `w` holds as many Q4_0 blocks as `a` Q8_0 blocks.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot_q4_0(w, a) };
+    }
+    scalar::dot_q4_0(w, a)
+}
+
+/// `w · a` for an f16 row and an f32 row.
+pub fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
+    assert_eq!(w.len(), a.len(), "rows of one length");
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the features were detected; the slices have equal lengths.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot_f16(w, a) };
+    }
+    scalar::dot_f16(w, a)
+}
+
+/// `w · a` for f32 rows.
+pub fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
+    assert_eq!(w.len(), a.len(), "rows of one length");
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the features were detected; the slices have equal lengths.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot_f32(w, a) };
+    }
+    scalar::dot_f32(w, a)
+}
+
+/// The reference versions.
+pub mod scalar {
+    use super::{scale, Q4_0_BYTES, Q8_0_BYTES};
+    use half::f16;
+
+    /// `w · a` for Q8_0 rows.
+    pub fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
+        w.chunks_exact(Q8_0_BYTES)
+            .zip(a.chunks_exact(Q8_0_BYTES))
+            .map(|(x, y)| {
+                let sum: i32 = x[2..]
+                    .iter()
+                    .zip(&y[2..])
+                    .map(|(&p, &q)| i32::from(p as i8) * i32::from(q as i8))
+                    .sum();
+                scale(x) * scale(y) * sum as f32
+            })
+            .sum()
+    }
+
+    /// `w · a` for a Q4_0 row and a Q8_0 row.
+    pub fn dot_q4_0(w: &[u8], a: &[u8]) -> f32 {
+        w.chunks_exact(Q4_0_BYTES)
+            .zip(a.chunks_exact(Q8_0_BYTES))
+            .map(|(x, y)| {
+                let q = &y[2..];
+                let sum: i32 = x[2..]
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &byte)| {
+                        let low = i32::from(byte & 0x0f) - 8;
+                        let high = i32::from(byte >> 4) - 8;
+                        low * i32::from(q[j] as i8) + high * i32::from(q[j + 16] as i8)
+                    })
+                    .sum();
+                scale(x) * scale(y) * sum as f32
+            })
+            .sum()
+    }
+
+    /// `w · a` for an f16 row and an f32 row.
+    pub fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
+        w.iter().zip(a).map(|(x, y)| x.to_f32() * y).sum()
+    }
+
+    /// `w · a` for f32 rows.
+    pub fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
+        w.iter().zip(a).map(|(x, y)| x * y).sum()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use super::{scale, Q4_0_BYTES, Q8_0_BYTES};
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Sums the eight lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn sum_lanes(v: __m256) -> f32 {
+        let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
+        let one = _mm_add_ss(pair, _mm_movehdup_ps(pair));
+        _mm_cvtss_f32(one)
+    }
+
+    /// The products of 32 signed bytes summed in eight groups of four, as floats. `x` must not
+    /// hold -128 (quantized values are within ±127).
+    #[target_feature(enable = "avx2,fma")]
+    fn products(x: __m256i, y: __m256i) -> __m256 {
+        // maddubs multiplies unsigned by signed bytes: move x's sign onto y.
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; `w` and `a` are whole Q8_0 blocks of equal length.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (x, y) in w.chunks_exact(Q8_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)) {
+            let d = _mm256_set1_ps(scale(x) * scale(y));
+            // SAFETY: each chunk is 34 bytes; 32 are read from offset 2.
+            let (qx, qy) = unsafe {
+                (
+                    _mm256_loadu_si256(x.as_ptr().add(2).cast()),
+                    _mm256_loadu_si256(y.as_ptr().add(2).cast()),
+                )
+            };
+            acc = _mm256_fmadd_ps(d, products(qx, qy), acc);
+        }
+        sum_lanes(acc)
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; `w` holds as many Q4_0 blocks as `a` Q8_0 blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_0(w: &[u8], a: &[u8]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let low_nibbles = _mm_set1_epi8(0x0f);
+        let eight = _mm256_set1_epi8(8);
+        for (x, y) in w.chunks_exact(Q4_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)) {
+            let d = _mm256_set1_ps(scale(x) * scale(y));
+            // SAFETY: a Q4_0 chunk is 18 bytes (16 read from offset 2), a Q8_0 one 34 (32 read
+            // from offset 2).
+            let (packed, qy) = unsafe {
+                (
+                    _mm_loadu_si128(x.as_ptr().add(2).cast()),
+                    _mm256_loadu_si256(y.as_ptr().add(2).cast()),
+                )
+            };
+            let low = _mm_and_si128(packed, low_nibbles);
+            let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
+            let qx = _mm256_sub_epi8(_mm256_set_m128i(high, low), eight);
+            acc = _mm256_fmadd_ps(d, products(qx, qy), acc);
+        }
+        sum_lanes(acc)
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; the slices have equal lengths.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let whole = w.len() / 32 * 32;
+        for (x, y) in w[..whole].chunks_exact(32).zip(a[..whole].chunks_exact(32)) {
+            for (lane, sum) in acc.iter_mut().enumerate() {
+                // SAFETY: 8 halves and 8 floats from offset 8 * lane of 32-element chunks.
+                let (wx, ay) = unsafe {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(8 * lane).cast())),
+                        _mm256_loadu_ps(y.as_ptr().add(8 * lane)),
+                    )
+                };
+                *sum = _mm256_fmadd_ps(wx, ay, *sum);
+            }
+        }
+        let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        sum_lanes(total) + super::scalar::dot_f16(&w[whole..], &a[whole..])
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; the slices have equal lengths.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let whole = w.len() / 32 * 32;
+        for (x, y) in w[..whole].chunks_exact(32).zip(a[..whole].chunks_exact(32)) {
+            for (lane, sum) in acc.iter_mut().enumerate() {
+                // SAFETY: 8 floats from offset 8 * lane of 32-element chunks.
+                let (wx, ay) = unsafe {
+                    (
+                        _mm256_loadu_ps(x.as_ptr().add(8 * lane)),
+                        _mm256_loadu_ps(y.as_ptr().add(8 * lane)),
+                    )
+                };
+                *sum = _mm256_fmadd_ps(wx, ay, *sum);
+            }
+        }
+        let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        sum_lanes(total) + super::scalar::dot_f32(&w[whole..], &a[whole..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+    }
+
+    /// Within float rounding of `n` products of magnitude up to 4 summed in another order; a
+    /// misread block misses by the size of the result itself (around `sqrt(n)`).
+    fn close(simd: f32, reference: f32, n: usize) {
+        let tolerance = 2e-6 * 4.0 * n as f32;
+        assert!(
+            (simd - reference).abs() <= tolerance,
+            "simd {simd} vs scalar {reference}"
+        );
+    }
+
+    fn q8(x: &[f32]) -> Vec<u8> {
+        let mut out = vec![0; x.len() / BLOCK * Q8_0_BYTES];
+        quantize_q8_0(x, &mut out);
+        out
+    }
+
+    #[test]
+    fn q8_0_quantization_is_within_half_a_step() {
+        let x = values(64, 1);
+        let q = q8(&x);
+        for (block, values) in q.chunks(Q8_0_BYTES).zip(x.chunks(BLOCK)) {
+            let d = scale(block);
+            for (byte, v) in block[2..].iter().zip(values) {
+                assert!((f32::from(*byte as i8) * d - v).abs() <= d * 0.5 + 1e-3);
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_scalar_agree_for_every_row_type() {
+        for (n, seed) in [(32, 1), (576, 2), (2048, 3), (5632, 4)] {
+            let (w, a) = (values(n, seed), values(n, seed + 100));
+            let (wq, aq) = (q8(&w), q8(&a));
+            close(dot_q8_0(&wq, &aq), scalar::dot_q8_0(&wq, &aq), n);
+            // A Q4_0 row from random nibbles and scales.
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let w4: Vec<u8> = (0..n / BLOCK)
+                .flat_map(|_| {
+                    let mut block = f16::from_f32(rng.random_range(0.01..0.1))
+                        .to_le_bytes()
+                        .to_vec();
+                    block.extend((0..16).map(|_| rng.random::<u8>()));
+                    block
+                })
+                .collect();
+            close(dot_q4_0(&w4, &aq), scalar::dot_q4_0(&w4, &aq), n);
+            let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
+            close(dot_f16(&wh, &a), scalar::dot_f16(&wh, &a), n);
+            close(dot_f32(&w, &a), scalar::dot_f32(&w, &a), n);
+        }
+        // Lengths that are not a multiple of 32 take the scalar tail.
+        let (w, a) = (values(45, 9), values(45, 10));
+        close(dot_f32(&w, &a), scalar::dot_f32(&w, &a), 45);
+    }
+
+    #[test]
+    fn q8_0_dot_approximates_the_float_dot() {
+        let (w, a) = (values(2048, 5), values(2048, 6));
+        let exact = scalar::dot_f32(&w, &a);
+        let quantized = dot_q8_0(&q8(&w), &q8(&a));
+        assert!(
+            (quantized - exact).abs() < 0.02 * (2048f32).sqrt(),
+            "{quantized} vs {exact}"
+        );
+    }
+}

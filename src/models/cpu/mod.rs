@@ -1,0 +1,10 @@
+//! llorch's own CPU forward pass for GGUF Llamas and the SIMD kernels under it. candle's
+//! quantized Llama allocates a tensor per operation and runs every matrix product through its
+//! generic path; this one keeps weights in their GGUF types, multiplies them with kernels
+//! written for these block layouts, and reuses its buffers.
+
+mod kernels;
+mod llama;
+mod weight;
+
+pub use llama::CpuLlama;

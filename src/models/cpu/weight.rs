@@ -1,0 +1,257 @@
+//! A weight matrix in its GGUF type and its product with activations, split over rayon's
+//! threads by blocks of output rows. Q8_0, Q4_0, f16 and f32 rows use llorch's kernels; the
+//! K-quants and Q5_0 use candle's block types and dot products.
+
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K, GgmlType};
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+use rayon::prelude::*;
+
+use super::kernels::{self, BLOCK, Q4_0_BYTES, Q8_0_BYTES};
+
+/// The rows of one matrix.
+enum Rows {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Q8_0(Vec<u8>),
+    Q4_0(Vec<u8>),
+    Q5_0(Vec<BlockQ5_0>),
+    Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
+    Q6K(Vec<BlockQ6K>),
+}
+
+/// A `rows × columns` weight matrix.
+pub struct Weight {
+    rows: usize,
+    columns: usize,
+    data: Rows,
+}
+
+/// The GGML types this CPU path multiplies.
+pub const SUPPORTED: &[GgmlDType] = &[
+    GgmlDType::F32,
+    GgmlDType::F16,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q5_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+/// Copies a tensor's bytes into candle's block type.
+fn blocks<T: GgmlType>(bytes: &[u8]) -> candle_core::Result<Vec<T>> {
+    let size = std::mem::size_of::<T>();
+    if bytes.len() % size != 0 {
+        candle_core::bail!("{} bytes are not whole {:?} blocks", bytes.len(), T::DTYPE);
+    }
+    let mut out = vec![T::zeros(); bytes.len() / size];
+    // SAFETY: candle's block types are `repr(C)` plain data (scales, nibbles, bytes) with no
+    // invalid bit patterns, `out` has room for exactly `bytes.len()` bytes, and the source is a
+    // byte slice (alignment 1), so a byte copy is a valid way to fill it.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.as_mut_ptr().cast::<u8>(), bytes.len());
+    }
+    Ok(out)
+}
+
+impl Weight {
+    /// Takes a 2-D tensor of one of the [`SUPPORTED`] types.
+    pub fn new(tensor: &QTensor) -> candle_core::Result<Weight> {
+        let (rows, columns) = tensor.shape().dims2()?;
+        let bytes = tensor.data()?;
+        let data = match tensor.dtype() {
+            GgmlDType::F32 => Rows::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            ),
+            GgmlDType::F16 => Rows::F16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            ),
+            GgmlDType::Q8_0 => Rows::Q8_0(bytes.into_owned()),
+            GgmlDType::Q4_0 => Rows::Q4_0(bytes.into_owned()),
+            GgmlDType::Q5_0 => Rows::Q5_0(blocks(&bytes)?),
+            GgmlDType::Q4K => Rows::Q4K(blocks(&bytes)?),
+            GgmlDType::Q5K => Rows::Q5K(blocks(&bytes)?),
+            GgmlDType::Q6K => Rows::Q6K(blocks(&bytes)?),
+            other => candle_core::bail!("the CPU path does not multiply {other:?}"),
+        };
+        Ok(Weight {
+            rows,
+            columns,
+            data,
+        })
+    }
+
+    /// Output rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Row `row` as f32 values (an embedding lookup).
+    pub fn row(&self, row: usize, out: &mut [f32]) {
+        let n = self.columns;
+        match &self.data {
+            Rows::F32(d) => out.copy_from_slice(&d[row * n..(row + 1) * n]),
+            Rows::F16(d) => {
+                for (o, v) in out.iter_mut().zip(&d[row * n..(row + 1) * n]) {
+                    *o = v.to_f32();
+                }
+            }
+            Rows::Q8_0(d) => {
+                let bytes = n / BLOCK * Q8_0_BYTES;
+                for (block, o) in d[row * bytes..(row + 1) * bytes]
+                    .chunks_exact(Q8_0_BYTES)
+                    .zip(out.chunks_exact_mut(BLOCK))
+                {
+                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    for (v, q) in o.iter_mut().zip(&block[2..]) {
+                        *v = d * f32::from(*q as i8);
+                    }
+                }
+            }
+            Rows::Q4_0(d) => {
+                let bytes = n / BLOCK * Q4_0_BYTES;
+                for (block, o) in d[row * bytes..(row + 1) * bytes]
+                    .chunks_exact(Q4_0_BYTES)
+                    .zip(out.chunks_exact_mut(BLOCK))
+                {
+                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    for (j, byte) in block[2..].iter().enumerate() {
+                        o[j] = d * (f32::from(byte & 0x0f) - 8.0);
+                        o[j + 16] = d * (f32::from(byte >> 4) - 8.0);
+                    }
+                }
+            }
+            Rows::Q5_0(d) => to_float(d, row, n, out),
+            Rows::Q4K(d) => to_float(d, row, n, out),
+            Rows::Q5K(d) => to_float(d, row, n, out),
+            Rows::Q6K(d) => to_float(d, row, n, out),
+        }
+    }
+
+    /// `out[t][r] = x[t] · row r` for `tokens` activation rows `x` (`tokens × columns`, row
+    /// major); `out` is `tokens × rows`.
+    pub fn matmul(&self, x: &[f32], tokens: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), tokens * self.columns, "activation size");
+        assert_eq!(out.len(), tokens * self.rows, "output size");
+        let n = self.columns;
+        match &self.data {
+            Rows::F32(d) => self.products(out, tokens, |r, t| {
+                kernels::dot_f32(&d[r * n..(r + 1) * n], &x[t * n..(t + 1) * n])
+            }),
+            Rows::F16(d) => self.products(out, tokens, |r, t| {
+                kernels::dot_f16(&d[r * n..(r + 1) * n], &x[t * n..(t + 1) * n])
+            }),
+            Rows::Q8_0(d) => {
+                let (a, stride) = quantize_q8_0(x, tokens, n);
+                let bytes = n / BLOCK * Q8_0_BYTES;
+                self.products(out, tokens, |r, t| {
+                    kernels::dot_q8_0(
+                        &d[r * bytes..(r + 1) * bytes],
+                        &a[t * stride..(t + 1) * stride],
+                    )
+                })
+            }
+            Rows::Q4_0(d) => {
+                let (a, stride) = quantize_q8_0(x, tokens, n);
+                let bytes = n / BLOCK * Q4_0_BYTES;
+                self.products(out, tokens, |r, t| {
+                    kernels::dot_q4_0(
+                        &d[r * bytes..(r + 1) * bytes],
+                        &a[t * stride..(t + 1) * stride],
+                    )
+                })
+            }
+            Rows::Q5_0(d) => self.candle_products(d, x, tokens, out),
+            Rows::Q4K(d) => self.candle_products(d, x, tokens, out),
+            Rows::Q5K(d) => self.candle_products(d, x, tokens, out),
+            Rows::Q6K(d) => self.candle_products(d, x, tokens, out),
+        }
+    }
+
+    /// Products through candle's blocks: activations in the type's dot-product partner.
+    fn candle_products<T: GgmlType + Sync>(
+        &self,
+        rows: &[T],
+        x: &[f32],
+        tokens: usize,
+        out: &mut [f32],
+    ) where
+        T::VecDotType: Sync,
+    {
+        let n = self.columns;
+        let per_row = n / T::BLCK_SIZE;
+        let mut a = vec![T::VecDotType::zeros(); tokens * per_row];
+        for (values, blocks) in x.chunks_exact(n).zip(a.chunks_exact_mut(per_row)) {
+            T::VecDotType::from_float(values, blocks);
+        }
+        self.products(out, tokens, |r, t| {
+            T::vec_dot(
+                n,
+                &rows[r * per_row..(r + 1) * per_row],
+                &a[t * per_row..(t + 1) * per_row],
+            )
+        })
+    }
+
+    /// Fills `out` (`tokens × rows`) with `dot(r, t)`, each thread taking a block of rows and
+    /// every token for them, so a weight row is read from memory once per call.
+    fn products<F>(&self, out: &mut [f32], tokens: usize, dot: F)
+    where
+        F: Fn(usize, usize) -> f32 + Sync,
+    {
+        let chunk = ROW_CHUNK.min(self.rows.max(1));
+        if tokens == 1 {
+            out.par_chunks_mut(chunk).enumerate().for_each(|(c, part)| {
+                for (i, o) in part.iter_mut().enumerate() {
+                    *o = dot(c * chunk + i, 0);
+                }
+            });
+            return;
+        }
+        // Row-major by weight row, then transposed into token-major `out`.
+        let mut by_row = vec![0f32; self.rows * tokens];
+        by_row
+            .par_chunks_mut(chunk * tokens)
+            .enumerate()
+            .for_each(|(c, part)| {
+                for (i, row) in part.chunks_exact_mut(tokens).enumerate() {
+                    for (t, o) in row.iter_mut().enumerate() {
+                        *o = dot(c * chunk + i, t);
+                    }
+                }
+            });
+        for (r, row) in by_row.chunks_exact(tokens).enumerate() {
+            for (t, v) in row.iter().enumerate() {
+                out[t * self.rows + r] = *v;
+            }
+        }
+    }
+}
+
+/// Rows per unit of parallel work: small enough to balance two to sixteen threads over a
+/// 576-row matrix, large enough that scheduling costs little next to the dot products.
+const ROW_CHUNK: usize = 32;
+
+fn to_float<T: GgmlType>(d: &[T], row: usize, n: usize, out: &mut [f32]) {
+    let per_row = n / T::BLCK_SIZE;
+    T::to_float(&d[row * per_row..(row + 1) * per_row], out);
+}
+
+/// Q8_0 blocks of each activation row; returns the buffer and its per-row stride in bytes.
+fn quantize_q8_0(x: &[f32], tokens: usize, n: usize) -> (Vec<u8>, usize) {
+    let stride = n / BLOCK * Q8_0_BYTES;
+    let mut a = vec![0u8; tokens * stride];
+    for (values, blocks) in x.chunks_exact(n).zip(a.chunks_exact_mut(stride)) {
+        kernels::quantize_q8_0(values, blocks);
+    }
+    (a, stride)
+}

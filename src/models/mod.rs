@@ -5,7 +5,7 @@
 //! [`Sequence`]. It imports nothing from `actors`, `api` or `config`.
 
 mod arch;
-mod cpu;
+pub mod cpu;
 mod decoder;
 mod demo;
 mod detok;

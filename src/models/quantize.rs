@@ -128,7 +128,7 @@ pub fn tensor_type(
         },
     };
     let mut chosen = wanted;
-    while columns % chosen.block_size() != 0 {
+    while !columns.is_multiple_of(chosen.block_size()) {
         chosen = match chosen {
             GgmlDType::Q4K => GgmlDType::Q5_0,
             GgmlDType::Q6K => GgmlDType::Q8_0,

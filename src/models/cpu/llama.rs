@@ -154,8 +154,14 @@ impl CpuLlama {
     }
 
     /// Runs `ids` at `position` (which must equal the cached length) and returns the logits of
-    /// the last one.
+    /// the last one. The pass runs on a thread of rayon's pool, so its matrix products split
+    /// their rows from inside the pool: waking the pool from outside for each of the ~200
+    /// products of a step cost more than the products of a small model.
     pub fn forward(&mut self, ids: &[u32], position: usize) -> candle_core::Result<Vec<f32>> {
+        rayon::scope(|_| self.forward_in_pool(ids, position))
+    }
+
+    fn forward_in_pool(&mut self, ids: &[u32], position: usize) -> candle_core::Result<Vec<f32>> {
         if position != self.cached {
             candle_core::bail!("position {position} but {} positions cached", self.cached);
         }

@@ -3,7 +3,7 @@
 //! generic path; this one keeps weights in their GGUF types, multiplies them with kernels
 //! written for these block layouts, and reuses its buffers.
 
-mod kernels;
+pub mod kernels;
 mod llama;
 mod weight;
 

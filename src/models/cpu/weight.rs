@@ -43,7 +43,7 @@ pub const SUPPORTED: &[GgmlDType] = &[
 /// Copies a tensor's bytes into candle's block type.
 fn blocks<T: GgmlType>(bytes: &[u8]) -> candle_core::Result<Vec<T>> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         candle_core::bail!("{} bytes are not whole {:?} blocks", bytes.len(), T::DTYPE);
     }
     let mut out = vec![T::zeros(); bytes.len() / size];
@@ -162,11 +162,17 @@ impl Weight {
             }
             Rows::Q4_0(d) => {
                 let (a, stride) = quantize_q8_0(x, tokens, n);
-                let bytes = n / BLOCK * Q4_0_BYTES;
+                let per_row = n / BLOCK;
+                let mut sums = vec![0f32; tokens * per_row];
+                for (blocks, s) in a.chunks_exact(stride).zip(sums.chunks_exact_mut(per_row)) {
+                    kernels::block_sums(blocks, s);
+                }
+                let bytes = per_row * Q4_0_BYTES;
                 self.products(out, tokens, |r, t| {
                     kernels::dot_q4_0(
                         &d[r * bytes..(r + 1) * bytes],
                         &a[t * stride..(t + 1) * stride],
+                        &sums[t * per_row..(t + 1) * per_row],
                     )
                 })
             }

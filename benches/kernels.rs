@@ -1,0 +1,87 @@
+//! The CPU dot-product kernels on one matrix-vector product: a 1536 × 576 matrix (a small
+//! model's FFN projection, which fits in L2) and a 5632 × 2048 one (a 1B model's, which does
+//! not). Criterion reports weight bytes per second.
+//!
+//! `cargo bench --bench kernels`
+
+use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0, GgmlType};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::f16;
+use llorch::models::cpu::kernels::{
+    block_sums, dot_f16, dot_q4_0, dot_q8_0, quantize_q8_0, BLOCK, Q4_0_BYTES, Q8_0_BYTES,
+};
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n as u32)
+        .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+        .collect()
+}
+
+fn q8(x: &[f32]) -> Vec<u8> {
+    let mut out = vec![0; x.len() / BLOCK * Q8_0_BYTES];
+    quantize_q8_0(x, &mut out);
+    out
+}
+
+fn matvec(c: &mut Criterion) {
+    let mut group = c.benchmark_group("matvec");
+    for (rows, cols) in [(1536usize, 576usize), (5632, 2048)] {
+        let x = values(cols, 7);
+        let xq = q8(&x);
+        let w = values(rows * cols, 3);
+        let label = format!("{rows}x{cols}");
+        let wq8 = q8(&w);
+        group.throughput(Throughput::Bytes(wq8.len() as u64));
+        group.bench_with_input(BenchmarkId::new("q8_0", &label), &wq8, |b, w| {
+            let row = cols / BLOCK * Q8_0_BYTES;
+            b.iter(|| w.chunks_exact(row).map(|r| dot_q8_0(r, &xq)).sum::<f32>())
+        });
+        // Q4_0 rows: the Q8_0 scales with the low nibble of each value byte.
+        let wq4: Vec<u8> = wq8
+            .chunks_exact(Q8_0_BYTES)
+            .flat_map(|b| {
+                b[..2]
+                    .iter()
+                    .copied()
+                    .chain(b[2..18].iter().map(|v| v & 0x77))
+            })
+            .collect();
+        group.throughput(Throughput::Bytes(wq4.len() as u64));
+        group.bench_with_input(BenchmarkId::new("q4_0", &label), &wq4, |b, w| {
+            let row = cols / BLOCK * Q4_0_BYTES;
+            let mut sums = vec![0f32; cols / BLOCK];
+            block_sums(&xq, &mut sums);
+            b.iter(|| {
+                w.chunks_exact(row)
+                    .map(|r| dot_q4_0(r, &xq, &sums))
+                    .sum::<f32>()
+            })
+        });
+        // candle's own Q4_0 x Q8_0 dot product on the same values, for reference.
+        let mut w_candle = vec![BlockQ4_0::zeros(); rows * cols / BLOCK];
+        BlockQ4_0::from_float(&w, &mut w_candle);
+        let mut x_candle = vec![BlockQ8_0::zeros(); cols / BLOCK];
+        BlockQ8_0::from_float(&x, &mut x_candle);
+        group.throughput(Throughput::Bytes(wq4.len() as u64));
+        group.bench_with_input(
+            BenchmarkId::new("candle_q4_0", &label),
+            &w_candle,
+            |b, w| {
+                b.iter(|| {
+                    w.chunks_exact(cols / BLOCK)
+                        .map(|r| BlockQ4_0::vec_dot(cols, r, &x_candle))
+                        .sum::<f32>()
+                })
+            },
+        );
+        let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
+        group.throughput(Throughput::Bytes(wh.len() as u64 * 2));
+        group.bench_with_input(BenchmarkId::new("f16", &label), &wh, |b, w| {
+            b.iter(|| w.chunks_exact(cols).map(|r| dot_f16(r, &x)).sum::<f32>())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matvec);
+criterion_main!(benches);

@@ -90,6 +90,23 @@ pub fn dot_q4_0(w: &[u8], a: &[u8], sums: &[f32]) -> f32 {
     scalar::dot_q4_0(w, a)
 }
 
+/// [`dot_q4_0`] of one weight row with four activation rows at once: each weight block is
+/// unpacked once for the four (prefill's inner loop).
+pub fn dot_q4_0_x4(w: &[u8], a: [&[u8]; 4], sums: [&[f32]; 4]) -> [f32; 4] {
+    let blocks = w.len() / Q4_0_BYTES;
+    for t in 0..4 {
+        assert_eq!(blocks * Q8_0_BYTES, a[t].len(), "rows of one length");
+        assert_eq!(blocks, sums[t].len(), "one sum per block");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: as for `dot_q4_0`, for each of the four activation rows.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot_q4_0_x4(w, a, sums) };
+    }
+    a.map(|a| scalar::dot_q4_0(w, a))
+}
+
 /// `w · a` for an f16 row and an f32 row.
 pub fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
     assert_eq!(w.len(), a.len(), "rows of one length");
@@ -337,6 +354,92 @@ mod avx2 {
         sum_lanes(_mm256_add_ps(acc[0], acc[1])) - 8.0 * (sum_lanes(offsets) + tail_offset)
     }
 
+    /// The 32 nibbles of a Q4_0 block as unsigned bytes, low nibbles first.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn nibbles(block: &[u8]) -> __m256i {
+        assert!(block.len() >= Q4_0_BYTES);
+        // SAFETY: 16 bytes from offset 2 of an 18-byte block (length asserted).
+        let packed = unsafe { _mm_loadu_si128(block.as_ptr().add(2).cast()) };
+        let low_nibbles = _mm_set1_epi8(0x0f);
+        let low = _mm_and_si128(packed, low_nibbles);
+        let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
+        _mm256_set_m128i(high, low)
+    }
+
+    /// The 32 values of a Q8_0 block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn values(block: &[u8]) -> __m256i {
+        assert!(block.len() >= Q8_0_BYTES);
+        // SAFETY: 32 bytes from offset 2 of a 34-byte block (length asserted).
+        unsafe { _mm256_loadu_si256(block.as_ptr().add(2).cast()) }
+    }
+
+    /// Eight f16 scales read `stride` bytes apart, as floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn eight_scales(blocks: &[u8], stride: usize) -> __m256 {
+        let mut bits = [0u16; 8];
+        for (j, b) in bits.iter_mut().enumerate() {
+            *b = u16::from_le_bytes([blocks[j * stride], blocks[j * stride + 1]]);
+        }
+        // SAFETY: the array holds eight u16, 16 bytes.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bits.as_ptr().cast()) })
+    }
+
+    /// # Safety
+    /// As for [`dot_q4_0`], for each of the four activation rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_0_x4(w: &[u8], a: [&[u8]; 4], sums: [&[f32]; 4]) -> [f32; 4] {
+        let ones = _mm256_set1_epi16(1);
+        let blocks = w.len() / Q4_0_BYTES;
+        let whole = blocks / 8 * 8;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut offsets = [_mm256_setzero_ps(); 4];
+        for group in (0..whole).step_by(8) {
+            let wg = &w[group * Q4_0_BYTES..];
+            let ws = eight_scales(wg, Q4_0_BYTES);
+            let mut d = [_mm256_setzero_ps(); 4];
+            for t in 0..4 {
+                let ag = &a[t][group * Q8_0_BYTES..];
+                d[t] = _mm256_mul_ps(ws, eight_scales(ag, Q8_0_BYTES));
+                let ys = &sums[t][group..group + 8];
+                // SAFETY: `ys` holds eight floats.
+                let ys = unsafe { _mm256_loadu_ps(ys.as_ptr()) };
+                offsets[t] = _mm256_fmadd_ps(ws, ys, offsets[t]);
+            }
+            for j in 0..8 {
+                let x = nibbles(&wg[j * Q4_0_BYTES..]);
+                for t in 0..4 {
+                    let y = values(&a[t][(group + j) * Q8_0_BYTES..]);
+                    let pairs = _mm256_maddubs_epi16(x, y);
+                    let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                    acc[t] = _mm256_fmadd_ps(lane(d[t], j as i32), products, acc[t]);
+                }
+            }
+        }
+        // The last blocks one at a time, their scales converted one by one.
+        let mut tail_offsets = [0f32; 4];
+        for b in whole..blocks {
+            let x = nibbles(&w[b * Q4_0_BYTES..]);
+            let wd = super::scale(&w[b * Q4_0_BYTES..]);
+            for t in 0..4 {
+                let block = &a[t][b * Q8_0_BYTES..];
+                let pairs = _mm256_maddubs_epi16(x, values(block));
+                let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                let d = _mm256_set1_ps(wd * super::scale(block));
+                acc[t] = _mm256_fmadd_ps(d, products, acc[t]);
+                tail_offsets[t] += wd * sums[t][b];
+            }
+        }
+        let mut out = [0f32; 4];
+        for t in 0..4 {
+            out[t] = sum_lanes(acc[t]) - 8.0 * (sum_lanes(offsets[t]) + tail_offsets[t]);
+        }
+        out
+    }
+
     /// # Safety
     /// AVX2, FMA and F16C must be available; the slices have equal lengths.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -440,6 +543,24 @@ mod tests {
             let mut sums = vec![0f32; n / BLOCK];
             block_sums(&aq, &mut sums);
             close(dot_q4_0(&w4, &aq, &sums), scalar::dot_q4_0(&w4, &aq), n);
+            let others: Vec<Vec<u8>> = (0..3).map(|k| q8(&values(n, seed + 200 + k))).collect();
+            let rows = [&aq[..], &others[0], &others[1], &others[2]];
+            let row_sums: Vec<Vec<f32>> = rows
+                .iter()
+                .map(|r| {
+                    let mut s = vec![0f32; n / BLOCK];
+                    block_sums(r, &mut s);
+                    s
+                })
+                .collect();
+            let four = dot_q4_0_x4(
+                &w4,
+                rows,
+                [&row_sums[0], &row_sums[1], &row_sums[2], &row_sums[3]],
+            );
+            for (got, row) in four.iter().zip(rows) {
+                close(*got, scalar::dot_q4_0(&w4, row), n);
+            }
             let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
             close(dot_f16(&wh, &a), scalar::dot_f16(&wh, &a), n);
             close(dot_f32(&w, &a), scalar::dot_f32(&w, &a), n);

@@ -144,16 +144,16 @@ impl Weight {
         assert_eq!(out.len(), tokens * self.rows, "output size");
         let n = self.columns;
         match &self.data {
-            Rows::F32(d) => self.products(out, tokens, |r, t| {
+            Rows::F32(d) => self.each(out, tokens, |r, t| {
                 kernels::dot_f32(&d[r * n..(r + 1) * n], &x[t * n..(t + 1) * n])
             }),
-            Rows::F16(d) => self.products(out, tokens, |r, t| {
+            Rows::F16(d) => self.each(out, tokens, |r, t| {
                 kernels::dot_f16(&d[r * n..(r + 1) * n], &x[t * n..(t + 1) * n])
             }),
             Rows::Q8_0(d) => {
                 let (a, stride) = quantize_q8_0(x, tokens, n);
                 let bytes = n / BLOCK * Q8_0_BYTES;
-                self.products(out, tokens, |r, t| {
+                self.each(out, tokens, |r, t| {
                     kernels::dot_q8_0(
                         &d[r * bytes..(r + 1) * bytes],
                         &a[t * stride..(t + 1) * stride],
@@ -168,12 +168,28 @@ impl Weight {
                     kernels::block_sums(blocks, s);
                 }
                 let bytes = per_row * Q4_0_BYTES;
-                self.products(out, tokens, |r, t| {
-                    kernels::dot_q4_0(
-                        &d[r * bytes..(r + 1) * bytes],
-                        &a[t * stride..(t + 1) * stride],
-                        &sums[t * per_row..(t + 1) * per_row],
-                    )
+                let act = |t: usize| &a[t * stride..(t + 1) * stride];
+                let sum = |t: usize| &sums[t * per_row..(t + 1) * per_row];
+                if tokens == 1 {
+                    return self.each(out, 1, |r, _| {
+                        kernels::dot_q4_0(&d[r * bytes..(r + 1) * bytes], &a, &sums)
+                    });
+                }
+                self.products(out, tokens, |r, o| {
+                    let row = &d[r * bytes..(r + 1) * bytes];
+                    let mut t = 0;
+                    while t + 4 <= o.len() {
+                        let four = kernels::dot_q4_0_x4(
+                            row,
+                            [act(t), act(t + 1), act(t + 2), act(t + 3)],
+                            [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)],
+                        );
+                        o[t..t + 4].copy_from_slice(&four);
+                        t += 4;
+                    }
+                    for (t, v) in o.iter_mut().enumerate().skip(t) {
+                        *v = kernels::dot_q4_0(row, act(t), sum(t));
+                    }
                 })
             }
             Rows::Q5_0(d) => self.candle_products(d, x, tokens, out),
@@ -199,7 +215,7 @@ impl Weight {
         for (values, blocks) in x.chunks_exact(n).zip(a.chunks_exact_mut(per_row)) {
             T::VecDotType::from_float(values, blocks);
         }
-        self.products(out, tokens, |r, t| {
+        self.each(out, tokens, |r, t| {
             T::vec_dot(
                 n,
                 &rows[r * per_row..(r + 1) * per_row],
@@ -208,17 +224,30 @@ impl Weight {
         })
     }
 
-    /// Fills `out` (`tokens × rows`) with `dot(r, t)`, each thread taking a block of rows and
-    /// every token for them, so a weight row is read from memory once per call.
-    fn products<F>(&self, out: &mut [f32], tokens: usize, dot: F)
+    /// [`Weight::products`] with one dot product per (row, token).
+    fn each<F>(&self, out: &mut [f32], tokens: usize, dot: F)
     where
         F: Fn(usize, usize) -> f32 + Sync,
+    {
+        self.products(out, tokens, |r, o| {
+            for (t, v) in o.iter_mut().enumerate() {
+                *v = dot(r, t);
+            }
+        })
+    }
+
+    /// Fills `out` (`tokens × rows`) through `row(r, o)`, which writes row `r`'s products with
+    /// every token into `o`; each thread takes a block of rows, so a weight row is read from
+    /// memory once per call.
+    fn products<F>(&self, out: &mut [f32], tokens: usize, row: F)
+    where
+        F: Fn(usize, &mut [f32]) + Sync,
     {
         let chunk = ROW_CHUNK.min(self.rows.max(1));
         if tokens == 1 {
             out.par_chunks_mut(chunk).enumerate().for_each(|(c, part)| {
                 for (i, o) in part.iter_mut().enumerate() {
-                    *o = dot(c * chunk + i, 0);
+                    row(c * chunk + i, std::slice::from_mut(o));
                 }
             });
             return;
@@ -229,10 +258,8 @@ impl Weight {
             .par_chunks_mut(chunk * tokens)
             .enumerate()
             .for_each(|(c, part)| {
-                for (i, row) in part.chunks_exact_mut(tokens).enumerate() {
-                    for (t, o) in row.iter_mut().enumerate() {
-                        *o = dot(c * chunk + i, t);
-                    }
+                for (i, o) in part.chunks_exact_mut(tokens).enumerate() {
+                    row(c * chunk + i, o);
                 }
             });
         for (r, row) in by_row.chunks_exact(tokens).enumerate() {

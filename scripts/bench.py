@@ -25,7 +25,9 @@ GGUF = {"f16-gguf": "f16", "q8_0": "q8_0", "q4_0": "q4_0", "q4_k_m": "q4_k_m"}
 
 
 def run(cmd, env=None):
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr}")
     return out.stdout
 
 

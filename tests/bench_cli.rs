@@ -1,6 +1,8 @@
 //! `llorch bench` on the built-in demo model: it reports medians over the asked-for runs as
 //! JSON, and refuses settings that measure nothing.
 
+mod common;
+
 use serde_json::Value;
 
 fn bench(args: &[&str]) -> std::process::Output {
@@ -56,4 +58,58 @@ fn bench_refuses_a_run_that_measures_nothing() {
     let output = bench(&["--source", "builtin:demo", "--decode-tokens", "1"]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--decode-tokens at least 2"));
+}
+
+#[test]
+fn bench_over_http_reports_the_daemon_the_streams_and_the_bandwidth_bound() {
+    let Some(fixtures) = common::fixtures() else {
+        return;
+    };
+    let gguf = fixtures.join("gguf/stories260k-q8_0.gguf");
+    let output = bench(&[
+        "--source",
+        gguf.to_str().unwrap(),
+        "--prompt-tokens",
+        "16",
+        "--decode-tokens",
+        "8",
+        "--runs",
+        "2",
+        "--http",
+        "--concurrency",
+        "1,3",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let positive = |v: &Value| v.as_f64().is_some_and(|x| x > 0.0);
+    for key in [
+        "weight_bytes_per_token",
+        "read_bandwidth_gb_s",
+        "decode_bound_tok_s",
+    ] {
+        assert!(positive(&report[key]), "{key}: {}", report[key]);
+    }
+    let http = &report["http"];
+    for key in [
+        "prefill_tok_s",
+        "decode_tok_s",
+        "ttft_ms",
+        "daemon_peak_rss_bytes",
+    ] {
+        assert!(positive(&http[key]), "http.{key}: {http}");
+    }
+    let streams: Vec<u64> = http["concurrent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert!(positive(&c["tokens_per_s"]), "{c}");
+            c["streams"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(streams, [1, 3]);
 }

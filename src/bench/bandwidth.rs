@@ -9,9 +9,13 @@ use candle_core::DType;
 
 /// Bytes of weights one decode step reads: every matrix once, but of the token embedding only
 /// one row unless it doubles as the output projection. `dtype` is the dtype the weights of a
-/// HuggingFace directory are loaded in; GGUF tensors keep their stored types.
-pub fn weight_bytes_per_token(source: &str, dtype: DType) -> anyhow::Result<u64> {
+/// HuggingFace directory are loaded in; GGUF tensors keep their stored types. `None` for a
+/// source that is not a local file or directory (`builtin:demo`, `hf:`).
+pub fn weight_bytes_per_token(source: &str, dtype: DType) -> anyhow::Result<Option<u64>> {
     let path = Path::new(source);
+    if !path.exists() {
+        return Ok(None);
+    }
     let tensors = if path.extension().is_some_and(|e| e == "gguf") {
         gguf_tensors(path)?
     } else {
@@ -26,7 +30,7 @@ pub fn weight_bytes_per_token(source: &str, dtype: DType) -> anyhow::Result<u64>
         .filter(|(name, _)| name == "token_embd.weight" || name == "model.embed_tokens.weight")
         .map(|(_, bytes)| bytes)
         .sum();
-    Ok(if has_output { total - embedding } else { total })
+    Ok(Some(if has_output { total - embedding } else { total }))
 }
 
 fn gguf_tensors(path: &Path) -> anyhow::Result<Vec<(String, u64)>> {

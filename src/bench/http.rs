@@ -70,7 +70,8 @@ impl HttpBench<'_> {
         write!(
             file,
             "version = 1\n[server]\nlisten = \"127.0.0.1:0\"\n[[models]]\nname = \"bench\"\n\
-             source = {}\ndevices = [{}]\ndtype = {}\nmax_concurrent = {streams}\n",
+             source = {}\ndevices = [{}]\ndtype = {}\nmax_concurrent = {streams}\n\
+             queue_timeout = \"1h\"\nrequest_timeout = \"1h\"\nstall_timeout = \"1h\"\n",
             toml::Value::from(self.source),
             toml::Value::from(self.device),
             toml::Value::from(self.dtype),

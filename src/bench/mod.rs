@@ -139,7 +139,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
     let decode_tok_s = median(&decode);
     let bytes_per_token = bandwidth::weight_bytes_per_token(&args.source, info.dtype)?;
     let bandwidth = bandwidth::read_bandwidth(threads);
-    let bound = bandwidth / bytes_per_token as f64;
+    let bound = bytes_per_token.map(|bytes| bandwidth / bytes as f64);
     let mut report = json!({
         "source": args.source,
         "device": args.device,
@@ -158,7 +158,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         "weight_bytes_per_token": bytes_per_token,
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "decode_bound_tok_s": bound,
-        "decode_fraction_of_bound": decode_tok_s.map(|d| d / bound),
+        "decode_fraction_of_bound": decode_tok_s.zip(bound).map(|(d, b)| d / b),
     });
     if args.http {
         let http = http::HttpBench {

@@ -119,6 +119,21 @@ pub fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
     scalar::dot_f16(w, a)
 }
 
+/// [`dot_f16`] of one weight row with four activation rows at once: each weight value is
+/// converted once for the four (prefill's inner loop).
+pub fn dot_f16_x4(w: &[f16], a: [&[f32]; 4]) -> [f32; 4] {
+    for row in a {
+        assert_eq!(w.len(), row.len(), "rows of one length");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the features were detected; every slice has the weight row's length.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot_f16_x4(w, a) };
+    }
+    a.map(|row| scalar::dot_f16(w, row))
+}
+
 /// `w · a` for f32 rows.
 pub fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
     assert_eq!(w.len(), a.len(), "rows of one length");
@@ -463,6 +478,28 @@ mod avx2 {
     }
 
     /// # Safety
+    /// AVX2, FMA and F16C must be available; every slice has the weight row's length.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16_x4(w: &[f16], a: [&[f32]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let whole = w.len() / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            // SAFETY: 8 halves from `i`, below `whole` <= the row's length.
+            let x = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i).cast())) };
+            for t in 0..4 {
+                // SAFETY: 8 floats from `i` of a row as long as `w`.
+                let y = unsafe { _mm256_loadu_ps(a[t].as_ptr().add(i)) };
+                acc[t] = _mm256_fmadd_ps(x, y, acc[t]);
+            }
+        }
+        let mut out = [0f32; 4];
+        for t in 0..4 {
+            out[t] = sum_lanes(acc[t]) + super::scalar::dot_f16(&w[whole..], &a[t][whole..]);
+        }
+        out
+    }
+
+    /// # Safety
     /// AVX2 and FMA must be available; the slices have equal lengths.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
@@ -563,6 +600,11 @@ mod tests {
             }
             let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
             close(dot_f16(&wh, &a), scalar::dot_f16(&wh, &a), n);
+            let rows: Vec<Vec<f32>> = (0..4).map(|k| values(n, seed + 300 + k)).collect();
+            let four = dot_f16_x4(&wh, [&rows[0], &rows[1], &rows[2], &rows[3]]);
+            for (got, row) in four.iter().zip(&rows) {
+                close(*got, scalar::dot_f16(&wh, row), n);
+            }
             close(dot_f32(&w, &a), scalar::dot_f32(&w, &a), n);
         }
         // Lengths that are not a multiple of 32 take the scalar tail.

@@ -147,9 +147,22 @@ impl Weight {
             Rows::F32(d) => self.each(out, tokens, |r, t| {
                 kernels::dot_f32(&d[r * n..(r + 1) * n], &x[t * n..(t + 1) * n])
             }),
-            Rows::F16(d) => self.each(out, tokens, |r, t| {
-                kernels::dot_f16(&d[r * n..(r + 1) * n], &x[t * n..(t + 1) * n])
-            }),
+            Rows::F16(d) => {
+                let act = |t: usize| &x[t * n..(t + 1) * n];
+                self.products(out, tokens, |r, o| {
+                    let row = &d[r * n..(r + 1) * n];
+                    let mut t = 0;
+                    while t + 4 <= o.len() {
+                        let four =
+                            kernels::dot_f16_x4(row, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
+                        o[t..t + 4].copy_from_slice(&four);
+                        t += 4;
+                    }
+                    for (t, v) in o.iter_mut().enumerate().skip(t) {
+                        *v = kernels::dot_f16(row, act(t));
+                    }
+                })
+            }
             Rows::Q8_0(d) => {
                 let (a, stride) = quantize_q8_0(x, tokens, n);
                 let bytes = n / BLOCK * Q8_0_BYTES;

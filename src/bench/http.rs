@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::bench::{median, peak_rss_of, Run};
+use crate::bench::{median, peak_rss_of, Rates, Run};
 
 /// What the HTTP runs share with the bare-engine runs.
 pub struct HttpBench<'a> {
@@ -133,15 +133,11 @@ impl HttpBench<'_> {
                 "steady_decode_tok_s": steady_decode(&all),
             }));
         }
-        let prefill: Vec<f64> = runs
-            .iter()
-            .map(|r| self.ids.len() as f64 / r.first_token.as_secs_f64())
-            .collect();
-        let decode: Vec<f64> = runs.iter().filter_map(Run::decode_rate).collect();
-        let ttft: Vec<f64> = runs
-            .iter()
-            .map(|r| r.first_token.as_secs_f64() * 1000.0)
-            .collect();
+        let Rates {
+            prefill,
+            decode,
+            ttft,
+        } = Rates::of(&runs, self.ids.len());
         Ok(json!({
             "prefill_tok_s": median(&prefill),
             "decode_tok_s": median(&decode),

@@ -70,6 +70,29 @@ impl Run {
     }
 }
 
+/// Each run's prefill tokens/s, decode tokens/s and time to first token (ms).
+pub(crate) struct Rates {
+    pub(crate) prefill: Vec<f64>,
+    pub(crate) decode: Vec<f64>,
+    pub(crate) ttft: Vec<f64>,
+}
+
+impl Rates {
+    pub(crate) fn of(runs: &[Run], prompt_tokens: usize) -> Rates {
+        Rates {
+            prefill: runs
+                .iter()
+                .map(|r| prompt_tokens as f64 / r.first_token.as_secs_f64())
+                .collect(),
+            decode: runs.iter().filter_map(Run::decode_rate).collect(),
+            ttft: runs
+                .iter()
+                .map(|r| r.first_token.as_secs_f64() * 1000.0)
+                .collect(),
+        }
+    }
+}
+
 /// Loads the model, runs the warm-up and the measured runs, and returns the report.
 pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
     if args.prompt_tokens == 0 || args.decode_tokens < 2 || args.runs == 0 {
@@ -123,15 +146,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
     let runs = (0..args.runs)
         .map(|_| once(args.decode_tokens))
         .collect::<anyhow::Result<Vec<Run>>>()?;
-    let prefill: Vec<f64> = runs
-        .iter()
-        .map(|r| args.prompt_tokens as f64 / r.first_token.as_secs_f64())
-        .collect();
-    let decode: Vec<f64> = runs.iter().filter_map(Run::decode_rate).collect();
-    let ttft: Vec<f64> = runs
-        .iter()
-        .map(|r| r.first_token.as_secs_f64() * 1000.0)
-        .collect();
+    let Rates {
+        prefill,
+        decode,
+        ttft,
+    } = Rates::of(&runs, args.prompt_tokens);
     drop(engine);
     // Before the bandwidth probe, whose buffer would count otherwise.
     let peak_rss = peak_rss_of(std::process::id());

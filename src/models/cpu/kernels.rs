@@ -31,17 +31,18 @@ fn simd() -> bool {
 }
 
 /// Quantizes `x` (a multiple of 32 values) to Q8_0 blocks in `out`: per block, the scale is
-/// the largest magnitude over 127 and each value is rounded to the nearest step.
+/// the largest magnitude over 127 and each value times 127 over that magnitude is rounded half
+/// to even, as llama.cpp's x86 quantizer does, so that activations quantize to the same bytes
+/// and near-ties in the logits fall the same way.
 pub fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     assert_eq!(x.len() % BLOCK, 0, "Q8_0 rows are whole blocks");
     assert_eq!(out.len(), x.len() / BLOCK * Q8_0_BYTES, "Q8_0 output size");
     for (values, block) in x.chunks_exact(BLOCK).zip(out.chunks_exact_mut(Q8_0_BYTES)) {
         let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inverse = if d == 0.0 { 0.0 } else { 1.0 / d };
-        block[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+        let inverse = if amax == 0.0 { 0.0 } else { 127.0 / amax };
+        block[..2].copy_from_slice(&f16::from_f32(amax / 127.0).to_le_bytes());
         for (q, v) in block[2..].iter_mut().zip(values) {
-            *q = (v * inverse).round() as i8 as u8;
+            *q = (v * inverse).round_ties_even() as i8 as u8;
         }
     }
 }
@@ -250,29 +251,33 @@ mod avx2 {
         _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(j))
     }
 
-    /// Sums `block(i) * scale(i)` over the blocks, eight at a time with two accumulators, the
-    /// last `blocks % 8` through `tail`.
+    /// Sums `block(i) * scale(i)` over the blocks into one accumulator in block order
+    /// (llama.cpp's order, so Q8_0 logits round as its do): eight at a time, then the last
+    /// `blocks % 8` one by one.
     #[target_feature(enable = "avx2,fma,f16c")]
     fn blocks_dot(
         w: &[u8],
         w_bytes: usize,
         a: &[u8],
         block: impl Fn(&[u8], &[u8]) -> __m256,
-        tail: impl Fn(&[u8], &[u8]) -> f32,
     ) -> f32 {
         let blocks = w.len() / w_bytes;
         let whole = blocks / 8 * 8;
-        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut acc = _mm256_setzero_ps();
         for group in (0..whole).step_by(8) {
             let (wg, ag) = (&w[group * w_bytes..], &a[group * Q8_0_BYTES..]);
             let d = scales(wg, w_bytes, ag);
             for j in 0..8 {
                 let products = block(&wg[j * w_bytes..], &ag[j * Q8_0_BYTES..]);
-                acc[j % 2] = _mm256_fmadd_ps(lane(d, j as i32), products, acc[j % 2]);
+                acc = _mm256_fmadd_ps(lane(d, j as i32), products, acc);
             }
         }
-        sum_lanes(_mm256_add_ps(acc[0], acc[1]))
-            + tail(&w[whole * w_bytes..], &a[whole * Q8_0_BYTES..])
+        for b in whole..blocks {
+            let (x, y) = (&w[b * w_bytes..], &a[b * Q8_0_BYTES..]);
+            let d = _mm256_set1_ps(super::scale(x) * super::scale(y));
+            acc = _mm256_fmadd_ps(d, block(x, y), acc);
+        }
+        sum_lanes(acc)
     }
 
     /// # Safety
@@ -290,7 +295,7 @@ mod avx2 {
             };
             products(qx, qy)
         };
-        blocks_dot(w, Q8_0_BYTES, a, block, super::scalar::dot_q8_0)
+        blocks_dot(w, Q8_0_BYTES, a, block)
     }
 
     /// # Safety

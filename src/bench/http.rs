@@ -56,9 +56,8 @@ impl HttpBench<'_> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let report = runtime.block_on(self.measure(&daemon.url))?;
+        let mut report = runtime.block_on(self.measure(&daemon.url))?;
         let rss = peak_rss_of(daemon.child.id());
-        let mut report = report;
         report["daemon_peak_rss_bytes"] = json!(rss);
         Ok(report)
     }

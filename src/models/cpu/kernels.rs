@@ -230,19 +230,7 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn scales(w: &[u8], w_bytes: usize, a: &[u8]) -> __m256 {
-        let mut bits = [[0u16; 8]; 2];
-        for j in 0..8 {
-            bits[0][j] = u16::from_le_bytes([w[j * w_bytes], w[j * w_bytes + 1]]);
-            bits[1][j] = u16::from_le_bytes([a[j * Q8_0_BYTES], a[j * Q8_0_BYTES + 1]]);
-        }
-        // SAFETY: each array holds eight u16, 16 bytes.
-        let (ws, xs) = unsafe {
-            (
-                _mm_loadu_si128(bits[0].as_ptr().cast()),
-                _mm_loadu_si128(bits[1].as_ptr().cast()),
-            )
-        };
-        _mm256_mul_ps(_mm256_cvtph_ps(ws), _mm256_cvtph_ps(xs))
+        _mm256_mul_ps(eight_scales(w, w_bytes), eight_scales(a, Q8_0_BYTES))
     }
 
     /// Lane `j` of `v` in every lane.
@@ -307,45 +295,22 @@ mod avx2 {
     /// `sum((q - 8) * y) = sum(q * y) - 8 * sum(y)`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_0(w: &[u8], a: &[u8], sums: &[f32]) -> f32 {
-        let low_nibbles = _mm_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
         let blocks = w.len() / Q4_0_BYTES;
         let whole = blocks / 8 * 8;
         let mut acc = [_mm256_setzero_ps(); 2];
         let mut offsets = _mm256_setzero_ps();
         for group in (0..whole).step_by(8) {
             let (wg, ag) = (&w[group * Q4_0_BYTES..], &a[group * Q8_0_BYTES..]);
-            assert!(wg.len() >= 8 * Q4_0_BYTES && ag.len() >= 8 * Q8_0_BYTES);
-            let mut bits = [[0u16; 8]; 2];
+            let ws = eight_scales(wg, Q4_0_BYTES);
+            let d = _mm256_mul_ps(ws, eight_scales(ag, Q8_0_BYTES));
+            let ys = &sums[group..group + 8];
+            // SAFETY: `ys` holds eight floats.
+            offsets = _mm256_fmadd_ps(ws, unsafe { _mm256_loadu_ps(ys.as_ptr()) }, offsets);
             for j in 0..8 {
-                bits[0][j] = u16::from_le_bytes([wg[j * Q4_0_BYTES], wg[j * Q4_0_BYTES + 1]]);
-                bits[1][j] = u16::from_le_bytes([ag[j * Q8_0_BYTES], ag[j * Q8_0_BYTES + 1]]);
-            }
-            // SAFETY: each array holds eight u16; `sums` has an entry per block, so eight
-            // from `group` (a multiple of 8 below `whole`).
-            let (ws, xs, ys) = unsafe {
-                (
-                    _mm256_cvtph_ps(_mm_loadu_si128(bits[0].as_ptr().cast())),
-                    _mm256_cvtph_ps(_mm_loadu_si128(bits[1].as_ptr().cast())),
-                    _mm256_loadu_ps(sums.as_ptr().add(group)),
-                )
-            };
-            let d = _mm256_mul_ps(ws, xs);
-            offsets = _mm256_fmadd_ps(ws, ys, offsets);
-            for j in 0..8 {
-                // SAFETY: block j of the group: 18 bytes of `wg` from 18 * j (16 read from
-                // offset 2) and 34 of `ag` from 34 * j (32 read from offset 2), within the
-                // lengths asserted above.
-                let (packed, qy) = unsafe {
-                    (
-                        _mm_loadu_si128(wg.as_ptr().add(j * Q4_0_BYTES + 2).cast()),
-                        _mm256_loadu_si256(ag.as_ptr().add(j * Q8_0_BYTES + 2).cast()),
-                    )
-                };
-                let low = _mm_and_si128(packed, low_nibbles);
-                let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
-                let pairs = _mm256_maddubs_epi16(_mm256_set_m128i(high, low), qy);
-                let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                let products = unsigned_products(
+                    nibbles(&wg[j * Q4_0_BYTES..]),
+                    values(&ag[j * Q8_0_BYTES..]),
+                );
                 acc[j % 2] = _mm256_fmadd_ps(lane(d, j as i32), products, acc[j % 2]);
             }
         }
@@ -353,25 +318,21 @@ mod avx2 {
         let mut tail_offset = 0.0;
         for b in whole..blocks {
             let (x, y) = (&w[b * Q4_0_BYTES..], &a[b * Q8_0_BYTES..]);
-            assert!(x.len() >= Q4_0_BYTES && y.len() >= Q8_0_BYTES);
             let wd = super::scale(x);
             tail_offset += wd * sums[b];
-            // SAFETY: an 18-byte block (16 read from offset 2) and a 34-byte one (32 read from
-            // offset 2), lengths asserted above.
-            let (packed, qy) = unsafe {
-                (
-                    _mm_loadu_si128(x.as_ptr().add(2).cast()),
-                    _mm256_loadu_si256(y.as_ptr().add(2).cast()),
-                )
-            };
-            let low = _mm_and_si128(packed, low_nibbles);
-            let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
-            let pairs = _mm256_maddubs_epi16(_mm256_set_m128i(high, low), qy);
-            let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
             let d = _mm256_set1_ps(wd * super::scale(y));
-            acc[0] = _mm256_fmadd_ps(d, products, acc[0]);
+            acc[0] = _mm256_fmadd_ps(d, unsigned_products(nibbles(x), values(y)), acc[0]);
         }
         sum_lanes(_mm256_add_ps(acc[0], acc[1])) - 8.0 * (sum_lanes(offsets) + tail_offset)
+    }
+
+    /// The products of 32 unsigned bytes (`x`, at most 15) with 32 signed ones, summed in
+    /// eight groups of four, as floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn unsigned_products(x: __m256i, y: __m256i) -> __m256 {
+        let pairs = _mm256_maddubs_epi16(x, y);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
 
     /// The 32 nibbles of a Q4_0 block as unsigned bytes, low nibbles first.
@@ -412,7 +373,6 @@ mod avx2 {
     /// As for [`dot_q4_0`], for each of the four activation rows.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4_0_x4(w: &[u8], a: [&[u8]; 4], sums: [&[f32]; 4]) -> [f32; 4] {
-        let ones = _mm256_set1_epi16(1);
         let blocks = w.len() / Q4_0_BYTES;
         let whole = blocks / 8 * 8;
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -433,8 +393,7 @@ mod avx2 {
                 let x = nibbles(&wg[j * Q4_0_BYTES..]);
                 for t in 0..4 {
                     let y = values(&a[t][(group + j) * Q8_0_BYTES..]);
-                    let pairs = _mm256_maddubs_epi16(x, y);
-                    let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                    let products = unsigned_products(x, y);
                     acc[t] = _mm256_fmadd_ps(lane(d[t], j as i32), products, acc[t]);
                 }
             }
@@ -446,8 +405,7 @@ mod avx2 {
             let wd = super::scale(&w[b * Q4_0_BYTES..]);
             for t in 0..4 {
                 let block = &a[t][b * Q8_0_BYTES..];
-                let pairs = _mm256_maddubs_epi16(x, values(block));
-                let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                let products = unsigned_products(x, values(block));
                 let d = _mm256_set1_ps(wd * super::scale(block));
                 acc[t] = _mm256_fmadd_ps(d, products, acc[t]);
                 tail_offsets[t] += wd * sums[t][b];

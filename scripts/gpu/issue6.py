@@ -9,6 +9,7 @@ binaries `tests/*.xz`, and `fixtures/` (the reference models with their goldens)
 
 import json
 import lzma
+import math
 import os
 import shutil
 import statistics
@@ -140,8 +141,33 @@ def words(n, start=10):
     return " ".join(f"w{start + i}" for i in range(n))
 
 
+def decidable(case, mantissa):
+    """Whether the golden's first token survives rounding to a float with `mantissa` explicit
+    bits: its lead over the runner-up must exceed two units in the last place of the top logit."""
+    top, second = case["last_prompt_top5"][0]["logit"], case["last_prompt_top5"][1]["logit"]
+    ulp = 2.0 ** (math.floor(math.log2(abs(top))) - mantissa)
+    return top - second > 2 * ulp
+
+
+def transformers_greedy(model_dir, prompt_ids, dtype):
+    """transformers' own greedy 32 tokens for the case on cuda:0 in `dtype` (the reference run in
+    the same precision as ours), or the error it raised."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype).to("cuda:0").eval()
+        ids = torch.tensor([prompt_ids], device="cuda:0")
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32,
+                                 min_new_tokens=32, do_sample=False, pad_token_id=0)
+        return out[0, len(prompt_ids):].tolist()
+    except Exception as err:  # report it beside our figure; ours does not depend on it
+        return repr(err)[:300]
+
+
 def conformance():
-    result = {"f32": {}, "bf16": {}}
+    import torch
+    result = {"f32": {}, "bf16": {}, "transformers_bf16": {}}
     for name in sorted(os.listdir(os.path.join(FIX, "models"))):
         model = os.path.join(FIX, "models", name)
         golden = json.load(open(os.path.join(model, "golden.json")))
@@ -165,14 +191,34 @@ def conformance():
                     and got["prompt_ids"] == case["prompt_ids"],
                     "first_token_equal": got["generated_ids"][:1] == case["generated_ids"][:1],
                     "agreeing_of_32": agree,
+                    "generated_ids": got["generated_ids"],
                 }
-    f32, bf16 = result["f32"], result["bf16"]
+            ours = result["bf16"][key]
+            ours["decidable_in_bf16"] = decidable(case, 7)
+            hf = transformers_greedy(model, case["prompt_ids"], torch.bfloat16)
+            if isinstance(hf, str):
+                result["transformers_bf16"][key] = {"error": hf}
+            else:
+                result["transformers_bf16"][key] = {
+                    "first_token_equal": hf[:1] == case["generated_ids"][:1],
+                    "agreeing_of_32": sum(1 for a, b in zip(hf, case["generated_ids"]) if a == b),
+                    "agreeing_with_ours_of_32": sum(
+                        1 for a, b in zip(hf, ours.get("generated_ids", [])) if a == b),
+                }
+    f32, bf16, hf = result["f32"], result["bf16"], result["transformers_bf16"]
+    decided = [v for v in bf16.values() if v.get("decidable_in_bf16")]
     result["summary"] = {
         "cases": len(f32),
         "f32_exact": sum(1 for v in f32.values() if v.get("exact")),
+        "bf16_ran": sum(1 for v in bf16.values() if "error" not in v),
         "bf16_first_token_equal": sum(1 for v in bf16.values() if v.get("first_token_equal")),
+        "bf16_decidable_cases": len(decided),
+        "bf16_first_token_equal_where_decidable": sum(1 for v in decided if v.get("first_token_equal")),
         "bf16_agreeing_tokens": sum(v.get("agreeing_of_32", 0) for v in bf16.values()),
         "bf16_tokens": 32 * len(bf16),
+        "transformers_bf16_first_token_equal": sum(1 for v in hf.values() if v.get("first_token_equal")),
+        "transformers_bf16_agreeing_tokens": sum(v.get("agreeing_of_32", 0) for v in hf.values()),
+        "transformers_bf16_errors": sum(1 for v in hf.values() if "error" in v),
     }
     report["conformance"] = result
     log("conformance", json.dumps(result["summary"]))

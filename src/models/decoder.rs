@@ -85,38 +85,128 @@ impl DecoderConfig {
     }
 }
 
+/// Rotary position tables (rotate-half convention) in the model's dtype.
 #[derive(Debug, Clone)]
-struct Rotary {
+pub(super) struct Rotary {
     cos: Tensor,
     sin: Tensor,
+    dim: usize,
 }
 
 impl Rotary {
-    fn new(cfg: &DecoderConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let dim = cfg.head_dim();
+    /// Tables for the first `dim` features of each head, base `theta`, up to `max_positions`.
+    pub(super) fn new(
+        dim: usize,
+        theta: f64,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let inv_freq: Vec<f32> = (0..dim)
             .step_by(2)
-            .map(|i| 1f32 / (cfg.rope_theta as f32).powf(i as f32 / dim as f32))
+            .map(|i| 1f32 / (theta as f32).powf(i as f32 / dim as f32))
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, dim / 2), device)?;
-        let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
+        let positions = Tensor::arange(0u32, max_positions as u32, device)?
             .to_dtype(DType::F32)?
-            .reshape((cfg.max_position_embeddings, 1))?;
+            .reshape((max_positions, 1))?;
         let freqs = positions.matmul(&inv_freq)?;
         Ok(Self {
             cos: freqs.cos()?.to_dtype(dtype)?,
             sin: freqs.sin()?.to_dtype(dtype)?,
+            dim,
         })
     }
 
-    fn apply(&self, q: &Tensor, k: &Tensor, pos: usize) -> Result<(Tensor, Tensor)> {
+    /// Rotates `q` and `k` (shape `(batch, heads, seq, head_dim)`) at absolute position `pos`;
+    /// features past the table's `dim` pass through unchanged (partial rotary).
+    pub(super) fn apply(&self, q: &Tensor, k: &Tensor, pos: usize) -> Result<(Tensor, Tensor)> {
         let seq_len = q.dim(2)?;
         let cos = self.cos.narrow(0, pos, seq_len)?;
         let sin = self.sin.narrow(0, pos, seq_len)?;
-        Ok((
-            candle_nn::rotary_emb::rope(&q.contiguous()?, &cos, &sin)?,
-            candle_nn::rotary_emb::rope(&k.contiguous()?, &cos, &sin)?,
-        ))
+        let rotate = |t: &Tensor| -> Result<Tensor> {
+            let head_dim = t.dim(3)?;
+            if head_dim == self.dim {
+                return candle_nn::rotary_emb::rope(&t.contiguous()?, &cos, &sin);
+            }
+            let rotated =
+                candle_nn::rotary_emb::rope(&t.narrow(3, 0, self.dim)?.contiguous()?, &cos, &sin)?;
+            let rest = t.narrow(3, self.dim, head_dim - self.dim)?;
+            Tensor::cat(&[&rotated, &rest], 3)
+        };
+        Ok((rotate(q)?, rotate(k)?))
+    }
+}
+
+/// Scaled dot-product attention over a growing KV cache, with grouped KV heads, a causal
+/// (optionally sliding-window) mask and the softmax in f32.
+#[derive(Debug, Clone)]
+pub(super) struct CachedAttention {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    window: Option<usize>,
+    kv_cache: Option<(Tensor, Tensor)>,
+}
+
+impl CachedAttention {
+    /// An empty cache for `heads` query heads over `kv_heads` key/value heads.
+    pub(super) fn new(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        scale: f64,
+        window: Option<usize>,
+    ) -> Self {
+        Self {
+            heads,
+            kv_heads,
+            head_dim,
+            scale,
+            window,
+            kv_cache: None,
+        }
+    }
+
+    /// Appends `k`/`v` (shape `(batch, kv_heads, seq, head_dim)`) to the cache, attends `q`
+    /// (queries at absolute positions `pos..`) over everything cached, and returns the heads
+    /// concatenated, shape `(batch, seq, heads * head_dim)`.
+    pub(super) fn attend(
+        &mut self,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos: usize,
+    ) -> Result<Tensor> {
+        let (batch, _, seq_len, _) = q.dims4()?;
+        let (k, v) = match &self.kv_cache {
+            Some((past_k, past_v)) => (
+                Tensor::cat(&[past_k, &k], 2)?,
+                Tensor::cat(&[past_v, &v], 2)?,
+            ),
+            None => (k, v),
+        };
+        self.kv_cache = Some((k.clone(), v.clone()));
+        let n_rep = self.heads / self.kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
+        let scores = (q.contiguous()?.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
+        let kv_len = k.dim(2)?;
+        let scores = match attention_mask(seq_len, kv_len, pos, self.window, q.device())? {
+            Some(mask) => scores.broadcast_add(&mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, seq_len, self.heads * self.head_dim))
+    }
+
+    /// Drops every cached key and value.
+    pub(super) fn clear(&mut self) {
+        self.kv_cache = None;
     }
 }
 
@@ -129,9 +219,7 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    scale: f64,
-    window: Option<usize>,
-    kv_cache: Option<(Tensor, Tensor)>,
+    core: CachedAttention,
 }
 
 impl Attention {
@@ -139,6 +227,9 @@ impl Attention {
         let head_dim = cfg.head_dim();
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.kv_heads());
         let bias = cfg.attention_bias;
+        let scale = cfg
+            .attention_multiplier
+            .unwrap_or(1.0 / (head_dim as f64).sqrt());
         Ok(Self {
             q_proj: linear_b(cfg.hidden_size, heads * head_dim, bias, vb.pp("q_proj"))?,
             k_proj: linear_b(cfg.hidden_size, kv_heads * head_dim, bias, vb.pp("k_proj"))?,
@@ -147,11 +238,7 @@ impl Attention {
             heads,
             kv_heads,
             head_dim,
-            scale: cfg
-                .attention_multiplier
-                .unwrap_or(1.0 / (head_dim as f64).sqrt()),
-            window: cfg.sliding_window,
-            kv_cache: None,
+            core: CachedAttention::new(heads, kv_heads, head_dim, scale, cfg.sliding_window),
         })
     }
 
@@ -165,29 +252,7 @@ impl Attention {
         let k = split(self.k_proj.forward(xs)?, self.kv_heads)?;
         let v = split(self.v_proj.forward(xs)?, self.kv_heads)?.contiguous()?;
         let (q, k) = rotary.apply(&q, &k, pos)?;
-        let (k, v) = match &self.kv_cache {
-            Some((past_k, past_v)) => (
-                Tensor::cat(&[past_k, &k], 2)?,
-                Tensor::cat(&[past_v, &v], 2)?,
-            ),
-            None => (k, v),
-        };
-        self.kv_cache = Some((k.clone(), v.clone()));
-        let n_rep = self.heads / self.kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, n_rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, n_rep)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
-        let kv_len = k.dim(2)?;
-        let scores = match attention_mask(seq_len, kv_len, pos, self.window, xs.device())? {
-            Some(mask) => scores.broadcast_add(&mask)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch, seq_len, self.heads * self.head_dim))?
-            .apply(&self.o_proj)
+        self.core.attend(&q, k, v, pos)?.apply(&self.o_proj)
     }
 }
 
@@ -296,7 +361,13 @@ impl Decoder {
         };
         Ok(Self {
             norm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, model.pp("norm"))?,
-            rotary: Rotary::new(cfg, vb.dtype(), vb.device())?,
+            rotary: Rotary::new(
+                cfg.head_dim(),
+                cfg.rope_theta,
+                cfg.max_position_embeddings,
+                vb.dtype(),
+                vb.device(),
+            )?,
             embed,
             blocks,
             lm_head,
@@ -326,7 +397,7 @@ impl Decoder {
     /// Drops every cached key and value.
     pub fn clear_kv_cache(&mut self) {
         for block in self.blocks.iter_mut() {
-            block.attn.kv_cache = None;
+            block.attn.core.clear();
         }
     }
 }

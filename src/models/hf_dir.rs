@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{
-    gemma, gemma2, llama, olmo, olmo2, phi, phi3, qwen2, qwen3, stable_lm, starcoder2,
+    gemma, gemma2, llama, olmo, olmo2, phi3, qwen2, qwen3, stable_lm, starcoder2,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -15,6 +15,7 @@ use super::decoder::{Decoder, DecoderConfig};
 use super::device::DTypeChoice;
 use super::error::{candle_message, LoadError};
 use super::model::Model;
+use super::phi::{Phi, PhiConfig, PHI_ACTIVATIONS};
 use super::source::shard_files;
 
 /// What a directory load produces besides the model itself.
@@ -56,7 +57,7 @@ pub fn load_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<DirM
     let config_path = dir.join("config.json");
     let config = read_json(&config_path, "the model config")?;
     let architecture = Architecture::detect(&config, &config_path)?;
-    let dtype = resolve_dtype(architecture, choice, device)?;
+    let dtype = choice.resolve(device)?;
     let checker = ConfigCheck {
         path: &config_path,
         config: &config,
@@ -87,28 +88,6 @@ pub fn load_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<DirM
         config,
         dtype,
     })
-}
-
-/// candle-transformers 0.11.1's Phi builds its rotary tables in f32 whatever the weights'
-/// dtype, so it runs only in f32: `auto` means f32 for it, and f16/bf16 are refused.
-fn resolve_dtype(
-    architecture: Architecture,
-    choice: DTypeChoice,
-    device: &Device,
-) -> Result<DType, LoadError> {
-    if architecture != Architecture::Phi {
-        return choice.resolve(device);
-    }
-    match choice {
-        DTypeChoice::Auto | DTypeChoice::F32 => DTypeChoice::F32.resolve(device),
-        other => Err(LoadError::UnsupportedDtype {
-            dtype: other.to_string(),
-            device: super::device::device_label(device),
-            reason: "candle-transformers 0.11.1's phi computes its rotary embedding in f32 only; \
-                     use dtype = \"f32\" (or auto)"
-                .to_string(),
-        }),
-    }
 }
 
 enum BuildError {
@@ -153,7 +132,10 @@ fn build(
             checker.check_activation("hidden_act", &["silu"])?;
             Model::Decoder(Decoder::new(&cfg, vb)?)
         }
-        Architecture::Phi => Model::Phi(phi::Model::new(&checker.parse::<phi::Config>()?, vb)?),
+        Architecture::Phi => {
+            checker.check_activation("hidden_act", PHI_ACTIVATIONS)?;
+            Model::Phi(Phi::new(&checker.parse::<PhiConfig>()?, vb)?)
+        }
         Architecture::Phi3 => Model::Phi3(phi3::Model::new(&checker.parse::<phi3::Config>()?, vb)?),
         Architecture::Qwen2 => {
             checker.reject_true(
@@ -290,7 +272,7 @@ impl ConfigCheck<'_> {
             Some(act) if !allowed.contains(&act) => Err(self.unsupported(
                 field,
                 &Value::String(act.to_string()),
-                "only silu is implemented for this architecture",
+                &format!("implemented for this architecture: {}", allowed.join(", ")),
             )),
             _ => Ok(()),
         }

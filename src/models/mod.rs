@@ -22,6 +22,7 @@ mod gguf_vocab;
 mod hf_dir;
 mod load;
 mod model;
+mod phi;
 mod quantize;
 mod sampling;
 mod source;

@@ -4,12 +4,13 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{
-    gemma, gemma2, llama, olmo, olmo2, phi, phi3, quantized_gemma3, quantized_llama,
-    quantized_phi3, quantized_qwen2, quantized_qwen3, qwen2, qwen3, stable_lm, starcoder2,
+    gemma, gemma2, llama, olmo, olmo2, phi3, quantized_gemma3, quantized_llama, quantized_phi3,
+    quantized_qwen2, quantized_qwen3, qwen2, qwen3, stable_lm, starcoder2,
 };
 
 use super::decoder::Decoder;
 use super::error::GenerationError;
+use super::phi::Phi;
 
 /// A loaded causal language model with its KV cache. It lives on one engine thread and is never
 /// shared, so nothing guards it.
@@ -29,8 +30,8 @@ pub enum Model {
     },
     /// llorch's own decoder (Mistral with an exact sliding window, Granite with multipliers).
     Decoder(Decoder),
-    /// Phi-1/1.5/2.
-    Phi(phi::Model),
+    /// llorch's own Phi-1/1.5/2 (runs in every dtype).
+    Phi(Phi),
     /// Phi-3.
     Phi3(phi3::Model),
     /// Qwen2.
@@ -98,7 +99,7 @@ impl Model {
             Model::Fake(fake) => return fake.forward(position + input.dim(1)?),
             Model::Llama { model, cache, .. } => model.forward(input, position, cache)?,
             Model::Decoder(m) => m.forward(input, position)?,
-            Model::Phi(m) => m.forward(input)?,
+            Model::Phi(m) => m.forward(input, position)?,
             Model::Phi3(m) => m.forward(input, position)?,
             Model::Qwen2(m) => m.forward(input, position)?,
             Model::Qwen3(m) => m.forward(input, position)?,

@@ -4,6 +4,7 @@
 //! written for these block layouts, and reuses its buffers.
 
 pub mod kernels;
+pub mod kquants;
 mod llama;
 mod weight;
 

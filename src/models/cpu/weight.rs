@@ -1,6 +1,6 @@
 //! A weight matrix in its GGUF type and its product with activations, split over rayon's
-//! threads by blocks of output rows. Q8_0, Q4_0, f16 and f32 rows use llorch's kernels; the
-//! K-quants and Q5_0 use candle's block types and dot products.
+//! threads by blocks of output rows. Q8_0, Q4_0, Q5_0, Q4_K, Q6_K, f16 and f32 rows use
+//! llorch's kernels; Q5_K uses candle's block type and dot product.
 
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K, GgmlType};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -8,6 +8,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::kernels::{self, BLOCK, Q4_0_BYTES, Q8_0_BYTES};
+use super::kquants::{self, Q4K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8K, QK_K};
 
 /// The rows of one matrix.
 enum Rows {
@@ -15,10 +16,10 @@ enum Rows {
     F16(Vec<f16>),
     Q8_0(Vec<u8>),
     Q4_0(Vec<u8>),
-    Q5_0(Vec<BlockQ5_0>),
-    Q4K(Vec<BlockQ4K>),
+    Q5_0(Vec<u8>),
+    Q4K(Vec<u8>),
     Q5K(Vec<BlockQ5K>),
-    Q6K(Vec<BlockQ6K>),
+    Q6K(Vec<u8>),
 }
 
 /// A `rows × columns` weight matrix.
@@ -77,10 +78,10 @@ impl Weight {
             ),
             GgmlDType::Q8_0 => Rows::Q8_0(bytes.into_owned()),
             GgmlDType::Q4_0 => Rows::Q4_0(bytes.into_owned()),
-            GgmlDType::Q5_0 => Rows::Q5_0(blocks(&bytes)?),
-            GgmlDType::Q4K => Rows::Q4K(blocks(&bytes)?),
+            GgmlDType::Q5_0 => Rows::Q5_0(bytes.into_owned()),
+            GgmlDType::Q4K => Rows::Q4K(bytes.into_owned()),
             GgmlDType::Q5K => Rows::Q5K(blocks(&bytes)?),
-            GgmlDType::Q6K => Rows::Q6K(blocks(&bytes)?),
+            GgmlDType::Q6K => Rows::Q6K(bytes.into_owned()),
             other => candle_core::bail!("the CPU path does not multiply {other:?}"),
         };
         Ok(Weight {
@@ -130,10 +131,10 @@ impl Weight {
                     }
                 }
             }
-            Rows::Q5_0(d) => to_float(d, row, n, out),
-            Rows::Q4K(d) => to_float(d, row, n, out),
+            Rows::Q5_0(d) => row_to_float::<BlockQ5_0>(d, row, n, out),
+            Rows::Q4K(d) => row_to_float::<BlockQ4K>(d, row, n, out),
             Rows::Q5K(d) => to_float(d, row, n, out),
-            Rows::Q6K(d) => to_float(d, row, n, out),
+            Rows::Q6K(d) => row_to_float::<BlockQ6K>(d, row, n, out),
         }
     }
 
@@ -174,12 +175,8 @@ impl Weight {
                 })
             }
             Rows::Q4_0(d) => {
-                let (a, stride) = quantize_q8_0(x, tokens, n);
+                let (a, stride, sums) = quantize_q8_0_with_sums(x, tokens, n);
                 let per_row = n / BLOCK;
-                let mut sums = vec![0f32; tokens * per_row];
-                for (blocks, s) in a.chunks_exact(stride).zip(sums.chunks_exact_mut(per_row)) {
-                    kernels::block_sums(blocks, s);
-                }
                 let bytes = per_row * Q4_0_BYTES;
                 let act = |t: usize| &a[t * stride..(t + 1) * stride];
                 let sum = |t: usize| &sums[t * per_row..(t + 1) * per_row];
@@ -205,11 +202,50 @@ impl Weight {
                     }
                 })
             }
-            Rows::Q5_0(d) => self.candle_products(d, x, tokens, out),
-            Rows::Q4K(d) => self.candle_products(d, x, tokens, out),
+            Rows::Q5_0(d) => {
+                let (a, stride, sums) = quantize_q8_0_with_sums(x, tokens, n);
+                let per_row = n / BLOCK;
+                let bytes = per_row * Q5_0_BYTES;
+                self.each(out, tokens, |r, t| {
+                    kquants::dot_q5_0(
+                        &d[r * bytes..(r + 1) * bytes],
+                        &a[t * stride..(t + 1) * stride],
+                        &sums[t * per_row..(t + 1) * per_row],
+                    )
+                })
+            }
+            Rows::Q4K(d) => self.k_products(d, Q4K_BYTES, x, tokens, out, kquants::dot_q4k),
             Rows::Q5K(d) => self.candle_products(d, x, tokens, out),
-            Rows::Q6K(d) => self.candle_products(d, x, tokens, out),
+            Rows::Q6K(d) => self.k_products(d, Q6K_BYTES, x, tokens, out, kquants::dot_q6k),
         }
+    }
+
+    /// Products of K-quant rows (`block_bytes` per 256 values) through `dot` with Q8_K
+    /// activations.
+    fn k_products(
+        &self,
+        rows: &[u8],
+        block_bytes: usize,
+        x: &[f32],
+        tokens: usize,
+        out: &mut [f32],
+        dot: fn(&[u8], &[Q8K]) -> f32,
+    ) {
+        let per_row = self.columns / QK_K;
+        let mut a = vec![Q8K::ZERO; tokens * per_row];
+        for (values, blocks) in x
+            .chunks_exact(self.columns)
+            .zip(a.chunks_exact_mut(per_row))
+        {
+            kquants::quantize_q8k(values, blocks);
+        }
+        let bytes = per_row * block_bytes;
+        self.each(out, tokens, |r, t| {
+            dot(
+                &rows[r * bytes..(r + 1) * bytes],
+                &a[t * per_row..(t + 1) * per_row],
+            )
+        })
     }
 
     /// Products through candle's blocks: activations in the type's dot-product partner.
@@ -290,6 +326,26 @@ const ROW_CHUNK: usize = 32;
 fn to_float<T: GgmlType>(d: &[T], row: usize, n: usize, out: &mut [f32]) {
     let per_row = n / T::BLCK_SIZE;
     T::to_float(&d[row * per_row..(row + 1) * per_row], out);
+}
+
+/// Row `row` of a matrix kept as GGML bytes, dequantized through candle's block type `T`.
+fn row_to_float<T: GgmlType>(bytes: &[u8], row: usize, n: usize, out: &mut [f32]) {
+    let row_bytes = n / T::BLCK_SIZE * std::mem::size_of::<T>();
+    let blocks: Vec<T> =
+        blocks(&bytes[row * row_bytes..(row + 1) * row_bytes]).expect("a row is whole blocks");
+    T::to_float(&blocks, out);
+}
+
+/// [`quantize_q8_0`] and the [`kernels::block_sums`] of every row, for the weight types whose
+/// kernels take their offset once per block.
+fn quantize_q8_0_with_sums(x: &[f32], tokens: usize, n: usize) -> (Vec<u8>, usize, Vec<f32>) {
+    let (a, stride) = quantize_q8_0(x, tokens, n);
+    let per_row = n / BLOCK;
+    let mut sums = vec![0f32; tokens * per_row];
+    for (blocks, s) in a.chunks_exact(stride).zip(sums.chunks_exact_mut(per_row)) {
+        kernels::block_sums(blocks, s);
+    }
+    (a, stride, sums)
 }
 
 /// Q8_0 blocks of each activation row; returns the buffer and its per-row stride in bytes.

@@ -1,0 +1,510 @@
+//! Dot products for the types of llama.cpp's `Q4_K_M` files: Q4_K and Q6_K rows against Q8_K
+//! activations, Q5_0 rows (its fallback for rows the 256-value K blocks do not divide) against
+//! Q8_0 activations. Scalar reference versions and AVX2 versions, held to the same result by the
+//! tests, like [`super::kernels`].
+//!
+//! GGML's layouts, 256 values a K block:
+//! - Q8_K: f32 scale, 256 `i8`, then the sum of each 16 values as `i16`.
+//! - Q4_K: f16 scale `d`, f16 `dmin`, 12 bytes packing eight 6-bit scales and eight 6-bit
+//!   mins, 128 bytes of nibbles. Value `i` of 32-value group `g` is
+//!   `d·scale[g]·q − dmin·min[g]`; group `2k` is the low nibbles of bytes `32k..32k+32`, group
+//!   `2k+1` their high nibbles.
+//! - Q6_K: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, sixteen `i8` scales (one per
+//!   16 values), f16 `d`; a value is `d·scale·(q − 32)` with `q` in 0..64.
+//! - Q5_0: f16 scale, 32 high bits, 16 bytes of nibbles (values 0..16 low, 16..32 high); a value
+//!   is `d·(q − 16)` with `q` in 0..32.
+
+use half::f16;
+
+use super::kernels::Q8_0_BYTES;
+
+/// Values per K block.
+pub const QK_K: usize = 256;
+/// Bytes per Q4_K block.
+pub const Q4K_BYTES: usize = 144;
+/// Bytes per Q6_K block.
+pub const Q6K_BYTES: usize = 210;
+/// Bytes per Q5_0 block.
+pub const Q5_0_BYTES: usize = 22;
+
+/// A Q8_K activation block.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Q8K {
+    d: f32,
+    qs: [i8; QK_K],
+    bsums: [i16; QK_K / 16],
+}
+
+impl Q8K {
+    /// An all-zero block, for sizing buffers.
+    pub const ZERO: Q8K = Q8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+}
+
+/// Quantizes `x` (whole K blocks) into `out`: per block, the value of largest magnitude maps to
+/// −127 and the rest round half to even, as llama.cpp's reference quantizer does.
+pub fn quantize_q8k(x: &[f32], out: &mut [Q8K]) {
+    assert_eq!(x.len(), out.len() * QK_K, "Q8_K rows are whole blocks");
+    for (values, block) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let max = values
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        if max == 0.0 {
+            *block = Q8K::ZERO;
+            continue;
+        }
+        let inverse = -127.0 / max;
+        for (q, v) in block.qs.iter_mut().zip(values) {
+            *q = (v * inverse).round_ties_even().min(127.0) as i8;
+        }
+        for (sum, group) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+            *sum = group.iter().map(|&q| i16::from(q)).sum();
+        }
+        block.d = 1.0 / inverse;
+    }
+}
+
+fn half(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// The eight 6-bit scales and eight 6-bit mins of a Q4_K block's 12 packed bytes.
+fn scales_and_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut scales, mut mins) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        if j < 4 {
+            scales[j] = packed[j] & 63;
+            mins[j] = packed[j + 4] & 63;
+        } else {
+            scales[j] = (packed[j + 4] & 0x0f) | ((packed[j - 4] >> 6) << 4);
+            mins[j] = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+        }
+    }
+    (scales, mins)
+}
+
+/// `w · a` for a Q4_K row and a Q8_K row of as many values.
+pub fn dot_q4k(w: &[u8], a: &[Q8K]) -> f32 {
+    assert_eq!(w.len(), a.len() * Q4K_BYTES, "rows of one length");
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::simd() {
+        // SAFETY: the features were detected; `w` holds as many Q4_K blocks as `a` Q8_K blocks.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot_q4k(w, a) };
+    }
+    scalar::dot_q4k(w, a)
+}
+
+/// `w · a` for a Q6_K row and a Q8_K row of as many values.
+pub fn dot_q6k(w: &[u8], a: &[Q8K]) -> f32 {
+    assert_eq!(w.len(), a.len() * Q6K_BYTES, "rows of one length");
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::simd() {
+        // SAFETY: the features were detected; `w` holds as many Q6_K blocks as `a` Q8_K blocks.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot_q6k(w, a) };
+    }
+    scalar::dot_q6k(w, a)
+}
+
+/// `w · a` for a Q5_0 row and a Q8_0 row of as many values; `sums` are the activation's
+/// [`super::kernels::block_sums`].
+pub fn dot_q5_0(w: &[u8], a: &[u8], sums: &[f32]) -> f32 {
+    let blocks = w.len() / Q5_0_BYTES;
+    assert_eq!(blocks * Q8_0_BYTES, a.len(), "rows of one length");
+    assert_eq!(blocks, sums.len(), "one sum per block");
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::simd() {
+        // SAFETY: the features were detected; the rows hold `blocks` blocks each.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot_q5_0(w, a, sums) };
+    }
+    scalar::dot_q5_0(w, a)
+}
+
+/// The reference versions.
+pub mod scalar {
+    use super::{half, scales_and_mins, Q4K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8K};
+    use crate::models::cpu::kernels::{BLOCK, Q8_0_BYTES};
+
+    /// `w · a` for a Q4_K row and a Q8_K row.
+    pub fn dot_q4k(w: &[u8], a: &[Q8K]) -> f32 {
+        w.chunks_exact(Q4K_BYTES)
+            .zip(a)
+            .map(|(x, y)| {
+                let (scales, mins) = scales_and_mins(&x[4..16]);
+                let qs = &x[16..];
+                let (mut dot, mut offset) = (0i32, 0i32);
+                for g in 0..8 {
+                    let bytes = &qs[32 * (g / 2)..32 * (g / 2) + 32];
+                    let shift = 4 * (g % 2);
+                    let group: i32 = bytes
+                        .iter()
+                        .zip(&y.qs[32 * g..32 * g + 32])
+                        .map(|(&b, &q)| i32::from((b >> shift) & 0x0f) * i32::from(q))
+                        .sum();
+                    dot += i32::from(scales[g]) * group;
+                    let sum = i32::from(y.bsums[2 * g]) + i32::from(y.bsums[2 * g + 1]);
+                    offset += i32::from(mins[g]) * sum;
+                }
+                y.d * (half(x, 0) * dot as f32 - half(x, 2) * offset as f32)
+            })
+            .sum()
+    }
+
+    /// The 256 values of a Q6_K block as integers 0..64 (before the offset of 32).
+    pub(super) fn q6k_values(x: &[u8]) -> [u8; 256] {
+        let mut q = [0u8; 256];
+        for half_block in 0..2 {
+            let ql = &x[64 * half_block..64 * half_block + 64];
+            let qh = &x[128 + 32 * half_block..128 + 32 * half_block + 32];
+            let out = &mut q[128 * half_block..128 * half_block + 128];
+            for l in 0..32 {
+                out[l] = (ql[l] & 0x0f) | ((qh[l] & 3) << 4);
+                out[l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
+                out[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                out[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+            }
+        }
+        q
+    }
+
+    /// `w · a` for a Q6_K row and a Q8_K row.
+    pub fn dot_q6k(w: &[u8], a: &[Q8K]) -> f32 {
+        w.chunks_exact(Q6K_BYTES)
+            .zip(a)
+            .map(|(x, y)| {
+                let q = q6k_values(x);
+                let scales = &x[192..208];
+                let dot: i32 = (0..16)
+                    .map(|g| {
+                        let group: i32 = (16 * g..16 * g + 16)
+                            .map(|i| (i32::from(q[i]) - 32) * i32::from(y.qs[i]))
+                            .sum();
+                        i32::from(scales[g] as i8) * group
+                    })
+                    .sum();
+                y.d * half(x, 208) * dot as f32
+            })
+            .sum()
+    }
+
+    /// `w · a` for a Q5_0 row and a Q8_0 row.
+    pub fn dot_q5_0(w: &[u8], a: &[u8]) -> f32 {
+        w.chunks_exact(Q5_0_BYTES)
+            .zip(a.chunks_exact(Q8_0_BYTES))
+            .map(|(x, y)| {
+                let high = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
+                let sum: i32 = (0..BLOCK)
+                    .map(|i| {
+                        let nibble = if i < 16 {
+                            x[6 + i] & 0x0f
+                        } else {
+                            x[6 + i - 16] >> 4
+                        };
+                        let q = i32::from(nibble) | (((high >> i) & 1) as i32) << 4;
+                        (q - 16) * i32::from(y[2 + i] as i8)
+                    })
+                    .sum();
+                half(x, 0) * half(y, 0) * sum as f32
+            })
+            .sum()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use super::{scales_and_mins, Q4K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8K};
+    use crate::models::cpu::kernels::avx2 as shared;
+    use std::arch::x86_64::*;
+
+    /// 32 bytes from `bytes[at..]`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load(bytes: &[u8], at: usize) -> __m256i {
+        assert!(bytes.len() >= at + 32);
+        // SAFETY: 32 bytes from `at`, within the slice (asserted).
+        unsafe { _mm256_loadu_si256(bytes.as_ptr().add(at).cast()) }
+    }
+
+    /// 32 activation bytes of a Q8_K block from value `at`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn activations(block: &Q8K, at: usize) -> __m256i {
+        assert!(at + 32 <= block.qs.len());
+        // SAFETY: 32 of the block's 256 values from `at` (asserted).
+        unsafe { _mm256_loadu_si256(block.qs.as_ptr().add(at).cast()) }
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `w` holds as many Q4_K blocks as `a` Q8_K blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4k(w: &[u8], a: &[Q8K]) -> f32 {
+        let low_nibbles = _mm256_set1_epi8(0x0f);
+        let mut acc = _mm256_setzero_ps();
+        let mut offsets = 0f32;
+        for (x, y) in w.chunks_exact(Q4K_BYTES).zip(a) {
+            let (scales, mins) = scales_and_mins(&x[4..16]);
+            let offset: i32 = (0..8)
+                .map(|g| {
+                    let sum = i32::from(y.bsums[2 * g]) + i32::from(y.bsums[2 * g + 1]);
+                    i32::from(mins[g]) * sum
+                })
+                .sum();
+            offsets += y.d * shared::f16_at(x, 2) * offset as f32;
+            let mut sums = _mm256_setzero_si256();
+            for k in 0..4 {
+                let packed = load(x, 16 + 32 * k);
+                let low = _mm256_and_si256(packed, low_nibbles);
+                let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
+                let p_low = _mm256_maddubs_epi16(low, activations(y, 64 * k));
+                let p_high = _mm256_maddubs_epi16(high, activations(y, 64 * k + 32));
+                let s_low = _mm256_set1_epi16(i16::from(scales[2 * k]));
+                let s_high = _mm256_set1_epi16(i16::from(scales[2 * k + 1]));
+                sums = _mm256_add_epi32(sums, _mm256_madd_epi16(p_low, s_low));
+                sums = _mm256_add_epi32(sums, _mm256_madd_epi16(p_high, s_high));
+            }
+            let d = _mm256_set1_ps(y.d * shared::f16_at(x, 0));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc);
+        }
+        shared::sum_lanes(acc) - offsets
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `w` holds as many Q6_K blocks as `a` Q8_K blocks.
+    ///
+    /// The 6-bit values are multiplied unsigned (0..64) and the offset taken once per block from
+    /// the activation's 16-value sums: `Σ s·(q − 32)·y = Σ s·q·y − 32·Σ s·bsum`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q6k(w: &[u8], a: &[Q8K]) -> f32 {
+        let low_nibbles = _mm256_set1_epi8(0x0f);
+        let two_bits = _mm256_set1_epi8(3);
+        let mut acc = _mm256_setzero_ps();
+        for (x, y) in w.chunks_exact(Q6K_BYTES).zip(a) {
+            let scales = &x[192..208];
+            let scale = |g: usize| i16::from(scales[g] as i8);
+            let pair =
+                |g: usize| _mm256_set_m128i(_mm_set1_epi16(scale(g + 1)), _mm_set1_epi16(scale(g)));
+            let offset: i32 = (0..16)
+                .map(|g| i32::from(scale(g)) * i32::from(y.bsums[g]))
+                .sum();
+            let mut sums = _mm256_setzero_si256();
+            for h in 0..2 {
+                let ql0 = load(x, 64 * h);
+                let ql1 = load(x, 64 * h + 32);
+                let qh = load(x, 128 + 32 * h);
+                let high = |shift: i32| {
+                    let bits = match shift {
+                        0 => qh,
+                        2 => _mm256_srli_epi16(qh, 2),
+                        4 => _mm256_srli_epi16(qh, 4),
+                        _ => _mm256_srli_epi16(qh, 6),
+                    };
+                    _mm256_slli_epi16(_mm256_and_si256(bits, two_bits), 4)
+                };
+                let quarters = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, low_nibbles), high(0)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, low_nibbles), high(2)),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low_nibbles),
+                        high(4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low_nibbles),
+                        high(6),
+                    ),
+                ];
+                for (k, q) in quarters.into_iter().enumerate() {
+                    let products = _mm256_maddubs_epi16(q, activations(y, 128 * h + 32 * k));
+                    let scaled = _mm256_madd_epi16(products, pair(8 * h + 2 * k));
+                    sums = _mm256_add_epi32(sums, scaled);
+                }
+            }
+            let total = _mm256_sub_epi32(sums, _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0));
+            let d = _mm256_set1_ps(y.d * shared::f16_at(x, 208));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(total), acc);
+        }
+        shared::sum_lanes(acc)
+    }
+
+    /// The 32 high bits of a Q5_0 block as bytes: `0x10` where bit `i` is set, else 0.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn high_bits(bits: u32) -> __m256i {
+        // Byte i takes byte i/8 of the word, keeps bit i%8, and becomes 0x10 when it is set.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_setr_epi64x(
+                0,
+                0x0101_0101_0101_0101,
+                0x0202_0202_0202_0202,
+                0x0303_0303_0303_0303,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `w` holds as many Q5_0 blocks as `a` Q8_0 blocks
+    /// and `sums` entries.
+    ///
+    /// As Q4_0: the 5-bit values multiply unsigned and the offset of 16 is taken per block from
+    /// the activation's block sums.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q5_0(w: &[u8], a: &[u8], sums: &[f32]) -> f32 {
+        let unpack = |x: &[u8]| {
+            let bits = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
+            _mm256_or_si256(shared::nibbles_at(x, 6), high_bits(bits))
+        };
+        shared::unsigned_blocks_dot(w, Q5_0_BYTES, a, sums, 16.0, unpack)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::cpu::kernels::{block_sums, quantize_q8_0, BLOCK};
+    use rand::{Rng, SeedableRng};
+
+    fn random_bytes(n: usize, rng: &mut rand::rngs::StdRng) -> Vec<u8> {
+        (0..n).map(|_| rng.random::<u8>()).collect()
+    }
+
+    /// Blocks of random bytes with the f16 fields at `scale_at` set to small positive scales.
+    fn random_row(blocks: usize, bytes: usize, scale_at: &[usize], seed: u64) -> Vec<u8> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut row = random_bytes(blocks * bytes, &mut rng);
+        for block in row.chunks_exact_mut(bytes) {
+            for &at in scale_at {
+                let d = f16::from_f32(rng.random_range(0.001..0.01)).to_le_bytes();
+                block[at..at + 2].copy_from_slice(&d);
+            }
+        }
+        row
+    }
+
+    fn activations(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+    }
+
+    fn q8k(x: &[f32]) -> Vec<Q8K> {
+        let mut out = vec![Q8K::ZERO; x.len() / QK_K];
+        quantize_q8k(x, &mut out);
+        out
+    }
+
+    fn close(simd: f32, reference: f32) {
+        let tolerance = 1e-4 * reference.abs().max(1.0);
+        assert!(
+            (simd - reference).abs() <= tolerance,
+            "simd {simd} vs scalar {reference}"
+        );
+    }
+
+    #[test]
+    fn q8k_blocks_hold_their_values_and_sums() {
+        let x = activations(512, 1);
+        for (block, values) in q8k(&x).iter().zip(x.chunks(QK_K)) {
+            for (q, v) in block.qs.iter().zip(values) {
+                assert!((f32::from(*q) * block.d - v).abs() <= block.d.abs() * 0.5 + 1e-6);
+            }
+            for (g, sum) in block.bsums.iter().enumerate() {
+                let want: i16 = block.qs[16 * g..16 * g + 16]
+                    .iter()
+                    .map(|&q| i16::from(q))
+                    .sum();
+                assert_eq!(*sum, want);
+            }
+        }
+    }
+
+    /// The reference dots equal candle's dequantized rows times the dequantized activations,
+    /// so the scalar versions read GGML's layouts as candle does.
+    #[test]
+    fn scalar_dots_match_candle_dequantization() {
+        use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5_0, BlockQ6K, GgmlType};
+        fn dequantize<T: GgmlType>(bytes: &[u8], n: usize) -> Vec<f32> {
+            let blocks: Vec<T> = bytes
+                .chunks_exact(std::mem::size_of::<T>())
+                .map(|chunk| {
+                    let mut block = T::zeros();
+                    // SAFETY: candle's block types are plain `repr(C)` data with no invalid
+                    // bit patterns, and `chunk` is exactly one block's size.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            chunk.as_ptr(),
+                            (&mut block as *mut T).cast::<u8>(),
+                            chunk.len(),
+                        );
+                    }
+                    block
+                })
+                .collect();
+            let mut out = vec![0f32; n];
+            T::to_float(&blocks, &mut out);
+            out
+        }
+        let n = 1024;
+        let x = activations(n, 7);
+        let a = q8k(&x);
+        let a_values: Vec<f32> = a
+            .iter()
+            .flat_map(|b| b.qs.iter().map(move |&q| f32::from(q) * b.d))
+            .collect();
+        let float_dot = |w: &[f32], y: &[f32]| w.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+        let w4 = random_row(n / QK_K, Q4K_BYTES, &[0, 2], 8);
+        close(
+            scalar::dot_q4k(&w4, &a),
+            float_dot(&dequantize::<BlockQ4K>(&w4, n), &a_values),
+        );
+        let w6 = random_row(n / QK_K, Q6K_BYTES, &[208], 9);
+        close(
+            scalar::dot_q6k(&w6, &a),
+            float_dot(&dequantize::<BlockQ6K>(&w6, n), &a_values),
+        );
+        let mut a8 = vec![0u8; n / BLOCK * Q8_0_BYTES];
+        quantize_q8_0(&x, &mut a8);
+        let a8_values: Vec<f32> = a8
+            .chunks_exact(Q8_0_BYTES)
+            .flat_map(|b| {
+                let d = half(b, 0);
+                b[2..].iter().map(move |&q| f32::from(q as i8) * d)
+            })
+            .collect();
+        let w5 = random_row(n / BLOCK, Q5_0_BYTES, &[0], 10);
+        close(
+            scalar::dot_q5_0(&w5, &a8),
+            float_dot(&dequantize::<BlockQ5_0>(&w5, n), &a8_values),
+        );
+    }
+
+    #[test]
+    fn simd_and_scalar_agree() {
+        for (n, seed) in [(256, 1), (2048, 2), (5632, 3)] {
+            let x = activations(n, seed);
+            let a = q8k(&x);
+            let w4 = random_row(n / QK_K, Q4K_BYTES, &[0, 2], seed + 10);
+            close(dot_q4k(&w4, &a), scalar::dot_q4k(&w4, &a));
+            let w6 = random_row(n / QK_K, Q6K_BYTES, &[208], seed + 20);
+            close(dot_q6k(&w6, &a), scalar::dot_q6k(&w6, &a));
+        }
+        for (n, seed) in [(32, 4), (576, 5), (1536, 6)] {
+            let x = activations(n, seed);
+            let mut a8 = vec![0u8; n / BLOCK * Q8_0_BYTES];
+            quantize_q8_0(&x, &mut a8);
+            let mut sums = vec![0f32; n / BLOCK];
+            block_sums(&a8, &mut sums);
+            let w5 = random_row(n / BLOCK, Q5_0_BYTES, &[0], seed + 30);
+            close(dot_q5_0(&w5, &a8, &sums), scalar::dot_q5_0(&w5, &a8));
+        }
+    }
+}

@@ -1,15 +1,19 @@
 //! The CPU dot-product kernels on one matrix-vector product: a 1536 × 576 matrix (a small
 //! model's FFN projection, which fits in L2) and a 5632 × 2048 one (a 1B model's, which does
-//! not). Criterion reports weight bytes per second.
+//! not). Criterion reports weight bytes per second. Q5_0, Q4_K and Q6_K (K blocks only where
+//! 256 divides the row) run against candle's own `vec_dot` on the same blocks.
 //!
 //! `cargo bench --bench kernels`
 
-use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ8_0, GgmlType};
+use candle_core::quantized::k_quants::{
+    BlockQ4K, BlockQ4_0, BlockQ5_0, BlockQ6K, BlockQ8_0, GgmlType,
+};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use llorch::models::cpu::kernels::{
     block_sums, dot_f16, dot_q4_0, dot_q8_0, quantize_q8_0, BLOCK, Q4_0_BYTES, Q8_0_BYTES,
 };
+use llorch::models::cpu::kquants::{dot_q4k, dot_q5_0, dot_q6k, quantize_q8k, Q8K, QK_K};
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n as u32)
@@ -21,6 +25,50 @@ fn q8(x: &[f32]) -> Vec<u8> {
     let mut out = vec![0; x.len() / BLOCK * Q8_0_BYTES];
     quantize_q8_0(x, &mut out);
     out
+}
+
+/// candle's quantization of `w` into blocks of `T`, and the same blocks as GGML bytes.
+fn candle_blocks<T: GgmlType>(w: &[f32]) -> (Vec<T>, Vec<u8>) {
+    let mut blocks = vec![T::zeros(); w.len() / T::BLCK_SIZE];
+    T::from_float(w, &mut blocks);
+    let size = blocks.len() * std::mem::size_of::<T>();
+    // SAFETY: candle's block types are `repr(C)` plain data; the slice covers exactly the
+    // vector's initialised blocks and lives while `blocks` does (it is copied at once).
+    #[allow(unsafe_code)]
+    let bytes = unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), size) }.to_vec();
+    (blocks, bytes)
+}
+
+/// Ours and candle's product of a matrix of type `T` with a vector: `ours(row bytes)` and
+/// candle's `vec_dot` against `T`'s activation type.
+fn ours_and_candle<T: GgmlType>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    (rows, cols): (usize, usize),
+    w: &[f32],
+    x: &[f32],
+    ours: impl Fn(&[u8]) -> f32,
+) {
+    let label = format!("{rows}x{cols}");
+    let (blocks, bytes) = candle_blocks::<T>(w);
+    let row = bytes.len() / rows;
+    group.throughput(Throughput::Bytes(bytes.len() as u64));
+    group.bench_with_input(BenchmarkId::new(name, &label), &bytes, |b, w| {
+        b.iter(|| w.chunks_exact(row).map(&ours).sum::<f32>())
+    });
+    let mut x_candle = vec![T::VecDotType::zeros(); cols / T::VecDotType::BLCK_SIZE];
+    T::VecDotType::from_float(x, &mut x_candle);
+    group.bench_with_input(
+        BenchmarkId::new(format!("candle_{name}"), &label),
+        &blocks,
+        |b, w| {
+            b.iter(|| {
+                w.chunks_exact(cols / T::BLCK_SIZE)
+                    .map(|r| T::vec_dot(cols, r, &x_candle))
+                    .sum::<f32>()
+            })
+        },
+    );
 }
 
 fn matvec(c: &mut Criterion) {
@@ -74,6 +122,21 @@ fn matvec(c: &mut Criterion) {
                 })
             },
         );
+        let mut sums = vec![0f32; cols / BLOCK];
+        block_sums(&xq, &mut sums);
+        ours_and_candle::<BlockQ5_0>(&mut group, "q5_0", (rows, cols), &w, &x, |r| {
+            dot_q5_0(r, &xq, &sums)
+        });
+        if cols % QK_K == 0 {
+            let mut xk = vec![Q8K::ZERO; cols / QK_K];
+            quantize_q8k(&x, &mut xk);
+            ours_and_candle::<BlockQ4K>(&mut group, "q4_k", (rows, cols), &w, &x, |r| {
+                dot_q4k(r, &xk)
+            });
+            ours_and_candle::<BlockQ6K>(&mut group, "q6_k", (rows, cols), &w, &x, |r| {
+                dot_q6k(r, &xk)
+            });
+        }
         let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
         group.throughput(Throughput::Bytes(wh.len() as u64 * 2));
         group.bench_with_input(BenchmarkId::new("f16", &label), &wh, |b, w| {

@@ -2,7 +2,9 @@
 //! threads by blocks of output rows. Q8_0, Q4_0, Q5_0, Q4_K, Q6_K, f16 and f32 rows use
 //! llorch's kernels; Q5_K uses candle's block type and dot product.
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ6K, GgmlType};
+use candle_core::quantized::k_quants::{
+    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0, GgmlType,
+};
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
@@ -106,31 +108,8 @@ impl Weight {
                     *o = v.to_f32();
                 }
             }
-            Rows::Q8_0(d) => {
-                let bytes = n / BLOCK * Q8_0_BYTES;
-                for (block, o) in d[row * bytes..(row + 1) * bytes]
-                    .chunks_exact(Q8_0_BYTES)
-                    .zip(out.chunks_exact_mut(BLOCK))
-                {
-                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                    for (v, q) in o.iter_mut().zip(&block[2..]) {
-                        *v = d * f32::from(*q as i8);
-                    }
-                }
-            }
-            Rows::Q4_0(d) => {
-                let bytes = n / BLOCK * Q4_0_BYTES;
-                for (block, o) in d[row * bytes..(row + 1) * bytes]
-                    .chunks_exact(Q4_0_BYTES)
-                    .zip(out.chunks_exact_mut(BLOCK))
-                {
-                    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                    for (j, byte) in block[2..].iter().enumerate() {
-                        o[j] = d * (f32::from(byte & 0x0f) - 8.0);
-                        o[j + 16] = d * (f32::from(byte >> 4) - 8.0);
-                    }
-                }
-            }
+            Rows::Q8_0(d) => row_to_float::<BlockQ8_0>(d, row, n, out),
+            Rows::Q4_0(d) => row_to_float::<BlockQ4_0>(d, row, n, out),
             Rows::Q5_0(d) => row_to_float::<BlockQ5_0>(d, row, n, out),
             Rows::Q4K(d) => row_to_float::<BlockQ4K>(d, row, n, out),
             Rows::Q5K(d) => to_float(d, row, n, out),
@@ -152,16 +131,11 @@ impl Weight {
                 let act = |t: usize| &x[t * n..(t + 1) * n];
                 self.products(out, tokens, |r, o| {
                     let row = &d[r * n..(r + 1) * n];
-                    let mut t = 0;
-                    while t + 4 <= o.len() {
-                        let four =
-                            kernels::dot_f16_x4(row, [act(t), act(t + 1), act(t + 2), act(t + 3)]);
-                        o[t..t + 4].copy_from_slice(&four);
-                        t += 4;
-                    }
-                    for (t, v) in o.iter_mut().enumerate().skip(t) {
-                        *v = kernels::dot_f16(row, act(t));
-                    }
+                    four_at_a_time(
+                        o,
+                        |t| kernels::dot_f16_x4(row, std::array::from_fn(|k| act(t + k))),
+                        |t| kernels::dot_f16(row, act(t)),
+                    )
                 })
             }
             Rows::Q8_0(d) => {
@@ -174,50 +148,48 @@ impl Weight {
                     )
                 })
             }
-            Rows::Q4_0(d) => {
-                let (a, stride, sums) = quantize_q8_0_with_sums(x, tokens, n);
-                let per_row = n / BLOCK;
-                let bytes = per_row * Q4_0_BYTES;
-                let act = |t: usize| &a[t * stride..(t + 1) * stride];
-                let sum = |t: usize| &sums[t * per_row..(t + 1) * per_row];
-                if tokens == 1 {
-                    return self.each(out, 1, |r, _| {
-                        kernels::dot_q4_0(&d[r * bytes..(r + 1) * bytes], &a, &sums)
-                    });
-                }
-                self.products(out, tokens, |r, o| {
-                    let row = &d[r * bytes..(r + 1) * bytes];
-                    let mut t = 0;
-                    while t + 4 <= o.len() {
-                        let four = kernels::dot_q4_0_x4(
-                            row,
-                            [act(t), act(t + 1), act(t + 2), act(t + 3)],
-                            [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)],
-                        );
-                        o[t..t + 4].copy_from_slice(&four);
-                        t += 4;
-                    }
-                    for (t, v) in o.iter_mut().enumerate().skip(t) {
-                        *v = kernels::dot_q4_0(row, act(t), sum(t));
-                    }
-                })
-            }
-            Rows::Q5_0(d) => {
-                let (a, stride, sums) = quantize_q8_0_with_sums(x, tokens, n);
-                let per_row = n / BLOCK;
-                let bytes = per_row * Q5_0_BYTES;
-                self.each(out, tokens, |r, t| {
-                    kquants::dot_q5_0(
-                        &d[r * bytes..(r + 1) * bytes],
-                        &a[t * stride..(t + 1) * stride],
-                        &sums[t * per_row..(t + 1) * per_row],
-                    )
-                })
-            }
+            Rows::Q4_0(d) => self.offset_products(d, &Q4_0_KERNEL, x, tokens, out),
+            Rows::Q5_0(d) => self.offset_products(d, &Q5_0_KERNEL, x, tokens, out),
             Rows::Q4K(d) => self.k_products(d, Q4K_BYTES, x, tokens, out, kquants::dot_q4k),
             Rows::Q5K(d) => self.candle_products(d, x, tokens, out),
             Rows::Q6K(d) => self.k_products(d, Q6K_BYTES, x, tokens, out, kquants::dot_q6k),
         }
+    }
+
+    /// Products of rows of 32-value blocks through an [`OffsetKernel`].
+    fn offset_products(
+        &self,
+        rows: &[u8],
+        kernel: &OffsetKernel,
+        x: &[f32],
+        tokens: usize,
+        out: &mut [f32],
+    ) {
+        let OffsetKernel {
+            block_bytes,
+            one,
+            four,
+        } = *kernel;
+        let n = self.columns;
+        let (a, stride, sums) = quantize_q8_0_with_sums(x, tokens, n);
+        let per_row = n / BLOCK;
+        let bytes = per_row * block_bytes;
+        let act = |t: usize| &a[t * stride..(t + 1) * stride];
+        let sum = |t: usize| &sums[t * per_row..(t + 1) * per_row];
+        self.products(out, tokens, |r, o| {
+            let row = &rows[r * bytes..(r + 1) * bytes];
+            four_at_a_time(
+                o,
+                |t| {
+                    four(
+                        row,
+                        std::array::from_fn(|k| act(t + k)),
+                        std::array::from_fn(|k| sum(t + k)),
+                    )
+                },
+                |t| one(row, act(t), sum(t)),
+            )
+        })
     }
 
     /// Products of K-quant rows (`block_bytes` per 256 values) through `dot` with Q8_K
@@ -316,6 +288,45 @@ impl Weight {
                 out[t * self.rows + r] = *v;
             }
         }
+    }
+}
+
+/// The kernels of a 32-value block type that take Q8_0 activations with their block sums (the
+/// weight's offset is subtracted once per block): `one` per (row, token), `four` for four
+/// tokens at once.
+#[derive(Clone, Copy)]
+struct OffsetKernel {
+    block_bytes: usize,
+    one: OneToken,
+    four: FourTokens,
+}
+
+/// `(weight row, activation row, its block sums) -> product`.
+type OneToken = fn(&[u8], &[u8], &[f32]) -> f32;
+/// `(weight row, four activation rows, their block sums) -> four products`.
+type FourTokens = fn(&[u8], [&[u8]; 4], [&[f32]; 4]) -> [f32; 4];
+
+const Q4_0_KERNEL: OffsetKernel = OffsetKernel {
+    block_bytes: Q4_0_BYTES,
+    one: kernels::dot_q4_0,
+    four: kernels::dot_q4_0_x4,
+};
+
+const Q5_0_KERNEL: OffsetKernel = OffsetKernel {
+    block_bytes: Q5_0_BYTES,
+    one: kquants::dot_q5_0,
+    four: kquants::dot_q5_0_x4,
+};
+
+/// Fills `o` (one weight row's products with each token) four tokens at a time through `four`,
+/// then the rest through `one`.
+fn four_at_a_time(o: &mut [f32], four: impl Fn(usize) -> [f32; 4], one: impl Fn(usize) -> f32) {
+    let whole = o.len() / 4 * 4;
+    for t in (0..whole).step_by(4) {
+        o[t..t + 4].copy_from_slice(&four(t));
+    }
+    for (t, v) in o.iter_mut().enumerate().skip(whole) {
+        *v = one(t);
     }
 }
 

@@ -63,6 +63,21 @@ pub fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
     scalar::dot_q8_0(w, a)
 }
 
+/// [`dot_q8_0`] of one weight row with four activation rows at once, each summed as
+/// [`dot_q8_0`] sums it (prefill's inner loop).
+pub fn dot_q8_0_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    for row in a {
+        assert_eq!(w.len(), row.len(), "Q8_0 rows of one length");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: as for `dot_q8_0`, for each of the four activation rows.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot_q8_0_x4(w, a) };
+    }
+    a.map(|row| scalar::dot_q8_0(w, row))
+}
+
 /// The sum of each Q8_0 block's values (scale times the sum of its integers), which
 /// [`dot_q4_0`] takes with the row so it can multiply unsigned nibbles and subtract their
 /// offset of 8 once per block.
@@ -348,6 +363,47 @@ pub(super) mod avx2 {
             products(qx, qy)
         };
         blocks_dot(w, Q8_0_BYTES, a, block)
+    }
+
+    /// # Safety
+    /// As for [`dot_q8_0`], for each of the four activation rows.
+    ///
+    /// Each token's products are summed exactly as [`dot_q8_0`] sums them (one accumulator,
+    /// block order, the same scale products), so prefill and decode round alike.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+        let blocks = w.len() / Q8_0_BYTES;
+        for row in a {
+            assert!(row.len() >= blocks * Q8_0_BYTES);
+        }
+        let whole = blocks / 8 * 8;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut group_scales = [_mm256_setzero_ps(); 4];
+        // One loop body for whole groups and the tail (a closure for it was not inlined).
+        for b in 0..blocks {
+            let x = &w[b * Q8_0_BYTES..];
+            if b < whole && b % 8 == 0 {
+                let ws = eight_scales(x, Q8_0_BYTES);
+                for t in 0..4 {
+                    let scales = eight_scales(&a[t][b * Q8_0_BYTES..], Q8_0_BYTES);
+                    group_scales[t] = _mm256_mul_ps(ws, scales);
+                }
+            }
+            let qx = values(x);
+            let magnitude = _mm256_sign_epi8(qx, qx);
+            for t in 0..4 {
+                let y = &a[t][b * Q8_0_BYTES..];
+                let d = if b < whole {
+                    lane(group_scales[t], (b % 8) as i32)
+                } else {
+                    _mm256_set1_ps(f16_at(x, 0) * f16_at(y, 0))
+                };
+                let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(values(y), qx));
+                let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+                acc[t] = _mm256_fmadd_ps(d, products, acc[t]);
+            }
+        }
+        acc.map(|v| sum_lanes(v))
     }
 
     /// # Safety
@@ -666,6 +722,12 @@ mod tests {
             let (w, a) = (values(n, seed), values(n, seed + 100));
             let (wq, aq) = (q8(&w), q8(&a));
             close(dot_q8_0(&wq, &aq), scalar::dot_q8_0(&wq, &aq), n);
+            let rows: Vec<Vec<u8>> = (0..4).map(|k| q8(&values(n, seed + 400 + k))).collect();
+            let four = dot_q8_0_x4(&wq, std::array::from_fn(|k| &rows[k][..]));
+            for (got, row) in four.iter().zip(&rows) {
+                // Bit for bit: prefill must round as decode does.
+                assert_eq!(got.to_bits(), dot_q8_0(&wq, row).to_bits());
+            }
             // A Q4_0 row from random nibbles and scales.
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let w4: Vec<u8> = (0..n / BLOCK)

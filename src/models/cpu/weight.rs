@@ -140,11 +140,13 @@ impl Weight {
             }
             Rows::Q8_0(d) => {
                 let (a, stride) = quantize_q8_0(x, tokens, n);
-                let bytes = n / BLOCK * Q8_0_BYTES;
-                self.each(out, tokens, |r, t| {
-                    kernels::dot_q8_0(
-                        &d[r * bytes..(r + 1) * bytes],
-                        &a[t * stride..(t + 1) * stride],
+                let act = |t: usize| &a[t * stride..(t + 1) * stride];
+                self.products(out, tokens, |r, o| {
+                    let row = &d[r * stride..(r + 1) * stride];
+                    four_at_a_time(
+                        o,
+                        |t| kernels::dot_q8_0_x4(row, std::array::from_fn(|k| act(t + k))),
+                        |t| kernels::dot_q8_0(row, act(t)),
                     )
                 })
             }

@@ -14,9 +14,20 @@ fn bench(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs `llorch bench` and returns its JSON report, failing with its stderr if it failed.
+fn report(args: &[&str]) -> Value {
+    let output = bench(args);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 #[test]
 fn bench_reports_prefill_and_decode_medians_as_json() {
-    let output = bench(&[
+    let report = report(&[
         "--source",
         "builtin:demo",
         "--prompt-tokens",
@@ -26,12 +37,6 @@ fn bench_reports_prefill_and_decode_medians_as_json() {
         "--runs",
         "3",
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["threads"], 1);
     assert_eq!(report["prompt_tokens"], 16);
     assert_eq!(report["dtype"], "f32");
@@ -66,7 +71,7 @@ fn bench_over_http_reports_the_daemon_the_streams_and_the_bandwidth_bound() {
         return;
     };
     let gguf = fixtures.join("gguf/stories260k-q8_0.gguf");
-    let output = bench(&[
+    let report = report(&[
         "--source",
         gguf.to_str().unwrap(),
         "--prompt-tokens",
@@ -79,12 +84,6 @@ fn bench_over_http_reports_the_daemon_the_streams_and_the_bandwidth_bound() {
         "--concurrency",
         "1,3",
     ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     let positive = |v: &Value| v.as_f64().is_some_and(|x| x > 0.0);
     for key in [
         "weight_bytes_per_token",

@@ -319,25 +319,19 @@ mod avx2 {
                 let ql0 = load(x, 64 * h);
                 let ql1 = load(x, 64 * h + 32);
                 let qh = load(x, 128 + 32 * h);
-                let high = |shift: i32| {
-                    let bits = match shift {
-                        0 => qh,
-                        2 => _mm256_srli_epi16(qh, 2),
-                        4 => _mm256_srli_epi16(qh, 4),
-                        _ => _mm256_srli_epi16(qh, 6),
-                    };
-                    _mm256_slli_epi16(_mm256_and_si256(bits, two_bits), 4)
-                };
+                // The two high bits of each value, moved above its nibble.
+                let high = |bits: __m256i| _mm256_slli_epi16(_mm256_and_si256(bits, two_bits), 4);
+                let low = |bytes: __m256i| _mm256_and_si256(bytes, low_nibbles);
                 let quarters = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, low_nibbles), high(0)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, low_nibbles), high(2)),
+                    _mm256_or_si256(low(ql0), high(qh)),
+                    _mm256_or_si256(low(ql1), high(_mm256_srli_epi16(qh, 2))),
                     _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low_nibbles),
-                        high(4),
+                        low(_mm256_srli_epi16(ql0, 4)),
+                        high(_mm256_srli_epi16(qh, 4)),
                     ),
                     _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low_nibbles),
-                        high(6),
+                        low(_mm256_srli_epi16(ql1, 4)),
+                        high(_mm256_srli_epi16(qh, 6)),
                     ),
                 ];
                 for (k, q) in quarters.into_iter().enumerate() {

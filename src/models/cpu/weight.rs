@@ -129,26 +129,26 @@ impl Weight {
             }),
             Rows::F16(d) => {
                 let act = |t: usize| &x[t * n..(t + 1) * n];
-                self.products(out, tokens, |r, o| {
-                    let row = &d[r * n..(r + 1) * n];
-                    four_at_a_time(
-                        o,
-                        |t| kernels::dot_f16_x4(row, std::array::from_fn(|k| act(t + k))),
-                        |t| kernels::dot_f16(row, act(t)),
-                    )
-                })
+                self.rows_by_four(
+                    d,
+                    n,
+                    act,
+                    tokens,
+                    out,
+                    (kernels::dot_f16_x4, kernels::dot_f16),
+                )
             }
             Rows::Q8_0(d) => {
                 let (a, stride) = quantize_q8_0(x, tokens, n);
                 let act = |t: usize| &a[t * stride..(t + 1) * stride];
-                self.products(out, tokens, |r, o| {
-                    let row = &d[r * stride..(r + 1) * stride];
-                    four_at_a_time(
-                        o,
-                        |t| kernels::dot_q8_0_x4(row, std::array::from_fn(|k| act(t + k))),
-                        |t| kernels::dot_q8_0(row, act(t)),
-                    )
-                })
+                self.rows_by_four(
+                    d,
+                    stride,
+                    act,
+                    tokens,
+                    out,
+                    (kernels::dot_q8_0_x4, kernels::dot_q8_0),
+                )
             }
             Rows::Q4_0(d) => self.offset_products(d, &Q4_0_KERNEL, x, tokens, out),
             Rows::Q5_0(d) => self.offset_products(d, &Q5_0_KERNEL, x, tokens, out),
@@ -156,6 +156,27 @@ impl Weight {
             Rows::Q5K(d) => self.candle_products(d, x, tokens, out),
             Rows::Q6K(d) => self.k_products(d, Q6K_BYTES, x, tokens, out, kquants::dot_q6k),
         }
+    }
+
+    /// Products of weight rows (`stride` elements each of `rows`) with the activation rows
+    /// `act(t)`: `four` for four tokens at a time, then `one`.
+    fn rows_by_four<'a, T: Sync, A: ?Sized + 'a>(
+        &self,
+        rows: &[T],
+        stride: usize,
+        act: impl Fn(usize) -> &'a A + Sync,
+        tokens: usize,
+        out: &mut [f32],
+        (four, one): RowKernels<T, A>,
+    ) {
+        self.products(out, tokens, |r, o| {
+            let row = &rows[r * stride..(r + 1) * stride];
+            four_at_a_time(
+                o,
+                |t| four(row, std::array::from_fn(|k| act(t + k))),
+                |t| one(row, act(t)),
+            )
+        })
     }
 
     /// Products of rows of 32-value blocks through an [`OffsetKernel`].
@@ -292,6 +313,9 @@ impl Weight {
         }
     }
 }
+
+/// A product of one weight row with four activation rows, and with one.
+type RowKernels<T, A> = (fn(&[T], [&A; 4]) -> [f32; 4], fn(&[T], &A) -> f32);
 
 /// The kernels of a 32-value block type that take Q8_0 activations with their block sums (the
 /// weight's offset is subtracted once per block): `one` per (row, token), `four` for four

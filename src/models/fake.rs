@@ -6,7 +6,7 @@
 //! concurrent streams (RELIABILITY.md §13).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::error::GenerationError;
 
@@ -30,16 +30,33 @@ pub fn fake_forwards() -> u64 {
 /// The fake model's state.
 #[derive(Debug, Clone)]
 pub struct FakeModel {
-    /// Time each forward pass takes.
-    pub per_token: Duration,
-    /// Vocabulary size (logits length).
-    pub vocab: usize,
+    per_token: Duration,
+    vocab: usize,
+    /// How much longer than asked the earlier sleeps took, still to be made up.
+    overshoot: Duration,
 }
 
 impl FakeModel {
+    /// A fake whose forward passes take `per_token` each and return `vocab` logits.
+    pub fn new(per_token: Duration, vocab: usize) -> Self {
+        Self {
+            per_token,
+            vocab,
+            overshoot: Duration::ZERO,
+        }
+    }
+
     /// Sleeps one step, then returns logits whose argmax is a letter chosen by `position`.
-    pub fn forward(&self, position: usize) -> Result<Vec<f32>, GenerationError> {
-        std::thread::sleep(self.per_token);
+    ///
+    /// A thread sleep ends late (by 0.1–0.2 ms per 5 ms sleep on the VMs that run CI), which
+    /// would make the fake slower than its stated rate; each sleep is shortened by what the
+    /// earlier ones overran, so forward passes average `per_token`. Time spent outside the
+    /// forward pass (the daemon's own work) is not made up.
+    pub fn forward(&mut self, position: usize) -> Result<Vec<f32>, GenerationError> {
+        let started = Instant::now();
+        std::thread::sleep(self.per_token.saturating_sub(self.overshoot));
+        let late = (self.overshoot + started.elapsed()).saturating_sub(self.per_token);
+        self.overshoot = late.min(self.per_token);
         FORWARDS.fetch_add(1, Ordering::SeqCst);
         let mut logits = vec![0.0f32; self.vocab];
         let letter = FIRST_LETTER as usize + position % 26;

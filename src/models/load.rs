@@ -100,10 +100,10 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
             std::thread::sleep(std::time::Duration::from_millis(*load_ms));
             let tokenizer = demo::demo_tokenizer()?;
             LoadedModel {
-                model: super::model::Model::Fake(super::fake::FakeModel {
-                    per_token: std::time::Duration::from_millis(*ms),
-                    vocab: tokenizer.vocab_size(),
-                }),
+                model: super::model::Model::Fake(super::fake::FakeModel::new(
+                    std::time::Duration::from_millis(*ms),
+                    tokenizer.vocab_size(),
+                )),
                 tokenizer,
                 info: ModelInfo {
                     source: String::new(),

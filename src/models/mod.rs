@@ -43,7 +43,7 @@ pub use gguf_check::check_gguf;
 pub use load::{load, LoadSpec, LoadedModel, ModelInfo};
 pub use model::Model;
 pub use quantize::{quantize_dir, tensor_type, QuantType, QuantizeReport, Role};
-pub use sampling::{argmax, SamplingParams};
+pub use sampling::{argmax, Sampler, SamplingParams};
 pub use source::{resolve_hub, ModelSource, BUILTIN_DEMO};
 pub use stop::{StopMatcher, StopOutcome};
 pub use tokenizer::{ChatMessage, TextTokenizer};

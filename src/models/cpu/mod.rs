@@ -3,6 +3,7 @@
 //! generic path; this one keeps weights in their GGUF types, multiplies them with kernels
 //! written for these block layouts, and reuses its buffers.
 
+pub(crate) mod exp;
 pub mod kernels;
 pub mod kquants;
 mod llama;

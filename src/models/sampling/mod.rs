@@ -3,7 +3,11 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::cpu::exp::{max_value, sum_at_least, SUM_BLOCK};
 use super::error::GenerationError;
+use candidates::{Candidates, Kept};
+
+mod candidates;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +96,7 @@ pub const MAX_LOGIT_BIAS: usize = 300;
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    candidates: Candidates,
 }
 
 impl Sampler {
@@ -101,11 +106,16 @@ impl Sampler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            candidates: Candidates::default(),
+        }
     }
 
     /// Picks the next token. `previous` is every token of the sequence so far (prompt and
-    /// generated), for the repetition penalty.
+    /// generated), for the repetition penalty. A NaN logit is never drawn; logits with no
+    /// finite maximum are decided greedily.
     pub fn sample(&mut self, logits: &mut [f32], previous: &[u32]) -> u32 {
         for (id, bias) in &self.params.logit_bias {
             if let Some(logit) = logits.get_mut(*id as usize) {
@@ -115,54 +125,53 @@ impl Sampler {
         if self.params.repetition_penalty != 1.0 {
             apply_repetition_penalty(logits, previous, self.params.repetition_penalty);
         }
-        if self.params.temperature == 0.0 {
+        if self.params.temperature == 0.0 || !max_value(logits).is_finite() {
             return argmax(logits);
         }
-        let candidates = self.filter(logits);
-        let total: f64 = candidates.iter().map(|(_, p)| p).sum();
-        let mut threshold = self.rng.random::<f64>() * total;
-        for (id, p) in &candidates {
-            threshold -= p;
-            if threshold <= 0.0 {
-                return *id;
-            }
-        }
-        candidates.last().map(|(id, _)| *id).unwrap_or(0)
+        let fraction = self.rng.random::<f64>();
+        draw(&self.candidates.keep(logits, &self.params), fraction)
     }
+}
 
-    /// Returns the surviving `(token, probability)` pairs, most likely first.
-    fn filter(&self, logits: &[f32]) -> Vec<(u32, f64)> {
-        let inv_t = 1.0 / f64::from(self.params.temperature);
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut probs: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .map(|(id, &logit)| (id as u32, (f64::from(logit - max) * inv_t).exp()))
-            .collect();
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            probs.truncate(self.params.top_k.max(1));
+/// The token at `fraction` (in `[0, 1)`) of the kept weight, walking the kept tokens in
+/// their order.
+fn draw(kept: &Kept<'_>, fraction: f64) -> u32 {
+    match kept {
+        Kept::All {
+            weights,
+            floor,
+            total,
+        } => {
+            let mut left = fraction * total;
+            let kept = |w: f32| w >= *floor && w > 0.0;
+            for (block, chunk) in weights.chunks(SUM_BLOCK).enumerate() {
+                let mass = f64::from(sum_at_least(chunk, *floor));
+                if left >= mass {
+                    left -= mass;
+                    continue;
+                }
+                for (offset, &w) in chunk.iter().enumerate() {
+                    if kept(w) {
+                        left -= f64::from(w);
+                        if left < 0.0 {
+                            return (block * SUM_BLOCK + offset) as u32;
+                        }
+                    }
+                }
+            }
+            // Rounding left a sliver past the last block: the last kept token.
+            weights.iter().rposition(|w| kept(*w)).unwrap_or(0) as u32
         }
-        let sum: f64 = probs.iter().map(|(_, p)| p).sum();
-        for entry in probs.iter_mut() {
-            entry.1 /= sum;
+        Kept::List { tokens, total } => {
+            let mut left = fraction * total;
+            for &(id, w) in tokens.iter() {
+                left -= f64::from(w);
+                if left < 0.0 {
+                    return id;
+                }
+            }
+            tokens.last().map_or(0, |(id, _)| *id)
         }
-        if self.params.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let keep = probs
-                .iter()
-                .position(|(_, p)| {
-                    cumulative += p;
-                    cumulative >= f64::from(self.params.top_p)
-                })
-                .map_or(probs.len(), |index| index + 1);
-            probs.truncate(keep.max(1));
-        }
-        if self.params.min_p > 0.0 {
-            let floor = probs[0].1 * f64::from(self.params.min_p);
-            probs.retain(|(_, p)| *p >= floor);
-        }
-        probs
     }
 }
 
@@ -186,15 +195,11 @@ fn apply_repetition_penalty(logits: &mut [f32], previous: &[u32], penalty: f32) 
     }
 }
 
-/// Index of the largest logit; the first one wins ties, as `torch.argmax` does.
+/// Index of the largest logit; the first one wins ties, as `torch.argmax` does (NaN is never
+/// the largest; 0 when every logit is NaN).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (id, &logit) in logits.iter().enumerate() {
-        if logit > logits[best] {
-            best = id;
-        }
-    }
-    best as u32
+    let max = max_value(logits);
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -251,30 +256,56 @@ mod tests {
         }
     }
 
+    /// The ids `params` keeps of `logits`, in the order they are drawn from.
+    fn kept_ids(params: SamplingParams, logits: &[f32]) -> Vec<u32> {
+        let mut candidates = Candidates::default();
+        match candidates.keep(logits, &params) {
+            Kept::All { weights, floor, .. } => (0..weights.len() as u32)
+                .filter(|&id| weights[id as usize] >= floor)
+                .collect(),
+            Kept::List { tokens, .. } => tokens.iter().map(|(id, _)| *id).collect(),
+        }
+    }
+
     #[test]
     fn top_p_and_min_p_cut_the_tail() {
-        let params = SamplingParams {
+        let top_p = SamplingParams {
             top_p: 0.5,
-            seed: Some(1),
             ..SamplingParams::default()
         };
-        let kept: Vec<u32> = Sampler::new(params)
-            .filter(&logits())
-            .iter()
-            .map(|c| c.0)
-            .collect();
-        assert_eq!(kept, vec![1, 4]);
-        let params = SamplingParams {
+        assert_eq!(kept_ids(top_p, &logits()), vec![1, 4]);
+        let min_p = SamplingParams {
             min_p: 0.3,
-            seed: Some(1),
             ..SamplingParams::default()
         };
-        let kept: Vec<u32> = Sampler::new(params)
-            .filter(&logits())
-            .iter()
-            .map(|c| c.0)
-            .collect();
-        assert_eq!(kept, vec![1, 4, 2]);
+        assert_eq!(kept_ids(min_p, &logits()), vec![1, 2, 4]);
+        let top_k = SamplingParams {
+            top_k: 2,
+            ..SamplingParams::default()
+        };
+        assert_eq!(kept_ids(top_k, &logits()), vec![1, 4]);
+    }
+
+    #[test]
+    fn nan_logits_are_never_drawn() {
+        for params in [
+            SamplingParams::default(),
+            SamplingParams {
+                top_k: 2,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                top_p: 0.9,
+                ..SamplingParams::default()
+            },
+        ] {
+            let mut sampler = Sampler::new(params);
+            for _ in 0..200 {
+                assert_ne!(sampler.sample(&mut [0.5, f32::NAN, 2.0], &[]), 1);
+            }
+            assert_eq!(sampler.sample(&mut [f32::NAN, f32::NAN], &[]), 0);
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 1.0]), 1);
     }
 
     #[test]

@@ -101,6 +101,14 @@ fn bench_over_http_reports_the_daemon_the_streams_and_the_bandwidth_bound() {
     ] {
         assert!(positive(&http[key]), "http.{key}: {http}");
     }
+    // The daemon's cost over the (bare, HTTP) pairs: either sign, but a number.
+    for key in ["added_ttft_ms", "decode_loss"] {
+        assert!(
+            http[key].as_f64().is_some_and(f64::is_finite),
+            "http.{key}: {http}"
+        );
+    }
+    assert_eq!(http["ttft_ms_runs"].as_array().map(Vec::len), Some(2));
     let streams: Vec<u64> = http["concurrent"]
         .as_array()
         .unwrap()

@@ -1,6 +1,8 @@
 //! `llorch bench --http`: the same runs through a daemon process (`llorch serve`, started by the
-//! bench on a free port) over HTTP, streamed like a client streams them, plus the aggregate
-//! decode speed of several streams at once on one replica.
+//! bench on a free port) over HTTP, streamed like a client streams them, each right after its
+//! bare-engine twin so that both see the same machine (this VM's speed drifts by 20 % within
+//! minutes); the daemon's cost is the median over those pairs. Then the aggregate decode speed
+//! of several streams at once on one replica.
 //!
 //! `tokens_per_s` of a concurrent run counts every stream's tokens over the time from the
 //! submissions to the last token, prefills included; `steady_decode_tok_s` is the decode rate
@@ -28,8 +30,6 @@ pub struct HttpBench<'a> {
     pub ids: &'a [u32],
     /// Tokens generated per run.
     pub decode_tokens: usize,
-    /// Measured single-stream runs.
-    pub runs: usize,
     /// Stream counts for the aggregate runs.
     pub concurrency: &'a [usize],
 }
@@ -48,21 +48,33 @@ impl Drop for Daemon {
     }
 }
 
-impl HttpBench<'_> {
-    /// Starts the daemon, measures, stops it, and returns the `http` part of the report.
-    pub fn run(&self) -> anyhow::Result<Value> {
+/// A started daemon and the client that measures it.
+pub struct HttpSession<'a> {
+    bench: HttpBench<'a>,
+    daemon: Daemon,
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
+}
+
+impl<'a> HttpBench<'a> {
+    /// Starts the daemon and waits until it is ready.
+    pub fn start(self) -> anyhow::Result<HttpSession<'a>> {
         let streams = self.concurrency.iter().copied().max().unwrap_or(1).max(1);
-        let daemon = self.start(streams)?;
+        let daemon = self.spawn(streams)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let mut report = runtime.block_on(self.measure(&daemon.url))?;
-        let rss = peak_rss_of(daemon.child.id());
-        report["daemon_peak_rss_bytes"] = json!(rss);
-        Ok(report)
+        let client = reqwest::Client::new();
+        runtime.block_on(wait_ready(&client, &daemon.url))?;
+        Ok(HttpSession {
+            bench: self,
+            daemon,
+            runtime,
+            client,
+        })
     }
 
-    fn start(&self, streams: usize) -> anyhow::Result<Daemon> {
+    fn spawn(&self, streams: usize) -> anyhow::Result<Daemon> {
         let dir = tempfile::tempdir()?;
         let pool = dir.path().join("pool.toml");
         let mut file = std::fs::File::create(&pool)?;
@@ -102,26 +114,61 @@ impl HttpBench<'_> {
             _dir: dir,
         })
     }
+}
 
-    async fn measure(&self, url: &str) -> anyhow::Result<Value> {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while !matches!(client.get(format!("{url}/ready")).send().await, Ok(r) if r.status() == 200)
-        {
-            if Instant::now() > deadline {
-                bail!("the daemon did not become ready in 600 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+async fn wait_ready(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !matches!(client.get(format!("{url}/ready")).send().await, Ok(r) if r.status() == 200) {
+        if Instant::now() > deadline {
+            bail!("the daemon did not become ready in 600 s");
         }
-        self.stream(&client, url, 4).await?;
-        let mut runs = Vec::with_capacity(self.runs);
-        for _ in 0..self.runs {
-            runs.push(self.stream(&client, url, self.decode_tokens).await?);
-        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+impl HttpSession<'_> {
+    /// One streamed completion of `max_tokens` tokens.
+    pub fn run(&self, max_tokens: usize) -> anyhow::Result<Run> {
+        self.runtime.block_on(self.stream(max_tokens))
+    }
+
+    /// The `http` part of the report: `runs` (this daemon's, each paired with the bare run at
+    /// the same index in `bare`), the overhead over those pairs, the concurrent runs, and the
+    /// daemon's peak RSS.
+    pub fn report(self, runs: &[Run], bare: &[Run]) -> anyhow::Result<Value> {
+        let prompt_tokens = self.bench.ids.len();
+        let Rates {
+            prefill,
+            decode,
+            ttft,
+        } = Rates::of(runs, prompt_tokens);
+        let base = Rates::of(bare, prompt_tokens);
+        let added_ttft: Vec<f64> = ttft.iter().zip(&base.ttft).map(|(h, b)| h - b).collect();
+        let decode_loss: Vec<f64> = decode
+            .iter()
+            .zip(&base.decode)
+            .map(|(h, b)| 1.0 - h / b)
+            .collect();
+        let concurrent = self.runtime.block_on(self.concurrent())?;
+        Ok(json!({
+            "prefill_tok_s": median(&prefill),
+            "decode_tok_s": median(&decode),
+            "ttft_ms": median(&ttft),
+            "decode_tok_s_runs": decode,
+            "ttft_ms_runs": ttft,
+            "added_ttft_ms": median(&added_ttft),
+            "decode_loss": median(&decode_loss),
+            "concurrent": concurrent,
+            "daemon_peak_rss_bytes": peak_rss_of(self.daemon.child.id()),
+        }))
+    }
+
+    async fn concurrent(&self) -> anyhow::Result<Vec<Value>> {
         let mut aggregate = Vec::new();
-        for &streams in self.concurrency {
+        for &streams in self.bench.concurrency {
             let all = futures::future::try_join_all(
-                (0..streams).map(|_| self.stream(&client, url, self.decode_tokens)),
+                (0..streams).map(|_| self.stream(self.bench.decode_tokens)),
             )
             .await?;
             let tokens: usize = all.iter().map(|r| r.times.len()).sum();
@@ -132,30 +179,15 @@ impl HttpBench<'_> {
                 "steady_decode_tok_s": steady_decode(&all),
             }));
         }
-        let Rates {
-            prefill,
-            decode,
-            ttft,
-        } = Rates::of(&runs, self.ids.len());
-        Ok(json!({
-            "prefill_tok_s": median(&prefill),
-            "decode_tok_s": median(&decode),
-            "ttft_ms": median(&ttft),
-            "decode_tok_s_runs": decode,
-            "concurrent": aggregate,
-        }))
+        Ok(aggregate)
     }
 
     /// One streamed completion of `max_tokens` tokens; token times from the request's start.
-    async fn stream(
-        &self,
-        client: &reqwest::Client,
-        url: &str,
-        max_tokens: usize,
-    ) -> anyhow::Result<Run> {
+    async fn stream(&self, max_tokens: usize) -> anyhow::Result<Run> {
+        let (client, url, ids) = (&self.client, &self.daemon.url, self.bench.ids);
         let body = json!({
             "model": "bench",
-            "prompt": self.ids,
+            "prompt": ids,
             "max_tokens": max_tokens,
             "temperature": 0.0,
             "ignore_eos": true,

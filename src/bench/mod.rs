@@ -1,6 +1,7 @@
 //! `llorch bench`: prefill and decode speed of one model on the bare engine (its own thread,
-//! no HTTP) and, with `--http`, through a daemon process over HTTP, as medians over several
-//! runs, with the load time, the peak RSS and the memory-bandwidth bound of decode, as JSON.
+//! no HTTP) and, with `--http`, through a daemon process over HTTP (each HTTP run right after
+//! a bare one), as medians over several runs, with the load time, the peak RSS and the
+//! memory-bandwidth bound of decode, as JSON.
 //! The CPU thread count is candle's: `RAYON_NUM_THREADS`, else every core.
 
 mod bandwidth;
@@ -142,10 +143,32 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         }
         Run::from_times(&times)
     };
-    once(args.decode_tokens.min(4))?;
-    let runs = (0..args.runs)
-        .map(|_| once(args.decode_tokens))
-        .collect::<anyhow::Result<Vec<Run>>>()?;
+    let http = match args.http {
+        true => Some(
+            http::HttpBench {
+                source: &args.source,
+                device: &args.device,
+                dtype: &args.dtype,
+                ids: &ids,
+                decode_tokens: args.decode_tokens,
+                concurrency: &args.concurrency,
+            }
+            .start()?,
+        ),
+        false => None,
+    };
+    let warm_up = args.decode_tokens.min(4);
+    once(warm_up)?;
+    if let Some(session) = &http {
+        session.run(warm_up)?;
+    }
+    let (mut runs, mut http_runs) = (Vec::new(), Vec::new());
+    for _ in 0..args.runs {
+        runs.push(once(args.decode_tokens)?);
+        if let Some(session) = &http {
+            http_runs.push(session.run(args.decode_tokens)?);
+        }
+    }
     let Rates {
         prefill,
         decode,
@@ -154,6 +177,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
     drop(engine);
     // Before the bandwidth probe, whose buffer would count otherwise.
     let peak_rss = peak_rss_of(std::process::id());
+    let http = http
+        .map(|session| session.report(&http_runs, &runs))
+        .transpose()?;
     let threads = candle_core::utils::get_num_threads();
     let decode_tok_s = median(&decode);
     let bytes_per_token = bandwidth::weight_bytes_per_token(&args.source, info.dtype)?;
@@ -179,17 +205,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         "decode_bound_tok_s": bound,
         "decode_fraction_of_bound": decode_tok_s.zip(bound).map(|(d, b)| d / b),
     });
-    if args.http {
-        let http = http::HttpBench {
-            source: &args.source,
-            device: &args.device,
-            dtype: &args.dtype,
-            ids: &ids,
-            decode_tokens: args.decode_tokens,
-            runs: args.runs,
-            concurrency: &args.concurrency,
-        }
-        .run()?;
+    if let Some(http) = http {
         report["http"] = http;
     }
     Ok(report)

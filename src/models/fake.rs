@@ -1,9 +1,9 @@
-//! `builtin:fake?ms=N[&load_ms=M]`: a test backend for the reliability suites (compiled only with the
-//! `fault-injection` feature). It has the demo tokenizer, a 64K-token context, and a forward
-//! pass that sleeps `N` ms and returns logits that put all probability on the next letter of
-//! the alphabet (whatever the sampling settings), never an end token; its load sleeps `M` ms: streams run to
-//! `max_tokens` at a known rate, using almost no CPU, so a 2-core machine can hold many
-//! concurrent streams (RELIABILITY.md §13).
+//! `builtin:fake?ms=N[&load_ms=M]`: a test backend for the reliability suites (compiled only
+//! with the `fault-injection` feature). It has the demo tokenizer, a 64K-token context, and a
+//! forward pass that sleeps `N` ms (on average) and returns logits that put all probability on
+//! the next letter of the alphabet (whatever the sampling settings), never an end token; its
+//! load sleeps `M` ms: streams run to `max_tokens` at a known rate, using almost no CPU, so a
+//! 2-core machine can hold many concurrent streams (RELIABILITY.md §13).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -1,9 +1,9 @@
 //! `exp` over a whole vector, for softmax-like sums (the sampler's token weights): the
-//! standard library's `exp` is a call per value that LLVM cannot vectorize, about 15 ns each,
-//! 2 ms for a 150 000-token vocabulary. Here `exp(x)` is `2^n · e^r` with `n` the nearest
-//! integer to `x / ln 2` and `|r| ≤ ln 2 / 2`, `e^r` its Taylor polynomial to degree 6
-//! (relative error under 3e-7, two units in the last place), and `2^n` built from its exponent bits; every step is plain
-//! arithmetic LLVM turns into AVX2 (eight values per instruction) where the CPU has it.
+//! standard library's `exp` is a call per value, which LLVM cannot vectorize. Here `exp(x)` is
+//! `2^n · e^r` with `n` the nearest integer to `x / ln 2` and `|r| ≤ ln 2 / 2`, `e^r` its
+//! Taylor polynomial to degree 6 (relative error under 3e-7, two units in the last place),
+//! and `2^n` built from its exponent bits; every step is plain arithmetic that LLVM turns into
+//! AVX2 (eight values per instruction) where the CPU has it.
 
 /// Below this `exp` is taken as 0 (`e^-87` is near the smallest normal `f32`).
 const UNDERFLOW: f32 = -87.0;

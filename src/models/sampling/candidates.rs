@@ -6,7 +6,7 @@
 //! Sorting all 150 000 tokens of a Qwen vocabulary took 12–14 ms per token (`cargo bench
 //! --bench sampling`).
 
-use crate::models::cpu::exp::{exp_shifted, max_value, sum_at_least, SUM_BLOCK};
+use crate::models::cpu::exp::{exp_shifted, sum_at_least, SUM_BLOCK};
 
 use super::SamplingParams;
 
@@ -34,6 +34,50 @@ pub(super) enum Kept<'a> {
     },
 }
 
+impl Kept<'_> {
+    /// The token at `fraction` (in `[0, 1)`) of the kept weight, walking the kept tokens in
+    /// their order.
+    pub(super) fn draw(&self, fraction: f64) -> u32 {
+        match self {
+            Kept::All {
+                weights,
+                floor,
+                total,
+            } => {
+                let mut left = fraction * total;
+                let kept = |w: f32| w >= *floor && w > 0.0;
+                for (block, chunk) in weights.chunks(SUM_BLOCK).enumerate() {
+                    let mass = f64::from(sum_at_least(chunk, *floor));
+                    if left >= mass {
+                        left -= mass;
+                        continue;
+                    }
+                    for (offset, &w) in chunk.iter().enumerate() {
+                        if kept(w) {
+                            left -= f64::from(w);
+                            if left < 0.0 {
+                                return (block * SUM_BLOCK + offset) as u32;
+                            }
+                        }
+                    }
+                }
+                // Rounding left a sliver past the last block: the last kept token.
+                weights.iter().rposition(|w| kept(*w)).unwrap_or(0) as u32
+            }
+            Kept::List { tokens, total } => {
+                let mut left = fraction * total;
+                for &(id, w) in tokens.iter() {
+                    left -= f64::from(w);
+                    if left < 0.0 {
+                        return id;
+                    }
+                }
+                tokens.last().map_or(0, |(id, _)| *id)
+            }
+        }
+    }
+}
+
 /// Buffers reused from token to token.
 #[derive(Debug, Default)]
 pub(super) struct Candidates {
@@ -47,10 +91,9 @@ fn by_weight(a: &Weighted, b: &Weighted) -> std::cmp::Ordering {
 }
 
 impl Candidates {
-    /// Applies temperature, top-k, top-p and min-p to `logits`, which must hold a finite
-    /// largest logit (the temperature is above 0). NaN logits are left out.
-    pub(super) fn keep(&mut self, logits: &[f32], params: &SamplingParams) -> Kept<'_> {
-        let max = max_value(logits);
+    /// Applies temperature, top-k, top-p and min-p to `logits`, whose largest value `max` must
+    /// be finite (the temperature is above 0). NaN logits are left out.
+    pub(super) fn keep(&mut self, logits: &[f32], max: f32, params: &SamplingParams) -> Kept<'_> {
         let inverse = 1.0 / params.temperature;
         let sorted = params.top_k > 0 && params.top_k < logits.len();
         let total = if sorted {
@@ -114,7 +157,7 @@ impl Candidates {
 }
 
 /// The sum of the weights at or above `floor`, block by block as the draw walks them.
-pub(super) fn kept_sum(weights: &[f32], floor: f32) -> f64 {
+fn kept_sum(weights: &[f32], floor: f32) -> f64 {
     weights
         .chunks(SUM_BLOCK)
         .map(|block| f64::from(sum_at_least(block, floor)))
@@ -251,7 +294,8 @@ mod tests {
                         min_p,
                         ..SamplingParams::default()
                     };
-                    let ours = distribution(candidates.keep(&logits, &params));
+                    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let ours = distribution(candidates.keep(&logits, max, &params));
                     let expected = reference(&logits, &params);
                     let ids = |d: &[(u32, f64)]| d.iter().map(|(id, _)| *id).collect::<Vec<_>>();
                     assert_eq!(ids(&ours), ids(&expected), "{vocab} tokens, {params:?}");

@@ -3,9 +3,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::cpu::exp::{max_value, sum_at_least, SUM_BLOCK};
+use super::cpu::exp::max_value;
 use super::error::GenerationError;
-use candidates::{Candidates, Kept};
+use candidates::Candidates;
 
 mod candidates;
 
@@ -125,53 +125,14 @@ impl Sampler {
         if self.params.repetition_penalty != 1.0 {
             apply_repetition_penalty(logits, previous, self.params.repetition_penalty);
         }
-        if self.params.temperature == 0.0 || !max_value(logits).is_finite() {
+        let max = max_value(logits);
+        if self.params.temperature == 0.0 || !max.is_finite() {
             return argmax(logits);
         }
         let fraction = self.rng.random::<f64>();
-        draw(&self.candidates.keep(logits, &self.params), fraction)
-    }
-}
-
-/// The token at `fraction` (in `[0, 1)`) of the kept weight, walking the kept tokens in
-/// their order.
-fn draw(kept: &Kept<'_>, fraction: f64) -> u32 {
-    match kept {
-        Kept::All {
-            weights,
-            floor,
-            total,
-        } => {
-            let mut left = fraction * total;
-            let kept = |w: f32| w >= *floor && w > 0.0;
-            for (block, chunk) in weights.chunks(SUM_BLOCK).enumerate() {
-                let mass = f64::from(sum_at_least(chunk, *floor));
-                if left >= mass {
-                    left -= mass;
-                    continue;
-                }
-                for (offset, &w) in chunk.iter().enumerate() {
-                    if kept(w) {
-                        left -= f64::from(w);
-                        if left < 0.0 {
-                            return (block * SUM_BLOCK + offset) as u32;
-                        }
-                    }
-                }
-            }
-            // Rounding left a sliver past the last block: the last kept token.
-            weights.iter().rposition(|w| kept(*w)).unwrap_or(0) as u32
-        }
-        Kept::List { tokens, total } => {
-            let mut left = fraction * total;
-            for &(id, w) in tokens.iter() {
-                left -= f64::from(w);
-                if left < 0.0 {
-                    return id;
-                }
-            }
-            tokens.last().map_or(0, |(id, _)| *id)
-        }
+        self.candidates
+            .keep(logits, max, &self.params)
+            .draw(fraction)
     }
 }
 
@@ -204,6 +165,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use super::candidates::Kept;
     use super::*;
 
     fn logits() -> Vec<f32> {
@@ -259,7 +221,7 @@ mod tests {
     /// The ids `params` keeps of `logits`, in the order they are drawn from.
     fn kept_ids(params: SamplingParams, logits: &[f32]) -> Vec<u32> {
         let mut candidates = Candidates::default();
-        match candidates.keep(logits, &params) {
+        match candidates.keep(logits, max_value(logits), &params) {
             Kept::All { weights, floor, .. } => (0..weights.len() as u32)
                 .filter(|&id| weights[id as usize] >= floor)
                 .collect(),

@@ -60,15 +60,15 @@ fn backoffs(replica: &str) -> Vec<Duration> {
 }
 
 /// Checks the observed backoffs against the expected ones. tokio's timer fires on the first
-/// millisecond tick at or after a deadline, so a respawn may land 1 ms late in virtual time.
+/// millisecond tick at or after a deadline, and `drive` moves virtual time 1 ms per scheduler
+/// turn, so the supervisor records a respawn a turn or a few after its timer fired (CI saw
+/// 252 ms for 250): up to `LATE` late, far below the doubling the checks tell apart.
 fn assert_backoffs(observed: Vec<Duration>, expected_ms: &[u64]) {
+    const LATE: Duration = Duration::from_millis(5);
     assert_eq!(observed.len(), expected_ms.len(), "{observed:?}");
     for (got, want) in observed.iter().zip(expected_ms) {
         let want = Duration::from_millis(*want);
-        assert!(
-            *got >= want && *got <= want + Duration::from_millis(1),
-            "{observed:?}"
-        );
+        assert!(*got >= want && *got <= want + LATE, "{observed:?}");
     }
 }
 

@@ -136,12 +136,25 @@ impl Candidates {
         }
     }
 
-    /// Keeps the `k` highest logits that are not NaN, most likely first, as weights; returns
-    /// their sum.
+    /// Keeps the `k` highest logits (neither NaN nor `-inf`), most likely first, as weights;
+    /// returns their sum. One pass collects the logits above a threshold, and each time `4k`
+    /// are collected only the best `k` are kept and the threshold rises to the least of them:
+    /// a later logit that does not beat it (an equal one has a higher id) cannot be in the top
+    /// `k`, so most of the vocabulary costs one comparison.
     fn top_k(&mut self, logits: &[f32], k: usize, max: f32, inverse: f32) -> f64 {
         self.list.clear();
-        let numbers = logits.iter().enumerate().filter(|(_, l)| !l.is_nan());
-        self.list.extend(numbers.map(|(id, &l)| (id as u32, l)));
+        let cap = (4 * k).max(256);
+        let mut threshold = f32::NEG_INFINITY;
+        for (id, &logit) in logits.iter().enumerate() {
+            if logit > threshold {
+                self.list.push((id as u32, logit));
+                if self.list.len() == cap {
+                    self.list.select_nth_unstable_by(k - 1, by_weight);
+                    self.list.truncate(k);
+                    threshold = self.list[k - 1].1;
+                }
+            }
+        }
         if self.list.len() > k {
             self.list.select_nth_unstable_by(k - 1, by_weight);
             self.list.truncate(k);

@@ -125,8 +125,11 @@ impl Sampler {
         if self.params.repetition_penalty != 1.0 {
             apply_repetition_penalty(logits, previous, self.params.repetition_penalty);
         }
+        if self.params.temperature == 0.0 {
+            return argmax(logits);
+        }
         let max = max_value(logits);
-        if self.params.temperature == 0.0 || !max.is_finite() {
+        if !max.is_finite() {
             return argmax(logits);
         }
         let fraction = self.rng.random::<f64>();

@@ -3,6 +3,10 @@
 //! not). Criterion reports weight bytes per second. Q5_0, Q4_K and Q6_K (K blocks only where
 //! 256 divides the row) run against candle's own `vec_dot` on the same blocks.
 //!
+//! The `prefill` group multiplies the same matrices with 128 activation rows through
+//! `Weight::matmul` (quantizing the activations included) and reports multiply-adds per
+//! second; run it with `RAYON_NUM_THREADS=1` for one thread's figure.
+//!
 //! `cargo bench --bench kernels`
 
 use candle_core::quantized::k_quants::{
@@ -13,7 +17,10 @@ use half::f16;
 use llorch::models::cpu::kernels::{
     block_sums, dot_f16, dot_q4_0, dot_q8_0, quantize_q8_0, BLOCK, Q4_0_BYTES, Q8_0_BYTES,
 };
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 use llorch::models::cpu::kquants::{dot_q4k, dot_q5_0, dot_q6k, quantize_q8k, Q8K, QK_K};
+use llorch::models::cpu::weight::Weight;
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n as u32)
@@ -146,5 +153,38 @@ fn matvec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matvec);
+/// Tokens per prefill product: the harness's prompt length.
+const PREFILL_TOKENS: usize = 128;
+
+fn prefill(c: &mut Criterion) {
+    let mut group = c.benchmark_group("prefill");
+    for (rows, cols) in [(1536usize, 576usize), (5632, 2048)] {
+        let w = Tensor::from_vec(values(rows * cols, 3), (rows, cols), &Device::Cpu)
+            .expect("weight tensor");
+        let x = values(PREFILL_TOKENS * cols, 7);
+        let mut out = vec![0f32; PREFILL_TOKENS * rows];
+        let label = format!("{rows}x{cols}");
+        group.throughput(Throughput::Elements((PREFILL_TOKENS * rows * cols) as u64));
+        for (name, dtype) in [
+            ("q8_0", GgmlDType::Q8_0),
+            ("q4_0", GgmlDType::Q4_0),
+            ("q5_0", GgmlDType::Q5_0),
+            ("q4_k", GgmlDType::Q4K),
+            ("q6_k", GgmlDType::Q6K),
+            ("f16", GgmlDType::F16),
+        ] {
+            if dtype.block_size() > cols || cols % dtype.block_size() != 0 {
+                continue;
+            }
+            let q = QTensor::quantize(&w, dtype).expect("quantize");
+            let weight = Weight::new(&q).expect("weight");
+            group.bench_function(BenchmarkId::new(name, &label), |b| {
+                b.iter(|| weight.matmul(&x, PREFILL_TOKENS, &mut out))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matvec, prefill);
 criterion_main!(benches);

@@ -239,7 +239,7 @@ pub mod scalar {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{scales_and_mins, Q4K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8K};
     use crate::models::cpu::kernels::avx2 as shared;
     use std::arch::x86_64::*;
@@ -387,7 +387,7 @@ mod avx2 {
     /// The 32 values of a Q5_0 block as unsigned bytes (0..32).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn q5_0_values(x: &[u8]) -> __m256i {
+    pub(in crate::models::cpu) fn q5_0_values(x: &[u8]) -> __m256i {
         let bits = u32::from_le_bytes(x[2..6].try_into().expect("four bytes"));
         _mm256_or_si256(shared::nibbles_at(x, 6), high_bits(bits))
     }

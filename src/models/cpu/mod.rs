@@ -7,6 +7,7 @@ pub(crate) mod exp;
 pub mod kernels;
 pub mod kquants;
 mod llama;
-mod weight;
+pub mod tiles;
+pub mod weight;
 
 pub use llama::CpuLlama;

@@ -9,8 +9,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
-use super::kernels::{self, BLOCK, Q4_0_BYTES, Q8_0_BYTES};
-use super::kquants::{self, Q4K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8K, QK_K};
+use super::kernels::{self, BLOCK};
+use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, Q8K, QK_K};
+use super::tiles::{self, Activations, Blocks};
 
 /// The rows of one matrix.
 enum Rows {
@@ -138,20 +139,9 @@ impl Weight {
                     (kernels::dot_f16_x4, kernels::dot_f16),
                 )
             }
-            Rows::Q8_0(d) => {
-                let (a, stride) = quantize_q8_0(x, tokens, n);
-                let act = |t: usize| &a[t * stride..(t + 1) * stride];
-                self.rows_by_four(
-                    d,
-                    stride,
-                    act,
-                    tokens,
-                    out,
-                    (kernels::dot_q8_0_x4, kernels::dot_q8_0),
-                )
-            }
-            Rows::Q4_0(d) => self.offset_products(d, &Q4_0_KERNEL, x, tokens, out),
-            Rows::Q5_0(d) => self.offset_products(d, &Q5_0_KERNEL, x, tokens, out),
+            Rows::Q8_0(d) => self.block_products(Blocks::Q8_0, d, x, tokens, out),
+            Rows::Q4_0(d) => self.block_products(Blocks::Q4_0, d, x, tokens, out),
+            Rows::Q5_0(d) => self.block_products(Blocks::Q5_0, d, x, tokens, out),
             Rows::Q4K(d) => self.k_products(d, Q4K_BYTES, x, tokens, out, kquants::dot_q4k),
             Rows::Q5K(d) => self.candle_products(d, x, tokens, out),
             Rows::Q6K(d) => self.k_products(d, Q6K_BYTES, x, tokens, out, kquants::dot_q6k),
@@ -179,39 +169,19 @@ impl Weight {
         })
     }
 
-    /// Products of rows of 32-value blocks through an [`OffsetKernel`].
-    fn offset_products(
-        &self,
-        rows: &[u8],
-        kernel: &OffsetKernel,
-        x: &[f32],
-        tokens: usize,
-        out: &mut [f32],
-    ) {
-        let OffsetKernel {
-            block_bytes,
-            one,
-            four,
-        } = *kernel;
-        let n = self.columns;
-        let (a, stride, sums) = quantize_q8_0_with_sums(x, tokens, n);
-        let per_row = n / BLOCK;
-        let bytes = per_row * block_bytes;
-        let act = |t: usize| &a[t * stride..(t + 1) * stride];
-        let sum = |t: usize| &sums[t * per_row..(t + 1) * per_row];
-        self.products(out, tokens, |r, o| {
-            let row = &rows[r * bytes..(r + 1) * bytes];
-            four_at_a_time(
-                o,
-                |t| {
-                    four(
-                        row,
-                        std::array::from_fn(|k| act(t + k)),
-                        std::array::from_fn(|k| sum(t + k)),
-                    )
-                },
-                |t| one(row, act(t), sum(t)),
-            )
+    /// Products of rows of 32-value blocks with Q8_0 activations: one token through the
+    /// one-token kernels, several through [`tiles::products`] on each thread's block of rows.
+    fn block_products(&self, kind: Blocks, rows: &[u8], x: &[f32], tokens: usize, out: &mut [f32]) {
+        let a = Activations::quantize(x, tokens, self.columns);
+        let bytes = self.columns / BLOCK * kind.bytes();
+        if tokens == 1 {
+            return self.each(out, 1, |r, _| {
+                tiles::dot(kind, &rows[r * bytes..(r + 1) * bytes], &a, 0)
+            });
+        }
+        self.row_blocks(out, tokens, |first, part| {
+            let count = part.len() / tokens;
+            tiles::products(kind, &rows[first * bytes..(first + count) * bytes], &a, part)
         })
     }
 
@@ -287,13 +257,25 @@ impl Weight {
     where
         F: Fn(usize, &mut [f32]) + Sync,
     {
+        self.row_blocks(out, tokens, |first, part| {
+            for (i, o) in part.chunks_exact_mut(tokens).enumerate() {
+                row(first + i, o);
+            }
+        })
+    }
+
+    /// Fills `out` (`tokens × rows`) through `rows(first, part)`, which writes the products of
+    /// the rows from `first` with every token into `part` (row major, `tokens` per row); each
+    /// thread takes blocks of [`ROW_CHUNK`] rows.
+    fn row_blocks<F>(&self, out: &mut [f32], tokens: usize, rows: F)
+    where
+        F: Fn(usize, &mut [f32]) + Sync,
+    {
         let chunk = ROW_CHUNK.min(self.rows.max(1));
         if tokens == 1 {
-            out.par_chunks_mut(chunk).enumerate().for_each(|(c, part)| {
-                for (i, o) in part.iter_mut().enumerate() {
-                    row(c * chunk + i, std::slice::from_mut(o));
-                }
-            });
+            out.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(c, part)| rows(c * chunk, part));
             return;
         }
         // Row-major by weight row, then transposed into token-major `out`.
@@ -301,11 +283,7 @@ impl Weight {
         by_row
             .par_chunks_mut(chunk * tokens)
             .enumerate()
-            .for_each(|(c, part)| {
-                for (i, o) in part.chunks_exact_mut(tokens).enumerate() {
-                    row(c * chunk + i, o);
-                }
-            });
+            .for_each(|(c, part)| rows(c * chunk, part));
         for (r, row) in by_row.chunks_exact(tokens).enumerate() {
             for (t, v) in row.iter().enumerate() {
                 out[t * self.rows + r] = *v;
@@ -316,33 +294,6 @@ impl Weight {
 
 /// A product of one weight row with four activation rows, and with one.
 type RowKernels<T, A> = (fn(&[T], [&A; 4]) -> [f32; 4], fn(&[T], &A) -> f32);
-
-/// The kernels of a 32-value block type that take Q8_0 activations with their block sums (the
-/// weight's offset is subtracted once per block): `one` per (row, token), `four` for four
-/// tokens at once.
-#[derive(Clone, Copy)]
-struct OffsetKernel {
-    block_bytes: usize,
-    one: OneToken,
-    four: FourTokens,
-}
-
-/// `(weight row, activation row, its block sums) -> product`.
-type OneToken = fn(&[u8], &[u8], &[f32]) -> f32;
-/// `(weight row, four activation rows, their block sums) -> four products`.
-type FourTokens = fn(&[u8], [&[u8]; 4], [&[f32]; 4]) -> [f32; 4];
-
-const Q4_0_KERNEL: OffsetKernel = OffsetKernel {
-    block_bytes: Q4_0_BYTES,
-    one: kernels::dot_q4_0,
-    four: kernels::dot_q4_0_x4,
-};
-
-const Q5_0_KERNEL: OffsetKernel = OffsetKernel {
-    block_bytes: Q5_0_BYTES,
-    one: kquants::dot_q5_0,
-    four: kquants::dot_q5_0_x4,
-};
 
 /// Fills `o` (one weight row's products with each token) four tokens at a time through `four`,
 /// then the rest through `one`.
@@ -371,26 +322,4 @@ fn row_to_float<T: GgmlType>(bytes: &[u8], row: usize, n: usize, out: &mut [f32]
     let blocks: Vec<T> =
         blocks(&bytes[row * row_bytes..(row + 1) * row_bytes]).expect("a row is whole blocks");
     T::to_float(&blocks, out);
-}
-
-/// [`quantize_q8_0`] and the [`kernels::block_sums`] of every row, for the weight types whose
-/// kernels take their offset once per block.
-fn quantize_q8_0_with_sums(x: &[f32], tokens: usize, n: usize) -> (Vec<u8>, usize, Vec<f32>) {
-    let (a, stride) = quantize_q8_0(x, tokens, n);
-    let per_row = n / BLOCK;
-    let mut sums = vec![0f32; tokens * per_row];
-    for (blocks, s) in a.chunks_exact(stride).zip(sums.chunks_exact_mut(per_row)) {
-        kernels::block_sums(blocks, s);
-    }
-    (a, stride, sums)
-}
-
-/// Q8_0 blocks of each activation row; returns the buffer and its per-row stride in bytes.
-fn quantize_q8_0(x: &[f32], tokens: usize, n: usize) -> (Vec<u8>, usize) {
-    let stride = n / BLOCK * Q8_0_BYTES;
-    let mut a = vec![0u8; tokens * stride];
-    for (values, blocks) in x.chunks_exact(n).zip(a.chunks_exact_mut(stride)) {
-        kernels::quantize_q8_0(values, blocks);
-    }
-    (a, stride)
 }

@@ -141,9 +141,9 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// Weight rows per tile.
-    const ROWS: usize = 2;
+    const ROWS: usize = 3;
     /// Tokens per tile.
-    const TOKENS: usize = 4;
+    const TOKENS: usize = 2;
 
     /// # Safety
     /// AVX2, FMA and F16C must be available; `w` is whole rows of `a`'s length and `out` holds

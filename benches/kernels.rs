@@ -12,13 +12,13 @@
 use candle_core::quantized::k_quants::{
     BlockQ4K, BlockQ4_0, BlockQ5_0, BlockQ6K, BlockQ8_0, GgmlType,
 };
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use llorch::models::cpu::kernels::{
     block_sums, dot_f16, dot_q4_0, dot_q8_0, quantize_q8_0, BLOCK, Q4_0_BYTES, Q8_0_BYTES,
 };
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
 use llorch::models::cpu::kquants::{dot_q4k, dot_q5_0, dot_q6k, quantize_q8k, Q8K, QK_K};
 use llorch::models::cpu::weight::Weight;
 

@@ -63,21 +63,6 @@ pub fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
     scalar::dot_q8_0(w, a)
 }
 
-/// [`dot_q8_0`] of one weight row with four activation rows at once, each summed as
-/// [`dot_q8_0`] sums it (prefill's inner loop).
-pub fn dot_q8_0_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    for row in a {
-        assert_eq!(w.len(), row.len(), "Q8_0 rows of one length");
-    }
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: as for `dot_q8_0`, for each of the four activation rows.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::dot_q8_0_x4(w, a) };
-    }
-    a.map(|row| scalar::dot_q8_0(w, row))
-}
-
 /// The sum of each Q8_0 block's values (scale times the sum of its integers), which
 /// [`dot_q4_0`] takes with the row so it can multiply unsigned nibbles and subtract their
 /// offset of 8 once per block.
@@ -105,23 +90,6 @@ pub fn dot_q4_0(w: &[u8], a: &[u8], sums: &[f32]) -> f32 {
     scalar::dot_q4_0(w, a)
 }
 
-/// [`dot_q4_0`] of one weight row with four activation rows at once: each weight block is
-/// unpacked once for the four (prefill's inner loop).
-pub fn dot_q4_0_x4(w: &[u8], a: [&[u8]; 4], sums: [&[f32]; 4]) -> [f32; 4] {
-    let blocks = w.len() / Q4_0_BYTES;
-    for t in 0..4 {
-        assert_eq!(blocks * Q8_0_BYTES, a[t].len(), "rows of one length");
-        assert_eq!(blocks, sums[t].len(), "one sum per block");
-    }
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: as for `dot_q4_0`, for each of the four activation rows.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::dot_q4_0_x4(w, a, sums) };
-    }
-    a.map(|a| scalar::dot_q4_0(w, a))
-}
-
 /// `w · a` for an f16 row and an f32 row.
 pub fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
     assert_eq!(w.len(), a.len(), "rows of one length");
@@ -132,21 +100,6 @@ pub fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
         return unsafe { avx2::dot_f16(w, a) };
     }
     scalar::dot_f16(w, a)
-}
-
-/// [`dot_f16`] of one weight row with four activation rows at once: each weight value is
-/// converted once for the four (prefill's inner loop).
-pub fn dot_f16_x4(w: &[f16], a: [&[f32]; 4]) -> [f32; 4] {
-    for row in a {
-        assert_eq!(w.len(), row.len(), "rows of one length");
-    }
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: the features were detected; every slice has the weight row's length.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::dot_f16_x4(w, a) };
-    }
-    a.map(|row| scalar::dot_f16(w, row))
 }
 
 /// `w · a` for f32 rows.
@@ -373,47 +326,6 @@ pub(super) mod avx2 {
     }
 
     /// # Safety
-    /// As for [`dot_q8_0`], for each of the four activation rows.
-    ///
-    /// Each token's products are summed exactly as [`dot_q8_0`] sums them (one accumulator,
-    /// block order, the same scale products), so prefill and decode round alike.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0_x4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-        let blocks = w.len() / Q8_0_BYTES;
-        for row in a {
-            assert!(row.len() >= blocks * Q8_0_BYTES);
-        }
-        let whole = blocks / 8 * 8;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut group_scales = [[0f32; 8]; 4];
-        // One loop body for whole groups and the tail (a closure for it was not inlined).
-        for b in 0..blocks {
-            let x = &w[b * Q8_0_BYTES..];
-            if b < whole && b % 8 == 0 {
-                let ws = eight_scales(x, Q8_0_BYTES);
-                for t in 0..4 {
-                    let scales = eight_scales(&a[t][b * Q8_0_BYTES..], Q8_0_BYTES);
-                    group_scales[t] = to_lanes(_mm256_mul_ps(ws, scales));
-                }
-            }
-            let qx = values(x);
-            let magnitude = _mm256_sign_epi8(qx, qx);
-            for t in 0..4 {
-                let y = &a[t][b * Q8_0_BYTES..];
-                let d = if b < whole {
-                    _mm256_broadcast_ss(&group_scales[t][b % 8])
-                } else {
-                    _mm256_set1_ps(f16_at(x, 0) * f16_at(y, 0))
-                };
-                let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(values(y), qx));
-                let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-                acc[t] = _mm256_fmadd_ps(d, products, acc[t]);
-            }
-        }
-        acc.map(|v| sum_lanes(v))
-    }
-
-    /// # Safety
     /// AVX2 and FMA must be available; `w` holds as many Q4_0 blocks as `a` Q8_0 blocks and
     /// `sums` entries.
     ///
@@ -543,71 +455,6 @@ pub(super) mod avx2 {
     }
 
     /// # Safety
-    /// As for [`dot_q4_0`], for each of the four activation rows.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_0_x4(w: &[u8], a: [&[u8]; 4], sums: [&[f32]; 4]) -> [f32; 4] {
-        unsigned_blocks_dot_x4(w, Q4_0_BYTES, a, sums, 8.0, |x| nibbles(x))
-    }
-
-    /// [`unsigned_blocks_dot`] of one weight row with four activation rows: each weight block
-    /// is unpacked once for the four (prefill's inner loop).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::models::cpu) fn unsigned_blocks_dot_x4(
-        w: &[u8],
-        w_bytes: usize,
-        a: [&[u8]; 4],
-        sums: [&[f32]; 4],
-        offset: f32,
-        unpack: impl Fn(&[u8]) -> __m256i,
-    ) -> [f32; 4] {
-        let blocks = w.len() / w_bytes;
-        for t in 0..4 {
-            assert!(a[t].len() >= blocks * Q8_0_BYTES && sums[t].len() >= blocks);
-        }
-        let whole = blocks / 8 * 8;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut offsets = [_mm256_setzero_ps(); 4];
-        for group in (0..whole).step_by(8) {
-            let wg = &w[group * w_bytes..];
-            let ws = eight_scales(wg, w_bytes);
-            let mut d = [[0f32; 8]; 4];
-            for t in 0..4 {
-                let ag = &a[t][group * Q8_0_BYTES..];
-                d[t] = to_lanes(_mm256_mul_ps(ws, eight_scales(ag, Q8_0_BYTES)));
-                let ys = &sums[t][group..group + 8];
-                // SAFETY: `ys` holds eight floats.
-                let ys = unsafe { _mm256_loadu_ps(ys.as_ptr()) };
-                offsets[t] = _mm256_fmadd_ps(ws, ys, offsets[t]);
-            }
-            for j in 0..8 {
-                let x = unpack(&wg[j * w_bytes..]);
-                for t in 0..4 {
-                    let y = values(&a[t][(group + j) * Q8_0_BYTES..]);
-                    let products = unsigned_products(x, y);
-                    acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&d[t][j]), products, acc[t]);
-                }
-            }
-        }
-        // The last blocks one at a time, their scales converted one by one.
-        let mut tail_offsets = [0f32; 4];
-        for b in whole..blocks {
-            let x = unpack(&w[b * w_bytes..]);
-            let wd = f16_at(&w[b * w_bytes..], 0);
-            for t in 0..4 {
-                let block = &a[t][b * Q8_0_BYTES..];
-                let products = unsigned_products(x, values(block));
-                let d = _mm256_set1_ps(wd * f16_at(block, 0));
-                acc[t] = _mm256_fmadd_ps(d, products, acc[t]);
-                tail_offsets[t] += wd * sums[t][b];
-            }
-        }
-        std::array::from_fn(|t| {
-            sum_lanes(acc[t]) - offset * (sum_lanes(offsets[t]) + tail_offsets[t])
-        })
-    }
-
-    /// # Safety
     /// AVX2, FMA and F16C must be available; the slices have equal lengths.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
@@ -627,28 +474,6 @@ pub(super) mod avx2 {
         }
         let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         sum_lanes(total) + super::scalar::dot_f16(&w[whole..], &a[whole..])
-    }
-
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; every slice has the weight row's length.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f16_x4(w: &[f16], a: [&[f32]; 4]) -> [f32; 4] {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let whole = w.len() / 8 * 8;
-        for i in (0..whole).step_by(8) {
-            // SAFETY: 8 halves from `i`, below `whole` <= the row's length.
-            let x = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i).cast())) };
-            for t in 0..4 {
-                // SAFETY: 8 floats from `i` of a row as long as `w`.
-                let y = unsafe { _mm256_loadu_ps(a[t].as_ptr().add(i)) };
-                acc[t] = _mm256_fmadd_ps(x, y, acc[t]);
-            }
-        }
-        let mut out = [0f32; 4];
-        for t in 0..4 {
-            out[t] = sum_lanes(acc[t]) + super::scalar::dot_f16(&w[whole..], &a[t][whole..]);
-        }
-        out
     }
 
     /// # Safety
@@ -731,12 +556,6 @@ mod tests {
             let (w, a) = (values(n, seed), values(n, seed + 100));
             let (wq, aq) = (q8(&w), q8(&a));
             close(dot_q8_0(&wq, &aq), scalar::dot_q8_0(&wq, &aq), n);
-            let rows: Vec<Vec<u8>> = (0..4).map(|k| q8(&values(n, seed + 400 + k))).collect();
-            let four = dot_q8_0_x4(&wq, std::array::from_fn(|k| &rows[k][..]));
-            for (got, row) in four.iter().zip(&rows) {
-                // Bit for bit: prefill must round as decode does.
-                assert_eq!(got.to_bits(), dot_q8_0(&wq, row).to_bits());
-            }
             // A Q4_0 row from random nibbles and scales.
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let w4: Vec<u8> = (0..n / BLOCK)
@@ -751,31 +570,8 @@ mod tests {
             let mut sums = vec![0f32; n / BLOCK];
             block_sums(&aq, &mut sums);
             close(dot_q4_0(&w4, &aq, &sums), scalar::dot_q4_0(&w4, &aq), n);
-            let others: Vec<Vec<u8>> = (0..3).map(|k| q8(&values(n, seed + 200 + k))).collect();
-            let rows = [&aq[..], &others[0], &others[1], &others[2]];
-            let row_sums: Vec<Vec<f32>> = rows
-                .iter()
-                .map(|r| {
-                    let mut s = vec![0f32; n / BLOCK];
-                    block_sums(r, &mut s);
-                    s
-                })
-                .collect();
-            let four = dot_q4_0_x4(
-                &w4,
-                rows,
-                [&row_sums[0], &row_sums[1], &row_sums[2], &row_sums[3]],
-            );
-            for (got, row) in four.iter().zip(rows) {
-                close(*got, scalar::dot_q4_0(&w4, row), n);
-            }
             let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
             close(dot_f16(&wh, &a), scalar::dot_f16(&wh, &a), n);
-            let rows: Vec<Vec<f32>> = (0..4).map(|k| values(n, seed + 300 + k)).collect();
-            let four = dot_f16_x4(&wh, [&rows[0], &rows[1], &rows[2], &rows[3]]);
-            for (got, row) in four.iter().zip(&rows) {
-                close(*got, scalar::dot_f16(&wh, row), n);
-            }
             close(dot_f32(&w, &a), scalar::dot_f32(&w, &a), n);
         }
         // Lengths that are not a multiple of 32 take the scalar tail.

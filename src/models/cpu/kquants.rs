@@ -131,22 +131,6 @@ pub fn dot_q5_0(w: &[u8], a: &[u8], sums: &[f32]) -> f32 {
     scalar::dot_q5_0(w, a)
 }
 
-/// [`dot_q5_0`] of one weight row with four activation rows at once (prefill's inner loop).
-pub fn dot_q5_0_x4(w: &[u8], a: [&[u8]; 4], sums: [&[f32]; 4]) -> [f32; 4] {
-    let blocks = w.len() / Q5_0_BYTES;
-    for t in 0..4 {
-        assert_eq!(blocks * Q8_0_BYTES, a[t].len(), "rows of one length");
-        assert_eq!(blocks, sums[t].len(), "one sum per block");
-    }
-    #[cfg(target_arch = "x86_64")]
-    if super::kernels::simd() {
-        // SAFETY: as for `dot_q5_0`, for each of the four activation rows.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::dot_q5_0_x4(w, a, sums) };
-    }
-    a.map(|a| scalar::dot_q5_0(w, a))
-}
-
 /// The reference versions.
 pub mod scalar {
     use super::{half, scales_and_mins, Q4K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8K};
@@ -377,13 +361,6 @@ pub(super) mod avx2 {
         shared::unsigned_blocks_dot(w, Q5_0_BYTES, a, sums, 16.0, |x| q5_0_values(x))
     }
 
-    /// # Safety
-    /// As for [`dot_q5_0`], for each of the four activation rows.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q5_0_x4(w: &[u8], a: [&[u8]; 4], sums: [&[f32]; 4]) -> [f32; 4] {
-        shared::unsigned_blocks_dot_x4(w, Q5_0_BYTES, a, sums, 16.0, |x| q5_0_values(x))
-    }
-
     /// The 32 values of a Q5_0 block as unsigned bytes (0..32).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -531,29 +508,6 @@ mod tests {
             block_sums(&a8, &mut sums);
             let w5 = random_row(n / BLOCK, Q5_0_BYTES, &[0], seed + 30);
             close(dot_q5_0(&w5, &a8, &sums), scalar::dot_q5_0(&w5, &a8));
-            let rows: Vec<Vec<u8>> = (0..4)
-                .map(|k| {
-                    let mut row = vec![0u8; n / BLOCK * Q8_0_BYTES];
-                    quantize_q8_0(&activations(n, seed + 40 + k), &mut row);
-                    row
-                })
-                .collect();
-            let row_sums: Vec<Vec<f32>> = rows
-                .iter()
-                .map(|row| {
-                    let mut s = vec![0f32; n / BLOCK];
-                    block_sums(row, &mut s);
-                    s
-                })
-                .collect();
-            let four = dot_q5_0_x4(
-                &w5,
-                std::array::from_fn(|k| &rows[k][..]),
-                std::array::from_fn(|k| &row_sums[k][..]),
-            );
-            for (got, row) in four.iter().zip(&rows) {
-                close(*got, scalar::dot_q5_0(&w5, row));
-            }
         }
     }
 }

@@ -4,6 +4,7 @@
 //! written for these block layouts, and reuses its buffers.
 
 pub(crate) mod exp;
+pub mod f16_tiles;
 pub mod kernels;
 pub mod kquants;
 mod llama;

@@ -114,7 +114,11 @@ pub fn dot(kind: Blocks, w: &[u8], a: &Activations, t: usize) -> f32 {
 pub fn products(kind: Blocks, w: &[u8], a: &Activations, out: &mut [f32]) {
     let row_bytes = a.blocks * kind.bytes();
     assert_eq!(w.len() % row_bytes.max(1), 0, "whole weight rows");
-    assert_eq!(out.len(), w.len() / row_bytes.max(1) * a.tokens(), "output size");
+    assert_eq!(
+        out.len(),
+        w.len() / row_bytes.max(1) * a.tokens(),
+        "output size"
+    );
     #[cfg(target_arch = "x86_64")]
     if kernels::simd() {
         // SAFETY: the features were detected; the sizes were checked above.
@@ -228,9 +232,7 @@ mod avx2 {
         let act: [&[u8]; T] = std::array::from_fn(|j| a.row(t + j));
         let scales: [&[f32]; T] = std::array::from_fn(|j| a.scales(t + j));
         let sums: [&[f32]; T] = std::array::from_fn(|j| a.padded_sums(t + j));
-        for i in 0..R {
-            assert!(w[i].len() >= blocks * W);
-        }
+        assert!(w.iter().all(|w| w.len() >= blocks * W));
         for j in 0..T {
             assert!(act[j].len() >= blocks * Q8_0_BYTES);
             assert!(scales[j].len() >= blocks.next_multiple_of(8));
@@ -273,7 +275,8 @@ mod avx2 {
                 for i in 0..R {
                     // SAFETY: block `b` is below `blocks`, and the row holds `blocks` blocks of
                     // `W` bytes (asserted above).
-                    x[i] = unpack(unsafe { std::slice::from_raw_parts(w[i].as_ptr().add(b * W), W) });
+                    x[i] =
+                        unpack(unsafe { std::slice::from_raw_parts(w[i].as_ptr().add(b * W), W) });
                     m[i] = match SIGNED {
                         true => _mm256_sign_epi8(x[i], x[i]),
                         false => x[i],

@@ -9,6 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+use super::f16_tiles;
 use super::kernels::{self, BLOCK};
 use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, Q8K, QK_K};
 use super::tiles::{self, Activations, Blocks};
@@ -128,17 +129,13 @@ impl Weight {
             Rows::F32(d) => self.each(out, tokens, |r, t| {
                 kernels::dot_f32(&d[r * n..(r + 1) * n], &x[t * n..(t + 1) * n])
             }),
-            Rows::F16(d) => {
-                let act = |t: usize| &x[t * n..(t + 1) * n];
-                self.rows_by_four(
-                    d,
-                    n,
-                    act,
-                    tokens,
-                    out,
-                    (kernels::dot_f16_x4, kernels::dot_f16),
-                )
+            Rows::F16(d) if tokens == 1 => {
+                self.each(out, 1, |r, _| kernels::dot_f16(&d[r * n..(r + 1) * n], x))
             }
+            Rows::F16(d) => self.row_blocks(out, tokens, |first, part| {
+                let count = part.len() / tokens;
+                f16_tiles::products(&d[first * n..(first + count) * n], x, n, part)
+            }),
             Rows::Q8_0(d) => self.block_products(Blocks::Q8_0, d, x, tokens, out),
             Rows::Q4_0(d) => self.block_products(Blocks::Q4_0, d, x, tokens, out),
             Rows::Q5_0(d) => self.block_products(Blocks::Q5_0, d, x, tokens, out),
@@ -146,27 +143,6 @@ impl Weight {
             Rows::Q5K(d) => self.candle_products(d, x, tokens, out),
             Rows::Q6K(d) => self.k_products(d, Q6K_BYTES, x, tokens, out, kquants::dot_q6k),
         }
-    }
-
-    /// Products of weight rows (`stride` elements each of `rows`) with the activation rows
-    /// `act(t)`: `four` for four tokens at a time, then `one`.
-    fn rows_by_four<'a, T: Sync, A: ?Sized + 'a>(
-        &self,
-        rows: &[T],
-        stride: usize,
-        act: impl Fn(usize) -> &'a A + Sync,
-        tokens: usize,
-        out: &mut [f32],
-        (four, one): RowKernels<T, A>,
-    ) {
-        self.products(out, tokens, |r, o| {
-            let row = &rows[r * stride..(r + 1) * stride];
-            four_at_a_time(
-                o,
-                |t| four(row, std::array::from_fn(|k| act(t + k))),
-                |t| one(row, act(t)),
-            )
-        })
     }
 
     /// Products of rows of 32-value blocks with Q8_0 activations: one token through the
@@ -181,7 +157,12 @@ impl Weight {
         }
         self.row_blocks(out, tokens, |first, part| {
             let count = part.len() / tokens;
-            tiles::products(kind, &rows[first * bytes..(first + count) * bytes], &a, part)
+            tiles::products(
+                kind,
+                &rows[first * bytes..(first + count) * bytes],
+                &a,
+                part,
+            )
         })
     }
 
@@ -289,21 +270,6 @@ impl Weight {
                 out[t * self.rows + r] = *v;
             }
         }
-    }
-}
-
-/// A product of one weight row with four activation rows, and with one.
-type RowKernels<T, A> = (fn(&[T], [&A; 4]) -> [f32; 4], fn(&[T], &A) -> f32);
-
-/// Fills `o` (one weight row's products with each token) four tokens at a time through `four`,
-/// then the rest through `one`.
-fn four_at_a_time(o: &mut [f32], four: impl Fn(usize) -> [f32; 4], one: impl Fn(usize) -> f32) {
-    let whole = o.len() / 4 * 4;
-    for t in (0..whole).step_by(4) {
-        o[t..t + 4].copy_from_slice(&four(t));
-    }
-    for (t, v) in o.iter_mut().enumerate().skip(whole) {
-        *v = one(t);
     }
 }
 

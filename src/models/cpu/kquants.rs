@@ -94,26 +94,53 @@ fn scales_and_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
 
 /// `w · a` for a Q4_K row and a Q8_K row of as many values.
 pub fn dot_q4k(w: &[u8], a: &[Q8K]) -> f32 {
-    assert_eq!(w.len(), a.len() * Q4K_BYTES, "rows of one length");
+    dot_q4k_x4_or_1(w, [a])[0]
+}
+
+/// [`dot_q4k`] of one weight row with four activation rows at once: each weight block is
+/// unpacked once for the four (prefill's inner loop); each product is summed as
+/// [`dot_q4k`] sums it.
+pub fn dot_q4k_x4(w: &[u8], a: [&[Q8K]; 4]) -> [f32; 4] {
+    dot_q4k_x4_or_1(w, a)
+}
+
+fn dot_q4k_x4_or_1<const T: usize>(w: &[u8], a: [&[Q8K]; T]) -> [f32; T] {
+    for a in a {
+        assert_eq!(w.len(), a.len() * Q4K_BYTES, "rows of one length");
+    }
     #[cfg(target_arch = "x86_64")]
     if super::kernels::simd() {
-        // SAFETY: the features were detected; `w` holds as many Q4_K blocks as `a` Q8_K blocks.
+        // SAFETY: the features were detected; `w` holds as many Q4_K blocks as each row of `a`
+        // Q8_K blocks.
         #[allow(unsafe_code)]
         return unsafe { avx2::dot_q4k(w, a) };
     }
-    scalar::dot_q4k(w, a)
+    a.map(|a| scalar::dot_q4k(w, a))
 }
 
 /// `w · a` for a Q6_K row and a Q8_K row of as many values.
 pub fn dot_q6k(w: &[u8], a: &[Q8K]) -> f32 {
-    assert_eq!(w.len(), a.len() * Q6K_BYTES, "rows of one length");
+    dot_q6k_x4_or_1(w, [a])[0]
+}
+
+/// [`dot_q6k`] of one weight row with four activation rows at once, each summed as
+/// [`dot_q6k`] sums it.
+pub fn dot_q6k_x4(w: &[u8], a: [&[Q8K]; 4]) -> [f32; 4] {
+    dot_q6k_x4_or_1(w, a)
+}
+
+fn dot_q6k_x4_or_1<const T: usize>(w: &[u8], a: [&[Q8K]; T]) -> [f32; T] {
+    for a in a {
+        assert_eq!(w.len(), a.len() * Q6K_BYTES, "rows of one length");
+    }
     #[cfg(target_arch = "x86_64")]
     if super::kernels::simd() {
-        // SAFETY: the features were detected; `w` holds as many Q6_K blocks as `a` Q8_K blocks.
+        // SAFETY: the features were detected; `w` holds as many Q6_K blocks as each row of `a`
+        // Q8_K blocks.
         #[allow(unsafe_code)]
         return unsafe { avx2::dot_q6k(w, a) };
     }
-    scalar::dot_q6k(w, a)
+    a.map(|a| scalar::dot_q6k(w, a))
 }
 
 /// `w · a` for a Q5_0 row and a Q8_0 row of as many values; `sums` are the activation's
@@ -247,58 +274,71 @@ pub(super) mod avx2 {
     }
 
     /// # Safety
-    /// AVX2, FMA and F16C must be available; `w` holds as many Q4_K blocks as `a` Q8_K blocks.
+    /// AVX2, FMA and F16C must be available; `w` holds as many Q4_K blocks as each row of `a`
+    /// Q8_K blocks.
+    ///
+    /// Each weight block is unpacked once for the `T` activation rows.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4k(w: &[u8], a: &[Q8K]) -> f32 {
+    pub unsafe fn dot_q4k<const T: usize>(w: &[u8], a: [&[Q8K]; T]) -> [f32; T] {
         let low_nibbles = _mm256_set1_epi8(0x0f);
-        let mut acc = _mm256_setzero_ps();
-        let mut offsets = 0f32;
-        for (x, y) in w.chunks_exact(Q4K_BYTES).zip(a) {
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut offsets = [0f32; T];
+        for (b, x) in w.chunks_exact(Q4K_BYTES).enumerate() {
             let (scales, mins) = scales_and_mins(&x[4..16]);
-            let offset: i32 = (0..8)
-                .map(|g| {
-                    let sum = i32::from(y.bsums[2 * g]) + i32::from(y.bsums[2 * g + 1]);
-                    i32::from(mins[g]) * sum
-                })
-                .sum();
-            offsets += y.d * shared::f16_at(x, 2) * offset as f32;
-            let mut sums = _mm256_setzero_si256();
+            let (d, dmin) = (shared::f16_at(x, 0), shared::f16_at(x, 2));
+            let mut sums = [_mm256_setzero_si256(); T];
             for k in 0..4 {
                 let packed = load(x, 16 + 32 * k);
                 let low = _mm256_and_si256(packed, low_nibbles);
                 let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
-                let p_low = _mm256_maddubs_epi16(low, activations(y, 64 * k));
-                let p_high = _mm256_maddubs_epi16(high, activations(y, 64 * k + 32));
                 let s_low = _mm256_set1_epi16(i16::from(scales[2 * k]));
                 let s_high = _mm256_set1_epi16(i16::from(scales[2 * k + 1]));
-                sums = _mm256_add_epi32(sums, _mm256_madd_epi16(p_low, s_low));
-                sums = _mm256_add_epi32(sums, _mm256_madd_epi16(p_high, s_high));
+                for j in 0..T {
+                    let y = &a[j][b];
+                    let p_low = _mm256_maddubs_epi16(low, activations(y, 64 * k));
+                    let p_high = _mm256_maddubs_epi16(high, activations(y, 64 * k + 32));
+                    sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(p_low, s_low));
+                    sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(p_high, s_high));
+                }
             }
-            let d = _mm256_set1_ps(y.d * shared::f16_at(x, 0));
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sums), acc);
+            for j in 0..T {
+                let y = &a[j][b];
+                let offset: i32 = (0..8)
+                    .map(|g| {
+                        let sum = i32::from(y.bsums[2 * g]) + i32::from(y.bsums[2 * g + 1]);
+                        i32::from(mins[g]) * sum
+                    })
+                    .sum();
+                offsets[j] += y.d * dmin * offset as f32;
+                let scale = _mm256_set1_ps(y.d * d);
+                acc[j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums[j]), acc[j]);
+            }
         }
-        shared::sum_lanes(acc) - offsets
+        let mut out = [0f32; T];
+        for j in 0..T {
+            out[j] = shared::sum_lanes(acc[j]) - offsets[j];
+        }
+        out
     }
 
     /// # Safety
-    /// AVX2, FMA and F16C must be available; `w` holds as many Q6_K blocks as `a` Q8_K blocks.
+    /// AVX2, FMA and F16C must be available; `w` holds as many Q6_K blocks as each row of `a`
+    /// Q8_K blocks.
     ///
     /// The 6-bit values are multiplied unsigned (0..64) and the offset taken once per block from
-    /// the activation's 16-value sums: `Σ s·(q − 32)·y = Σ s·q·y − 32·Σ s·bsum`.
+    /// the activation's 16-value sums: `Σ s·(q − 32)·y = Σ s·q·y − 32·Σ s·bsum`. Each weight
+    /// block is unpacked once for the `T` activation rows.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q6k(w: &[u8], a: &[Q8K]) -> f32 {
+    pub unsafe fn dot_q6k<const T: usize>(w: &[u8], a: [&[Q8K]; T]) -> [f32; T] {
         let low_nibbles = _mm256_set1_epi8(0x0f);
         let two_bits = _mm256_set1_epi8(3);
-        let mut acc = _mm256_setzero_ps();
-        for (x, y) in w.chunks_exact(Q6K_BYTES).zip(a) {
+        let mut acc = [_mm256_setzero_ps(); T];
+        for (b, x) in w.chunks_exact(Q6K_BYTES).enumerate() {
             let scales = &x[192..208];
             let scale = |g: usize| i16::from(scales[g] as i8);
             let pair =
                 |g: usize| _mm256_set_m128i(_mm_set1_epi16(scale(g + 1)), _mm_set1_epi16(scale(g)));
-            let offset: i32 = (0..16)
-                .map(|g| i32::from(scale(g)) * i32::from(y.bsums[g]))
-                .sum();
-            let mut sums = _mm256_setzero_si256();
+            let mut sums = [_mm256_setzero_si256(); T];
             for h in 0..2 {
                 let ql0 = load(x, 64 * h);
                 let ql1 = load(x, 64 * h + 32);
@@ -319,16 +359,31 @@ pub(super) mod avx2 {
                     ),
                 ];
                 for (k, q) in quarters.into_iter().enumerate() {
-                    let products = _mm256_maddubs_epi16(q, activations(y, 128 * h + 32 * k));
-                    let scaled = _mm256_madd_epi16(products, pair(8 * h + 2 * k));
-                    sums = _mm256_add_epi32(sums, scaled);
+                    let s = pair(8 * h + 2 * k);
+                    for j in 0..T {
+                        let y = activations(&a[j][b], 128 * h + 32 * k);
+                        let scaled = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), s);
+                        sums[j] = _mm256_add_epi32(sums[j], scaled);
+                    }
                 }
             }
-            let total = _mm256_sub_epi32(sums, _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0));
-            let d = _mm256_set1_ps(y.d * shared::f16_at(x, 208));
-            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(total), acc);
+            let d = shared::f16_at(x, 208);
+            for j in 0..T {
+                let y = &a[j][b];
+                let offset: i32 = (0..16)
+                    .map(|g| i32::from(scale(g)) * i32::from(y.bsums[g]))
+                    .sum();
+                let total =
+                    _mm256_sub_epi32(sums[j], _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0));
+                let scale = _mm256_set1_ps(y.d * d);
+                acc[j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(total), acc[j]);
+            }
         }
-        shared::sum_lanes(acc)
+        let mut out = [0f32; T];
+        for j in 0..T {
+            out[j] = shared::sum_lanes(acc[j]);
+        }
+        out
     }
 
     /// The 32 high bits of a Q5_0 block as bytes: `0x10` where bit `i` is set, else 0.
@@ -499,6 +554,17 @@ mod tests {
             close(dot_q4k(&w4, &a), scalar::dot_q4k(&w4, &a));
             let w6 = random_row(n / QK_K, Q6K_BYTES, &[208], seed + 20);
             close(dot_q6k(&w6, &a), scalar::dot_q6k(&w6, &a));
+            // Four tokens at once (prefill) sum each product as one token (decode) does.
+            let rows: Vec<Vec<Q8K>> = (0..4)
+                .map(|k| q8k(&activations(n, seed + 50 + k)))
+                .collect();
+            let four: [&[Q8K]; 4] = std::array::from_fn(|k| &rows[k][..]);
+            for (got, row) in dot_q4k_x4(&w4, four).iter().zip(four) {
+                assert_eq!(got.to_bits(), dot_q4k(&w4, row).to_bits());
+            }
+            for (got, row) in dot_q6k_x4(&w6, four).iter().zip(four) {
+                assert_eq!(got.to_bits(), dot_q6k(&w6, row).to_bits());
+            }
         }
         for (n, seed) in [(32, 4), (576, 5), (1536, 6)] {
             let x = activations(n, seed);

@@ -139,9 +139,9 @@ impl Weight {
             Rows::Q8_0(d) => self.block_products(Blocks::Q8_0, d, x, tokens, out),
             Rows::Q4_0(d) => self.block_products(Blocks::Q4_0, d, x, tokens, out),
             Rows::Q5_0(d) => self.block_products(Blocks::Q5_0, d, x, tokens, out),
-            Rows::Q4K(d) => self.k_products(d, Q4K_BYTES, x, tokens, out, kquants::dot_q4k),
+            Rows::Q4K(d) => self.k_products(d, Q4K_BYTES, x, tokens, out, Q4K_KERNELS),
             Rows::Q5K(d) => self.candle_products(d, x, tokens, out),
-            Rows::Q6K(d) => self.k_products(d, Q6K_BYTES, x, tokens, out, kquants::dot_q6k),
+            Rows::Q6K(d) => self.k_products(d, Q6K_BYTES, x, tokens, out, Q6K_KERNELS),
         }
     }
 
@@ -166,8 +166,8 @@ impl Weight {
         })
     }
 
-    /// Products of K-quant rows (`block_bytes` per 256 values) through `dot` with Q8_K
-    /// activations.
+    /// Products of K-quant rows (`block_bytes` per 256 values) with Q8_K activations, four
+    /// tokens at a time through `four`, the rest through `one`.
     fn k_products(
         &self,
         rows: &[u8],
@@ -175,7 +175,7 @@ impl Weight {
         x: &[f32],
         tokens: usize,
         out: &mut [f32],
-        dot: fn(&[u8], &[Q8K]) -> f32,
+        (one, four): KKernels,
     ) {
         let per_row = self.columns / QK_K;
         let mut a = vec![Q8K::ZERO; tokens * per_row];
@@ -186,11 +186,16 @@ impl Weight {
             kquants::quantize_q8k(values, blocks);
         }
         let bytes = per_row * block_bytes;
-        self.each(out, tokens, |r, t| {
-            dot(
-                &rows[r * bytes..(r + 1) * bytes],
-                &a[t * per_row..(t + 1) * per_row],
-            )
+        let act = |t: usize| &a[t * per_row..(t + 1) * per_row];
+        let whole = tokens / 4 * 4;
+        self.products(out, tokens, |r, o| {
+            let row = &rows[r * bytes..(r + 1) * bytes];
+            for t in (0..whole).step_by(4) {
+                o[t..t + 4].copy_from_slice(&four(row, std::array::from_fn(|k| act(t + k))));
+            }
+            for (t, v) in o.iter_mut().enumerate().skip(whole) {
+                *v = one(row, act(t));
+            }
         })
     }
 
@@ -272,6 +277,12 @@ impl Weight {
         }
     }
 }
+
+/// The K-quant kernels: one activation row, and four.
+type KKernels = (fn(&[u8], &[Q8K]) -> f32, fn(&[u8], [&[Q8K]; 4]) -> [f32; 4]);
+
+const Q4K_KERNELS: KKernels = (kquants::dot_q4k, kquants::dot_q4k_x4);
+const Q6K_KERNELS: KKernels = (kquants::dot_q6k, kquants::dot_q6k_x4);
 
 /// Rows per unit of parallel work: small enough to balance two to sixteen threads over a
 /// 576-row matrix, large enough that scheduling costs little next to the dot products.

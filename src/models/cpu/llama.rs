@@ -185,25 +185,14 @@ impl CpuLlama {
         let mut attended = vec![0f32; n * hidden];
         let mut projected = vec![0f32; n * hidden];
         let (mut gate, mut up) = (vec![0f32; n * s.ffn], vec![0f32; n * s.ffn]);
+        let angles = Angles::new(position, n, &s.inverse_frequencies);
         for layer in &mut self.layers {
             rms_norm(&x, &layer.attn_norm, s.eps, &mut h);
             layer.q.matmul(&h, n, &mut q);
             layer.k.matmul(&h, n, &mut k);
             layer.v.matmul(&h, n, &mut v);
-            rotate(
-                &mut q,
-                s.heads,
-                s.head_dim,
-                position,
-                &s.inverse_frequencies,
-            );
-            rotate(
-                &mut k,
-                s.kv_heads,
-                s.head_dim,
-                position,
-                &s.inverse_frequencies,
-            );
+            rotate(&mut q, s.heads, s.head_dim, &angles);
+            rotate(&mut k, s.kv_heads, s.head_dim, &angles);
             layer.keys.extend_from_slice(&k);
             layer.values.extend_from_slice(&v);
             attend(s, &q, &layer.keys, &layer.values, position, &mut attended);
@@ -212,9 +201,7 @@ impl CpuLlama {
             rms_norm(&x, &layer.ffn_norm, s.eps, &mut h);
             layer.gate.matmul(&h, n, &mut gate);
             layer.up.matmul(&h, n, &mut up);
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            silu_times(&mut gate, &up, s.ffn);
             layer.down.matmul(&gate, n, &mut projected);
             add(&mut x, &projected);
         }
@@ -229,15 +216,41 @@ impl CpuLlama {
     }
 }
 
-/// `out = x / rms(x) * weight`, row by row.
+/// `out = x / rms(x) * weight`, row by row (rows split over the pool's threads).
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let n = weight.len();
-    for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+    let norm = |(row, o): (&[f32], &mut [f32])| {
         let mean_square = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
         let scale = 1.0 / (mean_square + eps).sqrt();
         for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
             *o = v * scale * w;
         }
+    };
+    match x.len() > n {
+        true => x
+            .par_chunks_exact(n)
+            .zip(out.par_chunks_exact_mut(n))
+            .for_each(norm),
+        false => x
+            .chunks_exact(n)
+            .zip(out.chunks_exact_mut(n))
+            .for_each(norm),
+    }
+}
+
+/// `gate = silu(gate) * up`, a row of `width` per token (rows split over the pool's threads).
+fn silu_times(gate: &mut [f32], up: &[f32], width: usize) {
+    let row = |(g, u): (&mut [f32], &[f32])| {
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    };
+    match gate.len() > width {
+        true => gate
+            .par_chunks_mut(width)
+            .zip(up.par_chunks(width))
+            .for_each(row),
+        false => row((gate, up)),
     }
 }
 
@@ -247,13 +260,38 @@ fn add(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// The rotary angles' sines and cosines of `n` positions from `position`, each frequency
+/// once: computed once per forward pass and shared by every layer and head.
+struct Angles {
+    sin: Vec<f32>,
+    cos: Vec<f32>,
+    pairs: usize,
+}
+
+impl Angles {
+    fn new(position: usize, n: usize, inverse: &[f32]) -> Angles {
+        let pairs = inverse.len();
+        let (mut sin, mut cos) = (vec![0f32; n * pairs], vec![0f32; n * pairs]);
+        for t in 0..n {
+            let pos = (position + t) as f32;
+            for (i, frequency) in inverse.iter().enumerate() {
+                (sin[t * pairs + i], cos[t * pairs + i]) = (pos * frequency).sin_cos();
+            }
+        }
+        Angles { sin, cos, pairs }
+    }
+}
+
 /// Rotary embedding on interleaved pairs `(2i, 2i+1)` of each head of each token.
-fn rotate(x: &mut [f32], heads: usize, head_dim: usize, position: usize, inverse: &[f32]) {
+fn rotate(x: &mut [f32], heads: usize, head_dim: usize, angles: &Angles) {
+    let p = angles.pairs;
     for (t, token) in x.chunks_exact_mut(heads * head_dim).enumerate() {
-        let pos = (position + t) as f32;
+        let (sin, cos) = (
+            &angles.sin[t * p..(t + 1) * p],
+            &angles.cos[t * p..(t + 1) * p],
+        );
         for head in token.chunks_exact_mut(head_dim) {
-            for (pair, frequency) in head.chunks_exact_mut(2).zip(inverse) {
-                let (sin, cos) = (pos * frequency).sin_cos();
+            for ((pair, sin), cos) in head.chunks_exact_mut(2).zip(sin).zip(cos) {
                 let (a, b) = (pair[0], pair[1]);
                 pair[0] = a * cos - b * sin;
                 pair[1] = a * sin + b * cos;

@@ -8,6 +8,7 @@
 
 use super::kernels::{self, BLOCK, Q4_0_BYTES, Q8_0_BYTES};
 use super::kquants::{self, Q5_0_BYTES};
+use rayon::prelude::*;
 
 /// A weight type of 32-value blocks with an f16 scale first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,17 +52,22 @@ impl Activations {
         let mut quants = vec![0u8; tokens * blocks * Q8_0_BYTES];
         let mut scales = vec![0f32; tokens * padded];
         let mut sums = vec![0f32; tokens * padded];
-        for (((values, q), d), s) in x
-            .chunks_exact(columns)
-            .zip(quants.chunks_exact_mut(blocks * Q8_0_BYTES))
-            .zip(scales.chunks_exact_mut(padded))
-            .zip(sums.chunks_exact_mut(padded))
-        {
+        let row = |(((values, q), d), s): Row<'_>| {
             kernels::quantize_q8_0(values, q);
             kernels::block_sums(q, &mut s[..blocks]);
             for (d, block) in d.iter_mut().zip(q.chunks_exact(Q8_0_BYTES)) {
                 *d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
             }
+        };
+        // One token (decode) on this thread: waking the pool costs more than it saves.
+        match tokens {
+            1 => row((((x, &mut quants[..]), &mut scales[..]), &mut sums[..])),
+            _ => x
+                .par_chunks_exact(columns)
+                .zip(quants.par_chunks_exact_mut(blocks * Q8_0_BYTES))
+                .zip(scales.par_chunks_exact_mut(padded))
+                .zip(sums.par_chunks_exact_mut(padded))
+                .for_each(row),
         }
         Activations {
             quants,
@@ -98,6 +104,9 @@ impl Activations {
         &self.sums[t * self.padded..(t + 1) * self.padded]
     }
 }
+
+/// One activation row being quantized: its values, then its blocks, scales and sums.
+type Row<'a> = (((&'a [f32], &'a mut [u8]), &'a mut [f32]), &'a mut [f32]);
 
 /// The product of one weight row of `kind` with activation row `t`, as the one-token kernels
 /// compute it.

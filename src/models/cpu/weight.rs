@@ -179,11 +179,12 @@ impl Weight {
     ) {
         let per_row = self.columns / QK_K;
         let mut a = vec![Q8K::ZERO; tokens * per_row];
-        for (values, blocks) in x
-            .chunks_exact(self.columns)
-            .zip(a.chunks_exact_mut(per_row))
-        {
-            kquants::quantize_q8k(values, blocks);
+        match tokens {
+            1 => kquants::quantize_q8k(x, &mut a),
+            _ => x
+                .par_chunks_exact(self.columns)
+                .zip(a.par_chunks_exact_mut(per_row))
+                .for_each(|(values, blocks)| kquants::quantize_q8k(values, blocks)),
         }
         let bytes = per_row * block_bytes;
         let act = |t: usize| &a[t * per_row..(t + 1) * per_row];
@@ -270,11 +271,13 @@ impl Weight {
             .par_chunks_mut(chunk * tokens)
             .enumerate()
             .for_each(|(c, part)| rows(c * chunk, part));
-        for (r, row) in by_row.chunks_exact(tokens).enumerate() {
-            for (t, v) in row.iter().enumerate() {
-                out[t * self.rows + r] = *v;
-            }
-        }
+        out.par_chunks_mut(self.rows)
+            .enumerate()
+            .for_each(|(t, o)| {
+                for (o, row) in o.iter_mut().zip(by_row.chunks_exact(tokens)) {
+                    *o = row[t];
+                }
+            });
     }
 }
 

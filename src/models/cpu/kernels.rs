@@ -1,6 +1,6 @@
-//! Dot products of one weight row with one activation row, the inner loop of every CPU matrix
-//! product: Q8_0 and Q4_0 rows against Q8_0 activations, f16 and f32 rows against f32
-//! activations. Each has a scalar version, the reference, and an AVX2/FMA/F16C version used
+//! Dot products of one weight row with one activation row, the inner loop of decode's matrix
+//! products (prefill's are the register tiles of [`super::tiles`] and [`super::f16_tiles`]):
+//! Q8_0 and Q4_0 rows against Q8_0 activations, f16 and f32 rows against f32 activations. Each has a scalar version, the reference, and an AVX2/FMA/F16C version used
 //! when the CPU has those features; the tests hold the two to the same result.
 //!
 //! The block layouts are GGML's: a Q8_0 block is an f16 scale then 32 `i8`; a Q4_0 block is an
@@ -213,9 +213,8 @@ pub(super) mod avx2 {
     }
 
     /// The eight lanes of `v` as an array, each then broadcast with `_mm256_broadcast_ss`.
-    /// A `vpermd` per block was the hottest instruction of Q8_0 prefill in `perf annotate`;
-    /// from the array LLVM emits loads or cheaper in-lane shuffles (Q8_0 prefill of the small
-    /// model about 100 to 120 tokens/s, one thread, noisy).
+    /// A `vpermd` per block was the hottest instruction of a Q8_0 prefill kernel in
+    /// `perf annotate`; from the array LLVM emits broadcast loads instead.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(in crate::models::cpu) fn to_lanes(v: __m256) -> [f32; 8] {

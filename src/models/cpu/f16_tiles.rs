@@ -32,6 +32,7 @@ pub fn products(w: &[f16], x: &[f32], columns: usize, out: &mut [f32]) {
 mod avx2 {
     use crate::models::cpu::kernels::avx2::sum_lanes;
     use crate::models::cpu::kernels::scalar;
+    use crate::models::cpu::tiles::avx2::store;
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -51,20 +52,14 @@ mod avx2 {
         let whole_tokens = tokens / TOKENS * TOKENS;
         let row = |r: usize| &w[r * columns..(r + 1) * columns];
         let act = |t: usize| &x[t * columns..(t + 1) * columns];
-        let mut store = |r: usize, t: usize, p: &[f32], width: usize| {
-            for (i, p) in p.chunks_exact(width).enumerate() {
-                let at = (r + i) * tokens + t;
-                out[at..at + width].copy_from_slice(p);
-            }
-        };
         for r in (0..whole_rows).step_by(ROWS) {
             let w: [&[f16]; ROWS] = std::array::from_fn(|i| row(r + i));
             for t in (0..whole_tokens).step_by(TOKENS) {
                 let p = tile(w, std::array::from_fn::<_, TOKENS, _>(|j| act(t + j)));
-                store(r, t, p.as_flattened(), TOKENS);
+                store(out, tokens, r, t, p);
             }
             for t in whole_tokens..tokens {
-                store(r, t, tile(w, [act(t)]).as_flattened(), 1);
+                store(out, tokens, r, t, tile(w, [act(t)]));
             }
         }
         for r in whole_rows..rows {
@@ -73,10 +68,10 @@ mod avx2 {
                     [row(r)],
                     std::array::from_fn::<_, TOKENS, _>(|j| act(t + j)),
                 );
-                store(r, t, p.as_flattened(), TOKENS);
+                store(out, tokens, r, t, p);
             }
             for t in whole_tokens..tokens {
-                store(r, t, tile([row(r)], [act(t)]).as_flattened(), 1);
+                store(out, tokens, r, t, tile([row(r)], [act(t)]));
             }
         }
     }

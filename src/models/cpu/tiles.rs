@@ -144,7 +144,7 @@ pub fn products(kind: Blocks, w: &[u8], a: &Activations, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{Activations, Blocks, Q4_0_BYTES, Q5_0_BYTES};
     use crate::models::cpu::kernels::avx2::{
         eight_scales, nibbles_at, sum_lanes, to_lanes, values,
@@ -212,7 +212,7 @@ mod avx2 {
 
     /// Writes a tile's products at rows `r..` and tokens `t..` of `out` (rows × tokens).
     #[inline]
-    fn store<const R: usize, const T: usize>(
+    pub(in crate::models::cpu) fn store<const R: usize, const T: usize>(
         out: &mut [f32],
         tokens: usize,
         r: usize,

@@ -261,31 +261,44 @@ fn four_bit_files_follow_the_type_plan_and_keep_the_models_logits() {
     }
 }
 
-/// llorch's CPU path and candle's quantized Llama read the same Q4_K_M file to nearly the same
-/// logits, in prefill and in decode, and are equally close to the f32 model's. The 320-wide
-/// rows are not whole K blocks, so the file also holds the Q5_0 and Q8_0 fallbacks beside Q4_K
-/// and Q6_K. (The two are not bit-equal: with the same file in Q8_0 they are, but here they
+/// llorch's CPU path and candle's quantized Llama read the same Q4_K_M file, and the same
+/// Q4_0 file, to nearly the same logits, in prefill and in decode, and are equally close to
+/// the f32 model's. The 320-wide rows are not whole K blocks, so the Q4_K_M file also holds
+/// the Q5_0 and Q8_0 fallbacks beside Q4_K and Q6_K; the Q4_0 file holds Q4_0 and a Q8_0
+/// output (Q6_K's fallback). (The two are not bit-equal: with the same file in Q8_0 they are, but here they
 /// differ by up to 0.1 on logits of magnitude 5, both directions, with the same distance to
 /// f32; a misread block moves the cosine far below these bounds.)
 #[test]
-fn cpu_kernels_match_candles_quantized_llama_on_every_q4_k_m_type() {
-    use candle_transformers::models::quantized_llama::ModelWeights;
+fn cpu_kernels_match_candles_quantized_llama_on_every_four_bit_type() {
     let dir = tempfile::tempdir().unwrap();
     random_llama(dir.path(), 320, 768);
-    let out = dir.path().join("model-q4_k_m.gguf");
-    quantize_dir(dir.path(), &out, QuantType::Q4KM).unwrap();
-    let types: Vec<GgmlDType> = tensors(&out).into_values().map(|(t, _, _)| t).collect();
-    for wanted in [
+    let q4km = [
         GgmlDType::Q4K,
         GgmlDType::Q6K,
         GgmlDType::Q5_0,
         GgmlDType::Q8_0,
-    ] {
-        assert!(types.contains(&wanted), "{wanted:?} missing from {types:?}");
+    ];
+    matches_candle(dir.path(), QuantType::Q4KM, &q4km);
+    let q4_0 = [GgmlDType::Q4_0, GgmlDType::Q8_0];
+    matches_candle(dir.path(), QuantType::Q4_0, &q4_0);
+}
+
+/// Quantizes the model in `dir` to `format` (whose file must hold each of `wanted`) and
+/// compares llorch's logits with candle's, and both with the f32 model's.
+fn matches_candle(dir: &Path, format: QuantType, wanted: &[GgmlDType]) {
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let out = dir.join(format!("model-{format}.gguf"));
+    quantize_dir(dir, &out, format).unwrap();
+    let types: Vec<GgmlDType> = tensors(&out).into_values().map(|(t, _, _)| t).collect();
+    for wanted in wanted {
+        assert!(
+            types.contains(wanted),
+            "{format}: {wanted:?} missing from {types:?}"
+        );
     }
     let prompt: Vec<u32> = (0..23).map(|i| 3 + i * 13).collect();
     let mut ours = load_cpu(out.to_str().unwrap());
-    let mut reference = load_cpu(dir.path().to_str().unwrap());
+    let mut reference = load_cpu(dir.to_str().unwrap());
     let mut file = File::open(&out).unwrap();
     let content = Content::read(&mut file).unwrap();
     let mut candle = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
@@ -306,13 +319,20 @@ fn cpu_kernels_match_candles_quantized_llama_on_every_q4_k_m_type() {
         let a = ours.forward(&ids, pos).unwrap();
         let b = candle_logits(&mut candle, &ids, pos);
         let cos = cosine(&a, &b);
-        assert!(cos > 0.999, "position {pos}: cosine to candle {cos}");
-        assert_eq!(top_k(&a, 1)[0].0, top_k(&b, 1)[0].0, "position {pos}");
+        assert!(
+            cos > 0.999,
+            "{format} position {pos}: cosine to candle {cos}"
+        );
+        assert_eq!(
+            top_k(&a, 1)[0].0,
+            top_k(&b, 1)[0].0,
+            "{format} position {pos}"
+        );
         let f32_logits = reference.forward(&ids, pos).unwrap();
         let (ours_to_f32, candle_to_f32) = (cosine(&a, &f32_logits), cosine(&b, &f32_logits));
         assert!(
             ours_to_f32 > candle_to_f32 - 1e-3,
-            "position {pos}: cosine to f32 {ours_to_f32}, candle's {candle_to_f32}"
+            "{format} position {pos}: cosine to f32 {ours_to_f32}, candle's {candle_to_f32}"
         );
     }
 }

@@ -1,7 +1,9 @@
 //! Dot products of one weight row with one activation row, the inner loop of decode's matrix
-//! products (prefill's are the register tiles of [`super::tiles`] and [`super::f16_tiles`]):
-//! Q8_0 and Q4_0 rows against Q8_0 activations, f16 and f32 rows against f32 activations. Each has a scalar version, the reference, and an AVX2/FMA/F16C version used
-//! when the CPU has those features; the tests hold the two to the same result.
+//! products (prefill's are the register tiles of [`super::tiles`] and [`super::f16_tiles`];
+//! Q4_0 has its own layout, [`super::interleaved`]): Q8_0 rows against Q8_0 activations, f16
+//! and f32 rows against f32 activations. Each has a scalar version, the reference, and an
+//! AVX2/FMA/F16C version used when the CPU has those features; the tests hold the two to the
+//! same result.
 //!
 //! The block layouts are GGML's: a Q8_0 block is an f16 scale then 32 `i8`; a Q4_0 block is an
 //! f16 scale then 16 bytes, the low nibbles holding values 0..16 and the high nibbles 16..32,
@@ -63,31 +65,15 @@ pub fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
     scalar::dot_q8_0(w, a)
 }
 
-/// The sum of each Q8_0 block's values (scale times the sum of its integers), which
-/// [`dot_q4_0`] takes with the row so it can multiply unsigned nibbles and subtract their
-/// offset of 8 once per block.
+/// The sum of each Q8_0 block's values (scale times the sum of its integers), which the
+/// Q4_0 and Q5_0 products take with the row so they can multiply unsigned values and subtract
+/// their offset once per block.
 pub fn block_sums(a: &[u8], out: &mut [f32]) {
     assert_eq!(a.len() / Q8_0_BYTES, out.len(), "one sum per block");
     for (block, sum) in a.chunks_exact(Q8_0_BYTES).zip(out) {
         let total: i32 = block[2..].iter().map(|&q| i32::from(q as i8)).sum();
         *sum = scale(block) * total as f32;
     }
-}
-
-/// `w · a` for a Q4_0 row and a Q8_0 activation row of as many values; `sums` are the
-/// activation's [`block_sums`].
-pub fn dot_q4_0(w: &[u8], a: &[u8], sums: &[f32]) -> f32 {
-    let blocks = w.len() / Q4_0_BYTES;
-    assert_eq!(blocks * Q8_0_BYTES, a.len(), "rows of one length");
-    assert_eq!(blocks, sums.len(), "one sum per block");
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: as for `dot_q8_0`; `w` holds as many Q4_0 blocks as `a` Q8_0 blocks and
-        // `sums` entries.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::dot_q4_0(w, a, sums) };
-    }
-    scalar::dot_q4_0(w, a)
 }
 
 /// `w · a` for an f16 row and an f32 row.
@@ -116,7 +102,7 @@ pub fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
 
 /// The reference versions.
 pub mod scalar {
-    use super::{scale, BLOCK, Q4_0_BYTES, Q8_0_BYTES};
+    use super::{scale, BLOCK, Q8_0_BYTES};
     use half::f16;
 
     /// Q8_0 quantization of `x` into `out` (whole blocks).
@@ -146,26 +132,6 @@ pub mod scalar {
             .sum()
     }
 
-    /// `w · a` for a Q4_0 row and a Q8_0 row.
-    pub fn dot_q4_0(w: &[u8], a: &[u8]) -> f32 {
-        w.chunks_exact(Q4_0_BYTES)
-            .zip(a.chunks_exact(Q8_0_BYTES))
-            .map(|(x, y)| {
-                let q = &y[2..];
-                let sum: i32 = x[2..]
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &byte)| {
-                        let low = i32::from(byte & 0x0f) - 8;
-                        let high = i32::from(byte >> 4) - 8;
-                        low * i32::from(q[j] as i8) + high * i32::from(q[j + 16] as i8)
-                    })
-                    .sum();
-                scale(x) * scale(y) * sum as f32
-            })
-            .sum()
-    }
-
     /// `w · a` for an f16 row and an f32 row.
     pub fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
         w.iter().zip(a).map(|(x, y)| x.to_f32() * y).sum()
@@ -180,7 +146,7 @@ pub mod scalar {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(super) mod avx2 {
-    use super::{Q4_0_BYTES, Q8_0_BYTES};
+    use super::Q8_0_BYTES;
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -324,18 +290,6 @@ pub(super) mod avx2 {
         blocks_dot(w, Q8_0_BYTES, a, block)
     }
 
-    /// # Safety
-    /// AVX2 and FMA must be available; `w` holds as many Q4_0 blocks as `a` Q8_0 blocks and
-    /// `sums` entries.
-    ///
-    /// The nibbles are multiplied unsigned (0..16) by the signed activations, which
-    /// `maddubs` does directly, and the offset is taken once per block:
-    /// `sum((q - 8) * y) = sum(q * y) - 8 * sum(y)`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_0(w: &[u8], a: &[u8], sums: &[f32]) -> f32 {
-        unsigned_blocks_dot(w, Q4_0_BYTES, a, sums, 8.0, |x| nibbles(x))
-    }
-
     /// `Σ_blocks d_w·d_a·Σ(q·y) − offset·Σ_blocks d_w·sum(y)` for weight blocks of `w_bytes`
     /// bytes (an f16 scale first) whose values `unpack` returns as 32 unsigned bytes, against
     /// Q8_0 activation blocks and their `sums`. Eight blocks at a time with their scales
@@ -400,13 +354,6 @@ pub(super) mod avx2 {
     pub(in crate::models::cpu) fn unsigned_products(x: __m256i, y: __m256i) -> __m256 {
         let pairs = _mm256_maddubs_epi16(x, y);
         _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    /// The 32 nibbles of a Q4_0 block as unsigned bytes, low nibbles first.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn nibbles(block: &[u8]) -> __m256i {
-        nibbles_at(block, 2)
     }
 
     /// The 32 nibbles of the 16 bytes at `block[at..]` as unsigned bytes, low nibbles first.
@@ -555,20 +502,6 @@ mod tests {
             let (w, a) = (values(n, seed), values(n, seed + 100));
             let (wq, aq) = (q8(&w), q8(&a));
             close(dot_q8_0(&wq, &aq), scalar::dot_q8_0(&wq, &aq), n);
-            // A Q4_0 row from random nibbles and scales.
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let w4: Vec<u8> = (0..n / BLOCK)
-                .flat_map(|_| {
-                    let mut block = f16::from_f32(rng.random_range(0.01..0.1))
-                        .to_le_bytes()
-                        .to_vec();
-                    block.extend((0..16).map(|_| rng.random::<u8>()));
-                    block
-                })
-                .collect();
-            let mut sums = vec![0f32; n / BLOCK];
-            block_sums(&aq, &mut sums);
-            close(dot_q4_0(&w4, &aq, &sums), scalar::dot_q4_0(&w4, &aq), n);
             let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
             close(dot_f16(&wh, &a), scalar::dot_f16(&wh, &a), n);
             close(dot_f32(&w, &a), scalar::dot_f32(&w, &a), n);

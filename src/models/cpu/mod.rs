@@ -5,6 +5,7 @@
 
 pub(crate) mod exp;
 pub mod f16_tiles;
+pub mod interleaved;
 pub mod kernels;
 pub mod kquants;
 mod llama;

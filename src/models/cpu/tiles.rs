@@ -1,4 +1,4 @@
-//! Prefill's matrix products for the weight types of 32-value blocks (Q8_0, Q4_0, Q5_0) against
+//! Prefill's matrix products for the weight types of 32-value blocks (Q8_0, Q5_0) against
 //! Q8_0 activations: a tile of weight rows times a tile of tokens, its products summed in
 //! registers, so that each weight block is unpacked once for every token of the tile and each
 //! activation block loaded once for every row of it.
@@ -6,7 +6,7 @@
 //! Each (row, token) product is summed as the one-token kernels sum it: one accumulator, block
 //! order, the same scale products; Q8_0 prefill rounds exactly as Q8_0 decode does.
 
-use super::kernels::{self, BLOCK, Q4_0_BYTES, Q8_0_BYTES};
+use super::kernels::{self, BLOCK, Q8_0_BYTES};
 use super::kquants::{self, Q5_0_BYTES};
 use rayon::prelude::*;
 
@@ -15,8 +15,6 @@ use rayon::prelude::*;
 pub enum Blocks {
     /// Signed 8-bit values.
     Q8_0,
-    /// 4-bit values stored plus 8.
-    Q4_0,
     /// 5-bit values stored plus 16.
     Q5_0,
 }
@@ -26,7 +24,6 @@ impl Blocks {
     pub fn bytes(self) -> usize {
         match self {
             Blocks::Q8_0 => Q8_0_BYTES,
-            Blocks::Q4_0 => Q4_0_BYTES,
             Blocks::Q5_0 => Q5_0_BYTES,
         }
     }
@@ -90,7 +87,7 @@ impl Activations {
     }
 
     /// Row `t`'s block scales, padded.
-    fn scales(&self, t: usize) -> &[f32] {
+    pub(super) fn scales(&self, t: usize) -> &[f32] {
         &self.scales[t * self.padded..(t + 1) * self.padded]
     }
 
@@ -113,7 +110,6 @@ type Row<'a> = (((&'a [f32], &'a mut [u8]), &'a mut [f32]), &'a mut [f32]);
 pub fn dot(kind: Blocks, w: &[u8], a: &Activations, t: usize) -> f32 {
     match kind {
         Blocks::Q8_0 => kernels::dot_q8_0(w, a.row(t)),
-        Blocks::Q4_0 => kernels::dot_q4_0(w, a.row(t), a.sums(t)),
         Blocks::Q5_0 => kquants::dot_q5_0(w, a.row(t), a.sums(t)),
     }
 }
@@ -145,10 +141,8 @@ pub fn products(kind: Blocks, w: &[u8], a: &Activations, out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(super) mod avx2 {
-    use super::{Activations, Blocks, Q4_0_BYTES, Q5_0_BYTES};
-    use crate::models::cpu::kernels::avx2::{
-        eight_scales, nibbles_at, sum_lanes, to_lanes, values,
-    };
+    use super::{Activations, Blocks, Q5_0_BYTES};
+    use crate::models::cpu::kernels::avx2::{eight_scales, sum_lanes, to_lanes, values};
     use crate::models::cpu::kernels::Q8_0_BYTES;
     use crate::models::cpu::kquants::avx2::q5_0_values;
     use std::arch::x86_64::*;
@@ -165,7 +159,6 @@ pub(super) mod avx2 {
     pub unsafe fn products(kind: Blocks, w: &[u8], a: &Activations, out: &mut [f32]) {
         match kind {
             Blocks::Q8_0 => tiles::<true, Q8_0_BYTES>(w, a, 0.0, out, |x| values(x)),
-            Blocks::Q4_0 => tiles::<false, Q4_0_BYTES>(w, a, 8.0, out, |x| nibbles_at(x, 2)),
             Blocks::Q5_0 => tiles::<false, Q5_0_BYTES>(w, a, 16.0, out, |x| q5_0_values(x)),
         }
     }
@@ -352,7 +345,7 @@ mod tests {
                 .map(|_| rng.random_range(-2.0f32..2.0))
                 .collect();
             let a = Activations::quantize(&x, tokens, blocks * BLOCK);
-            for kind in [Blocks::Q8_0, Blocks::Q4_0, Blocks::Q5_0] {
+            for kind in [Blocks::Q8_0, Blocks::Q5_0] {
                 let w = random_rows(kind, rows, blocks, rows as u64);
                 let mut out = vec![f32::NAN; rows * tokens];
                 products(kind, &w, &a, &mut out);

@@ -10,6 +10,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::f16_tiles;
+use super::interleaved::Q4_0x8;
 use super::kernels::{self, BLOCK};
 use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, Q8K, QK_K};
 use super::tiles::{self, Activations, Blocks};
@@ -19,7 +20,7 @@ enum Rows {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Q8_0(Vec<u8>),
-    Q4_0(Vec<u8>),
+    Q4_0(Q4_0x8),
     Q5_0(Vec<u8>),
     Q4K(Vec<u8>),
     Q5K(Vec<BlockQ5K>),
@@ -81,7 +82,7 @@ impl Weight {
                     .collect(),
             ),
             GgmlDType::Q8_0 => Rows::Q8_0(bytes.into_owned()),
-            GgmlDType::Q4_0 => Rows::Q4_0(bytes.into_owned()),
+            GgmlDType::Q4_0 => Rows::Q4_0(Q4_0x8::new(&bytes, rows, columns)),
             GgmlDType::Q5_0 => Rows::Q5_0(bytes.into_owned()),
             GgmlDType::Q4K => Rows::Q4K(bytes.into_owned()),
             GgmlDType::Q5K => Rows::Q5K(blocks(&bytes)?),
@@ -111,7 +112,7 @@ impl Weight {
                 }
             }
             Rows::Q8_0(d) => row_to_float::<BlockQ8_0>(d, row, n, out),
-            Rows::Q4_0(d) => row_to_float::<BlockQ4_0>(d, row, n, out),
+            Rows::Q4_0(d) => row_to_float::<BlockQ4_0>(&d.row(row), 0, n, out),
             Rows::Q5_0(d) => row_to_float::<BlockQ5_0>(d, row, n, out),
             Rows::Q4K(d) => row_to_float::<BlockQ4K>(d, row, n, out),
             Rows::Q5K(d) => to_float(d, row, n, out),
@@ -137,7 +138,10 @@ impl Weight {
                 f16_tiles::products(&d[first * n..(first + count) * n], x, n, part)
             }),
             Rows::Q8_0(d) => self.block_products(Blocks::Q8_0, d, x, tokens, out),
-            Rows::Q4_0(d) => self.block_products(Blocks::Q4_0, d, x, tokens, out),
+            Rows::Q4_0(d) => {
+                let a = Activations::quantize(x, tokens, n);
+                self.row_blocks(out, tokens, |first, part| d.products(first, &a, part))
+            }
             Rows::Q5_0(d) => self.block_products(Blocks::Q5_0, d, x, tokens, out),
             Rows::Q4K(d) => self.k_products(d, Q4K_BYTES, x, tokens, out, Q4K_KERNELS),
             Rows::Q5K(d) => self.candle_products(d, x, tokens, out),

@@ -142,12 +142,11 @@ mod scalar {
 #[allow(unsafe_code)]
 mod avx2 {
     use super::{Activations, GROUP_BLOCK, Q8_0_BYTES, ROWS};
-    use crate::models::cpu::kernels::avx2::to_lanes;
+    use crate::models::cpu::kernels::avx2::{prefetch, to_lanes};
     use std::arch::x86_64::*;
 
     /// Tokens per pass over a group's blocks.
     const TOKENS: usize = 4;
-    const PREFETCH: usize = 1024;
 
     /// # Safety
     /// AVX2, FMA and F16C must be available; `group` holds `blocks` blocks of a group and each
@@ -200,10 +199,7 @@ mod avx2 {
         for b in 0..blocks {
             // SAFETY: block `b` of the group lies within it (asserted above).
             let base = unsafe { group.as_ptr().add(b * GROUP_BLOCK) };
-            let ahead = base.wrapping_add(PREFETCH);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64).cast());
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128).cast());
+            prefetch(base, GROUP_BLOCK.div_ceil(64));
             // SAFETY: 16 bytes of scales at the block's start.
             let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(base.cast()) });
             let mut v = [_mm256_setzero_si256(); 8];

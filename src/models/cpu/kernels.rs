@@ -150,6 +150,22 @@ pub(super) mod avx2 {
     use half::f16;
     use std::arch::x86_64::*;
 
+    /// How far ahead of the bytes being multiplied the weight kernels ask for the next ones:
+    /// a row's weights stream from memory once per token, and one thread's hardware prefetch
+    /// alone left a Q4_0 decode about 10 % slower (`llorch bench`, small Q4_0, one thread).
+    const PREFETCH: usize = 1024;
+
+    /// Asks for the `lines` cache lines `PREFETCH` bytes past `p` to be brought into L1. A
+    /// prefetch never faults, so addresses past the end of the weights are harmless.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(in crate::models::cpu) fn prefetch(p: *const u8, lines: usize) {
+        let ahead = p.wrapping_add(PREFETCH);
+        for line in 0..lines {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
+        }
+    }
+
     /// Sums the eight lanes.
     #[target_feature(enable = "avx2,fma")]
     pub(in crate::models::cpu) fn sum_lanes(v: __m256) -> f32 {
@@ -205,6 +221,7 @@ pub(super) mod avx2 {
         let mut acc = _mm256_setzero_ps();
         for group in (0..whole).step_by(8) {
             let (wg, ag) = (&w[group * w_bytes..], &a[group * Q8_0_BYTES..]);
+            prefetch(wg.as_ptr(), (8 * w_bytes).div_ceil(64));
             let d = to_lanes(scales(wg, w_bytes, ag));
             for (j, d) in d.iter().enumerate() {
                 let products = block(&wg[j * w_bytes..], &ag[j * Q8_0_BYTES..]);
@@ -407,6 +424,7 @@ pub(super) mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let whole = w.len() / 32 * 32;
         for (x, y) in w[..whole].chunks_exact(32).zip(a[..whole].chunks_exact(32)) {
+            prefetch(x.as_ptr().cast(), 1);
             for (lane, sum) in acc.iter_mut().enumerate() {
                 // SAFETY: 8 halves and 8 floats from offset 8 * lane of 32-element chunks.
                 let (wx, ay) = unsafe {

@@ -284,6 +284,7 @@ pub(super) mod avx2 {
         let mut acc = [_mm256_setzero_ps(); T];
         let mut offsets = [0f32; T];
         for (b, x) in w.chunks_exact(Q4K_BYTES).enumerate() {
+            shared::prefetch(x.as_ptr(), Q4K_BYTES.div_ceil(64));
             let (scales, mins) = scales_and_mins(&x[4..16]);
             let (d, dmin) = (shared::f16_at(x, 0), shared::f16_at(x, 2));
             let mut sums = [_mm256_setzero_si256(); T];
@@ -334,6 +335,7 @@ pub(super) mod avx2 {
         let two_bits = _mm256_set1_epi8(3);
         let mut acc = [_mm256_setzero_ps(); T];
         for (b, x) in w.chunks_exact(Q6K_BYTES).enumerate() {
+            shared::prefetch(x.as_ptr(), Q6K_BYTES.div_ceil(64));
             let scales = &x[192..208];
             let scale = |g: usize| i16::from(scales[g] as i8);
             let pair =

@@ -32,7 +32,6 @@ pub fn products(w: &[f16], x: &[f32], columns: usize, out: &mut [f32]) {
 mod avx2 {
     use crate::models::cpu::kernels::avx2::sum_lanes;
     use crate::models::cpu::kernels::scalar;
-    use crate::models::cpu::tiles::avx2::store;
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -105,6 +104,21 @@ mod avx2 {
             }
         }
         out
+    }
+
+    /// Writes a tile's products at rows `r..` and tokens `t..` of `out` (rows × tokens).
+    #[inline]
+    fn store<const R: usize, const T: usize>(
+        out: &mut [f32],
+        tokens: usize,
+        r: usize,
+        t: usize,
+        p: [[f32; T]; R],
+    ) {
+        for (i, p) in p.iter().enumerate() {
+            let at = (r + i) * tokens + t;
+            out[at..at + T].copy_from_slice(p);
+        }
     }
 }
 

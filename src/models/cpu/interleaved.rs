@@ -1,72 +1,126 @@
-//! Q4_0 weights interleaved eight rows at a time, and their products with Q8_0 activations.
+//! Q8_0, Q4_0 and Q5_0 weights interleaved eight rows at a time, and their products with Q8_0
+//! activations.
 //!
 //! In GGML's layout each row is its own run of blocks, so a product takes one row at a time:
 //! its per-block sum is spread over a vector's lanes and must be reduced, and the activation
 //! block is reloaded for every row. Here the eight rows of a group share each block's bytes:
-//! the eight f16 scales first (one load converts all of them), then four 32-byte vectors whose
-//! 4-byte lane `r` holds bytes `4m..4m + 4` of row `r`'s block. The low nibbles of vector `m`
-//! are then values `4m..4m + 4` of every row and the high nibbles values `16 + 4m..`; each is
-//! multiplied with those four activation bytes broadcast to all lanes, so lane `r` of the sum
-//! is row `r`'s product and eight rows come out in one vector, with no reduction across lanes.
-//! A matrix whose row count is not a multiple of eight has its last group padded with zero
-//! rows, never read back.
+//! the eight f16 scales first (one load converts all of them), then 32-byte vectors whose
+//! 4-byte lane `r` holds bytes `4m..4m + 4` of row `r`'s block (eight vectors for Q8_0's 32
+//! bytes of values, four for Q4_0's 16 bytes of nibbles, five for Q5_0's 4 bytes of fifth bits
+//! and 16 of nibbles). A Q8_0 vector `m` holds values `4m..4m + 4` of every row; a Q4_0
+//! vector's low nibbles hold values `4m..` and its high nibbles values `16 + 4m..`; Q5_0's
+//! first vector holds each row's 32 fifth bits, which are spread onto the nibbles of the other
+//! four. Each is multiplied with those four activation bytes broadcast
+//! to all lanes, so lane `r` of the sum is row `r`'s product: eight rows come out in one
+//! vector, with no reduction across lanes.
+//!
+//! Each block's product is summed exactly in integers, then scaled and added to its row's
+//! accumulator in block order; one token and several take the same steps, so decode and
+//! prefill round alike. A matrix whose row count is not a multiple of eight has its last group
+//! padded with zero rows, never read back.
 
-use super::kernels::{BLOCK, Q4_0_BYTES, Q8_0_BYTES};
-use super::tiles::Activations;
+use super::activations::Activations;
+use super::kernels::{BLOCK, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES};
 
 /// Rows per interleaved group.
 pub const ROWS: usize = 8;
-/// Bytes of one block of a group: eight f16 scales, then eight rows' 16 bytes of nibbles.
-const GROUP_BLOCK: usize = 2 * ROWS + ROWS * 16;
 
-/// A Q4_0 matrix in groups of eight interleaved rows.
-pub struct Q4_0x8 {
+/// The block types kept interleaved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// An f16 scale and 32 signed bytes.
+    Q8_0,
+    /// An f16 scale and 32 nibbles stored plus 8.
+    Q4_0,
+    /// An f16 scale, the fifth bit of each value (32 bits), and 32 nibbles; stored plus 16.
+    Q5_0,
+}
+
+impl Kind {
+    /// Bytes of values in one GGML block (after its 2-byte scale).
+    fn quant_bytes(self) -> usize {
+        match self {
+            Kind::Q8_0 => Q8_0_BYTES - 2,
+            Kind::Q4_0 => Q4_0_BYTES - 2,
+            Kind::Q5_0 => Q5_0_BYTES - 2,
+        }
+    }
+
+    /// Bytes of one GGML block.
+    fn ggml_bytes(self) -> usize {
+        2 + self.quant_bytes()
+    }
+
+    /// Bytes of one block of a group: eight scales, then eight rows' values.
+    fn group_block(self) -> usize {
+        ROWS * self.ggml_bytes()
+    }
+
+    /// What the stored values are above the true ones.
+    fn offset(self) -> f32 {
+        match self {
+            Kind::Q8_0 => 0.0,
+            Kind::Q4_0 => 8.0,
+            Kind::Q5_0 => 16.0,
+        }
+    }
+}
+
+/// Where row `lane`'s bytes `4m..4m + 4` sit in a block of its group.
+fn lane_at(m: usize, lane: usize) -> usize {
+    2 * ROWS + 32 * m + 4 * lane
+}
+
+/// A matrix in groups of eight interleaved rows.
+pub struct Interleaved {
+    kind: Kind,
     bytes: Vec<u8>,
     rows: usize,
     blocks: usize,
 }
 
-impl Q4_0x8 {
-    /// Interleaves `rows` GGML Q4_0 rows of `columns` values.
-    pub fn new(ggml: &[u8], rows: usize, columns: usize) -> Q4_0x8 {
+impl Interleaved {
+    /// Interleaves `rows` GGML rows of `kind` of `columns` values.
+    pub fn new(kind: Kind, ggml: &[u8], rows: usize, columns: usize) -> Interleaved {
         let blocks = columns / BLOCK;
-        assert_eq!(ggml.len(), rows * blocks * Q4_0_BYTES, "Q4_0 matrix size");
-        let groups = rows.div_ceil(ROWS);
-        let mut bytes = vec![0u8; groups * blocks * GROUP_BLOCK];
-        for (r, row) in ggml.chunks_exact(blocks * Q4_0_BYTES).enumerate() {
-            for (b, block) in row.chunks_exact(Q4_0_BYTES).enumerate() {
-                let out = &mut bytes[Self::offset(blocks, r, b)..][..GROUP_BLOCK];
+        let (size, group_block) = (kind.ggml_bytes(), kind.group_block());
+        assert_eq!(ggml.len(), rows * blocks * size, "{kind:?} matrix size");
+        let mut bytes = vec![0u8; rows.div_ceil(ROWS) * blocks * group_block];
+        for (r, row) in ggml.chunks_exact(blocks * size).enumerate() {
+            for (b, block) in row.chunks_exact(size).enumerate() {
+                let out = &mut bytes[(r / ROWS * blocks + b) * group_block..][..group_block];
                 let lane = r % ROWS;
                 out[2 * lane..2 * lane + 2].copy_from_slice(&block[..2]);
-                for m in 0..4 {
-                    let at = 2 * ROWS + m * 32 + 4 * lane;
-                    out[at..at + 4].copy_from_slice(&block[2 + 4 * m..6 + 4 * m]);
+                for (m, four) in block[2..].chunks_exact(4).enumerate() {
+                    out[lane_at(m, lane)..][..4].copy_from_slice(four);
                 }
             }
         }
-        Q4_0x8 {
+        Interleaved {
+            kind,
             bytes,
             rows,
             blocks,
         }
     }
 
-    /// Where block `b` of row `r`'s group starts.
-    fn offset(blocks: usize, r: usize, b: usize) -> usize {
-        (r / ROWS * blocks + b) * GROUP_BLOCK
+    /// The group of row `r`, all its blocks.
+    fn group(&self, r: usize) -> &[u8] {
+        let group_bytes = self.blocks * self.kind.group_block();
+        &self.bytes[r / ROWS * group_bytes..][..group_bytes]
     }
 
     /// Row `r` in GGML's layout (for an embedding lookup).
     pub fn row(&self, r: usize) -> Vec<u8> {
         assert!(r < self.rows, "row {r} of {}", self.rows);
-        let lane = r % ROWS;
-        let mut out = vec![0u8; self.blocks * Q4_0_BYTES];
-        for (b, block) in out.chunks_exact_mut(Q4_0_BYTES).enumerate() {
-            let group = &self.bytes[Self::offset(self.blocks, r, b)..][..GROUP_BLOCK];
-            block[..2].copy_from_slice(&group[2 * lane..2 * lane + 2]);
-            for m in 0..4 {
-                let at = 2 * ROWS + m * 32 + 4 * lane;
-                block[2 + 4 * m..6 + 4 * m].copy_from_slice(&group[at..at + 4]);
+        let (lane, size, group_block) = (r % ROWS, self.kind.ggml_bytes(), self.kind.group_block());
+        let group = self.group(r);
+        let mut out = vec![0u8; self.blocks * size];
+        for (b, block) in out.chunks_exact_mut(size).enumerate() {
+            let g = &group[b * group_block..][..group_block];
+            block[..2].copy_from_slice(&g[2 * lane..2 * lane + 2]);
+            for (m, four) in block[2..].chunks_exact_mut(4).enumerate() {
+                four.copy_from_slice(&g[lane_at(m, lane)..][..4]);
             }
         }
         out
@@ -75,62 +129,85 @@ impl Q4_0x8 {
     /// `out[(r - first) * tokens + t]` = row `r` · activation row `t`, for the rows from
     /// `first` (a multiple of eight) that `out` has room for and every token of `a`.
     pub fn products(&self, first: usize, a: &Activations, out: &mut [f32]) {
-        let tokens = a.tokens();
+        let tokens = a.tokens().max(1);
         assert_eq!(first % ROWS, 0, "groups start at multiples of eight");
-        assert_eq!(out.len() % tokens.max(1), 0, "whole rows of products");
-        let count = out.len() / tokens.max(1);
+        assert_eq!(out.len() % tokens, 0, "whole rows of products");
+        let count = out.len() / tokens;
         assert!(
             first + count <= self.rows,
             "rows {first}+{count} of {}",
             self.rows
         );
-        assert!(a.row(0).len() >= self.blocks * Q8_0_BYTES || tokens == 0);
-        let group_bytes = self.blocks * GROUP_BLOCK;
-        for (i, start) in (0..count).step_by(ROWS).enumerate() {
-            let g = first / ROWS + i;
-            let group = &self.bytes[g * group_bytes..(g + 1) * group_bytes];
-            let valid = (count - start).min(ROWS);
-            let out = &mut out[start * tokens..(start + valid) * tokens];
+        for t in 0..a.tokens() {
+            assert_eq!(
+                a.row(t).len(),
+                self.blocks * Q8_0_BYTES,
+                "activation row length"
+            );
+        }
+        for start in (0..count).step_by(ROWS) {
+            let group = self.group(first + start);
+            let out = &mut out[start * tokens..(start + (count - start).min(ROWS)) * tokens];
             #[cfg(target_arch = "x86_64")]
             if super::kernels::simd() {
                 // SAFETY: the features were detected; `group` holds `self.blocks` blocks of
-                // the group, and every activation row as many Q8_0 blocks (asserted above).
+                // `kind`, and every activation row as many Q8_0 blocks (asserted above).
                 #[allow(unsafe_code)]
                 unsafe {
-                    avx2::group(group, self.blocks, a, out)
+                    avx2::group(self.kind, group, self.blocks, a, out)
                 };
                 continue;
             }
-            scalar::group(group, self.blocks, a, out);
+            scalar::group(self.kind, group, self.blocks, a, out);
         }
     }
 }
 
 /// The reference: each product summed in integers per block, then scaled, in block order.
 mod scalar {
-    use super::{Activations, GROUP_BLOCK, Q8_0_BYTES, ROWS};
+    use super::{lane_at, Activations, Kind, Q8_0_BYTES};
     use half::f16;
 
+    /// Value `j` of row `lane` in a group's block.
+    fn value(kind: Kind, g: &[u8], lane: usize, j: usize) -> i32 {
+        match kind {
+            Kind::Q8_0 => i32::from(g[lane_at(j / 4, lane) + j % 4] as i8),
+            Kind::Q4_0 => i32::from(nibble(g, 0, lane, j)) - 8,
+            Kind::Q5_0 => {
+                let at = lane_at(0, lane);
+                let high = u32::from_le_bytes([g[at], g[at + 1], g[at + 2], g[at + 3]]) >> j & 1;
+                i32::from(nibble(g, 1, lane, j)) + 16 * high as i32 - 16
+            }
+        }
+    }
+
+    /// The low four bits of value `j` of row `lane`, its nibbles from vector `first` on.
+    fn nibble(g: &[u8], first: usize, lane: usize, j: usize) -> u8 {
+        let byte = g[lane_at(first + j % 16 / 4, lane) + j % 4];
+        if j < 16 {
+            byte & 0x0f
+        } else {
+            byte >> 4
+        }
+    }
+
     /// The products of a group's first `out.len() / tokens` rows with every token.
-    pub fn group(group: &[u8], blocks: usize, a: &Activations, out: &mut [f32]) {
+    pub fn group(kind: Kind, group: &[u8], blocks: usize, a: &Activations, out: &mut [f32]) {
         let tokens = a.tokens();
+        let size = kind.group_block();
         for (lane, o) in out.chunks_exact_mut(tokens).enumerate() {
             for (t, o) in o.iter_mut().enumerate() {
-                let (y, sums) = (a.row(t), a.sums(t));
+                let y = a.row(t);
                 *o = (0..blocks)
                     .map(|b| {
-                        let g = &group[b * GROUP_BLOCK..][..GROUP_BLOCK];
+                        let g = &group[b * size..][..size];
                         let y = &y[b * Q8_0_BYTES..][..Q8_0_BYTES];
                         let dw = f16::from_le_bytes([g[2 * lane], g[2 * lane + 1]]).to_f32();
                         let dy = f16::from_le_bytes([y[0], y[1]]).to_f32();
-                        let dot: i32 = (0..16)
-                            .map(|j| {
-                                let byte = g[2 * ROWS + j / 4 * 32 + 4 * lane + j % 4];
-                                i32::from(byte & 0x0f) * i32::from(y[2 + j] as i8)
-                                    + i32::from(byte >> 4) * i32::from(y[18 + j] as i8)
-                            })
+                        let dot: i32 = (0..32)
+                            .map(|j| value(kind, g, lane, j) * i32::from(y[2 + j] as i8))
                             .sum();
-                        dw * (dot as f32 * dy - 8.0 * sums[b])
+                        dw * dy * dot as f32
                     })
                     .sum();
             }
@@ -141,7 +218,7 @@ mod scalar {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
-    use super::{Activations, GROUP_BLOCK, Q8_0_BYTES, ROWS};
+    use super::{Activations, Kind, Q8_0_BYTES, ROWS};
     use crate::models::cpu::kernels::avx2::{prefetch, to_lanes};
     use std::arch::x86_64::*;
 
@@ -149,18 +226,36 @@ mod avx2 {
     const TOKENS: usize = 4;
 
     /// # Safety
-    /// AVX2, FMA and F16C must be available; `group` holds `blocks` blocks of a group and each
-    /// activation row of `a` as many Q8_0 blocks.
+    /// AVX2, FMA and F16C must be available; `group` holds `blocks` blocks of a group of
+    /// `kind` and each activation row of `a` as many Q8_0 blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group(group: &[u8], blocks: usize, a: &Activations, out: &mut [f32]) {
+    pub unsafe fn group(kind: Kind, group: &[u8], blocks: usize, a: &Activations, out: &mut [f32]) {
+        match kind {
+            Kind::Q8_0 => passes::<8>(kind, group, blocks, a, out, |v, y| q8_0_block(v, y)),
+            Kind::Q4_0 => passes::<4>(kind, group, blocks, a, out, |v, y| q4_0_block(v, y)),
+            Kind::Q5_0 => passes::<5>(kind, group, blocks, a, out, |v, y| q5_0_block(v, y)),
+        }
+    }
+
+    /// Every token through `pass`, [`TOKENS`] at a time, the rest one by one.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn passes<const V: usize>(
+        kind: Kind,
+        group: &[u8],
+        blocks: usize,
+        a: &Activations,
+        out: &mut [f32],
+        block: impl Fn(&[__m256i; V], *const u8) -> __m256i + Copy,
+    ) {
         let tokens = a.tokens();
         let whole = tokens / TOKENS * TOKENS;
         for t in (0..whole).step_by(TOKENS) {
-            let p = pass::<TOKENS>(group, blocks, a, t);
+            let p = pass::<TOKENS, V>(kind, group, blocks, a, t, block);
             store(out, tokens, t, &p);
         }
         for t in whole..tokens {
-            let p = pass::<1>(group, blocks, a, t);
+            let p = pass::<1, V>(kind, group, blocks, a, t, block);
             store(out, tokens, t, &p);
         }
     }
@@ -181,11 +276,99 @@ mod avx2 {
         }
     }
 
-    /// The eight rows' products with activation rows `t..t + T`, one lane per row.
+    /// The four activation bytes at `4k` of the 32 at `y`, in every lane.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn pass<const T: usize>(group: &[u8], blocks: usize, a: &Activations, t: usize) -> [__m256; T] {
-        assert!(group.len() >= blocks * GROUP_BLOCK);
+    fn four(y: *const u8, k: usize) -> __m256i {
+        // SAFETY: the callers pass the start of a block's 32 values and `k` below 8.
+        _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(y.add(4 * k).cast::<i32>()) })
+    }
+
+    /// The eight rows' integer products of a Q8_0 block with the 32 activation values at `y`.
+    /// `maddubs` multiplies unsigned by signed bytes: the rows' magnitudes (`v`, made so once
+    /// per block) by the activations carrying the rows' signs.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q8_0_block(v: &[__m256i; 8], y: *const u8) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        let mut s = _mm256_setzero_si256();
+        for (k, v) in v.iter().enumerate() {
+            let signed = _mm256_sign_epi8(four(y, k), *v);
+            let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(*v), signed);
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(pairs, ones));
+        }
+        s
+    }
+
+    /// The eight rows' integer products of a Q4_0 block (values 0..16, the offset of 8 taken
+    /// out below) with the 32 activation values at `y`. Each `maddubs` lane is at most
+    /// 2 · 15 · 127 = 3810, so eight of them add up in i16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q4_0_block(v: &[__m256i; 4], y: *const u8) -> __m256i {
+        let low = _mm256_set1_epi8(0x0f);
+        let mut s = _mm256_setzero_si256();
+        for (k, v) in v.iter().enumerate() {
+            let (l, h) = (
+                _mm256_and_si256(*v, low),
+                _mm256_and_si256(_mm256_srli_epi16(*v, 4), low),
+            );
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(l, four(y, k)));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(h, four(y, k + 4)));
+        }
+        _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+    }
+
+    /// The eight rows' integer products of a Q5_0 block (values 0..32, the offset of 16 taken
+    /// out below) with the 32 activation values at `y`. Values `4m..4m + 4` of a row take
+    /// their fifth bits from bits `4m..4m + 4` of its first vector's lane: that lane's byte
+    /// `m / 2` is copied to its four bytes, each byte keeps its own bit, and a set bit becomes
+    /// 16. A `maddubs` lane is at most 2 · 31 · 127 = 7874, so four add up in i16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q5_0_block(v: &[__m256i; 5], y: *const u8) -> __m256i {
+        let low = _mm256_set1_epi8(0x0f);
+        let sixteen = _mm256_set1_epi8(16);
+        let ones = _mm256_set1_epi16(1);
+        let fifth = |m: usize| {
+            // Byte `i` of each 128-bit half reads byte `m / 2` of its 4-byte lane.
+            let from: [i8; 32] = std::array::from_fn(|i| (m / 2 + i % 16 / 4 * 4) as i8);
+            // SAFETY: 32 bytes from the array.
+            let from = unsafe { _mm256_loadu_si256(from.as_ptr().cast()) };
+            let spread = _mm256_shuffle_epi8(v[0], from);
+            let shift = 4 * (m % 2) as u32;
+            let bits = _mm256_set1_epi32(i32::from_le_bytes([1, 2, 4, 8].map(|b: u8| b << shift)));
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits);
+            _mm256_and_si256(set, sixteen)
+        };
+        let mut s = [_mm256_setzero_si256(); 2];
+        for k in 0..4 {
+            let nibbles = v[1 + k];
+            let l = _mm256_or_si256(_mm256_and_si256(nibbles, low), fifth(k));
+            let h = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(nibbles, 4), low),
+                fifth(k + 4),
+            );
+            s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(l, four(y, k)));
+            s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(h, four(y, k + 4)));
+        }
+        _mm256_add_epi32(_mm256_madd_epi16(s[0], ones), _mm256_madd_epi16(s[1], ones))
+    }
+
+    /// The eight rows' products with activation rows `t..t + T`, one lane per row; `block`
+    /// sums a group block's `V` value vectors with one activation block in integers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn pass<const T: usize, const V: usize>(
+        kind: Kind,
+        group: &[u8],
+        blocks: usize,
+        a: &Activations,
+        t: usize,
+        block: impl Fn(&[__m256i; V], *const u8) -> __m256i,
+    ) -> [__m256; T] {
+        let size = kind.group_block();
+        assert!(group.len() >= blocks * size && size >= 2 * ROWS + 32 * V);
         let act: [&[u8]; T] = std::array::from_fn(|j| a.row(t + j));
         let scales: [&[f32]; T] = std::array::from_fn(|j| a.scales(t + j));
         let sums: [&[f32]; T] = std::array::from_fn(|j| a.sums(t + j));
@@ -193,38 +376,28 @@ mod avx2 {
             assert!(act[j].len() >= blocks * Q8_0_BYTES);
             assert!(scales[j].len() >= blocks && sums[j].len() >= blocks);
         }
-        let low = _mm256_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
+        // Values stored plus an offset: `Σ (q − offset)·y = Σ q·y − offset·Σ y`.
+        let offset = kind.offset();
         let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..blocks {
             // SAFETY: block `b` of the group lies within it (asserted above).
-            let base = unsafe { group.as_ptr().add(b * GROUP_BLOCK) };
-            prefetch(base, GROUP_BLOCK.div_ceil(64));
+            let base = unsafe { group.as_ptr().add(b * size) };
+            prefetch(base, size.div_ceil(64));
             // SAFETY: 16 bytes of scales at the block's start.
             let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(base.cast()) });
-            let mut v = [_mm256_setzero_si256(); 8];
-            for m in 0..4 {
-                // SAFETY: vector `m` of the block's nibbles, 32 bytes within it.
-                let p = unsafe { _mm256_loadu_si256(base.add(2 * ROWS + 32 * m).cast()) };
-                v[m] = _mm256_and_si256(p, low);
-                v[m + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
-            }
+            // SAFETY: `V` vectors of 32 bytes after the scales, within the block (asserted).
+            let v: [__m256i; V] = std::array::from_fn(|m| unsafe {
+                _mm256_loadu_si256(base.add(2 * ROWS + 32 * m).cast())
+            });
             for j in 0..T {
                 // SAFETY: the 32 values of activation block `b`, within the row (asserted).
                 let y = unsafe { act[j].as_ptr().add(b * Q8_0_BYTES + 2) };
-                // Each `maddubs` lane is at most 2 · 15 · 127 = 3810; eight of them fit in i16.
-                let mut s = _mm256_setzero_si256();
-                for (k, v) in v.iter().enumerate() {
-                    // SAFETY: four bytes at `4k` of the block's 32 values.
-                    let y4 = unsafe { std::ptr::read_unaligned(y.add(4 * k).cast::<i32>()) };
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(*v, _mm256_set1_epi32(y4)));
-                }
-                let dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
-                // Row `r`: d_w · (d_y · Σ q·y − 8 · d_y · Σ y), the nibbles' offset of 8.
+                let dot = _mm256_cvtepi32_ps(block(&v, y));
+                // Row `r`: d_w · (d_y · Σ q·y − offset · d_y · Σ y).
                 let scaled = _mm256_fmsub_ps(
                     dot,
                     _mm256_set1_ps(scales[j][b]),
-                    _mm256_set1_ps(8.0 * sums[j][b]),
+                    _mm256_set1_ps(offset * sums[j][b]),
                 );
                 acc[j] = _mm256_fmadd_ps(dw, scaled, acc[j]);
             }
@@ -234,9 +407,64 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ5_0, BlockQ8_0, GgmlType};
     use rand::{Rng, SeedableRng};
+
+    /// Random GGML rows of `kind`: scales in 0.001..0.1, Q8_0 values within ±127.
+    fn random_rows(kind: Kind, rows: usize, blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
+        (0..rows * blocks)
+            .flat_map(|_| {
+                let scale = half::f16::from_f32(rng.random_range(0.001..0.1));
+                let mut block = scale.to_le_bytes().to_vec();
+                block.extend((0..kind.quant_bytes()).map(|_| match kind {
+                    Kind::Q8_0 => rng.random_range(-127i8..=127) as u8,
+                    Kind::Q4_0 | Kind::Q5_0 => rng.random::<u8>(),
+                }));
+                block
+            })
+            .collect()
+    }
+
+    /// `bytes` as candle's blocks of `T`, dequantized by candle.
+    pub(in crate::models::cpu) fn candle_values<T: GgmlType>(bytes: &[u8]) -> Vec<f32> {
+        let size = std::mem::size_of::<T>();
+        let blocks: Vec<T> = bytes
+            .chunks_exact(size)
+            .map(|chunk| {
+                let mut block = T::zeros();
+                // SAFETY: candle's block types are plain `repr(C)` data with no invalid bit
+                // patterns, and `chunk` is exactly one block's size.
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        chunk.as_ptr(),
+                        (&mut block as *mut T).cast::<u8>(),
+                        size,
+                    );
+                }
+                block
+            })
+            .collect();
+        let mut out = vec![0f32; blocks.len() * T::BLCK_SIZE];
+        T::to_float(&blocks, &mut out);
+        out
+    }
+
+    /// A GGML row, dequantized by candle, times a Q8_0 row's values, in f64.
+    fn dequantized_dot(kind: Kind, w: &[u8], y: &[u8]) -> f32 {
+        let w = match kind {
+            Kind::Q8_0 => candle_values::<BlockQ8_0>(w),
+            Kind::Q4_0 => candle_values::<BlockQ4_0>(w),
+            Kind::Q5_0 => candle_values::<BlockQ5_0>(w),
+        };
+        let y = candle_values::<BlockQ8_0>(y);
+        w.iter()
+            .zip(&y)
+            .map(|(w, y)| f64::from(*w) * f64::from(*y))
+            .sum::<f64>() as f32
+    }
 
     #[test]
     fn interleaved_rows_multiply_and_read_back_as_ggml_rows() {
@@ -244,44 +472,35 @@ mod tests {
         // Row counts around the group size; 18 and 3 blocks per row; token counts around the
         // pass size.
         for (rows, tokens, blocks) in [(19, 9, 18), (8, 1, 3), (5, 4, 18), (16, 6, 3)] {
-            let ggml: Vec<u8> = (0..rows * blocks)
-                .flat_map(|_| {
-                    let scale = half::f16::from_f32(rng.random_range(0.001..0.1));
-                    let mut block = scale.to_le_bytes().to_vec();
-                    block.extend((0..16).map(|_| rng.random::<u8>()));
-                    block
-                })
-                .collect();
             let x: Vec<f32> = (0..tokens * blocks * BLOCK)
                 .map(|_| rng.random_range(-2.0f32..2.0))
                 .collect();
             let a = Activations::quantize(&x, tokens, blocks * BLOCK);
-            let w = Q4_0x8::new(&ggml, rows, blocks * BLOCK);
-            let row_bytes = blocks * Q4_0_BYTES;
-            for (r, row) in ggml.chunks_exact(row_bytes).enumerate() {
-                assert_eq!(w.row(r), row, "row {r}");
-            }
-            // From the second group on, and from the first: every product near GGML's.
-            for first in [8.min(rows / 8 * 8), 0] {
-                let mut out = vec![f32::NAN; (rows - first) * tokens];
-                w.products(first, &a, &mut out);
-                let mut reference = vec![f32::NAN; (rows - first) * tokens];
-                for g in (first..rows).step_by(ROWS) {
-                    let group = &w.bytes[g / ROWS * blocks * GROUP_BLOCK..][..blocks * GROUP_BLOCK];
-                    let valid = (rows - g).min(ROWS);
-                    let o = &mut reference[(g - first) * tokens..(g - first + valid) * tokens];
-                    scalar::group(group, blocks, &a, o);
+            for kind in [Kind::Q8_0, Kind::Q4_0, Kind::Q5_0] {
+                let ggml = random_rows(kind, rows, blocks, &mut rng);
+                let w = Interleaved::new(kind, &ggml, rows, blocks * BLOCK);
+                let row_bytes = blocks * kind.ggml_bytes();
+                for (r, row) in ggml.chunks_exact(row_bytes).enumerate() {
+                    assert_eq!(w.row(r), row, "{kind:?} row {r}");
                 }
-                for (r, row) in ggml.chunks_exact(row_bytes).enumerate().skip(first) {
-                    for t in 0..tokens {
-                        let want = dequantized_dot(row, a.row(t));
-                        let got = [
-                            out[(r - first) * tokens + t],
-                            reference[(r - first) * tokens + t],
-                        ];
-                        for got in got {
-                            let tolerance = 1e-4 * want.abs().max(1.0);
-                            assert!((got - want).abs() <= tolerance, "{r} {t}: {got} {want}");
+                // From the second group on, and from the first.
+                for first in [8.min(rows / 8 * 8), 0] {
+                    let mut out = vec![f32::NAN; (rows - first) * tokens];
+                    w.products(first, &a, &mut out);
+                    let mut reference = vec![f32::NAN; (rows - first) * tokens];
+                    for g in (first..rows).step_by(ROWS) {
+                        let valid = (rows - g).min(ROWS);
+                        let o = &mut reference[(g - first) * tokens..(g - first + valid) * tokens];
+                        scalar::group(kind, w.group(g), blocks, &a, o);
+                    }
+                    for (r, row) in ggml.chunks_exact(row_bytes).enumerate().skip(first) {
+                        for t in 0..tokens {
+                            let want = dequantized_dot(kind, row, a.row(t));
+                            let at = (r - first) * tokens + t;
+                            for got in [out[at], reference[at]] {
+                                let tolerance = 1e-4 * want.abs().max(1.0);
+                                assert!((got - want).abs() <= tolerance, "{kind:?} {r} {t}");
+                            }
                         }
                     }
                 }
@@ -289,19 +508,49 @@ mod tests {
         }
     }
 
-    /// A Q4_0 row times a Q8_0 row through their dequantized values, in f64.
-    fn dequantized_dot(w: &[u8], y: &[u8]) -> f32 {
-        let scale = |b: &[u8]| f64::from(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
-        w.chunks_exact(Q4_0_BYTES)
-            .zip(y.chunks_exact(Q8_0_BYTES))
-            .map(|(w, y)| {
-                let values = (0..BLOCK).map(|j| {
-                    let byte = w[2 + j % 16];
-                    let q = if j < 16 { byte & 0x0f } else { byte >> 4 };
-                    f64::from(i32::from(q) - 8) * f64::from(y[2 + j] as i8)
-                });
-                scale(w) * scale(y) * values.sum::<f64>()
-            })
-            .sum::<f64>() as f32
+    #[test]
+    fn one_token_rounds_as_it_does_among_many() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let (rows, tokens, blocks) = (16, 7, 18);
+        let x: Vec<f32> = (0..tokens * blocks * BLOCK)
+            .map(|_| rng.random_range(-2.0f32..2.0))
+            .collect();
+        let all = Activations::quantize(&x, tokens, blocks * BLOCK);
+        for kind in [Kind::Q8_0, Kind::Q4_0, Kind::Q5_0] {
+            let w = Interleaved::new(kind, &random_rows(kind, rows, blocks, &mut rng), rows, 576);
+            let mut many = vec![0f32; rows * tokens];
+            w.products(0, &all, &mut many);
+            for (t, x) in x.chunks_exact(blocks * BLOCK).enumerate() {
+                let mut one = vec![0f32; rows];
+                w.products(0, &Activations::quantize(x, 1, blocks * BLOCK), &mut one);
+                for (r, one) in one.iter().enumerate() {
+                    assert_eq!(one.to_bits(), many[r * tokens + t].to_bits(), "{kind:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_products_approximate_the_float_dot() {
+        let values = |seed: u32| -> Vec<f32> {
+            (0..2048u32)
+                .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
+        };
+        let (w, a) = (values(5), values(6));
+        let exact: f32 = w.iter().zip(&a).map(|(w, a)| w * a).sum();
+        let mut wq = vec![0u8; 2048 / BLOCK * Q8_0_BYTES];
+        crate::models::cpu::kernels::quantize_q8_0(&w, &mut wq);
+        let mut quantized = [0f32];
+        Interleaved::new(Kind::Q8_0, &wq, 1, 2048).products(
+            0,
+            &Activations::quantize(&a, 1, 2048),
+            &mut quantized,
+        );
+        let tolerance = 0.02 * (2048f32).sqrt();
+        assert!(
+            (quantized[0] - exact).abs() < tolerance,
+            "{quantized:?} vs {exact}"
+        );
     }
 }

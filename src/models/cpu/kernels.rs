@@ -17,6 +17,8 @@ pub const BLOCK: usize = 32;
 pub const Q8_0_BYTES: usize = 34;
 /// Bytes per Q4_0 block.
 pub const Q4_0_BYTES: usize = 18;
+/// Bytes per Q5_0 block.
+pub const Q5_0_BYTES: usize = 22;
 
 /// Whether the AVX2 versions can run here (checked once by the standard library, then cached).
 pub(super) fn simd() -> bool {
@@ -50,19 +52,6 @@ pub fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
 
 fn scale(block: &[u8]) -> f32 {
     f16::from_le_bytes([block[0], block[1]]).to_f32()
-}
-
-/// `w · a` for Q8_0 rows of the same length.
-pub fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    assert_eq!(w.len(), a.len(), "Q8_0 rows of one length");
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: the features `avx2::dot_q8_0` enables were detected above; the rows are whole
-        // blocks of equal length, which it reads within.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::dot_q8_0(w, a) };
-    }
-    scalar::dot_q8_0(w, a)
 }
 
 /// The sum of each Q8_0 block's values (scale times the sum of its integers), which the
@@ -102,7 +91,7 @@ pub fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
 
 /// The reference versions.
 pub mod scalar {
-    use super::{scale, BLOCK, Q8_0_BYTES};
+    use super::{BLOCK, Q8_0_BYTES};
     use half::f16;
 
     /// Q8_0 quantization of `x` into `out` (whole blocks).
@@ -115,21 +104,6 @@ pub mod scalar {
                 *q = (v * inverse).round_ties_even() as i8 as u8;
             }
         }
-    }
-
-    /// `w · a` for Q8_0 rows.
-    pub fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
-        w.chunks_exact(Q8_0_BYTES)
-            .zip(a.chunks_exact(Q8_0_BYTES))
-            .map(|(x, y)| {
-                let sum: i32 = x[2..]
-                    .iter()
-                    .zip(&y[2..])
-                    .map(|(&p, &q)| i32::from(p as i8) * i32::from(q as i8))
-                    .sum();
-                scale(x) * scale(y) * sum as f32
-            })
-            .sum()
     }
 
     /// `w · a` for an f16 row and an f32 row.
@@ -175,28 +149,7 @@ pub(super) mod avx2 {
         _mm_cvtss_f32(one)
     }
 
-    /// The products of 32 signed bytes summed in eight groups of four, as floats. `x` must not
-    /// hold -128 (quantized values are within ±127).
-    #[target_feature(enable = "avx2,fma")]
-    fn products(x: __m256i, y: __m256i) -> __m256 {
-        // maddubs multiplies unsigned by signed bytes: move x's sign onto y.
-        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    /// The products of the weight and activation scales of eight consecutive blocks. Converted
-    /// eight at a time, from an array: converting one scale per block made LLVM insert it into
-    /// a lane of the accumulator's register, chaining every block to the previous block's
-    /// multiply-add (3x slower, measured with `cargo bench --bench kernels`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn scales(w: &[u8], w_bytes: usize, a: &[u8]) -> __m256 {
-        _mm256_mul_ps(eight_scales(w, w_bytes), eight_scales(a, Q8_0_BYTES))
-    }
-
-    /// The eight lanes of `v` as an array, each then broadcast with `_mm256_broadcast_ss`.
-    /// A `vpermd` per block was the hottest instruction of a Q8_0 prefill kernel in
-    /// `perf annotate`; from the array LLVM emits broadcast loads instead.
+    /// The eight lanes of `v` as an array.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(in crate::models::cpu) fn to_lanes(v: __m256) -> [f32; 8] {
@@ -204,36 +157,6 @@ pub(super) mod avx2 {
         // SAFETY: the array holds eight floats.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
         lanes
-    }
-
-    /// Sums `block(i) * scale(i)` over the blocks into one accumulator in block order
-    /// (llama.cpp's order, so Q8_0 logits round as its do): eight at a time, then the last
-    /// `blocks % 8` one by one.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn blocks_dot(
-        w: &[u8],
-        w_bytes: usize,
-        a: &[u8],
-        block: impl Fn(&[u8], &[u8]) -> __m256,
-    ) -> f32 {
-        let blocks = w.len() / w_bytes;
-        let whole = blocks / 8 * 8;
-        let mut acc = _mm256_setzero_ps();
-        for group in (0..whole).step_by(8) {
-            let (wg, ag) = (&w[group * w_bytes..], &a[group * Q8_0_BYTES..]);
-            prefetch(wg.as_ptr(), (8 * w_bytes).div_ceil(64));
-            let d = to_lanes(scales(wg, w_bytes, ag));
-            for (j, d) in d.iter().enumerate() {
-                let products = block(&wg[j * w_bytes..], &ag[j * Q8_0_BYTES..]);
-                acc = _mm256_fmadd_ps(_mm256_broadcast_ss(d), products, acc);
-            }
-        }
-        for b in whole..blocks {
-            let (x, y) = (&w[b * w_bytes..], &a[b * Q8_0_BYTES..]);
-            let d = _mm256_set1_ps(f16_at(x, 0) * f16_at(y, 0));
-            acc = _mm256_fmadd_ps(d, block(x, y), acc);
-        }
-        sum_lanes(acc)
     }
 
     /// # Safety
@@ -289,72 +212,6 @@ pub(super) mod avx2 {
         _mm_cvtss_f32(_mm_max_ps(pair, _mm_movehdup_ps(pair)))
     }
 
-    /// # Safety
-    /// AVX2 and FMA must be available; `w` and `a` are whole Q8_0 blocks of equal length.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
-        let block = |x: &[u8], y: &[u8]| {
-            assert!(x.len() >= Q8_0_BYTES && y.len() >= Q8_0_BYTES);
-            // SAFETY: both blocks hold 34 bytes (checked); 32 are read from offset 2.
-            let (qx, qy) = unsafe {
-                (
-                    _mm256_loadu_si256(x.as_ptr().add(2).cast()),
-                    _mm256_loadu_si256(y.as_ptr().add(2).cast()),
-                )
-            };
-            products(qx, qy)
-        };
-        blocks_dot(w, Q8_0_BYTES, a, block)
-    }
-
-    /// `Σ_blocks d_w·d_a·Σ(q·y) − offset·Σ_blocks d_w·sum(y)` for weight blocks of `w_bytes`
-    /// bytes (an f16 scale first) whose values `unpack` returns as 32 unsigned bytes, against
-    /// Q8_0 activation blocks and their `sums`. Eight blocks at a time with their scales
-    /// converted together, two accumulators, then the last `blocks % 8` one by one.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::models::cpu) fn unsigned_blocks_dot(
-        w: &[u8],
-        w_bytes: usize,
-        a: &[u8],
-        sums: &[f32],
-        offset: f32,
-        unpack: impl Fn(&[u8]) -> __m256i,
-    ) -> f32 {
-        let blocks = w.len() / w_bytes;
-        assert!(a.len() >= blocks * Q8_0_BYTES && sums.len() >= blocks);
-        let whole = blocks / 8 * 8;
-        // Two named accumulators, even and odd blocks: an array indexed by `j % 2` was kept on
-        // the stack, a store and reload per block (seen in `perf annotate`).
-        let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut offsets = _mm256_setzero_ps();
-        for group in (0..whole).step_by(8) {
-            let (wg, ag) = (&w[group * w_bytes..], &a[group * Q8_0_BYTES..]);
-            let ws = eight_scales(wg, w_bytes);
-            let d = to_lanes(_mm256_mul_ps(ws, eight_scales(ag, Q8_0_BYTES)));
-            let ys = &sums[group..group + 8];
-            // SAFETY: `ys` holds eight floats.
-            offsets = _mm256_fmadd_ps(ws, unsafe { _mm256_loadu_ps(ys.as_ptr()) }, offsets);
-            let block = |j: usize| {
-                unsigned_products(unpack(&wg[j * w_bytes..]), values(&ag[j * Q8_0_BYTES..]))
-            };
-            for j in (0..8).step_by(2) {
-                even = _mm256_fmadd_ps(_mm256_broadcast_ss(&d[j]), block(j), even);
-                odd = _mm256_fmadd_ps(_mm256_broadcast_ss(&d[j + 1]), block(j + 1), odd);
-            }
-        }
-        // The last blocks one at a time, their scales converted one by one.
-        let mut tail_offset = 0.0;
-        for b in whole..blocks {
-            let (x, y) = (&w[b * w_bytes..], &a[b * Q8_0_BYTES..]);
-            let wd = f16_at(x, 0);
-            tail_offset += wd * sums[b];
-            let d = _mm256_set1_ps(wd * f16_at(y, 0));
-            even = _mm256_fmadd_ps(d, unsigned_products(unpack(x), values(y)), even);
-        }
-        sum_lanes(_mm256_add_ps(even, odd)) - offset * (sum_lanes(offsets) + tail_offset)
-    }
-
     /// One f16 as f32 through F16C (the `half` crate converts in software unless the whole
     /// build targets F16C).
     #[inline]
@@ -362,59 +219,6 @@ pub(super) mod avx2 {
     pub(in crate::models::cpu) fn f16_at(bytes: &[u8], at: usize) -> f32 {
         let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-    }
-
-    /// The products of 32 unsigned bytes (`x`, at most 15) with 32 signed ones, summed in
-    /// eight groups of four, as floats.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(in crate::models::cpu) fn unsigned_products(x: __m256i, y: __m256i) -> __m256 {
-        let pairs = _mm256_maddubs_epi16(x, y);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
-    /// The 32 nibbles of the 16 bytes at `block[at..]` as unsigned bytes, low nibbles first.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::models::cpu) fn nibbles_at(block: &[u8], at: usize) -> __m256i {
-        assert!(block.len() >= at + 16);
-        // SAFETY: 16 bytes from `at`, within the block (length asserted).
-        let packed = unsafe { _mm_loadu_si128(block.as_ptr().add(at).cast()) };
-        let low_nibbles = _mm_set1_epi8(0x0f);
-        let low = _mm_and_si128(packed, low_nibbles);
-        let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
-        _mm256_set_m128i(high, low)
-    }
-
-    /// The 32 values of a Q8_0 block.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::models::cpu) fn values(block: &[u8]) -> __m256i {
-        assert!(block.len() >= Q8_0_BYTES);
-        // SAFETY: 32 bytes from offset 2 of a 34-byte block (length asserted).
-        unsafe { _mm256_loadu_si256(block.as_ptr().add(2).cast()) }
-    }
-
-    /// Eight f16 scales read `stride` bytes apart, as floats.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::models::cpu) fn eight_scales(blocks: &[u8], stride: usize) -> __m256 {
-        _mm256_cvtph_ps(scale_bits(blocks, stride))
-    }
-
-    /// The bits of eight f16 scales read `stride` bytes apart. A plain function, so that it
-    /// can be forced inline into the kernels (LLVM left a call per eight blocks otherwise,
-    /// 14 % of a Q4_0 decode in `perf`).
-    #[inline(always)]
-    fn scale_bits(blocks: &[u8], stride: usize) -> __m128i {
-        assert!(blocks.len() >= 7 * stride + 2);
-        // A loop, not `array::from_fn`: LLVM left that a call (10 % of a Q8_0 prefill).
-        let mut bits = [0u16; 8];
-        for (j, b) in bits.iter_mut().enumerate() {
-            *b = u16::from_le_bytes([blocks[j * stride], blocks[j * stride + 1]]);
-        }
-        // SAFETY: `[u16; 8]` and `__m128i` are both 16 bytes of plain integers.
-        unsafe { std::mem::transmute::<[u16; 8], __m128i>(bits) }
     }
 
     /// # Safety
@@ -518,8 +322,6 @@ mod tests {
     fn simd_and_scalar_agree_for_every_row_type() {
         for (n, seed) in [(32, 1), (576, 2), (2048, 3), (5632, 4)] {
             let (w, a) = (values(n, seed), values(n, seed + 100));
-            let (wq, aq) = (q8(&w), q8(&a));
-            close(dot_q8_0(&wq, &aq), scalar::dot_q8_0(&wq, &aq), n);
             let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
             close(dot_f16(&wh, &a), scalar::dot_f16(&wh, &a), n);
             close(dot_f32(&w, &a), scalar::dot_f32(&w, &a), n);
@@ -527,16 +329,5 @@ mod tests {
         // Lengths that are not a multiple of 32 take the scalar tail.
         let (w, a) = (values(45, 9), values(45, 10));
         close(dot_f32(&w, &a), scalar::dot_f32(&w, &a), 45);
-    }
-
-    #[test]
-    fn q8_0_dot_approximates_the_float_dot() {
-        let (w, a) = (values(2048, 5), values(2048, 6));
-        let exact = scalar::dot_f32(&w, &a);
-        let quantized = dot_q8_0(&q8(&w), &q8(&a));
-        assert!(
-            (quantized - exact).abs() < 0.02 * (2048f32).sqrt(),
-            "{quantized} vs {exact}"
-        );
     }
 }

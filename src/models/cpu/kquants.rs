@@ -1,7 +1,7 @@
-//! Dot products for the types of llama.cpp's `Q4_K_M` files: Q4_K and Q6_K rows against Q8_K
-//! activations, Q5_0 rows (its fallback for rows the 256-value K blocks do not divide) against
-//! Q8_0 activations. Scalar reference versions and AVX2 versions, held to the same result by the
-//! tests, like [`super::kernels`].
+//! Dot products for the K types of llama.cpp's `Q4_K_M` files: Q4_K and Q6_K rows against Q8_K
+//! activations (its Q5_0 and Q8_0 fallbacks, for rows the 256-value K blocks do not divide, are
+//! [`super::interleaved`]'s). Scalar reference versions and AVX2 versions, held to the same
+//! result by the tests, like [`super::kernels`].
 //!
 //! GGML's layouts, 256 values a K block:
 //! - Q8_K: f32 scale, 256 `i8`, then the sum of each 16 values as `i16`.
@@ -11,12 +11,8 @@
 //!   `2k+1` their high nibbles.
 //! - Q6_K: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, sixteen `i8` scales (one per
 //!   16 values), f16 `d`; a value is `d·scale·(q − 32)` with `q` in 0..64.
-//! - Q5_0: f16 scale, 32 high bits, 16 bytes of nibbles (values 0..16 low, 16..32 high); a value
-//!   is `d·(q − 16)` with `q` in 0..32.
 
 use half::f16;
-
-use super::kernels::Q8_0_BYTES;
 
 /// Values per K block.
 pub const QK_K: usize = 256;
@@ -24,8 +20,6 @@ pub const QK_K: usize = 256;
 pub const Q4K_BYTES: usize = 144;
 /// Bytes per Q6_K block.
 pub const Q6K_BYTES: usize = 210;
-/// Bytes per Q5_0 block.
-pub const Q5_0_BYTES: usize = 22;
 
 /// A Q8_K activation block.
 #[derive(Clone, Copy)]
@@ -143,25 +137,9 @@ fn dot_q6k_x4_or_1<const T: usize>(w: &[u8], a: [&[Q8K]; T]) -> [f32; T] {
     a.map(|a| scalar::dot_q6k(w, a))
 }
 
-/// `w · a` for a Q5_0 row and a Q8_0 row of as many values; `sums` are the activation's
-/// [`super::kernels::block_sums`].
-pub fn dot_q5_0(w: &[u8], a: &[u8], sums: &[f32]) -> f32 {
-    let blocks = w.len() / Q5_0_BYTES;
-    assert_eq!(blocks * Q8_0_BYTES, a.len(), "rows of one length");
-    assert_eq!(blocks, sums.len(), "one sum per block");
-    #[cfg(target_arch = "x86_64")]
-    if super::kernels::simd() {
-        // SAFETY: the features were detected; the rows hold `blocks` blocks each.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::dot_q5_0(w, a, sums) };
-    }
-    scalar::dot_q5_0(w, a)
-}
-
 /// The reference versions.
 pub mod scalar {
-    use super::{half, scales_and_mins, Q4K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8K};
-    use crate::models::cpu::kernels::{BLOCK, Q8_0_BYTES};
+    use super::{half, scales_and_mins, Q4K_BYTES, Q6K_BYTES, Q8K};
 
     /// `w · a` for a Q4_K row and a Q8_K row.
     pub fn dot_q4k(w: &[u8], a: &[Q8K]) -> f32 {
@@ -224,34 +202,12 @@ pub mod scalar {
             })
             .sum()
     }
-
-    /// `w · a` for a Q5_0 row and a Q8_0 row.
-    pub fn dot_q5_0(w: &[u8], a: &[u8]) -> f32 {
-        w.chunks_exact(Q5_0_BYTES)
-            .zip(a.chunks_exact(Q8_0_BYTES))
-            .map(|(x, y)| {
-                let high = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
-                let sum: i32 = (0..BLOCK)
-                    .map(|i| {
-                        let nibble = if i < 16 {
-                            x[6 + i] & 0x0f
-                        } else {
-                            x[6 + i - 16] >> 4
-                        };
-                        let q = i32::from(nibble) | (((high >> i) & 1) as i32) << 4;
-                        (q - 16) * i32::from(y[2 + i] as i8)
-                    })
-                    .sum();
-                half(x, 0) * half(y, 0) * sum as f32
-            })
-            .sum()
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(super) mod avx2 {
-    use super::{scales_and_mins, Q4K_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8K};
+    use super::{scales_and_mins, Q4K_BYTES, Q6K_BYTES, Q8K};
     use crate::models::cpu::kernels::avx2 as shared;
     use std::arch::x86_64::*;
 
@@ -387,50 +343,11 @@ pub(super) mod avx2 {
         }
         out
     }
-
-    /// The 32 high bits of a Q5_0 block as bytes: `0x10` where bit `i` is set, else 0.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn high_bits(bits: u32) -> __m256i {
-        // Byte i takes byte i/8 of the word, keeps bit i%8, and becomes 0x10 when it is set.
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(bits as i32),
-            _mm256_setr_epi64x(
-                0,
-                0x0101_0101_0101_0101,
-                0x0202_0202_0202_0202,
-                0x0303_0303_0303_0303,
-            ),
-        );
-        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-    }
-
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `w` holds as many Q5_0 blocks as `a` Q8_0 blocks
-    /// and `sums` entries.
-    ///
-    /// As Q4_0: the 5-bit values multiply unsigned and the offset of 16 is taken per block from
-    /// the activation's block sums.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q5_0(w: &[u8], a: &[u8], sums: &[f32]) -> f32 {
-        shared::unsigned_blocks_dot(w, Q5_0_BYTES, a, sums, 16.0, |x| q5_0_values(x))
-    }
-
-    /// The 32 values of a Q5_0 block as unsigned bytes (0..32).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::models::cpu) fn q5_0_values(x: &[u8]) -> __m256i {
-        let bits = u32::from_le_bytes(x[2..6].try_into().expect("four bytes"));
-        _mm256_or_si256(shared::nibbles_at(x, 6), high_bits(bits))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::cpu::kernels::{block_sums, quantize_q8_0, BLOCK};
     use rand::{Rng, SeedableRng};
 
     fn random_bytes(n: usize, rng: &mut rand::rngs::StdRng) -> Vec<u8> {
@@ -490,29 +407,8 @@ mod tests {
     /// so the scalar versions read GGML's layouts as candle does.
     #[test]
     fn scalar_dots_match_candle_dequantization() {
-        use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5_0, BlockQ6K, GgmlType};
-        fn dequantize<T: GgmlType>(bytes: &[u8], n: usize) -> Vec<f32> {
-            let blocks: Vec<T> = bytes
-                .chunks_exact(std::mem::size_of::<T>())
-                .map(|chunk| {
-                    let mut block = T::zeros();
-                    // SAFETY: candle's block types are plain `repr(C)` data with no invalid
-                    // bit patterns, and `chunk` is exactly one block's size.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            chunk.as_ptr(),
-                            (&mut block as *mut T).cast::<u8>(),
-                            chunk.len(),
-                        );
-                    }
-                    block
-                })
-                .collect();
-            let mut out = vec![0f32; n];
-            T::to_float(&blocks, &mut out);
-            out
-        }
+        use crate::models::cpu::interleaved::tests::candle_values;
+        use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K};
         let n = 1024;
         let x = activations(n, 7);
         let a = q8k(&x);
@@ -524,26 +420,12 @@ mod tests {
         let w4 = random_row(n / QK_K, Q4K_BYTES, &[0, 2], 8);
         close(
             scalar::dot_q4k(&w4, &a),
-            float_dot(&dequantize::<BlockQ4K>(&w4, n), &a_values),
+            float_dot(&candle_values::<BlockQ4K>(&w4), &a_values),
         );
         let w6 = random_row(n / QK_K, Q6K_BYTES, &[208], 9);
         close(
             scalar::dot_q6k(&w6, &a),
-            float_dot(&dequantize::<BlockQ6K>(&w6, n), &a_values),
-        );
-        let mut a8 = vec![0u8; n / BLOCK * Q8_0_BYTES];
-        quantize_q8_0(&x, &mut a8);
-        let a8_values: Vec<f32> = a8
-            .chunks_exact(Q8_0_BYTES)
-            .flat_map(|b| {
-                let d = half(b, 0);
-                b[2..].iter().map(move |&q| f32::from(q as i8) * d)
-            })
-            .collect();
-        let w5 = random_row(n / BLOCK, Q5_0_BYTES, &[0], 10);
-        close(
-            scalar::dot_q5_0(&w5, &a8),
-            float_dot(&dequantize::<BlockQ5_0>(&w5, n), &a8_values),
+            float_dot(&candle_values::<BlockQ6K>(&w6), &a_values),
         );
     }
 
@@ -567,15 +449,6 @@ mod tests {
             for (got, row) in dot_q6k_x4(&w6, four).iter().zip(four) {
                 assert_eq!(got.to_bits(), dot_q6k(&w6, row).to_bits());
             }
-        }
-        for (n, seed) in [(32, 4), (576, 5), (1536, 6)] {
-            let x = activations(n, seed);
-            let mut a8 = vec![0u8; n / BLOCK * Q8_0_BYTES];
-            quantize_q8_0(&x, &mut a8);
-            let mut sums = vec![0f32; n / BLOCK];
-            block_sums(&a8, &mut sums);
-            let w5 = random_row(n / BLOCK, Q5_0_BYTES, &[0], seed + 30);
-            close(dot_q5_0(&w5, &a8, &sums), scalar::dot_q5_0(&w5, &a8));
         }
     }
 }

@@ -3,13 +3,13 @@
 //! generic path; this one keeps weights in their GGUF types, multiplies them with kernels
 //! written for these block layouts, and reuses its buffers.
 
+pub mod activations;
 pub(crate) mod exp;
 pub mod f16_tiles;
 pub mod interleaved;
 pub mod kernels;
 pub mod kquants;
 mod llama;
-pub mod tiles;
 pub mod weight;
 
 pub use llama::CpuLlama;

@@ -9,19 +9,19 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+use super::activations::Activations;
 use super::f16_tiles;
-use super::interleaved::Q4_0x8;
-use super::kernels::{self, BLOCK};
+use super::interleaved::{Interleaved, Kind};
+use super::kernels;
 use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, Q8K, QK_K};
-use super::tiles::{self, Activations, Blocks};
 
 /// The rows of one matrix.
 enum Rows {
     F32(Vec<f32>),
     F16(Vec<f16>),
-    Q8_0(Vec<u8>),
-    Q4_0(Q4_0x8),
-    Q5_0(Vec<u8>),
+    Q8_0(Interleaved),
+    Q4_0(Interleaved),
+    Q5_0(Interleaved),
     Q4K(Vec<u8>),
     Q5K(Vec<BlockQ5K>),
     Q6K(Vec<u8>),
@@ -81,9 +81,9 @@ impl Weight {
                     .map(|b| f16::from_le_bytes([b[0], b[1]]))
                     .collect(),
             ),
-            GgmlDType::Q8_0 => Rows::Q8_0(bytes.into_owned()),
-            GgmlDType::Q4_0 => Rows::Q4_0(Q4_0x8::new(&bytes, rows, columns)),
-            GgmlDType::Q5_0 => Rows::Q5_0(bytes.into_owned()),
+            GgmlDType::Q8_0 => Rows::Q8_0(Interleaved::new(Kind::Q8_0, &bytes, rows, columns)),
+            GgmlDType::Q4_0 => Rows::Q4_0(Interleaved::new(Kind::Q4_0, &bytes, rows, columns)),
+            GgmlDType::Q5_0 => Rows::Q5_0(Interleaved::new(Kind::Q5_0, &bytes, rows, columns)),
             GgmlDType::Q4K => Rows::Q4K(bytes.into_owned()),
             GgmlDType::Q5K => Rows::Q5K(blocks(&bytes)?),
             GgmlDType::Q6K => Rows::Q6K(bytes.into_owned()),
@@ -111,9 +111,9 @@ impl Weight {
                     *o = v.to_f32();
                 }
             }
-            Rows::Q8_0(d) => row_to_float::<BlockQ8_0>(d, row, n, out),
+            Rows::Q8_0(d) => row_to_float::<BlockQ8_0>(&d.row(row), 0, n, out),
             Rows::Q4_0(d) => row_to_float::<BlockQ4_0>(&d.row(row), 0, n, out),
-            Rows::Q5_0(d) => row_to_float::<BlockQ5_0>(d, row, n, out),
+            Rows::Q5_0(d) => row_to_float::<BlockQ5_0>(&d.row(row), 0, n, out),
             Rows::Q4K(d) => row_to_float::<BlockQ4K>(d, row, n, out),
             Rows::Q5K(d) => to_float(d, row, n, out),
             Rows::Q6K(d) => row_to_float::<BlockQ6K>(d, row, n, out),
@@ -137,37 +137,14 @@ impl Weight {
                 let count = part.len() / tokens;
                 f16_tiles::products(&d[first * n..(first + count) * n], x, n, part)
             }),
-            Rows::Q8_0(d) => self.block_products(Blocks::Q8_0, d, x, tokens, out),
-            Rows::Q4_0(d) => {
+            Rows::Q8_0(d) | Rows::Q4_0(d) | Rows::Q5_0(d) => {
                 let a = Activations::quantize(x, tokens, n);
                 self.row_blocks(out, tokens, |first, part| d.products(first, &a, part))
             }
-            Rows::Q5_0(d) => self.block_products(Blocks::Q5_0, d, x, tokens, out),
             Rows::Q4K(d) => self.k_products(d, Q4K_BYTES, x, tokens, out, Q4K_KERNELS),
             Rows::Q5K(d) => self.candle_products(d, x, tokens, out),
             Rows::Q6K(d) => self.k_products(d, Q6K_BYTES, x, tokens, out, Q6K_KERNELS),
         }
-    }
-
-    /// Products of rows of 32-value blocks with Q8_0 activations: one token through the
-    /// one-token kernels, several through [`tiles::products`] on each thread's block of rows.
-    fn block_products(&self, kind: Blocks, rows: &[u8], x: &[f32], tokens: usize, out: &mut [f32]) {
-        let a = Activations::quantize(x, tokens, self.columns);
-        let bytes = self.columns / BLOCK * kind.bytes();
-        if tokens == 1 {
-            return self.each(out, 1, |r, _| {
-                tiles::dot(kind, &rows[r * bytes..(r + 1) * bytes], &a, 0)
-            });
-        }
-        self.row_blocks(out, tokens, |first, part| {
-            let count = part.len() / tokens;
-            tiles::products(
-                kind,
-                &rows[first * bytes..(first + count) * bytes],
-                &a,
-                part,
-            )
-        })
     }
 
     /// Products of K-quant rows (`block_bytes` per 256 values) with Q8_K activations, four

@@ -89,6 +89,18 @@ pub fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
     scalar::dot_f32(w, a)
 }
 
+/// `y += a · x` (attention's weighted sum of values).
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "rows of one length");
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the features were detected; the slices have equal lengths.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::axpy(a, x, y) };
+    }
+    scalar::axpy(a, x, y)
+}
+
 /// The reference versions.
 pub mod scalar {
     use super::{BLOCK, Q8_0_BYTES};
@@ -114,6 +126,13 @@ pub mod scalar {
     /// `w · a` for f32 rows.
     pub fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
         w.iter().zip(a).map(|(x, y)| x * y).sum()
+    }
+
+    /// `y += a · x`.
+    pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += a * x;
+        }
     }
 }
 
@@ -265,6 +284,29 @@ pub(super) mod avx2 {
         let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         sum_lanes(total) + super::scalar::dot_f32(&w[whole..], &a[whole..])
     }
+
+    /// # Safety
+    /// AVX2 and FMA must be available; the slices have equal lengths.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        let whole = x.len() / 8 * 8;
+        let scale = _mm256_set1_ps(a);
+        for (x, y) in x[..whole]
+            .chunks_exact(8)
+            .zip(y[..whole].chunks_exact_mut(8))
+        {
+            // SAFETY: eight floats from each chunk.
+            unsafe {
+                let sum = _mm256_fmadd_ps(
+                    scale,
+                    _mm256_loadu_ps(x.as_ptr()),
+                    _mm256_loadu_ps(y.as_ptr()),
+                );
+                _mm256_storeu_ps(y.as_mut_ptr(), sum);
+            }
+        }
+        super::scalar::axpy(a, &x[whole..], &mut y[whole..]);
+    }
 }
 
 #[cfg(test)]
@@ -329,5 +371,14 @@ mod tests {
         // Lengths that are not a multiple of 32 take the scalar tail.
         let (w, a) = (values(45, 9), values(45, 10));
         close(dot_f32(&w, &a), scalar::dot_f32(&w, &a), 45);
+        for n in [64, 45] {
+            let (x, mut y) = (values(n, 11), values(n, 12));
+            let mut reference = y.clone();
+            axpy(0.37, &x, &mut y);
+            scalar::axpy(0.37, &x, &mut reference);
+            for (y, r) in y.iter().zip(&reference) {
+                close(*y, *r, 1);
+            }
+        }
     }
 }

@@ -327,10 +327,7 @@ fn attend(s: &Shape, q: &[f32], keys: &[f32], values: &[f32], position: usize, o
         o.fill(0.0);
         for (p, weight) in scores.iter().enumerate() {
             let value = &values[p * kv + kv_head * d..p * kv + (kv_head + 1) * d];
-            let weight = weight / total;
-            for (o, v) in o.iter_mut().zip(value) {
-                *o += weight * v;
-            }
+            super::kernels::axpy(weight / total, value, o);
         }
     });
 }

@@ -240,11 +240,15 @@ pub(super) mod avx2 {
     pub unsafe fn dot_q4k<const T: usize>(w: &[u8], a: [&[Q8K]; T]) -> [f32; T] {
         let low_nibbles = _mm256_set1_epi8(0x0f);
         let mut acc = [_mm256_setzero_ps(); T];
-        let mut offsets = [0f32; T];
+        let mut offsets = [_mm256_setzero_ps(); T];
         for (b, x) in w.chunks_exact(Q4K_BYTES).enumerate() {
             shared::prefetch(x.as_ptr(), Q4K_BYTES.div_ceil(64));
             let (scales, mins) = scales_and_mins(&x[4..16]);
             let (d, dmin) = (shared::f16_at(x, 0), shared::f16_at(x, 2));
+            // Each min twice, beside the two 16-value sums of its group.
+            // SAFETY: eight bytes from the array of eight.
+            let mins = unsafe { _mm_loadl_epi64(mins.as_ptr().cast()) };
+            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
             let mut sums = [_mm256_setzero_si256(); T];
             for k in 0..4 {
                 let packed = load(x, 16 + 32 * k);
@@ -262,20 +266,19 @@ pub(super) mod avx2 {
             }
             for j in 0..T {
                 let y = &a[j][b];
-                let offset: i32 = (0..8)
-                    .map(|g| {
-                        let sum = i32::from(y.bsums[2 * g]) + i32::from(y.bsums[2 * g + 1]);
-                        i32::from(mins[g]) * sum
-                    })
-                    .sum();
-                offsets[j] += y.d * dmin * offset as f32;
+                // SAFETY: the block's sixteen i16 sums, 32 bytes.
+                let bsums = unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) };
+                // Lane g: min[g] · (sum of group g's 32 activations), summed across blocks in
+                // lanes and reduced once at the end.
+                let offset = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsums));
+                offsets[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dmin), offset, offsets[j]);
                 let scale = _mm256_set1_ps(y.d * d);
                 acc[j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums[j]), acc[j]);
             }
         }
         let mut out = [0f32; T];
         for j in 0..T {
-            out[j] = shared::sum_lanes(acc[j]) - offsets[j];
+            out[j] = shared::sum_lanes(_mm256_sub_ps(acc[j], offsets[j]));
         }
         out
     }
@@ -328,13 +331,15 @@ pub(super) mod avx2 {
                 }
             }
             let d = shared::f16_at(x, 208);
+            // SAFETY: the sixteen scales, 16 bytes of the block.
+            let scales = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(scales.as_ptr().cast()) });
             for j in 0..T {
                 let y = &a[j][b];
-                let offset: i32 = (0..16)
-                    .map(|g| i32::from(scale(g)) * i32::from(y.bsums[g]))
-                    .sum();
-                let total =
-                    _mm256_sub_epi32(sums[j], _mm256_setr_epi32(32 * offset, 0, 0, 0, 0, 0, 0, 0));
+                // SAFETY: the block's sixteen i16 sums, 32 bytes.
+                let bsums = unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) };
+                // 32 · Σ scale·bsum, spread over the lanes (two groups each).
+                let offset = _mm256_slli_epi32(_mm256_madd_epi16(scales, bsums), 5);
+                let total = _mm256_sub_epi32(sums[j], offset);
                 let scale = _mm256_set1_ps(y.d * d);
                 acc[j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(total), acc[j]);
             }

@@ -269,8 +269,10 @@ const Q4K_KERNELS: KKernels = (kquants::dot_q4k, kquants::dot_q4k_x4);
 const Q6K_KERNELS: KKernels = (kquants::dot_q6k, kquants::dot_q6k_x4);
 
 /// Rows per unit of parallel work: small enough to balance two to sixteen threads over a
-/// 576-row matrix, large enough that scheduling costs little next to the dot products.
+/// 576-row matrix, large enough that scheduling costs little next to the dot products. A
+/// multiple of the interleaved group, so that every unit starts at a group.
 const ROW_CHUNK: usize = 32;
+const _: () = assert!(ROW_CHUNK.is_multiple_of(super::interleaved::ROWS));
 
 fn to_float<T: GgmlType>(d: &[T], row: usize, n: usize, out: &mut [f32]) {
     let per_row = n / T::BLCK_SIZE;

@@ -104,6 +104,11 @@ impl Interleaved {
         }
     }
 
+    /// The block type.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
     /// The group of row `r`, all its blocks.
     fn group(&self, r: usize) -> &[u8] {
         let group_bytes = self.blocks * self.kind.group_block();

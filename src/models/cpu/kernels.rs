@@ -1,9 +1,8 @@
-//! Dot products of one weight row with one activation row, the inner loop of decode's matrix
-//! products (prefill's are the register tiles of [`super::tiles`] and [`super::f16_tiles`];
-//! Q4_0 has its own layout, [`super::interleaved`]): Q8_0 rows against Q8_0 activations, f16
-//! and f32 rows against f32 activations. Each has a scalar version, the reference, and an
-//! AVX2/FMA/F16C version used when the CPU has those features; the tests hold the two to the
-//! same result.
+//! Q8_0 quantization of activations and the f32-activation kernels: dot products of one f16 or
+//! f32 weight row with one activation row (decode's inner loop for those types; f16 prefill is
+//! [`super::f16_tiles`], the 32-value block types are [`super::interleaved`]) and attention's
+//! `axpy`. Each has a scalar version, the reference, and an AVX2/FMA/F16C version used when the
+//! CPU has those features; the tests hold the two to the same result.
 //!
 //! The block layouts are GGML's: a Q8_0 block is an f16 scale then 32 `i8`; a Q4_0 block is an
 //! f16 scale then 16 bytes, the low nibbles holding values 0..16 and the high nibbles 16..32,

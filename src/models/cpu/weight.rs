@@ -19,9 +19,8 @@ use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, Q8K, QK_K};
 enum Rows {
     F32(Vec<f32>),
     F16(Vec<f16>),
-    Q8_0(Interleaved),
-    Q4_0(Interleaved),
-    Q5_0(Interleaved),
+    /// Q8_0, Q4_0 or Q5_0, interleaved eight rows at a time.
+    Blocks(Interleaved),
     Q4K(Vec<u8>),
     Q5K(Vec<BlockQ5K>),
     Q6K(Vec<u8>),
@@ -81,9 +80,9 @@ impl Weight {
                     .map(|b| f16::from_le_bytes([b[0], b[1]]))
                     .collect(),
             ),
-            GgmlDType::Q8_0 => Rows::Q8_0(Interleaved::new(Kind::Q8_0, &bytes, rows, columns)),
-            GgmlDType::Q4_0 => Rows::Q4_0(Interleaved::new(Kind::Q4_0, &bytes, rows, columns)),
-            GgmlDType::Q5_0 => Rows::Q5_0(Interleaved::new(Kind::Q5_0, &bytes, rows, columns)),
+            GgmlDType::Q8_0 => Rows::Blocks(Interleaved::new(Kind::Q8_0, &bytes, rows, columns)),
+            GgmlDType::Q4_0 => Rows::Blocks(Interleaved::new(Kind::Q4_0, &bytes, rows, columns)),
+            GgmlDType::Q5_0 => Rows::Blocks(Interleaved::new(Kind::Q5_0, &bytes, rows, columns)),
             GgmlDType::Q4K => Rows::Q4K(bytes.into_owned()),
             GgmlDType::Q5K => Rows::Q5K(blocks(&bytes)?),
             GgmlDType::Q6K => Rows::Q6K(bytes.into_owned()),
@@ -111,9 +110,14 @@ impl Weight {
                     *o = v.to_f32();
                 }
             }
-            Rows::Q8_0(d) => row_to_float::<BlockQ8_0>(&d.row(row), 0, n, out),
-            Rows::Q4_0(d) => row_to_float::<BlockQ4_0>(&d.row(row), 0, n, out),
-            Rows::Q5_0(d) => row_to_float::<BlockQ5_0>(&d.row(row), 0, n, out),
+            Rows::Blocks(d) => {
+                let bytes = d.row(row);
+                match d.kind() {
+                    Kind::Q8_0 => row_to_float::<BlockQ8_0>(&bytes, 0, n, out),
+                    Kind::Q4_0 => row_to_float::<BlockQ4_0>(&bytes, 0, n, out),
+                    Kind::Q5_0 => row_to_float::<BlockQ5_0>(&bytes, 0, n, out),
+                }
+            }
             Rows::Q4K(d) => row_to_float::<BlockQ4K>(d, row, n, out),
             Rows::Q5K(d) => to_float(d, row, n, out),
             Rows::Q6K(d) => row_to_float::<BlockQ6K>(d, row, n, out),
@@ -137,7 +141,7 @@ impl Weight {
                 let count = part.len() / tokens;
                 f16_tiles::products(&d[first * n..(first + count) * n], x, n, part)
             }),
-            Rows::Q8_0(d) | Rows::Q4_0(d) | Rows::Q5_0(d) => {
+            Rows::Blocks(d) => {
                 let a = Activations::quantize(x, tokens, n);
                 self.row_blocks(out, tokens, |first, part| d.products(first, &a, part))
             }

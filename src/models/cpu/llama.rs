@@ -188,9 +188,11 @@ impl CpuLlama {
         let angles = Angles::new(position, n, &s.inverse_frequencies);
         for layer in &mut self.layers {
             rms_norm(&x, &layer.attn_norm, s.eps, &mut h);
-            layer.q.matmul(&h, n, &mut q);
-            layer.k.matmul(&h, n, &mut k);
-            layer.v.matmul(&h, n, &mut v);
+            Weight::matmul_all(
+                &mut [(&layer.q, &mut q), (&layer.k, &mut k), (&layer.v, &mut v)],
+                &h,
+                n,
+            );
             rotate(&mut q, s.heads, s.head_dim, &angles);
             rotate(&mut k, s.kv_heads, s.head_dim, &angles);
             layer.keys.extend_from_slice(&k);
@@ -199,8 +201,7 @@ impl CpuLlama {
             layer.o.matmul(&attended, n, &mut projected);
             add(&mut x, &projected);
             rms_norm(&x, &layer.ffn_norm, s.eps, &mut h);
-            layer.gate.matmul(&h, n, &mut gate);
-            layer.up.matmul(&h, n, &mut up);
+            Weight::matmul_all(&mut [(&layer.gate, &mut gate), (&layer.up, &mut up)], &h, n);
             silu_times(&mut gate, &up, s.ffn);
             layer.down.matmul(&gate, n, &mut projected);
             add(&mut x, &projected);

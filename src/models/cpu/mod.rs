@@ -10,6 +10,7 @@ pub mod interleaved;
 pub mod kernels;
 pub mod kquants;
 mod llama;
+mod token_major;
 pub mod weight;
 
 pub use llama::CpuLlama;

@@ -3,7 +3,7 @@
 //! llorch's kernels; Q5_K uses candle's block type and dot product.
 
 use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8_0, GgmlType,
+    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
@@ -14,6 +14,7 @@ use super::f16_tiles;
 use super::interleaved::{Interleaved, Kind};
 use super::kernels;
 use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, Q8K, QK_K};
+use super::token_major::TokenMajor;
 
 /// The rows of one matrix.
 enum Rows {
@@ -127,142 +128,176 @@ impl Weight {
     /// `out[t][r] = x[t] · row r` for `tokens` activation rows `x` (`tokens × columns`, row
     /// major); `out` is `tokens × rows`.
     pub fn matmul(&self, x: &[f32], tokens: usize, out: &mut [f32]) {
-        assert_eq!(x.len(), tokens * self.columns, "activation size");
-        assert_eq!(out.len(), tokens * self.rows, "output size");
-        let n = self.columns;
-        match &self.data {
-            Rows::F32(d) => self.each(out, tokens, |r, t| {
-                kernels::dot_f32(&d[r * n..(r + 1) * n], &x[t * n..(t + 1) * n])
-            }),
-            Rows::F16(d) if tokens == 1 => {
-                self.each(out, 1, |r, _| kernels::dot_f16(&d[r * n..(r + 1) * n], x))
-            }
-            Rows::F16(d) => self.row_blocks(out, tokens, |first, part| {
-                let count = part.len() / tokens;
-                f16_tiles::products(&d[first * n..(first + count) * n], x, n, part)
-            }),
-            Rows::Blocks(d) => {
-                let a = Activations::quantize(x, tokens, n);
-                self.row_blocks(out, tokens, |first, part| d.products(first, &a, part))
-            }
-            Rows::Q4K(d) => self.k_products(d, Q4K_BYTES, x, tokens, out, Q4K_KERNELS),
-            Rows::Q5K(d) => self.candle_products(d, x, tokens, out),
-            Rows::Q6K(d) => self.k_products(d, Q6K_BYTES, x, tokens, out, Q6K_KERNELS),
+        Weight::matmul_all(&mut [(self, out)], x, tokens);
+    }
+
+    /// [`Weight::matmul`] for several weights of the same width and the same activations in
+    /// one parallel region: the pool wakes once, and the activations are quantized once per
+    /// type, not once per weight.
+    pub fn matmul_all(products: &mut [(&Weight, &mut [f32])], x: &[f32], tokens: usize) {
+        let Some(columns) = products.first().map(|(w, _)| w.columns) else {
+            return;
+        };
+        assert_eq!(x.len(), tokens * columns, "activation size");
+        for (w, out) in products.iter() {
+            assert_eq!(w.columns, columns, "weights of one width");
+            assert_eq!(out.len(), tokens * w.rows, "output size");
         }
-    }
-
-    /// Products of K-quant rows (`block_bytes` per 256 values) with Q8_K activations, four
-    /// tokens at a time through `four`, the rest through `one`.
-    fn k_products(
-        &self,
-        rows: &[u8],
-        block_bytes: usize,
-        x: &[f32],
-        tokens: usize,
-        out: &mut [f32],
-        (one, four): KKernels,
-    ) {
-        let per_row = self.columns / QK_K;
-        let mut a = vec![Q8K::ZERO; tokens * per_row];
-        match tokens {
-            1 => kquants::quantize_q8k(x, &mut a),
-            _ => x
-                .par_chunks_exact(self.columns)
-                .zip(a.par_chunks_exact_mut(per_row))
-                .for_each(|(values, blocks)| kquants::quantize_q8k(values, blocks)),
-        }
-        let bytes = per_row * block_bytes;
-        let act = |t: usize| &a[t * per_row..(t + 1) * per_row];
-        let whole = tokens / 4 * 4;
-        self.products(out, tokens, |r, o| {
-            let row = &rows[r * bytes..(r + 1) * bytes];
-            for t in (0..whole).step_by(4) {
-                o[t..t + 4].copy_from_slice(&four(row, std::array::from_fn(|k| act(t + k))));
-            }
-            for (t, v) in o.iter_mut().enumerate().skip(whole) {
-                *v = one(row, act(t));
-            }
-        })
-    }
-
-    /// Products through candle's blocks: activations in the type's dot-product partner.
-    fn candle_products<T: GgmlType + Sync>(
-        &self,
-        rows: &[T],
-        x: &[f32],
-        tokens: usize,
-        out: &mut [f32],
-    ) where
-        T::VecDotType: Sync,
-    {
-        let n = self.columns;
-        let per_row = n / T::BLCK_SIZE;
-        let mut a = vec![T::VecDotType::zeros(); tokens * per_row];
-        for (values, blocks) in x.chunks_exact(n).zip(a.chunks_exact_mut(per_row)) {
-            T::VecDotType::from_float(values, blocks);
-        }
-        self.each(out, tokens, |r, t| {
-            T::vec_dot(
-                n,
-                &rows[r * per_row..(r + 1) * per_row],
-                &a[t * per_row..(t + 1) * per_row],
-            )
-        })
-    }
-
-    /// [`Weight::products`] with one dot product per (row, token).
-    fn each<F>(&self, out: &mut [f32], tokens: usize, dot: F)
-    where
-        F: Fn(usize, usize) -> f32 + Sync,
-    {
-        self.products(out, tokens, |r, o| {
-            for (t, v) in o.iter_mut().enumerate() {
-                *v = dot(r, t);
-            }
-        })
-    }
-
-    /// Fills `out` (`tokens × rows`) through `row(r, o)`, which writes row `r`'s products with
-    /// every token into `o`; each thread takes a block of rows, so a weight row is read from
-    /// memory once per call.
-    fn products<F>(&self, out: &mut [f32], tokens: usize, row: F)
-    where
-        F: Fn(usize, &mut [f32]) + Sync,
-    {
-        self.row_blocks(out, tokens, |first, part| {
-            for (i, o) in part.chunks_exact_mut(tokens).enumerate() {
-                row(first + i, o);
-            }
-        })
-    }
-
-    /// Fills `out` (`tokens × rows`) through `rows(first, part)`, which writes the products of
-    /// the rows from `first` with every token into `part` (row major, `tokens` per row); each
-    /// thread takes blocks of [`ROW_CHUNK`] rows.
-    fn row_blocks<F>(&self, out: &mut [f32], tokens: usize, rows: F)
-    where
-        F: Fn(usize, &mut [f32]) + Sync,
-    {
-        let chunk = ROW_CHUNK.min(self.rows.max(1));
-        if tokens == 1 {
-            out.par_chunks_mut(chunk)
-                .enumerate()
-                .for_each(|(c, part)| rows(c * chunk, part));
+        if tokens == 0 {
             return;
         }
-        // Row-major by weight row, then transposed into token-major `out`.
-        let mut by_row = vec![0f32; self.rows * tokens];
-        by_row
-            .par_chunks_mut(chunk * tokens)
-            .enumerate()
-            .for_each(|(c, part)| rows(c * chunk, part));
-        out.par_chunks_mut(self.rows)
-            .enumerate()
-            .for_each(|(t, o)| {
-                for (o, row) in o.iter_mut().zip(by_row.chunks_exact(tokens)) {
-                    *o = row[t];
+        let prepared = Prepared::new(products.iter().map(|(w, _)| *w), x, tokens, columns);
+        if tokens == 1 {
+            // One token: a unit's rows are a contiguous piece of its output.
+            let mut units = Vec::new();
+            for (w, out) in products.iter_mut() {
+                for (c, part) in out.chunks_mut(ROW_CHUNK).enumerate() {
+                    units.push((*w, c * ROW_CHUNK, part));
                 }
+            }
+            units
+                .into_par_iter()
+                .for_each(|(w, first, part)| w.part(first, &prepared, part));
+            return;
+        }
+        let mut units = Vec::new();
+        for (w, out) in products.iter_mut() {
+            let target = TokenMajor::new(out, w.rows);
+            for first in (0..w.rows).step_by(ROW_CHUNK) {
+                units.push((*w, first, target.clone()));
+            }
+        }
+        units
+            .into_par_iter()
+            .for_each_init(Vec::new, |part, (w, first, target)| {
+                part.resize(ROW_CHUNK.min(w.rows - first) * tokens, 0.0);
+                w.part(first, &prepared, part);
+                // SAFETY: every unit of one output starts at its own multiple of `ROW_CHUNK`
+                // and writes at most `ROW_CHUNK` rows, so no two units write the same value.
+                #[allow(unsafe_code)]
+                unsafe {
+                    target.write(first, part, tokens)
+                };
             });
+    }
+
+    /// The products of the rows from `first` that `part` has room for with every token:
+    /// `part[(r - first) * tokens + t]`.
+    fn part(&self, first: usize, p: &Prepared<'_>, part: &mut [f32]) {
+        let (n, tokens) = (self.columns, p.tokens);
+        let count = part.len() / tokens;
+        let x = |t: usize| &p.x[t * n..(t + 1) * n];
+        let each = |part: &mut [f32], dot: &dyn Fn(usize, usize) -> f32| {
+            for (i, o) in part.chunks_exact_mut(tokens).enumerate() {
+                for (t, v) in o.iter_mut().enumerate() {
+                    *v = dot(first + i, t);
+                }
+            }
+        };
+        match &self.data {
+            Rows::F32(d) => each(part, &|r, t| kernels::dot_f32(&d[r * n..(r + 1) * n], x(t))),
+            Rows::F16(d) if tokens == 1 => {
+                each(part, &|r, t| kernels::dot_f16(&d[r * n..(r + 1) * n], x(t)))
+            }
+            Rows::F16(d) => f16_tiles::products(&d[first * n..(first + count) * n], p.x, n, part),
+            Rows::Blocks(d) => d.products(first, p.q8_0.as_ref().expect("Q8_0 activations"), part),
+            Rows::Q4K(d) => k_rows(d, Q4K_BYTES, first, p, part, Q4K_KERNELS),
+            Rows::Q6K(d) => k_rows(d, Q6K_BYTES, first, p, part, Q6K_KERNELS),
+            Rows::Q5K(d) => {
+                let per_row = n / QK_K;
+                let a = p.q8k_candle.as_ref().expect("Q8_K activations");
+                each(part, &|r, t| {
+                    BlockQ5K::vec_dot(
+                        n,
+                        &d[r * per_row..(r + 1) * per_row],
+                        &a[t * per_row..(t + 1) * per_row],
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// The activations of one product, quantized for each weight type that takes them: Q8_0
+/// blocks for the interleaved types, llorch's Q8_K for Q4_K and Q6_K, candle's for Q5_K.
+struct Prepared<'a> {
+    x: &'a [f32],
+    tokens: usize,
+    q8_0: Option<Activations>,
+    q8k: Option<Vec<Q8K>>,
+    q8k_candle: Option<Vec<BlockQ8K>>,
+}
+
+impl<'a> Prepared<'a> {
+    fn new<'w>(
+        weights: impl Iterator<Item = &'w Weight>,
+        x: &'a [f32],
+        tokens: usize,
+        columns: usize,
+    ) -> Prepared<'a> {
+        let mut p = Prepared {
+            x,
+            tokens,
+            q8_0: None,
+            q8k: None,
+            q8k_candle: None,
+        };
+        let per_row = columns / QK_K;
+        for w in weights {
+            match &w.data {
+                Rows::Blocks(_) if p.q8_0.is_none() => {
+                    p.q8_0 = Some(Activations::quantize(x, tokens, columns))
+                }
+                Rows::Q4K(_) | Rows::Q6K(_) if p.q8k.is_none() => {
+                    let mut a = vec![Q8K::ZERO; tokens * per_row];
+                    match tokens {
+                        1 => kquants::quantize_q8k(x, &mut a),
+                        _ => x
+                            .par_chunks_exact(columns)
+                            .zip(a.par_chunks_exact_mut(per_row))
+                            .for_each(|(values, blocks)| kquants::quantize_q8k(values, blocks)),
+                    }
+                    p.q8k = Some(a);
+                }
+                Rows::Q5K(_) if p.q8k_candle.is_none() => {
+                    let mut a = vec![BlockQ8K::zeros(); tokens * per_row];
+                    for (values, blocks) in x.chunks_exact(columns).zip(a.chunks_exact_mut(per_row))
+                    {
+                        BlockQ8K::from_float(values, blocks);
+                    }
+                    p.q8k_candle = Some(a);
+                }
+                _ => {}
+            }
+        }
+        p
+    }
+}
+
+/// Products of K-quant rows (`block_bytes` per 256 values) from `first` with Q8_K activations,
+/// four tokens at a time through `four`, the rest through `one`; `part` as in [`Weight::part`].
+fn k_rows(
+    rows: &[u8],
+    block_bytes: usize,
+    first: usize,
+    p: &Prepared<'_>,
+    part: &mut [f32],
+    (one, four): KKernels,
+) {
+    let a = p.q8k.as_ref().expect("Q8_K activations");
+    let tokens = p.tokens;
+    let per_row = a.len() / tokens;
+    let bytes = per_row * block_bytes;
+    let act = |t: usize| &a[t * per_row..(t + 1) * per_row];
+    let whole = tokens / 4 * 4;
+    for (i, o) in part.chunks_exact_mut(tokens).enumerate() {
+        let row = &rows[(first + i) * bytes..(first + i + 1) * bytes];
+        for t in (0..whole).step_by(4) {
+            o[t..t + 4].copy_from_slice(&four(row, std::array::from_fn(|k| act(t + k))));
+        }
+        for (t, v) in o.iter_mut().enumerate().skip(whole) {
+            *v = one(row, act(t));
+        }
     }
 }
 
@@ -289,4 +324,91 @@ fn row_to_float<T: GgmlType>(bytes: &[u8], row: usize, n: usize, out: &mut [f32]
     let blocks: Vec<T> =
         blocks(&bytes[row * row_bytes..(row + 1) * row_bytes]).expect("a row is whole blocks");
     T::to_float(&blocks, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    /// A `rows × columns` weight of `dtype` from random values, and its values as candle
+    /// dequantizes them.
+    fn weight(
+        dtype: GgmlDType,
+        rows: usize,
+        columns: usize,
+        rng: &mut impl Rng,
+    ) -> (Weight, Vec<f32>) {
+        let values: Vec<f32> = (0..rows * columns)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let tensor = Tensor::from_vec(values, (rows, columns), &Device::Cpu).expect("tensor");
+        let q = QTensor::quantize(&tensor, dtype).expect("quantize");
+        let dequantized = q.dequantize(&Device::Cpu).expect("dequantize");
+        let flat = dequantized
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("values");
+        (Weight::new(&q).expect("weight"), flat)
+    }
+
+    #[test]
+    fn fused_products_put_every_weights_rows_in_their_places() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let columns = 512;
+        let types = [
+            GgmlDType::F32,
+            GgmlDType::F16,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q5_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ];
+        // Row counts below, at and past a unit of work, none a multiple of it but the 64.
+        let weights: Vec<_> = types
+            .iter()
+            .zip([40, 8, 72, 64, 17, 33, 9, 100])
+            .map(|(&dtype, rows)| weight(dtype, rows, columns, &mut rng))
+            .collect();
+        for tokens in [1, 3, 6] {
+            let x: Vec<f32> = (0..tokens * columns)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let mut outs: Vec<Vec<f32>> = weights
+                .iter()
+                .map(|(w, _)| vec![f32::NAN; tokens * w.rows])
+                .collect();
+            let mut products: Vec<(&Weight, &mut [f32])> = weights
+                .iter()
+                .zip(outs.iter_mut())
+                .map(|((w, _), o)| (w, &mut o[..]))
+                .collect();
+            Weight::matmul_all(&mut products, &x, tokens);
+            for (((w, values), out), dtype) in weights.iter().zip(&outs).zip(types) {
+                for t in 0..tokens {
+                    let a = &x[t * columns..(t + 1) * columns];
+                    for r in 0..w.rows {
+                        let row = &values[r * columns..(r + 1) * columns];
+                        let exact: f64 = row.iter().zip(a).map(|(w, a)| f64::from(w * a)).sum();
+                        let scale: f64 = row
+                            .iter()
+                            .zip(a)
+                            .map(|(w, a)| f64::from((w * a).abs()))
+                            .sum();
+                        let got = f64::from(out[t * w.rows + r]);
+                        assert!(
+                            (got - exact).abs() <= 0.02 * scale,
+                            "{dtype:?} row {r} token {t} of {tokens}: {got} vs {exact}"
+                        );
+                    }
+                }
+                let mut alone = vec![0f32; tokens * w.rows];
+                w.matmul(&x, tokens, &mut alone);
+                assert_eq!(&alone, out, "{dtype:?} alone and fused");
+            }
+        }
+    }
 }

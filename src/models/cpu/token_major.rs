@@ -1,0 +1,50 @@
+//! A token-major product output shared by the threads of one matrix product, each writing its
+//! own rows: the kernels produce a unit's rows row by row, and writing them straight into
+//! their places saves a full-size buffer and a second pass over it.
+
+/// A `tokens × rows` output that the units of one product fill from several threads, each its
+/// own range of rows.
+#[derive(Clone)]
+pub struct TokenMajor<'a> {
+    out: *mut f32,
+    rows: usize,
+    len: usize,
+    _borrow: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a `TokenMajor` is a mutable borrow of its output split among threads; `write` is
+// unsafe and its callers guarantee that no two threads write the same values.
+#[allow(unsafe_code)]
+unsafe impl Send for TokenMajor<'_> {}
+#[allow(unsafe_code)]
+unsafe impl Sync for TokenMajor<'_> {}
+
+impl<'a> TokenMajor<'a> {
+    /// Borrows `out`, `rows` values per token.
+    pub fn new(out: &'a mut [f32], rows: usize) -> TokenMajor<'a> {
+        TokenMajor {
+            out: out.as_mut_ptr(),
+            rows,
+            len: out.len(),
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// Writes `part` (the products of rows `first..` with `tokens` tokens, row major) into
+    /// token-major places.
+    ///
+    /// # Safety
+    /// No other thread may write any of these rows' places while this runs.
+    #[allow(unsafe_code)]
+    pub unsafe fn write(&self, first: usize, part: &[f32], tokens: usize) {
+        let count = part.len() / tokens;
+        assert!(first + count <= self.rows && tokens * self.rows == self.len);
+        for t in 0..tokens {
+            for i in 0..count {
+                // SAFETY: `t * rows + first + i < tokens * rows = len` (asserted above); the
+                // caller guarantees that no other thread touches these places.
+                unsafe { *self.out.add(t * self.rows + first + i) = part[i * tokens + t] };
+            }
+        }
+    }
+}

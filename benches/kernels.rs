@@ -1,9 +1,9 @@
 //! The CPU dot-product kernels on one matrix-vector product: a 1536 × 576 matrix (a small
 //! model's FFN projection, which fits in L2) and a 5632 × 2048 one (a 1B model's, which does
-//! not). Criterion reports weight bytes per second (Q8_0, Q4_0 and Q5_0 counted as GGML's
-//! blocks, though ours are interleaved eight rows at a time). Q8_0, Q4_0, Q5_0, Q4_K and Q6_K
-//! (K blocks only where 256 divides the row) run against candle's own `vec_dot` on the same
-//! blocks.
+//! not). Criterion reports weight bytes per second (Q8_0, Q4_0, Q5_0 and Q4_K counted as
+//! GGML's blocks, though ours are interleaved eight rows at a time). Q8_0, Q4_0, Q5_0, Q4_K and
+//! Q6_K (K blocks only where 256 divides the row) run against candle's own `vec_dot` on the
+//! same blocks.
 //!
 //! The `prefill` group multiplies the same matrices with 128 activation rows through
 //! `Weight::matmul` (quantizing the activations included) and reports multiply-adds per
@@ -20,8 +20,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::f16;
 use llorch::models::cpu::activations::Activations;
 use llorch::models::cpu::interleaved::{Interleaved, Kind};
+use llorch::models::cpu::interleaved_q4k::InterleavedQ4K;
 use llorch::models::cpu::kernels::dot_f16;
-use llorch::models::cpu::kquants::{dot_q4k, dot_q6k, quantize_q8k, Q8K, QK_K};
+use llorch::models::cpu::kquants::{dot_q6k, quantize_q8k, Q8K, QK_K};
 use llorch::models::cpu::weight::Weight;
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -120,9 +121,14 @@ fn matvec(c: &mut Criterion) {
         if cols % QK_K == 0 {
             let mut xk = vec![Q8K::ZERO; cols / QK_K];
             quantize_q8k(&x, &mut xk);
-            ours_and_candle::<BlockQ4K>(&mut group, "q4_k", (rows, cols), &w, &x, |r| {
-                dot_q4k(r, &xk)
+            let (blocks, bytes) = candle_blocks::<BlockQ4K>(&w);
+            group.throughput(Throughput::Bytes(bytes.len() as u64));
+            let ours = InterleavedQ4K::new(&bytes, rows, cols);
+            let mut out = vec![0f32; rows];
+            group.bench_with_input(BenchmarkId::new("q4_k", &label), &ours, |b, w| {
+                b.iter(|| w.products(0, &xk, 1, &mut out))
             });
+            candle(&mut group, "q4_k", &label, &blocks, cols, &x);
             ours_and_candle::<BlockQ6K>(&mut group, "q6_k", (rows, cols), &w, &x, |r| {
                 dot_q6k(r, &xk)
             });

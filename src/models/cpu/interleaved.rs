@@ -222,7 +222,7 @@ mod scalar {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{Activations, Kind, Q8_0_BYTES, ROWS};
     use crate::models::cpu::kernels::avx2::{prefetch, to_lanes};
     use std::arch::x86_64::*;
@@ -268,7 +268,12 @@ mod avx2 {
     /// Writes the products of tokens `t..` into `out` (rows × tokens, as many rows as it has).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn store<const T: usize>(out: &mut [f32], tokens: usize, t: usize, p: &[__m256; T]) {
+    pub(in crate::models::cpu) fn store<const T: usize>(
+        out: &mut [f32],
+        tokens: usize,
+        t: usize,
+        p: &[__m256; T],
+    ) {
         if tokens == 1 && out.len() == ROWS {
             // SAFETY: `out` holds eight floats.
             unsafe { _mm256_storeu_ps(out.as_mut_ptr(), p[0]) };
@@ -284,7 +289,7 @@ mod avx2 {
     /// The four activation bytes at `4k` of the 32 at `y`, in every lane.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn four(y: *const u8, k: usize) -> __m256i {
+    pub(in crate::models::cpu) fn four(y: *const u8, k: usize) -> __m256i {
         // SAFETY: the callers pass the start of a block's 32 values and `k` below 8.
         _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(y.add(4 * k).cast::<i32>()) })
     }

@@ -1,7 +1,8 @@
-//! Dot products for the K types of llama.cpp's `Q4_K_M` files: Q4_K and Q6_K rows against Q8_K
-//! activations (its Q5_0 and Q8_0 fallbacks, for rows the 256-value K blocks do not divide, are
-//! [`super::interleaved`]'s). Scalar reference versions and AVX2 versions, held to the same
-//! result by the tests, like [`super::kernels`].
+//! The K types of llama.cpp's `Q4_K_M` files: Q8_K activations, Q4_K's packed scales (its
+//! products are [`super::interleaved_q4k`]'s), and Q6_K rows' dot products with Q8_K
+//! activations (the Q5_0 and Q8_0 fallbacks, for rows the 256-value K blocks do not divide, are
+//! [`super::interleaved`]'s). A scalar reference and an AVX2 version of the Q6_K dot, held to
+//! the same result by the tests, like [`super::kernels`].
 //!
 //! GGML's layouts, 256 values a K block:
 //! - Q8_K: f32 scale, 256 `i8`, then the sum of each 16 values as `i16`.
@@ -25,9 +26,9 @@ pub const Q6K_BYTES: usize = 210;
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct Q8K {
-    d: f32,
-    qs: [i8; QK_K],
-    bsums: [i16; QK_K / 16],
+    pub(super) d: f32,
+    pub(super) qs: [i8; QK_K],
+    pub(super) bsums: [i16; QK_K / 16],
 }
 
 impl Q8K {
@@ -69,10 +70,8 @@ fn half(bytes: &[u8], at: usize) -> f32 {
 /// The eight 6-bit scales and eight 6-bit mins of a Q4_K block's 12 packed bytes: the low six
 /// bits of bytes 0..4 are scales 0..4 and of bytes 4..8 mins 0..4; scales and mins 4..8 take
 /// their low four bits from the nibbles of bytes 8..12 and their top two from the top bits of
-/// bytes 0..4 and 4..8. Four at a time in `u32` words, without branches. Always inlined: the
-/// AVX2 kernel otherwise called it once per block (6 % of a 1b Q4_K_M decode in `perf`).
-#[inline(always)]
-fn scales_and_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+/// bytes 0..4 and 4..8. Four at a time in `u32` words, without branches.
+pub(super) fn scales_and_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
     let word =
         |i: usize| u32::from_le_bytes([packed[i], packed[i + 1], packed[i + 2], packed[i + 3]]);
     let (a, b, c) = (word(0), word(4), word(8));
@@ -86,32 +85,6 @@ fn scales_and_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
         out
     };
     (join(a & six, scales_high), join(b & six, mins_high))
-}
-
-/// `w · a` for a Q4_K row and a Q8_K row of as many values.
-pub fn dot_q4k(w: &[u8], a: &[Q8K]) -> f32 {
-    dot_q4k_x4_or_1(w, [a])[0]
-}
-
-/// [`dot_q4k`] of one weight row with four activation rows at once: each weight block is
-/// unpacked once for the four (prefill's inner loop); each product is summed as
-/// [`dot_q4k`] sums it.
-pub fn dot_q4k_x4(w: &[u8], a: [&[Q8K]; 4]) -> [f32; 4] {
-    dot_q4k_x4_or_1(w, a)
-}
-
-fn dot_q4k_x4_or_1<const T: usize>(w: &[u8], a: [&[Q8K]; T]) -> [f32; T] {
-    for a in a {
-        assert_eq!(w.len(), a.len() * Q4K_BYTES, "rows of one length");
-    }
-    #[cfg(target_arch = "x86_64")]
-    if super::kernels::simd() {
-        // SAFETY: the features were detected; `w` holds as many Q4_K blocks as each row of `a`
-        // Q8_K blocks.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::dot_q4k(w, a) };
-    }
-    a.map(|a| scalar::dot_q4k(w, a))
 }
 
 /// `w · a` for a Q6_K row and a Q8_K row of as many values.
@@ -141,32 +114,7 @@ fn dot_q6k_x4_or_1<const T: usize>(w: &[u8], a: [&[Q8K]; T]) -> [f32; T] {
 
 /// The reference versions.
 pub mod scalar {
-    use super::{half, scales_and_mins, Q4K_BYTES, Q6K_BYTES, Q8K};
-
-    /// `w · a` for a Q4_K row and a Q8_K row.
-    pub fn dot_q4k(w: &[u8], a: &[Q8K]) -> f32 {
-        w.chunks_exact(Q4K_BYTES)
-            .zip(a)
-            .map(|(x, y)| {
-                let (scales, mins) = scales_and_mins(&x[4..16]);
-                let qs = &x[16..];
-                let (mut dot, mut offset) = (0i32, 0i32);
-                for g in 0..8 {
-                    let bytes = &qs[32 * (g / 2)..32 * (g / 2) + 32];
-                    let shift = 4 * (g % 2);
-                    let group: i32 = bytes
-                        .iter()
-                        .zip(&y.qs[32 * g..32 * g + 32])
-                        .map(|(&b, &q)| i32::from((b >> shift) & 0x0f) * i32::from(q))
-                        .sum();
-                    dot += i32::from(scales[g]) * group;
-                    let sum = i32::from(y.bsums[2 * g]) + i32::from(y.bsums[2 * g + 1]);
-                    offset += i32::from(mins[g]) * sum;
-                }
-                y.d * (half(x, 0) * dot as f32 - half(x, 2) * offset as f32)
-            })
-            .sum()
-    }
+    use super::{half, Q6K_BYTES, Q8K};
 
     /// The 256 values of a Q6_K block as integers 0..64 (before the offset of 32).
     pub(super) fn q6k_values(x: &[u8]) -> [u8; 256] {
@@ -209,7 +157,7 @@ pub mod scalar {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(super) mod avx2 {
-    use super::{scales_and_mins, Q4K_BYTES, Q6K_BYTES, Q8K};
+    use super::{Q6K_BYTES, Q8K};
     use crate::models::cpu::kernels::avx2 as shared;
     use std::arch::x86_64::*;
 
@@ -229,58 +177,6 @@ pub(super) mod avx2 {
         assert!(at + 32 <= block.qs.len());
         // SAFETY: 32 of the block's 256 values from `at` (asserted).
         unsafe { _mm256_loadu_si256(block.qs.as_ptr().add(at).cast()) }
-    }
-
-    /// # Safety
-    /// AVX2, FMA and F16C must be available; `w` holds as many Q4_K blocks as each row of `a`
-    /// Q8_K blocks.
-    ///
-    /// Each weight block is unpacked once for the `T` activation rows.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4k<const T: usize>(w: &[u8], a: [&[Q8K]; T]) -> [f32; T] {
-        let low_nibbles = _mm256_set1_epi8(0x0f);
-        let mut acc = [_mm256_setzero_ps(); T];
-        let mut offsets = [_mm256_setzero_ps(); T];
-        for (b, x) in w.chunks_exact(Q4K_BYTES).enumerate() {
-            shared::prefetch(x.as_ptr(), Q4K_BYTES.div_ceil(64));
-            let (scales, mins) = scales_and_mins(&x[4..16]);
-            let (d, dmin) = (shared::f16_at(x, 0), shared::f16_at(x, 2));
-            // Each min twice, beside the two 16-value sums of its group.
-            // SAFETY: eight bytes from the array of eight.
-            let mins = unsafe { _mm_loadl_epi64(mins.as_ptr().cast()) };
-            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
-            let mut sums = [_mm256_setzero_si256(); T];
-            for k in 0..4 {
-                let packed = load(x, 16 + 32 * k);
-                let low = _mm256_and_si256(packed, low_nibbles);
-                let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_nibbles);
-                let s_low = _mm256_set1_epi16(i16::from(scales[2 * k]));
-                let s_high = _mm256_set1_epi16(i16::from(scales[2 * k + 1]));
-                for j in 0..T {
-                    let y = &a[j][b];
-                    let p_low = _mm256_maddubs_epi16(low, activations(y, 64 * k));
-                    let p_high = _mm256_maddubs_epi16(high, activations(y, 64 * k + 32));
-                    sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(p_low, s_low));
-                    sums[j] = _mm256_add_epi32(sums[j], _mm256_madd_epi16(p_high, s_high));
-                }
-            }
-            for j in 0..T {
-                let y = &a[j][b];
-                // SAFETY: the block's sixteen i16 sums, 32 bytes.
-                let bsums = unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) };
-                // Lane g: min[g] · (sum of group g's 32 activations), summed across blocks in
-                // lanes and reduced once at the end.
-                let offset = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsums));
-                offsets[j] = _mm256_fmadd_ps(_mm256_set1_ps(y.d * dmin), offset, offsets[j]);
-                let scale = _mm256_set1_ps(y.d * d);
-                acc[j] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums[j]), acc[j]);
-            }
-        }
-        let mut out = [0f32; T];
-        for j in 0..T {
-            out[j] = shared::sum_lanes(_mm256_sub_ps(acc[j], offsets[j]));
-        }
-        out
     }
 
     /// # Safety
@@ -415,7 +311,7 @@ mod tests {
     #[test]
     fn scalar_dots_match_candle_dequantization() {
         use crate::models::cpu::interleaved::tests::candle_values;
-        use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K};
+        use candle_core::quantized::k_quants::BlockQ6K;
         let n = 1024;
         let x = activations(n, 7);
         let a = q8k(&x);
@@ -424,11 +320,6 @@ mod tests {
             .flat_map(|b| b.qs.iter().map(move |&q| f32::from(q) * b.d))
             .collect();
         let float_dot = |w: &[f32], y: &[f32]| w.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
-        let w4 = random_row(n / QK_K, Q4K_BYTES, &[0, 2], 8);
-        close(
-            scalar::dot_q4k(&w4, &a),
-            float_dot(&candle_values::<BlockQ4K>(&w4), &a_values),
-        );
         let w6 = random_row(n / QK_K, Q6K_BYTES, &[208], 9);
         close(
             scalar::dot_q6k(&w6, &a),
@@ -441,8 +332,6 @@ mod tests {
         for (n, seed) in [(256, 1), (2048, 2), (5632, 3)] {
             let x = activations(n, seed);
             let a = q8k(&x);
-            let w4 = random_row(n / QK_K, Q4K_BYTES, &[0, 2], seed + 10);
-            close(dot_q4k(&w4, &a), scalar::dot_q4k(&w4, &a));
             let w6 = random_row(n / QK_K, Q6K_BYTES, &[208], seed + 20);
             close(dot_q6k(&w6, &a), scalar::dot_q6k(&w6, &a));
             // Four tokens at once (prefill) sum each product as one token (decode) does.
@@ -450,9 +339,6 @@ mod tests {
                 .map(|k| q8k(&activations(n, seed + 50 + k)))
                 .collect();
             let four: [&[Q8K]; 4] = std::array::from_fn(|k| &rows[k][..]);
-            for (got, row) in dot_q4k_x4(&w4, four).iter().zip(four) {
-                assert_eq!(got.to_bits(), dot_q4k(&w4, row).to_bits());
-            }
             for (got, row) in dot_q6k_x4(&w6, four).iter().zip(four) {
                 assert_eq!(got.to_bits(), dot_q6k(&w6, row).to_bits());
             }

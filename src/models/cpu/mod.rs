@@ -7,6 +7,7 @@ pub mod activations;
 pub(crate) mod exp;
 pub mod f16_tiles;
 pub mod interleaved;
+pub mod interleaved_q4k;
 pub mod kernels;
 pub mod kquants;
 mod llama;

@@ -3,7 +3,7 @@
 //! llorch's kernels; Q5_K uses candle's block type and dot product.
 
 use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0, GgmlType,
+    BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
@@ -12,8 +12,9 @@ use rayon::prelude::*;
 use super::activations::Activations;
 use super::f16_tiles;
 use super::interleaved::{Interleaved, Kind};
+use super::interleaved_q4k::InterleavedQ4K;
 use super::kernels;
-use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, Q8K, QK_K};
+use super::kquants::{self, Q6K_BYTES, Q8K, QK_K};
 use super::token_major::TokenMajor;
 
 /// The rows of one matrix.
@@ -22,7 +23,8 @@ enum Rows {
     F16(Vec<f16>),
     /// Q8_0, Q4_0 or Q5_0, interleaved eight rows at a time.
     Blocks(Interleaved),
-    Q4K(Vec<u8>),
+    /// Q4_K, interleaved eight rows at a time.
+    Q4K(InterleavedQ4K),
     Q5K(Vec<BlockQ5K>),
     Q6K(Vec<u8>),
 }
@@ -84,7 +86,7 @@ impl Weight {
             GgmlDType::Q8_0 => Rows::Blocks(Interleaved::new(Kind::Q8_0, &bytes, rows, columns)),
             GgmlDType::Q4_0 => Rows::Blocks(Interleaved::new(Kind::Q4_0, &bytes, rows, columns)),
             GgmlDType::Q5_0 => Rows::Blocks(Interleaved::new(Kind::Q5_0, &bytes, rows, columns)),
-            GgmlDType::Q4K => Rows::Q4K(bytes.into_owned()),
+            GgmlDType::Q4K => Rows::Q4K(InterleavedQ4K::new(&bytes, rows, columns)),
             GgmlDType::Q5K => Rows::Q5K(blocks(&bytes)?),
             GgmlDType::Q6K => Rows::Q6K(bytes.into_owned()),
             other => candle_core::bail!("the CPU path does not multiply {other:?}"),
@@ -119,7 +121,7 @@ impl Weight {
                     Kind::Q5_0 => row_to_float::<BlockQ5_0>(&bytes, 0, n, out),
                 }
             }
-            Rows::Q4K(d) => row_to_float::<BlockQ4K>(d, row, n, out),
+            Rows::Q4K(d) => d.values(row, out),
             Rows::Q5K(d) => to_float(d, row, n, out),
             Rows::Q6K(d) => row_to_float::<BlockQ6K>(d, row, n, out),
         }
@@ -201,8 +203,13 @@ impl Weight {
             }
             Rows::F16(d) => f16_tiles::products(&d[first * n..(first + count) * n], p.x, n, part),
             Rows::Blocks(d) => d.products(first, p.q8_0.as_ref().expect("Q8_0 activations"), part),
-            Rows::Q4K(d) => k_rows(d, Q4K_BYTES, first, p, part, Q4K_KERNELS),
-            Rows::Q6K(d) => k_rows(d, Q6K_BYTES, first, p, part, Q6K_KERNELS),
+            Rows::Q4K(d) => d.products(
+                first,
+                p.q8k.as_ref().expect("Q8_K activations"),
+                tokens,
+                part,
+            ),
+            Rows::Q6K(d) => q6k_rows(d, first, p, part),
             Rows::Q5K(d) => {
                 let per_row = n / QK_K;
                 let a = p.q8k_candle.as_ref().expect("Q8_K activations");
@@ -274,38 +281,26 @@ impl<'a> Prepared<'a> {
     }
 }
 
-/// Products of K-quant rows (`block_bytes` per 256 values) from `first` with Q8_K activations,
-/// four tokens at a time through `four`, the rest through `one`; `part` as in [`Weight::part`].
-fn k_rows(
-    rows: &[u8],
-    block_bytes: usize,
-    first: usize,
-    p: &Prepared<'_>,
-    part: &mut [f32],
-    (one, four): KKernels,
-) {
+/// Products of Q6_K rows from `first` with Q8_K activations, four tokens at a time, the rest
+/// one by one; `part` as in [`Weight::part`].
+fn q6k_rows(rows: &[u8], first: usize, p: &Prepared<'_>, part: &mut [f32]) {
     let a = p.q8k.as_ref().expect("Q8_K activations");
     let tokens = p.tokens;
     let per_row = a.len() / tokens;
-    let bytes = per_row * block_bytes;
+    let bytes = per_row * Q6K_BYTES;
     let act = |t: usize| &a[t * per_row..(t + 1) * per_row];
     let whole = tokens / 4 * 4;
     for (i, o) in part.chunks_exact_mut(tokens).enumerate() {
         let row = &rows[(first + i) * bytes..(first + i + 1) * bytes];
         for t in (0..whole).step_by(4) {
-            o[t..t + 4].copy_from_slice(&four(row, std::array::from_fn(|k| act(t + k))));
+            let four = std::array::from_fn(|k| act(t + k));
+            o[t..t + 4].copy_from_slice(&kquants::dot_q6k_x4(row, four));
         }
         for (t, v) in o.iter_mut().enumerate().skip(whole) {
-            *v = one(row, act(t));
+            *v = kquants::dot_q6k(row, act(t));
         }
     }
 }
-
-/// The K-quant kernels: one activation row, and four.
-type KKernels = (fn(&[u8], &[Q8K]) -> f32, fn(&[u8], [&[Q8K]; 4]) -> [f32; 4]);
-
-const Q4K_KERNELS: KKernels = (kquants::dot_q4k, kquants::dot_q4k_x4);
-const Q6K_KERNELS: KKernels = (kquants::dot_q6k, kquants::dot_q6k_x4);
 
 /// Rows per unit of parallel work: small enough to balance two to sixteen threads over a
 /// 576-row matrix, large enough that scheduling costs little next to the dot products. A

@@ -1,7 +1,7 @@
 //! The CPU dot-product kernels on one matrix-vector product: a 1536 × 576 matrix (a small
 //! model's FFN projection, which fits in L2) and a 5632 × 2048 one (a 1B model's, which does
-//! not). Criterion reports weight bytes per second (Q8_0, Q4_0, Q5_0 and Q4_K counted as
-//! GGML's blocks, though ours are interleaved eight rows at a time). Q8_0, Q4_0, Q5_0, Q4_K and
+//! not). Criterion reports weight bytes per second (every block type counted as GGML's
+//! blocks, though ours are interleaved eight rows at a time). Q8_0, Q4_0, Q5_0, Q4_K and
 //! Q6_K (K blocks only where 256 divides the row) run against candle's own `vec_dot` on the
 //! same blocks.
 //!
@@ -21,8 +21,9 @@ use half::f16;
 use llorch::models::cpu::activations::Activations;
 use llorch::models::cpu::interleaved::{Interleaved, Kind};
 use llorch::models::cpu::interleaved_q4k::InterleavedQ4K;
+use llorch::models::cpu::interleaved_q6k::InterleavedQ6K;
 use llorch::models::cpu::kernels::dot_f16;
-use llorch::models::cpu::kquants::{dot_q6k, quantize_q8k, Q8K, QK_K};
+use llorch::models::cpu::kquants::{quantize_q8k, Q8K, QK_K};
 use llorch::models::cpu::weight::Weight;
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -43,22 +44,25 @@ fn candle_blocks<T: GgmlType>(w: &[f32]) -> (Vec<T>, Vec<u8>) {
     (blocks, bytes)
 }
 
-/// Ours and candle's product of a matrix of type `T` with a vector: `ours(row bytes)` and
-/// candle's `vec_dot` against `T`'s activation type.
-fn ours_and_candle<T: GgmlType>(
+/// Ours (`products` of the matrix `interleave` makes of the GGML bytes, with one token of
+/// Q8_K activations, on this thread) and candle's `vec_dot` on the same K blocks of `T`.
+fn k_and_candle<T: GgmlType, M>(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
     (rows, cols): (usize, usize),
-    w: &[f32],
-    x: &[f32],
-    ours: impl Fn(&[u8]) -> f32,
+    (w, x): (&[f32], &[f32]),
+    interleave: impl Fn(&[u8]) -> M,
+    products: impl Fn(&M, &[Q8K], &mut [f32]),
 ) {
     let label = format!("{rows}x{cols}");
+    let mut xk = vec![Q8K::ZERO; cols / QK_K];
+    quantize_q8k(x, &mut xk);
     let (blocks, bytes) = candle_blocks::<T>(w);
-    let row = bytes.len() / rows;
     group.throughput(Throughput::Bytes(bytes.len() as u64));
-    group.bench_with_input(BenchmarkId::new(name, &label), &bytes, |b, w| {
-        b.iter(|| w.chunks_exact(row).map(&ours).sum::<f32>())
+    let ours = interleave(&bytes);
+    let mut out = vec![0f32; rows];
+    group.bench_with_input(BenchmarkId::new(name, &label), &ours, |b, m| {
+        b.iter(|| products(m, &xk, &mut out))
     });
     candle(group, name, &label, &blocks, cols, x);
 }
@@ -119,18 +123,14 @@ fn matvec(c: &mut Criterion) {
         interleaved_and_candle::<BlockQ4_0>(&mut group, Kind::Q4_0, (rows, cols), &w, &x);
         interleaved_and_candle::<BlockQ5_0>(&mut group, Kind::Q5_0, (rows, cols), &w, &x);
         if cols % QK_K == 0 {
-            let mut xk = vec![Q8K::ZERO; cols / QK_K];
-            quantize_q8k(&x, &mut xk);
-            let (blocks, bytes) = candle_blocks::<BlockQ4K>(&w);
-            group.throughput(Throughput::Bytes(bytes.len() as u64));
-            let ours = InterleavedQ4K::new(&bytes, rows, cols);
-            let mut out = vec![0f32; rows];
-            group.bench_with_input(BenchmarkId::new("q4_k", &label), &ours, |b, w| {
-                b.iter(|| w.products(0, &xk, 1, &mut out))
+            let shape = (rows, cols);
+            let q4k = |b: &[u8]| InterleavedQ4K::new(b, rows, cols);
+            k_and_candle::<BlockQ4K, _>(&mut group, "q4_k", shape, (&w, &x), q4k, |m, a, o| {
+                m.products(0, a, 1, o)
             });
-            candle(&mut group, "q4_k", &label, &blocks, cols, &x);
-            ours_and_candle::<BlockQ6K>(&mut group, "q6_k", (rows, cols), &w, &x, |r| {
-                dot_q6k(r, &xk)
+            let q6k = |b: &[u8]| InterleavedQ6K::new(b, rows, cols);
+            k_and_candle::<BlockQ6K, _>(&mut group, "q6_k", shape, (&w, &x), q6k, |m, a, o| {
+                m.products(0, a, 1, o)
             });
         }
         let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();

@@ -117,31 +117,40 @@ impl InterleavedQ4K {
     /// `first` (a multiple of eight) that `out` has room for; `a` holds `tokens` rows of Q8_K
     /// blocks.
     pub fn products(&self, first: usize, a: &[Q8K], tokens: usize, out: &mut [f32]) {
-        let tokens = tokens.max(1);
-        assert_eq!(first % ROWS, 0, "groups start at multiples of eight");
-        assert_eq!(a.len(), tokens * self.blocks, "activation rows");
-        assert_eq!(out.len() % tokens, 0, "whole rows of products");
-        let count = out.len() / tokens;
-        assert!(
-            first + count <= self.rows,
-            "rows {first}+{count} of {}",
-            self.rows
-        );
-        for start in (0..count).step_by(ROWS) {
-            let group = self.group(first + start);
-            let out = &mut out[start * tokens..(start + (count - start).min(ROWS)) * tokens];
+        each_group(first, self.rows, self.blocks, a, tokens, out, |r, out| {
+            let group = self.group(r);
             #[cfg(target_arch = "x86_64")]
             if super::kernels::simd() {
                 // SAFETY: the features were detected; `group` holds `self.blocks` group
-                // blocks and `a` as many Q8_K blocks per token (asserted above).
+                // blocks and `a` as many Q8_K blocks per token (checked by `each_group`).
                 #[allow(unsafe_code)]
-                unsafe {
-                    avx2::group(group, self.blocks, a, out)
-                };
-                continue;
+                return unsafe { avx2::group(group, self.blocks, a, out) };
             }
-            scalar::group(group, self.blocks, a, out);
-        }
+            scalar::group(group, self.blocks, a, out)
+        });
+    }
+}
+
+/// Checks the arguments of an interleaved K matrix's products (`rows` rows of `blocks` K
+/// blocks; `a`, `tokens` rows of Q8_K blocks; `out`, rows from `first` × tokens) and calls
+/// `group(r, part)` for each group from row `first`, `part` its rows' share of `out`.
+pub(super) fn each_group(
+    first: usize,
+    rows: usize,
+    blocks: usize,
+    a: &[Q8K],
+    tokens: usize,
+    out: &mut [f32],
+    mut group: impl FnMut(usize, &mut [f32]),
+) {
+    let tokens = tokens.max(1);
+    assert_eq!(first % ROWS, 0, "groups start at multiples of eight");
+    assert_eq!(a.len(), tokens * blocks, "activation rows");
+    assert_eq!(out.len() % tokens, 0, "whole rows of products");
+    let count = out.len() / tokens;
+    assert!(first + count <= rows, "rows {first}+{count} of {rows}");
+    for (i, part) in out.chunks_mut(ROWS * tokens).enumerate() {
+        group(first + i * ROWS, part);
     }
 }
 
@@ -293,7 +302,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::models::cpu::interleaved::tests::candle_values;
     use crate::models::cpu::kquants::quantize_q8k;
@@ -314,62 +323,47 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn interleaved_q4k_rows_multiply_and_read_back_as_candle_dequantizes_them() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        for (rows, blocks) in [(1, 1), (8, 2), (13, 3), (19, 1)] {
-            let columns = blocks * QK_K;
-            let ggml = random_rows(rows, blocks, &mut rng);
-            let w = InterleavedQ4K::new(&ggml, rows, columns);
-            let row_bytes = blocks * Q4K_BYTES;
-            let expected: Vec<Vec<f32>> = ggml
-                .chunks_exact(row_bytes)
-                .map(candle_values::<BlockQ4K>)
+    /// Checks `products(first, a, tokens, out)` of a matrix whose rows dequantize to
+    /// `expected` (`blocks` K blocks each), and `reference` (the scalar version, same
+    /// arguments but `tokens`), against the exact products of `expected` with the dequantized
+    /// activations, for 1, 4 and 7 tokens, from group 0 and each later group.
+    pub(in crate::models::cpu) fn check_products(
+        expected: &[Vec<f32>],
+        blocks: usize,
+        rng: &mut impl Rng,
+        products: impl Fn(usize, &[Q8K], usize, &mut [f32]),
+        reference: impl Fn(usize, &[Q8K], &mut [f32]),
+    ) {
+        let (rows, columns) = (expected.len(), blocks * QK_K);
+        for tokens in [1, 4, 7] {
+            let x: Vec<f32> = (0..tokens * columns)
+                .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            for (r, expected) in expected.iter().enumerate() {
-                let mut got = vec![0f32; columns];
-                w.values(r, &mut got);
-                assert_eq!(&got, expected, "row {r} of {rows}");
-            }
-            for tokens in [1, 4, 7] {
-                let x: Vec<f32> = (0..tokens * columns)
-                    .map(|_| rng.random_range(-1.0..1.0))
-                    .collect();
-                let mut a = vec![Q8K::ZERO; tokens * blocks];
-                quantize_q8k(&x, &mut a);
-                let y: Vec<f32> = a
-                    .iter()
-                    .flat_map(|b| b.qs.iter().map(|&q| b.d * f32::from(q)))
-                    .collect();
-                // From group 0 and, where there is one, group 1.
-                for first in (0..rows).step_by(8) {
-                    let count = rows - first;
-                    let mut simd = vec![0f32; count * tokens];
-                    w.products(first, &a, tokens, &mut simd);
-                    let mut reference = vec![0f32; count * tokens];
-                    for start in (0..count).step_by(ROWS) {
-                        let end = (start + ROWS).min(count);
-                        scalar::group(
-                            w.group(first + start),
-                            blocks,
-                            &a,
-                            &mut reference[start * tokens..end * tokens],
-                        );
-                    }
-                    for i in 0..count {
-                        for t in 0..tokens {
-                            let exact: f64 = expected[first + i]
-                                .iter()
-                                .zip(&y[t * columns..(t + 1) * columns])
-                                .map(|(w, y)| f64::from(*w) * f64::from(*y))
-                                .sum();
-                            for got in [simd[i * tokens + t], reference[i * tokens + t]] {
-                                assert!(
-                                    (f64::from(got) - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
-                                    "row {} token {t}: {got} vs {exact}",
-                                    first + i
-                                );
-                            }
+            let mut a = vec![Q8K::ZERO; tokens * blocks];
+            quantize_q8k(&x, &mut a);
+            let y: Vec<f32> = a
+                .iter()
+                .flat_map(|b| b.qs.iter().map(|&q| b.d * f32::from(q)))
+                .collect();
+            for first in (0..rows).step_by(ROWS) {
+                let count = rows - first;
+                let (mut simd, mut scalar) =
+                    (vec![0f32; count * tokens], vec![0f32; count * tokens]);
+                products(first, &a, tokens, &mut simd);
+                reference(first, &a, &mut scalar);
+                for i in 0..count {
+                    for t in 0..tokens {
+                        let exact: f64 = expected[first + i]
+                            .iter()
+                            .zip(&y[t * columns..(t + 1) * columns])
+                            .map(|(w, y)| f64::from(*w) * f64::from(*y))
+                            .sum();
+                        for got in [simd[i * tokens + t], scalar[i * tokens + t]] {
+                            assert!(
+                                (f64::from(got) - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
+                                "row {} token {t}: {got} vs {exact}",
+                                first + i
+                            );
                         }
                     }
                 }
@@ -378,27 +372,67 @@ mod tests {
     }
 
     #[test]
-    fn one_token_rounds_as_it_does_among_many() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
-        let (rows, blocks, tokens) = (16, 2, 6);
-        let w = InterleavedQ4K::new(&random_rows(rows, blocks, &mut rng), rows, blocks * QK_K);
+    fn interleaved_q4k_rows_multiply_and_read_back_as_candle_dequantizes_them() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for (rows, blocks) in [(1, 1), (8, 2), (13, 3), (19, 1)] {
+            let ggml = random_rows(rows, blocks, &mut rng);
+            let w = InterleavedQ4K::new(&ggml, rows, blocks * QK_K);
+            let expected: Vec<Vec<f32>> = ggml
+                .chunks_exact(blocks * Q4K_BYTES)
+                .map(candle_values::<BlockQ4K>)
+                .collect();
+            for (r, expected) in expected.iter().enumerate() {
+                let mut got = vec![0f32; blocks * QK_K];
+                w.values(r, &mut got);
+                assert_eq!(&got, expected, "row {r} of {rows}");
+            }
+            let reference = |first: usize, a: &[Q8K], out: &mut [f32]| {
+                let tokens = a.len() / blocks;
+                for (start, out) in out.chunks_mut(ROWS * tokens).enumerate() {
+                    scalar::group(w.group(first + start * ROWS), blocks, a, out);
+                }
+            };
+            check_products(
+                &expected,
+                blocks,
+                &mut rng,
+                |first, a, tokens, out| w.products(first, a, tokens, out),
+                reference,
+            );
+        }
+    }
+
+    /// Checks that `products` (as in [`check_products`]) of one token round as the same
+    /// token's among six do, bit for bit, on `rows` rows of `blocks` K blocks.
+    pub(in crate::models::cpu) fn check_one_token_as_among_many(
+        rows: usize,
+        blocks: usize,
+        rng: &mut impl Rng,
+        products: impl Fn(usize, &[Q8K], usize, &mut [f32]),
+    ) {
+        let tokens = 6;
         let x: Vec<f32> = (0..tokens * blocks * QK_K)
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
         let mut a = vec![Q8K::ZERO; tokens * blocks];
         quantize_q8k(&x, &mut a);
         let mut many = vec![0f32; rows * tokens];
-        w.products(0, &a, tokens, &mut many);
+        products(0, &a, tokens, &mut many);
         for t in 0..tokens {
             let mut one = vec![0f32; rows];
-            w.products(0, &a[t * blocks..(t + 1) * blocks], 1, &mut one);
+            products(0, &a[t * blocks..(t + 1) * blocks], 1, &mut one);
             for r in 0..rows {
-                assert_eq!(
-                    one[r].to_bits(),
-                    many[r * tokens + t].to_bits(),
-                    "row {r} token {t}"
-                );
+                let many = many[r * tokens + t];
+                assert_eq!(one[r].to_bits(), many.to_bits(), "row {r} token {t}");
             }
         }
+    }
+
+    #[test]
+    fn one_token_rounds_as_it_does_among_many() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let (rows, blocks) = (16, 2);
+        let w = InterleavedQ4K::new(&random_rows(rows, blocks, &mut rng), rows, blocks * QK_K);
+        check_one_token_as_among_many(rows, blocks, &mut rng, |f, a, t, o| w.products(f, a, t, o));
     }
 }

@@ -230,15 +230,6 @@ pub(super) mod avx2 {
         _mm_cvtss_f32(_mm_max_ps(pair, _mm_movehdup_ps(pair)))
     }
 
-    /// One f16 as f32 through F16C (the `half` crate converts in software unless the whole
-    /// build targets F16C).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::models::cpu) fn f16_at(bytes: &[u8], at: usize) -> f32 {
-        let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-    }
-
     /// # Safety
     /// AVX2, FMA and F16C must be available; the slices have equal lengths.
     #[target_feature(enable = "avx2,fma,f16c")]

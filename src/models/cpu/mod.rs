@@ -8,6 +8,7 @@ pub(crate) mod exp;
 pub mod f16_tiles;
 pub mod interleaved;
 pub mod interleaved_q4k;
+pub mod interleaved_q6k;
 pub mod kernels;
 pub mod kquants;
 mod llama;

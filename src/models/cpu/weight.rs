@@ -3,7 +3,7 @@
 //! llorch's kernels; Q5_K uses candle's block type and dot product.
 
 use candle_core::quantized::k_quants::{
-    BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8K, BlockQ8_0, GgmlType,
+    BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ8K, BlockQ8_0, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
@@ -13,8 +13,9 @@ use super::activations::Activations;
 use super::f16_tiles;
 use super::interleaved::{Interleaved, Kind};
 use super::interleaved_q4k::InterleavedQ4K;
+use super::interleaved_q6k::InterleavedQ6K;
 use super::kernels;
-use super::kquants::{self, Q6K_BYTES, Q8K, QK_K};
+use super::kquants::{self, Q8K, QK_K};
 use super::token_major::TokenMajor;
 
 /// The rows of one matrix.
@@ -26,7 +27,8 @@ enum Rows {
     /// Q4_K, interleaved eight rows at a time.
     Q4K(InterleavedQ4K),
     Q5K(Vec<BlockQ5K>),
-    Q6K(Vec<u8>),
+    /// Q6_K, interleaved eight rows at a time.
+    Q6K(InterleavedQ6K),
 }
 
 /// A `rows × columns` weight matrix.
@@ -88,7 +90,7 @@ impl Weight {
             GgmlDType::Q5_0 => Rows::Blocks(Interleaved::new(Kind::Q5_0, &bytes, rows, columns)),
             GgmlDType::Q4K => Rows::Q4K(InterleavedQ4K::new(&bytes, rows, columns)),
             GgmlDType::Q5K => Rows::Q5K(blocks(&bytes)?),
-            GgmlDType::Q6K => Rows::Q6K(bytes.into_owned()),
+            GgmlDType::Q6K => Rows::Q6K(InterleavedQ6K::new(&bytes, rows, columns)),
             other => candle_core::bail!("the CPU path does not multiply {other:?}"),
         };
         Ok(Weight {
@@ -123,7 +125,7 @@ impl Weight {
             }
             Rows::Q4K(d) => d.values(row, out),
             Rows::Q5K(d) => to_float(d, row, n, out),
-            Rows::Q6K(d) => row_to_float::<BlockQ6K>(d, row, n, out),
+            Rows::Q6K(d) => d.values(row, out),
         }
     }
 
@@ -209,7 +211,12 @@ impl Weight {
                 tokens,
                 part,
             ),
-            Rows::Q6K(d) => q6k_rows(d, first, p, part),
+            Rows::Q6K(d) => d.products(
+                first,
+                p.q8k.as_ref().expect("Q8_K activations"),
+                tokens,
+                part,
+            ),
             Rows::Q5K(d) => {
                 let per_row = n / QK_K;
                 let a = p.q8k_candle.as_ref().expect("Q8_K activations");
@@ -278,27 +285,6 @@ impl<'a> Prepared<'a> {
             }
         }
         p
-    }
-}
-
-/// Products of Q6_K rows from `first` with Q8_K activations, four tokens at a time, the rest
-/// one by one; `part` as in [`Weight::part`].
-fn q6k_rows(rows: &[u8], first: usize, p: &Prepared<'_>, part: &mut [f32]) {
-    let a = p.q8k.as_ref().expect("Q8_K activations");
-    let tokens = p.tokens;
-    let per_row = a.len() / tokens;
-    let bytes = per_row * Q6K_BYTES;
-    let act = |t: usize| &a[t * per_row..(t + 1) * per_row];
-    let whole = tokens / 4 * 4;
-    for (i, o) in part.chunks_exact_mut(tokens).enumerate() {
-        let row = &rows[(first + i) * bytes..(first + i + 1) * bytes];
-        for t in (0..whole).step_by(4) {
-            let four = std::array::from_fn(|k| act(t + k));
-            o[t..t + 4].copy_from_slice(&kquants::dot_q6k_x4(row, four));
-        }
-        for (t, v) in o.iter_mut().enumerate().skip(whole) {
-            *v = kquants::dot_q6k(row, act(t));
-        }
     }
 }
 

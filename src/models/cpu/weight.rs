@@ -338,16 +338,7 @@ mod tests {
     fn fused_products_put_every_weights_rows_in_their_places() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let columns = 512;
-        let types = [
-            GgmlDType::F32,
-            GgmlDType::F16,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4_0,
-            GgmlDType::Q5_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ];
+        let types = SUPPORTED;
         // Row counts below, at and past a unit of work, none a multiple of it but the 64.
         let weights: Vec<_> = types
             .iter()

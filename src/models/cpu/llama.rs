@@ -241,11 +241,7 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 /// `gate = silu(gate) * up`, a row of `width` per token (rows split over the pool's threads).
 fn silu_times(gate: &mut [f32], up: &[f32], width: usize) {
-    let row = |(g, u): (&mut [f32], &[f32])| {
-        for (g, u) in g.iter_mut().zip(u) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
-    };
+    let row = |(g, u): (&mut [f32], &[f32])| super::exp::silu_times(g, u);
     match gate.len() > width {
         true => gate
             .par_chunks_mut(width)
@@ -308,27 +304,24 @@ fn attend(s: &Shape, q: &[f32], keys: &[f32], values: &[f32], position: usize, o
     let group = s.heads / s.kv_heads;
     let kv = s.kv_heads * d;
     let scale = 1.0 / (d as f32).sqrt();
-    out.par_chunks_mut(d).enumerate().for_each(|(unit, o)| {
-        let (t, head) = (unit / s.heads, unit % s.heads);
-        let query = &q[unit * d..(unit + 1) * d];
-        let kv_head = head / group;
-        let seen = position + t + 1;
-        let mut scores: Vec<f32> = (0..seen)
-            .map(|p| {
-                let key = &keys[p * kv + kv_head * d..p * kv + (kv_head + 1) * d];
-                super::kernels::dot_f32(query, key) * scale
-            })
-            .collect();
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-        let mut total = 0.0;
-        for score in &mut scores {
-            *score = (*score - max).exp();
-            total += *score;
-        }
-        o.fill(0.0);
-        for (p, weight) in scores.iter().enumerate() {
-            let value = &values[p * kv + kv_head * d..p * kv + (kv_head + 1) * d];
-            super::kernels::axpy(weight / total, value, o);
-        }
-    });
+    let buffers = || (Vec::new(), Vec::new());
+    out.par_chunks_mut(d)
+        .enumerate()
+        .for_each_init(buffers, |(scores, weights), (unit, o)| {
+            let (t, head) = (unit / s.heads, unit % s.heads);
+            let query = &q[unit * d..(unit + 1) * d];
+            let at = (head / group) * d;
+            let seen = position + t + 1;
+            scores.clear();
+            scores.extend(
+                (0..seen).map(|p| super::kernels::dot_f32(query, &keys[p * kv + at..][..d])),
+            );
+            weights.resize(seen, 0.0);
+            let max = super::exp::max_value(scores);
+            let total = super::exp::exp_shifted(scores, max, scale, weights) as f32;
+            o.fill(0.0);
+            for (p, weight) in weights.iter().enumerate() {
+                super::kernels::axpy(weight / total, &values[p * kv + at..][..d], o);
+            }
+        });
 }

@@ -6,8 +6,9 @@ use half::f16;
 
 use super::kernels;
 
-/// `out[r * tokens + t]` = weight row `r` of `w` (consecutive rows of `columns` values) ·
-/// activation row `t` of `x` (`tokens` rows of `columns` values).
+/// `out[t * rows + r]` = weight row `r` of `w` (`rows` consecutive rows of `columns` values) ·
+/// activation row `t` of `x` (`tokens` rows of `columns` values): token-major, as the model's
+/// activations are.
 pub fn products(w: &[f16], x: &[f32], columns: usize, out: &mut [f32]) {
     let columns = columns.max(1);
     assert_eq!(w.len() % columns, 0, "whole weight rows");
@@ -20,8 +21,9 @@ pub fn products(w: &[f16], x: &[f32], columns: usize, out: &mut [f32]) {
         #[allow(unsafe_code)]
         return unsafe { avx2::products(w, x, columns, out) };
     }
-    for (row, o) in w.chunks_exact(columns).zip(out.chunks_exact_mut(tokens)) {
-        for (a, v) in x.chunks_exact(columns).zip(o) {
+    let rows = w.len() / columns;
+    for (a, o) in x.chunks_exact(columns).zip(out.chunks_exact_mut(rows)) {
+        for (row, v) in w.chunks_exact(columns).zip(o) {
             *v = kernels::dot_f16(row, a);
         }
     }
@@ -55,10 +57,10 @@ mod avx2 {
             let w: [&[f16]; ROWS] = std::array::from_fn(|i| row(r + i));
             for t in (0..whole_tokens).step_by(TOKENS) {
                 let p = tile(w, std::array::from_fn::<_, TOKENS, _>(|j| act(t + j)));
-                store(out, tokens, r, t, p);
+                store(out, rows, r, t, p);
             }
             for t in whole_tokens..tokens {
-                store(out, tokens, r, t, tile(w, [act(t)]));
+                store(out, rows, r, t, tile(w, [act(t)]));
             }
         }
         for r in whole_rows..rows {
@@ -67,10 +69,10 @@ mod avx2 {
                     [row(r)],
                     std::array::from_fn::<_, TOKENS, _>(|j| act(t + j)),
                 );
-                store(out, tokens, r, t, p);
+                store(out, rows, r, t, p);
             }
             for t in whole_tokens..tokens {
-                store(out, tokens, r, t, tile([row(r)], [act(t)]));
+                store(out, rows, r, t, tile([row(r)], [act(t)]));
             }
         }
     }
@@ -106,18 +108,20 @@ mod avx2 {
         out
     }
 
-    /// Writes a tile's products at rows `r..` and tokens `t..` of `out` (rows × tokens).
+    /// Writes a tile's products at rows `r..` and tokens `t..` of `out` (tokens × `rows`).
     #[inline]
     fn store<const R: usize, const T: usize>(
         out: &mut [f32],
-        tokens: usize,
+        rows: usize,
         r: usize,
         t: usize,
         p: [[f32; T]; R],
     ) {
-        for (i, p) in p.iter().enumerate() {
-            let at = (r + i) * tokens + t;
-            out[at..at + T].copy_from_slice(p);
+        for j in 0..T {
+            let o = &mut out[(t + j) * rows + r..][..R];
+            for (o, p) in o.iter_mut().zip(&p) {
+                *o = p[j];
+            }
         }
     }
 }
@@ -143,7 +147,7 @@ mod tests {
             for (r, row) in w.chunks_exact(columns).enumerate() {
                 for (t, a) in x.chunks_exact(columns).enumerate() {
                     let want = kernels::scalar::dot_f16(row, a);
-                    let got = out[r * tokens + t];
+                    let got = out[t * rows + r];
                     // Float rounding of `columns` products of magnitude up to 4 in another order.
                     let tolerance = 8e-6 * columns as f32;
                     assert!((got - want).abs() <= tolerance, "{r} {t}: {got} vs {want}");

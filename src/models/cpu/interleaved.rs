@@ -131,8 +131,9 @@ impl Interleaved {
         out
     }
 
-    /// `out[(r - first) * tokens + t]` = row `r` · activation row `t`, for the rows from
-    /// `first` (a multiple of eight) that `out` has room for and every token of `a`.
+    /// `out[t * count + (r - first)]` = row `r` · activation row `t`, for the `count` rows
+    /// from `first` (a multiple of eight) that `out` has room for and every token of `a`
+    /// (token-major, as the model's activations are).
     pub fn products(&self, first: usize, a: &Activations, out: &mut [f32]) {
         let tokens = a.tokens().max(1);
         assert_eq!(first % ROWS, 0, "groups start at multiples of eight");
@@ -152,18 +153,17 @@ impl Interleaved {
         }
         for start in (0..count).step_by(ROWS) {
             let group = self.group(first + start);
-            let out = &mut out[start * tokens..(start + (count - start).min(ROWS)) * tokens];
             #[cfg(target_arch = "x86_64")]
             if super::kernels::simd() {
                 // SAFETY: the features were detected; `group` holds `self.blocks` blocks of
                 // `kind`, and every activation row as many Q8_0 blocks (asserted above).
                 #[allow(unsafe_code)]
                 unsafe {
-                    avx2::group(self.kind, group, self.blocks, a, out)
+                    avx2::group(self.kind, group, self.blocks, a, out, start)
                 };
                 continue;
             }
-            scalar::group(self.kind, group, self.blocks, a, out);
+            scalar::group(self.kind, group, self.blocks, a, out, start);
         }
     }
 }
@@ -196,14 +196,23 @@ mod scalar {
         }
     }
 
-    /// The products of a group's first `out.len() / tokens` rows with every token.
-    pub fn group(kind: Kind, group: &[u8], blocks: usize, a: &Activations, out: &mut [f32]) {
+    /// The products of a group's rows with every token, written as rows `start..` of `out`
+    /// (token-major, as many rows as it has room for).
+    pub fn group(
+        kind: Kind,
+        group: &[u8],
+        blocks: usize,
+        a: &Activations,
+        out: &mut [f32],
+        start: usize,
+    ) {
         let tokens = a.tokens();
         let size = kind.group_block();
-        for (lane, o) in out.chunks_exact_mut(tokens).enumerate() {
-            for (t, o) in o.iter_mut().enumerate() {
+        let count = out.len() / tokens;
+        for lane in 0..(count - start).min(super::ROWS) {
+            for t in 0..tokens {
                 let y = a.row(t);
-                *o = (0..blocks)
+                out[t * count + start + lane] = (0..blocks)
                     .map(|b| {
                         let g = &group[b * size..][..size];
                         let y = &y[b * Q8_0_BYTES..][..Q8_0_BYTES];
@@ -234,7 +243,15 @@ pub(super) mod avx2 {
     /// AVX2, FMA and F16C must be available; `group` holds `blocks` blocks of a group of
     /// `kind` and each activation row of `a` as many Q8_0 blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group(kind: Kind, group: &[u8], blocks: usize, a: &Activations, out: &mut [f32]) {
+    pub unsafe fn group(
+        kind: Kind,
+        group: &[u8],
+        blocks: usize,
+        a: &Activations,
+        out: &mut [f32],
+        start: usize,
+    ) {
+        let out = (out, start);
         match kind {
             Kind::Q8_0 => passes::<8>(kind, group, blocks, a, out, |v, y| q8_0_block(v, y)),
             Kind::Q4_0 => passes::<4>(kind, group, blocks, a, out, |v, y| q4_0_block(v, y)),
@@ -250,38 +267,41 @@ pub(super) mod avx2 {
         group: &[u8],
         blocks: usize,
         a: &Activations,
-        out: &mut [f32],
+        (out, start): (&mut [f32], usize),
         block: impl Fn(&[__m256i; V], *const u8) -> __m256i + Copy,
     ) {
         let tokens = a.tokens();
         let whole = tokens / TOKENS * TOKENS;
         for t in (0..whole).step_by(TOKENS) {
             let p = pass::<TOKENS, V>(kind, group, blocks, a, t, block);
-            store(out, tokens, t, &p);
+            store(out, tokens, start, t, &p);
         }
         for t in whole..tokens {
             let p = pass::<1, V>(kind, group, blocks, a, t, block);
-            store(out, tokens, t, &p);
+            store(out, tokens, start, t, &p);
         }
     }
 
-    /// Writes the products of tokens `t..` into `out` (rows × tokens, as many rows as it has).
+    /// Writes a group's products with tokens `t..` as rows `start..` of `out` (token-major,
+    /// `tokens` rows of products; as many of the group's rows as it has room for).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(in crate::models::cpu) fn store<const T: usize>(
         out: &mut [f32],
         tokens: usize,
+        start: usize,
         t: usize,
         p: &[__m256; T],
     ) {
-        if tokens == 1 && out.len() == ROWS {
-            // SAFETY: `out` holds eight floats.
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), p[0]) };
-            return;
-        }
+        let count = out.len() / tokens;
+        let valid = (count - start).min(ROWS);
         for (j, p) in p.iter().enumerate() {
-            for (r, v) in to_lanes(*p).iter().enumerate().take(out.len() / tokens) {
-                out[r * tokens + t + j] = *v;
+            let row = &mut out[(t + j) * count + start..][..valid];
+            if valid == ROWS {
+                // SAFETY: `row` holds eight floats.
+                unsafe { _mm256_storeu_ps(row.as_mut_ptr(), *p) };
+            } else {
+                row.copy_from_slice(&to_lanes(*p)[..valid]);
             }
         }
     }
@@ -499,14 +519,12 @@ pub(super) mod tests {
                     w.products(first, &a, &mut out);
                     let mut reference = vec![f32::NAN; (rows - first) * tokens];
                     for g in (first..rows).step_by(ROWS) {
-                        let valid = (rows - g).min(ROWS);
-                        let o = &mut reference[(g - first) * tokens..(g - first + valid) * tokens];
-                        scalar::group(kind, w.group(g), blocks, &a, o);
+                        scalar::group(kind, w.group(g), blocks, &a, &mut reference, g - first);
                     }
                     for (r, row) in ggml.chunks_exact(row_bytes).enumerate().skip(first) {
                         for t in 0..tokens {
                             let want = dequantized_dot(kind, row, a.row(t));
-                            let at = (r - first) * tokens + t;
+                            let at = t * (rows - first) + r - first;
                             for got in [out[at], reference[at]] {
                                 let tolerance = 1e-4 * want.abs().max(1.0);
                                 assert!((got - want).abs() <= tolerance, "{kind:?} {r} {t}");
@@ -534,7 +552,7 @@ pub(super) mod tests {
                 let mut one = vec![0f32; rows];
                 w.products(0, &Activations::quantize(x, 1, blocks * BLOCK), &mut one);
                 for (r, one) in one.iter().enumerate() {
-                    assert_eq!(one.to_bits(), many[r * tokens + t].to_bits(), "{kind:?}");
+                    assert_eq!(one.to_bits(), many[t * rows + r].to_bits(), "{kind:?}");
                 }
             }
         }

@@ -113,27 +113,36 @@ impl InterleavedQ4K {
         }
     }
 
-    /// `out[(r - first) * tokens + t]` = row `r` · activation row `t`, for the rows from
-    /// `first` (a multiple of eight) that `out` has room for; `a` holds `tokens` rows of Q8_K
-    /// blocks.
+    /// `out[t * count + (r - first)]` = row `r` · activation row `t`, for the `count` rows
+    /// from `first` (a multiple of eight) that `out` has room for (token-major); `a` holds
+    /// `tokens` rows of Q8_K blocks.
     pub fn products(&self, first: usize, a: &[Q8K], tokens: usize, out: &mut [f32]) {
-        each_group(first, self.rows, self.blocks, a, tokens, out, |r, out| {
-            let group = self.group(r);
-            #[cfg(target_arch = "x86_64")]
-            if super::kernels::simd() {
-                // SAFETY: the features were detected; `group` holds `self.blocks` group
-                // blocks and `a` as many Q8_K blocks per token (checked by `each_group`).
-                #[allow(unsafe_code)]
-                return unsafe { avx2::group(group, self.blocks, a, out) };
-            }
-            scalar::group(group, self.blocks, a, out)
-        });
+        each_group(
+            first,
+            self.rows,
+            self.blocks,
+            a,
+            tokens,
+            out,
+            |r, out, start| {
+                let group = self.group(r);
+                #[cfg(target_arch = "x86_64")]
+                if super::kernels::simd() {
+                    // SAFETY: the features were detected; `group` holds `self.blocks` group
+                    // blocks and `a` as many Q8_K blocks per token (checked by `each_group`).
+                    #[allow(unsafe_code)]
+                    return unsafe { avx2::group(group, self.blocks, a, out, start) };
+                }
+                scalar::group(group, self.blocks, a, out, start)
+            },
+        );
     }
 }
 
 /// Checks the arguments of an interleaved K matrix's products (`rows` rows of `blocks` K
-/// blocks; `a`, `tokens` rows of Q8_K blocks; `out`, rows from `first` × tokens) and calls
-/// `group(r, part)` for each group from row `first`, `part` its rows' share of `out`.
+/// blocks; `a`, `tokens` rows of Q8_K blocks; `out`, tokens × rows from `first`) and calls
+/// `group(r, out, start)` for each group from row `first`, `start = r - first` its first row
+/// in `out`.
 pub(super) fn each_group(
     first: usize,
     rows: usize,
@@ -141,7 +150,7 @@ pub(super) fn each_group(
     a: &[Q8K],
     tokens: usize,
     out: &mut [f32],
-    mut group: impl FnMut(usize, &mut [f32]),
+    mut group: impl FnMut(usize, &mut [f32], usize),
 ) {
     let tokens = tokens.max(1);
     assert_eq!(first % ROWS, 0, "groups start at multiples of eight");
@@ -149,8 +158,8 @@ pub(super) fn each_group(
     assert_eq!(out.len() % tokens, 0, "whole rows of products");
     let count = out.len() / tokens;
     assert!(first + count <= rows, "rows {first}+{count} of {rows}");
-    for (i, part) in out.chunks_mut(ROWS * tokens).enumerate() {
-        group(first + i * ROWS, part);
+    for start in (0..count).step_by(ROWS) {
+        group(first + start, &mut *out, start);
     }
 }
 
@@ -159,13 +168,15 @@ mod scalar {
     use super::{min_at, nibbles_at, D, DMIN, GROUP_BLOCK, Q8K, SCALES};
     use half::f16;
 
-    /// The products of a group's first `out.len() / tokens` rows with every token.
-    pub fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32]) {
+    /// The products of a group's rows with every token, written as rows `start..` of `out`
+    /// (token-major, as many rows as it has room for).
+    pub fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
         let tokens = a.len() / blocks;
+        let count = out.len() / tokens;
         let half = |g: &[u8], at: usize| f16::from_le_bytes([g[at], g[at + 1]]).to_f32();
-        for (lane, o) in out.chunks_exact_mut(tokens).enumerate() {
-            for (t, o) in o.iter_mut().enumerate() {
-                *o = group
+        for lane in 0..(count - start).min(super::ROWS) {
+            for t in 0..tokens {
+                out[t * count + start + lane] = group
                     .chunks_exact(GROUP_BLOCK)
                     .zip(&a[t * blocks..(t + 1) * blocks])
                     .map(|(g, y)| {
@@ -206,14 +217,14 @@ mod avx2 {
     /// AVX2, FMA and F16C must be available; `group` holds `blocks` group blocks and `a`
     /// `blocks` Q8_K blocks per token.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32]) {
+    pub unsafe fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
         let tokens = a.len() / blocks;
         let whole = tokens / TOKENS * TOKENS;
         for t in (0..whole).step_by(TOKENS) {
-            store(out, tokens, t, &pass::<TOKENS>(group, blocks, a, t));
+            store(out, tokens, start, t, &pass::<TOKENS>(group, blocks, a, t));
         }
         for t in whole..tokens {
-            store(out, tokens, t, &pass::<1>(group, blocks, a, t));
+            store(out, tokens, start, t, &pass::<1>(group, blocks, a, t));
         }
     }
 
@@ -358,7 +369,7 @@ pub(super) mod tests {
                             .zip(&y[t * columns..(t + 1) * columns])
                             .map(|(w, y)| f64::from(*w) * f64::from(*y))
                             .sum();
-                        for got in [simd[i * tokens + t], scalar[i * tokens + t]] {
+                        for got in [simd[t * count + i], scalar[t * count + i]] {
                             assert!(
                                 (f64::from(got) - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
                                 "row {} token {t}: {got} vs {exact}",
@@ -387,9 +398,8 @@ pub(super) mod tests {
                 assert_eq!(&got, expected, "row {r} of {rows}");
             }
             let reference = |first: usize, a: &[Q8K], out: &mut [f32]| {
-                let tokens = a.len() / blocks;
-                for (start, out) in out.chunks_mut(ROWS * tokens).enumerate() {
-                    scalar::group(w.group(first + start * ROWS), blocks, a, out);
+                for start in (0..rows - first).step_by(ROWS) {
+                    scalar::group(w.group(first + start), blocks, a, out, start);
                 }
             };
             check_products(
@@ -422,7 +432,7 @@ pub(super) mod tests {
             let mut one = vec![0f32; rows];
             products(0, &a[t * blocks..(t + 1) * blocks], 1, &mut one);
             for r in 0..rows {
-                let many = many[r * tokens + t];
+                let many = many[t * rows + r];
                 assert_eq!(one[r].to_bits(), many.to_bits(), "row {r} token {t}");
             }
         }

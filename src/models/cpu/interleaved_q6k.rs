@@ -104,9 +104,9 @@ impl InterleavedQ6K {
         }
     }
 
-    /// `out[(r - first) * tokens + t]` = row `r` · activation row `t`, for the rows from
-    /// `first` (a multiple of eight) that `out` has room for; `a` holds `tokens` rows of Q8_K
-    /// blocks.
+    /// `out[t * count + (r - first)]` = row `r` · activation row `t`, for the `count` rows
+    /// from `first` (a multiple of eight) that `out` has room for (token-major); `a` holds
+    /// `tokens` rows of Q8_K blocks.
     pub fn products(&self, first: usize, a: &[Q8K], tokens: usize, out: &mut [f32]) {
         super::interleaved_q4k::each_group(
             first,
@@ -115,16 +115,16 @@ impl InterleavedQ6K {
             a,
             tokens,
             out,
-            |r, out| {
+            |r, out, start| {
                 let group = self.group(r);
                 #[cfg(target_arch = "x86_64")]
                 if super::kernels::simd() {
                     // SAFETY: the features were detected; `group` holds `self.blocks` group
                     // blocks and `a` as many Q8_K blocks per token (checked by `each_group`).
                     #[allow(unsafe_code)]
-                    return unsafe { avx2::group(group, self.blocks, a, out) };
+                    return unsafe { avx2::group(group, self.blocks, a, out, start) };
                 }
-                scalar::group(group, self.blocks, a, out)
+                scalar::group(group, self.blocks, a, out, start)
             },
         );
     }
@@ -144,12 +144,14 @@ mod scalar {
     use super::{scale_at, value, D, GROUP_BLOCK, Q8K};
     use half::f16;
 
-    /// The products of a group's first `out.len() / tokens` rows with every token.
-    pub fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32]) {
+    /// The products of a group's rows with every token, written as rows `start..` of `out`
+    /// (token-major, as many rows as it has room for).
+    pub fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
         let tokens = a.len() / blocks;
-        for (lane, o) in out.chunks_exact_mut(tokens).enumerate() {
-            for (t, o) in o.iter_mut().enumerate() {
-                *o = group
+        let count = out.len() / tokens;
+        for lane in 0..(count - start).min(super::ROWS) {
+            for t in 0..tokens {
+                out[t * count + start + lane] = group
                     .chunks_exact(GROUP_BLOCK)
                     .zip(&a[t * blocks..(t + 1) * blocks])
                     .map(|(g, y)| {
@@ -187,14 +189,14 @@ mod avx2 {
     /// AVX2, FMA and F16C must be available; `group` holds `blocks` group blocks and `a`
     /// `blocks` Q8_K blocks per token.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32]) {
+    pub unsafe fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
         let tokens = a.len() / blocks;
         let whole = tokens / TOKENS * TOKENS;
         for t in (0..whole).step_by(TOKENS) {
-            store(out, tokens, t, &pass::<TOKENS>(group, blocks, a, t));
+            store(out, tokens, start, t, &pass::<TOKENS>(group, blocks, a, t));
         }
         for t in whole..tokens {
-            store(out, tokens, t, &pass::<1>(group, blocks, a, t));
+            store(out, tokens, start, t, &pass::<1>(group, blocks, a, t));
         }
     }
 
@@ -345,9 +347,8 @@ mod tests {
                 assert_eq!(&got, expected, "row {r} of {rows}");
             }
             let reference = |first: usize, a: &[Q8K], out: &mut [f32]| {
-                let tokens = a.len() / blocks;
-                for (start, out) in out.chunks_mut(ROWS * tokens).enumerate() {
-                    scalar::group(w.group(first + start * ROWS), blocks, a, out);
+                for start in (0..rows - first).step_by(ROWS) {
+                    scalar::group(w.group(first + start), blocks, a, out, start);
                 }
             };
             check_products(

@@ -1,6 +1,6 @@
 //! A token-major product output shared by the threads of one matrix product, each writing its
-//! own rows: the kernels produce a unit's rows row by row, and writing them straight into
-//! their places saves a full-size buffer and a second pass over it.
+//! own rows: each unit's products come token-major for its own rows, and copying each token's
+//! piece into its place saves a full-size buffer and a second pass over it.
 
 /// A `tokens × rows` output that the units of one product fill from several threads, each its
 /// own range of rows.
@@ -30,8 +30,8 @@ impl<'a> TokenMajor<'a> {
         }
     }
 
-    /// Writes `part` (the products of rows `first..` with `tokens` tokens, row major) into
-    /// token-major places.
+    /// Writes `part` (the products of rows `first..` with `tokens` tokens, token-major) into
+    /// their places.
     ///
     /// # Safety
     /// No other thread may write any of these rows' places while this runs.
@@ -39,12 +39,17 @@ impl<'a> TokenMajor<'a> {
     pub unsafe fn write(&self, first: usize, part: &[f32], tokens: usize) {
         let count = part.len() / tokens;
         assert!(first + count <= self.rows && tokens * self.rows == self.len);
-        for t in 0..tokens {
-            for i in 0..count {
-                // SAFETY: `t * rows + first + i < tokens * rows = len` (asserted above); the
-                // caller guarantees that no other thread touches these places.
-                unsafe { *self.out.add(t * self.rows + first + i) = part[i * tokens + t] };
-            }
+        for (t, values) in part.chunks_exact(count).enumerate() {
+            // SAFETY: `t * rows + first + count <= tokens * rows = len` (asserted above); the
+            // caller guarantees that no other thread touches these places, and `part` is not
+            // the output.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    values.as_ptr(),
+                    self.out.add(t * self.rows + first),
+                    count,
+                )
+            };
         }
     }
 }

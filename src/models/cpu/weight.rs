@@ -185,15 +185,15 @@ impl Weight {
             });
     }
 
-    /// The products of the rows from `first` that `part` has room for with every token:
-    /// `part[(r - first) * tokens + t]`.
+    /// The products of the `count` rows from `first` that `part` has room for with every
+    /// token, token-major: `part[t * count + (r - first)]`.
     fn part(&self, first: usize, p: &Prepared<'_>, part: &mut [f32]) {
         let (n, tokens) = (self.columns, p.tokens);
         let count = part.len() / tokens;
         let x = |t: usize| &p.x[t * n..(t + 1) * n];
         let each = |part: &mut [f32], dot: &dyn Fn(usize, usize) -> f32| {
-            for (i, o) in part.chunks_exact_mut(tokens).enumerate() {
-                for (t, v) in o.iter_mut().enumerate() {
+            for (t, o) in part.chunks_exact_mut(count).enumerate() {
+                for (i, v) in o.iter_mut().enumerate() {
                     *v = dot(first + i, t);
                 }
             }

@@ -1,7 +1,7 @@
 //! Q8_0 quantization of activations and the f32-activation kernels: dot products of one f16 or
 //! f32 weight row with one activation row (decode's inner loop for those types; f16 prefill is
-//! [`super::f16_tiles`], the 32-value block types are [`super::interleaved`]) and attention's
-//! `axpy`. Each has a scalar version, the reference, and an AVX2/FMA/F16C version used when the
+//! [`super::f16_tiles`], the 32-value block types are [`super::interleaved`]; attention's
+//! products are [`super::attention`]). Each has a scalar version, the reference, and an AVX2/FMA/F16C version used when the
 //! CPU has those features; the tests hold the two to the same result.
 //!
 //! The block layouts are GGML's: a Q8_0 block is an f16 scale then 32 `i8`; a Q4_0 block is an
@@ -88,18 +88,6 @@ pub fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
     scalar::dot_f32(w, a)
 }
 
-/// `y += a · x` (attention's weighted sum of values).
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    assert_eq!(x.len(), y.len(), "rows of one length");
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: the features were detected; the slices have equal lengths.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::axpy(a, x, y) };
-    }
-    scalar::axpy(a, x, y)
-}
-
 /// The reference versions.
 pub mod scalar {
     use super::{BLOCK, Q8_0_BYTES};
@@ -125,13 +113,6 @@ pub mod scalar {
     /// `w · a` for f32 rows.
     pub fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
         w.iter().zip(a).map(|(x, y)| x * y).sum()
-    }
-
-    /// `y += a · x`.
-    pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y += a * x;
-        }
     }
 }
 
@@ -274,29 +255,6 @@ pub(super) mod avx2 {
         let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         sum_lanes(total) + super::scalar::dot_f32(&w[whole..], &a[whole..])
     }
-
-    /// # Safety
-    /// AVX2 and FMA must be available; the slices have equal lengths.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-        let whole = x.len() / 8 * 8;
-        let scale = _mm256_set1_ps(a);
-        for (x, y) in x[..whole]
-            .chunks_exact(8)
-            .zip(y[..whole].chunks_exact_mut(8))
-        {
-            // SAFETY: eight floats from each chunk.
-            unsafe {
-                let sum = _mm256_fmadd_ps(
-                    scale,
-                    _mm256_loadu_ps(x.as_ptr()),
-                    _mm256_loadu_ps(y.as_ptr()),
-                );
-                _mm256_storeu_ps(y.as_mut_ptr(), sum);
-            }
-        }
-        super::scalar::axpy(a, &x[whole..], &mut y[whole..]);
-    }
 }
 
 #[cfg(test)]
@@ -361,14 +319,5 @@ mod tests {
         // Lengths that are not a multiple of 32 take the scalar tail.
         let (w, a) = (values(45, 9), values(45, 10));
         close(dot_f32(&w, &a), scalar::dot_f32(&w, &a), 45);
-        for n in [64, 45] {
-            let (x, mut y) = (values(n, 11), values(n, 12));
-            let mut reference = y.clone();
-            axpy(0.37, &x, &mut y);
-            scalar::axpy(0.37, &x, &mut reference);
-            for (y, r) in y.iter().zip(&reference) {
-                close(*y, *r, 1);
-            }
-        }
     }
 }

@@ -312,16 +312,13 @@ fn attend(s: &Shape, q: &[f32], keys: &[f32], values: &[f32], position: usize, o
             let query = &q[unit * d..(unit + 1) * d];
             let at = (head / group) * d;
             let seen = position + t + 1;
-            scores.clear();
-            scores.extend(
-                (0..seen).map(|p| super::kernels::dot_f32(query, &keys[p * kv + at..][..d])),
-            );
+            scores.resize(seen, 0.0);
             weights.resize(seen, 0.0);
+            let (keys, values) = (&keys[at..], &values[at..]);
+            super::attention::scores(query, keys, kv, scores);
             let max = super::exp::max_value(scores);
             let total = super::exp::exp_shifted(scores, max, scale, weights) as f32;
-            o.fill(0.0);
-            for (p, weight) in weights.iter().enumerate() {
-                super::kernels::axpy(weight / total, &values[p * kv + at..][..d], o);
-            }
+            weights.iter_mut().for_each(|w| *w /= total);
+            super::attention::weighted_sum(weights, values, kv, o);
         });
 }

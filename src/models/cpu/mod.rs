@@ -4,6 +4,7 @@
 //! written for these block layouts, and reuses its buffers.
 
 pub mod activations;
+pub mod attention;
 pub(crate) mod exp;
 pub mod f16_tiles;
 pub mod interleaved;

@@ -128,8 +128,8 @@ mod avx2 {
                 out[p + i] = s + tail(p + i);
             }
         }
-        for p in grouped..positions {
-            out[p] = crate::models::cpu::kernels::avx2::sum_lanes(dot(p)) + tail(p);
+        for (p, o) in out.iter_mut().enumerate().skip(grouped) {
+            *o = crate::models::cpu::kernels::avx2::sum_lanes(dot(p)) + tail(p);
         }
     }
 

@@ -236,8 +236,8 @@ pub(super) mod avx2 {
     use crate::models::cpu::kernels::avx2::{prefetch, to_lanes};
     use std::arch::x86_64::*;
 
-    /// Tokens per pass over a group's blocks.
-    const TOKENS: usize = 4;
+    /// Tokens per pass over a group's blocks (of every interleaved type).
+    pub(in crate::models::cpu) const TOKENS: usize = 4;
 
     /// # Safety
     /// AVX2, FMA and F16C must be available; `group` holds `blocks` blocks of a group of
@@ -270,15 +270,32 @@ pub(super) mod avx2 {
         (out, start): (&mut [f32], usize),
         block: impl Fn(&[__m256i; V], *const u8) -> __m256i + Copy,
     ) {
-        let tokens = a.tokens();
+        each_pass(
+            out,
+            a.tokens(),
+            start,
+            |t| pass::<TOKENS, V>(kind, group, blocks, a, t, block),
+            |t| pass::<1, V>(kind, group, blocks, a, t, block),
+        );
+    }
+
+    /// A group's products with every token: `four(t)` for tokens `t..t + 4` while four are
+    /// left, then `one(t)` for each of the rest, stored as rows `start..` of `out`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::models::cpu) fn each_pass(
+        out: &mut [f32],
+        tokens: usize,
+        start: usize,
+        four: impl Fn(usize) -> [__m256; TOKENS],
+        one: impl Fn(usize) -> [__m256; 1],
+    ) {
         let whole = tokens / TOKENS * TOKENS;
         for t in (0..whole).step_by(TOKENS) {
-            let p = pass::<TOKENS, V>(kind, group, blocks, a, t, block);
-            store(out, tokens, start, t, &p);
+            store(out, tokens, start, t, &four(t));
         }
         for t in whole..tokens {
-            let p = pass::<1, V>(kind, group, blocks, a, t, block);
-            store(out, tokens, start, t, &p);
+            store(out, tokens, start, t, &one(t));
         }
     }
 
@@ -286,7 +303,7 @@ pub(super) mod avx2 {
     /// `tokens` rows of products; as many of the group's rows as it has room for).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::models::cpu) fn store<const T: usize>(
+    fn store<const T: usize>(
         out: &mut [f32],
         tokens: usize,
         start: usize,

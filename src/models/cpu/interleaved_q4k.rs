@@ -117,40 +117,39 @@ impl InterleavedQ4K {
     /// from `first` (a multiple of eight) that `out` has room for (token-major); `a` holds
     /// `tokens` rows of Q8_K blocks.
     pub fn products(&self, first: usize, a: &[Q8K], tokens: usize, out: &mut [f32]) {
-        each_group(
-            first,
-            self.rows,
-            self.blocks,
-            a,
-            tokens,
-            out,
-            |r, out, start| {
-                let group = self.group(r);
-                #[cfg(target_arch = "x86_64")]
-                if super::kernels::simd() {
-                    // SAFETY: the features were detected; `group` holds `self.blocks` group
-                    // blocks and `a` as many Q8_K blocks per token (checked by `each_group`).
-                    #[allow(unsafe_code)]
-                    return unsafe { avx2::group(group, self.blocks, a, out, start) };
-                }
-                scalar::group(group, self.blocks, a, out, start)
-            },
-        );
+        let kernels = GroupKernels {
+            scalar: scalar::group,
+            #[cfg(target_arch = "x86_64")]
+            avx2: avx2::group,
+        };
+        let matrix = (self.rows, self.blocks, |r| self.group(r));
+        each_group(matrix, first, a, tokens, out, kernels);
     }
 }
 
+/// An interleaved K type's products of one group (its group blocks, the number of blocks, the
+/// activations, the output and the group's first row in it).
+type GroupProducts = fn(&[u8], usize, &[Q8K], &mut [f32], usize);
+
+/// The two versions of an interleaved K type's group products.
+pub(super) struct GroupKernels {
+    /// The reference.
+    pub scalar: GroupProducts,
+    /// The AVX2 version: unsafe to call unless AVX2, FMA and F16C are present.
+    #[cfg(target_arch = "x86_64")]
+    pub avx2: unsafe fn(&[u8], usize, &[Q8K], &mut [f32], usize),
+}
+
 /// Checks the arguments of an interleaved K matrix's products (`rows` rows of `blocks` K
-/// blocks; `a`, `tokens` rows of Q8_K blocks; `out`, tokens × rows from `first`) and calls
-/// `group(r, out, start)` for each group from row `first`, `start = r - first` its first row
-/// in `out`.
-pub(super) fn each_group(
+/// blocks, `group(r)` the group of row `r`; `a`, `tokens` rows of Q8_K blocks; `out`, tokens
+/// × rows from `first`) and runs each group from row `first` through `kernels`.
+pub(super) fn each_group<'w>(
+    (rows, blocks, group): (usize, usize, impl Fn(usize) -> &'w [u8]),
     first: usize,
-    rows: usize,
-    blocks: usize,
     a: &[Q8K],
     tokens: usize,
     out: &mut [f32],
-    mut group: impl FnMut(usize, &mut [f32], usize),
+    kernels: GroupKernels,
 ) {
     let tokens = tokens.max(1);
     assert_eq!(first % ROWS, 0, "groups start at multiples of eight");
@@ -159,7 +158,18 @@ pub(super) fn each_group(
     let count = out.len() / tokens;
     assert!(first + count <= rows, "rows {first}+{count} of {rows}");
     for start in (0..count).step_by(ROWS) {
-        group(first + start, &mut *out, start);
+        let group = group(first + start);
+        #[cfg(target_arch = "x86_64")]
+        if super::kernels::simd() {
+            // SAFETY: the features were detected; `group` holds `blocks` group blocks and `a`
+            // as many Q8_K blocks per token (asserted above).
+            #[allow(unsafe_code)]
+            unsafe {
+                (kernels.avx2)(group, blocks, a, out, start)
+            };
+            continue;
+        }
+        (kernels.scalar)(group, blocks, a, out, start);
     }
 }
 
@@ -206,26 +216,20 @@ mod scalar {
 #[allow(unsafe_code)]
 mod avx2 {
     use super::{nibbles_at, D, DMIN, GROUP_BLOCK, MINS, Q8K, SCALES};
-    use crate::models::cpu::interleaved::avx2::{four, store};
+    use crate::models::cpu::interleaved::avx2::{each_pass, four, TOKENS};
     use crate::models::cpu::kernels::avx2::prefetch;
     use std::arch::x86_64::*;
-
-    /// Tokens per pass over a group's blocks.
-    const TOKENS: usize = 4;
 
     /// # Safety
     /// AVX2, FMA and F16C must be available; `group` holds `blocks` group blocks and `a`
     /// `blocks` Q8_K blocks per token.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
-        let tokens = a.len() / blocks;
-        let whole = tokens / TOKENS * TOKENS;
-        for t in (0..whole).step_by(TOKENS) {
-            store(out, tokens, start, t, &pass::<TOKENS>(group, blocks, a, t));
-        }
-        for t in whole..tokens {
-            store(out, tokens, start, t, &pass::<1>(group, blocks, a, t));
-        }
+        let (four, one) = (
+            |t| pass::<TOKENS>(group, blocks, a, t),
+            |t| pass::<1>(group, blocks, a, t),
+        );
+        each_pass(out, a.len() / blocks, start, four, one);
     }
 
     /// Sub-block `j`'s eight scales, each in both 16-bit halves of its row's lane.

@@ -108,25 +108,13 @@ impl InterleavedQ6K {
     /// from `first` (a multiple of eight) that `out` has room for (token-major); `a` holds
     /// `tokens` rows of Q8_K blocks.
     pub fn products(&self, first: usize, a: &[Q8K], tokens: usize, out: &mut [f32]) {
-        super::interleaved_q4k::each_group(
-            first,
-            self.rows,
-            self.blocks,
-            a,
-            tokens,
-            out,
-            |r, out, start| {
-                let group = self.group(r);
-                #[cfg(target_arch = "x86_64")]
-                if super::kernels::simd() {
-                    // SAFETY: the features were detected; `group` holds `self.blocks` group
-                    // blocks and `a` as many Q8_K blocks per token (checked by `each_group`).
-                    #[allow(unsafe_code)]
-                    return unsafe { avx2::group(group, self.blocks, a, out, start) };
-                }
-                scalar::group(group, self.blocks, a, out, start)
-            },
-        );
+        let kernels = super::interleaved_q4k::GroupKernels {
+            scalar: scalar::group,
+            #[cfg(target_arch = "x86_64")]
+            avx2: avx2::group,
+        };
+        let matrix = (self.rows, self.blocks, |r| self.group(r));
+        super::interleaved_q4k::each_group(matrix, first, a, tokens, out, kernels);
     }
 }
 
@@ -178,26 +166,20 @@ mod scalar {
 #[allow(unsafe_code)]
 mod avx2 {
     use super::{vector_at, D, GROUP_BLOCK, Q8K, SCALES};
-    use crate::models::cpu::interleaved::avx2::{four, store};
+    use crate::models::cpu::interleaved::avx2::{each_pass, four, TOKENS};
     use crate::models::cpu::kernels::avx2::prefetch;
     use std::arch::x86_64::*;
-
-    /// Tokens per pass over a group's blocks.
-    const TOKENS: usize = 4;
 
     /// # Safety
     /// AVX2, FMA and F16C must be available; `group` holds `blocks` group blocks and `a`
     /// `blocks` Q8_K blocks per token.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
-        let tokens = a.len() / blocks;
-        let whole = tokens / TOKENS * TOKENS;
-        for t in (0..whole).step_by(TOKENS) {
-            store(out, tokens, start, t, &pass::<TOKENS>(group, blocks, a, t));
-        }
-        for t in whole..tokens {
-            store(out, tokens, start, t, &pass::<1>(group, blocks, a, t));
-        }
+        let (four, one) = (
+            |t| pass::<TOKENS>(group, blocks, a, t),
+            |t| pass::<1>(group, blocks, a, t),
+        );
+        each_pass(out, a.len() / blocks, start, four, one);
     }
 
     /// Pair `p`'s scales: lane `r` holds row `r`'s scales of groups `2p` and `2p + 1` as i16.

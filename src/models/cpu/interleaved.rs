@@ -20,6 +20,7 @@
 //! padded with zero rows, never read back.
 
 use super::activations::Activations;
+use super::huge_pages::weight_buffer;
 use super::kernels::{BLOCK, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES};
 
 /// Rows per interleaved group.
@@ -85,7 +86,7 @@ impl Interleaved {
         let blocks = columns / BLOCK;
         let (size, group_block) = (kind.ggml_bytes(), kind.group_block());
         assert_eq!(ggml.len(), rows * blocks * size, "{kind:?} matrix size");
-        let mut bytes = vec![0u8; rows.div_ceil(ROWS) * blocks * group_block];
+        let mut bytes = weight_buffer(rows.div_ceil(ROWS) * blocks * group_block);
         for (r, row) in ggml.chunks_exact(blocks * size).enumerate() {
             for (b, block) in row.chunks_exact(size).enumerate() {
                 let out = &mut bytes[(r / ROWS * blocks + b) * group_block..][..group_block];

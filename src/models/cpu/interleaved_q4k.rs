@@ -17,6 +17,7 @@
 //! A row's product with a Q8_K block is `d_y · (d · Σ_j scale_j · Σ q·y − dmin · Σ_j min_j ·
 //! Σ y)`, the sums exact in integers, added to the row's accumulator in block order.
 
+use super::huge_pages::weight_buffer;
 use super::interleaved::ROWS;
 use super::kquants::{scales_and_mins, Q4K_BYTES, Q8K, QK_K};
 use half::f16;
@@ -56,7 +57,7 @@ impl InterleavedQ4K {
     pub fn new(ggml: &[u8], rows: usize, columns: usize) -> InterleavedQ4K {
         let blocks = columns / QK_K;
         assert_eq!(ggml.len(), rows * blocks * Q4K_BYTES, "Q4_K matrix size");
-        let mut bytes = vec![0u8; rows.div_ceil(ROWS) * blocks * GROUP_BLOCK];
+        let mut bytes = weight_buffer(rows.div_ceil(ROWS) * blocks * GROUP_BLOCK);
         for (r, row) in ggml.chunks_exact(blocks * Q4K_BYTES).enumerate() {
             let lane = r % ROWS;
             for (b, x) in row.chunks_exact(Q4K_BYTES).enumerate() {

@@ -17,6 +17,7 @@
 //! and the offset of 32 taken once per block from the activations' 16-value sums:
 //! `Σ s·(q − 32)·y = Σ s·q·y − 32·Σ s·bsum`.
 
+use super::huge_pages::weight_buffer;
 use super::interleaved::ROWS;
 use super::kquants::{Q6K_BYTES, Q8K, QK_K};
 use half::f16;
@@ -53,7 +54,7 @@ impl InterleavedQ6K {
     pub fn new(ggml: &[u8], rows: usize, columns: usize) -> InterleavedQ6K {
         let blocks = columns / QK_K;
         assert_eq!(ggml.len(), rows * blocks * Q6K_BYTES, "Q6_K matrix size");
-        let mut bytes = vec![0u8; rows.div_ceil(ROWS) * blocks * GROUP_BLOCK];
+        let mut bytes = weight_buffer(rows.div_ceil(ROWS) * blocks * GROUP_BLOCK);
         for (r, row) in ggml.chunks_exact(blocks * Q6K_BYTES).enumerate() {
             let lane = r % ROWS;
             for (b, x) in row.chunks_exact(Q6K_BYTES).enumerate() {

@@ -7,6 +7,7 @@ pub mod activations;
 pub mod attention;
 pub(crate) mod exp;
 pub mod f16_tiles;
+mod huge_pages;
 pub mod interleaved;
 pub mod interleaved_q4k;
 pub mod interleaved_q6k;

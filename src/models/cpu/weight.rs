@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::activations::Activations;
 use super::f16_tiles;
+use super::huge_pages::weight_buffer;
 use super::interleaved::{Interleaved, Kind};
 use super::interleaved_q4k::InterleavedQ4K;
 use super::interleaved_q6k::InterleavedQ6K;
@@ -73,18 +74,20 @@ impl Weight {
         let (rows, columns) = tensor.shape().dims2()?;
         let bytes = tensor.data()?;
         let data = match tensor.dtype() {
-            GgmlDType::F32 => Rows::F32(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ),
-            GgmlDType::F16 => Rows::F16(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                    .collect(),
-            ),
+            GgmlDType::F32 => {
+                let mut values = weight_buffer(rows * columns);
+                for (v, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+                Rows::F32(values)
+            }
+            GgmlDType::F16 => {
+                let mut values = weight_buffer(rows * columns);
+                for (v, b) in values.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *v = f16::from_le_bytes([b[0], b[1]]);
+                }
+                Rows::F16(values)
+            }
             GgmlDType::Q8_0 => Rows::Blocks(Interleaved::new(Kind::Q8_0, &bytes, rows, columns)),
             GgmlDType::Q4_0 => Rows::Blocks(Interleaved::new(Kind::Q4_0, &bytes, rows, columns)),
             GgmlDType::Q5_0 => Rows::Blocks(Interleaved::new(Kind::Q5_0, &bytes, rows, columns)),

@@ -1,39 +1,193 @@
 //! Weight buffers on huge pages. Every token streams all the weights; on 4 KiB pages that is a
 //! TLB miss every 4 KiB and a hardware prefetcher that stops at each page's end. Linux gives
-//! anonymous memory 2 MiB pages only where asked (`madvise`, the default THP mode), so weight
-//! buffers ask before their first write. Elsewhere, or where the kernel declines, the buffer is
-//! an ordinary one.
+//! anonymous memory 2 MiB pages only where asked (`madvise`, the default THP mode), and only
+//! for whole 2 MiB-aligned ranges, which most single matrices of a small model are not. So a
+//! model's weight buffers are carved one after another out of 2 MiB-aligned chunks, asked to be
+//! huge pages before anything is written (see [`in_arena`]); a buffer made outside a load is an
+//! allocation of its own, on huge pages if it is at least one. A chunk is freed when the last
+//! buffer carved from it is dropped.
 
-/// A buffer of `len` default values (zeros) for weights, its pages asked to be huge pages
-/// before they are first written.
-pub fn weight_buffer<T: Copy + Default>(len: usize) -> Vec<T> {
-    let mut buffer: Vec<T> = Vec::with_capacity(len);
-    advise(buffer.as_ptr().cast(), len * std::mem::size_of::<T>());
-    buffer.resize(len, T::default());
-    buffer
+use std::alloc::Layout;
+use std::cell::RefCell;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use half::f16;
+
+/// A huge page.
+const HUGE: usize = 2 << 20;
+/// The size of a chunk that weight buffers share (a larger buffer gets a chunk of its own).
+const CHUNK: usize = 64 << 20;
+
+/// Types whose all-zero bytes are the value zero and which have no invalid bit patterns.
+pub trait Plain: Copy + Send + Sync + 'static {}
+impl Plain for u8 {}
+impl Plain for f16 {}
+impl Plain for f32 {}
+
+/// One allocation that weight buffers are carved from: 2 MiB-aligned and asked to be huge
+/// pages when it is at least one huge page.
+struct Chunk {
+    ptr: NonNull<u8>,
+    layout: Layout,
 }
 
-/// Asks for huge pages over the whole 4 KiB pages of `len` bytes at `start`.
-#[cfg(target_os = "linux")]
-fn advise(start: *const u8, len: usize) {
-    const PAGE: usize = 4096;
-    let (from, to) = (
-        (start as usize).next_multiple_of(PAGE),
-        start as usize + len,
-    );
-    let to = to / PAGE * PAGE;
-    if to > from {
-        // SAFETY: `madvise` with MADV_HUGEPAGE only changes how the kernel backs these pages
-        // (which lie within the buffer's allocation); it never changes their contents.
+// SAFETY: a chunk is plain memory; its buffers own disjoint ranges of it.
+#[allow(unsafe_code)]
+unsafe impl Send for Chunk {}
+#[allow(unsafe_code)]
+unsafe impl Sync for Chunk {}
+
+impl Chunk {
+    fn new(size: usize) -> Arc<Chunk> {
+        let huge = size >= HUGE;
+        let layout = match huge {
+            true => Layout::from_size_align(size.next_multiple_of(HUGE), HUGE),
+            false => Layout::from_size_align(size.max(1), 64),
+        }
+        .expect("a chunk's size fits a layout");
+        // SAFETY: the layout's size is not zero.
+        #[allow(unsafe_code)]
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(ptr) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        if huge {
+            advise(ptr.as_ptr(), layout.size());
+        }
+        Arc::new(Chunk { ptr, layout })
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `Chunk::new` with this layout; no buffer refers to it any more.
         #[allow(unsafe_code)]
         unsafe {
-            libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE)
+            std::alloc::dealloc(self.ptr.as_ptr(), self.layout)
         };
     }
 }
 
+/// The chunk a load is carving, and how far.
+struct Cursor {
+    chunk: Arc<Chunk>,
+    used: usize,
+}
+
+thread_local! {
+    /// `Some` while this thread runs [`in_arena`]; then the chunk being carved, if any.
+    static ARENA: RefCell<Option<Option<Cursor>>> = const { RefCell::new(None) };
+}
+
+/// Runs `load` with the weight buffers it makes on this thread carved from shared chunks, so
+/// that a model's many small matrices lie on huge pages too. The arena ends with `load`; the
+/// chunks live as long as their buffers.
+pub fn in_arena<R>(load: impl FnOnce() -> R) -> R {
+    struct End;
+    impl Drop for End {
+        fn drop(&mut self) {
+            ARENA.with(|arena| arena.borrow_mut().take());
+        }
+    }
+    ARENA.with(|arena| *arena.borrow_mut() = Some(None));
+    let _end = End;
+    load()
+}
+
+/// A zeroed buffer of weights, on huge pages where the system gives them.
+pub struct WeightBuffer<T: Plain> {
+    /// The allocation this buffer lies in, kept alive by it.
+    chunk: Arc<Chunk>,
+    ptr: NonNull<T>,
+    len: usize,
+}
+
+// SAFETY: a buffer owns its range of the chunk alone; `T` is plain data.
+#[allow(unsafe_code)]
+unsafe impl<T: Plain> Send for WeightBuffer<T> {}
+#[allow(unsafe_code)]
+unsafe impl<T: Plain> Sync for WeightBuffer<T> {}
+
+/// A zeroed buffer of `len` values for weights: carved from the current load's chunk inside
+/// [`in_arena`], an allocation of its own elsewhere.
+pub fn weight_buffer<T: Plain>(len: usize) -> WeightBuffer<T> {
+    let size = len * std::mem::size_of::<T>();
+    let align = std::mem::align_of::<T>().max(64);
+    let (chunk, offset) = ARENA.with(|arena| match arena.borrow_mut().as_mut() {
+        Some(cursor) => {
+            let fits = |c: &Cursor| c.used.next_multiple_of(align) + size <= c.chunk.layout.size();
+            if !cursor.as_ref().is_some_and(fits) {
+                *cursor = Some(Cursor {
+                    chunk: Chunk::new(size.max(CHUNK)),
+                    used: 0,
+                });
+            }
+            let cursor = cursor.as_mut().expect("a chunk was just made");
+            let offset = cursor.used.next_multiple_of(align);
+            cursor.used = offset + size;
+            (cursor.chunk.clone(), offset)
+        }
+        None => (Chunk::new(size), 0),
+    });
+    // SAFETY: `offset + size` lies within the chunk (checked above, or a chunk of its own of
+    // at least `size`), `offset` is a multiple of `T`'s alignment (so is the chunk's start:
+    // 64 or 2 MiB), and no other buffer is given these bytes; zero bytes are a valid `T`.
+    #[allow(unsafe_code)]
+    let ptr = unsafe {
+        let start = chunk.ptr.as_ptr().add(offset);
+        std::ptr::write_bytes(start, 0, size);
+        NonNull::new_unchecked(start.cast::<T>())
+    };
+    WeightBuffer { chunk, ptr, len }
+}
+
+impl<T: Plain> std::ops::Deref for WeightBuffer<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        // SAFETY: `len` initialized values at `ptr`, within the chunk this buffer keeps alive.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(self.ptr.as_ptr(), self.len)
+        }
+    }
+}
+
+impl<T: Plain> std::ops::DerefMut for WeightBuffer<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as for `deref`; this buffer is the only one with these bytes.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len)
+        }
+    }
+}
+
+impl<T: Plain> std::fmt::Debug for WeightBuffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let chunk = self.chunk.layout.size();
+        write!(
+            f,
+            "WeightBuffer({} values in a chunk of {chunk} bytes)",
+            self.len
+        )
+    }
+}
+
+/// Asks for huge pages over `len` bytes at `start` (2 MiB aligned).
+#[cfg(target_os = "linux")]
+fn advise(start: *mut u8, len: usize) {
+    // SAFETY: `madvise` with MADV_HUGEPAGE only changes how the kernel backs these pages
+    // (a whole allocation of this module's); it never changes their contents.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::madvise(start.cast(), len, libc::MADV_HUGEPAGE)
+    };
+}
+
 #[cfg(not(target_os = "linux"))]
-fn advise(_start: *const u8, _len: usize) {}
+fn advise(_start: *mut u8, _len: usize) {}
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
@@ -63,16 +217,36 @@ mod tests {
         panic!("no mapping holds {address:#x}");
     }
 
+    fn huge(address: usize) -> bool {
+        flags_at(address).split_whitespace().any(|f| f == "hg")
+    }
+
     #[test]
-    fn weight_buffers_are_zeroed_and_marked_for_huge_pages() {
-        let buffer: Vec<u16> = weight_buffer(3 << 20);
-        assert_eq!(buffer.len(), 3 << 20);
-        assert!(buffer.iter().all(|&v| v == 0));
-        let middle = buffer.as_ptr() as usize + buffer.len();
-        let flags = flags_at(middle);
-        assert!(
-            flags.split_whitespace().any(|f| f == "hg"),
-            "flags: {flags}"
-        );
+    fn buffers_of_a_load_share_huge_page_chunks_and_own_their_values() {
+        let (mut small, mut other, large) = in_arena(|| {
+            (
+                weight_buffer::<u8>(1000),
+                weight_buffer::<f32>(300),
+                weight_buffer::<f16>(CHUNK),
+            )
+        });
+        // Zeroed, of their lengths, aligned, and writable without touching each other.
+        assert!(small.iter().all(|&v| v == 0) && small.len() == 1000);
+        assert!(other.iter().all(|&v| v == 0.0) && other.len() == 300);
+        assert!(large.iter().all(|&v| v == f16::ZERO) && large.len() == CHUNK);
+        small.fill(7);
+        other.fill(1.5);
+        assert!(small.iter().all(|&v| v == 7) && other.iter().all(|&v| v == 1.5));
+        // The two small ones share one chunk, one after the other; the large one has its own.
+        let (a, b) = (small.as_ptr() as usize, other.as_ptr() as usize);
+        assert_eq!(b, (a + 1000).next_multiple_of(64));
+        assert!(Arc::ptr_eq(&small.chunk, &other.chunk));
+        assert!(!Arc::ptr_eq(&small.chunk, &large.chunk));
+        assert_eq!(small.chunk.ptr.as_ptr() as usize % HUGE, 0);
+        assert!(huge(a) && huge(b) && huge(large.as_ptr() as usize + CHUNK));
+        // Outside a load, each buffer is an allocation of its own, on huge pages when large.
+        let (x, y) = (weight_buffer::<u8>(10), weight_buffer::<u8>(HUGE));
+        assert!(!Arc::ptr_eq(&x.chunk, &y.chunk) && x.chunk.layout.size() == 10);
+        assert!(huge(y.as_ptr() as usize + HUGE / 2) && y.iter().all(|&v| v == 0));
     }
 }

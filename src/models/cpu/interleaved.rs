@@ -20,7 +20,7 @@
 //! padded with zero rows, never read back.
 
 use super::activations::Activations;
-use super::huge_pages::weight_buffer;
+use super::huge_pages::{weight_buffer, WeightBuffer};
 use super::kernels::{BLOCK, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES};
 
 /// Rows per interleaved group.
@@ -75,7 +75,7 @@ fn lane_at(m: usize, lane: usize) -> usize {
 /// A matrix in groups of eight interleaved rows.
 pub struct Interleaved {
     kind: Kind,
-    bytes: Vec<u8>,
+    bytes: WeightBuffer<u8>,
     rows: usize,
     blocks: usize,
 }

@@ -17,7 +17,7 @@
 //! A row's product with a Q8_K block is `d_y · (d · Σ_j scale_j · Σ q·y − dmin · Σ_j min_j ·
 //! Σ y)`, the sums exact in integers, added to the row's accumulator in block order.
 
-use super::huge_pages::weight_buffer;
+use super::huge_pages::{weight_buffer, WeightBuffer};
 use super::interleaved::ROWS;
 use super::kquants::{scales_and_mins, Q4K_BYTES, Q8K, QK_K};
 use half::f16;
@@ -47,7 +47,7 @@ fn min_at(j: usize, lane: usize) -> usize {
 
 /// A Q4_K matrix in groups of eight interleaved rows.
 pub struct InterleavedQ4K {
-    bytes: Vec<u8>,
+    bytes: WeightBuffer<u8>,
     rows: usize,
     blocks: usize,
 }

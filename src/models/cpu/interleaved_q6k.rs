@@ -17,7 +17,7 @@
 //! and the offset of 32 taken once per block from the activations' 16-value sums:
 //! `Σ s·(q − 32)·y = Σ s·q·y − 32·Σ s·bsum`.
 
-use super::huge_pages::weight_buffer;
+use super::huge_pages::{weight_buffer, WeightBuffer};
 use super::interleaved::ROWS;
 use super::kquants::{Q6K_BYTES, Q8K, QK_K};
 use half::f16;
@@ -44,7 +44,7 @@ fn scale_at(g: usize, lane: usize) -> usize {
 
 /// A Q6_K matrix in groups of eight interleaved rows.
 pub struct InterleavedQ6K {
-    bytes: Vec<u8>,
+    bytes: WeightBuffer<u8>,
     rows: usize,
     blocks: usize,
 }

@@ -99,32 +99,37 @@ impl CpuLlama {
             .step_by(2)
             .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
             .collect();
-        let mut read = |name: &str| content.tensor(reader, name, &device);
-        let embedding = Weight::new(&read("token_embd.weight")?)?;
-        let output = match content.tensor_infos.contains_key("output.weight") {
-            true => Some(Weight::new(&read("output.weight")?)?),
-            false => None,
-        };
-        let vector =
-            |tensor: candle_core::quantized::QTensor| tensor.dequantize(&device)?.to_vec1::<f32>();
-        let norm = vector(read("output_norm.weight")?)?;
-        let mut layers = Vec::new();
-        for i in 0..md("llama.block_count")? {
-            let mut part = |part: &str| read(&format!("blk.{i}.{part}.weight"));
-            layers.push(Layer {
-                attn_norm: vector(part("attn_norm")?)?,
-                q: Weight::new(&part("attn_q")?)?,
-                k: Weight::new(&part("attn_k")?)?,
-                v: Weight::new(&part("attn_v")?)?,
-                o: Weight::new(&part("attn_output")?)?,
-                ffn_norm: vector(part("ffn_norm")?)?,
-                gate: Weight::new(&part("ffn_gate")?)?,
-                up: Weight::new(&part("ffn_up")?)?,
-                down: Weight::new(&part("ffn_down")?)?,
-                keys: Vec::new(),
-                values: Vec::new(),
-            });
-        }
+        // The weights' buffers share huge-page chunks (see `huge_pages`).
+        let (embedding, output, norm, layers) = super::huge_pages::in_arena(|| {
+            let mut read = |name: &str| content.tensor(reader, name, &device);
+            let embedding = Weight::new(&read("token_embd.weight")?)?;
+            let output = match content.tensor_infos.contains_key("output.weight") {
+                true => Some(Weight::new(&read("output.weight")?)?),
+                false => None,
+            };
+            let vector = |tensor: candle_core::quantized::QTensor| {
+                tensor.dequantize(&device)?.to_vec1::<f32>()
+            };
+            let norm = vector(read("output_norm.weight")?)?;
+            let mut layers = Vec::new();
+            for i in 0..md("llama.block_count")? {
+                let mut part = |part: &str| read(&format!("blk.{i}.{part}.weight"));
+                layers.push(Layer {
+                    attn_norm: vector(part("attn_norm")?)?,
+                    q: Weight::new(&part("attn_q")?)?,
+                    k: Weight::new(&part("attn_k")?)?,
+                    v: Weight::new(&part("attn_v")?)?,
+                    o: Weight::new(&part("attn_output")?)?,
+                    ffn_norm: vector(part("ffn_norm")?)?,
+                    gate: Weight::new(&part("ffn_gate")?)?,
+                    up: Weight::new(&part("ffn_up")?)?,
+                    down: Weight::new(&part("ffn_down")?)?,
+                    keys: Vec::new(),
+                    values: Vec::new(),
+                });
+            }
+            candle_core::Result::Ok((embedding, output, norm, layers))
+        })?;
         let ffn = layers.first().map_or(0, |l| l.gate.rows());
         Ok(CpuLlama {
             embedding,

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::activations::Activations;
 use super::f16_tiles;
-use super::huge_pages::weight_buffer;
+use super::huge_pages::{weight_buffer, WeightBuffer};
 use super::interleaved::{Interleaved, Kind};
 use super::interleaved_q4k::InterleavedQ4K;
 use super::interleaved_q6k::InterleavedQ6K;
@@ -21,8 +21,8 @@ use super::token_major::TokenMajor;
 
 /// The rows of one matrix.
 enum Rows {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
+    F32(WeightBuffer<f32>),
+    F16(WeightBuffer<f16>),
     /// Q8_0, Q4_0 or Q5_0, interleaved eight rows at a time.
     Blocks(Interleaved),
     /// Q4_K, interleaved eight rows at a time.

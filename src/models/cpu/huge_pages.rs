@@ -1,11 +1,11 @@
 //! Weight buffers on huge pages. Every token streams all the weights; on 4 KiB pages that is a
 //! TLB miss every 4 KiB and a hardware prefetcher that stops at each page's end. Linux gives
-//! anonymous memory 2 MiB pages only where asked (`madvise`, the default THP mode), and only
-//! for whole 2 MiB-aligned ranges, which most single matrices of a small model are not. So a
-//! model's weight buffers are carved one after another out of 2 MiB-aligned chunks, asked to be
-//! huge pages before anything is written (see [`in_arena`]); a buffer made outside a load is an
-//! allocation of its own, on huge pages if it is at least one. A chunk is freed when the last
-//! buffer carved from it is dropped.
+//! anonymous memory 2 MiB pages only where asked when its THP mode is `madvise` (this
+//! machine's, and a common default), and only for whole 2 MiB-aligned ranges, which most single
+//! matrices of a small model are not. So a model's weight buffers are carved one after another
+//! out of 2 MiB-aligned chunks, asked to be huge pages before anything is written (see
+//! [`in_arena`]); a buffer made outside a load is an allocation of its own, on huge pages if it
+//! is at least one. A chunk is freed when the last buffer carved from it is dropped.
 
 use std::alloc::Layout;
 use std::cell::RefCell;

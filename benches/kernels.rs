@@ -19,10 +19,10 @@ use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
 use llorch::models::cpu::activations::Activations;
+use llorch::models::cpu::f16_panels::F16Panels;
 use llorch::models::cpu::interleaved::{Interleaved, Kind};
 use llorch::models::cpu::interleaved_q4k::InterleavedQ4K;
 use llorch::models::cpu::interleaved_q6k::InterleavedQ6K;
-use llorch::models::cpu::kernels::dot_f16;
 use llorch::models::cpu::kquants::{quantize_q8k, Q8K, QK_K};
 use llorch::models::cpu::weight::Weight;
 
@@ -133,10 +133,15 @@ fn matvec(c: &mut Criterion) {
                 m.products(0, a, 1, o)
             });
         }
-        let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
-        group.throughput(Throughput::Bytes(wh.len() as u64 * 2));
-        group.bench_with_input(BenchmarkId::new("f16", &label), &wh, |b, w| {
-            b.iter(|| w.chunks_exact(cols).map(|r| dot_f16(r, &x)).sum::<f32>())
+        let bytes: Vec<u8> = w
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        group.throughput(Throughput::Bytes(bytes.len() as u64));
+        let panels = F16Panels::new(&bytes, rows, cols);
+        let mut out = vec![0f32; rows];
+        group.bench_with_input(BenchmarkId::new("f16", &label), &panels, |b, w| {
+            b.iter(|| w.products(0, &x, 1, &mut out))
         });
     }
     group.finish();

@@ -1,8 +1,8 @@
-//! Q8_0 quantization of activations and the f32-activation kernels: dot products of one f16 or
-//! f32 weight row with one activation row (decode's inner loop for those types; f16 prefill is
-//! [`super::f16_tiles`], the 32-value block types are [`super::interleaved`]; attention's
-//! products are [`super::attention`]). Each has a scalar version, the reference, and an AVX2/FMA/F16C version used when the
-//! CPU has those features; the tests hold the two to the same result.
+//! Q8_0 quantization of activations and the f32-activation kernel: the dot product of one f32
+//! weight row with one activation row (f16 weights are [`super::f16_panels`], the 32-value
+//! block types are [`super::interleaved`]; attention's products are [`super::attention`]).
+//! Each has a scalar version, the reference, and an AVX2/FMA/F16C version used when the CPU has
+//! those features; the tests hold the two to the same result.
 //!
 //! The block layouts are GGML's: a Q8_0 block is an f16 scale then 32 `i8`; a Q4_0 block is an
 //! f16 scale then 16 bytes, the low nibbles holding values 0..16 and the high nibbles 16..32,
@@ -64,18 +64,6 @@ pub fn block_sums(a: &[u8], out: &mut [f32]) {
     }
 }
 
-/// `w · a` for an f16 row and an f32 row.
-pub fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
-    assert_eq!(w.len(), a.len(), "rows of one length");
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: the features were detected; the slices have equal lengths.
-        #[allow(unsafe_code)]
-        return unsafe { avx2::dot_f16(w, a) };
-    }
-    scalar::dot_f16(w, a)
-}
-
 /// `w · a` for f32 rows.
 pub fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
     assert_eq!(w.len(), a.len(), "rows of one length");
@@ -105,11 +93,6 @@ pub mod scalar {
         }
     }
 
-    /// `w · a` for an f16 row and an f32 row.
-    pub fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
-        w.iter().zip(a).map(|(x, y)| x.to_f32() * y).sum()
-    }
-
     /// `w · a` for f32 rows.
     pub fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
         w.iter().zip(a).map(|(x, y)| x * y).sum()
@@ -120,7 +103,6 @@ pub mod scalar {
 #[allow(unsafe_code)]
 pub(super) mod avx2 {
     use super::Q8_0_BYTES;
-    use half::f16;
     use std::arch::x86_64::*;
 
     /// How far ahead of the bytes being multiplied the weight kernels ask for the next ones:
@@ -212,29 +194,6 @@ pub(super) mod avx2 {
     }
 
     /// # Safety
-    /// AVX2, FMA and F16C must be available; the slices have equal lengths.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_f16(w: &[f16], a: &[f32]) -> f32 {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let whole = w.len() / 32 * 32;
-        for (x, y) in w[..whole].chunks_exact(32).zip(a[..whole].chunks_exact(32)) {
-            prefetch(x.as_ptr().cast(), 1);
-            for (lane, sum) in acc.iter_mut().enumerate() {
-                // SAFETY: 8 halves and 8 floats from offset 8 * lane of 32-element chunks.
-                let (wx, ay) = unsafe {
-                    (
-                        _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(8 * lane).cast())),
-                        _mm256_loadu_ps(y.as_ptr().add(8 * lane)),
-                    )
-                };
-                *sum = _mm256_fmadd_ps(wx, ay, *sum);
-            }
-        }
-        let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        sum_lanes(total) + super::scalar::dot_f16(&w[whole..], &a[whole..])
-    }
-
-    /// # Safety
     /// AVX2 and FMA must be available; the slices have equal lengths.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_f32(w: &[f32], a: &[f32]) -> f32 {
@@ -309,11 +268,9 @@ mod tests {
     }
 
     #[test]
-    fn simd_and_scalar_agree_for_every_row_type() {
+    fn simd_and_scalar_agree_for_f32_rows() {
         for (n, seed) in [(32, 1), (576, 2), (2048, 3), (5632, 4)] {
             let (w, a) = (values(n, seed), values(n, seed + 100));
-            let wh: Vec<f16> = w.iter().map(|v| f16::from_f32(*v)).collect();
-            close(dot_f16(&wh, &a), scalar::dot_f16(&wh, &a), n);
             close(dot_f32(&w, &a), scalar::dot_f32(&w, &a), n);
         }
         // Lengths that are not a multiple of 32 take the scalar tail.

@@ -6,7 +6,7 @@
 pub mod activations;
 pub mod attention;
 pub(crate) mod exp;
-pub mod f16_tiles;
+pub mod f16_panels;
 mod huge_pages;
 pub mod interleaved;
 pub mod interleaved_q4k;

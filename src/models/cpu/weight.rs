@@ -6,11 +6,10 @@ use candle_core::quantized::k_quants::{
     BlockQ4_0, BlockQ5K, BlockQ5_0, BlockQ8K, BlockQ8_0, GgmlType,
 };
 use candle_core::quantized::{GgmlDType, QTensor};
-use half::f16;
 use rayon::prelude::*;
 
 use super::activations::Activations;
-use super::f16_tiles;
+use super::f16_panels::{self, F16Panels, PANEL};
 use super::huge_pages::{weight_buffer, WeightBuffer};
 use super::interleaved::{Interleaved, Kind};
 use super::interleaved_q4k::InterleavedQ4K;
@@ -22,7 +21,8 @@ use super::token_major::TokenMajor;
 /// The rows of one matrix.
 enum Rows {
     F32(WeightBuffer<f32>),
-    F16(WeightBuffer<f16>),
+    /// f16, in panels of 16 rows.
+    F16(F16Panels),
     /// Q8_0, Q4_0 or Q5_0, interleaved eight rows at a time.
     Blocks(Interleaved),
     /// Q4_K, interleaved eight rows at a time.
@@ -81,13 +81,7 @@ impl Weight {
                 }
                 Rows::F32(values)
             }
-            GgmlDType::F16 => {
-                let mut values = weight_buffer(rows * columns);
-                for (v, b) in values.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *v = f16::from_le_bytes([b[0], b[1]]);
-                }
-                Rows::F16(values)
-            }
+            GgmlDType::F16 => Rows::F16(F16Panels::new(&bytes, rows, columns)),
             GgmlDType::Q8_0 => Rows::Blocks(Interleaved::new(Kind::Q8_0, &bytes, rows, columns)),
             GgmlDType::Q4_0 => Rows::Blocks(Interleaved::new(Kind::Q4_0, &bytes, rows, columns)),
             GgmlDType::Q5_0 => Rows::Blocks(Interleaved::new(Kind::Q5_0, &bytes, rows, columns)),
@@ -113,11 +107,7 @@ impl Weight {
         let n = self.columns;
         match &self.data {
             Rows::F32(d) => out.copy_from_slice(&d[row * n..(row + 1) * n]),
-            Rows::F16(d) => {
-                for (o, v) in out.iter_mut().zip(&d[row * n..(row + 1) * n]) {
-                    *o = v.to_f32();
-                }
-            }
+            Rows::F16(d) => d.row(row, out),
             Rows::Blocks(d) => {
                 let bytes = d.row(row);
                 match d.kind() {
@@ -203,10 +193,7 @@ impl Weight {
         };
         match &self.data {
             Rows::F32(d) => each(part, &|r, t| kernels::dot_f32(&d[r * n..(r + 1) * n], x(t))),
-            Rows::F16(d) if tokens == 1 => {
-                each(part, &|r, t| kernels::dot_f16(&d[r * n..(r + 1) * n], x(t)))
-            }
-            Rows::F16(d) => f16_tiles::products(&d[first * n..(first + count) * n], p.x, n, part),
+            Rows::F16(d) => d.products(first, p.packed.as_deref().unwrap_or(p.x), tokens, part),
             Rows::Blocks(d) => d.products(first, p.q8_0.as_ref().expect("Q8_0 activations"), part),
             Rows::Q4K(d) => d.products(
                 first,
@@ -236,10 +223,13 @@ impl Weight {
 }
 
 /// The activations of one product, quantized for each weight type that takes them: Q8_0
-/// blocks for the interleaved types, llorch's Q8_K for Q4_K and Q6_K, candle's for Q5_K.
+/// blocks for the interleaved types, llorch's Q8_K for Q4_K and Q6_K, candle's for Q5_K; for
+/// f16 weights and several tokens, packed tile by tile.
 struct Prepared<'a> {
     x: &'a [f32],
     tokens: usize,
+    /// [`f16_panels::pack`]ed activations; one token's are `x` itself.
+    packed: Option<Vec<f32>>,
     q8_0: Option<Activations>,
     q8k: Option<Vec<Q8K>>,
     q8k_candle: Option<Vec<BlockQ8K>>,
@@ -255,6 +245,7 @@ impl<'a> Prepared<'a> {
         let mut p = Prepared {
             x,
             tokens,
+            packed: None,
             q8_0: None,
             q8k: None,
             q8k_candle: None,
@@ -276,6 +267,9 @@ impl<'a> Prepared<'a> {
                     }
                     p.q8k = Some(a);
                 }
+                Rows::F16(_) if tokens > 1 && p.packed.is_none() => {
+                    p.packed = Some(f16_panels::pack(x, tokens, columns))
+                }
                 Rows::Q5K(_) if p.q8k_candle.is_none() => {
                     let mut a = vec![BlockQ8K::zeros(); tokens * per_row];
                     for (values, blocks) in x.chunks_exact(columns).zip(a.chunks_exact_mut(per_row))
@@ -296,6 +290,7 @@ impl<'a> Prepared<'a> {
 /// multiple of the interleaved group, so that every unit starts at a group.
 const ROW_CHUNK: usize = 32;
 const _: () = assert!(ROW_CHUNK.is_multiple_of(super::interleaved::ROWS));
+const _: () = assert!(ROW_CHUNK.is_multiple_of(PANEL));
 
 fn to_float<T: GgmlType>(d: &[T], row: usize, n: usize, out: &mut [f32]) {
     let per_row = n / T::BLCK_SIZE;

@@ -1,0 +1,354 @@
+//! f16 weights stored in panels of [`PANEL`] rows, column by column (the panel's 16 values of
+//! column 0, then of column 1, ...), and their products with f32 activations.
+//!
+//! The layout makes an output tile a set of whole vectors: a panel's 16 rows times up to six
+//! tokens are twelve AVX registers, each column adds one converted weight pair times one
+//! broadcast activation per token, and no sum ever crosses lanes. Each weight value is
+//! converted once per six tokens and each activation loaded once per 16 rows; the results are
+//! 16 consecutive outputs of a token, stored as two vectors into the token-major output.
+//! The activations are first [`pack`]ed tile by tile, so that a tile reads them as one stream
+//! rather than six rows whose addresses may share a cache set.
+
+use half::f16;
+
+use super::huge_pages::{weight_buffer, WeightBuffer};
+use super::kernels;
+
+/// Rows per panel.
+pub const PANEL: usize = 16;
+/// Tokens per tile: 6 × 2 accumulators, 2 weight vectors and a broadcast fill 15 of the 16
+/// AVX registers.
+const TOKENS: usize = 6;
+
+/// The tiles of `tokens` tokens: their first token and their width.
+fn tiles(tokens: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..tokens)
+        .step_by(TOKENS)
+        .map(move |t| (t, TOKENS.min(tokens - t)))
+}
+
+/// `tokens` activation rows of `columns` values (`x`, row-major) laid out tile by tile: the
+/// tile of tokens `t..t + w` takes `w × columns` values from `t × columns`, column by column
+/// (value `k` of token `t + j` at `t × columns + k × w + j`).
+pub fn pack(x: &[f32], tokens: usize, columns: usize) -> Vec<f32> {
+    assert_eq!(x.len(), tokens * columns, "activation size");
+    let mut packed = vec![0f32; x.len()];
+    for (t, w) in tiles(tokens) {
+        let tile = &mut packed[t * columns..(t + w) * columns];
+        for (j, row) in x[t * columns..(t + w) * columns]
+            .chunks_exact(columns)
+            .enumerate()
+        {
+            for (k, v) in row.iter().enumerate() {
+                tile[k * w + j] = *v;
+            }
+        }
+    }
+    packed
+}
+
+/// A `rows × columns` f16 matrix in panels; the last panel's missing rows are zeros.
+pub struct F16Panels {
+    rows: usize,
+    columns: usize,
+    data: WeightBuffer<f16>,
+}
+
+impl F16Panels {
+    /// Lays out `rows` row-major rows of `columns` little-endian f16 values.
+    pub fn new(bytes: &[u8], rows: usize, columns: usize) -> F16Panels {
+        assert_eq!(bytes.len(), rows * columns * 2, "rows × columns f16 values");
+        let panels = rows.div_ceil(PANEL);
+        let mut data = weight_buffer(panels * PANEL * columns);
+        for (p, panel) in data.chunks_exact_mut(PANEL * columns).enumerate() {
+            for i in 0..PANEL.min(rows - p * PANEL) {
+                let row = &bytes[(p * PANEL + i) * columns * 2..][..columns * 2];
+                for (k, b) in row.chunks_exact(2).enumerate() {
+                    panel[k * PANEL + i] = f16::from_le_bytes([b[0], b[1]]);
+                }
+            }
+        }
+        F16Panels {
+            rows,
+            columns,
+            data,
+        }
+    }
+
+    /// Row `row` as f32 values (an embedding lookup).
+    pub fn row(&self, row: usize, out: &mut [f32]) {
+        let panel = &self.data[row / PANEL * PANEL * self.columns..][..PANEL * self.columns];
+        for (o, column) in out.iter_mut().zip(panel.chunks_exact(PANEL)) {
+            *o = column[row % PANEL].to_f32();
+        }
+    }
+
+    /// The products of rows `first..` with `tokens` activation rows, [`pack`]ed in `x`,
+    /// token-major: `out[t * count + i]` = row `first + i` · token `t`, for the `count` rows
+    /// `out` has room for. `first` is a multiple of [`PANEL`].
+    pub fn products(&self, first: usize, x: &[f32], tokens: usize, out: &mut [f32]) {
+        let n = self.columns;
+        assert!(
+            tokens > 0 && first.is_multiple_of(PANEL),
+            "a panel's first row"
+        );
+        assert_eq!(x.len(), tokens * n, "activation size");
+        assert_eq!(out.len() % tokens, 0, "whole rows of products");
+        let count = out.len() / tokens;
+        assert!(first + count <= self.rows, "rows of the matrix");
+        let panels = &self.data[first * n..(first + count).next_multiple_of(PANEL) * n];
+        #[cfg(target_arch = "x86_64")]
+        if kernels::simd() {
+            // SAFETY: the features were detected; the sizes were checked above.
+            #[allow(unsafe_code)]
+            return unsafe { avx2::products(panels, x, n, tokens, out) };
+        }
+        scalar::products(panels, x, n, tokens, out)
+    }
+}
+
+/// Writes the products of panel `p` with token `t` (`values`, one per panel row) into `out`
+/// (token-major, `count` rows of products per token), as many as it has rows for.
+fn write(out: &mut [f32], count: usize, p: usize, t: usize, values: &[f32; PANEL]) {
+    let valid = PANEL.min(count - p * PANEL);
+    out[t * count + p * PANEL..][..valid].copy_from_slice(&values[..valid]);
+}
+
+/// The reference version.
+mod scalar {
+    use super::{tiles, write, PANEL};
+    use half::f16;
+
+    /// [`super::F16Panels::products`] over `panels`, the panels holding the output's rows.
+    pub fn products(panels: &[f16], x: &[f32], columns: usize, tokens: usize, out: &mut [f32]) {
+        let count = out.len() / tokens;
+        for (p, panel) in panels.chunks_exact(PANEL * columns).enumerate() {
+            for (t, width) in tiles(tokens) {
+                let tile = &x[t * columns..(t + width) * columns];
+                for j in 0..width {
+                    let mut sums = [0f32; PANEL];
+                    for (w, a) in panel
+                        .chunks_exact(PANEL)
+                        .zip(tile.iter().skip(j).step_by(width))
+                    {
+                        for (s, w) in sums.iter_mut().zip(w) {
+                            *s += w.to_f32() * a;
+                        }
+                    }
+                    write(out, count, p, t + j, &sums);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod avx2 {
+    use super::{tiles, write, PANEL, TOKENS};
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `panels` is whole panels of `columns` columns, `x`
+    /// is `tokens` rows of `columns` values and `out` has at most as many rows per token as
+    /// the panels hold.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn products(
+        panels: &[f16],
+        x: &[f32],
+        columns: usize,
+        tokens: usize,
+        out: &mut [f32],
+    ) {
+        let count = out.len() / tokens;
+        for (p, panel) in panels.chunks_exact(PANEL * columns).enumerate() {
+            if tokens == 1 {
+                write(out, count, p, 0, &lanes(matvec(panel, x)));
+                continue;
+            }
+            for (t, width) in tiles(tokens) {
+                let a = &x[t * columns..(t + width) * columns];
+                match width {
+                    TOKENS => store(out, count, p, t, tile::<TOKENS>(panel, a)),
+                    1 => store(out, count, p, t, tile::<1>(panel, a)),
+                    2 => store(out, count, p, t, tile::<2>(panel, a)),
+                    3 => store(out, count, p, t, tile::<3>(panel, a)),
+                    4 => store(out, count, p, t, tile::<4>(panel, a)),
+                    _ => store(out, count, p, t, tile::<5>(panel, a)),
+                }
+            }
+        }
+    }
+
+    /// The products of a panel with a packed tile of `T` tokens: per token, two vectors of the
+    /// panel's 16 rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile<const T: usize>(panel: &[f16], a: &[f32]) -> [[__m256; 2]; T] {
+        let columns = a.len() / T;
+        assert!(panel.len() == PANEL * columns && a.len() == T * columns);
+        let (w, a) = (panel.as_ptr(), a.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        for k in 0..columns {
+            // SAFETY: column `k` of the panel is 16 halves from `16 k` and column `k` of the
+            // tile `T` floats from `T k` (asserted lengths).
+            unsafe {
+                let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * PANEL).cast()));
+                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * PANEL + 8).cast()));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm256_broadcast_ss(&*a.add(k * T + j));
+                    acc[0] = _mm256_fmadd_ps(w0, b, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(w1, b, acc[1]);
+                }
+            }
+        }
+        acc
+    }
+
+    /// A panel's products with one activation row, over four interleaved sums of columns so
+    /// that the additions' latency overlaps.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn matvec(panel: &[f16], x: &[f32]) -> [__m256; 2] {
+        let columns = x.len();
+        assert_eq!(panel.len(), PANEL * columns);
+        let w = panel.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let step = |acc: &mut [__m256; 2], k: usize| {
+            // SAFETY: `k < columns`: column `k` of the panel is 16 halves from `16 k`.
+            unsafe {
+                let b = _mm256_set1_ps(x[k]);
+                let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * PANEL).cast()));
+                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * PANEL + 8).cast()));
+                acc[0] = _mm256_fmadd_ps(w0, b, acc[0]);
+                acc[1] = _mm256_fmadd_ps(w1, b, acc[1]);
+            }
+        };
+        let whole = columns / 4 * 4;
+        for k in (0..whole).step_by(4) {
+            for (u, acc) in acc.iter_mut().enumerate() {
+                step(acc, k + u);
+            }
+        }
+        for k in whole..columns {
+            step(&mut acc[0], k);
+        }
+        let half = |i: usize| {
+            _mm256_add_ps(
+                _mm256_add_ps(acc[0][i], acc[1][i]),
+                _mm256_add_ps(acc[2][i], acc[3][i]),
+            )
+        };
+        [half(0), half(1)]
+    }
+
+    /// The 16 values of two vectors.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn lanes(v: [__m256; 2]) -> [f32; PANEL] {
+        let mut out = [0f32; PANEL];
+        // SAFETY: 8 floats at offsets 0 and 8 of a 16-float array.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), v[0]);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), v[1]);
+        }
+        out
+    }
+
+    /// Writes a tile's products (panel `p`, tokens `t..`) into `out`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn store<const T: usize>(
+        out: &mut [f32],
+        count: usize,
+        p: usize,
+        t: usize,
+        tile: [[__m256; 2]; T],
+    ) {
+        for (j, v) in tile.into_iter().enumerate() {
+            let at = (t + j) * count + p * PANEL;
+            if count - p * PANEL >= PANEL {
+                let o = &mut out[at..at + PANEL];
+                // SAFETY: 8 floats at offsets 0 and 8 of a 16-float slice.
+                unsafe {
+                    _mm256_storeu_ps(o.as_mut_ptr(), v[0]);
+                    _mm256_storeu_ps(o.as_mut_ptr().add(8), v[1]);
+                }
+            } else {
+                write(out, count, p, t + j, &lanes(v));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn matrix(rng: &mut impl Rng, rows: usize, columns: usize) -> (Vec<f16>, Vec<u8>) {
+        let values: Vec<f16> = (0..rows * columns)
+            .map(|_| f16::from_f32(rng.random_range(-2.0f32..2.0)))
+            .collect();
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        (values, bytes)
+    }
+
+    #[test]
+    fn panels_compute_every_product_of_rows_and_tokens_in_both_versions() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        // Row counts below, at and past a panel; token counts around the tile; column counts
+        // with and without a remainder of the four-column steps.
+        for (rows, tokens, columns) in [(40, 9, 576), (16, 1, 64), (5, 3, 45), (33, 14, 42)] {
+            let (values, bytes) = matrix(&mut rng, rows, columns);
+            let w = F16Panels::new(&bytes, rows, columns);
+            let x: Vec<f32> = (0..tokens * columns)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
+            for first in (0..rows).step_by(PANEL) {
+                for count in [rows - first, PANEL.min(rows - first)] {
+                    let packed = pack(&x, tokens, columns);
+                    let mut fast = vec![f32::NAN; count * tokens];
+                    w.products(first, &packed, tokens, &mut fast);
+                    let panels =
+                        &w.data[first * columns..][..count.div_ceil(PANEL) * PANEL * columns];
+                    let mut reference = vec![f32::NAN; count * tokens];
+                    scalar::products(panels, &packed, columns, tokens, &mut reference);
+                    for (i, row) in values
+                        .chunks_exact(columns)
+                        .skip(first)
+                        .take(count)
+                        .enumerate()
+                    {
+                        for (t, a) in x.chunks_exact(columns).enumerate() {
+                            let want: f32 = row.iter().zip(a).map(|(w, a)| w.to_f32() * a).sum();
+                            // Float rounding of `columns` products of magnitude up to 4 in
+                            // another order.
+                            let tolerance = 8e-6 * columns as f32;
+                            for got in [fast[t * count + i], reference[t * count + i]] {
+                                assert!(
+                                    (got - want).abs() <= tolerance,
+                                    "{i} {t}: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_of_panels_is_the_row_that_was_laid_out() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let (values, bytes) = matrix(&mut rng, 21, 10);
+        let w = F16Panels::new(&bytes, 21, 10);
+        let mut out = [0f32; 10];
+        for (r, want) in values.chunks_exact(10).enumerate() {
+            w.row(r, &mut out);
+            let want: Vec<f32> = want.iter().map(|v| v.to_f32()).collect();
+            assert_eq!(out.as_slice(), want.as_slice(), "row {r}");
+        }
+    }
+}

@@ -10,6 +10,7 @@
 //! rather than six rows whose addresses may share a cache set.
 
 use half::f16;
+use rayon::prelude::*;
 
 use super::huge_pages::{weight_buffer, WeightBuffer};
 use super::kernels;
@@ -33,17 +34,18 @@ fn tiles(tokens: usize) -> impl Iterator<Item = (usize, usize)> {
 pub fn pack(x: &[f32], tokens: usize, columns: usize) -> Vec<f32> {
     assert_eq!(x.len(), tokens * columns, "activation size");
     let mut packed = vec![0f32; x.len()];
-    for (t, w) in tiles(tokens) {
-        let tile = &mut packed[t * columns..(t + w) * columns];
-        for (j, row) in x[t * columns..(t + w) * columns]
-            .chunks_exact(columns)
-            .enumerate()
-        {
-            for (k, v) in row.iter().enumerate() {
-                tile[k * w + j] = *v;
+    let tile = TOKENS * columns.max(1);
+    packed
+        .par_chunks_mut(tile)
+        .zip(x.par_chunks(tile))
+        .for_each(|(packed, rows)| {
+            let width = rows.len() / columns;
+            for (k, column) in packed.chunks_exact_mut(width).enumerate() {
+                for (j, v) in column.iter_mut().enumerate() {
+                    *v = rows[j * columns + k];
+                }
             }
-        }
-    }
+        });
     packed
 }
 
@@ -146,6 +148,7 @@ mod scalar {
 #[allow(unsafe_code)]
 mod avx2 {
     use super::{tiles, write, PANEL, TOKENS};
+    use crate::models::cpu::kernels::avx2::prefetch;
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -227,6 +230,7 @@ mod avx2 {
         };
         let whole = columns / 4 * 4;
         for k in (0..whole).step_by(4) {
+            prefetch(w.wrapping_add(k * PANEL).cast(), 2);
             for (u, acc) in acc.iter_mut().enumerate() {
                 step(acc, k + u);
             }

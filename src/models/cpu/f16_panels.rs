@@ -302,9 +302,21 @@ mod tests {
     #[test]
     fn panels_compute_every_product_of_rows_and_tokens_in_both_versions() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        // Row counts below, at and past a panel; token counts around the tile; column counts
-        // with and without a remainder of the four-column steps.
-        for (rows, tokens, columns) in [(40, 9, 576), (16, 1, 64), (5, 3, 45), (33, 14, 42)] {
+        // Row counts below, at and past a panel; one token (the matrix-vector steps) and
+        // token counts leaving a last tile of every width from 1 to 6; column counts with and
+        // without a remainder of the four-column steps.
+        let cases = [
+            (40, 9, 576),
+            (16, 1, 64),
+            (21, 1, 45),
+            (5, 3, 45),
+            (33, 14, 42),
+            (17, 7, 40),
+            (17, 10, 40),
+            (17, 11, 40),
+            (16, 12, 8),
+        ];
+        for (rows, tokens, columns) in cases {
             let (values, bytes) = matrix(&mut rng, rows, columns);
             let w = F16Panels::new(&bytes, rows, columns);
             let x: Vec<f32> = (0..tokens * columns)

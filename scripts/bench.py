@@ -5,8 +5,14 @@ daemon over HTTP) for every model, format and thread count, and optionally llama
 
 Usage:
   python3 scripts/bench.py [--presets small,1b] [--formats f16,q8_0,q4_0,q4_k_m]
-                           [--threads 1,2] [--runs 5] [--http] [--llama-bench PATH]
+                           [--threads 1,2] [--runs 5] [--http] [--launches 1]
+                           [--prompt-tokens 128] [--concurrency 1,4,8] [--llama-bench PATH]
                            [--models target/bench-models] [--out bench.json]
+
+With --http and --launches N, every configuration runs in N separate launches (each its own
+engine and daemon processes, since processes of one binary differ by more than the daemon's
+cost): the table's daemon columns are the medians over the launches of each launch's decode
+loss and added time to first token, and the JSON keeps every launch.
 
 Formats: f32, f16, bf16 (safetensors; bf16 loads as f32 on the CPU) and f16-gguf, q8_0, q4_0,
 q4_k_m (GGUF written from the f32 model). The llorch binary is target/release/llorch
@@ -16,6 +22,7 @@ q4_k_m (GGUF written from the f32 model). The llorch binary is target/release/ll
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -68,18 +75,22 @@ def fmt_num(value, digits=1):
 
 def table(results):
     head = ("| model | format | threads | prefill tok/s | decode tok/s | bound tok/s | of bound "
-            "| TTFT ms | HTTP decode | HTTP TTFT ms | 4 streams tok/s | 8 streams tok/s "
-            "| llama.cpp prefill | llama.cpp decode |")
+            "| TTFT ms | HTTP decode | HTTP TTFT ms | daemon decode loss | added TTFT ms "
+            "| 4 streams tok/s | 8 streams tok/s | llama.cpp prefill | llama.cpp decode |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         b, h, l = r["bench"], r["bench"].get("http", {}), r.get("llama_cpp") or {}
         streams = {c["streams"]: c["tokens_per_s"] for c in h.get("concurrent", [])}
         frac = b.get("decode_fraction_of_bound")
+        daemon = r.get("daemon", {})
+        loss = daemon.get("decode_loss")
         lines.append("| " + " | ".join([
             r["preset"], r["format"], str(r["threads"]), fmt_num(b["prefill_tok_s"]),
             fmt_num(b["decode_tok_s"]), fmt_num(b["decode_bound_tok_s"]),
             "-" if frac is None else f"{100 * frac:.0f} %", fmt_num(b["ttft_ms"]),
             fmt_num(h.get("decode_tok_s")), fmt_num(h.get("ttft_ms")),
+            "-" if loss is None else f"{100 * loss:.1f} %",
+            fmt_num(daemon.get("added_ttft_ms"), 2),
             fmt_num(streams.get(4)), fmt_num(streams.get(8)),
             fmt_num(l.get("prefill_tok_s")), fmt_num(l.get("decode_tok_s")),
         ]) + " |")
@@ -93,6 +104,9 @@ def main():
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--http", action="store_true")
+    parser.add_argument("--launches", type=int, default=1)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--llama-bench")
     parser.add_argument("--llorch", default=os.path.join(ROOT, "target", "release", "llorch"))
     parser.add_argument("--models", default=os.path.join(ROOT, "target", "bench-models"))
@@ -105,10 +119,19 @@ def main():
             for threads in [int(t) for t in args.threads.split(",")]:
                 env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
                 cmd = [args.llorch, "bench", "--source", path, "--dtype", dtype,
-                       "--runs", str(args.runs)] + (["--http"] if args.http else [])
+                       "--runs", str(args.runs), "--prompt-tokens", str(args.prompt_tokens)]
+                if args.http:
+                    cmd += ["--http", "--concurrency", args.concurrency]
                 print(f"{preset} {fmt} {threads}T", file=sys.stderr)
+                launches = [json.loads(run(cmd, env)) for _ in range(max(args.launches, 1))]
                 result = {"preset": preset, "format": fmt, "threads": threads,
-                          "bench": json.loads(run(cmd, env))}
+                          "bench": launches[0]}
+                if args.http:
+                    median = lambda key: statistics.median(b["http"][key] for b in launches)
+                    result["daemon"] = {"launches": len(launches),
+                                        "decode_loss": median("decode_loss"),
+                                        "added_ttft_ms": median("added_ttft_ms")}
+                    result["launches"] = launches
                 if args.llama_bench and path.endswith(".gguf"):
                     result["llama_cpp"] = llama_cpp(args, path, threads)
                 results.append(result)

@@ -28,12 +28,12 @@ fn tiles(tokens: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |t| (t, TOKENS.min(tokens - t)))
 }
 
-/// `tokens` activation rows of `columns` values (`x`, row-major) laid out tile by tile: the
-/// tile of tokens `t..t + w` takes `w × columns` values from `t × columns`, column by column
-/// (value `k` of token `t + j` at `t × columns + k × w + j`).
-pub fn pack(x: &[f32], tokens: usize, columns: usize) -> Vec<f32> {
+/// `tokens` activation rows of `columns` values (`x`, row-major) laid out tile by tile into
+/// `packed` (resized to fit): the tile of tokens `t..t + w` takes `w × columns` values from
+/// `t × columns`, column by column (value `k` of token `t + j` at `t × columns + k × w + j`).
+pub fn pack(x: &[f32], tokens: usize, columns: usize, packed: &mut Vec<f32>) {
     assert_eq!(x.len(), tokens * columns, "activation size");
-    let mut packed = vec![0f32; x.len()];
+    packed.resize(x.len(), 0.0);
     let tile = TOKENS * columns.max(1);
     packed
         .par_chunks_mut(tile)
@@ -46,7 +46,6 @@ pub fn pack(x: &[f32], tokens: usize, columns: usize) -> Vec<f32> {
                 }
             }
         });
-    packed
 }
 
 /// A `rows × columns` f16 matrix in panels; the last panel's missing rows are zeros.
@@ -324,7 +323,8 @@ mod tests {
                 .collect();
             for first in (0..rows).step_by(PANEL) {
                 for count in [rows - first, PANEL.min(rows - first)] {
-                    let packed = pack(&x, tokens, columns);
+                    let mut packed = vec![f32::NAN; 3];
+                    pack(&x, tokens, columns, &mut packed);
                     let mut fast = vec![f32::NAN; count * tokens];
                     w.products(first, &packed, tokens, &mut fast);
                     let panels =

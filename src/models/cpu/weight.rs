@@ -303,8 +303,9 @@ thread_local! {
     static PACKED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
-/// The largest packed buffer kept between products (floats): 8 MiB, a 1b model's 128-token
-/// prompt four times over; longer prompts allocate theirs each product.
+/// The largest packed buffer kept between products (floats): 8 MiB, about three times the
+/// 1b model's widest 128-token input (5632 columns); longer prompts allocate theirs each
+/// product.
 const KEPT_PACKED: usize = 1 << 21;
 
 /// Rows per unit of parallel work: small enough to balance two to sixteen threads over a

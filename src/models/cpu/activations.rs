@@ -1,6 +1,7 @@
 //! Activations quantized once per matrix product into Q8_0 blocks, the partner of the weight
 //! types of 32-value blocks (Q8_0, Q4_0, Q5_0; [`super::interleaved`]).
 
+use super::buffer::zeros;
 use super::kernels::{self, BLOCK, Q8_0_BYTES};
 use rayon::prelude::*;
 
@@ -18,9 +19,9 @@ impl Activations {
     pub fn quantize(x: &[f32], tokens: usize, columns: usize) -> Activations {
         assert_eq!(x.len(), tokens * columns, "activation size");
         let blocks = columns / BLOCK;
-        let mut quants = vec![0u8; tokens * blocks * Q8_0_BYTES];
-        let mut scales = vec![0f32; tokens * blocks];
-        let mut sums = vec![0f32; tokens * blocks];
+        let mut quants = zeros(tokens * blocks * Q8_0_BYTES);
+        let mut scales = zeros(tokens * blocks);
+        let mut sums = zeros(tokens * blocks);
         let row = |(((values, q), d), s): Row<'_>| {
             kernels::quantize_q8_0(values, q);
             kernels::block_sums(q, s);

@@ -6,6 +6,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
+use super::buffer::zeros;
 use super::weight::{Weight, SUPPORTED};
 
 /// One transformer block.
@@ -173,7 +174,7 @@ impl CpuLlama {
         let s = &self.shape;
         let (n, hidden) = (ids.len(), s.hidden);
         let vocab = self.embedding.rows();
-        let mut x = vec![0f32; n * hidden];
+        let mut x = zeros(n * hidden);
         for (row, &id) in x.chunks_exact_mut(hidden).zip(ids) {
             if id as usize >= vocab {
                 candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
@@ -181,15 +182,11 @@ impl CpuLlama {
             self.embedding.row(id as usize, row);
         }
         let kv = s.kv_heads * s.head_dim;
-        let mut h = vec![0f32; n * hidden];
-        let (mut q, mut k, mut v) = (
-            vec![0f32; n * hidden],
-            vec![0f32; n * kv],
-            vec![0f32; n * kv],
-        );
-        let mut attended = vec![0f32; n * hidden];
-        let mut projected = vec![0f32; n * hidden];
-        let (mut gate, mut up) = (vec![0f32; n * s.ffn], vec![0f32; n * s.ffn]);
+        let mut h = zeros(n * hidden);
+        let (mut q, mut k, mut v) = (zeros(n * hidden), zeros(n * kv), zeros(n * kv));
+        let mut attended = zeros(n * hidden);
+        let mut projected = zeros(n * hidden);
+        let (mut gate, mut up) = (zeros(n * s.ffn), zeros(n * s.ffn));
         let angles = Angles::new(position, n, &s.inverse_frequencies);
         for layer in &mut self.layers {
             rms_norm(&x, &layer.attn_norm, s.eps, &mut h);
@@ -213,10 +210,10 @@ impl CpuLlama {
         }
         self.cached += n;
         let last = &x[(n - 1) * hidden..];
-        let mut normed = vec![0f32; hidden];
+        let mut normed = zeros(hidden);
         rms_norm(last, &self.norm, s.eps, &mut normed);
         let head = self.output.as_ref().unwrap_or(&self.embedding);
-        let mut logits = vec![0f32; head.rows()];
+        let mut logits = zeros(head.rows());
         head.matmul(&normed, 1, &mut logits);
         Ok(logits)
     }
@@ -273,7 +270,7 @@ struct Angles {
 impl Angles {
     fn new(position: usize, n: usize, inverse: &[f32]) -> Angles {
         let pairs = inverse.len();
-        let (mut sin, mut cos) = (vec![0f32; n * pairs], vec![0f32; n * pairs]);
+        let (mut sin, mut cos) = (zeros(n * pairs), zeros(n * pairs));
         for t in 0..n {
             let pos = (position + t) as f32;
             for (i, frequency) in inverse.iter().enumerate() {

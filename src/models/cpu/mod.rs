@@ -5,6 +5,7 @@
 
 pub mod activations;
 pub mod attention;
+pub(crate) mod buffer;
 pub(crate) mod exp;
 pub mod f16_panels;
 mod huge_pages;

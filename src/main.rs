@@ -147,6 +147,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -197,7 +198,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             config.server.listen
         );
     }
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.server.http_threads)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
@@ -206,8 +211,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let models = config.models.len();
         let server = config.server.clone();
         let pool = Pool::start(config, Some(args.config.clone())).await?;
-        tracing::info!(%address, models, "llorch listening");
         eprintln!("llorch listening on http://{address}");
+        let http_threads = tokio::runtime::Handle::current().metrics().num_workers();
+        tracing::info!(%address, models, http_threads, "llorch listening");
         let state = AppState::new(&pool, keys, server);
         reload_on_sighup(pool.supervisor());
         let mut signals = ShutdownSignals::new()?;

@@ -1,5 +1,5 @@
 //! The daemon as a process: SIGHUP re-reads pool.toml (a broken file changes nothing), and
-//! SIGTERM exits cleanly.
+//! SIGTERM exits cleanly; `[server] http_threads` sets the HTTP runtime's workers.
 
 mod common;
 
@@ -77,4 +77,29 @@ fn sighup_applies_a_valid_pool_file_and_ignores_a_broken_one_and_sigterm_exits_c
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn the_daemon_serves_http_on_as_many_threads_as_configured() {
+    for threads in [1, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("pool.toml");
+        let pool = format!(
+            "version = 1\n[server]\nhttp_threads = {threads}\n{}",
+            demo("d")
+        );
+        std::fs::write(&config, pool).unwrap();
+        let (mut child, _url, lines) =
+            common::process::start_logged(&config, &[("RUST_LOG", "llorch=info")]);
+        let announced = lines
+            .iter()
+            .find(|line| line.contains("llorch listening"))
+            .expect("the daemon logged where it listens");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            announced.contains(&format!("http_threads={threads}")),
+            "{announced}"
+        );
+    }
 }

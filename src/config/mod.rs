@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub max_body: usize,
     /// Most open connections.
     pub max_connections: usize,
+    /// Worker threads of the async runtime that serves HTTP (read at start).
+    pub http_threads: usize,
     /// How long in-flight requests may finish after a shutdown signal.
     pub shutdown_timeout: Duration,
     /// Whether `/metrics` needs no key.
@@ -68,6 +70,7 @@ impl ServerConfig {
             body_timeout: DEFAULT_BODY_TIMEOUT,
             max_body: DEFAULT_MAX_BODY,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            http_threads: default_http_threads(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             metrics_public: false,
             limits: RequestLimits::default(),
@@ -108,6 +111,16 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_BODY: usize = 2 * 1024 * 1024;
 /// Default most open connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// The default number of HTTP worker threads: one per 8 CPU cores, at least one. Forward
+/// passes use every core; an HTTP worker woken for each token takes a core from them, and a
+/// second worker woken to look for more work takes another. With two workers on a 2-core box
+/// the daemon lost a median 3.4 % of the bare engine's decode tokens/s, with one 1.1 % (24
+/// launches each of `llorch bench --http`, small Q4_0 model, two threads; `docs/bench-runs/2026-11-27-cpu-10/`).
+/// Serving HTTP needs little CPU: tokenization and forward passes run on their own threads.
+pub fn default_http_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 8).max(1))
+}
+
 /// Default shutdown drain.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default longest wait in a model's queue.

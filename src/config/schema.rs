@@ -57,6 +57,10 @@ pub struct ServerSection {
     /// Most open connections; further ones wait to be accepted (default 1024).
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Worker threads that serve HTTP (default one per 8 CPU cores, at least one; read at
+    /// start, a reload keeps the running count).
+    #[serde(default)]
+    pub http_threads: Option<usize>,
     /// How long in-flight requests may finish after SIGTERM before they end with
     /// `server_shutdown` (default `"30s"`).
     #[serde(default)]
@@ -156,6 +160,7 @@ impl Default for ServerSection {
             body_timeout: None,
             max_body: None,
             max_connections: None,
+            http_threads: None,
             shutdown_timeout: None,
             metrics_public: false,
             max_messages: None,

@@ -182,6 +182,11 @@ fn validate_server(
             &mut server.max_connections,
         ),
         (
+            "http_threads",
+            section.http_threads,
+            &mut server.http_threads,
+        ),
+        (
             "max_messages",
             section.max_messages,
             &mut server.limits.max_messages,
@@ -566,6 +571,12 @@ mod tests {
         assert_eq!((err.line, err.field.as_str()), (Some(1), "version"));
         let err = check("version = 1\n[server]\nlisten = \"nowhere\"\n").unwrap_err();
         assert_eq!((err.line, err.field.as_str()), (Some(3), "server.listen"));
+        let err = check("version = 1\n[server]\nhttp_threads = 0\n").unwrap_err();
+        assert_eq!(
+            (err.line, err.field.as_str()),
+            (Some(3), "server.http_threads")
+        );
+        assert!(err.message.contains("at least 1"), "{err}");
     }
 
     #[test]

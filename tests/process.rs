@@ -91,12 +91,17 @@ fn the_daemon_serves_http_on_as_many_threads_as_configured() {
         std::fs::write(&config, pool).unwrap();
         let (mut child, _url, lines) =
             common::process::start_logged(&config, &[("RUST_LOG", "llorch=info")]);
-        let announced = lines
-            .iter()
-            .find(|line| line.contains("llorch listening"))
-            .expect("the daemon logged where it listens");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let announced = loop {
+            match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.contains("llorch listening") => break Some(line),
+                Ok(_) => {}
+                Err(_) => break None,
+            }
+        };
         let _ = child.kill();
         let _ = child.wait();
+        let announced = announced.expect("the daemon logged where it listens");
         assert!(
             announced.contains(&format!("http_threads={threads}")),
             "{announced}"

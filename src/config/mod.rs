@@ -115,8 +115,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// passes use every core; an HTTP worker woken for each token takes a core from them, and a
 /// second worker woken to look for more work takes another. With two workers on a 2-core box
 /// the daemon lost a median 3.4 % of the bare engine's decode tokens/s, with one 1.1 % (24
-/// launches each of `llorch bench --http`, small Q4_0 model, two threads; `docs/bench-runs/2026-11-27-cpu-10/`).
-/// Serving HTTP needs little CPU: tokenization and forward passes run on their own threads.
+/// launches each of `llorch bench --http`, small Q4_0 model, two threads; run 10 in
+/// `docs/bench-runs/`). Serving HTTP needs little CPU: tokenization and forward passes run on
+/// their own threads.
 pub fn default_http_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 8).max(1))
 }

@@ -7,7 +7,6 @@ use candle_core::quantized::k_quants::{
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
-use std::cell::Cell;
 
 use super::activations::Activations;
 use super::f16_panels::{self, F16Panels, PANEL};
@@ -269,7 +268,7 @@ impl<'a> Prepared<'a> {
                     p.q8k = Some(a);
                 }
                 Rows::F16(_) if tokens > 1 && p.packed.is_none() => {
-                    let mut packed = PACKED.take();
+                    let mut packed = Vec::new();
                     f16_panels::pack(x, tokens, columns, &mut packed);
                     p.packed = Some(packed);
                 }
@@ -287,26 +286,6 @@ impl<'a> Prepared<'a> {
         p
     }
 }
-
-impl Drop for Prepared<'_> {
-    fn drop(&mut self) {
-        if let Some(packed) = self.packed.take().filter(|p| p.capacity() <= KEPT_PACKED) {
-            PACKED.set(packed);
-        }
-    }
-}
-
-thread_local! {
-    /// The last product's packed f16 activations on this thread, reused by the next product:
-    /// a fresh buffer every product faulted in fresh pages (13 thousand page faults per
-    /// 128-token prefill of the small model, measured with `perf stat`).
-    static PACKED: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-}
-
-/// The largest packed buffer kept between products (floats): 8 MiB, about three times the
-/// 1b model's widest 128-token input (5632 columns); longer prompts allocate theirs each
-/// product.
-const KEPT_PACKED: usize = 1 << 21;
 
 /// Rows per unit of parallel work: small enough to balance two to sixteen threads over a
 /// 576-row matrix, large enough that scheduling costs little next to the dot products. A

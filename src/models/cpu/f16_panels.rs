@@ -12,6 +12,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::buffer::zeros;
 use super::huge_pages::{weight_buffer, WeightBuffer};
 use super::kernels;
 
@@ -28,12 +29,12 @@ fn tiles(tokens: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |t| (t, TOKENS.min(tokens - t)))
 }
 
-/// `tokens` activation rows of `columns` values (`x`, row-major) laid out tile by tile into
-/// `packed` (resized to fit): the tile of tokens `t..t + w` takes `w × columns` values from
-/// `t × columns`, column by column (value `k` of token `t + j` at `t × columns + k × w + j`).
-pub fn pack(x: &[f32], tokens: usize, columns: usize, packed: &mut Vec<f32>) {
+/// `tokens` activation rows of `columns` values (`x`, row-major) laid out tile by tile: the
+/// tile of tokens `t..t + w` takes `w × columns` values from `t × columns`, column by column
+/// (value `k` of token `t + j` at `t × columns + k × w + j`).
+pub fn pack(x: &[f32], tokens: usize, columns: usize) -> Vec<f32> {
     assert_eq!(x.len(), tokens * columns, "activation size");
-    packed.resize(x.len(), 0.0);
+    let mut packed = zeros(x.len());
     let tile = TOKENS * columns.max(1);
     packed
         .par_chunks_mut(tile)
@@ -46,6 +47,7 @@ pub fn pack(x: &[f32], tokens: usize, columns: usize, packed: &mut Vec<f32>) {
                 }
             }
         });
+    packed
 }
 
 /// A `rows × columns` f16 matrix in panels; the last panel's missing rows are zeros.
@@ -323,8 +325,7 @@ mod tests {
                 .collect();
             for first in (0..rows).step_by(PANEL) {
                 for count in [rows - first, PANEL.min(rows - first)] {
-                    let mut packed = vec![f32::NAN; 3];
-                    pack(&x, tokens, columns, &mut packed);
+                    let packed = pack(&x, tokens, columns);
                     let mut fast = vec![f32::NAN; count * tokens];
                     w.products(first, &packed, tokens, &mut fast);
                     let panels =

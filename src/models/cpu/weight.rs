@@ -268,9 +268,7 @@ impl<'a> Prepared<'a> {
                     p.q8k = Some(a);
                 }
                 Rows::F16(_) if tokens > 1 && p.packed.is_none() => {
-                    let mut packed = Vec::new();
-                    f16_panels::pack(x, tokens, columns, &mut packed);
-                    p.packed = Some(packed);
+                    p.packed = Some(f16_panels::pack(x, tokens, columns));
                 }
                 Rows::Q5K(_) if p.q8k_candle.is_none() => {
                     let mut a = vec![BlockQ8K::zeros(); tokens * per_row];

@@ -11,7 +11,7 @@ use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
 
 use llorch::actors::admin::AdminCommand;
-use llorch::actors::engine::{spawn_engine, GenerationRequest, Job, TokenEvent};
+use llorch::actors::engine::{spawn_engine, EngineConfig, GenerationRequest, Job, TokenEvent};
 use llorch::actors::pool::Pool;
 use llorch::actors::supervisor::SupervisorMsg;
 use llorch::api::client::{AdminClient, ClientError};
@@ -347,8 +347,8 @@ fn quantize(args: QuantizeArgs) -> anyhow::Result<()> {
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let spec = load_spec(&args.source, &args.device, &args.dtype)?;
-    let (engine, ready) =
-        spawn_engine("cli", spec, |_| {}).context("starting the engine thread")?;
+    let (engine, ready) = spawn_engine("cli", spec, EngineConfig::default(), |_| {})
+        .context("starting the engine thread")?;
     ready
         .blocking_recv()
         .context("the engine thread ended while loading")??;
@@ -376,7 +376,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         ignore_eos: args.ignore_eos,
         strict_max_tokens: false,
     };
-    let (job, mut events, _cancel) = Job::new(GenerationRequest { prompt, params });
+    let (job, mut events, _cancel) = Job::new(GenerationRequest {
+        prompt,
+        params,
+        cache_salt: 0,
+    });
     engine
         .submit(job)
         .map_err(|_| anyhow!("the engine thread has stopped"))?;

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use candle_core::Device;
 use llorch::actors::engine::{
-    spawn_engine, EngineError, EngineHandle, GenerationRequest, Job, TokenEvent,
+    spawn_engine, EngineConfig, EngineError, EngineHandle, GenerationRequest, Job, TokenEvent,
 };
 use llorch::models::{
     DTypeChoice, FinishReason, GenerationParams, LoadSpec, ModelSource, Prompt, SamplingParams,
@@ -18,7 +18,7 @@ fn engine() -> EngineHandle {
         dtype: DTypeChoice::Auto,
         max_seq_len: None,
     };
-    let (handle, ready) = spawn_engine("test", spec, |_| {}).unwrap();
+    let (handle, ready) = spawn_engine("test", spec, EngineConfig::default(), |_| {}).unwrap();
     let info = ready.blocking_recv().unwrap().unwrap();
     assert_eq!(info.architecture, "llama");
     handle
@@ -37,6 +37,7 @@ fn request(text: &str, max_tokens: usize, sampling: SamplingParams) -> Generatio
             ignore_eos: true,
             strict_max_tokens: false,
         },
+        cache_salt: 0,
     }
 }
 
@@ -86,7 +87,8 @@ fn a_job_streams_started_tokens_then_finished() {
         Some(&TokenEvent::Finished {
             reason: FinishReason::MaxTokens,
             prompt_tokens: 3,
-            completion_tokens: 5
+            completion_tokens: 5,
+            cached_tokens: 0,
         })
     );
 }
@@ -199,8 +201,10 @@ fn shutdown_joins_the_thread_and_reports_a_clean_stop() {
         max_seq_len: None,
     };
     let (exit_tx, exit_rx) = std::sync::mpsc::channel();
-    let (engine, ready) =
-        spawn_engine("test", spec, move |exit| exit_tx.send(exit).unwrap()).unwrap();
+    let (engine, ready) = spawn_engine("test", spec, EngineConfig::default(), move |exit| {
+        exit_tx.send(exit).unwrap()
+    })
+    .unwrap();
     ready.blocking_recv().unwrap().unwrap();
     engine.shutdown();
     assert!(matches!(

@@ -11,7 +11,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc::Sender;
 
 use super::admin::Failure;
-use super::engine::{spawn_engine, EngineError, EngineExit, EngineHandle, Job, TokenEvent};
+use super::engine::{
+    spawn_engine, EngineConfig, EngineError, EngineExit, EngineHandle, Job, TokenEvent,
+};
 use super::router::{ReplicaEntry, ReplicaId, RouterMsg};
 use crate::models::{LoadSpec, ModelInfo};
 
@@ -50,6 +52,8 @@ pub struct ModelActorArgs {
     pub stall_timeout: Duration,
     /// Longest the load may take before the replica is failed.
     pub load_timeout: Duration,
+    /// How the engine batches.
+    pub engine: EngineConfig,
 }
 
 /// The model actor.
@@ -102,15 +106,22 @@ impl Actor for ModelActor {
         myself: ActorRef<ModelMsg>,
         args: ModelActorArgs,
     ) -> Result<ModelState, ActorProcessingErr> {
+        let exits = myself.clone();
+        let (engine, ready) = spawn_engine(
+            &args.replica.to_string(),
+            args.spec,
+            args.engine,
+            move |exit| {
+                let _ = exits.cast(ModelMsg::EngineExited(exit));
+            },
+        )?;
+        // Before the load result, which the task below reports through this actor.
         args.router.cast(RouterMsg::Register(ReplicaEntry {
             id: args.replica.clone(),
             actor: Some(myself.clone()),
             standby: args.standby,
+            engine: Some(engine.shared()),
         }))?;
-        let exits = myself.clone();
-        let (engine, ready) = spawn_engine(&args.replica.to_string(), args.spec, move |exit| {
-            let _ = exits.cast(ModelMsg::EngineExited(exit));
-        })?;
         let loads = myself.clone();
         let load_timeout = args.load_timeout;
         tokio::spawn(async move {
@@ -227,7 +238,7 @@ impl Actor for ModelActor {
                 let running = state
                     .engine
                     .as_ref()
-                    .and_then(|e| e.heartbeat().step_running_for());
+                    .and_then(EngineHandle::step_running_for);
                 match running {
                     Some(running) if running > state.stall_timeout => {
                         let reason = format!(

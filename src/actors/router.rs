@@ -18,7 +18,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::mpsc::Receiver;
 
 use super::admin::Failure;
-use super::engine::{CompletionNotice, EngineError, GenerationRequest, Job, TokenEvent};
+use super::engine::{
+    CompletionNotice, EngineError, GenerationRequest, Job, Occupancy, Shared, TokenEvent,
+};
 use super::model_actor::ModelMsg;
 use super::supervisor::SupervisorMsg;
 use crate::metrics::Metrics;
@@ -132,6 +134,8 @@ pub struct ReplicaStatus {
     pub memory_bytes: Option<u64>,
     /// How much the GPU's memory in use grew while it loaded (GPUs only).
     pub device_memory_bytes: Option<u64>,
+    /// Its engine's sequences and KV blocks, once it has an engine.
+    pub occupancy: Option<Occupancy>,
 }
 
 /// A model's status for listings.
@@ -176,6 +180,8 @@ pub struct ReplicaEntry {
     pub actor: Option<ActorRef<ModelMsg>>,
     /// Whether it loads beside the active generation (a make-before-break reload).
     pub standby: bool,
+    /// Its engine's shared state, to read its occupancy (`None` without an engine).
+    pub engine: Option<Arc<Shared>>,
 }
 
 /// One model's admission limits.
@@ -183,8 +189,8 @@ pub struct ReplicaEntry {
 pub struct RouteSpec {
     /// The model name.
     pub name: String,
-    /// Requests generating at once per replica.
-    pub max_concurrent: usize,
+    /// Requests generating at once per replica (`None`: as many sequences as its engine runs).
+    pub max_concurrent: Option<usize>,
     /// Waiting requests before 503.
     pub max_queue: usize,
     /// Loaded on the first request (and again after an idle unload).
@@ -273,11 +279,19 @@ struct Replica {
     loaded_at: Option<SystemTime>,
     info: Option<ModelInfo>,
     registered_at: Instant,
+    engine: Option<Arc<Shared>>,
 }
 
 impl Replica {
     fn serves(&self) -> bool {
         self.role == Role::Active && self.state == ReplicaState::Ready && self.actor.is_some()
+    }
+
+    /// Whether it takes another job: fewer in flight than the model's `max_concurrent`, or
+    /// without one than the sequences its engine runs at once.
+    fn has_slot(&self, max_concurrent: Option<usize>) -> bool {
+        let slots = max_concurrent.unwrap_or_else(|| self.info.as_ref().map_or(1, |i| i.max_seqs));
+        self.serves() && self.in_flight < slots
     }
 }
 
@@ -285,7 +299,7 @@ struct Route {
     replicas: Vec<Replica>,
     queue: VecDeque<Job>,
     spec: RouteSpec,
-    max_concurrent: usize,
+    max_concurrent: Option<usize>,
     max_queue: usize,
     draining: bool,
     lazy: bool,
@@ -568,6 +582,7 @@ fn register(route: &mut Route, entry: ReplicaEntry, epoch: u64) -> bool {
         loaded_at: None,
         info: None,
         registered_at: Instant::now(),
+        engine: entry.engine,
     });
     route
         .replicas
@@ -595,6 +610,7 @@ fn list(state: &RouterState) -> Vec<ModelStatus> {
                     loaded_at: r.loaded_at,
                     memory_bytes: r.info.as_ref().map(|info| info.weights_bytes),
                     device_memory_bytes: r.info.as_ref().and_then(|info| info.device_bytes),
+                    occupancy: r.engine.as_ref().map(|engine| engine.occupancy()),
                 })
                 .collect(),
             queued: route.queue.len(),
@@ -648,10 +664,7 @@ fn dispatch(
     route.queue.retain(|job| !job.abandoned());
     route.last_active = Instant::now();
     let max = route.max_concurrent;
-    let has_free_slot = route
-        .replicas
-        .iter()
-        .any(|r| r.serves() && r.in_flight < max);
+    let has_free_slot = route.replicas.iter().any(|r| r.has_slot(max));
     if !has_free_slot && route.queue.len() >= route.max_queue {
         return Err(RouteError::Overloaded(model.to_string()));
     }
@@ -678,7 +691,7 @@ fn start_queued(myself: &ActorRef<RouterMsg>, route: &mut Route) {
         let Some(replica) = route
             .replicas
             .iter_mut()
-            .filter(|r| r.serves() && r.in_flight < max)
+            .filter(|r| r.has_slot(max))
             .min_by_key(|r| r.in_flight)
         else {
             return;

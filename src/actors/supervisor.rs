@@ -16,13 +16,14 @@ use rand::Rng;
 use tokio::sync::oneshot;
 
 use super::admin::{AdminCommand, AdminError, Failure, ModelOutcome};
+use super::engine::EngineConfig;
 use super::lifecycle;
 use super::model_actor::{ModelActor, ModelActorArgs, ModelMsg};
 use super::restart::{Decision, RestartTracker};
 use super::router::{
     ModelStatus, ReplicaEntry, ReplicaId, RouteSpec, Router, RouterArgs, RouterMsg,
 };
-use crate::config::{ModelSpec, PoolConfig};
+use crate::config::{ModelSpec, PoolConfig, PrefixCacheScope};
 use crate::models::{estimate_weight_bytes, DeviceSpec, LoadSpec};
 
 /// The reply to an admin command.
@@ -102,6 +103,7 @@ pub struct SupervisorState {
     budgets: HashMap<DeviceSpec, u64>,
     /// Estimated bytes each loaded (or loading) model holds, per replica device.
     held: HashMap<String, Vec<(DeviceSpec, u64)>>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Actor for PoolSupervisor {
@@ -132,6 +134,7 @@ impl Actor for PoolSupervisor {
             config_path: args.config_path,
             budgets: args.config.budgets.clone(),
             held: HashMap::new(),
+            metrics: args.metrics.clone(),
         };
         for model in &args.config.models {
             state.models.insert(model.name.clone(), model.clone());
@@ -510,6 +513,7 @@ fn activate(
                 },
                 actor: None,
                 standby: false,
+                engine: None,
             }));
             let _ = state.router.cast(RouterMsg::ReplicaLoaded {
                 replica: ReplicaId {
@@ -778,6 +782,7 @@ async fn start_generation(
                     id: id.clone(),
                     actor: None,
                     standby,
+                    engine: None,
                 }))?;
                 state.router.cast(RouterMsg::ReplicaLoaded {
                     replica: id,
@@ -798,6 +803,14 @@ async fn start_generation(
             standby,
             stall_timeout: spec.stall_timeout,
             load_timeout: spec.load_timeout,
+            engine: EngineConfig {
+                max_seqs: spec.max_concurrent,
+                max_batch_tokens: spec.max_batch_tokens,
+                kv_cache_bytes: spec.kv_cache,
+                prefix_caching: spec.prefix_cache != PrefixCacheScope::Off,
+                shared_prefix_cache: spec.prefix_cache == PrefixCacheScope::Global,
+                metrics: Some(state.metrics.step_metrics(&spec.name)),
+            },
         };
         state.slots.insert(
             id.clone(),

@@ -15,6 +15,7 @@ use super::dispatch::start;
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::openai::observe;
+use super::rate::Caller;
 use super::stream::{sse, ChunkFormat, Usage};
 use super::types::{CommonParams, StopInput};
 use super::AppState;
@@ -82,15 +83,18 @@ impl ChunkFormat for ExecuteFrames {
 pub async fn execute(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
+    caller: Option<Extension<Caller>>,
     ApiJson(request): ApiJson<ExecuteRequest>,
 ) -> Response {
-    let result = run(&state, &access, &request).await;
+    let salt = caller.map_or(0, |Extension(caller)| caller.cache_salt());
+    let result = run(&state, &access, salt, &request).await;
     observe(&state, &request.model, result)
 }
 
 async fn run(
     state: &AppState,
     access: &Access,
+    cache_salt: u64,
     request: &ExecuteRequest,
 ) -> Result<Response, ApiError> {
     access.check(&request.model)?;
@@ -111,6 +115,7 @@ async fn run(
             add_special_tokens: true,
         },
         params: common.to_params(&state.server.limits)?,
+        cache_salt,
     };
     let started = start(state, &request.model, generation).await?;
     let opening = vec![json!({

@@ -9,7 +9,8 @@ use ractor::rpc::CallResult;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::actors::router::RouterMsg;
+use crate::actors::router::{ModelStatus, ReplicaState, RouterMsg};
+use crate::metrics::{BatchGauges, ModelGauges, ReplicaGauges};
 
 /// How long the router may take to answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
@@ -26,10 +27,49 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             return ApiError::unavailable("unhealthy", "the router does not answer").into_response()
         }
     };
-    let body = state.metrics.render(&models);
+    let body = state.metrics.render(&gauges(&models));
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,
     )
         .into_response()
+}
+
+/// The pool's state as the metrics take it.
+fn gauges(models: &[ModelStatus]) -> Vec<ModelGauges> {
+    models
+        .iter()
+        .map(|model| ModelGauges {
+            name: model.name.clone(),
+            queued: model.queued,
+            replicas: model
+                .replicas
+                .iter()
+                .map(|replica| ReplicaGauges {
+                    replica: format!("{}/g{}", replica.id.index, replica.id.generation),
+                    device: replica.id.device.clone(),
+                    state: match replica.state {
+                        ReplicaState::Loading => "loading",
+                        ReplicaState::Ready => "ready",
+                        ReplicaState::Restarting => "restarting",
+                        ReplicaState::Failed(_) => "failed",
+                    },
+                    in_flight: replica.in_flight,
+                    memory_bytes: replica.memory_bytes,
+                    device_memory_bytes: replica.device_memory_bytes,
+                    batch: replica
+                        .occupancy
+                        .filter(|o| o.kv_blocks_total > 0 && replica.state == ReplicaState::Ready)
+                        .map(|o| BatchGauges {
+                            running: o.running,
+                            waiting: o.waiting,
+                            paused: o.paused,
+                            kv_blocks_used: o.kv_blocks_used,
+                            kv_blocks_total: o.kv_blocks_total,
+                            kv_blocks_cached: o.kv_blocks_cached,
+                        }),
+                })
+                .collect(),
+        })
+        .collect()
 }

@@ -13,6 +13,7 @@ use super::auth::Access;
 use super::dispatch::start;
 use super::error::ApiError;
 use super::extract::ApiJson;
+use super::rate::Caller;
 use super::stream::{collect, sse, ChunkFormat, Usage};
 use super::types::{ChatRequest, CompletionRequest};
 use super::AppState;
@@ -112,6 +113,7 @@ fn usage_json(usage: Usage) -> Value {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     })
 }
 
@@ -151,11 +153,13 @@ impl ChunkFormat for OpenAiChunks {
 pub async fn completions(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
+    caller: Option<Extension<Caller>>,
     ApiJson(request): ApiJson<CompletionRequest>,
 ) -> Response {
     let result = async {
         access.check(&request.model)?;
-        let generation = request.to_generation(&state.server.limits)?;
+        let mut generation = request.to_generation(&state.server.limits)?;
+        generation.cache_salt = caller.map_or(0, |Extension(caller)| caller.cache_salt());
         let mut envelope = Envelope::new(
             Kind::Completion,
             &request.model,
@@ -172,13 +176,15 @@ pub async fn completions(
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
+    caller: Option<Extension<Caller>>,
     ApiJson(request): ApiJson<ChatRequest>,
 ) -> Response {
     #[cfg(feature = "fault-injection")]
     crate::actors::faults::on_handler(&request.model);
     let result = async {
         access.check(&request.model)?;
-        let generation = request.to_generation(&state.server.limits)?;
+        let mut generation = request.to_generation(&state.server.limits)?;
+        generation.cache_salt = caller.map_or(0, |Extension(caller)| caller.cache_salt());
         let mut envelope =
             Envelope::new(Kind::Chat, &request.model, request.common.return_token_ids);
         envelope.include_usage = request.stream_include_usage();

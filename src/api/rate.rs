@@ -26,14 +26,20 @@ pub enum Caller {
     Anonymous,
 }
 
-/// A rate: `per_second` requests on average, up to `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    /// Sustained requests per second.
-    pub per_second: f64,
-    /// Bucket size.
-    pub burst: f64,
+impl Caller {
+    /// The prefix-cache salt of this caller's requests: callers with different keys never
+    /// reuse each other's cached prompts (a short time to first token would tell one caller
+    /// what another sent). Callers of a pool without keys share one salt.
+    pub fn cache_salt(&self) -> u64 {
+        match self {
+            Caller::Anonymous => 0,
+            Caller::Admin => 1,
+            Caller::Key(index) => 2 + *index as u64,
+        }
+    }
 }
+
+pub use crate::config::Rate;
 
 #[derive(Debug)]
 struct Bucket {

@@ -24,6 +24,8 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Tokens generated.
     pub completion_tokens: usize,
+    /// Prompt tokens reused from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 /// What a route sends for each kind of event.
@@ -60,11 +62,13 @@ async fn next_step(started: &mut Started) -> Step {
             reason,
             prompt_tokens,
             completion_tokens,
+            cached_tokens,
         }) => Step::Finished(
             reason,
             Usage {
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             },
         ),
         Some(TokenEvent::Started { .. }) => Step::Nothing,

@@ -156,6 +156,7 @@ impl CompletionRequest {
                 return Ok(GenerationRequest {
                     prompt: Prompt::Ids(ids.clone()),
                     params: self.common.to_params(limits)?,
+                    cache_salt: 0,
                 })
             }
         };
@@ -172,6 +173,7 @@ impl CompletionRequest {
                 add_special_tokens: true,
             },
             params: self.common.to_params(limits)?,
+            cache_salt: 0,
         })
     }
 }
@@ -248,6 +250,7 @@ impl ChatRequest {
         Ok(GenerationRequest {
             prompt: Prompt::Chat(messages),
             params: self.common.to_params(limits)?,
+            cache_salt: 0,
         })
     }
 }

@@ -13,7 +13,7 @@ use anyhow::{anyhow, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
-use llorch::actors::engine::{spawn_engine, GenerationRequest, Job, TokenEvent};
+use llorch::actors::engine::{spawn_engine, EngineConfig, GenerationRequest, Job, TokenEvent};
 use llorch::models::{GenerationParams, Prompt, SamplingParams};
 
 /// What `llorch bench` measures.
@@ -103,8 +103,8 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
     }
     let spec = crate::load_spec(&args.source, &args.device, &args.dtype)?;
     let loading = Instant::now();
-    let (engine, ready) =
-        spawn_engine("bench", spec, |_| {}).context("starting the engine thread")?;
+    let (engine, ready) = spawn_engine("bench", spec, EngineConfig::default(), |_| {})
+        .context("starting the engine thread")?;
     let info = ready
         .blocking_recv()
         .context("the engine thread ended while loading")??;
@@ -127,6 +127,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         let (job, mut events, _cancel) = Job::new(GenerationRequest {
             prompt: Prompt::Ids(ids.clone()),
             params,
+            cache_salt: 0,
         });
         let submitted = Instant::now();
         engine

@@ -56,7 +56,7 @@ pub struct ServerConfig {
     /// Host names accepted besides loopback ones.
     pub allowed_hosts: Vec<String>,
     /// Per-caller request rate, if limited.
-    pub rate_limit: Option<crate::api::Rate>,
+    pub rate_limit: Option<Rate>,
     /// The folder admin loads may read local models from.
     pub models_root: PathBuf,
 }
@@ -142,8 +142,14 @@ pub struct ModelSpec {
     pub devices: Vec<DeviceSpec>,
     /// The compute dtype.
     pub dtype: DTypeChoice,
-    /// Requests generating at once per replica.
-    pub max_concurrent: usize,
+    /// Sequences generating at once per replica (`None`: the engine's default).
+    pub max_concurrent: Option<usize>,
+    /// Tokens per forward pass (`None`: the engine's default).
+    pub max_batch_tokens: Option<usize>,
+    /// Bytes of each replica's KV cache (`None`: the engine's default).
+    pub kv_cache: Option<u64>,
+    /// Which requests share cached prompt blocks.
+    pub prefix_cache: PrefixCacheScope,
     /// Waiting requests per model.
     pub max_queue: usize,
     /// Cap on prompt plus generated tokens.
@@ -167,6 +173,45 @@ pub struct ModelSpec {
     /// Whether requests wait while the model loads or restarts (else 503 at once).
     pub queue_during_load: bool,
 }
+
+/// Which requests reuse each other's cached prompt blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefixCacheScope {
+    /// Requests made with the same API key (all requests of a pool without keys).
+    #[default]
+    Key,
+    /// Every request.
+    Global,
+    /// None: no prompt blocks are cached.
+    Off,
+}
+
+impl std::str::FromStr for PrefixCacheScope {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value {
+            "key" => Ok(PrefixCacheScope::Key),
+            "global" => Ok(PrefixCacheScope::Global),
+            "off" => Ok(PrefixCacheScope::Off),
+            other => Err(format!(
+                "expected \"key\", \"global\" or \"off\", got {other:?}"
+            )),
+        }
+    }
+}
+
+/// A per-caller request rate: `per_second` requests on average, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Sustained requests per second.
+    pub per_second: f64,
+    /// Bucket size.
+    pub burst: f64,
+}
+
+/// How long a stream may stay paused by a client that reads nothing, unless its model says.
+pub const DEFAULT_SLOW_READER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The default stall timeout.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -6,8 +6,6 @@ use serde::{Deserialize, Serialize};
 
 /// The default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-/// Default requests generating at once per replica.
-pub const DEFAULT_MAX_CONCURRENT: usize = 1;
 /// Default waiting requests per model before 503.
 pub const DEFAULT_MAX_QUEUE: usize = 64;
 
@@ -110,9 +108,22 @@ pub struct ModelEntry {
     /// `auto` (bf16 on CUDA, f32 elsewhere), `f32`, `f16` or `bf16` (default `auto`).
     #[serde(default = "default_dtype")]
     pub dtype: String,
-    /// Requests generating at once per replica (default 1).
-    #[serde(default = "default_max_concurrent")]
-    pub max_concurrent: usize,
+    /// Sequences generating at once per replica (default: 16 on the CPU and 64 on a GPU for
+    /// a batched model, 1 for the others).
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
+    /// Tokens per forward pass, the running sequences' next tokens and chunks of prompts
+    /// together (default 256 on the CPU, 2048 on a GPU; at least `max_concurrent`).
+    #[serde(default)]
+    pub max_batch_tokens: Option<usize>,
+    /// Size of each replica's paged KV cache, e.g. `"2GiB"` (default: `max_concurrent`
+    /// sequences of up to 4096 tokens, at most a quarter of the device's free memory).
+    #[serde(default)]
+    pub kv_cache: Option<String>,
+    /// Which requests reuse each other's cached prompt blocks: `"key"` (those of the same
+    /// API key), `"global"` (all) or `"off"` (default `"key"`).
+    #[serde(default)]
+    pub prefix_cache: Option<String>,
     /// Requests waiting per model before new ones get 503 (default 64).
     #[serde(default = "default_max_queue")]
     pub max_queue: usize,
@@ -189,10 +200,6 @@ fn default_devices() -> Vec<String> {
 
 fn default_dtype() -> String {
     "auto".to_string()
-}
-
-fn default_max_concurrent() -> usize {
-    DEFAULT_MAX_CONCURRENT
 }
 
 fn default_max_queue() -> usize {

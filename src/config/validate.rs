@@ -231,7 +231,7 @@ fn validate_server(
         if burst < 1.0 {
             return Err(fail("rate_burst", "must be at least 1".to_string()));
         }
-        server.rate_limit = Some(crate::api::Rate { per_second, burst });
+        server.rate_limit = Some(super::Rate { per_second, burst });
     }
     Ok(server)
 }
@@ -340,9 +340,37 @@ fn validate_model(
             "bf16 is not supported on metal devices".to_string(),
         ));
     }
-    if entry.max_concurrent == 0 {
+    if entry.max_concurrent == Some(0) {
         return Err(fail("max_concurrent", "must be at least 1".to_string()));
     }
+    if let Some(tokens) = entry.max_batch_tokens {
+        let sequences = entry.max_concurrent.unwrap_or(1);
+        if tokens < sequences {
+            return Err(fail(
+                "max_batch_tokens",
+                format!(
+                    "must be at least max_concurrent ({sequences}), so every running sequence \
+                     can take its next token in one step"
+                ),
+            ));
+        }
+    }
+    let kv_cache = entry
+        .kv_cache
+        .as_deref()
+        .map(parse_bytes)
+        .transpose()
+        .map_err(|message| fail("kv_cache", message))?;
+    if kv_cache == Some(0) {
+        return Err(fail("kv_cache", "must be more than 0 bytes".to_string()));
+    }
+    let prefix_cache = entry
+        .prefix_cache
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|message| fail("prefix_cache", message))?
+        .unwrap_or_default();
     if entry.max_queue == 0 {
         return Err(fail("max_queue", "must be at least 1".to_string()));
     }
@@ -386,7 +414,7 @@ fn validate_model(
     let slow_reader_timeout = duration(
         "slow_reader_timeout",
         &entry.slow_reader_timeout,
-        crate::actors::engine::DEFAULT_SLOW_READER_TIMEOUT,
+        super::DEFAULT_SLOW_READER_TIMEOUT,
     )?;
     Ok(ModelSpec {
         name: entry.name.clone(),
@@ -394,6 +422,9 @@ fn validate_model(
         devices,
         dtype,
         max_concurrent: entry.max_concurrent,
+        max_batch_tokens: entry.max_batch_tokens,
+        kv_cache,
+        prefix_cache,
         max_queue: entry.max_queue,
         max_seq_len: entry.max_seq_len,
         preload: entry.preload,
@@ -508,7 +539,7 @@ mod tests {
         assert_eq!(pool.server.listen.to_string(), "127.0.0.1:8080");
         let model = &pool.models[0];
         assert_eq!(model.devices, vec![DeviceSpec::Cpu]);
-        assert_eq!((model.max_concurrent, model.max_queue), (1, 64));
+        assert_eq!((model.max_concurrent, model.max_queue), (None, 64));
         assert_eq!(model.dtype, DTypeChoice::Auto);
     }
 

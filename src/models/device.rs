@@ -185,6 +185,31 @@ pub fn gpu_memory_used(device: &Device) -> Option<u64> {
     }
 }
 
+/// Bytes the device could still hand out: the GPU's free memory, or the host's
+/// `MemAvailable` for the CPU (`None` where neither can be read).
+pub fn available_memory(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let (free, _) = cuda.cuda_stream().context().mem_get_info().ok()?;
+            Some(free as u64)
+        }
+        Device::Cpu => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let kib = meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()?;
+            Some(kib * 1024)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

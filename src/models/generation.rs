@@ -176,11 +176,21 @@ impl Sequence {
     /// The model's KV cache must hold exactly this sequence's earlier tokens.
     pub fn step(&mut self, model: &mut LoadedModel) -> Result<StepOutput, GenerationError> {
         let input = &self.all_ids[self.position..];
-        let mut logits = model.forward(input, self.position)?;
+        let logits = model.forward(input, self.position)?;
         self.position = self.all_ids.len();
+        self.accept(logits, &model.tokenizer)
+    }
+
+    /// Samples the next token from `logits` (those of this sequence's last known token, from
+    /// a forward pass run by the caller), appends it, and checks stops, EOS and limits.
+    pub fn accept(
+        &mut self,
+        mut logits: Vec<f32>,
+        tokenizer: &TextTokenizer,
+    ) -> Result<StepOutput, GenerationError> {
         let token = self.sampler.sample(&mut logits, &self.all_ids);
         self.all_ids.push(token);
-        let decoded = self.detok.push(&model.tokenizer, token)?;
+        let decoded = self.detok.push(tokenizer, token)?;
         let generated = self.detok.ids().len();
         let mut finished = None;
         let mut text = match self.stops.push(&decoded) {
@@ -201,7 +211,7 @@ impl Sequence {
                 None
             };
             if finished.is_some() {
-                let tail = self.detok.finish(&model.tokenizer)?;
+                let tail = self.detok.finish(tokenizer)?;
                 text.push_str(&self.flush_through_stops(&tail, &mut finished));
             }
         }

@@ -1,5 +1,5 @@
-//! Loading a single `.gguf` file: a Llama on the CPU through llorch's own forward pass
-//! ([`CpuLlama`]), other models and devices through candle's quantized models; the
+//! Loading a single `.gguf` file: a Llama, Qwen2 or Qwen3 on the CPU through llorch's own
+//! forward pass ([`super::cpu::CpuLlama`]), other models and devices through candle's quantized models; the
 //! tokenizer from a `tokenizer.json` beside the file or else from the GGUF metadata.
 
 use std::io::Seek;
@@ -11,7 +11,7 @@ use candle_transformers::models::{
     quantized_gemma3, quantized_llama, quantized_phi3, quantized_qwen2, quantized_qwen3,
 };
 
-use super::cpu::CpuLlama;
+use super::cpu::llama_gguf;
 use super::error::{candle_message, LoadError};
 use super::gguf_tokenizer::{self, GgufSpecials};
 use super::model::Model;
@@ -101,9 +101,9 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<GgufModel, LoadError> {
         message: candle_message(&err),
     };
     let model = match architecture.as_str() {
-        "llama" | "mistral" if device.is_cpu() && CpuLlama::supports(&content) => Model::CpuLlama(
-            Box::new(CpuLlama::from_gguf(&content, &mut file).map_err(weights_error)?),
-        ),
+        _ if device.is_cpu() && llama_gguf::supports(&content) => Model::CpuLlama(Box::new(
+            llama_gguf::from_gguf(&content, &mut file).map_err(weights_error)?,
+        )),
         "llama" | "mistral" => Model::QuantLlama(
             quantized_llama::ModelWeights::from_gguf(content, &mut file, device)
                 .map_err(weights_error)?,

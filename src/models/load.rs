@@ -50,6 +50,12 @@ pub struct ModelInfo {
     /// what the allocator reserved, so it can exceed the weights, or be 0 when a reserved
     /// block had room.
     pub device_bytes: Option<u64>,
+    /// Whether a replica runs many sequences per forward pass (set by the engine).
+    pub batched: bool,
+    /// Sequences one replica runs at once (1 unless batched; set by the engine).
+    pub max_seqs: usize,
+    /// Bytes of the replica's paged KV cache (0 unless batched; set by the engine).
+    pub kv_cache_bytes: u64,
 }
 
 /// A model ready to generate: weights with their KV cache, tokenizer and facts.
@@ -115,6 +121,9 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
                     device: String::new(),
                     weights_bytes: 0,
                     device_bytes: None,
+                    batched: false,
+                    max_seqs: 1,
+                    kv_cache_bytes: 0,
                 },
                 device: device.clone(),
             }
@@ -134,6 +143,9 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
                     device: String::new(),
                     weights_bytes: 0,
                     device_bytes: None,
+                    batched: false,
+                    max_seqs: 1,
+                    kv_cache_bytes: 0,
                 },
                 device: device.clone(),
             }
@@ -178,6 +190,9 @@ fn load_hf_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<Loade
             device: String::new(),
             weights_bytes: 0,
             device_bytes: None,
+            batched: false,
+            max_seqs: 1,
+            kv_cache_bytes: 0,
         },
         device: device.clone(),
     })
@@ -235,6 +250,9 @@ fn load_gguf_file(
             device: String::new(),
             weights_bytes: 0,
             device_bytes: None,
+            batched: false,
+            max_seqs: 1,
+            kv_cache_bytes: 0,
         },
         device: device.clone(),
     })

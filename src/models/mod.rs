@@ -5,6 +5,7 @@
 //! [`Sequence`]. It imports nothing from `actors`, `api` or `config`.
 
 mod arch;
+pub mod batch;
 pub mod cpu;
 mod decoder;
 mod demo;
@@ -31,7 +32,7 @@ mod tokenizer;
 
 pub use arch::Architecture;
 pub use detok::Detokenizer;
-pub use device::{DTypeChoice, DeviceSpec};
+pub use device::{available_memory, DTypeChoice, DeviceSpec};
 pub use error::{first_line, GenerationError, LoadError};
 #[cfg(feature = "fault-injection")]
 pub use fake::fake_forwards;

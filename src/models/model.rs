@@ -8,6 +8,7 @@ use candle_transformers::models::{
     quantized_qwen2, quantized_qwen3, qwen2, qwen3, stable_lm, starcoder2,
 };
 
+use super::batch::BatchedModel;
 use super::decoder::Decoder;
 use super::error::GenerationError;
 use super::phi::Phi;
@@ -58,7 +59,7 @@ pub enum Model {
     },
     /// StarCoder2.
     Starcoder2(starcoder2::Model),
-    /// A GGUF Llama/Mistral on the CPU, run by llorch's own forward pass.
+    /// A Llama-family model on the CPU, run by llorch's own batched forward pass.
     CpuLlama(Box<super::cpu::CpuLlama>),
     /// A GGUF Llama/Mistral (other devices, or tensor types the CPU path does not multiply).
     QuantLlama(quantized_llama::ModelWeights),
@@ -111,7 +112,7 @@ impl Model {
             Model::Starcoder2(m) => m.forward(input, position)?,
             Model::CpuLlama(m) => {
                 let ids = input.flatten_all()?.to_vec1::<u32>()?;
-                return Ok(m.forward(&ids, position)?);
+                return m.forward(&ids, position);
             }
             Model::QuantLlama(m) => m.forward(input, position)?,
             Model::QuantQwen2(m) => m.forward(input, position)?,
@@ -120,6 +121,14 @@ impl Model {
             Model::QuantGemma3 { model, .. } => model.forward(input, position)?,
         };
         last_row(&logits)
+    }
+
+    /// The batched forward pass of the variants that have one.
+    pub fn batched(&mut self) -> Option<&mut dyn BatchedModel> {
+        match self {
+            Model::CpuLlama(m) => Some(m.as_mut()),
+            _ => None,
+        }
     }
 
     /// Empties the KV cache so the next forward starts at position 0.

@@ -22,14 +22,22 @@ pub fn scores(query: &[f32], keys: &[f32], stride: usize, out: &mut [f32]) {
 /// `out = Σ_p weights[p] · values[p * stride..][..d]` over the positions of `weights`, `d`
 /// the output's length.
 pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    weighted_sum_into(weights, values, stride, out);
+}
+
+/// `out += Σ_p weights[p] · values[p * stride..][..d]`, each position added in turn: a sum over
+/// positions split into consecutive runs (the blocks of a paged cache) and added run by run
+/// into one `out` rounds exactly as the sum over all of them at once.
+pub fn weighted_sum_into(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
     check(out.len(), values, stride, weights.len());
     #[cfg(target_arch = "x86_64")]
     if super::kernels::simd() {
         // SAFETY: the features were detected; the sizes were checked above.
         #[allow(unsafe_code)]
-        return unsafe { avx2::weighted_sum(weights, values, stride, out) };
+        return unsafe { avx2::weighted_sum_into(weights, values, stride, out) };
     }
-    scalar::weighted_sum(weights, values, stride, out)
+    scalar::weighted_sum_into(weights, values, stride, out)
 }
 
 /// Asserts that `positions` rows of `d` values at `stride` fit in `cache`.
@@ -59,8 +67,13 @@ pub mod scalar {
 
     /// [`super::weighted_sum`].
     pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
-        let d = out.len();
         out.fill(0.0);
+        weighted_sum_into(weights, values, stride, out);
+    }
+
+    /// [`super::weighted_sum_into`].
+    pub fn weighted_sum_into(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+        let d = out.len();
         for (p, w) in weights.iter().enumerate() {
             for (o, v) in out.iter_mut().zip(&values[p * stride..][..d]) {
                 *o += w * v;
@@ -137,12 +150,21 @@ mod avx2 {
     /// AVX2 and FMA must be available; `weights.len()` rows of `out.len()` values at `stride`
     /// lie within `values`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+    pub unsafe fn weighted_sum_into(
+        weights: &[f32],
+        values: &[f32],
+        stride: usize,
+        out: &mut [f32],
+    ) {
         let d = out.len();
         let whole = d / 8 * 8;
         for c in (0..whole).step_by(WIDTH) {
             let vectors = (whole - c).min(WIDTH) / 8;
             let mut acc = [_mm256_setzero_ps(); WIDTH / 8];
+            for (k, acc) in acc.iter_mut().enumerate().take(vectors) {
+                // SAFETY: eight floats from `c + 8k < whole <= d`.
+                *acc = unsafe { _mm256_loadu_ps(out.as_ptr().add(c + 8 * k)) };
+            }
             for (p, w) in weights.iter().enumerate() {
                 let w = _mm256_set1_ps(*w);
                 let value = &values[p * stride + c..][..vectors * 8];
@@ -160,7 +182,6 @@ mod avx2 {
         }
         if whole < d {
             let tail = &mut out[whole..];
-            tail.fill(0.0);
             for (p, w) in weights.iter().enumerate() {
                 for (o, v) in tail
                     .iter_mut()

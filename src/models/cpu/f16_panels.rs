@@ -166,11 +166,22 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let count = out.len() / tokens;
-        for (p, panel) in panels.chunks_exact(PANEL * columns).enumerate() {
-            if tokens == 1 {
-                write(out, count, p, 0, &lanes(matvec(panel, x)));
-                continue;
+        if tokens == 1 {
+            let mut pairs = panels.chunks_exact(2 * PANEL * columns);
+            for (p, two) in pairs.by_ref().enumerate() {
+                let (first, second) = two.split_at(PANEL * columns);
+                let (a, b) = matvec(first, second, x);
+                write(out, count, 2 * p, 0, &lanes(a));
+                write(out, count, 2 * p + 1, 0, &lanes(b));
             }
+            let rest = pairs.remainder();
+            if !rest.is_empty() {
+                let last = panels.len() / (PANEL * columns) - 1;
+                write(out, count, last, 0, &lanes(tile::<1>(rest, x)[0]));
+            }
+            return;
+        }
+        for (p, panel) in panels.chunks_exact(PANEL * columns).enumerate() {
             for (t, width) in tiles(tokens) {
                 let a = &x[t * columns..(t + width) * columns];
                 match width {
@@ -210,42 +221,37 @@ mod avx2 {
         acc
     }
 
-    /// A panel's products with one activation row, over four interleaved sums of columns so
-    /// that the additions' latency overlaps.
+    /// Two panels' products with one activation row. Each panel's sums run over the columns
+    /// in order, exactly as [`tile`] forms them for a token of a batch, so a token decoded
+    /// alone gets the same bits as in a batch; the two panels' four independent sums overlap
+    /// the additions' latency.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn matvec(panel: &[f16], x: &[f32]) -> [__m256; 2] {
+    fn matvec(first: &[f16], second: &[f16], x: &[f32]) -> ([__m256; 2], [__m256; 2]) {
         let columns = x.len();
-        assert_eq!(panel.len(), PANEL * columns);
-        let w = panel.as_ptr();
-        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-        let step = |acc: &mut [__m256; 2], k: usize| {
-            // SAFETY: `k < columns`: column `k` of the panel is 16 halves from `16 k`.
+        assert!(first.len() == PANEL * columns && second.len() == PANEL * columns);
+        let (w, v) = (first.as_ptr(), second.as_ptr());
+        let mut a = [_mm256_setzero_ps(); 2];
+        let mut b = [_mm256_setzero_ps(); 2];
+        for (k, x) in x.iter().enumerate() {
+            if k % 4 == 0 {
+                prefetch(w.wrapping_add(k * PANEL).cast(), 2);
+                prefetch(v.wrapping_add(k * PANEL).cast(), 2);
+            }
+            // SAFETY: `k < columns`: column `k` of each panel is 16 halves from `16 k`.
             unsafe {
-                let b = _mm256_set1_ps(x[k]);
+                let s = _mm256_set1_ps(*x);
                 let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * PANEL).cast()));
                 let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * PANEL + 8).cast()));
-                acc[0] = _mm256_fmadd_ps(w0, b, acc[0]);
-                acc[1] = _mm256_fmadd_ps(w1, b, acc[1]);
-            }
-        };
-        let whole = columns / 4 * 4;
-        for k in (0..whole).step_by(4) {
-            prefetch(w.wrapping_add(k * PANEL).cast(), 2);
-            for (u, acc) in acc.iter_mut().enumerate() {
-                step(acc, k + u);
+                let v0 = _mm256_cvtph_ps(_mm_loadu_si128(v.add(k * PANEL).cast()));
+                let v1 = _mm256_cvtph_ps(_mm_loadu_si128(v.add(k * PANEL + 8).cast()));
+                a[0] = _mm256_fmadd_ps(w0, s, a[0]);
+                a[1] = _mm256_fmadd_ps(w1, s, a[1]);
+                b[0] = _mm256_fmadd_ps(v0, s, b[0]);
+                b[1] = _mm256_fmadd_ps(v1, s, b[1]);
             }
         }
-        for k in whole..columns {
-            step(&mut acc[0], k);
-        }
-        let half = |i: usize| {
-            _mm256_add_ps(
-                _mm256_add_ps(acc[0][i], acc[1][i]),
-                _mm256_add_ps(acc[2][i], acc[3][i]),
-            )
-        };
-        [half(0), half(1)]
+        (a, b)
     }
 
     /// The 16 values of two vectors.

@@ -1,326 +1,366 @@
-//! A GGUF Llama run on the CPU with llorch's own forward pass: weights stay in their GGUF types
-//! and are multiplied by [`Weight`], activations and the KV cache are plain f32 buffers owned by
-//! the model, and no tensor is allocated per operation.
+//! llorch's own Llama-family decoder on the CPU (Llama, Mistral, Qwen2, Qwen3, Granite):
+//! weights stay in their stored types and are multiplied by [`Weight`], activations are plain
+//! f32 buffers, and keys and values live in a paged [`KvPool`].
+//!
+//! One forward pass runs a batch of sequences ([`SeqChunk`]): every token of every sequence is
+//! a row of the same matrix products, so each weight matrix is read once per step, and each
+//! row attends over its own sequence's positions through that sequence's block table. Every
+//! kernel computes a row alone, in an order that depends only on that row, so a sequence's
+//! logits are the same bits whatever else is in its batch.
 
-use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
 use super::buffer::zeros;
-use super::weight::{Weight, SUPPORTED};
+use super::kv_pool::{KvPool, Span};
+use super::ops::{self, Rope};
+use super::weight::Weight;
+use crate::models::batch::{check_step, BatchedModel, KvLayout, SeqChunk};
+use crate::models::error::GenerationError;
+
+/// A weight matrix and its optional bias.
+pub struct Linear {
+    /// `out × in`.
+    pub weight: Weight,
+    /// One value per output row.
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    /// A projection without a bias.
+    pub fn plain(weight: Weight) -> Linear {
+        Linear { weight, bias: None }
+    }
+}
 
 /// One transformer block.
-struct Layer {
-    attn_norm: Vec<f32>,
-    q: Weight,
-    k: Weight,
-    v: Weight,
-    o: Weight,
-    ffn_norm: Vec<f32>,
-    gate: Weight,
-    up: Weight,
-    down: Weight,
-    /// Keys of every cached position, `[position][kv head][head dim]`, rotated.
-    keys: Vec<f32>,
-    /// Values, laid out like `keys`.
-    values: Vec<f32>,
+pub struct Layer {
+    /// RMSNorm before attention.
+    pub attn_norm: Vec<f32>,
+    /// Query projection.
+    pub q: Linear,
+    /// Key projection.
+    pub k: Linear,
+    /// Value projection.
+    pub v: Linear,
+    /// Output projection.
+    pub o: Linear,
+    /// Qwen3's RMSNorm of each query head (before the rotation).
+    pub q_norm: Option<Vec<f32>>,
+    /// Qwen3's RMSNorm of each key head.
+    pub k_norm: Option<Vec<f32>>,
+    /// RMSNorm before the MLP.
+    pub ffn_norm: Vec<f32>,
+    /// MLP gate projection.
+    pub gate: Linear,
+    /// MLP up projection.
+    pub up: Linear,
+    /// MLP down projection.
+    pub down: Linear,
 }
 
-/// The shapes the forward pass needs.
-struct Shape {
-    hidden: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    ffn: usize,
-    eps: f32,
-    /// `base^(-2i/head_dim)` for each rotated pair.
-    inverse_frequencies: Vec<f32>,
+/// The shapes and constants of the forward pass.
+pub struct Hyper {
+    /// Width of the residual stream.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// The rotary embedding.
+    pub rope: Rope,
+    /// Mistral's sliding window: a token attends to itself and the `window - 1` before it.
+    pub window: Option<usize>,
+    /// The attention scores' scale (`1/sqrt(head_dim)`, Granite's `attention_multiplier`).
+    pub attention_scale: f32,
+    /// Granite: the token embeddings are multiplied by this.
+    pub embedding_multiplier: f32,
+    /// Granite: each sub-layer's output is multiplied by this before the residual add.
+    pub residual_multiplier: f32,
+    /// Granite: the logits are multiplied by this (`1 / logits_scaling`).
+    pub logits_multiplier: f32,
 }
 
-/// A Llama-family GGUF model on the CPU.
+/// The weights of a model.
+pub struct Weights {
+    /// Token embeddings (`vocab × hidden`).
+    pub embedding: Weight,
+    /// The blocks.
+    pub layers: Vec<Layer>,
+    /// The final RMSNorm.
+    pub norm: Vec<f32>,
+    /// The output projection; `None` when it is the embedding.
+    pub output: Option<Weight>,
+    /// Shapes and constants.
+    pub hyper: Hyper,
+}
+
+/// A Llama-family model on the CPU with its KV cache.
 pub struct CpuLlama {
-    embedding: Weight,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    /// `None` when the output projection is the embedding.
-    output: Option<Weight>,
-    shape: Shape,
-    /// Positions in the KV cache.
-    cached: usize,
+    weights: Weights,
+    /// The batched engine's pool (`None` until [`BatchedModel::init_kv`]).
+    pool: Option<KvPool>,
+    /// The single-sequence path's pool, which grows block by block, and its length.
+    solo: Option<KvPool>,
+    solo_cached: usize,
 }
+
+/// Block size of the single-sequence path's pool.
+const SOLO_BLOCK: usize = 16;
 
 impl CpuLlama {
-    /// Whether this path runs `content`: a Llama whose matrices are all of supported types and
-    /// whose rotary embedding covers whole heads.
-    pub fn supports(content: &Content) -> bool {
-        let md = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
-        let (Some(hidden), Some(heads)) = (
-            md("llama.embedding_length"),
-            md("llama.attention.head_count"),
-        ) else {
-            return false;
-        };
-        let whole_heads = md("llama.rope.dimension_count").is_none_or(|d| d * heads == hidden);
-        let dense = md("llama.expert_count").unwrap_or(0) <= 1;
-        let types_ok = content.tensor_infos.values().all(|info| {
-            info.shape.rank() == 1 && info.ggml_dtype == GgmlDType::F32
-                || SUPPORTED.contains(&info.ggml_dtype)
-        });
-        whole_heads && dense && types_ok
+    /// A model with empty caches.
+    pub fn new(weights: Weights) -> CpuLlama {
+        CpuLlama {
+            weights,
+            pool: None,
+            solo: None,
+            solo_cached: 0,
+        }
     }
 
-    /// Reads the model from a GGUF file already parsed into `content`.
-    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
-        content: &Content,
-        reader: &mut R,
-    ) -> candle_core::Result<CpuLlama> {
-        let device = candle_core::Device::Cpu;
-        let md = |key: &str| match content.metadata.get(key) {
-            Some(v) => v.to_u32().map(|n| n as usize),
-            None => candle_core::bail!("no {key} in the metadata"),
-        };
-        let heads = md("llama.attention.head_count")?;
-        let kv_heads = md("llama.attention.head_count_kv").unwrap_or(heads);
-        let hidden = md("llama.embedding_length")?;
-        let eps = content
-            .metadata
-            .get("llama.attention.layer_norm_rms_epsilon")
-            .map(|v| v.to_f32())
-            .transpose()?
-            .unwrap_or(1e-5);
-        let base = content
-            .metadata
-            .get("llama.rope.freq_base")
-            .map(|v| v.to_f32())
-            .transpose()?
-            .unwrap_or(10_000.0);
-        let head_dim = hidden / heads;
-        let inverse_frequencies = (0..head_dim)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
-            .collect();
-        // The weights' buffers share huge-page chunks (see `huge_pages`).
-        let (embedding, output, norm, layers) = super::huge_pages::in_arena(|| {
-            let mut read = |name: &str| content.tensor(reader, name, &device);
-            let embedding = Weight::new(&read("token_embd.weight")?)?;
-            let output = match content.tensor_infos.contains_key("output.weight") {
-                true => Some(Weight::new(&read("output.weight")?)?),
-                false => None,
-            };
-            let vector = |tensor: candle_core::quantized::QTensor| {
-                tensor.dequantize(&device)?.to_vec1::<f32>()
-            };
-            let norm = vector(read("output_norm.weight")?)?;
-            let mut layers = Vec::new();
-            for i in 0..md("llama.block_count")? {
-                let mut part = |part: &str| read(&format!("blk.{i}.{part}.weight"));
-                layers.push(Layer {
-                    attn_norm: vector(part("attn_norm")?)?,
-                    q: Weight::new(&part("attn_q")?)?,
-                    k: Weight::new(&part("attn_k")?)?,
-                    v: Weight::new(&part("attn_v")?)?,
-                    o: Weight::new(&part("attn_output")?)?,
-                    ffn_norm: vector(part("ffn_norm")?)?,
-                    gate: Weight::new(&part("ffn_gate")?)?,
-                    up: Weight::new(&part("ffn_up")?)?,
-                    down: Weight::new(&part("ffn_down")?)?,
-                    keys: Vec::new(),
-                    values: Vec::new(),
-                });
-            }
-            candle_core::Result::Ok((embedding, output, norm, layers))
-        })?;
-        let ffn = layers.first().map_or(0, |l| l.gate.rows());
-        Ok(CpuLlama {
-            embedding,
-            layers,
-            norm,
-            output,
-            shape: Shape {
-                hidden,
-                heads,
-                kv_heads,
-                head_dim,
-                ffn,
-                eps,
-                inverse_frequencies,
-            },
-            cached: 0,
-        })
-    }
-
-    /// Empties the KV cache.
+    /// Empties the single-sequence path's cache.
     pub fn clear_kv_cache(&mut self) {
-        self.cached = 0;
-        for layer in &mut self.layers {
-            layer.keys.clear();
-            layer.values.clear();
-        }
+        self.solo_cached = 0;
     }
 
-    /// Runs `ids` at `position` (which must equal the cached length) and returns the logits of
-    /// the last one. The pass runs on a thread of rayon's pool, so its matrix products split
-    /// their rows from inside the pool: waking the pool from outside for each of the ~200
-    /// products of a step cost more than the products of a small model.
-    pub fn forward(&mut self, ids: &[u32], position: usize) -> candle_core::Result<Vec<f32>> {
-        rayon::scope(|_| self.forward_in_pool(ids, position))
+    /// Runs `ids` as the continuation of the one sequence of the single-sequence path, at
+    /// `position` (which must equal its cached length), and returns the logits of the last.
+    pub fn forward(&mut self, ids: &[u32], position: usize) -> Result<Vec<f32>, GenerationError> {
+        if position != self.solo_cached {
+            return Err(GenerationError::Forward(format!(
+                "position {position} but {} positions cached",
+                self.solo_cached
+            )));
+        }
+        let end = position + ids.len();
+        let blocks = end.div_ceil(SOLO_BLOCK);
+        let layout = KvLayout {
+            block_size: SOLO_BLOCK,
+            blocks,
+        };
+        let w = &self.weights;
+        let pool = self
+            .solo
+            .get_or_insert_with(|| KvPool::new(w.layers.len(), w.kv_width(), layout));
+        pool.grow(blocks);
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let chunk = SeqChunk {
+            tokens: ids,
+            context_len: position,
+            block_table: &table,
+            logits: true,
+        };
+        check_step(&[chunk], pool.layout(), w.vocab())?;
+        let mut logits = rayon::scope(|_| w.forward(&[chunk], pool));
+        self.solo_cached = end;
+        logits
+            .pop()
+            .ok_or_else(|| GenerationError::Forward("no logits".to_string()))
+    }
+}
+
+impl BatchedModel for CpuLlama {
+    fn kv_bytes_per_token(&self) -> usize {
+        2 * self.weights.layers.len() * self.weights.kv_width() * std::mem::size_of::<f32>()
     }
 
-    fn forward_in_pool(&mut self, ids: &[u32], position: usize) -> candle_core::Result<Vec<f32>> {
-        if position != self.cached {
-            candle_core::bail!("position {position} but {} positions cached", self.cached);
+    fn init_kv(&mut self, layout: KvLayout) -> Result<(), GenerationError> {
+        let w = &self.weights;
+        self.pool = Some(KvPool::new(w.layers.len(), w.kv_width(), layout));
+        Ok(())
+    }
+
+    fn kv_layout(&self) -> Option<KvLayout> {
+        self.pool.as_ref().map(KvPool::layout)
+    }
+
+    /// Runs on a thread of rayon's pool, so its matrix products split their rows from inside
+    /// the pool: waking the pool from outside for each of the ~200 products of a step cost
+    /// more than the products of a small model.
+    fn forward_batch(&mut self, seqs: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, GenerationError> {
+        let w = &self.weights;
+        let pool = self.pool.as_mut().ok_or_else(|| {
+            GenerationError::Forward("the KV cache was not initialised".to_string())
+        })?;
+        check_step(seqs, pool.layout(), w.vocab())?;
+        Ok(rayon::scope(|_| w.forward(seqs, pool)))
+    }
+}
+
+/// Which sequence and position each row of a step is.
+struct Rows {
+    seq: Vec<usize>,
+    position: Vec<usize>,
+}
+
+impl Weights {
+    /// Values per KV slot of one layer.
+    fn kv_width(&self) -> usize {
+        self.hyper.kv_heads * self.hyper.head_dim
+    }
+
+    /// The vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.embedding.rows()
+    }
+
+    /// One step over checked `seqs`; returns the logits of the chunks that ask for them.
+    fn forward(&self, seqs: &[SeqChunk<'_>], pool: &mut KvPool) -> Vec<Vec<f32>> {
+        let s = &self.hyper;
+        let mut rows = Rows {
+            seq: Vec::new(),
+            position: Vec::new(),
+        };
+        for (i, seq) in seqs.iter().enumerate() {
+            rows.seq.extend(std::iter::repeat_n(i, seq.tokens.len()));
+            rows.position.extend(seq.context_len..seq.end());
         }
-        let s = &self.shape;
-        let (n, hidden) = (ids.len(), s.hidden);
-        let vocab = self.embedding.rows();
+        let (n, hidden) = (rows.seq.len(), s.hidden);
         let mut x = zeros(n * hidden);
+        let ids = seqs.iter().flat_map(|seq| seq.tokens);
         for (row, &id) in x.chunks_exact_mut(hidden).zip(ids) {
-            if id as usize >= vocab {
-                candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
-            }
             self.embedding.row(id as usize, row);
         }
-        let kv = s.kv_heads * s.head_dim;
+        if s.embedding_multiplier != 1.0 {
+            x.iter_mut().for_each(|v| *v *= s.embedding_multiplier);
+        }
+        let angles = s.rope.angles(&rows.position);
         let mut h = zeros(n * hidden);
-        let (mut q, mut k, mut v) = (zeros(n * hidden), zeros(n * kv), zeros(n * kv));
-        let mut attended = zeros(n * hidden);
-        let mut projected = zeros(n * hidden);
-        let (mut gate, mut up) = (zeros(n * s.ffn), zeros(n * s.ffn));
-        let angles = Angles::new(position, n, &s.inverse_frequencies);
-        for layer in &mut self.layers {
-            rms_norm(&x, &layer.attn_norm, s.eps, &mut h);
+        for (index, layer) in self.layers.iter().enumerate() {
+            ops::rms_norm(&x, &layer.attn_norm, s.eps, &mut h);
+            let attended = self.attention(index, layer, &h, seqs, &rows, &angles, pool);
+            let projected = project(&layer.o, &attended, n);
+            ops::add_scaled(&mut x, &projected, s.residual_multiplier);
+            ops::rms_norm(&x, &layer.ffn_norm, s.eps, &mut h);
+            let ffn = layer.gate.weight.rows();
+            let (mut gate, mut up) = (zeros(n * ffn), zeros(n * ffn));
             Weight::matmul_all(
-                &mut [(&layer.q, &mut q), (&layer.k, &mut k), (&layer.v, &mut v)],
+                &mut [(&layer.gate.weight, &mut gate), (&layer.up.weight, &mut up)],
                 &h,
                 n,
             );
-            rotate(&mut q, s.heads, s.head_dim, &angles);
-            rotate(&mut k, s.kv_heads, s.head_dim, &angles);
-            layer.keys.extend_from_slice(&k);
-            layer.values.extend_from_slice(&v);
-            attend(s, &q, &layer.keys, &layer.values, position, &mut attended);
-            layer.o.matmul(&attended, n, &mut projected);
-            add(&mut x, &projected);
-            rms_norm(&x, &layer.ffn_norm, s.eps, &mut h);
-            Weight::matmul_all(&mut [(&layer.gate, &mut gate), (&layer.up, &mut up)], &h, n);
-            silu_times(&mut gate, &up, s.ffn);
-            layer.down.matmul(&gate, n, &mut projected);
-            add(&mut x, &projected);
+            add_bias(&layer.gate, &mut gate);
+            add_bias(&layer.up, &mut up);
+            ops::silu_times(&mut gate, &up, ffn);
+            let projected = project(&layer.down, &gate, n);
+            ops::add_scaled(&mut x, &projected, s.residual_multiplier);
         }
-        self.cached += n;
-        let last = &x[(n - 1) * hidden..];
-        let mut normed = zeros(hidden);
-        rms_norm(last, &self.norm, s.eps, &mut normed);
-        let head = self.output.as_ref().unwrap_or(&self.embedding);
-        let mut logits = zeros(head.rows());
-        head.matmul(&normed, 1, &mut logits);
-        Ok(logits)
+        self.logits(seqs, &x)
     }
-}
 
-/// `out = x / rms(x) * weight`, row by row (rows split over the pool's threads).
-fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let n = weight.len();
-    let norm = |(row, o): (&[f32], &mut [f32])| {
-        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
-        let scale = 1.0 / (mean_square + eps).sqrt();
-        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
-            *o = v * scale * w;
-        }
-    };
-    match x.len() > n {
-        true => x
-            .par_chunks_exact(n)
-            .zip(out.par_chunks_exact_mut(n))
-            .for_each(norm),
-        false => x
-            .chunks_exact(n)
-            .zip(out.chunks_exact_mut(n))
-            .for_each(norm),
-    }
-}
-
-/// `gate = silu(gate) * up`, a row of `width` per token (rows split over the pool's threads).
-fn silu_times(gate: &mut [f32], up: &[f32], width: usize) {
-    let row = |(g, u): (&mut [f32], &[f32])| super::exp::silu_times(g, u);
-    match gate.len() > width {
-        true => gate
-            .par_chunks_mut(width)
-            .zip(up.par_chunks(width))
-            .for_each(row),
-        false => row((gate, up)),
-    }
-}
-
-fn add(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
-}
-
-/// The rotary angles' sines and cosines of `n` positions from `position`, each frequency
-/// once: computed once per forward pass and shared by every layer and head.
-struct Angles {
-    sin: Vec<f32>,
-    cos: Vec<f32>,
-    pairs: usize,
-}
-
-impl Angles {
-    fn new(position: usize, n: usize, inverse: &[f32]) -> Angles {
-        let pairs = inverse.len();
-        let (mut sin, mut cos) = (zeros(n * pairs), zeros(n * pairs));
-        for t in 0..n {
-            let pos = (position + t) as f32;
-            for (i, frequency) in inverse.iter().enumerate() {
-                (sin[t * pairs + i], cos[t * pairs + i]) = (pos * frequency).sin_cos();
-            }
-        }
-        Angles { sin, cos, pairs }
-    }
-}
-
-/// Rotary embedding on interleaved pairs `(2i, 2i+1)` of each head of each token.
-fn rotate(x: &mut [f32], heads: usize, head_dim: usize, angles: &Angles) {
-    let p = angles.pairs;
-    for (t, token) in x.chunks_exact_mut(heads * head_dim).enumerate() {
-        let (sin, cos) = (
-            &angles.sin[t * p..(t + 1) * p],
-            &angles.cos[t * p..(t + 1) * p],
+    /// The attention sub-layer of layer `index` for the normed rows `h`: projections, rotary
+    /// embedding, the new keys and values stored in the pool, then each row's attention over
+    /// its own sequence. Returns the heads' outputs, `rows × heads × head_dim`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        index: usize,
+        layer: &Layer,
+        h: &[f32],
+        seqs: &[SeqChunk<'_>],
+        rows: &Rows,
+        angles: &ops::Angles,
+        pool: &mut KvPool,
+    ) -> Vec<f32> {
+        let s = &self.hyper;
+        let n = rows.seq.len();
+        let (q_width, kv_width) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+        let (mut q, mut k, mut v) = (zeros(n * q_width), zeros(n * kv_width), zeros(n * kv_width));
+        Weight::matmul_all(
+            &mut [
+                (&layer.q.weight, &mut q),
+                (&layer.k.weight, &mut k),
+                (&layer.v.weight, &mut v),
+            ],
+            h,
+            n,
         );
-        for head in token.chunks_exact_mut(head_dim) {
-            for ((pair, sin), cos) in head.chunks_exact_mut(2).zip(sin).zip(cos) {
-                let (a, b) = (pair[0], pair[1]);
-                pair[0] = a * cos - b * sin;
-                pair[1] = a * sin + b * cos;
+        add_bias(&layer.q, &mut q);
+        add_bias(&layer.k, &mut k);
+        add_bias(&layer.v, &mut v);
+        if let Some(norm) = &layer.q_norm {
+            ops::rms_norm_heads(&mut q, norm, s.eps);
+        }
+        if let Some(norm) = &layer.k_norm {
+            ops::rms_norm_heads(&mut k, norm, s.eps);
+        }
+        angles.rotate(&mut q, s.heads, s.head_dim);
+        angles.rotate(&mut k, s.kv_heads, s.head_dim);
+        let mut first = 0;
+        for seq in seqs {
+            let count = seq.tokens.len();
+            let (keys, values) = (
+                &k[first * kv_width..(first + count) * kv_width],
+                &v[first * kv_width..(first + count) * kv_width],
+            );
+            pool.write(index, seq.block_table, seq.context_len, keys, values);
+            first += count;
+        }
+        let layer_kv = pool.layer(index);
+        let d = s.head_dim;
+        let group = s.heads / s.kv_heads;
+        let mut out = zeros(n * q_width);
+        let scratch = || (Vec::new(), Vec::new());
+        out.par_chunks_mut(d)
+            .enumerate()
+            .for_each_init(scratch, |scratch, (unit, o)| {
+                let (row, head) = (unit / s.heads, unit % s.heads);
+                let position = rows.position[row];
+                let span = Span {
+                    table: seqs[rows.seq[row]].block_table,
+                    start: s.window.map_or(0, |w| (position + 1).saturating_sub(w)),
+                    end: position + 1,
+                    head: (head / group) * d,
+                };
+                let query = &q[unit * d..(unit + 1) * d];
+                layer_kv.attend(query, &span, s.attention_scale, scratch, o);
+            });
+        out
+    }
+
+    /// The final norm and output projection of each chunk's last row that asks for logits.
+    fn logits(&self, seqs: &[SeqChunk<'_>], x: &[f32]) -> Vec<Vec<f32>> {
+        let s = &self.hyper;
+        let hidden = s.hidden;
+        let mut last = Vec::new();
+        let mut end = 0;
+        for seq in seqs {
+            end += seq.tokens.len();
+            if seq.logits {
+                last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
             }
         }
+        let wanted = last.len() / hidden;
+        if wanted == 0 {
+            return Vec::new();
+        }
+        let mut normed = zeros(last.len());
+        ops::rms_norm(&last, &self.norm, s.eps, &mut normed);
+        let head = self.output.as_ref().unwrap_or(&self.embedding);
+        let vocab = head.rows();
+        let mut logits = zeros(wanted * vocab);
+        head.matmul(&normed, wanted, &mut logits);
+        if s.logits_multiplier != 1.0 {
+            logits.iter_mut().for_each(|v| *v *= s.logits_multiplier);
+        }
+        logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
     }
 }
 
-/// Causal attention of the `n` new queries over every cached position; one unit of parallel work
-/// per (token, head).
-fn attend(s: &Shape, q: &[f32], keys: &[f32], values: &[f32], position: usize, out: &mut [f32]) {
-    let d = s.head_dim;
-    let group = s.heads / s.kv_heads;
-    let kv = s.kv_heads * d;
-    let scale = 1.0 / (d as f32).sqrt();
-    let buffers = || (Vec::new(), Vec::new());
-    out.par_chunks_mut(d)
-        .enumerate()
-        .for_each_init(buffers, |(scores, weights), (unit, o)| {
-            let (t, head) = (unit / s.heads, unit % s.heads);
-            let query = &q[unit * d..(unit + 1) * d];
-            let at = (head / group) * d;
-            let seen = position + t + 1;
-            scores.resize(seen, 0.0);
-            weights.resize(seen, 0.0);
-            let (keys, values) = (&keys[at..], &values[at..]);
-            super::attention::scores(query, keys, kv, scores);
-            let max = super::exp::max_value(scores);
-            let total = super::exp::exp_shifted(scores, max, scale, weights) as f32;
-            weights.iter_mut().for_each(|w| *w /= total);
-            super::attention::weighted_sum(weights, values, kv, o);
-        });
+/// `x · linearᵀ + bias` for `n` rows.
+fn project(linear: &Linear, x: &[f32], n: usize) -> Vec<f32> {
+    let mut out = zeros(n * linear.weight.rows());
+    linear.weight.matmul(x, n, &mut out);
+    add_bias(linear, &mut out);
+    out
+}
+
+fn add_bias(linear: &Linear, out: &mut [f32]) {
+    if let Some(bias) = &linear.bias {
+        ops::add_bias(out, bias);
+    }
 }

@@ -1,4 +1,4 @@
-//! llorch's own CPU forward pass for GGUF Llamas and the SIMD kernels under it. candle's
+//! llorch's own CPU forward pass for Llama-family models and the SIMD kernels under it. candle's
 //! quantized Llama allocates a tensor per operation and runs every matrix product through its
 //! generic path; this one keeps weights in their GGUF types, multiplies them with kernels
 //! written for these block layouts, and reuses its buffers.
@@ -14,8 +14,11 @@ pub mod interleaved_q4k;
 pub mod interleaved_q6k;
 pub mod kernels;
 pub mod kquants;
+pub mod kv_pool;
 mod llama;
+pub mod llama_gguf;
+pub mod ops;
 mod token_major;
 pub mod weight;
 
-pub use llama::CpuLlama;
+pub use llama::{CpuLlama, Hyper, Layer, Linear, Weights};

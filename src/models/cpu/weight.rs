@@ -332,6 +332,37 @@ mod tests {
         (Weight::new(&q).expect("weight"), flat)
     }
 
+    /// A token's products are the same bits whatever else is in the batch: row `t` of a
+    /// batch of `n` equals the same activations multiplied alone, for every type, at tile and
+    /// group edges (batched decoding's invariance rests on this).
+    #[test]
+    fn a_tokens_products_do_not_depend_on_its_batch() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let columns = 512;
+        for &dtype in SUPPORTED {
+            let (w, _) = weight(dtype, 72, columns, &mut rng);
+            let x: Vec<f32> = (0..64 * columns)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let alone: Vec<Vec<u32>> = x
+                .chunks_exact(columns)
+                .map(|row| {
+                    let mut out = vec![0f32; w.rows];
+                    w.matmul(row, 1, &mut out);
+                    out.iter().map(|v| v.to_bits()).collect()
+                })
+                .collect();
+            for n in (1..=13).chain([64]) {
+                let mut out = vec![0f32; n * w.rows];
+                w.matmul(&x[..n * columns], n, &mut out);
+                for (t, row) in out.chunks_exact(w.rows).enumerate() {
+                    let bits: Vec<u32> = row.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(bits, alone[t], "{dtype:?}: token {t} of {n}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn fused_products_put_every_weights_rows_in_their_places() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);

@@ -1,14 +1,21 @@
 //! The engine thread: one OS thread per model replica that loads the model, owns it (weights,
 //! KV cache, tokenizer) and runs generation jobs from a channel.
 //!
-//! Forward passes are long CPU/GPU work, so they never run on a tokio worker. Each job sends
-//! its events on its own bounded channel; a job stops as soon as that channel is closed (the
-//! client went away) or its cancel flag is set. A job whose channel is full (its client does
-//! not read) is paused, and ended with `slow_reader` once paused for its `slow_reader_timeout`.
-//! The KV cache is cleared after every job and after every error, and a panic inside a job is
-//! caught, reported to that job and ends the thread with an error its owner can see.
+//! Forward passes are long CPU/GPU work, so they never run on a tokio worker. The loop
+//! (`serve`) lets a scheduler (`scheduler`, over the KV blocks of `blocks` and the prefix cache
+//! of `prefix`) choose the sequences of each step, and runs them as one batch when the model
+//! has a batched forward pass. Each job sends its events on its own bounded channel; a job
+//! stops as soon as that channel is closed (the client went away) or its cancel flag is set. A
+//! job whose channel is full (its client does not read) is paused, and ended with
+//! `slow_reader` once paused for its `slow_reader_timeout`. A panic inside a step is caught and
+//! ends the thread with an error its owner can see.
 
-use std::collections::VecDeque;
+mod blocks;
+mod prefix;
+mod scheduler;
+mod serve;
+mod stats;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -18,12 +25,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::models::{
-    self, tokenize_prompt, FinishReason, GenerationError, GenerationParams, LoadError, LoadSpec,
-    LoadedModel, ModelInfo, Prompt, Sequence,
+    self, FinishReason, GenerationError, GenerationParams, LoadError, LoadSpec, LoadedModel,
+    ModelInfo, Prompt,
 };
 
-/// How many sequences the loop steps at once. One today; continuous batching raises it.
-const MAX_ACTIVE_SEQUENCES: usize = 1;
+pub use crate::metrics::StepMetrics;
+pub use stats::{EngineStats, Occupancy};
 
 /// Events a job's channel holds before the job is paused. A token event becomes one SSE frame
 /// of under 512 bytes, so a client that stops reading makes the server hold at most 64 KiB
@@ -33,9 +40,6 @@ pub const EVENT_BUFFER: usize = 128;
 /// How long a paused job's replica waits before looking at it again.
 const PAUSE_POLL: Duration = Duration::from_millis(5);
 
-/// How long a job may stay paused by a client that does not read, unless its model says.
-pub const DEFAULT_SLOW_READER_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// A generation request as the engine receives it.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
@@ -43,6 +47,9 @@ pub struct GenerationRequest {
     pub prompt: Prompt,
     /// How to generate.
     pub params: GenerationParams,
+    /// Whose prefix-cache entries the prompt may reuse: requests with different salts never
+    /// share cached blocks (0 for every caller of a pool without keys).
+    pub cache_salt: u64,
 }
 
 /// One event of a job's stream. A stream is `Started`, any number of `Token`s, then exactly one
@@ -69,6 +76,8 @@ pub enum TokenEvent {
         prompt_tokens: usize,
         /// Tokens generated.
         completion_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache.
+        cached_tokens: usize,
     },
     /// The generation failed; nothing follows.
     Failed(EngineError),
@@ -198,7 +207,7 @@ impl Job {
             events,
             cancel: cancel.clone(),
             notice: None,
-            slow_reader_timeout: DEFAULT_SLOW_READER_TIMEOUT,
+            slow_reader_timeout: crate::config::DEFAULT_SLOW_READER_TIMEOUT,
         };
         (job, receiver, cancel)
     }
@@ -223,6 +232,8 @@ impl Job {
     }
 }
 
+pub use serve::BLOCK_SIZE;
+
 /// How the engine thread ended.
 #[derive(Debug)]
 pub enum EngineExit {
@@ -234,9 +245,9 @@ pub enum EngineExit {
     Panicked {
         /// The panic message.
         message: String,
-        /// Jobs that were generating: they get one `Crashed` error from the owner.
+        /// Jobs whose computation began: they get one `Crashed` error from the owner.
         crashed: Vec<Job>,
-        /// Jobs waiting in the channel that never started: they may run elsewhere.
+        /// Jobs that never began (queued in the engine or its channel): they may run elsewhere.
         unstarted: Vec<Job>,
     },
 }
@@ -244,7 +255,7 @@ pub enum EngineExit {
 /// The engine thread's heartbeat: when the step in progress, if any, began. The model actor
 /// reads it to detect a stalled generation.
 #[derive(Debug)]
-pub struct Heartbeat {
+struct Heartbeat {
     base: Instant,
     /// Milliseconds after `base` plus one at which the current step began; 0 when idle.
     step_began: AtomicU64,
@@ -268,7 +279,7 @@ impl Heartbeat {
     }
 
     /// How long the step in progress has been running, or `None` when the engine is idle.
-    pub fn step_running_for(&self) -> Option<Duration> {
+    fn step_running_for(&self) -> Option<Duration> {
         match self.step_began.load(Ordering::Relaxed) {
             0 => None,
             began => {
@@ -279,46 +290,101 @@ impl Heartbeat {
     }
 }
 
+/// What the engine thread shares with its owner: its heartbeat and its occupancy.
+#[derive(Debug)]
+pub struct Shared {
+    heartbeat: Heartbeat,
+    stats: EngineStats,
+}
+
+/// How a replica's engine batches. Every `None` takes a default chosen at load, once it is
+/// known whether the model runs batched.
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    /// Sequences running at once (default 16 on the CPU and 64 on a GPU for a batched model,
+    /// 1 for the others).
+    pub max_seqs: Option<usize>,
+    /// Tokens per step, decodes and prompt chunks together (default 256 on the CPU, 2048 on
+    /// a GPU).
+    pub max_batch_tokens: Option<usize>,
+    /// Bytes of the paged KV cache (default: room for every sequence at the full context, at
+    /// most 1/4 of the device's free memory).
+    pub kv_cache_bytes: Option<u64>,
+    /// Whether full KV blocks are kept for later prompts that start the same way.
+    pub prefix_caching: bool,
+    /// Whether every request may reuse every cached block (else only requests of the same
+    /// [`GenerationRequest::cache_salt`]).
+    pub shared_prefix_cache: bool,
+    /// Per-step figures recorded into the pool's metrics.
+    pub metrics: Option<StepMetrics>,
+}
+
 /// The owner's side of an engine thread.
 #[derive(Debug)]
 pub struct EngineHandle {
     jobs: Option<mpsc::Sender<Command>>,
     thread: Option<JoinHandle<()>>,
-    heartbeat: Arc<Heartbeat>,
+    shared: Arc<Shared>,
 }
 
 /// The result of a load, as the engine thread reports it.
 pub type LoadResult = Result<ModelInfo, LoadError>;
 
-/// Starts an engine thread named `name` that loads `spec`. The receiver yields the model's
-/// facts once it is loaded, or the load error; `on_exit` runs on the thread when it ends.
+/// Starts an engine thread named `name` that loads `spec` and batches as `config` says. The
+/// receiver yields the model's facts once it is loaded, or the load error; `on_exit` runs on
+/// the thread when it ends.
 pub fn spawn_engine(
     name: &str,
     spec: LoadSpec,
+    config: EngineConfig,
     on_exit: impl FnOnce(EngineExit) + Send + 'static,
 ) -> std::io::Result<(EngineHandle, oneshot::Receiver<LoadResult>)> {
     let (jobs_tx, jobs_rx) = mpsc::channel::<Command>();
     let (ready_tx, ready_rx) = oneshot::channel();
     let replica = name.to_string();
-    let heartbeat = Arc::new(Heartbeat::new());
-    let beat = heartbeat.clone();
+    let shared = Arc::new(Shared {
+        heartbeat: Heartbeat::new(),
+        stats: EngineStats::default(),
+    });
+    let on_thread = shared.clone();
     let thread = std::thread::Builder::new()
         .name(format!("engine-{name}"))
-        .spawn(move || on_exit(run_engine(&replica, spec, jobs_rx, ready_tx, &beat)))?;
+        .spawn(move || {
+            on_exit(run_engine(
+                &replica, spec, config, jobs_rx, ready_tx, &on_thread,
+            ))
+        })?;
     Ok((
         EngineHandle {
             jobs: Some(jobs_tx),
             thread: Some(thread),
-            heartbeat,
+            shared,
         },
         ready_rx,
     ))
 }
 
+impl Shared {
+    /// What the engine holds now.
+    pub fn occupancy(&self) -> Occupancy {
+        self.stats.snapshot()
+    }
+}
+
 impl EngineHandle {
-    /// The engine's heartbeat.
-    pub fn heartbeat(&self) -> Arc<Heartbeat> {
-        self.heartbeat.clone()
+    /// How long the step in progress has been running, or `None` when the engine is idle.
+    pub fn step_running_for(&self) -> Option<std::time::Duration> {
+        self.shared.heartbeat.step_running_for()
+    }
+
+    /// What the engine holds now: sequences running and waiting, KV blocks in use.
+    pub fn occupancy(&self) -> Occupancy {
+        self.shared.stats.snapshot()
+    }
+
+    /// The engine's shared state, to read its occupancy after the handle is gone.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
     }
 
     /// Queues a job. Returns the job back if the engine thread has ended.
@@ -375,11 +441,12 @@ enum Command {
 fn run_engine(
     replica: &str,
     spec: LoadSpec,
+    config: EngineConfig,
     commands: mpsc::Receiver<Command>,
     ready: oneshot::Sender<LoadResult>,
-    heartbeat: &Heartbeat,
+    shared: &Shared,
 ) -> EngineExit {
-    let mut model = match catch_unwind(AssertUnwindSafe(|| load(replica, &spec))) {
+    let model = match catch_unwind(AssertUnwindSafe(|| load(replica, &spec))) {
         Ok(Ok(model)) => model,
         Ok(Err(err)) => {
             let _ = ready.send(Err(err));
@@ -392,184 +459,17 @@ fn run_engine(
             return EngineExit::Stopped;
         }
     };
-    if ready.send(Ok(model.info.clone())).is_err() {
+    let mut engine = match serve::Engine::new(replica, model, &config, shared) {
+        Ok(engine) => engine,
+        Err(err) => {
+            let _ = ready.send(Err(err));
+            return EngineExit::Stopped;
+        }
+    };
+    if ready.send(Ok(engine.info().clone())).is_err() {
         return EngineExit::Stopped;
     }
-    let mut active: Vec<Active> = Vec::with_capacity(MAX_ACTIVE_SEQUENCES);
-    let mut waiting: VecDeque<Job> = VecDeque::new();
-    loop {
-        if active.is_empty() && waiting.is_empty() {
-            match commands.recv() {
-                Ok(command) => apply(command, &mut active, &mut waiting),
-                Err(_) => return EngineExit::Stopped,
-            }
-        }
-        loop {
-            match commands.try_recv() {
-                Ok(command) => apply(command, &mut active, &mut waiting),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    // The owner is gone: nothing may outlive it without a terminal event.
-                    let gone = EngineError::Unavailable("the replica stopped".to_string());
-                    apply(Command::Abort(gone), &mut active, &mut waiting);
-                    return EngineExit::Stopped;
-                }
-            }
-        }
-        while active.len() < MAX_ACTIVE_SEQUENCES {
-            match waiting.pop_front() {
-                Some(job) => admit(&mut model, job, &mut active),
-                None => break,
-            }
-        }
-        if active.is_empty() {
-            reset_cache(&mut model);
-            continue;
-        }
-        heartbeat.begin();
-        let stepped = step_all(replica, &mut model, &mut active);
-        heartbeat.end();
-        match stepped {
-            Stepped::Progressed => {}
-            Stepped::Paused => std::thread::sleep(PAUSE_POLL),
-            Stepped::Panicked(message) => {
-                let mut unstarted: Vec<Job> = waiting.drain(..).collect();
-                unstarted.extend(commands.try_iter().filter_map(|command| match command {
-                    Command::Run(job) => Some(job),
-                    Command::Abort(_) => None,
-                }));
-                return EngineExit::Panicked {
-                    message,
-                    crashed: active.drain(..).map(|entry| entry.job).collect(),
-                    unstarted,
-                };
-            }
-        }
-    }
-}
-
-fn apply(command: Command, active: &mut Vec<Active>, waiting: &mut VecDeque<Job>) {
-    match command {
-        Command::Run(job) => waiting.push_back(job),
-        Command::Abort(error) => {
-            for entry in active.drain(..) {
-                entry.job.send(TokenEvent::Failed(error.clone()));
-            }
-            for job in waiting.drain(..) {
-                job.send(TokenEvent::Failed(error.clone()));
-            }
-        }
-    }
-}
-
-/// A job whose sequence is generating.
-struct Active {
-    job: Job,
-    sequence: Sequence,
-    /// When its client stopped reading (its channel filled up), while it still has not.
-    paused_since: Option<Instant>,
-}
-
-/// What one round over the active sequences did.
-enum Stepped {
-    /// At least one sequence stepped or ended.
-    Progressed,
-    /// Every sequence waits for its client to read.
-    Paused,
-    /// A step panicked (the message); the engine must exit.
-    Panicked(String),
-}
-
-/// Tokenizes and validates a job; a valid one joins `active`, an invalid one gets its error.
-fn admit(model: &mut LoadedModel, job: Job, active: &mut Vec<Active>) {
-    if job.abandoned() {
-        return;
-    }
-    let prepared = tokenize_prompt(&model.tokenizer, &job.request.prompt)
-        .and_then(|ids| Sequence::new(model, ids, job.request.params.clone()));
-    match prepared {
-        Ok(sequence) => {
-            job.send(TokenEvent::Started {
-                prompt_ids: sequence.prompt_ids().to_vec(),
-            });
-            active.push(Active {
-                job,
-                sequence,
-                paused_since: None,
-            });
-        }
-        Err(err) => job.send(TokenEvent::Failed(err.into())),
-    }
-}
-
-/// Steps every active sequence whose client keeps up once. After a panic the engine must exit;
-/// the active jobs are left for its owner to fail.
-fn step_all(replica: &str, model: &mut LoadedModel, active: &mut Vec<Active>) -> Stepped {
-    let _ = replica; // read only by the fault hooks of test builds
-    let mut progressed = false;
-    let mut index = 0;
-    while let Some(entry) = active.get_mut(index) {
-        if entry.job.abandoned() {
-            active.swap_remove(index);
-            reset_cache(model);
-            progressed = true;
-            continue;
-        }
-        if !entry.job.has_room() {
-            let since = *entry.paused_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= entry.job.slow_reader_timeout {
-                entry
-                    .job
-                    .send(TokenEvent::Failed(EngineError::SlowReader(format!(
-                        "the client read nothing for {:?} (slow_reader_timeout)",
-                        entry.job.slow_reader_timeout
-                    ))));
-                active.swap_remove(index);
-                reset_cache(model);
-                progressed = true;
-                continue;
-            }
-            index += 1;
-            continue;
-        }
-        entry.paused_since = None;
-        progressed = true;
-        let stepped = catch_unwind(AssertUnwindSafe(|| {
-            #[cfg(feature = "fault-injection")]
-            super::faults::on_step(replica, entry.sequence.generated_ids().len());
-            entry.sequence.step(model)
-        }));
-        match stepped {
-            Ok(Ok(output)) => {
-                entry.job.send(TokenEvent::Token {
-                    id: output.token,
-                    text: output.text,
-                });
-                if let Some(reason) = output.finished {
-                    entry.job.send(TokenEvent::Finished {
-                        reason,
-                        prompt_tokens: entry.sequence.prompt_ids().len(),
-                        completion_tokens: entry.sequence.generated_ids().len(),
-                    });
-                    active.swap_remove(index);
-                    reset_cache(model);
-                    continue;
-                }
-                index += 1;
-            }
-            Ok(Err(err)) => {
-                entry.job.send(TokenEvent::Failed(err.into()));
-                active.swap_remove(index);
-                reset_cache(model);
-            }
-            Err(panic) => return Stepped::Panicked(panic_message(panic.as_ref())),
-        }
-    }
-    if progressed {
-        Stepped::Progressed
-    } else {
-        Stepped::Paused
-    }
+    engine.serve(&commands)
 }
 
 /// Loads the model (acting on an injected load fault first, in test builds).
@@ -580,12 +480,6 @@ fn load(replica: &str, spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
     }
     let _ = replica; // read only by the fault hooks of test builds
     models::load(spec)
-}
-
-fn reset_cache(model: &mut LoadedModel) {
-    if let Err(err) = model.clear_kv_cache() {
-        tracing::error!(error = %err, "clearing the kv cache failed");
-    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

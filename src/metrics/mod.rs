@@ -1,12 +1,45 @@
-//! Prometheus metrics of one pool: counters and histograms recorded as requests and replicas
-//! move, gauges filled from the router's status at each scrape. Served as text by `GET /metrics`.
+//! Prometheus metrics of one pool: counters and histograms recorded as requests, replicas and
+//! engine steps move, gauges filled from the pool's state at each scrape. Served as text by
+//! `GET /metrics`. Plain data in, text out: this module knows nothing of the actors.
+
+mod batching;
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
-use crate::actors::router::{ModelStatus, ReplicaState};
+pub use batching::{BatchGauges, StepMetrics};
+
+/// One model's state at a scrape.
+#[derive(Debug, Clone, Default)]
+pub struct ModelGauges {
+    /// The model name.
+    pub name: String,
+    /// Requests waiting in the router's queue.
+    pub queued: usize,
+    /// Its replicas.
+    pub replicas: Vec<ReplicaGauges>,
+}
+
+/// One replica's state at a scrape.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaGauges {
+    /// The replica's label (`index/g<generation>`).
+    pub replica: String,
+    /// Its device.
+    pub device: String,
+    /// One of `loading`, `ready`, `restarting`, `failed`.
+    pub state: &'static str,
+    /// Requests handed to it and not finished.
+    pub in_flight: usize,
+    /// Bytes of weights it holds.
+    pub memory_bytes: Option<u64>,
+    /// GPU memory its load took.
+    pub device_memory_bytes: Option<u64>,
+    /// Its engine's sequences and KV blocks.
+    pub batch: Option<BatchGauges>,
+}
 
 /// Every metric of a pool. Cheap to share behind an `Arc`.
 pub struct Metrics {
@@ -32,6 +65,7 @@ pub struct Metrics {
     replica_state: IntGaugeVec,
     replica_memory: GaugeVec,
     replica_device_memory: GaugeVec,
+    batching: batching::Batching,
 }
 
 /// The replica states exported as `llorch_replica_state{state=...}`.
@@ -139,8 +173,10 @@ impl Metrics {
             "llorch_replica_device_memory_bytes",
             "GPU memory in use on the device grew by this much while the replica loaded (GPUs only).",
         );
+        let batching = batching::Batching::new(&registry);
         Self {
             registry,
+            batching,
             requests,
             failures,
             prompt_tokens,
@@ -171,13 +207,19 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with the gauges set from `models` (the router's status).
-    pub fn render(&self, models: &[ModelStatus]) -> String {
+    /// The handles one engine of `model` records its steps into.
+    pub fn step_metrics(&self, model: &str) -> StepMetrics {
+        self.batching.step_metrics(model)
+    }
+
+    /// The text exposition, with the gauges set from `models` (the pool's state).
+    pub fn render(&self, models: &[ModelGauges]) -> String {
         self.queued.reset();
         self.in_flight.reset();
         self.replica_state.reset();
         self.replica_memory.reset();
         self.replica_device_memory.reset();
+        self.batching.reset();
         for model in models {
             let name = model.name.as_str();
             self.queued
@@ -188,28 +230,24 @@ impl Metrics {
                 .with_label_values(&[name])
                 .set(in_flight as i64);
             for replica in &model.replicas {
-                let id = format!("{}/g{}", replica.id.index, replica.id.generation);
-                let device = replica.id.device.as_str();
-                let current = match replica.state {
-                    ReplicaState::Loading => "loading",
-                    ReplicaState::Ready => "ready",
-                    ReplicaState::Restarting => "restarting",
-                    ReplicaState::Failed(_) => "failed",
-                };
+                let labels = [name, replica.replica.as_str(), replica.device.as_str()];
                 for state in STATES {
                     self.replica_state
-                        .with_label_values(&[name, &id, device, state])
-                        .set(i64::from(state == current));
+                        .with_label_values(&[name, labels[1], labels[2], state])
+                        .set(i64::from(state == replica.state));
                 }
                 if let Some(bytes) = replica.memory_bytes {
                     self.replica_memory
-                        .with_label_values(&[name, &id, device])
+                        .with_label_values(&labels)
                         .set(bytes as f64);
                 }
                 if let Some(bytes) = replica.device_memory_bytes {
                     self.replica_device_memory
-                        .with_label_values(&[name, &id, device])
+                        .with_label_values(&labels)
                         .set(bytes as f64);
+                }
+                if let Some(batch) = replica.batch {
+                    self.batching.set(&labels, batch);
                 }
             }
         }

@@ -1,0 +1,152 @@
+//! What one step of a batched forward pass runs: for each sequence in the step, its new tokens,
+//! how many of its tokens are already in the paged KV cache, and its block table. The model
+//! writes the new tokens' keys and values into their slots, attends each token over its own
+//! sequence only, and returns the logits of the sequences that ask for them.
+//!
+//! The model never allocates blocks, samples or sees a request: the engine's scheduler decides
+//! who runs and owns the block tables; the model owns the cache's storage.
+
+use super::error::GenerationError;
+
+/// The geometry of a paged KV cache: `blocks` blocks of `block_size` token slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Token slots per block (a multiple of [`BLOCK_ALIGN`]).
+    pub block_size: usize,
+    /// Blocks in the pool.
+    pub blocks: usize,
+}
+
+/// Block sizes are multiples of this, so that attention's four-position groups never straddle
+/// a block boundary and a position's products do not depend on the block size.
+pub const BLOCK_ALIGN: usize = 4;
+
+impl KvLayout {
+    /// Token slots in the whole pool.
+    pub fn tokens(&self) -> usize {
+        self.block_size * self.blocks
+    }
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// The new tokens, at positions `context_len..context_len + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Tokens of this sequence already in the cache (the position of the first new token).
+    pub context_len: usize,
+    /// The sequence's blocks in position order; covers `context_len + tokens.len()` positions.
+    pub block_table: &'a [u32],
+    /// Whether the logits of the chunk's last token come back.
+    pub logits: bool,
+}
+
+impl SeqChunk<'_> {
+    /// Positions this sequence covers once the step has run.
+    pub fn end(&self) -> usize {
+        self.context_len + self.tokens.len()
+    }
+}
+
+/// Checks a step against a cache layout: every chunk has tokens, tokens are in the
+/// vocabulary, block tables are long enough and name blocks of the pool, and no block is
+/// written by two sequences.
+pub fn check_step(
+    seqs: &[SeqChunk<'_>],
+    layout: KvLayout,
+    vocab: usize,
+) -> Result<(), GenerationError> {
+    let bad = |message: String| Err(GenerationError::Forward(message));
+    let mut written = std::collections::HashSet::new();
+    for (i, seq) in seqs.iter().enumerate() {
+        if seq.tokens.is_empty() {
+            return bad(format!("sequence {i} of the step has no tokens"));
+        }
+        if let Some(&id) = seq.tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(GenerationError::TokenOutOfVocabulary {
+                id,
+                vocab_size: vocab,
+            });
+        }
+        let needed = seq.end().div_ceil(layout.block_size);
+        if seq.block_table.len() < needed {
+            return bad(format!(
+                "sequence {i} covers {} positions but holds {} blocks of {}",
+                seq.end(),
+                seq.block_table.len(),
+                layout.block_size
+            ));
+        }
+        if let Some(&block) = seq
+            .block_table
+            .iter()
+            .find(|&&b| b as usize >= layout.blocks)
+        {
+            return bad(format!(
+                "block {block} is outside the pool of {}",
+                layout.blocks
+            ));
+        }
+        let first = seq.context_len / layout.block_size;
+        for &block in &seq.block_table[first..needed] {
+            if !written.insert(block) {
+                return bad(format!("block {block} is written by two sequences"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A model that runs many sequences in one forward pass over a paged KV cache it owns.
+pub trait BatchedModel {
+    /// Bytes of cache one token takes (keys and values of every layer).
+    fn kv_bytes_per_token(&self) -> usize;
+
+    /// Replaces the cache with an empty pool of `layout`'s geometry.
+    fn init_kv(&mut self, layout: KvLayout) -> Result<(), GenerationError>;
+
+    /// The cache's geometry (`None` before [`BatchedModel::init_kv`]).
+    fn kv_layout(&self) -> Option<KvLayout>;
+
+    /// Runs one step and returns the logits of the last token of each chunk that asks for
+    /// them, in the order of `seqs`.
+    fn forward_batch(&mut self, seqs: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, GenerationError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk<'a>(tokens: &'a [u32], context_len: usize, table: &'a [u32]) -> SeqChunk<'a> {
+        SeqChunk {
+            tokens,
+            context_len,
+            block_table: table,
+            logits: true,
+        }
+    }
+
+    #[test]
+    fn a_step_is_checked_against_the_pool() {
+        let layout = KvLayout {
+            block_size: 4,
+            blocks: 8,
+        };
+        let ok = [chunk(&[1, 2, 3], 2, &[0, 1]), chunk(&[5], 0, &[2])];
+        assert!(check_step(&ok, layout, 10).is_ok());
+        let short = [chunk(&[1, 2, 3], 2, &[0])];
+        assert!(check_step(&short, layout, 10).is_err());
+        let shared = [chunk(&[1], 0, &[3]), chunk(&[2], 0, &[3])];
+        assert!(check_step(&shared, layout, 10).is_err());
+        let outside = [chunk(&[1], 0, &[8])];
+        assert!(check_step(&outside, layout, 10).is_err());
+        let vocab = [chunk(&[10], 0, &[1])];
+        assert!(matches!(
+            check_step(&vocab, layout, 10),
+            Err(GenerationError::TokenOutOfVocabulary { id: 10, .. })
+        ));
+        // A block read by one sequence and written by another is fine (a shared prefix).
+        let prefix = [chunk(&[7], 4, &[0, 1]), chunk(&[8], 4, &[0, 2])];
+        assert!(check_step(&prefix, layout, 10).is_ok());
+    }
+}

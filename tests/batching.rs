@@ -1,0 +1,345 @@
+//! Continuous batching on the CPU: sequences run together (different prompt lengths, joining
+//! and leaving at different steps, chunked prompts, prefix-cache hits, preemption) give the
+//! same greedy tokens as each prompt alone and as the transformers goldens, and the batched
+//! forward pass gives the same logits, bit for bit, whatever else is in the batch.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use common::{fixtures, golden, load_cpu};
+use llorch::actors::engine::{
+    spawn_engine, EngineConfig, EngineHandle, GenerationRequest, Job, TokenEvent,
+};
+use llorch::metrics::Metrics;
+use llorch::models::batch::{KvLayout, SeqChunk};
+use llorch::models::{
+    DTypeChoice, FinishReason, GenerationParams, LoadSpec, ModelSource, Prompt, SamplingParams,
+};
+use tokio::sync::mpsc::Receiver;
+
+/// The batched fixtures (source relative to the fixtures folder) and their goldens.
+const BATCHED: &[(&str, &str)] = &[
+    ("gguf/tiny-llama-f32.gguf", "models/llama/golden.json"),
+    (
+        "gguf/tiny-llama-q8_0.gguf",
+        "gguf/tiny-llama-q8_0.golden.json",
+    ),
+    ("gguf/tiny-qwen2-f32.gguf", "models/qwen2/golden.json"),
+    (
+        "gguf/tiny-qwen2-q8_0.gguf",
+        "gguf/tiny-qwen2-q8_0.golden.json",
+    ),
+    (
+        "gguf/stories260k-f32.gguf",
+        "models/stories260k/golden.json",
+    ),
+];
+
+struct Fixture {
+    source: PathBuf,
+    cases: Vec<(Vec<u32>, Vec<u32>)>,
+}
+
+fn batched_fixtures() -> Option<Vec<Fixture>> {
+    let dir = fixtures()?;
+    Some(
+        BATCHED
+            .iter()
+            .map(|(source, gold)| Fixture {
+                source: dir.join(source),
+                cases: golden(&dir, gold)
+                    .cases
+                    .into_iter()
+                    .map(|case| (case.prompt_ids, case.generated_ids))
+                    .collect(),
+            })
+            .collect(),
+    )
+}
+
+fn engine(source: &Path, config: EngineConfig) -> EngineHandle {
+    let spec = LoadSpec {
+        source: ModelSource::Gguf(source.to_path_buf()),
+        device: Device::Cpu,
+        dtype: DTypeChoice::Auto,
+        max_seq_len: None,
+    };
+    let (handle, ready) = spawn_engine("batching", spec, config, |_| {}).unwrap();
+    let info = ready.blocking_recv().unwrap().unwrap();
+    assert!(info.batched, "{} runs batched", source.display());
+    handle
+}
+
+fn submit(engine: &EngineHandle, prompt: &[u32], n: usize, salt: u64) -> Receiver<TokenEvent> {
+    let (job, events, _) = Job::new(GenerationRequest {
+        prompt: Prompt::Ids(prompt.to_vec()),
+        params: GenerationParams {
+            sampling: SamplingParams::greedy(),
+            max_tokens: Some(n),
+            stop: Vec::new(),
+            ignore_eos: true,
+            strict_max_tokens: false,
+        },
+        cache_salt: salt,
+    });
+    engine.submit(job).unwrap();
+    events
+}
+
+/// The generated ids and the prompt tokens reused from the prefix cache.
+fn finish(events: &mut Receiver<TokenEvent>) -> (Vec<u32>, usize) {
+    let mut ids = Vec::new();
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            TokenEvent::Token { id, .. } => ids.push(id),
+            TokenEvent::Finished {
+                reason,
+                cached_tokens,
+                ..
+            } => {
+                assert_eq!(reason, FinishReason::MaxTokens);
+                return (ids, cached_tokens);
+            }
+            TokenEvent::Failed(err) => panic!("failed: {err}"),
+            TokenEvent::Started { .. } => {}
+        }
+    }
+    panic!("the stream ended without a terminal event")
+}
+
+/// Waits for `k` tokens of a stream and returns them.
+fn first_tokens(events: &mut Receiver<TokenEvent>, k: usize) -> Vec<u32> {
+    let mut ids = Vec::new();
+    while ids.len() < k {
+        match events.blocking_recv() {
+            Some(TokenEvent::Token { id, .. }) => ids.push(id),
+            Some(TokenEvent::Started { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    ids
+}
+
+fn config(max_seqs: usize, max_batch_tokens: usize, kv_cache_bytes: Option<u64>) -> EngineConfig {
+    EngineConfig {
+        max_seqs: Some(max_seqs),
+        max_batch_tokens: Some(max_batch_tokens),
+        kv_cache_bytes,
+        prefix_caching: true,
+        ..EngineConfig::default()
+    }
+}
+
+/// Every case of every batched fixture submitted at once, with budgets from one token per
+/// sequence (prompts read in chunks beside the others' decodes) to whole prompts.
+#[test]
+fn sequences_run_together_give_the_golden_tokens() {
+    let Some(fixtures) = batched_fixtures() else {
+        return;
+    };
+    for fixture in &fixtures {
+        for budget in [4, 7, 64] {
+            let engine = engine(&fixture.source, config(4, budget, None));
+            let mut streams: Vec<_> = fixture
+                .cases
+                .iter()
+                .map(|(prompt, gold)| submit(&engine, prompt, gold.len(), 0))
+                .collect();
+            for ((_, gold), events) in fixture.cases.iter().zip(&mut streams) {
+                let (ids, _) = finish(events);
+                assert_eq!(&ids, gold, "{} budget {budget}", fixture.source.display());
+            }
+        }
+    }
+}
+
+/// Sequences joining while others decode, each after the previous has streamed a few tokens,
+/// and a sequence cancelled partway, leave everyone's tokens as they are alone.
+#[test]
+fn sequences_joining_and_leaving_at_different_steps_keep_their_tokens() {
+    let Some(fixtures) = batched_fixtures() else {
+        return;
+    };
+    for fixture in &fixtures {
+        let engine = engine(&fixture.source, config(8, 16, None));
+        let (doomed, mut doomed_events, cancel) = Job::new(GenerationRequest {
+            prompt: Prompt::Ids(fixture.cases[0].0.clone()),
+            params: GenerationParams {
+                sampling: SamplingParams::greedy(),
+                max_tokens: Some(1000),
+                ignore_eos: true,
+                ..GenerationParams::default()
+            },
+            cache_salt: 7,
+        });
+        engine.submit(doomed).unwrap();
+        first_tokens(&mut doomed_events, 2);
+        let mut streams = Vec::new();
+        for (i, (prompt, gold)) in fixture.cases.iter().enumerate() {
+            let mut events = submit(&engine, prompt, gold.len(), 0);
+            let head = first_tokens(&mut events, 3 + i);
+            if i == 1 {
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            streams.push((head, events));
+        }
+        for ((_, gold), (head, mut events)) in fixture.cases.iter().zip(streams) {
+            let (rest, _) = finish(&mut events);
+            let ids: Vec<u32> = head.into_iter().chain(rest).collect();
+            assert_eq!(&ids, gold, "{}", fixture.source.display());
+        }
+    }
+}
+
+/// A KV pool too small for every sequence at once: the newest are preempted, recomputed
+/// later, and still give the golden tokens; the pool's counters say it happened.
+#[test]
+fn preempted_sequences_recompute_to_the_same_tokens() {
+    let Some(fixtures) = batched_fixtures() else {
+        return;
+    };
+    for fixture in &fixtures {
+        let per_token = load_cpu(fixture.source.to_str().unwrap())
+            .model
+            .batched()
+            .unwrap()
+            .kv_bytes_per_token() as u64;
+        let longest = fixture
+            .cases
+            .iter()
+            .map(|(prompt, gold)| prompt.len() + gold.len())
+            .max()
+            .unwrap();
+        // Room for the longest sequence and a little more: never all of them at once.
+        let blocks = longest.div_ceil(16) + 2;
+        let metrics = Metrics::new();
+        let step_metrics = metrics.step_metrics("tiny");
+        let engine = engine(
+            &fixture.source,
+            EngineConfig {
+                metrics: Some(step_metrics.clone()),
+                ..config(8, 64, Some(blocks as u64 * 16 * per_token))
+            },
+        );
+        // Every case twice under different salts, so that no prefix is shared.
+        let mut streams: Vec<_> = (0..2)
+            .flat_map(|salt| {
+                fixture
+                    .cases
+                    .iter()
+                    .map(move |(prompt, gold)| (prompt, gold, salt))
+            })
+            .map(|(prompt, gold, salt)| (gold, submit(&engine, prompt, gold.len(), salt)))
+            .collect();
+        for (gold, events) in &mut streams {
+            let (ids, _) = finish(events);
+            assert_eq!(&ids, *gold, "{}", fixture.source.display());
+        }
+        assert!(
+            step_metrics.preemptions.get() > 0,
+            "{}: no preemption",
+            fixture.source.display()
+        );
+        assert!(step_metrics.recomputed_tokens.get() > 0);
+    }
+}
+
+/// The same prompt again reuses the full blocks of the first, reports them as cached, and
+/// gives the same tokens; a request under another salt reuses nothing.
+#[test]
+fn a_repeated_prompt_hits_the_prefix_cache_and_keeps_its_tokens() {
+    let Some(fixtures) = batched_fixtures() else {
+        return;
+    };
+    for fixture in &fixtures {
+        let engine = engine(&fixture.source, config(4, 64, None));
+        let (prompt, gold) = &fixture.cases[0];
+        let (first, cached) = finish(&mut submit(&engine, prompt, gold.len(), 0));
+        assert_eq!((&first, cached), (gold, 0));
+        // The first turn's prompt and answer, then a few more tokens: a chat's next turn.
+        let mut turn: Vec<u32> = prompt.iter().chain(gold).copied().collect();
+        turn.extend(&prompt[1..4]);
+        let (alone, _) = finish(&mut submit(&engine, &turn, 8, 1));
+        let (again, cached) = finish(&mut submit(&engine, &turn, 8, 0));
+        assert_eq!(again, alone, "{}", fixture.source.display());
+        assert_eq!(cached, (prompt.len() + gold.len() - 1) / 16 * 16);
+        assert!(cached > 0);
+        let (repeat, cached) = finish(&mut submit(&engine, prompt, gold.len(), 0));
+        assert_eq!(&repeat, gold);
+        assert_eq!(cached, (prompt.len() - 1) / 16 * 16);
+    }
+}
+
+/// The batched forward pass itself: three sequences stepped together in uneven chunks give
+/// the logits of each stepped alone, bit for bit, in every fixture's weight types.
+#[test]
+fn batched_logits_equal_each_sequence_alone_bit_for_bit() {
+    let Some(fixtures) = batched_fixtures() else {
+        return;
+    };
+    for fixture in &fixtures {
+        let mut loaded = load_cpu(fixture.source.to_str().unwrap());
+        let model = loaded.model.batched().unwrap();
+        let layout = KvLayout {
+            block_size: 16,
+            blocks: 160,
+        };
+        model.init_kv(layout).unwrap();
+        let prompts: Vec<Vec<u32>> = fixture
+            .cases
+            .iter()
+            .map(|(p, g)| [&p[..], &g[..10]].concat())
+            .collect();
+        let table = |s: usize| -> Vec<u32> { (0..16).map(|b| (s * 16 + b) as u32).collect() };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        // Alone: each sequence in steps of 5 tokens, the logits after every step.
+        let mut alone = Vec::new();
+        for (s, tokens) in prompts.iter().enumerate() {
+            let table = table(s);
+            let mut steps = Vec::new();
+            for start in (0..tokens.len()).step_by(5) {
+                let end = (start + 5).min(tokens.len());
+                let chunk = SeqChunk {
+                    tokens: &tokens[start..end],
+                    context_len: start,
+                    block_table: &table,
+                    logits: true,
+                };
+                steps.push(bits(&model.forward_batch(&[chunk]).unwrap()[0]));
+            }
+            alone.push(steps);
+        }
+        // Together, with other blocks: the same chunks in one batch per step.
+        let tables: Vec<Vec<u32>> = (0..prompts.len()).map(|s| table(s + 3)).collect();
+        let longest = prompts.iter().map(Vec::len).max().unwrap();
+        for (step, start) in (0..longest).step_by(5).enumerate() {
+            let chunks: Vec<(usize, SeqChunk<'_>)> = prompts
+                .iter()
+                .enumerate()
+                .filter(|(_, tokens)| start < tokens.len())
+                .map(|(s, tokens)| {
+                    let end = (start + 5).min(tokens.len());
+                    let chunk = SeqChunk {
+                        tokens: &tokens[start..end],
+                        context_len: start,
+                        block_table: &tables[s],
+                        logits: true,
+                    };
+                    (s, chunk)
+                })
+                .collect();
+            let batch: Vec<SeqChunk<'_>> = chunks.iter().map(|(_, c)| *c).collect();
+            let logits = model.forward_batch(&batch).unwrap();
+            for ((s, _), logits) in chunks.iter().zip(logits) {
+                assert_eq!(
+                    bits(&logits),
+                    alone[*s][step],
+                    "{} sequence {s} step {step}",
+                    fixture.source.display()
+                );
+            }
+        }
+    }
+}

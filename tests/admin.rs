@@ -111,7 +111,7 @@ async fn a_drain_evict_lets_in_flight_requests_finish() {
         demo("e1-other", "")
     ))
     .await;
-    let mut in_flight = open_stream(&daemon, "e1-victim", 40).await;
+    let mut in_flight = open_stream(&daemon, "e1-victim", 1500).await;
     let evict = {
         let client = daemon.client.clone();
         let url = daemon.at("/admin/models/e1-victim/evict");

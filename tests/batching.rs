@@ -21,6 +21,12 @@ use tokio::sync::mpsc::Receiver;
 
 /// The batched fixtures (source relative to the fixtures folder) and their goldens.
 const BATCHED: &[(&str, &str)] = &[
+    ("models/llama", "models/llama/golden.json"),
+    ("models/mistral", "models/mistral/golden.json"),
+    ("models/qwen2", "models/qwen2/golden.json"),
+    ("models/qwen3", "models/qwen3/golden.json"),
+    ("models/granite", "models/granite/golden.json"),
+    ("models/stories260k", "models/stories260k/golden.json"),
     ("gguf/tiny-llama-f32.gguf", "models/llama/golden.json"),
     (
         "gguf/tiny-llama-q8_0.gguf",
@@ -61,7 +67,7 @@ fn batched_fixtures() -> Option<Vec<Fixture>> {
 
 fn engine(source: &Path, config: EngineConfig) -> EngineHandle {
     let spec = LoadSpec {
-        source: ModelSource::Gguf(source.to_path_buf()),
+        source: source.to_str().unwrap().parse::<ModelSource>().unwrap(),
         device: Device::Cpu,
         dtype: DTypeChoice::Auto,
         max_seq_len: None,

@@ -16,10 +16,10 @@ use super::AppState;
 use crate::actors::admin::{
     AdminCommand, AdminError, FailureKind, ModelOutcome, DEFAULT_DRAIN_TIMEOUT,
 };
-use crate::actors::router::{ReplicaState, Role, RouterMsg};
+use crate::actors::router::{ReplicaState, ReplicaStatus, Role, RouterMsg};
 use crate::actors::supervisor::SupervisorMsg;
 use crate::config::{confine, validate_entry, ModelEntry};
-use crate::models::ModelSource;
+use crate::models::{ModelInfo, ModelSource};
 
 /// How long an admin call may wait for its operation (a load, a drain) to finish.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(600);
@@ -125,6 +125,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
                         "memory_bytes": replica.memory_bytes,
                         "device_memory_bytes": replica.device_memory_bytes,
                         "loaded_at": replica.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+                        "batching": batching(replica, model.info.as_ref()),
                     })
                 })
                 .collect();
@@ -144,6 +145,25 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
         .map(|d| d.as_secs())
         .unwrap_or(0);
     Ok(Json(json!({"models": models, "time": now})))
+}
+
+/// A ready replica's sequences and KV blocks (`null` before it has loaded).
+fn batching(replica: &ReplicaStatus, info: Option<&ModelInfo>) -> Value {
+    match (replica.occupancy, info, &replica.state) {
+        (Some(o), Some(info), ReplicaState::Ready) => json!({
+            "batched": info.batched,
+            "max_sequences": o.max_seqs,
+            "running": o.running,
+            "waiting": o.waiting,
+            "paused": o.paused,
+            "kv_blocks_used": o.kv_blocks_used,
+            "kv_blocks_cached": o.kv_blocks_cached,
+            "kv_blocks_total": o.kv_blocks_total,
+            "kv_block_tokens": o.kv_block_size,
+            "kv_cache_bytes": info.kv_cache_bytes,
+        }),
+        _ => Value::Null,
+    }
 }
 
 /// `POST /admin/models`: loads a new model from a `[[models]]`-shaped JSON body.

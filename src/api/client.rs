@@ -189,6 +189,32 @@ fn outcomes(reply: &Value) -> String {
         .unwrap_or_default()
 }
 
+/// Running sequences of a replica over those it may run (`-` before it is ready).
+fn running(batching: &Value) -> String {
+    match (
+        batching["running"].as_u64(),
+        batching["max_sequences"].as_u64(),
+    ) {
+        (Some(running), Some(max)) => format!("{running}/{max}"),
+        _ => "-".to_string(),
+    }
+}
+
+/// The share of a batched replica's KV blocks held by sequences.
+fn kv_used(batching: &Value) -> String {
+    let used = batching["kv_blocks_used"].as_u64();
+    match (
+        used,
+        batching["kv_blocks_total"].as_u64(),
+        &batching["batched"],
+    ) {
+        (Some(used), Some(total), Value::Bool(true)) if total > 0 => {
+            format!("{:.1}%", 100.0 * used as f64 / total as f64)
+        }
+        _ => "-".to_string(),
+    }
+}
+
 /// Renders `/admin/models` as aligned columns.
 pub fn render_table(listing: &Value) -> String {
     let mut rows = vec![[
@@ -197,6 +223,8 @@ pub fn render_table(listing: &Value) -> String {
         "STATE",
         "IN FLIGHT",
         "QUEUED",
+        "RUNNING",
+        "KV USED",
         "RESTARTS",
         "LAST ERROR",
     ]
@@ -210,6 +238,8 @@ pub fn render_table(listing: &Value) -> String {
                 replica["state"].as_str().unwrap_or("").to_string(),
                 replica["in_flight"].to_string(),
                 model["queued"].to_string(),
+                running(&replica["batching"]),
+                kv_used(&replica["batching"]),
                 replica["restarts"].to_string(),
                 replica["last_error"].as_str().unwrap_or("-").to_string(),
             ]);
@@ -245,17 +275,19 @@ mod tests {
     #[test]
     fn the_table_aligns_columns() {
         let listing = serde_json::json!({"models": [{"name": "demo", "queued": 0, "replicas": [
-            {"replica": "demo#0@cpu", "state": "ready", "in_flight": 1, "restarts": 0, "last_error": null}
+            {"replica": "demo#0@cpu", "state": "ready", "in_flight": 1, "restarts": 0, "last_error": null,
+             "batching": {"batched": true, "running": 1, "max_sequences": 16, "kv_blocks_used": 3,
+                          "kv_blocks_total": 64}}
         ]}]});
         let table = render_table(&listing);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(
             lines[0],
-            "MODEL  REPLICA     STATE  IN FLIGHT  QUEUED  RESTARTS  LAST ERROR"
+            "MODEL  REPLICA     STATE  IN FLIGHT  QUEUED  RUNNING  KV USED  RESTARTS  LAST ERROR"
         );
         assert_eq!(
             lines[1],
-            "demo   demo#0@cpu  ready  1          0       0         -"
+            "demo   demo#0@cpu  ready  1          0       1/16     4.7%     0         -"
         );
     }
 }

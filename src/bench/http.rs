@@ -16,6 +16,7 @@ use anyhow::{anyhow, bail, Context};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+use crate::bench::load::{steady_decode, Prompts};
 use crate::bench::{median, peak_rss_of, Rates, Run};
 
 /// What the HTTP runs share with the bare-engine runs.
@@ -26,12 +27,14 @@ pub struct HttpBench<'a> {
     pub device: &'a str,
     /// The dtype choice.
     pub dtype: &'a str,
-    /// The prompt's token ids.
-    pub ids: &'a [u32],
+    /// The prompts.
+    pub prompts: &'a Prompts,
     /// Tokens generated per run.
     pub decode_tokens: usize,
     /// Stream counts for the aggregate runs.
     pub concurrency: &'a [usize],
+    /// Tokens per engine step (default: the engine's).
+    pub max_batch_tokens: Option<usize>,
 }
 
 /// A daemon process the bench started; killed when dropped.
@@ -87,6 +90,9 @@ impl<'a> HttpBench<'a> {
             toml::Value::from(self.device),
             toml::Value::from(self.dtype),
         )?;
+        if let Some(tokens) = self.max_batch_tokens {
+            writeln!(file, "max_batch_tokens = {tokens}")?;
+        }
         let mut child = Command::new(std::env::current_exe()?)
             .args(["serve", "--config"])
             .arg(&pool)
@@ -128,16 +134,17 @@ async fn wait_ready(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
 }
 
 impl HttpSession<'_> {
-    /// One streamed completion of `max_tokens` tokens.
-    pub fn run(&self, max_tokens: usize) -> anyhow::Result<Run> {
-        self.runtime.block_on(self.stream(max_tokens))
+    /// One streamed completion of `max_tokens` tokens on the `k`-th prompt.
+    pub fn run(&self, k: usize, max_tokens: usize) -> anyhow::Result<Run> {
+        self.runtime
+            .block_on(self.stream(&self.bench.prompts.ids(k), max_tokens))
     }
 
     /// The `http` part of the report: `runs` (this daemon's, each paired with the bare run at
     /// the same index in `bare`), the overhead over those pairs, the concurrent runs, and the
     /// daemon's peak RSS.
     pub fn report(self, runs: &[Run], bare: &[Run]) -> anyhow::Result<Value> {
-        let prompt_tokens = self.bench.ids.len();
+        let prompt_tokens = self.bench.prompts.len;
         let Rates {
             prefill,
             decode,
@@ -166,9 +173,14 @@ impl HttpSession<'_> {
 
     async fn concurrent(&self) -> anyhow::Result<Vec<Value>> {
         let mut aggregate = Vec::new();
-        for &streams in self.bench.concurrency {
+        for (i, &streams) in self.bench.concurrency.iter().enumerate() {
+            let prompts: Vec<Vec<u32>> = (0..streams)
+                .map(|s| self.bench.prompts.ids(5_000 + 64 * i + s))
+                .collect();
             let all = futures::future::try_join_all(
-                (0..streams).map(|_| self.stream(self.bench.decode_tokens)),
+                prompts
+                    .iter()
+                    .map(|ids| self.stream(ids, self.bench.decode_tokens)),
             )
             .await?;
             let tokens: usize = all.iter().map(|r| r.times.len()).sum();
@@ -183,8 +195,8 @@ impl HttpSession<'_> {
     }
 
     /// One streamed completion of `max_tokens` tokens; token times from the request's start.
-    async fn stream(&self, max_tokens: usize) -> anyhow::Result<Run> {
-        let (client, url, ids) = (&self.client, &self.daemon.url, self.bench.ids);
+    async fn stream(&self, ids: &[u32], max_tokens: usize) -> anyhow::Result<Run> {
+        let (client, url) = (&self.client, &self.daemon.url);
         let body = json!({
             "model": "bench",
             "prompt": ids,
@@ -227,20 +239,4 @@ impl HttpSession<'_> {
         }
         Run::from_times(&times)
     }
-}
-
-/// Tokens per second while every stream was decoding: from the last stream's first token to the
-/// first stream's last token, counting each stream's tokens in that window. With one stream it is
-/// that stream's decode rate; `None` when the streams never all decoded at once.
-fn steady_decode(runs: &[Run]) -> Option<f64> {
-    let from = runs.iter().map(|r| r.first_token).max()?;
-    let to = runs.iter().map(|r| r.last_token()).min()?;
-    if to <= from {
-        return None;
-    }
-    let tokens: usize = runs
-        .iter()
-        .map(|r| r.times.iter().filter(|t| **t > from && **t <= to).count())
-        .sum();
-    Some(tokens as f64 / (to - from).as_secs_f64())
 }

@@ -6,6 +6,7 @@
 
 mod bandwidth;
 mod http;
+mod load;
 
 use std::time::{Duration, Instant};
 
@@ -13,8 +14,7 @@ use anyhow::{anyhow, Context};
 use clap::Args;
 use serde_json::{json, Value};
 
-use llorch::actors::engine::{spawn_engine, EngineConfig, GenerationRequest, Job, TokenEvent};
-use llorch::models::{GenerationParams, Prompt, SamplingParams};
+use llorch::actors::engine::{spawn_engine, EngineConfig};
 
 /// What `llorch bench` measures.
 #[derive(Args)]
@@ -40,9 +40,19 @@ pub struct BenchArgs {
     /// Also measure through a daemon process over HTTP.
     #[arg(long)]
     http: bool,
-    /// Stream counts for the aggregate decode runs over HTTP.
+    /// Stream counts for the aggregate decode runs (bare engine, and over HTTP with --http).
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
     concurrency: Vec<usize>,
+    /// Also measure the time to first token of requests arriving while this many streams
+    /// decode, and of a prompt whose `--prefix-tokens` prefix is cached (0: skip both).
+    #[arg(long, default_value_t = 0)]
+    load_streams: usize,
+    /// The shared prefix of the prefix-cache runs.
+    #[arg(long, default_value_t = 1000)]
+    prefix_tokens: usize,
+    /// Tokens per engine step (default: the engine's).
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
 }
 
 /// One run: the time of every token from the request's submission.
@@ -102,74 +112,73 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         ));
     }
     let spec = crate::load_spec(&args.source, &args.device, &args.dtype)?;
+    let streams = args
+        .concurrency
+        .iter()
+        .copied()
+        .chain([args.load_streams + 1]);
+    let config = EngineConfig {
+        max_seqs: Some(streams.max().unwrap_or(1).max(1)),
+        max_batch_tokens: args.max_batch_tokens,
+        prefix_caching: true,
+        ..EngineConfig::default()
+    };
     let loading = Instant::now();
-    let (engine, ready) = spawn_engine("bench", spec, EngineConfig::default(), |_| {})
-        .context("starting the engine thread")?;
+    let (engine, ready) =
+        spawn_engine("bench", spec, config, |_| {}).context("starting the engine thread")?;
     let info = ready
         .blocking_recv()
         .context("the engine thread ended while loading")??;
     let load = loading.elapsed();
-    // Ids past the first few (often special tokens), cycling through the vocabulary.
-    let vocab = info.vocab_size.max(8) as u32;
-    let ids: Vec<u32> = (0..args.prompt_tokens as u32)
-        .map(|i| 3 + (i * 7) % (vocab - 3))
-        .collect();
-    let once = |decode_tokens: usize| -> anyhow::Result<Run> {
-        let params = GenerationParams {
-            sampling: SamplingParams {
-                temperature: 0.0,
-                ..SamplingParams::default()
-            },
-            max_tokens: Some(decode_tokens),
-            ignore_eos: true,
-            ..GenerationParams::default()
-        };
-        let (job, mut events, _cancel) = Job::new(GenerationRequest {
-            prompt: Prompt::Ids(ids.clone()),
-            params,
-            cache_salt: 0,
-        });
-        let submitted = Instant::now();
-        engine
-            .submit(job)
-            .map_err(|_| anyhow!("the engine thread has stopped"))?;
-        let mut times = Vec::with_capacity(decode_tokens);
-        while let Some(event) = events.blocking_recv() {
-            match event {
-                TokenEvent::Started { .. } => {}
-                TokenEvent::Token { .. } => times.push(submitted.elapsed()),
-                TokenEvent::Finished { .. } => break,
-                TokenEvent::Failed(err) => return Err(anyhow!(err)),
-            }
-        }
-        Run::from_times(&times)
+    let prompts = load::Prompts {
+        vocab: info.vocab_size.max(8) as u32,
+        len: args.prompt_tokens,
     };
+    // Every run has a prompt of its own, so that none finds another's in the prefix cache.
+    let once = |k: usize, decode_tokens: usize| load::once(&engine, prompts.ids(k), decode_tokens);
     let http = match args.http {
         true => Some(
             http::HttpBench {
                 source: &args.source,
                 device: &args.device,
                 dtype: &args.dtype,
-                ids: &ids,
+                prompts: &prompts,
                 decode_tokens: args.decode_tokens,
                 concurrency: &args.concurrency,
+                max_batch_tokens: args.max_batch_tokens,
             }
             .start()?,
         ),
         false => None,
     };
     let warm_up = args.decode_tokens.min(4);
-    once(warm_up)?;
+    once(0, warm_up)?;
     if let Some(session) = &http {
-        session.run(warm_up)?;
+        session.run(0, warm_up)?;
     }
     let (mut runs, mut http_runs) = (Vec::new(), Vec::new());
-    for _ in 0..args.runs {
-        runs.push(once(args.decode_tokens)?);
+    for run in 1..=args.runs {
+        runs.push(once(run, args.decode_tokens)?);
         if let Some(session) = &http {
-            http_runs.push(session.run(args.decode_tokens)?);
+            http_runs.push(session.run(run, args.decode_tokens)?);
         }
     }
+    let bench = load::LoadBench {
+        engine: &engine,
+        prompts: &prompts,
+        decode_tokens: args.decode_tokens,
+        runs: args.runs,
+    };
+    let first = 1_000;
+    let concurrent = bench.concurrent(&args.concurrency, first)?;
+    let under_load = match args.load_streams {
+        0 => None,
+        streams => Some(bench.ttft_under_load(streams, 2 * first)?),
+    };
+    let prefix = match args.load_streams {
+        0 => None,
+        _ => Some(bench.prefix(args.prefix_tokens, 3 * first)?),
+    };
     let Rates {
         prefill,
         decode,
@@ -205,6 +214,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "decode_bound_tok_s": bound,
         "decode_fraction_of_bound": decode_tok_s.zip(bound).map(|(d, b)| d / b),
+        "max_sequences": info.max_seqs,
+        "kv_cache_bytes": info.kv_cache_bytes,
+        "concurrent": concurrent,
+        "ttft_under_load": under_load,
+        "prefix_cache": prefix,
     });
     if let Some(http) = http {
         report["http"] = http;

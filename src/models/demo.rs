@@ -1,6 +1,7 @@
 //! `builtin:demo`: a small Llama with seeded random weights and a byte-level tokenizer, built
 //! in memory so the daemon can run with no files and no network.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -9,6 +10,7 @@ use candle_transformers::models::llama;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+use super::cpu::llama_hf::{self, FamilyConfig, RawTensor, Tensors};
 use super::error::{candle_message, LoadError};
 use super::model::Model;
 use super::tokenizer::TextTokenizer;
@@ -66,6 +68,28 @@ pub fn demo_model(device: &Device, dtype: DType) -> Result<Model, LoadError> {
         message: candle_message(&err),
     };
     let tensors = demo_tensors(&cfg, device).map_err(weights)?;
+    if device.is_cpu() && matches!(dtype, DType::F32 | DType::F16) {
+        let family = FamilyConfig {
+            hidden_size: cfg.hidden_size,
+            num_hidden_layers: cfg.num_hidden_layers,
+            num_attention_heads: cfg.num_attention_heads,
+            num_key_value_heads: Some(cfg.num_key_value_heads),
+            head_dim: None,
+            rms_norm_eps: cfg.rms_norm_eps,
+            rope_theta: Some(f64::from(cfg.rope_theta)),
+            rope_scaling: None,
+            rope_parameters: None,
+            tie_word_embeddings: false,
+            sliding_window: None,
+            embedding_multiplier: None,
+            residual_multiplier: None,
+            attention_multiplier: None,
+            logits_scaling: None,
+        };
+        let model = llama_hf::from_tensors(&family, &InMemory(tensors), None, dtype == DType::F16)
+            .map_err(weights)?;
+        return Ok(Model::CpuLlama(Box::new(model)));
+    }
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let model = llama::Llama::load(vb, &cfg).map_err(weights)?;
     let cache = llama::Cache::new(true, dtype, &cfg, device).map_err(weights)?;
@@ -76,6 +100,23 @@ pub fn demo_model(device: &Device, dtype: DType) -> Result<Model, LoadError> {
         dtype,
         device: device.clone(),
     })
+}
+
+/// The demo's tensors as the CPU decoder reads them.
+struct InMemory(HashMap<String, Tensor>);
+
+impl Tensors for InMemory {
+    fn tensor(&self, name: &str) -> candle_core::Result<Option<RawTensor<'_>>> {
+        let Some(tensor) = self.0.get(name) else {
+            return Ok(None);
+        };
+        let values = tensor.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Some(RawTensor {
+            dtype: DType::F32,
+            shape: tensor.dims().to_vec(),
+            bytes: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        }))
+    }
 }
 
 /// Draws every weight from a seeded uniform distribution with the variance of N(0, 1/fan_in)

@@ -1,5 +1,6 @@
 //! Loading a model from a local HuggingFace directory (`config.json` + safetensors).
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
@@ -11,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::arch::Architecture;
+use super::cpu::llama_hf::{self, FamilyConfig, RawTensor, Tensors};
 use super::decoder::{Decoder, DecoderConfig};
 use super::device::DTypeChoice;
 use super::error::{candle_message, LoadError};
@@ -63,18 +65,41 @@ pub fn load_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<DirM
         config: &config,
     };
     checker.check_rope_scaling(architecture)?;
-    let context_length = checker.context_length(architecture)?;
     let files = weight_files(dir)?;
     let weights_label = files.first().cloned().unwrap_or_else(|| dir.to_path_buf());
-    let vb = mmap_weights(&files, dtype, device)?;
     let weight_error = |err: candle_core::Error| LoadError::Weights {
         path: weights_label.clone(),
         message: candle_message(&err),
     };
-    let model = build(architecture, &checker, vb, dtype, device).map_err(|err| match err {
-        BuildError::Config(err) => err,
-        BuildError::Candle(err) => weight_error(err),
-    })?;
+    let own = device.is_cpu() && matches!(dtype, DType::F32 | DType::F16);
+    let (model, exact_window) = match architecture {
+        Architecture::Llama
+        | Architecture::Mistral
+        | Architecture::Qwen2
+        | Architecture::Qwen3
+        | Architecture::Granite
+            if own =>
+        {
+            let model =
+                build_cpu_llama(architecture, &checker, &files, dtype).map_err(
+                    |err| match err {
+                        BuildError::Config(err) => err,
+                        BuildError::Candle(err) => weight_error(err),
+                    },
+                )?;
+            (model, true)
+        }
+        _ => {
+            let vb = mmap_weights(&files, dtype, device)?;
+            let model =
+                build(architecture, &checker, vb, dtype, device).map_err(|err| match err {
+                    BuildError::Config(err) => err,
+                    BuildError::Candle(err) => weight_error(err),
+                })?;
+            (model, false)
+        }
+    };
+    let context_length = checker.context_length(architecture, exact_window)?;
     let vocab_size = config
         .get("vocab_size")
         .and_then(Value::as_u64)
@@ -104,6 +129,48 @@ impl From<candle_core::Error> for BuildError {
 impl From<LoadError> for BuildError {
     fn from(err: LoadError) -> Self {
         BuildError::Config(err)
+    }
+}
+
+/// llorch's own batched decoder on the CPU, from the mapped safetensors.
+fn build_cpu_llama(
+    architecture: Architecture,
+    checker: &ConfigCheck<'_>,
+    files: &[PathBuf],
+    dtype: DType,
+) -> Result<Model, BuildError> {
+    checker.check_activation("hidden_act", &["silu"])?;
+    if matches!(architecture, Architecture::Qwen2 | Architecture::Qwen3) {
+        checker.reject_true(
+            "use_sliding_window",
+            "Qwen's per-layer sliding window is not implemented",
+        )?;
+    }
+    let config: FamilyConfig = checker.parse()?;
+    let window = match architecture {
+        Architecture::Mistral => config.sliding_window,
+        _ => None,
+    };
+    // SAFETY: as for `mmap_weights`: mapped read-only, never written by llorch.
+    #[allow(unsafe_code)]
+    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
+    let model = llama_hf::from_tensors(&config, &Mapped(mapped), window, dtype == DType::F16)?;
+    Ok(Model::CpuLlama(Box::new(model)))
+}
+
+/// Memory-mapped safetensors as the CPU decoder reads them.
+struct Mapped(candle_core::safetensors::MmapedSafetensors);
+
+impl Tensors for Mapped {
+    fn tensor(&self, name: &str) -> candle_core::Result<Option<RawTensor<'_>>> {
+        match self.0.get(name) {
+            Ok(view) => Ok(Some(RawTensor {
+                dtype: DType::try_from(view.dtype())?,
+                shape: view.shape().to_vec(),
+                bytes: Cow::Borrowed(view.data()),
+            })),
+            Err(_) => Ok(None),
+        }
     }
 }
 
@@ -312,8 +379,10 @@ impl ConfigCheck<'_> {
     }
 
     /// The context length: the trained length, capped where candle applies an attention window
-    /// inexactly (beyond that window its results would differ from the reference).
-    fn context_length(&self, architecture: Architecture) -> Result<usize, LoadError> {
+    /// inexactly (beyond that window its results would differ from the reference); llorch's
+    /// own decoder (`exact`) applies Mistral's window exactly and Qwen's not at all, as
+    /// transformers does without `use_sliding_window`.
+    fn context_length(&self, architecture: Architecture, exact: bool) -> Result<usize, LoadError> {
         let trained = [
             "max_position_embeddings",
             "n_positions",
@@ -325,6 +394,7 @@ impl ConfigCheck<'_> {
             as usize;
         let window = self.config.get("sliding_window").and_then(Value::as_u64);
         let inexact_window = match architecture {
+            _ if exact => None,
             // Exact in llorch's own decoder.
             Architecture::Mistral => None,
             Architecture::Qwen2

@@ -63,14 +63,16 @@ impl F16Panels {
         assert_eq!(bytes.len(), rows * columns * 2, "rows × columns f16 values");
         let panels = rows.div_ceil(PANEL);
         let mut data = weight_buffer(panels * PANEL * columns);
-        for (p, panel) in data.chunks_exact_mut(PANEL * columns).enumerate() {
-            for i in 0..PANEL.min(rows - p * PANEL) {
-                let row = &bytes[(p * PANEL + i) * columns * 2..][..columns * 2];
-                for (k, b) in row.chunks_exact(2).enumerate() {
-                    panel[k * PANEL + i] = f16::from_le_bytes([b[0], b[1]]);
+        data.par_chunks_exact_mut(PANEL * columns.max(1))
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for i in 0..PANEL.min(rows - p * PANEL) {
+                    let row = &bytes[(p * PANEL + i) * columns * 2..][..columns * 2];
+                    for (k, b) in row.chunks_exact(2).enumerate() {
+                        panel[k * PANEL + i] = f16::from_le_bytes([b[0], b[1]]);
+                    }
                 }
-            }
-        }
+            });
         F16Panels {
             rows,
             columns,

@@ -17,6 +17,7 @@ pub mod kquants;
 pub mod kv_pool;
 mod llama;
 pub mod llama_gguf;
+pub mod llama_hf;
 pub mod ops;
 mod token_major;
 pub mod weight;

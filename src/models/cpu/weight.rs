@@ -97,6 +97,48 @@ impl Weight {
         })
     }
 
+    /// An f32 matrix from `rows × columns` values.
+    pub fn from_f32(values: &[f32], rows: usize, columns: usize) -> Weight {
+        assert_eq!(values.len(), rows * columns, "rows × columns values");
+        let mut data = weight_buffer(rows * columns);
+        data.par_chunks_mut(ROW_CHUNK * columns.max(1))
+            .zip(values.par_chunks(ROW_CHUNK * columns.max(1)))
+            .for_each(|(to, from)| to.copy_from_slice(from));
+        Weight {
+            rows,
+            columns,
+            data: Rows::F32(data),
+        }
+    }
+
+    /// An f32 matrix from `rows × columns` little-endian values.
+    pub fn from_f32_bytes(bytes: &[u8], rows: usize, columns: usize) -> Weight {
+        assert_eq!(bytes.len(), rows * columns * 4, "rows × columns f32 values");
+        let mut data = weight_buffer(rows * columns);
+        let chunk = ROW_CHUNK * columns.max(1);
+        data.par_chunks_mut(chunk)
+            .zip(bytes.par_chunks(chunk * 4))
+            .for_each(|(to, from)| {
+                for (v, b) in to.iter_mut().zip(from.chunks_exact(4)) {
+                    *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            });
+        Weight {
+            rows,
+            columns,
+            data: Rows::F32(data),
+        }
+    }
+
+    /// An f16 matrix from `rows × columns` little-endian values, laid out in panels.
+    pub fn from_f16(bytes: &[u8], rows: usize, columns: usize) -> Weight {
+        Weight {
+            rows,
+            columns,
+            data: Rows::F16(F16Panels::new(bytes, rows, columns)),
+        }
+    }
+
     /// Output rows.
     pub fn rows(&self) -> usize {
         self.rows

@@ -10,6 +10,7 @@ use candle_transformers::models::llama;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+use super::candle_llama::CandleLlama;
 use super::cpu::llama_hf::{self, FamilyConfig, RawTensor, Tensors};
 use super::error::{candle_message, LoadError};
 use super::model::Model;
@@ -69,28 +70,17 @@ pub fn demo_model(device: &Device, dtype: DType) -> Result<Model, LoadError> {
     };
     let tensors = demo_tensors(&cfg, device).map_err(weights)?;
     if device.is_cpu() && matches!(dtype, DType::F32 | DType::F16) {
-        let family = FamilyConfig {
-            hidden_size: cfg.hidden_size,
-            num_hidden_layers: cfg.num_hidden_layers,
-            num_attention_heads: cfg.num_attention_heads,
-            num_key_value_heads: Some(cfg.num_key_value_heads),
-            head_dim: None,
-            rms_norm_eps: cfg.rms_norm_eps,
-            rope_theta: Some(f64::from(cfg.rope_theta)),
-            rope_scaling: None,
-            rope_parameters: None,
-            tie_word_embeddings: false,
-            sliding_window: None,
-            embedding_multiplier: None,
-            residual_multiplier: None,
-            attention_multiplier: None,
-            logits_scaling: None,
-        };
-        let model = llama_hf::from_tensors(&family, &InMemory(tensors), None, dtype == DType::F16)
-            .map_err(weights)?;
+        let model =
+            llama_hf::from_tensors(&family(&cfg), &InMemory(tensors), None, dtype == DType::F16)
+                .map_err(weights)?;
         return Ok(Model::CpuLlama(Box::new(model)));
     }
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    if device.is_cuda() {
+        let model = CandleLlama::new(&family(&cfg), vb, cfg.vocab_size, None, DEMO_CONTEXT)
+            .map_err(weights)?;
+        return Ok(Model::CandleLlama(Box::new(model)));
+    }
     let model = llama::Llama::load(vb, &cfg).map_err(weights)?;
     let cache = llama::Cache::new(true, dtype, &cfg, device).map_err(weights)?;
     Ok(Model::Llama {
@@ -100,6 +90,28 @@ pub fn demo_model(device: &Device, dtype: DType) -> Result<Model, LoadError> {
         dtype,
         device: device.clone(),
     })
+}
+
+/// The demo's shape as the batched decoders read it.
+fn family(cfg: &llama::Config) -> FamilyConfig {
+    FamilyConfig {
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        num_hidden_layers: cfg.num_hidden_layers,
+        num_attention_heads: cfg.num_attention_heads,
+        num_key_value_heads: Some(cfg.num_key_value_heads),
+        head_dim: None,
+        rms_norm_eps: cfg.rms_norm_eps,
+        rope_theta: Some(f64::from(cfg.rope_theta)),
+        rope_scaling: None,
+        rope_parameters: None,
+        tie_word_embeddings: false,
+        sliding_window: None,
+        embedding_multiplier: None,
+        residual_multiplier: None,
+        attention_multiplier: None,
+        logits_scaling: None,
+    }
 }
 
 /// The demo's tensors as the CPU decoder reads them.

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::arch::Architecture;
+use super::candle_llama::CandleLlama;
 use super::cpu::llama_hf::{self, FamilyConfig, RawTensor, Tensors};
 use super::decoder::{Decoder, DecoderConfig};
 use super::device::DTypeChoice;
@@ -89,6 +90,21 @@ pub fn load_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<DirM
                 )?;
             (model, true)
         }
+        Architecture::Llama
+        | Architecture::Mistral
+        | Architecture::Qwen2
+        | Architecture::Qwen3
+        | Architecture::Granite
+            if device.is_cuda() || device.is_cpu() =>
+        {
+            let vb = mmap_weights(&files, dtype, device)?;
+            let model =
+                build_candle_llama(architecture, &checker, vb).map_err(|err| match err {
+                    BuildError::Config(err) => err,
+                    BuildError::Candle(err) => weight_error(err),
+                })?;
+            (model, true)
+        }
         _ => {
             let vb = mmap_weights(&files, dtype, device)?;
             let model =
@@ -100,11 +116,7 @@ pub fn load_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<DirM
         }
     };
     let context_length = checker.context_length(architecture, exact_window)?;
-    let vocab_size = config
-        .get("vocab_size")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| checker.bad("missing integer field `vocab_size`"))?
-        as usize;
+    let vocab_size = checker.vocab_size()?;
     Ok(DirModel {
         model,
         architecture,
@@ -139,6 +151,32 @@ fn build_cpu_llama(
     files: &[PathBuf],
     dtype: DType,
 ) -> Result<Model, BuildError> {
+    let (config, window) = family_config(architecture, checker)?;
+    // SAFETY: as for `mmap_weights`: mapped read-only, never written by llorch.
+    #[allow(unsafe_code)]
+    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
+    let model = llama_hf::from_tensors(&config, &Mapped(mapped), window, dtype == DType::F16)?;
+    Ok(Model::CpuLlama(Box::new(model)))
+}
+
+/// The batched decoder of candle tensor ops (GPUs, and bf16 on the CPU).
+fn build_candle_llama(
+    architecture: Architecture,
+    checker: &ConfigCheck<'_>,
+    vb: VarBuilder<'static>,
+) -> Result<Model, BuildError> {
+    let (config, window) = family_config(architecture, checker)?;
+    let vocab = checker.vocab_size()?;
+    let positions = checker.trained_length()?;
+    let model = CandleLlama::new(&config, vb, vocab, window, positions)?;
+    Ok(Model::CandleLlama(Box::new(model)))
+}
+
+/// The config of a Llama-family model and the attention window it honours.
+fn family_config(
+    architecture: Architecture,
+    checker: &ConfigCheck<'_>,
+) -> Result<(FamilyConfig, Option<usize>), BuildError> {
     checker.check_activation("hidden_act", &["silu"])?;
     if matches!(architecture, Architecture::Qwen2 | Architecture::Qwen3) {
         checker.reject_true(
@@ -151,11 +189,7 @@ fn build_cpu_llama(
         Architecture::Mistral => config.sliding_window,
         _ => None,
     };
-    // SAFETY: as for `mmap_weights`: mapped read-only, never written by llorch.
-    #[allow(unsafe_code)]
-    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
-    let model = llama_hf::from_tensors(&config, &Mapped(mapped), window, dtype == DType::F16)?;
-    Ok(Model::CpuLlama(Box::new(model)))
+    Ok((config, window))
 }
 
 /// Memory-mapped safetensors as the CPU decoder reads them.
@@ -334,6 +368,27 @@ impl ConfigCheck<'_> {
         }
     }
 
+    fn vocab_size(&self) -> Result<usize, LoadError> {
+        self.config
+            .get("vocab_size")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| self.bad("missing integer field `vocab_size`"))
+    }
+
+    /// The length the model was trained for.
+    fn trained_length(&self) -> Result<usize, LoadError> {
+        [
+            "max_position_embeddings",
+            "n_positions",
+            "max_sequence_length",
+        ]
+        .iter()
+        .find_map(|field| self.config.get(*field).and_then(Value::as_u64))
+        .map(|v| v as usize)
+        .ok_or_else(|| self.bad("missing integer field `max_position_embeddings`"))
+    }
+
     fn check_activation(&self, field: &str, allowed: &[&str]) -> Result<(), LoadError> {
         match self.config.get(field).and_then(Value::as_str) {
             Some(act) if !allowed.contains(&act) => Err(self.unsupported(
@@ -383,15 +438,7 @@ impl ConfigCheck<'_> {
     /// own decoder (`exact`) applies Mistral's window exactly and Qwen's not at all, as
     /// transformers does without `use_sliding_window`.
     fn context_length(&self, architecture: Architecture, exact: bool) -> Result<usize, LoadError> {
-        let trained = [
-            "max_position_embeddings",
-            "n_positions",
-            "max_sequence_length",
-        ]
-        .iter()
-        .find_map(|field| self.config.get(*field).and_then(Value::as_u64))
-        .ok_or_else(|| self.bad("missing integer field `max_position_embeddings`"))?
-            as usize;
+        let trained = self.trained_length()?;
         let window = self.config.get("sliding_window").and_then(Value::as_u64);
         let inexact_window = match architecture {
             _ if exact => None,

@@ -6,6 +6,7 @@
 
 mod arch;
 pub mod batch;
+pub mod candle_llama;
 pub mod cpu;
 mod decoder;
 mod demo;

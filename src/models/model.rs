@@ -61,6 +61,8 @@ pub enum Model {
     Starcoder2(starcoder2::Model),
     /// A Llama-family model on the CPU, run by llorch's own batched forward pass.
     CpuLlama(Box<super::cpu::CpuLlama>),
+    /// A Llama-family model on a GPU (or in bf16 on the CPU), batched with candle's tensor ops.
+    CandleLlama(Box<super::candle_llama::CandleLlama>),
     /// A GGUF Llama/Mistral (other devices, or tensor types the CPU path does not multiply).
     QuantLlama(quantized_llama::ModelWeights),
     /// A GGUF Qwen2.
@@ -114,6 +116,10 @@ impl Model {
                 let ids = input.flatten_all()?.to_vec1::<u32>()?;
                 return m.forward(&ids, position);
             }
+            Model::CandleLlama(m) => {
+                let ids = input.flatten_all()?.to_vec1::<u32>()?;
+                return m.forward(&ids, position);
+            }
             Model::QuantLlama(m) => m.forward(input, position)?,
             Model::QuantQwen2(m) => m.forward(input, position)?,
             Model::QuantQwen3(m) => m.forward(input, position)?,
@@ -127,6 +133,7 @@ impl Model {
     pub fn batched(&mut self) -> Option<&mut dyn BatchedModel> {
         match self {
             Model::CpuLlama(m) => Some(m.as_mut()),
+            Model::CandleLlama(m) => Some(m.as_mut()),
             _ => None,
         }
     }
@@ -157,6 +164,7 @@ impl Model {
             } => **model = stable_lm::Model::new(config, weights.clone())?,
             Model::Starcoder2(m) => m.clear_kv_cache(),
             Model::CpuLlama(m) => m.clear_kv_cache(),
+            Model::CandleLlama(m) => m.clear_kv_cache(),
             Model::QuantLlama(m) => m.clear_kv_cache(),
             Model::QuantQwen2(m) => m.clear_kv_cache(),
             Model::QuantQwen3(m) => m.clear_kv_cache(),

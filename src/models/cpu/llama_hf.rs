@@ -38,6 +38,8 @@ pub trait Tensors {
 pub struct FamilyConfig {
     /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
     /// Number of decoder blocks.
     pub num_hidden_layers: usize,
     /// Query heads.
@@ -103,7 +105,8 @@ pub struct RopeScaling {
 }
 
 impl FamilyConfig {
-    fn rope(&self, head_dim: usize) -> Result<Rope> {
+    /// The rotary embedding these settings describe (rotate-half pairing).
+    pub fn rope(&self, head_dim: usize) -> Result<Rope> {
         let mut base = self.rope_theta;
         let mut scaling = None;
         for settings in [&self.rope_parameters, &self.rope_scaling]

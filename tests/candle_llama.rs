@@ -1,0 +1,160 @@
+//! The batched decoder of candle tensor ops (the GPU path; here on the device named by
+//! `LLORCH_TEST_DEVICE`, the CPU by default, in f32): every golden case of every Llama-family
+//! fixture run together, prompts read in chunks beside the others' decodes, gives the golden
+//! tokens, and a sequence's logits in a batch match its logits alone.
+
+mod common;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use common::{fixtures, golden};
+use llorch::models::batch::{BatchedModel, KvLayout, SeqChunk};
+use llorch::models::candle_llama::CandleLlama;
+use llorch::models::cpu::llama_hf::FamilyConfig;
+use llorch::models::{argmax, DeviceSpec};
+
+const FAMILY: &[(&str, Option<usize>)] = &[
+    ("llama", None),
+    ("mistral", None),
+    ("qwen2", None),
+    ("qwen3", None),
+    ("granite", None),
+    ("stories260k", None),
+];
+
+fn device() -> Device {
+    let name = std::env::var("LLORCH_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_string());
+    name.parse::<DeviceSpec>().unwrap().open().unwrap()
+}
+
+fn model(dir: &std::path::Path, device: &Device) -> CandleLlama {
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let family: FamilyConfig = serde_json::from_value(config.clone()).unwrap();
+    let vocab = config["vocab_size"].as_u64().unwrap() as usize;
+    let positions = config["max_position_embeddings"].as_u64().unwrap() as usize;
+    // SAFETY: the fixture files are not modified while mapped.
+    #[allow(unsafe_code)]
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, device)
+    }
+    .unwrap();
+    let window = family.sliding_window;
+    CandleLlama::new(&family, vb, vocab, window, positions).unwrap()
+}
+
+/// One sequence of the hand-run batch: its known tokens and how many are computed.
+struct Seq {
+    tokens: Vec<u32>,
+    computed: usize,
+    table: Vec<u32>,
+    generated: usize,
+}
+
+#[test]
+fn sequences_run_together_give_the_golden_tokens() {
+    let Some(dir) = fixtures() else {
+        return;
+    };
+    let device = device();
+    for (name, _) in FAMILY {
+        let path = dir.join("models").join(name);
+        let mut model = model(&path, &device);
+        model
+            .init_kv(KvLayout {
+                block_size: 16,
+                blocks: 64,
+            })
+            .unwrap();
+        let cases = golden(&dir, &format!("models/{name}/golden.json")).cases;
+        let mut seqs: Vec<Seq> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, case)| Seq {
+                tokens: case.prompt_ids.clone(),
+                computed: 0,
+                // Interleaved blocks, so no sequence's blocks are contiguous.
+                table: (0..8).map(|b| (b * cases.len() + i) as u32).collect(),
+                generated: 0,
+            })
+            .collect();
+        // Prompts in chunks of 5 beside the others' decodes, until each has 32 tokens.
+        while seqs.iter().any(|s| s.generated < 32) {
+            let running: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].generated < 32).collect();
+            let chunks: Vec<SeqChunk<'_>> = running
+                .iter()
+                .map(|&i| {
+                    let s = &seqs[i];
+                    let end = (s.computed + 5).min(s.tokens.len());
+                    SeqChunk {
+                        tokens: &s.tokens[s.computed..end],
+                        context_len: s.computed,
+                        block_table: &s.table,
+                        logits: end == s.tokens.len(),
+                    }
+                })
+                .collect();
+            let ends: Vec<(usize, bool)> = chunks.iter().map(|c| (c.end(), c.logits)).collect();
+            let mut logits = model.forward_batch(&chunks).unwrap().into_iter();
+            for (&i, (end, wants)) in running.iter().zip(ends) {
+                seqs[i].computed = end;
+                if wants {
+                    let next = argmax(&logits.next().unwrap());
+                    seqs[i].tokens.push(next);
+                    seqs[i].generated += 1;
+                }
+            }
+        }
+        for (seq, case) in seqs.iter().zip(&cases) {
+            let generated = &seq.tokens[case.prompt_ids.len()..];
+            assert_eq!(generated, case.generated_ids, "{name} {}", case.name);
+        }
+    }
+}
+
+#[test]
+fn a_sequence_in_a_batch_has_the_logits_it_has_alone() {
+    let Some(dir) = fixtures() else {
+        return;
+    };
+    let device = device();
+    for (name, _) in FAMILY {
+        let path = dir.join("models").join(name);
+        let mut model = model(&path, &device);
+        let cases = golden(&dir, &format!("models/{name}/golden.json")).cases;
+        let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
+        let alone: Vec<Vec<f32>> = prompts
+            .iter()
+            .map(|p| {
+                let logits = model.forward(p, 0).unwrap();
+                model.clear_kv_cache();
+                logits
+            })
+            .collect();
+        model
+            .init_kv(KvLayout {
+                block_size: 16,
+                blocks: 32,
+            })
+            .unwrap();
+        let tables: Vec<Vec<u32>> = (0..prompts.len())
+            .map(|i| (0..4).map(|b| (4 * i + b) as u32).collect())
+            .collect();
+        let chunks: Vec<SeqChunk<'_>> = prompts
+            .iter()
+            .zip(&tables)
+            .map(|(p, t)| SeqChunk {
+                tokens: p,
+                context_len: 0,
+                block_table: t,
+                logits: true,
+            })
+            .collect();
+        let together = model.forward_batch(&chunks).unwrap();
+        for ((a, b), case) in alone.iter().zip(&together).zip(&cases) {
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            assert!(worst < 1e-3, "{name} {}: |diff| {worst}", case.name);
+            assert_eq!(argmax(a), argmax(b));
+        }
+    }
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use common::{fixtures, golden, load_cpu};
 use llorch::actors::engine::{
-    spawn_engine, EngineConfig, EngineHandle, GenerationRequest, Job, TokenEvent,
+    spawn_engine, EngineConfig, EngineExit, EngineHandle, GenerationRequest, Job, TokenEvent,
 };
 use llorch::metrics::Metrics;
 use llorch::models::batch::{KvLayout, SeqChunk};
@@ -347,5 +347,107 @@ fn batched_logits_equal_each_sequence_alone_bit_for_bit() {
                 );
             }
         }
+    }
+}
+
+/// The demo model (batched, no fixtures needed) on an engine named `name`.
+fn demo_engine(
+    name: &str,
+    config: EngineConfig,
+) -> (EngineHandle, std::sync::mpsc::Receiver<EngineExit>) {
+    let spec = LoadSpec {
+        source: ModelSource::BuiltinDemo,
+        device: Device::Cpu,
+        dtype: DTypeChoice::Auto,
+        max_seq_len: None,
+    };
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+    let (handle, ready) = spawn_engine(name, spec, config, move |exit| {
+        let _ = exit_tx.send(exit);
+    })
+    .unwrap();
+    assert!(ready.blocking_recv().unwrap().unwrap().batched);
+    (handle, exit_rx)
+}
+
+fn wait_for(mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A cancelled sequence and one whose client went away free their blocks at the next step;
+/// the others go on.
+#[test]
+fn cancelled_sequences_free_their_blocks() {
+    let (engine, _) = demo_engine("cancel-blocks", config(4, 64, None));
+    let ids: Vec<u32> = (10..60).collect();
+    let (job, mut events, cancel) = Job::new(GenerationRequest {
+        prompt: Prompt::Ids(ids.clone()),
+        params: GenerationParams {
+            sampling: SamplingParams::greedy(),
+            max_tokens: Some(1500),
+            ignore_eos: true,
+            ..GenerationParams::default()
+        },
+        cache_salt: 0,
+    });
+    engine.submit(job).unwrap();
+    let mut dropped = submit(&engine, &ids[5..], 1500, 1);
+    first_tokens(&mut events, 2);
+    first_tokens(&mut dropped, 2);
+    assert_eq!(engine.occupancy().running, 2);
+    assert!(engine.occupancy().kv_blocks_used >= 7);
+    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(dropped);
+    wait_for(|| engine.occupancy().running == 0);
+    assert_eq!(engine.occupancy().kv_blocks_used, 0);
+    // The engine serves on.
+    let (ids, _) = finish(&mut submit(&engine, &[1, 2, 3], 4, 0));
+    assert_eq!(ids.len(), 4);
+}
+
+/// A client that reads nothing pauses its own sequence only: the others run to their end.
+#[test]
+fn a_paused_sequence_does_not_hold_the_batch_back() {
+    let (engine, _) = demo_engine("paused", config(4, 64, None));
+    let mut stuck = submit(&engine, &[1, 20, 21, 22], 1500, 0);
+    first_tokens(&mut stuck, 1);
+    // The stuck stream's channel fills (128 events) while these two run to their end.
+    let mut others: Vec<_> = (0..2)
+        .map(|i| submit(&engine, &[1, 30 + i, 31, 32], 400, 0))
+        .collect();
+    for events in &mut others {
+        let (ids, _) = finish(events);
+        assert_eq!(ids.len(), 400);
+    }
+    assert_eq!(engine.occupancy().paused, 1);
+    let (ids, _) = finish(&mut stuck);
+    assert_eq!(ids.len(), 1499);
+}
+
+/// A panic in a batched step fails every sequence that had started computing (they are
+/// `crashed`) and hands back those that had not, for another replica.
+#[test]
+fn a_panic_in_a_step_ends_the_engine_with_every_sequence_accounted_for() {
+    let name = "batched-panic";
+    llorch::actors::faults::arm(name, llorch::actors::faults::Fault::PanicAtToken(20));
+    let (engine, exits) = demo_engine(name, config(2, 64, None));
+    let _running: Vec<_> = (0..2)
+        .map(|i| submit(&engine, &[1, 40 + i, 41], 200, 0))
+        .collect();
+    let _queued = submit(&engine, &[1, 50, 51], 10, 0);
+    match exits
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap()
+    {
+        EngineExit::Panicked {
+            crashed, unstarted, ..
+        } => {
+            assert_eq!((crashed.len(), unstarted.len()), (2, 1));
+        }
+        EngineExit::Stopped => panic!("the engine stopped without a panic"),
     }
 }

@@ -80,7 +80,9 @@ fn sequences_run_together_give_the_golden_tokens() {
             .collect();
         // Prompts in chunks of 5 beside the others' decodes, until each has 32 tokens.
         while seqs.iter().any(|s| s.generated < 32) {
-            let running: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].generated < 32).collect();
+            let running: Vec<usize> = (0..seqs.len())
+                .filter(|&i| seqs[i].generated < 32)
+                .collect();
             let chunks: Vec<SeqChunk<'_>> = running
                 .iter()
                 .map(|&i| {
@@ -152,7 +154,11 @@ fn a_sequence_in_a_batch_has_the_logits_it_has_alone() {
             .collect();
         let together = model.forward_batch(&chunks).unwrap();
         for ((a, b), case) in alone.iter().zip(&together).zip(&cases) {
-            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
             assert!(worst < 1e-3, "{name} {}: |diff| {worst}", case.name);
             assert_eq!(argmax(a), argmax(b));
         }

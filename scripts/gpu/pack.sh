@@ -2,7 +2,7 @@
 # Builds the CUDA daemon and the CUDA builds of the daemon and admin test suites on this
 # machine (no GPU needed; see ../shared/docs/CUDA.md), then packs them, compressed, with the
 # reference fixtures into .gpu/ (git-ignored), which the GPU machine receives as a carried path.
-# There, run: python3 scripts/gpu/issue6.py all
+# There, run: python3 scripts/gpu/issue6.py all (issue 6) or scripts/gpu/issue19.py all (issue 19)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 FIXTURES="${LLORCH_FIXTURES:-../shared/fixtures}"
@@ -10,7 +10,7 @@ FIXTURES="${LLORCH_FIXTURES:-../shared/fixtures}"
 source ../shared/cuda/cuda_env.sh
 export CARGO_TARGET_DIR=target-cuda
 cargo build --release --features cuda
-tests=$(cargo test --release --features cuda --test daemon --test admin --no-run \
+tests=$(cargo test --release --features cuda --test daemon --test admin --test candle_llama --no-run \
     --message-format=json | python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -72,13 +72,8 @@ impl KvPool {
                 .transpose(0, 1)?
                 .contiguous()
         };
-        let slots = index
-            .slots
-            .reshape((1, n, 1))?
-            .broadcast_as((kv_heads, n, head_dim))?
-            .contiguous()?;
-        self.keys[layer].scatter_set(&slots, &by_head(keys)?, 1)?;
-        self.values[layer].scatter_set(&slots, &by_head(values)?, 1)?;
+        self.keys[layer].scatter_set(&index.slots, &by_head(keys)?, 1)?;
+        self.values[layer].scatter_set(&index.slots, &by_head(values)?, 1)?;
         Ok(())
     }
 }
@@ -102,7 +97,8 @@ pub struct StepIndex {
     pub ids: Tensor,
     /// Absolute positions, one per row.
     pub positions: Tensor,
-    /// The slot each row's keys and values go to.
+    /// The slot each row's keys and values go to, for every value of a cache row:
+    /// `[kv heads, tokens, head dim]`.
     slots: Tensor,
     groups: Vec<Group>,
     /// Where each row's output lies in the groups' outputs, concatenated (`None`: in order).
@@ -118,6 +114,7 @@ impl StepIndex {
         seqs: &[SeqChunk<'_>],
         layout: KvLayout,
         window: Option<usize>,
+        (kv_heads, head_dim): (usize, usize),
         device: &Device,
     ) -> candle_core::Result<StepIndex> {
         let size = layout.block_size;
@@ -202,7 +199,9 @@ impl StepIndex {
         Ok(StepIndex {
             ids: Tensor::from_vec(ids, tokens, device)?,
             positions: Tensor::from_vec(positions, tokens, device)?,
-            slots: Tensor::from_vec(slots, tokens, device)?,
+            slots: Tensor::from_vec(slots, (1, tokens, 1), device)?
+                .broadcast_as((kv_heads, tokens, head_dim))?
+                .contiguous()?,
             groups,
             order: match in_order {
                 true => None,

@@ -240,7 +240,8 @@ impl CandleLlama {
         pool: &mut KvPool,
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         let h = &self.hyper;
-        let index = StepIndex::new(seqs, pool.layout(), h.window, &self.device)?;
+        let shape = (h.kv_heads, h.head_dim);
+        let index = StepIndex::new(seqs, pool.layout(), h.window, shape, &self.device)?;
         let n = index.tokens();
         let mut x = self.embed.index_select(&index.ids, 0)?;
         if h.embedding_multiplier != 1.0 {

@@ -80,8 +80,9 @@ impl KvPool {
 
 /// One group of sequences attended together.
 struct Group {
-    /// Their rows of the step's tokens, padded: `sequences × queries` indices.
-    rows: Tensor,
+    /// Their rows of the step's tokens, padded: `sequences × queries` indices (`None`: the
+    /// step's rows in order).
+    rows: Option<Tensor>,
     /// Their slots, padded: `sequences × keys` indices.
     gather: Tensor,
     /// 0 where a query sees a key, -inf elsewhere: `[1, sequences, 1, queries, keys]`.
@@ -109,31 +110,45 @@ pub struct StepIndex {
 }
 
 impl StepIndex {
-    /// The step's indices for `seqs` in a pool of `layout`, with an optional sliding window.
+    /// The step's indices for `seqs` in a pool of `layout`, with an optional sliding window,
+    /// for caches of `kv heads × head dim` values per slot and masks of `dtype`. Every index
+    /// goes up in one copy (and the masks in another).
     pub fn new(
         seqs: &[SeqChunk<'_>],
         layout: KvLayout,
         window: Option<usize>,
         (kv_heads, head_dim): (usize, usize),
+        dtype: DType,
         device: &Device,
     ) -> candle_core::Result<StepIndex> {
         let size = layout.block_size;
         let slot = |seq: &SeqChunk<'_>, p: usize| {
             seq.block_table[p / size] * size as u32 + (p % size) as u32
         };
-        let (mut ids, mut positions, mut slots, mut logit_rows) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut first_row = Vec::with_capacity(seqs.len());
+        let mut tokens = 0;
         for seq in seqs {
-            first_row.push(ids.len());
-            ids.extend_from_slice(seq.tokens);
-            positions.extend((seq.context_len..seq.end()).map(|p| p as u32));
-            slots.extend((seq.context_len..seq.end()).map(|p| slot(seq, p)));
-            if seq.logits {
-                logit_rows.push((ids.len() - 1) as u32);
-            }
+            first_row.push(tokens);
+            tokens += seq.tokens.len();
         }
-        let tokens = ids.len();
+        // One buffer of every index, cut into views after the upload.
+        let mut all: Vec<u32> = Vec::with_capacity(4 * tokens);
+        all.extend(seqs.iter().flat_map(|seq| seq.tokens.iter().copied()));
+        all.extend(
+            seqs.iter()
+                .flat_map(|s| (s.context_len..s.end()).map(|p| p as u32)),
+        );
+        all.extend(
+            seqs.iter()
+                .flat_map(|s| (s.context_len..s.end()).map(|p| slot(s, p))),
+        );
+        let logit_rows: Vec<u32> = seqs
+            .iter()
+            .zip(&first_row)
+            .filter(|(s, _)| s.logits)
+            .map(|(s, first)| (first + s.tokens.len() - 1) as u32)
+            .collect();
+        all.extend(&logit_rows);
         let decoding: Vec<usize> = (0..seqs.len())
             .filter(|&s| seqs[s].tokens.len() == 1)
             .collect();
@@ -146,49 +161,54 @@ impl StepIndex {
                 .filter(|&s| seqs[s].tokens.len() > 1)
                 .map(|s| vec![s]),
         );
-        let mut groups = Vec::with_capacity(members.len());
+        // Per group: (rows offset or None, gather offset, mask offset, b, tq, l).
+        let mut shapes = Vec::with_capacity(members.len());
+        let mut masks: Vec<f32> = Vec::new();
         let mut placed = Vec::with_capacity(tokens);
-        for group in &members {
+        for (g, group) in members.iter().enumerate() {
             let queries = group
                 .iter()
                 .map(|&s| seqs[s].tokens.len())
                 .max()
                 .unwrap_or(1);
             let keys = group.iter().map(|&s| seqs[s].end()).max().unwrap_or(1);
-            let (mut rows, mut gather) = (Vec::new(), Vec::new());
-            let mut mask = vec![f32::NEG_INFINITY; group.len() * queries * keys];
+            let rows_at = all.len();
+            let mask_at = masks.len();
+            masks.resize(mask_at + group.len() * queries * keys, f32::NEG_INFINITY);
             for (b, &s) in group.iter().enumerate() {
                 let seq = &seqs[s];
                 for t in 0..queries {
                     // A padded query repeats the sequence's first row; its output is dropped.
                     let real = t < seq.tokens.len();
-                    rows.push((first_row[s] + if real { t } else { 0 }) as u32);
+                    all.push((first_row[s] + if real { t } else { 0 }) as u32);
                     if real {
-                        placed.push((first_row[s] + t, (groups.len(), b * queries + t)));
+                        placed.push((first_row[s] + t, (g, b * queries + t)));
                     }
                     let position = seq.context_len + if real { t } else { 0 };
                     let from = window.map_or(0, |w| (position + 1).saturating_sub(w));
-                    let row = &mut mask[(b * queries + t) * keys..][..keys];
+                    let row = &mut masks[mask_at + (b * queries + t) * keys..][..keys];
                     row[from..=position].fill(0.0);
                 }
-                gather.extend((0..keys).map(|p| if p < seq.end() { slot(seq, p) } else { 0 }));
             }
-            let n = group.len();
-            groups.push(Group {
-                rows: Tensor::from_vec(rows, n * queries, device)?,
-                gather: Tensor::from_vec(gather, n * keys, device)?,
-                mask: Tensor::from_vec(mask, (1, n, 1, queries, keys), device)?,
-                sequences: n,
-                queries,
-                keys,
-            });
+            let rows: Vec<u32> = all[rows_at..].to_vec();
+            let identity =
+                rows.iter().enumerate().all(|(i, &r)| r as usize == i) && rows.len() == tokens;
+            if identity {
+                all.truncate(rows_at);
+            }
+            let gather_at = all.len();
+            for &s in group {
+                let seq = &seqs[s];
+                all.extend((0..keys).map(|p| if p < seq.end() { slot(seq, p) } else { 0 }));
+            }
+            let rows_at = (!identity).then_some(rows_at);
+            shapes.push((rows_at, gather_at, mask_at, group.len(), queries, keys));
         }
-        // The groups' outputs are concatenated in group order; `order` maps rows back.
-        let mut offsets = Vec::with_capacity(groups.len());
+        let mut offsets = Vec::with_capacity(shapes.len());
         let mut total = 0;
-        for g in &groups {
+        for &(_, _, _, b, tq, _) in &shapes {
             offsets.push(total);
-            total += g.sequences * g.queries;
+            total += b * tq;
         }
         placed.sort_by_key(|(row, _)| *row);
         let order: Vec<u32> = placed
@@ -196,23 +216,46 @@ impl StepIndex {
             .map(|(_, (g, at))| (offsets[*g] + at) as u32)
             .collect();
         let in_order = total == tokens && order.iter().enumerate().all(|(i, &o)| o as usize == i);
+        let order_at = all.len();
+        if !in_order {
+            all.extend(&order);
+        }
+        let count = all.len();
+        let uploaded = Tensor::from_vec(all, count, device)?;
+        let view = |at: usize, len: usize| uploaded.narrow(0, at, len);
+        let mask_count = masks.len();
+        let masks = Tensor::from_vec(masks, mask_count, device)?.to_dtype(dtype)?;
+        let groups = shapes
+            .iter()
+            .map(|&(rows_at, gather_at, mask_at, b, tq, l)| {
+                Ok(Group {
+                    rows: rows_at.map(|at| view(at, b * tq)).transpose()?,
+                    gather: view(gather_at, b * l)?,
+                    mask: masks
+                        .narrow(0, mask_at, b * tq * l)?
+                        .reshape((1, b, 1, tq, l))?,
+                    sequences: b,
+                    queries: tq,
+                    keys: l,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let logit_count = logit_rows.len();
         Ok(StepIndex {
-            ids: Tensor::from_vec(ids, tokens, device)?,
-            positions: Tensor::from_vec(positions, tokens, device)?,
-            slots: Tensor::from_vec(slots, (1, tokens, 1), device)?
+            ids: view(0, tokens)?,
+            positions: view(tokens, tokens)?,
+            slots: view(2 * tokens, tokens)?
+                .reshape((1, tokens, 1))?
                 .broadcast_as((kv_heads, tokens, head_dim))?
                 .contiguous()?,
             groups,
             order: match in_order {
                 true => None,
-                false => Some(Tensor::from_vec(order, tokens, device)?),
+                false => Some(view(order_at, tokens)?),
             },
-            logit_rows: match logit_rows.is_empty() {
-                true => None,
-                false => {
-                    let count = logit_rows.len();
-                    Some(Tensor::from_vec(logit_rows, count, device)?)
-                }
+            logit_rows: match logit_count {
+                0 => None,
+                count => Some(view(3 * tokens, count)?),
             },
             tokens,
         })
@@ -242,8 +285,11 @@ pub fn attend(
     for g in &index.groups {
         let (b, tq, l) = (g.sequences, g.queries, g.keys);
         // Queries: [kv heads, b, group × tq, head dim].
-        let q = flat
-            .index_select(&g.rows, 0)?
+        let rows = match &g.rows {
+            Some(rows) => flat.index_select(rows, 0)?,
+            None => flat.clone(),
+        };
+        let q = rows
             .reshape((b, tq, kv_heads, group_size, head_dim))?
             .permute((2, 0, 3, 1, 4))?
             .reshape((kv_heads * b, group_size * tq, head_dim))?
@@ -255,8 +301,10 @@ pub fn attend(
                 .reshape((kv_heads * b, l, head_dim))
         };
         let (k, v) = (gather(keys)?, gather(values)?);
+        // Scores in the mask's dtype: the model's, but f32 for f16 (whose range the scores
+        // may exceed); the softmax accumulates in f32 either way.
         let scores = (q.matmul(&k.t()?)? * scale)?
-            .to_dtype(DType::F32)?
+            .to_dtype(g.mask.dtype())?
             .reshape((kv_heads, b, group_size, tq, l))?
             .broadcast_add(&g.mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?

@@ -28,8 +28,9 @@ struct Layer {
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// The gate and up projections in one matrix (`2 × ffn` rows).
+    gate_up: Linear,
+    ffn: usize,
     down: Linear,
 }
 
@@ -112,8 +113,11 @@ impl CandleLlama {
                     q_norm: optional(&attn, "q_norm.weight")?,
                     k_norm: optional(&attn, "k_norm.weight")?,
                     ffn_norm: vb.get(hidden, "post_attention_layernorm.weight")?,
-                    gate: linear(mlp.pp("gate_proj"), ffn, hidden)?,
-                    up: linear(mlp.pp("up_proj"), ffn, hidden)?,
+                    gate_up: fused(
+                        linear(mlp.pp("gate_proj"), ffn, hidden)?,
+                        linear(mlp.pp("up_proj"), ffn, hidden)?,
+                    )?,
+                    ffn,
                     down: linear(mlp.pp("down_proj"), hidden, ffn)?,
                 })
             })
@@ -241,7 +245,11 @@ impl CandleLlama {
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         let h = &self.hyper;
         let shape = (h.kv_heads, h.head_dim);
-        let index = StepIndex::new(seqs, pool.layout(), h.window, shape, &self.device)?;
+        let scores = match self.dtype {
+            DType::F16 => DType::F32,
+            other => other,
+        };
+        let index = StepIndex::new(seqs, pool.layout(), h.window, shape, scores, &self.device)?;
         let n = index.tokens();
         let mut x = self.embed.index_select(&index.ids, 0)?;
         if h.embedding_multiplier != 1.0 {
@@ -267,8 +275,10 @@ impl CandleLlama {
             let out = layer.o.forward(&attended)?;
             x = (x + scaled(out, h.residual_multiplier)?)?;
             let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, h.eps)?;
-            let gate = candle_nn::ops::silu(&layer.gate.forward(&normed)?)?;
-            let mlp = layer.down.forward(&(gate * layer.up.forward(&normed)?)?)?;
+            let gate_up = layer.gate_up.forward(&normed)?;
+            let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, layer.ffn)?)?;
+            let up = gate_up.narrow(1, layer.ffn, layer.ffn)?;
+            let mlp = layer.down.forward(&(gate * up)?)?;
             x = (x + scaled(mlp, h.residual_multiplier)?)?;
         }
         let Some(last) = &index.logit_rows else {
@@ -279,6 +289,21 @@ impl CandleLlama {
         let logits = scaled(normed.matmul(&self.lm_head.t()?)?, h.logits_multiplier)?;
         logits.to_dtype(DType::F32)?.to_vec2::<f32>()
     }
+}
+
+/// Two projections of the same input as one matrix: one product instead of two.
+fn fused(a: Linear, b: Linear) -> candle_core::Result<Linear> {
+    let weight = Tensor::cat(&[a.weight(), b.weight()], 0)?;
+    let bias = match (a.bias(), b.bias()) {
+        (None, None) => None,
+        (a_bias, b_bias) => {
+            let zeros = |w: &Tensor| Tensor::zeros(w.dim(0)?, w.dtype(), w.device());
+            let a_bias = a_bias.cloned().map_or_else(|| zeros(a.weight()), Ok)?;
+            let b_bias = b_bias.cloned().map_or_else(|| zeros(b.weight()), Ok)?;
+            Some(Tensor::cat(&[&a_bias, &b_bias], 0)?)
+        }
+    };
+    Ok(Linear::new(weight, bias))
 }
 
 fn scaled(t: Tensor, multiplier: f64) -> candle_core::Result<Tensor> {

@@ -104,6 +104,26 @@ def batch():
     finally:
         result["daemon_exit"] = daemon.stop()
 
+    base = os.path.join(issue6.GPU, "llorch-base.xz")
+    if os.path.exists(base):
+        # The daemon before batching (the commit named in the run's README), same pool.
+        current = issue6.BIN
+        issue6.BIN = issue6.unpack(base, os.path.join(issue6.WORK, "llorch-base"))
+        daemon = Daemon("batch-base", f'version = 1\n[[models]]\nname = "big"\nsource = "{big}"\n'
+                                      'devices = ["cuda:0"]\nmax_concurrent = 64\n'
+                                      'queue_timeout = "1h"\nrequest_timeout = "1h"\n')
+        try:
+            concurrent(1, 0)
+            runs = []
+            for streams in (1, 8):
+                for r in range(3):
+                    runs.append(concurrent(streams, 1000 * streams + 10 * r))
+                    log("batch", "base", json.dumps(runs[-1]))
+            result["daemon_before_batching"] = runs
+        finally:
+            result["daemon_before_batching_exit"] = daemon.stop()
+            issue6.BIN = current
+
     model = AutoModelForCausalLM.from_pretrained(big, torch_dtype=torch.bfloat16).to("cuda:0").eval()
 
     def hf_timed(batch_size, n):

@@ -59,9 +59,9 @@ fn job(ids: Vec<u32>, max_tokens: usize) -> (Job, Receiver<TokenEvent>, Instant)
 }
 
 /// Reads a job's events to its end; the times of its tokens from `start`.
-fn collect(mut events: Receiver<TokenEvent>, start: Instant) -> anyhow::Result<Run> {
+async fn collect(mut events: Receiver<TokenEvent>, start: Instant) -> anyhow::Result<Run> {
     let mut times = Vec::new();
-    while let Some(event) = events.blocking_recv() {
+    while let Some(event) = events.recv().await {
         match event {
             TokenEvent::Token { .. } => times.push(start.elapsed()),
             TokenEvent::Finished { .. } => break,
@@ -72,13 +72,28 @@ fn collect(mut events: Receiver<TokenEvent>, start: Instant) -> anyhow::Result<R
     Run::from_times(&times)
 }
 
+/// Reads every stream on one thread, as the daemon's one HTTP worker does: a thread per
+/// stream would take the compute threads' cores at every token.
+fn collect_all(pending: Vec<(Receiver<TokenEvent>, Instant)>) -> anyhow::Result<Vec<Run>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(futures::future::try_join_all(
+        pending
+            .into_iter()
+            .map(|(events, start)| collect(events, start)),
+    ))
+}
+
 /// Runs `ids` alone for `max_tokens` tokens.
 pub fn once(engine: &EngineHandle, ids: Vec<u32>, max_tokens: usize) -> anyhow::Result<Run> {
     let (job, events, start) = job(ids, max_tokens);
     engine
         .submit(job)
         .map_err(|_| anyhow!("the engine thread has stopped"))?;
-    collect(events, start)
+    collect_all(vec![(events, start)])?
+        .pop()
+        .ok_or_else(|| anyhow!("no run"))
 }
 
 /// The engine's load runs.
@@ -104,16 +119,7 @@ impl LoadBench<'_> {
                 .map_err(|_| anyhow!("the engine thread has stopped"))?;
             pending.push((events, start));
         }
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = pending
-                .into_iter()
-                .map(|(events, start)| scope.spawn(move || collect(events, start)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().map_err(|_| anyhow!("a reader panicked"))?)
-                .collect()
-        })
+        collect_all(pending)
     }
 
     /// For each stream count: every stream's tokens over the time from the submissions to the
@@ -144,26 +150,36 @@ impl LoadBench<'_> {
             .map(|r| probe(first + r))
             .collect::<anyhow::Result<_>>()?;
         let mut cancels = Vec::new();
-        let mut readers = Vec::new();
+        let mut streams = Vec::new();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         for k in 0..background {
             let ids = self.prompts.ids(first + self.runs + k);
-            let (job, mut events, _) = job(ids, usize::MAX / 2);
+            let (job, events, _) = job(ids, usize::MAX / 2);
             cancels.push(job.cancel.clone());
             self.engine
                 .submit(job)
                 .map_err(|_| anyhow!("the engine thread has stopped"))?;
-            let started = started_tx.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut first = true;
-                while let Some(event) = events.blocking_recv() {
-                    if matches!(event, TokenEvent::Token { .. }) && first {
-                        first = false;
-                        let _ = started.send(());
-                    }
-                }
-            }));
+            streams.push(events);
         }
+        // One thread drains the background streams, as the daemon's HTTP worker would.
+        let reader = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+            runtime.block_on(futures::future::join_all(streams.into_iter().map(
+                |mut events| {
+                    let started = started_tx.clone();
+                    async move {
+                        let mut first = true;
+                        while let Some(event) = events.recv().await {
+                            if first && matches!(event, TokenEvent::Token { .. }) {
+                                first = false;
+                                let _ = started.send(());
+                            }
+                        }
+                    }
+                },
+            )));
+            anyhow::Ok(())
+        });
         for _ in 0..background {
             started_rx.recv_timeout(Duration::from_secs(600))?;
         }
@@ -173,9 +189,7 @@ impl LoadBench<'_> {
         for cancel in cancels {
             cancel.store(true, Ordering::Relaxed);
         }
-        for reader in readers {
-            let _ = reader.join();
-        }
+        let _ = reader.join();
         let (idle_ms, loaded_ms) = (median(&idle), median(&loaded));
         Ok(json!({
             "background_streams": background,

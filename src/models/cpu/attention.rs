@@ -1,43 +1,96 @@
-//! Attention's two products over the KV cache for one query head: its scores against every
-//! cached key and the weighted sum of the cached values. Each runs over all positions in one
-//! call (a kernel call and a horizontal sum per position cost more than a 64-value product),
-//! with a scalar reference and an AVX2/FMA version held to it by the tests.
+//! Attention's two products over the KV cache for the query heads of one KV head: their
+//! scores against every cached key and the weighted sums of the cached values. Each runs over
+//! all positions (the runs of a sequence's blocks) and all the heads in one call: a kernel
+//! call per block and head cost more than the products of a decode step's short blocks. A
+//! scalar reference and an AVX2/FMA version are held to each other by the tests.
 //!
 //! The cache rows hold every KV head of a position: `keys[p * stride..][..d]` is position
 //! `p`'s key for the head the slice starts at.
 
-/// `out[p] = query · keys[p * stride..][..d]` for every position `p < out.len()`, `d` the
-/// query's length.
-pub fn scores(query: &[f32], keys: &[f32], stride: usize, out: &mut [f32]) {
-    check(query.len(), keys, stride, out.len());
+/// A run of consecutive positions in the cache: the offset of its first row's value, and
+/// how many rows.
+pub type Run = (usize, usize);
+
+/// Positions in all `runs`.
+fn positions(runs: &[Run]) -> usize {
+    runs.iter().map(|&(_, len)| len).sum()
+}
+
+/// Scores of several queries (`queries`: heads of `d` values, one after another) against the
+/// keys of the positions of `runs`, taken in order: `out[j * P + p] = query_j · key_p`, `P`
+/// the positions. The runs are walked once, each run's keys used by every query in turn while
+/// they are in the cache. Runs other than the last must hold a multiple of four rows, so that
+/// every position is summed as it would be in one run.
+pub fn scores(
+    queries: &[f32],
+    d: usize,
+    keys: &[f32],
+    stride: usize,
+    runs: &[Run],
+    out: &mut [f32],
+) {
+    let total = positions(runs);
+    assert_eq!(
+        out.len(),
+        queries.len() / d * total,
+        "one score per query and position"
+    );
+    check_runs(d, keys, stride, runs);
     #[cfg(target_arch = "x86_64")]
     if super::kernels::simd() {
         // SAFETY: the features were detected; the sizes were checked above.
         #[allow(unsafe_code)]
-        return unsafe { avx2::scores(query, keys, stride, out) };
+        return unsafe { avx2::scores_runs(queries, d, keys, stride, runs, out) };
     }
-    scalar::scores(query, keys, stride, out)
+    let mut first = 0;
+    for &(at, len) in runs {
+        for (query, out) in queries.chunks_exact(d).zip(out.chunks_exact_mut(total)) {
+            scalar::scores(query, &keys[at..], stride, &mut out[first..first + len]);
+        }
+        first += len;
+    }
 }
 
-/// `out = Σ_p weights[p] · values[p * stride..][..d]` over the positions of `weights`, `d`
-/// the output's length.
-pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
-    out.fill(0.0);
-    weighted_sum_into(weights, values, stride, out);
-}
-
-/// `out += Σ_p weights[p] · values[p * stride..][..d]`, each position added in turn: a sum over
-/// positions split into consecutive runs (the blocks of a paged cache) and added run by run
-/// into one `out` rounds exactly as the sum over all of them at once.
-pub fn weighted_sum_into(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
-    check(out.len(), values, stride, weights.len());
+/// Adds the weighted sums of the values of the positions of `runs` to `out`, for several
+/// queries: `out[j][..] += Σ_p weights[j * P + p] · value_p`, each position added in turn, so a
+/// sum split into runs rounds exactly as one run over all of them. `out` holds the queries'
+/// outputs of `d` values one after another.
+pub fn weighted_sums(
+    weights: &[f32],
+    values: &[f32],
+    stride: usize,
+    runs: &[Run],
+    out: &mut [f32],
+    d: usize,
+) {
+    let total = positions(runs);
+    assert_eq!(
+        weights.len(),
+        out.len() / d * total,
+        "one weight per query and position"
+    );
+    check_runs(d, values, stride, runs);
     #[cfg(target_arch = "x86_64")]
     if super::kernels::simd() {
         // SAFETY: the features were detected; the sizes were checked above.
         #[allow(unsafe_code)]
-        return unsafe { avx2::weighted_sum_into(weights, values, stride, out) };
+        return unsafe { avx2::weighted_sums_runs(weights, values, stride, runs, out, d) };
     }
-    scalar::weighted_sum_into(weights, values, stride, out)
+    let mut first = 0;
+    for &(at, len) in runs {
+        for (weights, out) in weights.chunks_exact(total).zip(out.chunks_exact_mut(d)) {
+            scalar::weighted_sum_into(&weights[first..first + len], &values[at..], stride, out);
+        }
+        first += len;
+    }
+}
+
+/// Asserts that every run's rows fit in `cache`.
+fn check_runs(d: usize, cache: &[f32], stride: usize, runs: &[Run]) {
+    for &(at, len) in runs {
+        assert!(at <= cache.len(), "a run starts in the cache");
+        check(d, &cache[at..], stride, len);
+    }
 }
 
 /// Asserts that `positions` rows of `d` values at `stride` fit in `cache`.
@@ -53,7 +106,7 @@ fn check(d: usize, cache: &[f32], stride: usize, positions: usize) {
 
 /// The reference versions.
 pub mod scalar {
-    /// [`super::scores`].
+    /// `out[p] = query · keys[p * stride..][..query.len()]`, one run of [`super::scores`].
     pub fn scores(query: &[f32], keys: &[f32], stride: usize, out: &mut [f32]) {
         let d = query.len();
         for (p, o) in out.iter_mut().enumerate() {
@@ -65,13 +118,8 @@ pub mod scalar {
         }
     }
 
-    /// [`super::weighted_sum`].
-    pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
-        out.fill(0.0);
-        weighted_sum_into(weights, values, stride, out);
-    }
-
-    /// [`super::weighted_sum_into`].
+    /// `out += Σ_p weights[p] · values[p * stride..][..out.len()]`, one run of
+    /// [`super::weighted_sums`].
     pub fn weighted_sum_into(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
         let d = out.len();
         for (p, w) in weights.iter().enumerate() {
@@ -92,11 +140,63 @@ mod avx2 {
     /// Output values per pass of [`weighted_sum`], held in four registers.
     const WIDTH: usize = 32;
 
+    /// [`super::scores`] over runs.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; every run's rows lie within `keys` (checked by the
+    /// caller), and `out` holds a score per query and position.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores_runs(
+        queries: &[f32],
+        d: usize,
+        keys: &[f32],
+        stride: usize,
+        runs: &[(usize, usize)],
+        out: &mut [f32],
+    ) {
+        let total = out.len() / (queries.len() / d).max(1);
+        let mut first = 0;
+        for &(at, len) in runs {
+            for (query, out) in queries.chunks_exact(d).zip(out.chunks_exact_mut(total)) {
+                // SAFETY: as this function's.
+                unsafe { scores(query, &keys[at..], stride, &mut out[first..first + len]) };
+            }
+            first += len;
+        }
+    }
+
+    /// [`super::weighted_sums`] over runs.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; every run's rows lie within `values` (checked by the
+    /// caller), and `weights` holds a weight per query and position.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sums_runs(
+        weights: &[f32],
+        values: &[f32],
+        stride: usize,
+        runs: &[(usize, usize)],
+        out: &mut [f32],
+        d: usize,
+    ) {
+        let total = weights.len() / (out.len() / d).max(1);
+        let mut first = 0;
+        for &(at, len) in runs {
+            for (weights, out) in weights.chunks_exact(total).zip(out.chunks_exact_mut(d)) {
+                let part = &weights[first..first + len];
+                // SAFETY: as this function's.
+                unsafe { weighted_sum_into(part, &values[at..], stride, out) };
+            }
+            first += len;
+        }
+    }
+
     /// # Safety
     /// AVX2 and FMA must be available; `out.len()` rows of `query.len()` values at `stride`
     /// lie within `keys`.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores(query: &[f32], keys: &[f32], stride: usize, out: &mut [f32]) {
+    unsafe fn scores(query: &[f32], keys: &[f32], stride: usize, out: &mut [f32]) {
         let d = query.len();
         let whole = d / 8 * 8;
         let row = |p: usize| &keys[p * stride..][..d];
@@ -149,13 +249,9 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA must be available; `weights.len()` rows of `out.len()` values at `stride`
     /// lie within `values`.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum_into(
-        weights: &[f32],
-        values: &[f32],
-        stride: usize,
-        out: &mut [f32],
-    ) {
+    unsafe fn weighted_sum_into(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
         let d = out.len();
         let whole = d / 8 * 8;
         for c in (0..whole).step_by(WIDTH) {
@@ -223,7 +319,7 @@ mod tests {
             };
             let tolerance = |n: usize| 1e-6 * 4.0 * n as f64;
             let (mut fast, mut reference) = (vec![f32::NAN; positions], vec![f32::NAN; positions]);
-            scores(&query, cache, stride, &mut fast);
+            scores(&query, d, cache, stride, &[(0, positions)], &mut fast);
             scalar::scores(&query, cache, stride, &mut reference);
             for p in 0..positions {
                 for got in [fast[p], reference[p]] {
@@ -234,9 +330,9 @@ mod tests {
                     );
                 }
             }
-            let (mut fast, mut reference) = (vec![f32::NAN; d], vec![f32::NAN; d]);
-            weighted_sum(&weights, cache, stride, &mut fast);
-            scalar::weighted_sum(&weights, cache, stride, &mut reference);
+            let (mut fast, mut reference) = (vec![0.0; d], vec![0.0; d]);
+            weighted_sums(&weights, cache, stride, &[(0, positions)], &mut fast, d);
+            scalar::weighted_sum_into(&weights, cache, stride, &mut reference);
             for i in 0..d {
                 for got in [fast[i], reference[i]] {
                     let want = exact_sum(i);

@@ -2,11 +2,14 @@
 //! token slots, each slot a row of every KV head (`[block][slot][kv head][head dim]`), and
 //! attention of one query head over a sequence's positions through its block table.
 //!
-//! The storage is asked of the allocator as zeroed memory, which the kernel hands out as
-//! untouched pages: a pool sized for many long sequences takes memory only as its blocks are
-//! first written.
+//! The storage is written (zeroed) when the pool is made, on huge pages where the system gives
+//! them, as llama.cpp clears its cache at start: the scheduler hands blocks out across the whole
+//! pool, and a pool whose pages were faulted in at first use cost a page fault every few
+//! kilobytes of every new block (the first run over a 1.5 GB pool decoded 30 % slower than
+//! later ones).
 
 use super::attention;
+use super::huge_pages::{weight_buffer, WeightBuffer};
 use crate::models::batch::{KvLayout, BLOCK_ALIGN};
 
 /// Keys and values of every layer, in blocks.
@@ -14,8 +17,8 @@ pub struct KvPool {
     layout: KvLayout,
     /// Values per slot: KV heads × head dim.
     width: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<WeightBuffer<f32>>,
+    values: Vec<WeightBuffer<f32>>,
 }
 
 /// Where a query's attention reads: one KV head of one sequence's positions.
@@ -37,8 +40,8 @@ impl KvPool {
         KvPool {
             layout,
             width,
-            keys: (0..layers).map(|_| vec![0.0; len]).collect(),
-            values: (0..layers).map(|_| vec![0.0; len]).collect(),
+            keys: (0..layers).map(|_| weight_buffer(len)).collect(),
+            values: (0..layers).map(|_| weight_buffer(len)).collect(),
         }
     }
 
@@ -55,7 +58,9 @@ impl KvPool {
         self.layout.blocks = blocks;
         let len = self.layout.tokens() * self.width;
         for store in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            store.resize(len, 0.0);
+            let mut grown = weight_buffer(len);
+            grown[..store.len()].copy_from_slice(store);
+            *store = grown;
         }
     }
 
@@ -124,38 +129,67 @@ impl Layer<'_> {
         })
     }
 
-    /// Softmax attention of `query` over `span`: `out = Σ_p softmax(scale · q·k_p)_p · v_p`.
-    /// `scores` and `weights` are the caller's scratch space. Every position's score and the
-    /// running sum of the values are formed in position order, and the scores are taken in
-    /// groups of four from a multiple of four (a window's start is rounded down, the extra
-    /// scores unused), so the result depends only on the positions attended, not on which
-    /// blocks hold them or how large the blocks are.
+    /// Softmax attention of the queries of one KV head's group (`queries`: heads of `d`
+    /// values, one after another) over `span`, into `out` (the same shape): for each query,
+    /// `out = Σ_p softmax(scale · q·k_p)_p · v_p`. The group's queries take each block in
+    /// turn, so a block's keys and values come from memory once for all of them. `scratch` is
+    /// the caller's scores and weights space.
+    ///
+    /// Each query's scores and running sum of values are formed in position order, and the
+    /// scores are taken in groups of four from a multiple of four (a window's start is rounded
+    /// down, the extra scores unused), so the result depends only on the positions attended,
+    /// not on which blocks hold them or how large the blocks are.
     pub fn attend(
         &self,
-        query: &[f32],
+        queries: &[f32],
+        d: usize,
         span: &Span<'_>,
         scale: f32,
-        scratch: &mut (Vec<f32>, Vec<f32>),
+        scratch: &mut Scratch,
         out: &mut [f32],
     ) {
-        let (scores, weights) = scratch;
+        let heads = queries.len() / d;
         let aligned = span.start / BLOCK_ALIGN * BLOCK_ALIGN;
-        scores.resize(span.end - aligned, 0.0);
-        weights.resize(span.end - span.start, 0.0);
-        for (at, from, to) in self.pieces(span, aligned) {
-            let part = &mut scores[from - aligned..to - aligned];
-            attention::scores(query, &self.keys[at..], self.width, part);
+        let (all, seen) = (span.end - aligned, span.end - span.start);
+        scratch.scores.resize(heads * all, 0.0);
+        scratch.weights.resize(heads * seen, 0.0);
+        scratch.runs.clear();
+        let runs = self
+            .pieces(span, aligned)
+            .map(|(at, from, to)| (at, to - from));
+        scratch.runs.extend(runs);
+        attention::scores(
+            queries,
+            d,
+            self.keys,
+            self.width,
+            &scratch.runs,
+            &mut scratch.scores,
+        );
+        let chunks = scratch.scores.chunks_exact(all);
+        for (scores, weights) in chunks.zip(scratch.weights.chunks_exact_mut(seen)) {
+            let live = &scores[span.start - aligned..];
+            let max = super::exp::max_value(live);
+            let total = super::exp::exp_shifted(live, max, scale, weights) as f32;
+            weights.iter_mut().for_each(|w| *w /= total);
         }
-        let live = &scores[span.start - aligned..];
-        let max = super::exp::max_value(live);
-        let total = super::exp::exp_shifted(live, max, scale, weights) as f32;
-        weights.iter_mut().for_each(|w| *w /= total);
         out.fill(0.0);
-        for (at, from, to) in self.pieces(span, span.start) {
-            let part = &weights[from - span.start..to - span.start];
-            attention::weighted_sum_into(part, &self.values[at..], self.width, out);
-        }
+        scratch.runs.clear();
+        let runs = self
+            .pieces(span, span.start)
+            .map(|(at, from, to)| (at, to - from));
+        scratch.runs.extend(runs);
+        let values = self.values;
+        attention::weighted_sums(&scratch.weights, values, self.width, &scratch.runs, out, d);
     }
+}
+
+/// One thread's scratch space for [`Layer::attend`].
+#[derive(Default)]
+pub struct Scratch {
+    scores: Vec<f32>,
+    weights: Vec<f32>,
+    runs: Vec<attention::Run>,
 }
 
 #[cfg(test)]
@@ -199,7 +233,7 @@ mod tests {
                 for start in [0, len / 3, len - 1] {
                     let mut got = vec![0.0; d];
                     let mut want = vec![0.0; d];
-                    let mut scratch = (Vec::new(), Vec::new());
+                    let mut scratch = Scratch::default();
                     let paged = Span {
                         table: &table,
                         start,
@@ -207,7 +241,7 @@ mod tests {
                         head: d,
                     };
                     pool.layer(0)
-                        .attend(&query, &paged, 0.3, &mut scratch, &mut got);
+                        .attend(&query, d, &paged, 0.3, &mut scratch, &mut got);
                     let flat = Span {
                         table: &[0],
                         start,
@@ -216,7 +250,7 @@ mod tests {
                     };
                     contiguous
                         .layer(0)
-                        .attend(&query, &flat, 0.3, &mut scratch, &mut want);
+                        .attend(&query, d, &flat, 0.3, &mut scratch, &mut want);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&got),

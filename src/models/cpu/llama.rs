@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use super::buffer::zeros;
-use super::kv_pool::{KvPool, Span};
+use super::kv_pool::{KvPool, Scratch, Span};
 use super::ops::{self, Rope};
 use super::weight::Weight;
 use crate::models::batch::{check_step, BatchedModel, KvLayout, SeqChunk};
@@ -138,15 +138,16 @@ impl CpuLlama {
         }
         let end = position + ids.len();
         let blocks = end.div_ceil(SOLO_BLOCK);
+        // Grown to powers of two, so that a long decode copies its cache a few times only.
         let layout = KvLayout {
             block_size: SOLO_BLOCK,
-            blocks,
+            blocks: blocks.next_power_of_two(),
         };
         let w = &self.weights;
         let pool = self
             .solo
             .get_or_insert_with(|| KvPool::new(w.layers.len(), w.kv_width(), layout));
-        pool.grow(blocks);
+        pool.grow(layout.blocks);
         let table: Vec<u32> = (0..blocks as u32).collect();
         let chunk = SeqChunk {
             tokens: ids,
@@ -302,23 +303,25 @@ impl Weights {
         }
         let layer_kv = pool.layer(index);
         let d = s.head_dim;
-        let group = s.heads / s.kv_heads;
+        // One unit per (row, KV head): the query heads that share the KV head read its keys
+        // and values together.
+        let group = (s.heads / s.kv_heads) * d;
         let mut out = zeros(n * q_width);
-        let scratch = || (Vec::new(), Vec::new());
-        out.par_chunks_mut(d)
-            .enumerate()
-            .for_each_init(scratch, |scratch, (unit, o)| {
-                let (row, head) = (unit / s.heads, unit % s.heads);
+        out.par_chunks_mut(group).enumerate().for_each_init(
+            Scratch::default,
+            |scratch, (unit, o)| {
+                let (row, kv_head) = (unit / s.kv_heads, unit % s.kv_heads);
                 let position = rows.position[row];
                 let span = Span {
                     table: seqs[rows.seq[row]].block_table,
                     start: s.window.map_or(0, |w| (position + 1).saturating_sub(w)),
                     end: position + 1,
-                    head: (head / group) * d,
+                    head: kv_head * d,
                 };
-                let query = &q[unit * d..(unit + 1) * d];
-                layer_kv.attend(query, &span, s.attention_scale, scratch, o);
-            });
+                let queries = &q[unit * group..(unit + 1) * group];
+                layer_kv.attend(queries, d, &span, s.attention_scale, scratch, o);
+            },
+        );
         out
     }
 

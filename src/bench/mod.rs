@@ -240,16 +240,7 @@ pub(crate) fn median(values: &[f64]) -> Option<f64> {
 
 /// A process's peak resident set size (`VmHWM`), where `/proc` has it.
 pub(crate) fn peak_rss_of(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(kib * 1024)
+    llorch::models::proc_bytes(&format!("/proc/{pid}/status"), "VmHWM:")
 }
 
 #[cfg(test)]

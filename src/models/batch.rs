@@ -97,6 +97,57 @@ pub fn check_step(
     Ok(())
 }
 
+/// The single-sequence path of a batched model (`Model::forward`): one sequence in blocks
+/// `0..` of a pool of its own, grown to powers of two so that a long decode copies its cache a
+/// few times only.
+#[derive(Debug, Default)]
+pub struct Solo {
+    cached: usize,
+    table: Vec<u32>,
+}
+
+impl Solo {
+    /// Token slots per block of the single-sequence pool.
+    pub const BLOCK: usize = 16;
+
+    /// Forgets the sequence: the next forward starts at position 0.
+    pub fn clear(&mut self) {
+        self.cached = 0;
+    }
+
+    /// Checks that `position` continues the sequence and returns the layout the pool needs
+    /// to hold `tokens` more.
+    pub fn layout(&mut self, position: usize, tokens: usize) -> Result<KvLayout, GenerationError> {
+        if position != self.cached {
+            return Err(GenerationError::Forward(format!(
+                "position {position} but {} positions cached",
+                self.cached
+            )));
+        }
+        let blocks = (position + tokens).div_ceil(Self::BLOCK);
+        self.table = (0..blocks as u32).collect();
+        Ok(KvLayout {
+            block_size: Self::BLOCK,
+            blocks: blocks.next_power_of_two(),
+        })
+    }
+
+    /// The step of `ids` after [`Solo::layout`].
+    pub fn chunk<'a>(&'a self, ids: &'a [u32]) -> SeqChunk<'a> {
+        SeqChunk {
+            tokens: ids,
+            context_len: self.cached,
+            block_table: &self.table,
+            logits: true,
+        }
+    }
+
+    /// Records that `tokens` more are cached.
+    pub fn advance(&mut self, tokens: usize) {
+        self.cached += tokens;
+    }
+}
+
 /// A model that runs many sequences in one forward pass over a paged KV cache it owns.
 pub trait BatchedModel {
     /// Bytes of cache one token takes (keys and values of every layer).

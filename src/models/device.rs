@@ -194,20 +194,23 @@ pub fn available_memory(device: &Device) -> Option<u64> {
             let (free, _) = cuda.cuda_stream().context().mem_get_info().ok()?;
             Some(free as u64)
         }
-        Device::Cpu => {
-            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-            let kib = meminfo
-                .lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()?;
-            Some(kib * 1024)
-        }
+        Device::Cpu => proc_bytes("/proc/meminfo", "MemAvailable:"),
         _ => None,
     }
+}
+
+/// A `key  N kB` line of a `/proc` file (`/proc/meminfo`, `/proc/<pid>/status`) in bytes.
+pub fn proc_bytes(file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

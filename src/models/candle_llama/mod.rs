@@ -13,7 +13,7 @@ mod attention;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::batch::{check_step, BatchedModel, KvLayout, SeqChunk};
+use super::batch::{check_step, BatchedModel, KvLayout, SeqChunk, Solo};
 use super::cpu::llama_hf::FamilyConfig;
 use super::error::GenerationError;
 use attention::{KvPool, StepIndex};
@@ -61,13 +61,10 @@ pub struct CandleLlama {
     dtype: DType,
     vocab: usize,
     pool: Option<KvPool>,
-    /// The single-sequence path's pool (blocks `0..`, grown as needed) and its length.
-    solo: Option<KvPool>,
-    solo_cached: usize,
+    /// The single-sequence path's pool and its sequence.
+    solo_pool: Option<KvPool>,
+    solo: Solo,
 }
-
-/// Block size of the single-sequence path's pool.
-const SOLO_BLOCK: usize = 16;
 
 impl CandleLlama {
     /// Builds the model from HuggingFace-named weights. `window` is Mistral's attention window,
@@ -165,53 +162,36 @@ impl CandleLlama {
             dtype,
             vocab,
             pool: None,
-            solo: None,
-            solo_cached: 0,
+            solo_pool: None,
+            solo: Solo::default(),
         })
     }
 
     /// Empties the single-sequence path's cache.
     pub fn clear_kv_cache(&mut self) {
-        self.solo_cached = 0;
+        self.solo.clear();
     }
 
     /// Runs `ids` as the continuation of the single-sequence path's one sequence, at
     /// `position` (its cached length), and returns the logits of the last.
     pub fn forward(&mut self, ids: &[u32], position: usize) -> Result<Vec<f32>, GenerationError> {
-        if position != self.solo_cached {
-            return Err(GenerationError::Forward(format!(
-                "position {position} but {} positions cached",
-                self.solo_cached
-            )));
-        }
-        let end = position + ids.len();
-        let blocks = end.div_ceil(SOLO_BLOCK).next_power_of_two();
-        let have = self.solo.as_ref().map_or(0, |p| p.layout().blocks);
-        if have < blocks {
-            let mut grown = self.new_pool(KvLayout {
-                block_size: SOLO_BLOCK,
-                blocks,
-            })?;
-            if let Some(old) = &self.solo {
+        let layout = self.solo.layout(position, ids.len())?;
+        let have = self.solo_pool.as_ref().map_or(0, |p| p.layout().blocks);
+        if have < layout.blocks {
+            let mut grown = self.new_pool(layout)?;
+            if let Some(old) = &self.solo_pool {
                 grown.copy_from(old)?;
             }
-            self.solo = Some(grown);
+            self.solo_pool = Some(grown);
         }
-        let table: Vec<u32> = (0..blocks as u32).collect();
-        let chunk = SeqChunk {
-            tokens: ids,
-            context_len: position,
-            block_table: &table,
-            logits: true,
-        };
-        let mut pool = self.solo.take();
+        let mut pool = self.solo_pool.take();
         let result = match &mut pool {
-            Some(pool) => self.step(&[chunk], pool),
+            Some(pool) => self.step(&[self.solo.chunk(ids)], pool),
             None => Err(GenerationError::Forward("no cache".to_string())),
         };
-        self.solo = pool;
+        self.solo_pool = pool;
         let mut logits = result?;
-        self.solo_cached = end;
+        self.solo.advance(ids.len());
         logits
             .pop()
             .ok_or_else(|| GenerationError::Forward("no logits".to_string()))

@@ -14,7 +14,7 @@ use super::buffer::zeros;
 use super::kv_pool::{KvPool, Scratch, Span};
 use super::ops::{self, Rope};
 use super::weight::Weight;
-use crate::models::batch::{check_step, BatchedModel, KvLayout, SeqChunk};
+use crate::models::batch::{check_step, BatchedModel, KvLayout, SeqChunk, Solo};
 use crate::models::error::GenerationError;
 
 /// A weight matrix and its optional bias.
@@ -103,13 +103,10 @@ pub struct CpuLlama {
     weights: Weights,
     /// The batched engine's pool (`None` until [`BatchedModel::init_kv`]).
     pool: Option<KvPool>,
-    /// The single-sequence path's pool, which grows block by block, and its length.
-    solo: Option<KvPool>,
-    solo_cached: usize,
+    /// The single-sequence path's pool and its sequence.
+    solo_pool: Option<KvPool>,
+    solo: Solo,
 }
-
-/// Block size of the single-sequence path's pool.
-const SOLO_BLOCK: usize = 16;
 
 impl CpuLlama {
     /// A model with empty caches.
@@ -117,47 +114,29 @@ impl CpuLlama {
         CpuLlama {
             weights,
             pool: None,
-            solo: None,
-            solo_cached: 0,
+            solo_pool: None,
+            solo: Solo::default(),
         }
     }
 
     /// Empties the single-sequence path's cache.
     pub fn clear_kv_cache(&mut self) {
-        self.solo_cached = 0;
+        self.solo.clear();
     }
 
     /// Runs `ids` as the continuation of the one sequence of the single-sequence path, at
     /// `position` (which must equal its cached length), and returns the logits of the last.
     pub fn forward(&mut self, ids: &[u32], position: usize) -> Result<Vec<f32>, GenerationError> {
-        if position != self.solo_cached {
-            return Err(GenerationError::Forward(format!(
-                "position {position} but {} positions cached",
-                self.solo_cached
-            )));
-        }
-        let end = position + ids.len();
-        let blocks = end.div_ceil(SOLO_BLOCK);
-        // Grown to powers of two, so that a long decode copies its cache a few times only.
-        let layout = KvLayout {
-            block_size: SOLO_BLOCK,
-            blocks: blocks.next_power_of_two(),
-        };
+        let layout = self.solo.layout(position, ids.len())?;
         let w = &self.weights;
         let pool = self
-            .solo
+            .solo_pool
             .get_or_insert_with(|| KvPool::new(w.layers.len(), w.kv_width(), layout));
         pool.grow(layout.blocks);
-        let table: Vec<u32> = (0..blocks as u32).collect();
-        let chunk = SeqChunk {
-            tokens: ids,
-            context_len: position,
-            block_table: &table,
-            logits: true,
-        };
+        let chunk = self.solo.chunk(ids);
         check_step(&[chunk], pool.layout(), w.vocab())?;
         let mut logits = rayon::scope(|_| w.forward(&[chunk], pool));
-        self.solo_cached = end;
+        self.solo.advance(ids.len());
         logits
             .pop()
             .ok_or_else(|| GenerationError::Forward("no logits".to_string()))

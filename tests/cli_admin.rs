@@ -29,6 +29,9 @@ async fn ps_load_reload_and_evict_drive_a_running_daemon() {
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("MODEL  REPLICA"), "{table}");
     assert!(lines[1].starts_with("first  first#0@cpu  ready"), "{table}");
+    // The demo runs batched: no sequence running of the 16 it may run, no KV block held.
+    let cells: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(&cells[3..7], ["0", "0", "0/16", "0.0%"], "{table}");
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("second.toml");
@@ -60,7 +63,7 @@ async fn ps_load_reload_and_evict_drive_a_running_daemon() {
     assert!(ok);
     assert_eq!(
         table.trim(),
-        "MODEL  REPLICA  STATE  IN FLIGHT  QUEUED  RESTARTS  LAST ERROR"
+        "MODEL  REPLICA  STATE  IN FLIGHT  QUEUED  RUNNING  KV USED  RESTARTS  LAST ERROR"
     );
     let (ok, _, stderr) = llorch(&["evict", "first"], &daemon.url).await;
     assert!(!ok);

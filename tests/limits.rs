@@ -24,7 +24,8 @@ async fn tail(daemon: &Daemon, body: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_past_the_queue_deadline_gets_503_queue_timeout() {
     let daemon = Daemon::start(
-        "version = 1\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\nqueue_timeout = \"300ms\"\n",
+        "version = 1\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\nqueue_timeout = \"300ms\"\n\
+         max_concurrent = 1\n",
     )
     .await;
     let busy = {

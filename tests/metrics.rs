@@ -13,7 +13,7 @@ use llorch::actors::faults::{arm, Fault};
 use serde_json::{json, Value};
 
 const POOL: &str = "version = 1\n\
-    [[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\nmax_queue = 1\n\
+    [[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\nmax_queue = 1\nmax_concurrent = 1\n\
     [[models]]\nname = \"victim\"\nsource = \"builtin:demo\"\n";
 
 async fn scrape(daemon: &Daemon) -> String {

@@ -32,7 +32,10 @@ async fn all_frames(reader: &mut SseReader) -> Vec<String> {
 /// requests queued behind it are served by the restarted replica; another model sees nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_mid_stream_ends_the_stream_and_queued_requests_are_served_after_restart() {
-    let daemon = Daemon::start(&pool(&[("f1-victim", "max_queue = 16"), ("f1-other", "")])).await;
+    // One sequence at a time, so that the requests below wait in the queue (batched, they would
+    // run beside the long one and crash with it: tests/batching.rs covers that).
+    let victim = "max_queue = 16\nmax_concurrent = 1";
+    let daemon = Daemon::start(&pool(&[("f1-victim", victim), ("f1-other", "")])).await;
     arm("f1-victim#0@cpu", Fault::PanicAtToken(5));
     let long = json!({"model": "f1-victim", "prompt": "Hello", "max_tokens": 50, "ignore_eos": true, "stream": true});
     let response = daemon

@@ -174,6 +174,15 @@ pub struct ModelSpec {
     pub queue_during_load: bool,
 }
 
+impl ModelSpec {
+    /// Bytes one replica holds on `device`: its weights and an explicit `kv_cache` (the
+    /// default cache, at most a quarter of the memory free at load, is not known before).
+    pub fn footprint(&self, device: DeviceSpec) -> u64 {
+        crate::models::estimate_weight_bytes(&self.source, self.dtype, device)
+            + self.kv_cache.unwrap_or(0)
+    }
+}
+
 /// Which requests reuse each other's cached prompt blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PrefixCacheScope {

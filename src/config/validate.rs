@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::schema::{ModelEntry, PoolFile, ServerSection};
 use super::{ConfigError, ModelSpec, PoolConfig, ServerConfig};
-use crate::models::{estimate_weight_bytes, DTypeChoice, DeviceSpec, ModelSource};
+use crate::models::{DTypeChoice, DeviceSpec, ModelSource};
 
 /// The only schema version this build reads.
 const SCHEMA_VERSION: u32 = 1;
@@ -96,10 +96,7 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
             .filter(|model| model.preload)
             .map(|model| {
                 let copies = model.devices.iter().filter(|d| *d == device).count() as u64;
-                (
-                    model,
-                    copies * estimate_weight_bytes(&model.source, model.dtype, *device),
-                )
+                (model, copies * model.footprint(*device))
             })
             .filter(|(_, bytes)| *bytes > 0)
             .collect();
@@ -522,7 +519,7 @@ fn key_of(line: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::parse;
+    use super::super::{parse, PrefixCacheScope};
     use super::*;
 
     fn check(text: &str) -> Result<PoolConfig, ConfigError> {
@@ -660,6 +657,41 @@ mod tests {
             "{err}"
         );
         assert!(err.message.contains("(demo) need"), "{err}");
+        // An explicit KV cache counts toward the budget beside the weights.
+        let fits =
+            format!("{DEMO}kv_cache = \"64MiB\"\n\n[devices.cpu]\nmemory_budget = \"80MiB\"\n");
+        let pool = check(&fits).unwrap();
+        assert_eq!(pool.models[0].kv_cache, Some(64 << 20));
+        let over =
+            format!("{DEMO}kv_cache = \"79MiB\"\n\n[devices.cpu]\nmemory_budget = \"80MiB\"\n");
+        let err = check(&over).unwrap_err();
+        assert_eq!(err.field, "devices.cpu.memory_budget", "{err}");
+    }
+
+    #[test]
+    fn batching_settings_are_checked() {
+        let pool = check(&format!(
+            "{DEMO}max_concurrent = 8\nmax_batch_tokens = 64\nprefix_cache = \"global\"\n"
+        ))
+        .unwrap();
+        let model = &pool.models[0];
+        assert_eq!(
+            (model.max_concurrent, model.max_batch_tokens),
+            (Some(8), Some(64))
+        );
+        assert_eq!(model.prefix_cache, PrefixCacheScope::Global);
+        for (line, field) in [
+            (
+                "max_batch_tokens = 4\nmax_concurrent = 8",
+                "models[0].max_batch_tokens",
+            ),
+            ("kv_cache = \"0B\"", "models[0].kv_cache"),
+            ("kv_cache = \"big\"", "models[0].kv_cache"),
+            ("prefix_cache = \"shared\"", "models[0].prefix_cache"),
+        ] {
+            let err = check(&format!("{DEMO}{line}\n")).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
     }
 
     #[test]

@@ -70,9 +70,14 @@ pub fn demo_model(device: &Device, dtype: DType) -> Result<Model, LoadError> {
     };
     let tensors = demo_tensors(&cfg, device).map_err(weights)?;
     if device.is_cpu() && matches!(dtype, DType::F32 | DType::F16) {
-        let model =
-            llama_hf::from_tensors(&family(&cfg), &InMemory(tensors), None, dtype == DType::F16)
-                .map_err(weights)?;
+        let model = llama_hf::from_tensors(
+            &family(&cfg),
+            &InMemory(tensors),
+            cfg.vocab_size,
+            None,
+            dtype == DType::F16,
+        )
+        .map_err(weights)?;
         return Ok(Model::CpuLlama(Box::new(model)));
     }
     let vb = VarBuilder::from_tensors(tensors, dtype, device);

@@ -155,7 +155,9 @@ fn build_cpu_llama(
     // SAFETY: as for `mmap_weights`: mapped read-only, never written by llorch.
     #[allow(unsafe_code)]
     let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }?;
-    let model = llama_hf::from_tensors(&config, &Mapped(mapped), window, dtype == DType::F16)?;
+    let vocab = checker.vocab_size()?;
+    let as_f16 = dtype == DType::F16;
+    let model = llama_hf::from_tensors(&config, &Mapped(mapped), vocab, window, as_f16)?;
     Ok(Model::CpuLlama(Box::new(model)))
 }
 

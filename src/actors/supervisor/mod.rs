@@ -24,7 +24,7 @@ use super::router::{
     ModelStatus, ReplicaEntry, ReplicaId, RouteSpec, Router, RouterArgs, RouterMsg,
 };
 use crate::config::{ModelSpec, PoolConfig, PrefixCacheScope};
-use crate::models::{estimate_weight_bytes, DeviceSpec, LoadSpec};
+use crate::models::{DeviceSpec, LoadSpec};
 
 mod plan;
 
@@ -470,12 +470,7 @@ async fn start_generation(
     let held = spec
         .devices
         .iter()
-        .map(|device| {
-            (
-                *device,
-                estimate_weight_bytes(&spec.source, spec.dtype, *device),
-            )
-        })
+        .map(|device| (*device, spec.footprint(*device)))
         .collect();
     state.held.insert(spec.name.clone(), held);
     let mut ids = Vec::new();

@@ -4,7 +4,6 @@
 use super::{ModelStatus, SupervisorState};
 use crate::actors::admin::{AdminCommand, AdminError, Failure};
 use crate::config::ModelSpec;
-use crate::models::estimate_weight_bytes;
 use std::time::Duration;
 
 pub(super) fn plan(
@@ -163,7 +162,7 @@ pub(super) fn make_room(
             continue;
         };
         let copies = spec.devices.iter().filter(|d| **d == device).count() as u64;
-        let need = copies * estimate_weight_bytes(&spec.source, spec.dtype, device);
+        let need = copies * spec.footprint(device);
         let held_on = |name: &str| -> u64 {
             state
                 .held

@@ -8,8 +8,6 @@
 //! kilobytes of every new block (`perf record` of 16 decoding streams showed the kernel
 //! clearing pages inside the steps).
 
-use rayon::prelude::*;
-
 use super::attention;
 use super::huge_pages::{weight_buffer, WeightBuffer};
 use crate::models::batch::{KvLayout, BLOCK_ALIGN};
@@ -39,18 +37,11 @@ impl KvPool {
     /// An empty pool of `layout` for `layers` layers of `width` values per slot.
     pub fn new(layers: usize, width: usize, layout: KvLayout) -> KvPool {
         let len = layout.tokens() * width;
-        // Written by every thread of the pool at once: each buffer is zeroed where it is made.
-        let buffers = || {
-            (0..layers)
-                .into_par_iter()
-                .map(|_| weight_buffer(len))
-                .collect()
-        };
         KvPool {
             layout,
             width,
-            keys: buffers(),
-            values: buffers(),
+            keys: (0..layers).map(|_| weight_buffer(len)).collect(),
+            values: (0..layers).map(|_| weight_buffer(len)).collect(),
         }
     }
 

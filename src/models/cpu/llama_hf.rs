@@ -139,11 +139,13 @@ impl FamilyConfig {
     }
 }
 
-/// Builds the model from `tensors` laid out as HuggingFace names them. `window` is the
-/// attention window to honour (Mistral's), if any.
+/// Builds the model from `tensors` laid out as HuggingFace names them, checking every shape
+/// against the config and `vocab`. `window` is the attention window to honour (Mistral's), if
+/// any.
 pub fn from_tensors(
     config: &FamilyConfig,
     tensors: &dyn Tensors,
+    vocab: usize,
     window: Option<usize>,
     as_f16: bool,
 ) -> Result<CpuLlama> {
@@ -153,55 +155,65 @@ pub fn from_tensors(
     let rope = config.rope(head_dim)?;
     let require = |name: &str| match tensors.tensor(name)? {
         Some(tensor) => Ok(tensor),
-        None => bail!("no tensor {name}"),
+        None => bail!("cannot find tensor {name}"),
     };
-    let matrix = |name: &str| -> Result<Weight> {
+    let shaped = |name: &str, t: &RawTensor<'_>, shape: &[usize]| -> Result<()> {
+        if t.shape != shape {
+            bail!("{name} has shape {:?}, the config says {shape:?}", t.shape);
+        }
+        Ok(())
+    };
+    let matrix = |name: &str, rows: usize, columns: usize| -> Result<Weight> {
         let t = require(name)?;
-        let [rows, columns] = t.shape[..] else {
-            bail!("{name} has shape {:?}, not a matrix", t.shape);
-        };
+        shaped(name, &t, &[rows, columns])?;
         matrix_weight(t.dtype, &t.bytes, rows, columns, as_f16)
     };
-    let vector = |name: &str| -> Result<Vec<f32>> {
+    let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
         let t = require(name)?;
+        shaped(name, &t, &[len])?;
         floats(t.dtype, &t.bytes)
     };
-    let optional = |name: &str| -> Result<Option<Vec<f32>>> {
+    let optional = |name: &str, len: usize| -> Result<Option<Vec<f32>>> {
         match tensors.tensor(name)? {
-            Some(t) => Ok(Some(floats(t.dtype, &t.bytes)?)),
+            Some(t) => {
+                shaped(name, &t, &[len])?;
+                Ok(Some(floats(t.dtype, &t.bytes)?))
+            }
             None => Ok(None),
         }
     };
-    let linear = |name: &str| -> Result<Linear> {
+    let linear = |name: &str, rows: usize, columns: usize| -> Result<Linear> {
         Ok(Linear {
-            weight: matrix(&format!("{name}.weight"))?,
-            bias: optional(&format!("{name}.bias"))?,
+            weight: matrix(&format!("{name}.weight"), rows, columns)?,
+            bias: optional(&format!("{name}.bias"), rows)?,
         })
     };
+    let (hidden, ffn, vocab) = (config.hidden_size, config.intermediate_size, vocab);
+    let (q_rows, kv_rows) = (heads * head_dim, kv_heads * head_dim);
     super::huge_pages::in_arena(|| {
-        let embedding = matrix("model.embed_tokens.weight")?;
+        let embedding = matrix("model.embed_tokens.weight", vocab, hidden)?;
         let output = match config.tie_word_embeddings {
             true => None,
-            false => Some(matrix("lm_head.weight")?),
+            false => Some(matrix("lm_head.weight", vocab, hidden)?),
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
-                attn_norm: vector(&format!("{p}.input_layernorm.weight"))?,
-                q: linear(&format!("{p}.self_attn.q_proj"))?,
-                k: linear(&format!("{p}.self_attn.k_proj"))?,
-                v: linear(&format!("{p}.self_attn.v_proj"))?,
-                o: linear(&format!("{p}.self_attn.o_proj"))?,
-                q_norm: optional(&format!("{p}.self_attn.q_norm.weight"))?,
-                k_norm: optional(&format!("{p}.self_attn.k_norm.weight"))?,
-                ffn_norm: vector(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate: linear(&format!("{p}.mlp.gate_proj"))?,
-                up: linear(&format!("{p}.mlp.up_proj"))?,
-                down: linear(&format!("{p}.mlp.down_proj"))?,
+                attn_norm: vector(&format!("{p}.input_layernorm.weight"), hidden)?,
+                q: linear(&format!("{p}.self_attn.q_proj"), q_rows, hidden)?,
+                k: linear(&format!("{p}.self_attn.k_proj"), kv_rows, hidden)?,
+                v: linear(&format!("{p}.self_attn.v_proj"), kv_rows, hidden)?,
+                o: linear(&format!("{p}.self_attn.o_proj"), hidden, q_rows)?,
+                q_norm: optional(&format!("{p}.self_attn.q_norm.weight"), head_dim)?,
+                k_norm: optional(&format!("{p}.self_attn.k_norm.weight"), head_dim)?,
+                ffn_norm: vector(&format!("{p}.post_attention_layernorm.weight"), hidden)?,
+                gate: linear(&format!("{p}.mlp.gate_proj"), ffn, hidden)?,
+                up: linear(&format!("{p}.mlp.up_proj"), ffn, hidden)?,
+                down: linear(&format!("{p}.mlp.down_proj"), hidden, ffn)?,
             });
         }
-        let norm = vector("model.norm.weight")?;
+        let norm = vector("model.norm.weight", hidden)?;
         let multiplier = |value: Option<f64>| value.unwrap_or(1.0) as f32;
         let attention_scale = config
             .attention_multiplier

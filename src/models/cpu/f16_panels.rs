@@ -21,6 +21,9 @@ pub const PANEL: usize = 16;
 /// Tokens per tile: 6 × 2 accumulators, 2 weight vectors and a broadcast fill 15 of the 16
 /// AVX registers.
 const TOKENS: usize = 6;
+/// Panels one matrix-vector pass takes at once: each panel's two sums are one chain of
+/// additions (as in a tile), so four panels keep eight chains in flight.
+pub const MATVEC_PANELS: usize = 4;
 
 /// The tiles of `tokens` tokens: their first token and their width.
 fn tiles(tokens: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -150,7 +153,7 @@ mod scalar {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
-    use super::{tiles, write, PANEL, TOKENS};
+    use super::{tiles, write, MATVEC_PANELS, PANEL, TOKENS};
     use crate::models::cpu::kernels::avx2::prefetch;
     use half::f16;
     use std::arch::x86_64::*;
@@ -169,17 +172,17 @@ mod avx2 {
     ) {
         let count = out.len() / tokens;
         if tokens == 1 {
-            let mut pairs = panels.chunks_exact(2 * PANEL * columns);
-            for (p, two) in pairs.by_ref().enumerate() {
-                let (first, second) = two.split_at(PANEL * columns);
-                let (a, b) = matvec(first, second, x);
-                write(out, count, 2 * p, 0, &lanes(a));
-                write(out, count, 2 * p + 1, 0, &lanes(b));
+            // Four panels at a time, then one by one.
+            let size = PANEL * columns;
+            let mut quads = panels.chunks_exact(MATVEC_PANELS * size);
+            for (q, four) in quads.by_ref().enumerate() {
+                for (i, sums) in matvec(four, x).into_iter().enumerate() {
+                    write(out, count, MATVEC_PANELS * q + i, 0, &lanes(sums));
+                }
             }
-            let rest = pairs.remainder();
-            if !rest.is_empty() {
-                let last = panels.len() / (PANEL * columns) - 1;
-                write(out, count, last, 0, &lanes(tile::<1>(rest, x)[0]));
+            let done = panels.len() / size / MATVEC_PANELS * MATVEC_PANELS;
+            for (i, panel) in quads.remainder().chunks_exact(size).enumerate() {
+                write(out, count, done + i, 0, &lanes(tile::<1>(panel, x)[0]));
             }
             return;
         }
@@ -223,37 +226,44 @@ mod avx2 {
         acc
     }
 
-    /// Two panels' products with one activation row. Each panel's sums run over the columns
+    /// Four panels' products with one activation row. Each panel's sums run over the columns
     /// in order, exactly as [`tile`] forms them for a token of a batch, so a token decoded
-    /// alone gets the same bits as in a batch; the two panels' four independent sums overlap
+    /// alone gets the same bits as in a batch; the four panels' eight independent sums overlap
     /// the additions' latency.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn matvec(first: &[f16], second: &[f16], x: &[f32]) -> ([__m256; 2], [__m256; 2]) {
+    fn matvec(panels: &[f16], x: &[f32]) -> [[__m256; 2]; MATVEC_PANELS] {
         let columns = x.len();
-        assert!(first.len() == PANEL * columns && second.len() == PANEL * columns);
-        let (w, v) = (first.as_ptr(), second.as_ptr());
-        let mut a = [_mm256_setzero_ps(); 2];
-        let mut b = [_mm256_setzero_ps(); 2];
-        for (k, x) in x.iter().enumerate() {
-            if k % 4 == 0 {
-                prefetch(w.wrapping_add(k * PANEL).cast(), 2);
-                prefetch(v.wrapping_add(k * PANEL).cast(), 2);
-            }
-            // SAFETY: `k < columns`: column `k` of each panel is 16 halves from `16 k`.
+        let size = PANEL * columns;
+        assert_eq!(panels.len(), MATVEC_PANELS * size);
+        let base = panels.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 2]; MATVEC_PANELS];
+        let mut step = |k: usize| {
+            // SAFETY: `k < columns`: column `k` of panel `i` is 16 halves from `i size + 16 k`.
             unsafe {
-                let s = _mm256_set1_ps(*x);
-                let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * PANEL).cast()));
-                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * PANEL + 8).cast()));
-                let v0 = _mm256_cvtph_ps(_mm_loadu_si128(v.add(k * PANEL).cast()));
-                let v1 = _mm256_cvtph_ps(_mm_loadu_si128(v.add(k * PANEL + 8).cast()));
-                a[0] = _mm256_fmadd_ps(w0, s, a[0]);
-                a[1] = _mm256_fmadd_ps(w1, s, a[1]);
-                b[0] = _mm256_fmadd_ps(v0, s, b[0]);
-                b[1] = _mm256_fmadd_ps(v1, s, b[1]);
+                let s = _mm256_set1_ps(x[k]);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let w = base.add(i * size + k * PANEL);
+                    let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.cast()));
+                    let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(8).cast()));
+                    acc[0] = _mm256_fmadd_ps(w0, s, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(w1, s, acc[1]);
+                }
+            }
+        };
+        let whole = columns / 4 * 4;
+        for k in (0..whole).step_by(4) {
+            for i in 0..MATVEC_PANELS {
+                prefetch(base.wrapping_add(i * size + k * PANEL).cast(), 2);
+            }
+            for u in 0..4 {
+                step(k + u);
             }
         }
-        (a, b)
+        for k in whole..columns {
+            step(k);
+        }
+        acc
     }
 
     /// The 16 values of two vectors.

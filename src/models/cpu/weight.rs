@@ -190,8 +190,9 @@ impl Weight {
             // One token: a unit's rows are a contiguous piece of its output.
             let mut units = Vec::new();
             for (w, out) in products.iter_mut() {
-                for (c, part) in out.chunks_mut(ROW_CHUNK).enumerate() {
-                    units.push((*w, c * ROW_CHUNK, part));
+                let rows = w.decode_rows();
+                for (c, part) in out.chunks_mut(rows).enumerate() {
+                    units.push((*w, c * rows, part));
                 }
             }
             units
@@ -218,6 +219,14 @@ impl Weight {
                     target.write(first, part, tokens)
                 };
             });
+    }
+
+    /// Rows per unit of a one-token product: f16 panels are multiplied four at a time.
+    fn decode_rows(&self) -> usize {
+        match self.data {
+            Rows::F16(_) => f16_panels::MATVEC_PANELS * PANEL,
+            _ => ROW_CHUNK,
+        }
     }
 
     /// The products of the `count` rows from `first` that `part` has room for with every

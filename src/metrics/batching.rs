@@ -147,7 +147,7 @@ impl Batching {
                 "KV cache blocks held by sequences.",
             ),
             blocks_total: gauge(
-                "llorch_kv_cache_blocks_total",
+                "llorch_kv_cache_blocks_capacity",
                 "KV cache blocks in the pool.",
             ),
             blocks_cached: gauge(

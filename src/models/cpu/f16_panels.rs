@@ -1,5 +1,7 @@
-//! f16 weights stored in panels of [`PANEL`] rows, column by column (the panel's 16 values of
-//! column 0, then of column 1, ...), and their products with f32 activations.
+//! f16 weights in panels of [`PANEL`] rows, and their products with f32 activations. Panels
+//! are stored in groups of [`GROUP`] (64 rows), column by column: the group's 64 values of
+//! column 0, then of column 1, ... A panel's column is 16 consecutive values within its
+//! group's column.
 //!
 //! The layout makes an output tile a set of whole vectors: a panel's 16 rows times up to six
 //! tokens are twelve AVX registers, each column adds one converted weight pair times one
@@ -7,7 +9,9 @@
 //! converted once per six tokens and each activation loaded once per 16 rows; the results are
 //! 16 consecutive outputs of a token, stored as two vectors into the token-major output.
 //! The activations are first [`pack`]ed tile by tile, so that a tile reads them as one stream
-//! rather than six rows whose addresses may share a cache set.
+//! rather than six rows whose addresses may share a cache set. A decode (one token) takes a
+//! whole group per pass: its four panels' eight sums are independent chains, read from one
+//! stream of 128 bytes per column, and each panel's sums are formed in exactly a tile's order.
 
 use half::f16;
 use rayon::prelude::*;
@@ -21,9 +25,6 @@ pub const PANEL: usize = 16;
 /// Tokens per tile: 6 × 2 accumulators, 2 weight vectors and a broadcast fill 15 of the 16
 /// AVX registers.
 const TOKENS: usize = 6;
-/// Panels one matrix-vector pass takes at once: each panel's two sums are one chain of
-/// additions (as in a tile), so four panels keep eight chains in flight.
-pub const MATVEC_PANELS: usize = 4;
 
 /// The tiles of `tokens` tokens: their first token and their width.
 fn tiles(tokens: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -53,26 +54,48 @@ pub fn pack(x: &[f32], tokens: usize, columns: usize) -> Vec<f32> {
     packed
 }
 
-/// A `rows × columns` f16 matrix in panels; the last panel's missing rows are zeros.
+/// Panels per storage group.
+pub const GROUP: usize = 4;
+/// Rows per storage group.
+const GROUP_ROWS: usize = GROUP * PANEL;
+
+/// A `rows × columns` f16 matrix in groups of panels; the last group's missing rows are zeros.
 pub struct F16Panels {
     rows: usize,
     columns: usize,
     data: WeightBuffer<f16>,
 }
 
+/// Where a product reads: the matrix's values, its columns, and the first panel.
+#[derive(Clone, Copy)]
+struct Panels<'a> {
+    data: &'a [f16],
+    columns: usize,
+    first: usize,
+}
+
+impl Panels<'_> {
+    /// Where panel `p` (from the first) starts: its column `k` is 16 values from there plus
+    /// `k × GROUP_ROWS`.
+    fn at(&self, p: usize) -> usize {
+        let p = self.first + p;
+        p / GROUP * GROUP_ROWS * self.columns + p % GROUP * PANEL
+    }
+}
+
 impl F16Panels {
     /// Lays out `rows` row-major rows of `columns` little-endian f16 values.
     pub fn new(bytes: &[u8], rows: usize, columns: usize) -> F16Panels {
         assert_eq!(bytes.len(), rows * columns * 2, "rows × columns f16 values");
-        let panels = rows.div_ceil(PANEL);
-        let mut data = weight_buffer(panels * PANEL * columns);
-        data.par_chunks_exact_mut(PANEL * columns.max(1))
+        let groups = rows.div_ceil(GROUP_ROWS);
+        let mut data = weight_buffer(groups * GROUP_ROWS * columns);
+        data.par_chunks_exact_mut(GROUP_ROWS * columns.max(1))
             .enumerate()
-            .for_each(|(p, panel)| {
-                for i in 0..PANEL.min(rows - p * PANEL) {
-                    let row = &bytes[(p * PANEL + i) * columns * 2..][..columns * 2];
+            .for_each(|(g, group)| {
+                for i in 0..GROUP_ROWS.min(rows - g * GROUP_ROWS) {
+                    let row = &bytes[(g * GROUP_ROWS + i) * columns * 2..][..columns * 2];
                     for (k, b) in row.chunks_exact(2).enumerate() {
-                        panel[k * PANEL + i] = f16::from_le_bytes([b[0], b[1]]);
+                        group[k * GROUP_ROWS + i] = f16::from_le_bytes([b[0], b[1]]);
                     }
                 }
             });
@@ -85,9 +108,10 @@ impl F16Panels {
 
     /// Row `row` as f32 values (an embedding lookup).
     pub fn row(&self, row: usize, out: &mut [f32]) {
-        let panel = &self.data[row / PANEL * PANEL * self.columns..][..PANEL * self.columns];
-        for (o, column) in out.iter_mut().zip(panel.chunks_exact(PANEL)) {
-            *o = column[row % PANEL].to_f32();
+        let size = GROUP_ROWS * self.columns;
+        let group = &self.data[row / GROUP_ROWS * size..][..size];
+        for (o, column) in out.iter_mut().zip(group.chunks_exact(GROUP_ROWS)) {
+            *o = column[row % GROUP_ROWS].to_f32();
         }
     }
 
@@ -104,14 +128,19 @@ impl F16Panels {
         assert_eq!(out.len() % tokens, 0, "whole rows of products");
         let count = out.len() / tokens;
         assert!(first + count <= self.rows, "rows of the matrix");
-        let panels = &self.data[first * n..(first + count).next_multiple_of(PANEL) * n];
+        let panels = Panels {
+            data: &self.data,
+            columns: n,
+            first: first / PANEL,
+        };
         #[cfg(target_arch = "x86_64")]
         if kernels::simd() {
-            // SAFETY: the features were detected; the sizes were checked above.
+            // SAFETY: the features were detected; the sizes were checked above, and the
+            // storage holds whole groups, so every panel of these rows lies within it.
             #[allow(unsafe_code)]
-            return unsafe { avx2::products(panels, x, n, tokens, out) };
+            return unsafe { avx2::products(panels, x, tokens, out) };
         }
-        scalar::products(panels, x, n, tokens, out)
+        scalar::products(panels, x, tokens, out)
     }
 }
 
@@ -124,21 +153,19 @@ fn write(out: &mut [f32], count: usize, p: usize, t: usize, values: &[f32; PANEL
 
 /// The reference version.
 mod scalar {
-    use super::{tiles, write, PANEL};
-    use half::f16;
+    use super::{tiles, write, Panels, GROUP_ROWS, PANEL};
 
-    /// [`super::F16Panels::products`] over `panels`, the panels holding the output's rows.
-    pub fn products(panels: &[f16], x: &[f32], columns: usize, tokens: usize, out: &mut [f32]) {
-        let count = out.len() / tokens;
-        for (p, panel) in panels.chunks_exact(PANEL * columns).enumerate() {
+    /// [`super::F16Panels::products`] of the panels from `panels.first`.
+    pub fn products(panels: Panels<'_>, x: &[f32], tokens: usize, out: &mut [f32]) {
+        let (count, columns) = (out.len() / tokens, panels.columns);
+        for p in 0..count.div_ceil(PANEL) {
+            let at = panels.at(p);
             for (t, width) in tiles(tokens) {
                 let tile = &x[t * columns..(t + width) * columns];
                 for j in 0..width {
                     let mut sums = [0f32; PANEL];
-                    for (w, a) in panel
-                        .chunks_exact(PANEL)
-                        .zip(tile.iter().skip(j).step_by(width))
-                    {
+                    for (k, a) in tile.iter().skip(j).step_by(width).enumerate() {
+                        let w = &panels.data[at + k * GROUP_ROWS..][..PANEL];
                         for (s, w) in sums.iter_mut().zip(w) {
                             *s += w.to_f32() * a;
                         }
@@ -153,69 +180,68 @@ mod scalar {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
-    use super::{tiles, write, MATVEC_PANELS, PANEL, TOKENS};
+    use super::{tiles, write, Panels, GROUP, GROUP_ROWS, PANEL, TOKENS};
     use crate::models::cpu::kernels::avx2::prefetch;
     use half::f16;
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// AVX2, FMA and F16C must be available; `panels` is whole panels of `columns` columns, `x`
-    /// is `tokens` rows of `columns` values and `out` has at most as many rows per token as
-    /// the panels hold.
+    /// AVX2, FMA and F16C must be available; the storage holds every panel of `out`'s rows,
+    /// `x` is `tokens` rows of `columns` values.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn products(
-        panels: &[f16],
-        x: &[f32],
-        columns: usize,
-        tokens: usize,
-        out: &mut [f32],
-    ) {
-        let count = out.len() / tokens;
+    pub unsafe fn products(panels: Panels<'_>, x: &[f32], tokens: usize, out: &mut [f32]) {
+        let (count, columns) = (out.len() / tokens, panels.columns);
+        let total = count.div_ceil(PANEL);
         if tokens == 1 {
-            // Four panels at a time, then one by one.
-            let size = PANEL * columns;
-            let mut quads = panels.chunks_exact(MATVEC_PANELS * size);
-            for (q, four) in quads.by_ref().enumerate() {
-                for (i, sums) in matvec(four, x).into_iter().enumerate() {
-                    write(out, count, MATVEC_PANELS * q + i, 0, &lanes(sums));
+            // Whole groups a pass at a time, panels before the first group and after the last
+            // one by one.
+            let mut p = 0;
+            while p < total {
+                if (panels.first + p).is_multiple_of(GROUP) && p + GROUP <= total {
+                    let group = &panels.data[panels.at(p)..][..GROUP_ROWS * columns];
+                    for (i, sums) in matvec(group, x).into_iter().enumerate() {
+                        write(out, count, p + i, 0, &lanes(sums));
+                    }
+                    p += GROUP;
+                } else {
+                    write(out, count, p, 0, &lanes(tile::<1>(panels, p, x)[0]));
+                    p += 1;
                 }
-            }
-            let done = panels.len() / size / MATVEC_PANELS * MATVEC_PANELS;
-            for (i, panel) in quads.remainder().chunks_exact(size).enumerate() {
-                write(out, count, done + i, 0, &lanes(tile::<1>(panel, x)[0]));
             }
             return;
         }
-        for (p, panel) in panels.chunks_exact(PANEL * columns).enumerate() {
+        for p in 0..total {
             for (t, width) in tiles(tokens) {
                 let a = &x[t * columns..(t + width) * columns];
                 match width {
-                    TOKENS => store(out, count, p, t, tile::<TOKENS>(panel, a)),
-                    1 => store(out, count, p, t, tile::<1>(panel, a)),
-                    2 => store(out, count, p, t, tile::<2>(panel, a)),
-                    3 => store(out, count, p, t, tile::<3>(panel, a)),
-                    4 => store(out, count, p, t, tile::<4>(panel, a)),
-                    _ => store(out, count, p, t, tile::<5>(panel, a)),
+                    TOKENS => store(out, count, p, t, tile::<TOKENS>(panels, p, a)),
+                    1 => store(out, count, p, t, tile::<1>(panels, p, a)),
+                    2 => store(out, count, p, t, tile::<2>(panels, p, a)),
+                    3 => store(out, count, p, t, tile::<3>(panels, p, a)),
+                    4 => store(out, count, p, t, tile::<4>(panels, p, a)),
+                    _ => store(out, count, p, t, tile::<5>(panels, p, a)),
                 }
             }
         }
     }
 
-    /// The products of a panel with a packed tile of `T` tokens: per token, two vectors of the
-    /// panel's 16 rows.
+    /// The products of panel `p` with a packed tile of `T` tokens: per token, two vectors of
+    /// the panel's 16 rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn tile<const T: usize>(panel: &[f16], a: &[f32]) -> [[__m256; 2]; T] {
+    fn tile<const T: usize>(panels: Panels<'_>, p: usize, a: &[f32]) -> [[__m256; 2]; T] {
         let columns = a.len() / T;
-        assert!(panel.len() == PANEL * columns && a.len() == T * columns);
-        let (w, a) = (panel.as_ptr(), a.as_ptr());
+        let at = panels.at(p);
+        assert!(columns == panels.columns && a.len() == T * columns);
+        assert!(columns == 0 || at + (columns - 1) * GROUP_ROWS + PANEL <= panels.data.len());
+        let (w, a) = (panels.data.as_ptr().wrapping_add(at), a.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); 2]; T];
         for k in 0..columns {
-            // SAFETY: column `k` of the panel is 16 halves from `16 k` and column `k` of the
-            // tile `T` floats from `T k` (asserted lengths).
+            // SAFETY: column `k` of the panel is 16 halves from `at + k GROUP_ROWS` and column
+            // `k` of the tile `T` floats from `T k` (asserted lengths).
             unsafe {
-                let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * PANEL).cast()));
-                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * PANEL + 8).cast()));
+                let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * GROUP_ROWS).cast()));
+                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * GROUP_ROWS + 8).cast()));
                 for (j, acc) in acc.iter_mut().enumerate() {
                     let b = _mm256_broadcast_ss(&*a.add(k * T + j));
                     acc[0] = _mm256_fmadd_ps(w0, b, acc[0]);
@@ -226,24 +252,24 @@ mod avx2 {
         acc
     }
 
-    /// Four panels' products with one activation row. Each panel's sums run over the columns
-    /// in order, exactly as [`tile`] forms them for a token of a batch, so a token decoded
-    /// alone gets the same bits as in a batch; the four panels' eight independent sums overlap
-    /// the additions' latency.
+    /// A group's products with one activation row. Each panel's sums run over the columns in
+    /// order, exactly as [`tile`] forms them for a token of a batch, so a token decoded alone
+    /// gets the same bits as in a batch; the four panels' eight independent sums overlap the
+    /// additions' latency, and a column of all four is one 128-byte read.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn matvec(panels: &[f16], x: &[f32]) -> [[__m256; 2]; MATVEC_PANELS] {
+    fn matvec(group: &[f16], x: &[f32]) -> [[__m256; 2]; GROUP] {
         let columns = x.len();
-        let size = PANEL * columns;
-        assert_eq!(panels.len(), MATVEC_PANELS * size);
-        let base = panels.as_ptr();
-        let mut acc = [[_mm256_setzero_ps(); 2]; MATVEC_PANELS];
+        assert_eq!(group.len(), GROUP_ROWS * columns);
+        let base = group.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 2]; GROUP];
         let mut step = |k: usize| {
-            // SAFETY: `k < columns`: column `k` of panel `i` is 16 halves from `i size + 16 k`.
+            // SAFETY: `k < columns`: column `k` of the group is 64 halves from `64 k`.
             unsafe {
                 let s = _mm256_set1_ps(x[k]);
+                let column = base.add(k * GROUP_ROWS);
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    let w = base.add(i * size + k * PANEL);
+                    let w = column.add(i * PANEL);
                     let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.cast()));
                     let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(8).cast()));
                     acc[0] = _mm256_fmadd_ps(w0, s, acc[0]);
@@ -251,16 +277,10 @@ mod avx2 {
                 }
             }
         };
-        let whole = columns / 4 * 4;
-        for k in (0..whole).step_by(4) {
-            for i in 0..MATVEC_PANELS {
-                prefetch(base.wrapping_add(i * size + k * PANEL).cast(), 2);
+        for k in 0..columns {
+            if k % 4 == 0 {
+                prefetch(base.wrapping_add(k * GROUP_ROWS).cast(), 8);
             }
-            for u in 0..4 {
-                step(k + u);
-            }
-        }
-        for k in whole..columns {
             step(k);
         }
         acc
@@ -334,6 +354,9 @@ mod tests {
             (17, 10, 40),
             (17, 11, 40),
             (16, 12, 8),
+            // Whole groups and a partial one, one token (a group per pass, then panels).
+            (70, 1, 40),
+            (128, 1, 33),
         ];
         for (rows, tokens, columns) in cases {
             let (values, bytes) = matrix(&mut rng, rows, columns);
@@ -346,10 +369,13 @@ mod tests {
                     let packed = pack(&x, tokens, columns);
                     let mut fast = vec![f32::NAN; count * tokens];
                     w.products(first, &packed, tokens, &mut fast);
-                    let panels =
-                        &w.data[first * columns..][..count.div_ceil(PANEL) * PANEL * columns];
+                    let panels = Panels {
+                        data: &w.data,
+                        columns,
+                        first: first / PANEL,
+                    };
                     let mut reference = vec![f32::NAN; count * tokens];
-                    scalar::products(panels, &packed, columns, tokens, &mut reference);
+                    scalar::products(panels, &packed, tokens, &mut reference);
                     for (i, row) in values
                         .chunks_exact(columns)
                         .skip(first)

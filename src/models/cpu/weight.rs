@@ -221,10 +221,10 @@ impl Weight {
             });
     }
 
-    /// Rows per unit of a one-token product: f16 panels are multiplied four at a time.
+    /// Rows per unit of a one-token product: f16 panels are multiplied a group at a time.
     fn decode_rows(&self) -> usize {
         match self.data {
-            Rows::F16(_) => f16_panels::MATVEC_PANELS * PANEL,
+            Rows::F16(_) => f16_panels::GROUP * PANEL,
             _ => ROW_CHUNK,
         }
     }

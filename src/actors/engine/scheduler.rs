@@ -6,6 +6,12 @@
 //! the head of the queue while the budget, `max_seqs` and the free blocks allow (strict
 //! arrival order: a head that does not fit waits, and nothing passes it).
 //!
+//! With `prompts_alone` (the CPU, where a step's time grows with its tokens), a step that
+//! would finish a prompt runs its prompt chunks without the decodes, unless the step before
+//! already did: the new sequence's first token then waits for its own prompt only, and the
+//! decoding sequences wait as long as they would have in one longer step that held both.
+//! On a GPU a few more rows cost a decode step next to nothing, so they share the step.
+//!
 //! When a running sequence needs a block and none is free, the scheduler preempts: a sequence
 //! whose client is not reading first, else the newest running one. A preempted sequence loses
 //! its blocks (their full ones stay in the prefix cache), goes back to the head of the queue,
@@ -36,6 +42,8 @@ pub struct SchedulerConfig {
     pub blocks: usize,
     /// Whether full blocks are kept for reuse by later prompts.
     pub prefix_caching: bool,
+    /// Whether a step that finishes a prompt leaves the decodes for the next step.
+    pub prompts_alone: bool,
 }
 
 #[derive(Debug)]
@@ -105,6 +113,8 @@ pub struct Scheduler {
     waiting: VecDeque<SeqId>,
     running: Vec<SeqId>,
     counters: Counters,
+    /// Whether the last plan left the decodes out.
+    prompts_only: bool,
 }
 
 impl Scheduler {
@@ -119,6 +129,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             counters: Counters::default(),
+            prompts_only: false,
         }
     }
 
@@ -257,6 +268,7 @@ impl Scheduler {
     pub fn schedule(&mut self) -> Plan {
         let mut plan = Plan::default();
         let mut budget = self.config.max_batch_tokens;
+        let mut decodes = 0;
         for decoding in [true, false] {
             for id in self.running.clone() {
                 let Some(seq) = self.seqs.get(&id) else {
@@ -286,9 +298,22 @@ impl Scheduler {
                     }
                 }
             }
+            if decoding {
+                decodes = plan.chunks.len();
+            }
         }
         if plan.preempted.is_empty() {
             self.admit(&mut plan, &mut budget);
+        }
+        let prompts = plan.chunks.get(decodes..).unwrap_or_default();
+        self.prompts_only = self.config.prompts_alone
+            && !self.prompts_only
+            && plan.preempted.is_empty()
+            && decodes > 0
+            && prompts.iter().any(|chunk| chunk.logits);
+        if self.prompts_only {
+            // The decodes keep the blocks they grew; they run in the next step.
+            plan.chunks.drain(..decodes);
         }
         plan
     }

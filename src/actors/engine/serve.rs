@@ -89,6 +89,7 @@ impl<'a> Engine<'a> {
                     block_size: BLOCK_SIZE,
                     blocks,
                     prefix_caching: config.prefix_caching,
+                    prompts_alone: !on_gpu,
                 }
             }
             None => SchedulerConfig {
@@ -97,6 +98,7 @@ impl<'a> Engine<'a> {
                 block_size: BLOCK_SIZE,
                 blocks: context.div_ceil(BLOCK_SIZE) + 1,
                 prefix_caching: false,
+                prompts_alone: false,
             },
         };
         let batched = model.info.batched;

@@ -8,6 +8,7 @@ fn config(blocks: usize, max_seqs: usize, max_batch_tokens: usize) -> SchedulerC
         block_size: 4,
         blocks,
         prefix_caching: true,
+        prompts_alone: false,
     }
 }
 
@@ -46,6 +47,58 @@ fn prompts_are_chunked_to_the_budget_and_decodes_go_first() {
     run(&mut s, &plan);
     let plan = s.schedule();
     assert_eq!(plan.chunks, [chunk(1, 6, 1, true), chunk(2, 10, 1, true)]);
+}
+
+#[test]
+fn prompts_alone_gives_a_finishing_prompt_a_step_without_decodes_then_alternates() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        prompts_alone: true,
+        ..config(64, 4, 8)
+    });
+    s.add(1, vec![7; 3], 0);
+    let plan = s.schedule();
+    assert_eq!(
+        plan.chunks,
+        [chunk(1, 0, 3, true)],
+        "no decodes yet: one step"
+    );
+    run(&mut s, &plan);
+    // 2 arrives while 1 decodes: its prompt runs alone, 1's decode waits one step.
+    s.add(2, vec![8; 4], 0);
+    let plan = s.schedule();
+    assert_eq!(plan.chunks, [chunk(2, 0, 4, true)]);
+    run(&mut s, &plan);
+    // 3 arrives at once: never two such steps in a row, so it shares the decodes' step.
+    s.add(3, vec![9; 2], 0);
+    let plan = s.schedule();
+    assert_eq!(
+        plan.chunks,
+        [
+            chunk(1, 3, 1, true),
+            chunk(2, 4, 1, true),
+            chunk(3, 0, 2, true)
+        ]
+    );
+    run(&mut s, &plan);
+    // A prompt that does not finish in this step rides along with the decodes.
+    s.add(4, vec![5; 12], 0);
+    let plan = s.schedule();
+    assert_eq!(
+        plan.chunks,
+        [
+            chunk(1, 4, 1, true),
+            chunk(2, 5, 1, true),
+            chunk(3, 2, 1, true),
+            chunk(4, 0, 5, false)
+        ]
+    );
+    run(&mut s, &plan);
+    let plan = s.schedule();
+    assert_eq!(plan.chunks[3], chunk(4, 5, 5, false));
+    run(&mut s, &plan);
+    // Its last chunk finishes it: that step runs alone.
+    let plan = s.schedule();
+    assert_eq!(plan.chunks, [chunk(4, 10, 2, true)]);
 }
 
 #[test]
@@ -239,8 +292,9 @@ proptest! {
     fn the_bookkeeping_holds_under_random_traffic(
         actions in proptest::collection::vec(action(), 1..120),
         blocks in 8usize..24,
+        prompts_alone in any::<bool>(),
     ) {
-        let mut s = Scheduler::new(config(blocks, 4, 12));
+        let mut s = Scheduler::new(SchedulerConfig { prompts_alone, ..config(blocks, 4, 12) });
         let mut next = 0;
         for action in actions {
             match action {

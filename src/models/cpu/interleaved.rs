@@ -111,7 +111,7 @@ impl Interleaved {
     }
 
     /// The group of row `r`, all its blocks.
-    fn group(&self, r: usize) -> &[u8] {
+    pub(super) fn group(&self, r: usize) -> &[u8] {
         let group_bytes = self.blocks * self.kind.group_block();
         &self.bytes[r / ROWS * group_bytes..][..group_bytes]
     }
@@ -152,17 +152,36 @@ impl Interleaved {
                 "activation row length"
             );
         }
+        let level = super::level::level();
         for start in (0..count).step_by(ROWS) {
             let group = self.group(first + start);
             #[cfg(target_arch = "x86_64")]
-            if super::kernels::simd() {
-                // SAFETY: the features were detected; `group` holds `self.blocks` blocks of
-                // `kind`, and every activation row as many Q8_0 blocks (asserted above).
+            {
+                use super::level::Level;
+                // SAFETY: the level's features were detected; `group` holds `self.blocks`
+                // blocks of `kind`, and every activation row as many Q8_0 blocks (asserted
+                // above).
                 #[allow(unsafe_code)]
-                unsafe {
-                    avx2::group(self.kind, group, self.blocks, a, out, start)
-                };
-                continue;
+                match level {
+                    Level::Avx512 => {
+                        unsafe {
+                            super::interleaved_vnni::group(
+                                self.kind,
+                                group,
+                                self.blocks,
+                                a,
+                                out,
+                                start,
+                            )
+                        };
+                        continue;
+                    }
+                    Level::Avx2 => {
+                        unsafe { avx2::group(self.kind, group, self.blocks, a, out, start) };
+                        continue;
+                    }
+                    Level::Scalar => {}
+                }
             }
             scalar::group(self.kind, group, self.blocks, a, out, start);
         }
@@ -170,7 +189,7 @@ impl Interleaved {
 }
 
 /// The reference: each product summed in integers per block, then scaled, in block order.
-mod scalar {
+pub(super) mod scalar {
     use super::{lane_at, Activations, Kind, Q8_0_BYTES};
     use half::f16;
 
@@ -263,7 +282,7 @@ pub(super) mod avx2 {
     /// Every token through `pass`, [`TOKENS`] at a time, the rest one by one.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn passes<const V: usize>(
+    pub(in crate::models::cpu) fn passes<const V: usize>(
         kind: Kind,
         group: &[u8],
         blocks: usize,
@@ -461,7 +480,12 @@ pub(super) mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Random GGML rows of `kind`: scales in 0.001..0.1, Q8_0 values within ±127.
-    fn random_rows(kind: Kind, rows: usize, blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
+    pub(in crate::models::cpu) fn random_rows(
+        kind: Kind,
+        rows: usize,
+        blocks: usize,
+        rng: &mut impl Rng,
+    ) -> Vec<u8> {
         (0..rows * blocks)
             .flat_map(|_| {
                 let scale = half::f16::from_f32(rng.random_range(0.001..0.1));

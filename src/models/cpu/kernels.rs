@@ -19,18 +19,10 @@ pub const Q4_0_BYTES: usize = 18;
 /// Bytes per Q5_0 block.
 pub const Q5_0_BYTES: usize = 22;
 
-/// Whether the AVX2 versions can run here (checked once by the standard library, then cached).
+/// Whether the AVX2 versions run here: the CPU has AVX2, FMA and F16C and
+/// `LLORCH_CPU_LEVEL` does not ask for the scalar ones.
 pub(super) fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::level::level() >= super::level::Level::Avx2
 }
 
 /// Quantizes `x` (a multiple of 32 values) to Q8_0 blocks in `out`: per block, the scale is

@@ -12,9 +12,12 @@ mod huge_pages;
 pub mod interleaved;
 pub mod interleaved_q4k;
 pub mod interleaved_q6k;
+#[cfg(target_arch = "x86_64")]
+mod interleaved_vnni;
 pub mod kernels;
 pub mod kquants;
 pub mod kv_pool;
+pub mod level;
 mod llama;
 pub mod llama_gguf;
 pub mod llama_hf;

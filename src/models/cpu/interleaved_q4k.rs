@@ -27,7 +27,7 @@ const D: usize = 0;
 /// Where the eight `dmin` scales start.
 const DMIN: usize = 16;
 /// Where the unpacked scales start.
-const SCALES: usize = 32;
+pub(super) const SCALES: usize = 32;
 /// Where the unpacked mins start.
 const MINS: usize = 96;
 /// Where the nibbles start.
@@ -36,7 +36,7 @@ const QS: usize = 160;
 const GROUP_BLOCK: usize = QS + 4 * 8 * 32;
 
 /// Where row `lane`'s nibble bytes `32k + 4m..32k + 4m + 4` sit in a group block.
-fn nibbles_at(k: usize, m: usize, lane: usize) -> usize {
+pub(super) fn nibbles_at(k: usize, m: usize, lane: usize) -> usize {
     QS + (8 * k + m) * 32 + 4 * lane
 }
 
@@ -85,7 +85,7 @@ impl InterleavedQ4K {
     }
 
     /// The group of row `r`, all its blocks.
-    fn group(&self, r: usize) -> &[u8] {
+    pub(super) fn group(&self, r: usize) -> &[u8] {
         let group_bytes = self.blocks * GROUP_BLOCK;
         &self.bytes[r / ROWS * group_bytes..][..group_bytes]
     }
@@ -122,6 +122,8 @@ impl InterleavedQ4K {
             scalar: scalar::group,
             #[cfg(target_arch = "x86_64")]
             avx2: avx2::group,
+            #[cfg(target_arch = "x86_64")]
+            avx512: super::interleaved_vnni::q4k_group,
         };
         let matrix = (self.rows, self.blocks, |r| self.group(r));
         each_group(matrix, first, a, tokens, out, kernels);
@@ -132,13 +134,17 @@ impl InterleavedQ4K {
 /// activations, the output and the group's first row in it).
 type GroupProducts = fn(&[u8], usize, &[Q8K], &mut [f32], usize);
 
-/// The two versions of an interleaved K type's group products.
+/// The versions of an interleaved K type's group products.
 pub(super) struct GroupKernels {
     /// The reference.
     pub scalar: GroupProducts,
     /// The AVX2 version: unsafe to call unless AVX2, FMA and F16C are present.
     #[cfg(target_arch = "x86_64")]
     pub avx2: unsafe fn(&[u8], usize, &[Q8K], &mut [f32], usize),
+    /// The AVX-512 VNNI version: unsafe to call unless AVX2, FMA, F16C and AVX-512
+    /// F/BW/VL/VNNI are present.
+    #[cfg(target_arch = "x86_64")]
+    pub avx512: unsafe fn(&[u8], usize, &[Q8K], &mut [f32], usize),
 }
 
 /// Checks the arguments of an interleaved K matrix's products (`rows` rows of `blocks` K
@@ -158,17 +164,26 @@ pub(super) fn each_group<'w>(
     assert_eq!(out.len() % tokens, 0, "whole rows of products");
     let count = out.len() / tokens;
     assert!(first + count <= rows, "rows {first}+{count} of {rows}");
+    let level = super::level::level();
     for start in (0..count).step_by(ROWS) {
         let group = group(first + start);
         #[cfg(target_arch = "x86_64")]
-        if super::kernels::simd() {
-            // SAFETY: the features were detected; `group` holds `blocks` group blocks and `a`
-            // as many Q8_K blocks per token (asserted above).
-            #[allow(unsafe_code)]
-            unsafe {
-                (kernels.avx2)(group, blocks, a, out, start)
+        {
+            use super::level::Level;
+            let kernel = match level {
+                Level::Avx512 => Some(kernels.avx512),
+                Level::Avx2 => Some(kernels.avx2),
+                Level::Scalar => None,
             };
-            continue;
+            if let Some(kernel) = kernel {
+                // SAFETY: the level's features were detected; `group` holds `blocks` group
+                // blocks and `a` as many Q8_K blocks per token (asserted above).
+                #[allow(unsafe_code)]
+                unsafe {
+                    kernel(group, blocks, a, out, start)
+                };
+                continue;
+            }
         }
         (kernels.scalar)(group, blocks, a, out, start);
     }
@@ -215,7 +230,7 @@ mod scalar {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{nibbles_at, D, DMIN, GROUP_BLOCK, MINS, Q8K, SCALES};
     use crate::models::cpu::interleaved::avx2::{each_pass, four, TOKENS};
     use crate::models::cpu::kernels::avx2::prefetch;
@@ -226,9 +241,23 @@ mod avx2 {
     /// `blocks` Q8_K blocks per token.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
+        run(group, blocks, a, (out, start), |base, y| dots(base, y));
+    }
+
+    /// A group's products with every token, with `dots` giving each block's `Σ_j scale_j ·
+    /// Σ q·y`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::models::cpu) fn run(
+        group: &[u8],
+        blocks: usize,
+        a: &[Q8K],
+        (out, start): (&mut [f32], usize),
+        dots: impl Fn(*const u8, &Q8K) -> __m256i + Copy,
+    ) {
         let (four, one) = (
-            |t| pass::<TOKENS>(group, blocks, a, t),
-            |t| pass::<1>(group, blocks, a, t),
+            |t| pass::<TOKENS>(group, blocks, a, t, dots),
+            |t| pass::<1>(group, blocks, a, t, dots),
         );
         each_pass(out, a.len() / blocks, start, four, one);
     }
@@ -291,7 +320,13 @@ mod avx2 {
     /// The eight rows' products with activation rows `t..t + T`, one lane per row.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) -> [__m256; T] {
+    fn pass<const T: usize>(
+        group: &[u8],
+        blocks: usize,
+        a: &[Q8K],
+        t: usize,
+        dots: impl Fn(*const u8, &Q8K) -> __m256i,
+    ) -> [__m256; T] {
         assert!(group.len() >= blocks * GROUP_BLOCK && a.len() >= (t + T) * blocks);
         let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..blocks {
@@ -326,7 +361,11 @@ pub(super) mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Random GGML Q4_K rows: `d` and `dmin` in 0.001..0.01, every other byte random.
-    fn random_rows(rows: usize, blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
+    pub(in crate::models::cpu) fn random_rows(
+        rows: usize,
+        blocks: usize,
+        rng: &mut impl Rng,
+    ) -> Vec<u8> {
         (0..rows * blocks)
             .flat_map(|_| {
                 let mut block: Vec<u8> = (0..Q4K_BYTES).map(|_| rng.random()).collect();

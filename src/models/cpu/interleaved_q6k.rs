@@ -33,7 +33,7 @@ const GROUP_BLOCK: usize = VALUES + 2 * 8 * 3 * 32;
 
 /// Where row `lane`'s four bytes of vector `which` (0: `ql`, 1: `ql + 32`, 2: `qh`) of half
 /// `n` and step `m` sit in a group block.
-fn vector_at(n: usize, m: usize, which: usize, lane: usize) -> usize {
+pub(super) fn vector_at(n: usize, m: usize, which: usize, lane: usize) -> usize {
     VALUES + ((8 * n + m) * 3 + which) * 32 + 4 * lane
 }
 
@@ -82,7 +82,7 @@ impl InterleavedQ6K {
     }
 
     /// The group of row `r`, all its blocks.
-    fn group(&self, r: usize) -> &[u8] {
+    pub(super) fn group(&self, r: usize) -> &[u8] {
         let group_bytes = self.blocks * GROUP_BLOCK;
         &self.bytes[r / ROWS * group_bytes..][..group_bytes]
     }
@@ -113,6 +113,8 @@ impl InterleavedQ6K {
             scalar: scalar::group,
             #[cfg(target_arch = "x86_64")]
             avx2: avx2::group,
+            #[cfg(target_arch = "x86_64")]
+            avx512: super::interleaved_vnni::q6k_group,
         };
         let matrix = (self.rows, self.blocks, |r| self.group(r));
         super::interleaved_q4k::each_group(matrix, first, a, tokens, out, kernels);
@@ -165,7 +167,7 @@ mod scalar {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{vector_at, D, GROUP_BLOCK, Q8K, SCALES};
     use crate::models::cpu::interleaved::avx2::{each_pass, four, TOKENS};
     use crate::models::cpu::kernels::avx2::prefetch;
@@ -176,9 +178,23 @@ mod avx2 {
     /// `blocks` Q8_K blocks per token.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
+        run(group, blocks, a, (out, start), |base, y| dots(base, y));
+    }
+
+    /// A group's products with every token, with `dots` giving each block's `Σ_g scale_g ·
+    /// Σ q·y`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::models::cpu) fn run(
+        group: &[u8],
+        blocks: usize,
+        a: &[Q8K],
+        (out, start): (&mut [f32], usize),
+        dots: impl Fn(*const u8, &Q8K) -> __m256i + Copy,
+    ) {
         let (four, one) = (
-            |t| pass::<TOKENS>(group, blocks, a, t),
-            |t| pass::<1>(group, blocks, a, t),
+            |t| pass::<TOKENS>(group, blocks, a, t, dots),
+            |t| pass::<1>(group, blocks, a, t, dots),
         );
         each_pass(out, a.len() / blocks, start, four, one);
     }
@@ -186,7 +202,7 @@ mod avx2 {
     /// Pair `p`'s scales: lane `r` holds row `r`'s scales of groups `2p` and `2p + 1` as i16.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn pair(base: *const u8, p: usize) -> __m256i {
+    pub(in crate::models::cpu) fn pair(base: *const u8, p: usize) -> __m256i {
         // SAFETY: sixteen bytes of scales within the group block (the callers' `base`).
         _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(base.add(SCALES + 16 * p).cast()) })
     }
@@ -272,7 +288,13 @@ mod avx2 {
     /// The eight rows' products with activation rows `t..t + T`, one lane per row.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) -> [__m256; T] {
+    fn pass<const T: usize>(
+        group: &[u8],
+        blocks: usize,
+        a: &[Q8K],
+        t: usize,
+        dots: impl Fn(*const u8, &Q8K) -> __m256i,
+    ) -> [__m256; T] {
         assert!(group.len() >= blocks * GROUP_BLOCK && a.len() >= (t + T) * blocks);
         let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..blocks {
@@ -293,7 +315,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::models::cpu::interleaved::tests::candle_values;
     use crate::models::cpu::interleaved_q4k::tests::{
@@ -303,7 +325,11 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     /// Random GGML Q6_K rows: `d` in 0.001..0.01, every other byte random.
-    fn random_rows(rows: usize, blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
+    pub(in crate::models::cpu) fn random_rows(
+        rows: usize,
+        blocks: usize,
+        rng: &mut impl Rng,
+    ) -> Vec<u8> {
         (0..rows * blocks)
             .flat_map(|_| {
                 let mut block: Vec<u8> = (0..Q6K_BYTES).map(|_| rng.random()).collect();

@@ -1,8 +1,10 @@
-//! The AVX-512 VNNI version of [`super::interleaved`]'s products: the same passes over a group
-//! of eight interleaved rows, with each block's integer sums made by `vpdpbusd` (four byte
-//! products added into each 32-bit lane in one instruction) instead of AVX2's
-//! `vpmaddubsw` + `vpmaddwd` + `vpaddd`. The integer sums are exact in both, and every float
-//! step is the same, so the two give the same bits.
+//! The AVX-512 VNNI versions of the interleaved products ([`super::interleaved`]'s Q8_0, Q4_0
+//! and Q5_0, [`super::interleaved_q4k`] and [`super::interleaved_q6k`]): the same passes over
+//! a group of eight interleaved rows, with each block's integer sums made by `vpdpbusd` (four
+//! byte products added into each 32-bit lane in one instruction) instead of AVX2's
+//! `vpmaddubsw` + `vpmaddwd` + `vpaddd`; a K sub-block's sum is then multiplied by its scale
+//! in 32 bits. The integer sums are exact in both, and every float step is the same, so the
+//! two give the same bits.
 
 #![cfg(target_arch = "x86_64")]
 #![allow(unsafe_code)]
@@ -10,6 +12,8 @@
 use super::activations::Activations;
 use super::interleaved::avx2::{four, passes};
 use super::interleaved::Kind;
+use super::kquants::Q8K;
+use super::{interleaved_q4k as q4k, interleaved_q6k as q6k};
 use std::arch::x86_64::*;
 
 /// The products of a group's rows with every token of `a`, written as rows `start..` of `out`
@@ -100,13 +104,130 @@ fn q5_0_block(v: &[__m256i; 5], y: *const u8) -> __m256i {
     _mm256_add_epi32(s[0], s[1])
 }
 
+/// The products of a Q4_K group's rows with every token of `a` (`blocks` Q8_K blocks per
+/// token), written as rows `start..` of `out` (token-major).
+///
+/// # Safety
+/// As for [`group`]; `group` holds `blocks` Q4_K group blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn q4k_group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
+    q4k::avx2::run(group, blocks, a, (out, start), |base, y| q4k_dots(base, y));
+}
+
+/// The eight rows' `Σ_j scale_j · Σ q·y` for one Q4_K group block at `base` and one Q8_K
+/// block: each sub-block's sum in 32 bits, times its row's scale.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4k_dots(base: *const u8, y: &Q8K) -> __m256i {
+    let low = _mm256_set1_epi8(0x0f);
+    let scale = |j: usize| {
+        // SAFETY: eight bytes of scales within the group block.
+        _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(base.add(q4k::SCALES + 8 * j).cast()) })
+    };
+    let mut sum = _mm256_setzero_si256();
+    for k in 0..4 {
+        let (mut l, mut h) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        // SAFETY: sub-blocks `2k` and `2k + 1` of the block's 256 values.
+        let (yl, yh) = unsafe { (y.qs.as_ptr().add(64 * k), y.qs.as_ptr().add(64 * k + 32)) };
+        for m in 0..8 {
+            // SAFETY: vector `m` of pair `k`, within the group block.
+            let v = unsafe { _mm256_loadu_si256(base.add(q4k::nibbles_at(k, m, 0)).cast()) };
+            let (vl, vh) = (
+                _mm256_and_si256(v, low),
+                _mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+            );
+            l = _mm256_dpbusd_epi32(l, vl, four(yl.cast(), m));
+            h = _mm256_dpbusd_epi32(h, vh, four(yh.cast(), m));
+        }
+        sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(l, scale(2 * k)));
+        sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(h, scale(2 * k + 1)));
+    }
+    sum
+}
+
+/// The products of a Q6_K group's rows with every token of `a` (`blocks` Q8_K blocks per
+/// token), written as rows `start..` of `out` (token-major).
+///
+/// # Safety
+/// As for [`group`]; `group` holds `blocks` Q6_K group blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn q6k_group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
+    q6k::avx2::run(group, blocks, a, (out, start), |base, y| q6k_dots(base, y));
+}
+
+/// The eight rows' `Σ_g scale_g · Σ q·y` (values 0..64) for one Q6_K group block at `base`
+/// and one Q8_K block: the four steps of a 16-value group summed in 32 bits, times its row's
+/// scale (sign-extended from the scale pair's half).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q6k_dots(base: *const u8, y: &Q8K) -> __m256i {
+    let (nibble, pair_bits) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+    let load = |n: usize, m: usize, which: usize| {
+        // SAFETY: a value vector within the group block.
+        unsafe { _mm256_loadu_si256(base.add(q6k::vector_at(n, m, which, 0)).cast()) }
+    };
+    let mut sum = _mm256_setzero_si256();
+    for n in 0..2 {
+        // SAFETY: the half's 128 activations within the block's 256.
+        let y = unsafe { y.qs.as_ptr().add(128 * n) }.cast::<u8>();
+        for half in 0..2 {
+            // Quarter `q`'s scale of this half: group `2p + half` of pair `p = 4n + q`.
+            let scales: [__m256i; 4] = std::array::from_fn(|q| {
+                let pair = q6k::avx2::pair(base, 4 * n + q);
+                match half {
+                    0 => _mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16),
+                    _ => _mm256_srai_epi32(pair, 16),
+                }
+            });
+            let mut s = [_mm256_setzero_si256(); 4];
+            for m in 4 * half..4 * half + 4 {
+                let (a, b, h) = (load(n, m, 0), load(n, m, 1), load(n, m, 2));
+                let q = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(a, nibble),
+                        _mm256_and_si256(_mm256_slli_epi16(h, 4), pair_bits),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(b, nibble),
+                        _mm256_and_si256(_mm256_slli_epi16(h, 2), pair_bits),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble),
+                        _mm256_and_si256(h, pair_bits),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble),
+                        _mm256_and_si256(_mm256_srli_epi16(h, 2), pair_bits),
+                    ),
+                ];
+                for (quarter, q) in q.iter().enumerate() {
+                    // SAFETY: the quarter's 32 activations within the half's 128.
+                    let yq = unsafe { y.add(32 * quarter) };
+                    s[quarter] = _mm256_dpbusd_epi32(s[quarter], *q, four(yq, m));
+                }
+            }
+            for (s, scale) in s.iter().zip(&scales) {
+                sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(*s, *scale));
+            }
+        }
+    }
+    sum
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::interleaved::{avx2, tests::random_rows, Interleaved, ROWS};
+    use super::super::interleaved_q4k::InterleavedQ4K;
+    use super::super::interleaved_q6k::InterleavedQ6K;
     use super::super::kernels::BLOCK;
+    use super::super::kquants::{quantize_q8k, QK_K};
     use super::super::level::{detected, Level};
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
 
     #[test]
     fn vnni_products_are_the_avx2_bits() {
@@ -134,8 +255,64 @@ mod tests {
                         group(kind, w.group(g), blocks, &a, &mut got, g);
                     }
                 }
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{kind:?} {rows}x{tokens}x{blocks}");
+            }
+        }
+    }
+
+    #[test]
+    fn vnni_k_products_are_the_avx2_bits() {
+        if detected() < Level::Avx512 {
+            eprintln!("no AVX-512 VNNI on this CPU; the AVX2 path is the one in use");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+        for (rows, tokens, blocks) in [(19, 9, 2), (8, 1, 1), (5, 4, 3), (16, 6, 2)] {
+            let x: Vec<f32> = (0..tokens * blocks * QK_K)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
+            let mut a = vec![Q8K::ZERO; tokens * blocks];
+            quantize_q8k(&x, &mut a);
+            let q4 = InterleavedQ4K::new(
+                &q4k::tests::random_rows(rows, blocks, &mut rng),
+                rows,
+                blocks * QK_K,
+            );
+            let q6 = InterleavedQ6K::new(
+                &q6k::tests::random_rows(rows, blocks, &mut rng),
+                rows,
+                blocks * QK_K,
+            );
+            type Kernel = unsafe fn(&[u8], usize, &[Q8K], &mut [f32], usize);
+            let starts = (0..rows).step_by(ROWS);
+            let cases: [(Vec<&[u8]>, Kernel, Kernel); 2] = [
+                (
+                    starts.clone().map(|r| q4.group(r)).collect(),
+                    q4k::avx2::group,
+                    q4k_group,
+                ),
+                (
+                    starts.clone().map(|r| q6.group(r)).collect(),
+                    q6k::avx2::group,
+                    q6k_group,
+                ),
+            ];
+            for (i, (groups, avx2, vnni)) in cases.into_iter().enumerate() {
+                let mut want = vec![f32::NAN; rows * tokens];
+                let mut got = vec![f32::NAN; rows * tokens];
+                for (g, group_bytes) in starts.clone().zip(groups) {
+                    // SAFETY: the features were detected; the group and the activations have
+                    // `blocks` blocks.
+                    unsafe {
+                        avx2(group_bytes, blocks, &a, &mut want, g);
+                        vnni(group_bytes, blocks, &a, &mut got, g);
+                    }
+                }
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "kind {i}: {rows}x{tokens}x{blocks}"
+                );
             }
         }
     }

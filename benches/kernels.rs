@@ -9,6 +9,10 @@
 //! `Weight::matmul` (quantizing the activations included) and reports multiply-adds per
 //! second; run it with `RAYON_NUM_THREADS=1` for one thread's figure.
 //!
+//! Every label ends in the kernels' level (`@avx512`, `@avx2`, `@scalar`): the best this CPU
+//! has, or the one `LLORCH_CPU_LEVEL` forces, so
+//! `LLORCH_CPU_LEVEL=avx2 cargo bench --bench kernels` adds the AVX2 rows beside the others.
+//!
 //! `cargo bench --bench kernels`
 
 use candle_core::quantized::k_quants::{
@@ -24,6 +28,7 @@ use llorch::models::cpu::interleaved::{Interleaved, Kind};
 use llorch::models::cpu::interleaved_q4k::InterleavedQ4K;
 use llorch::models::cpu::interleaved_q6k::InterleavedQ6K;
 use llorch::models::cpu::kquants::{quantize_q8k, Q8K, QK_K};
+use llorch::models::cpu::level::level;
 use llorch::models::cpu::weight::Weight;
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -54,7 +59,7 @@ fn k_and_candle<T: GgmlType, M>(
     interleave: impl Fn(&[u8]) -> M,
     products: impl Fn(&M, &[Q8K], &mut [f32]),
 ) {
-    let label = format!("{rows}x{cols}");
+    let label = format!("{rows}x{cols}@{}", level().name());
     let mut xk = vec![Q8K::ZERO; cols / QK_K];
     quantize_q8k(x, &mut xk);
     let (blocks, bytes) = candle_blocks::<T>(w);
@@ -100,7 +105,7 @@ fn interleaved_and_candle<T: GgmlType>(
     w: &[f32],
     x: &[f32],
 ) {
-    let label = format!("{rows}x{cols}");
+    let label = format!("{rows}x{cols}@{}", level().name());
     let name = format!("{kind:?}").to_lowercase();
     let (blocks, bytes) = candle_blocks::<T>(w);
     group.throughput(Throughput::Bytes(bytes.len() as u64));
@@ -118,7 +123,7 @@ fn matvec(c: &mut Criterion) {
     for (rows, cols) in [(1536usize, 576usize), (5632, 2048)] {
         let x = values(cols, 7);
         let w = values(rows * cols, 3);
-        let label = format!("{rows}x{cols}");
+        let label = format!("{rows}x{cols}@{}", level().name());
         interleaved_and_candle::<BlockQ8_0>(&mut group, Kind::Q8_0, (rows, cols), &w, &x);
         interleaved_and_candle::<BlockQ4_0>(&mut group, Kind::Q4_0, (rows, cols), &w, &x);
         interleaved_and_candle::<BlockQ5_0>(&mut group, Kind::Q5_0, (rows, cols), &w, &x);
@@ -157,7 +162,7 @@ fn prefill(c: &mut Criterion) {
             .expect("weight tensor");
         let x = values(PREFILL_TOKENS * cols, 7);
         let mut out = vec![0f32; PREFILL_TOKENS * rows];
-        let label = format!("{rows}x{cols}");
+        let label = format!("{rows}x{cols}@{}", level().name());
         group.throughput(Throughput::Elements((PREFILL_TOKENS * rows * cols) as u64));
         for (name, dtype) in [
             ("q8_0", GgmlDType::Q8_0),

@@ -323,7 +323,7 @@ pub(super) mod avx2 {
     /// `tokens` rows of products; as many of the group's rows as it has room for).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn store<const T: usize>(
+    pub(in crate::models::cpu) fn store<const T: usize>(
         out: &mut [f32],
         tokens: usize,
         start: usize,
@@ -426,7 +426,7 @@ pub(super) mod avx2 {
     /// sums a group block's `V` value vectors with one activation block in integers.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn pass<const T: usize, const V: usize>(
+    pub(in crate::models::cpu) fn pass<const T: usize, const V: usize>(
         kind: Kind,
         group: &[u8],
         blocks: usize,

@@ -100,7 +100,9 @@ async fn g1_sigterm_drains_refuses_new_work_and_lets_streams_finish() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, url) = start(&pool(&dir, "30s"));
     wait_ready(&url).await;
-    let streams: Vec<_> = (0..6).map(|_| stream(&url, 200)).collect();
+    // Long enough to be still streaming when the signal comes: six 200-token streams of
+    // the batched demo model can end within the half second below.
+    let streams: Vec<_> = (0..6).map(|_| stream(&url, 2000)).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     signal(&child, "TERM");
     let signalled = Instant::now();

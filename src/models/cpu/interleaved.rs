@@ -387,16 +387,29 @@ pub(super) mod avx2 {
     }
 
     /// The eight rows' integer products of a Q5_0 block (values 0..32, the offset of 16 taken
-    /// out below) with the 32 activation values at `y`. Values `4m..4m + 4` of a row take
-    /// their fifth bits from bits `4m..4m + 4` of its first vector's lane: that lane's byte
-    /// `m / 2` is copied to its four bytes, each byte keeps its own bit, and a set bit becomes
-    /// 16. A `maddubs` lane is at most 2 · 31 · 127 = 7874, so four add up in i16.
+    /// out below) with the 32 activation values at `y`. A `maddubs` lane is at most
+    /// 2 · 31 · 127 = 7874, so four add up in i16.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn q5_0_block(v: &[__m256i; 5], y: *const u8) -> __m256i {
-        let low = _mm256_set1_epi8(0x0f);
-        let sixteen = _mm256_set1_epi8(16);
         let ones = _mm256_set1_epi16(1);
+        let mut s = [_mm256_setzero_si256(); 2];
+        for k in 0..4 {
+            let (l, h) = q5_0_values(v, k);
+            s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(l, four(y, k)));
+            s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(h, four(y, k + 4)));
+        }
+        _mm256_add_epi32(_mm256_madd_epi16(s[0], ones), _mm256_madd_epi16(s[1], ones))
+    }
+
+    /// Values `4k..4k + 4` (low) and `16 + 4k..` (high) of each row of a Q5_0 block, 0..32:
+    /// nibbles with their fifth bits. Values `4m..4m + 4` of a row take their fifth bits from
+    /// bits `4m..4m + 4` of its first vector's lane: that lane's byte `m / 2` is copied to its
+    /// four bytes, each byte keeps its own bit, and a set bit becomes 16.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::models::cpu) fn q5_0_values(v: &[__m256i; 5], k: usize) -> (__m256i, __m256i) {
+        let low = _mm256_set1_epi8(0x0f);
         let fifth = |m: usize| {
             // Byte `i` of each 128-bit half reads byte `m / 2` of its 4-byte lane.
             let from: [i8; 32] = std::array::from_fn(|i| (m / 2 + i % 16 / 4 * 4) as i8);
@@ -406,20 +419,16 @@ pub(super) mod avx2 {
             let shift = 4 * (m % 2) as u32;
             let bits = _mm256_set1_epi32(i32::from_le_bytes([1, 2, 4, 8].map(|b: u8| b << shift)));
             let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits);
-            _mm256_and_si256(set, sixteen)
+            _mm256_and_si256(set, _mm256_set1_epi8(16))
         };
-        let mut s = [_mm256_setzero_si256(); 2];
-        for k in 0..4 {
-            let nibbles = v[1 + k];
-            let l = _mm256_or_si256(_mm256_and_si256(nibbles, low), fifth(k));
-            let h = _mm256_or_si256(
+        let nibbles = v[1 + k];
+        (
+            _mm256_or_si256(_mm256_and_si256(nibbles, low), fifth(k)),
+            _mm256_or_si256(
                 _mm256_and_si256(_mm256_srli_epi16(nibbles, 4), low),
                 fifth(k + 4),
-            );
-            s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(l, four(y, k)));
-            s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(h, four(y, k + 4)));
-        }
-        _mm256_add_epi32(_mm256_madd_epi16(s[0], ones), _mm256_madd_epi16(s[1], ones))
+            ),
+        )
     }
 
     /// The eight rows' products with activation rows `t..t + T`, one lane per row; `block`

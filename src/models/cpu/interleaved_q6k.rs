@@ -215,7 +215,6 @@ pub(super) mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn dots(base: *const u8, y: &Q8K) -> __m256i {
-        let (nibble, pair_bits) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
         let load = |n: usize, m: usize, which: usize| {
             // SAFETY: a value vector within the group block.
             unsafe { _mm256_loadu_si256(base.add(vector_at(n, m, which, 0)).cast()) }
@@ -233,25 +232,7 @@ pub(super) mod avx2 {
                 let scales: [__m256i; 4] = std::array::from_fn(|q| pattern(pair(base, 4 * n + q)));
                 let mut s = [_mm256_setzero_si256(); 4];
                 for m in 4 * half..4 * half + 4 {
-                    let (a, b, h) = (load(n, m, 0), load(n, m, 1), load(n, m, 2));
-                    let q = [
-                        _mm256_or_si256(
-                            _mm256_and_si256(a, nibble),
-                            _mm256_and_si256(_mm256_slli_epi16(h, 4), pair_bits),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(b, nibble),
-                            _mm256_and_si256(_mm256_slli_epi16(h, 2), pair_bits),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble),
-                            _mm256_and_si256(h, pair_bits),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble),
-                            _mm256_and_si256(_mm256_srli_epi16(h, 2), pair_bits),
-                        ),
-                    ];
+                    let q = quarters(load(n, m, 0), load(n, m, 1), load(n, m, 2));
                     for (quarter, q) in q.iter().enumerate() {
                         // SAFETY: the quarter's 32 activations within the half's 128.
                         let yq = unsafe { y.add(32 * quarter) };
@@ -268,6 +249,32 @@ pub(super) mod avx2 {
             }
         }
         sum
+    }
+
+    /// The four quarters' values (0..64) of one step from its three vectors (`ql`, `ql + 32`,
+    /// `qh`): nibbles, with the `qh` pair moved to bits 4..6 by one shift and mask.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::models::cpu) fn quarters(a: __m256i, b: __m256i, h: __m256i) -> [__m256i; 4] {
+        let (nibble, pair_bits) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+        [
+            _mm256_or_si256(
+                _mm256_and_si256(a, nibble),
+                _mm256_and_si256(_mm256_slli_epi16(h, 4), pair_bits),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(b, nibble),
+                _mm256_and_si256(_mm256_slli_epi16(h, 2), pair_bits),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble),
+                _mm256_and_si256(h, pair_bits),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble),
+                _mm256_and_si256(_mm256_srli_epi16(h, 2), pair_bits),
+            ),
+        ]
     }
 
     /// The eight rows' `Σ_g scale_g · Σ y` for one group block at `base` and one Q8_K block.

@@ -10,7 +10,7 @@
 #![allow(unsafe_code)]
 
 use super::activations::Activations;
-use super::interleaved::avx2::{four, pass, store, TOKENS};
+use super::interleaved::avx2::{four, pass, q5_0_values, store, TOKENS};
 use super::interleaved::Kind;
 use super::kquants::Q8K;
 use super::{interleaved_q4k as q4k, interleaved_q6k as q6k};
@@ -107,32 +107,13 @@ fn q4_0_block(v: &[__m256i; 4], y: *const u8) -> __m256i {
 }
 
 /// The eight rows' integer products of a Q5_0 block (values 0..32; the offset of 16 is taken
-/// out by the pass) with the 32 activation values at `y`; the fifth bits are spread onto the
-/// nibbles as in the AVX2 version.
+/// out by the pass) with the 32 activation values at `y`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn q5_0_block(v: &[__m256i; 5], y: *const u8) -> __m256i {
-    let low = _mm256_set1_epi8(0x0f);
-    let sixteen = _mm256_set1_epi8(16);
-    let fifth = |m: usize| {
-        // Byte `i` of each 128-bit half reads byte `m / 2` of its 4-byte lane.
-        let from: [i8; 32] = std::array::from_fn(|i| (m / 2 + i % 16 / 4 * 4) as i8);
-        // SAFETY: 32 bytes from the array.
-        let from = unsafe { _mm256_loadu_si256(from.as_ptr().cast()) };
-        let spread = _mm256_shuffle_epi8(v[0], from);
-        let shift = 4 * (m % 2) as u32;
-        let bits = _mm256_set1_epi32(i32::from_le_bytes([1, 2, 4, 8].map(|b: u8| b << shift)));
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits);
-        _mm256_and_si256(set, sixteen)
-    };
     let mut s = [_mm256_setzero_si256(); 2];
     for k in 0..4 {
-        let nibbles = v[1 + k];
-        let l = _mm256_or_si256(_mm256_and_si256(nibbles, low), fifth(k));
-        let h = _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16(nibbles, 4), low),
-            fifth(k + 4),
-        );
+        let (l, h) = q5_0_values(v, k);
         s[0] = _mm256_dpbusd_epi32(s[0], l, four(y, k));
         s[1] = _mm256_dpbusd_epi32(s[1], h, four(y, k + 4));
     }
@@ -196,7 +177,6 @@ pub unsafe fn q6k_group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32],
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn q6k_dots(base: *const u8, y: &Q8K) -> __m256i {
-    let (nibble, pair_bits) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
     let load = |n: usize, m: usize, which: usize| {
         // SAFETY: a value vector within the group block.
         unsafe { _mm256_loadu_si256(base.add(q6k::vector_at(n, m, which, 0)).cast()) }
@@ -216,25 +196,7 @@ fn q6k_dots(base: *const u8, y: &Q8K) -> __m256i {
             });
             let mut s = [_mm256_setzero_si256(); 4];
             for m in 4 * half..4 * half + 4 {
-                let (a, b, h) = (load(n, m, 0), load(n, m, 1), load(n, m, 2));
-                let q = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(a, nibble),
-                        _mm256_and_si256(_mm256_slli_epi16(h, 4), pair_bits),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(b, nibble),
-                        _mm256_and_si256(_mm256_slli_epi16(h, 2), pair_bits),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble),
-                        _mm256_and_si256(h, pair_bits),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble),
-                        _mm256_and_si256(_mm256_srli_epi16(h, 2), pair_bits),
-                    ),
-                ];
+                let q = q6k::avx2::quarters(load(n, m, 0), load(n, m, 1), load(n, m, 2));
                 for (quarter, q) in q.iter().enumerate() {
                     // SAFETY: the quarter's 32 activations within the half's 128.
                     let yq = unsafe { y.add(32 * quarter) };

@@ -23,9 +23,9 @@ use super::kquants::{scales_and_mins, Q4K_BYTES, Q8K, QK_K};
 use half::f16;
 
 /// Where the eight `d` scales start in a group block.
-const D: usize = 0;
+pub(super) const D: usize = 0;
 /// Where the eight `dmin` scales start.
-const DMIN: usize = 16;
+pub(super) const DMIN: usize = 16;
 /// Where the unpacked scales start.
 pub(super) const SCALES: usize = 32;
 /// Where the unpacked mins start.
@@ -33,7 +33,7 @@ const MINS: usize = 96;
 /// Where the nibbles start.
 const QS: usize = 160;
 /// Bytes of one group block.
-const GROUP_BLOCK: usize = QS + 4 * 8 * 32;
+pub(super) const GROUP_BLOCK: usize = QS + 4 * 8 * 32;
 
 /// Where row `lane`'s nibble bytes `32k + 4m..32k + 4m + 4` sit in a group block.
 pub(super) fn nibbles_at(k: usize, m: usize, lane: usize) -> usize {
@@ -241,23 +241,9 @@ pub(super) mod avx2 {
     /// `blocks` Q8_K blocks per token.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
-        run(group, blocks, a, (out, start), |base, y| dots(base, y));
-    }
-
-    /// A group's products with every token, with `dots` giving each block's `Σ_j scale_j ·
-    /// Σ q·y`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::models::cpu) fn run(
-        group: &[u8],
-        blocks: usize,
-        a: &[Q8K],
-        (out, start): (&mut [f32], usize),
-        dots: impl Fn(*const u8, &Q8K) -> __m256i + Copy,
-    ) {
         let (four, one) = (
-            |t| pass::<TOKENS>(group, blocks, a, t, dots),
-            |t| pass::<1>(group, blocks, a, t, dots),
+            |t| pass::<TOKENS>(group, blocks, a, t),
+            |t| pass::<1>(group, blocks, a, t),
         );
         each_pass(out, a.len() / blocks, start, four, one);
     }
@@ -303,7 +289,7 @@ pub(super) mod avx2 {
     /// a pair's two mins per lane, `madd` with the pair's two activation sums.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn offsets(base: *const u8, y: &Q8K) -> __m256i {
+    pub(in crate::models::cpu) fn offsets(base: *const u8, y: &Q8K) -> __m256i {
         let mut sum = _mm256_setzero_si256();
         for p in 0..4 {
             // SAFETY: sixteen bytes of mins within the group block.
@@ -320,13 +306,7 @@ pub(super) mod avx2 {
     /// The eight rows' products with activation rows `t..t + T`, one lane per row.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn pass<const T: usize>(
-        group: &[u8],
-        blocks: usize,
-        a: &[Q8K],
-        t: usize,
-        dots: impl Fn(*const u8, &Q8K) -> __m256i,
-    ) -> [__m256; T] {
+    fn pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) -> [__m256; T] {
         assert!(group.len() >= blocks * GROUP_BLOCK && a.len() >= (t + T) * blocks);
         let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..blocks {

@@ -23,13 +23,13 @@ use super::kquants::{Q6K_BYTES, Q8K, QK_K};
 use half::f16;
 
 /// Where the eight `d` scales start in a group block.
-const D: usize = 0;
+pub(super) const D: usize = 0;
 /// Where the scales start.
 const SCALES: usize = 16;
 /// Where the value vectors start.
 const VALUES: usize = 144;
 /// Bytes of one group block.
-const GROUP_BLOCK: usize = VALUES + 2 * 8 * 3 * 32;
+pub(super) const GROUP_BLOCK: usize = VALUES + 2 * 8 * 3 * 32;
 
 /// Where row `lane`'s four bytes of vector `which` (0: `ql`, 1: `ql + 32`, 2: `qh`) of half
 /// `n` and step `m` sit in a group block.
@@ -178,23 +178,9 @@ pub(super) mod avx2 {
     /// `blocks` Q8_K blocks per token.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
-        run(group, blocks, a, (out, start), |base, y| dots(base, y));
-    }
-
-    /// A group's products with every token, with `dots` giving each block's `Σ_g scale_g ·
-    /// Σ q·y`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::models::cpu) fn run(
-        group: &[u8],
-        blocks: usize,
-        a: &[Q8K],
-        (out, start): (&mut [f32], usize),
-        dots: impl Fn(*const u8, &Q8K) -> __m256i + Copy,
-    ) {
         let (four, one) = (
-            |t| pass::<TOKENS>(group, blocks, a, t, dots),
-            |t| pass::<1>(group, blocks, a, t, dots),
+            |t| pass::<TOKENS>(group, blocks, a, t),
+            |t| pass::<1>(group, blocks, a, t),
         );
         each_pass(out, a.len() / blocks, start, four, one);
     }
@@ -280,7 +266,7 @@ pub(super) mod avx2 {
     /// The eight rows' `Σ_g scale_g · Σ y` for one group block at `base` and one Q8_K block.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn offsets(base: *const u8, y: &Q8K) -> __m256i {
+    pub(in crate::models::cpu) fn offsets(base: *const u8, y: &Q8K) -> __m256i {
         let mut sum = _mm256_setzero_si256();
         for p in 0..8 {
             let sums = i32::from(y.bsums[2 * p] as u16) | (i32::from(y.bsums[2 * p + 1]) << 16);
@@ -295,13 +281,7 @@ pub(super) mod avx2 {
     /// The eight rows' products with activation rows `t..t + T`, one lane per row.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn pass<const T: usize>(
-        group: &[u8],
-        blocks: usize,
-        a: &[Q8K],
-        t: usize,
-        dots: impl Fn(*const u8, &Q8K) -> __m256i,
-    ) -> [__m256; T] {
+    fn pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) -> [__m256; T] {
         assert!(group.len() >= blocks * GROUP_BLOCK && a.len() >= (t + T) * blocks);
         let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..blocks {

@@ -10,8 +10,9 @@
 #![allow(unsafe_code)]
 
 use super::activations::Activations;
-use super::interleaved::avx2::{four, pass, q5_0_values, store, TOKENS};
+use super::interleaved::avx2::{each_pass, four, pass, q5_0_values, store, TOKENS};
 use super::interleaved::Kind;
+use super::kernels::avx2::prefetch;
 use super::kquants::Q8K;
 use super::{interleaved_q4k as q4k, interleaved_q6k as q6k};
 use std::arch::x86_64::*;
@@ -127,38 +128,72 @@ fn q5_0_block(v: &[__m256i; 5], y: *const u8) -> __m256i {
 /// As for [`group`]; `group` holds `blocks` Q4_K group blocks.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn q4k_group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
-    q4k::avx2::run(group, blocks, a, (out, start), |base, y| q4k_dots(base, y));
+    let (four, one) = (
+        |t| q4k_pass::<TOKENS>(group, blocks, a, t),
+        |t| q4k_pass::<1>(group, blocks, a, t),
+    );
+    each_pass(out, a.len() / blocks, start, four, one);
 }
 
-/// The eight rows' `Σ_j scale_j · Σ q·y` for one Q4_K group block at `base` and one Q8_K
-/// block: each sub-block's sum in 32 bits, times its row's scale.
+/// The eight rows' products with activation rows `t..t + T` of a Q4_K group, one lane per
+/// row. Each vector of nibbles is split once for all `T` tokens; a sub-block's sum is made
+/// in 32 bits and multiplied by its row's scale, then the block is finished as in the AVX2
+/// version: `d_y · (d · Σ_j scale_j · Σ q·y − dmin · Σ_j min_j · Σ y)`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn q4k_dots(base: *const u8, y: &Q8K) -> __m256i {
+fn q4k_pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) -> [__m256; T] {
+    assert!(group.len() >= blocks * q4k::GROUP_BLOCK && a.len() >= (t + T) * blocks);
     let low = _mm256_set1_epi8(0x0f);
-    let scale = |j: usize| {
-        // SAFETY: eight bytes of scales within the group block.
-        _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(base.add(q4k::SCALES + 8 * j).cast()) })
-    };
-    let mut sum = _mm256_setzero_si256();
-    for k in 0..4 {
-        let (mut l, mut h) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        // SAFETY: sub-blocks `2k` and `2k + 1` of the block's 256 values.
-        let (yl, yh) = unsafe { (y.qs.as_ptr().add(64 * k), y.qs.as_ptr().add(64 * k + 32)) };
-        for m in 0..8 {
-            // SAFETY: vector `m` of pair `k`, within the group block.
-            let v = unsafe { _mm256_loadu_si256(base.add(q4k::nibbles_at(k, m, 0)).cast()) };
-            let (vl, vh) = (
-                _mm256_and_si256(v, low),
-                _mm256_and_si256(_mm256_srli_epi16(v, 4), low),
-            );
-            l = _mm256_dpbusd_epi32(l, vl, four(yl.cast(), m));
-            h = _mm256_dpbusd_epi32(h, vh, four(yh.cast(), m));
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..blocks {
+        // SAFETY: block `b` of the group lies within it (asserted above).
+        let base = unsafe { group.as_ptr().add(b * q4k::GROUP_BLOCK) };
+        prefetch(base, q4k::GROUP_BLOCK.div_ceil(64));
+        let ys: [&Q8K; T] = std::array::from_fn(|j| &a[(t + j) * blocks + b]);
+        let scale = |j: usize| {
+            // SAFETY: eight bytes of scales within the group block.
+            _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(base.add(q4k::SCALES + 8 * j).cast()) })
+        };
+        let mut dots = [_mm256_setzero_si256(); T];
+        for k in 0..4 {
+            let mut l = [_mm256_setzero_si256(); T];
+            let mut h = [_mm256_setzero_si256(); T];
+            for m in 0..8 {
+                // SAFETY: vector `m` of pair `k`, within the group block.
+                let v = unsafe { _mm256_loadu_si256(base.add(q4k::nibbles_at(k, m, 0)).cast()) };
+                let (vl, vh) = (
+                    _mm256_and_si256(v, low),
+                    _mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                );
+                for (j, y) in ys.iter().enumerate() {
+                    // SAFETY: sub-blocks `2k` and `2k + 1` of the block's 256 values.
+                    let (yl, yh) =
+                        unsafe { (y.qs.as_ptr().add(64 * k), y.qs.as_ptr().add(64 * k + 32)) };
+                    l[j] = _mm256_dpbusd_epi32(l[j], vl, four(yl.cast(), m));
+                    h[j] = _mm256_dpbusd_epi32(h[j], vh, four(yh.cast(), m));
+                }
+            }
+            for (j, dot) in dots.iter_mut().enumerate() {
+                *dot = _mm256_add_epi32(*dot, _mm256_mullo_epi32(l[j], scale(2 * k)));
+                *dot = _mm256_add_epi32(*dot, _mm256_mullo_epi32(h[j], scale(2 * k + 1)));
+            }
         }
-        sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(l, scale(2 * k)));
-        sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(h, scale(2 * k + 1)));
+        // SAFETY: 16 bytes of `d` and of `dmin` at the block's start.
+        let (d, dmin) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(base.add(q4k::D).cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(base.add(q4k::DMIN).cast())),
+            )
+        };
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let y = ys[j];
+            let dy = _mm256_set1_ps(y.d);
+            let dot = _mm256_mul_ps(_mm256_cvtepi32_ps(dots[j]), dy);
+            let offset = _mm256_mul_ps(_mm256_cvtepi32_ps(q4k::avx2::offsets(base, y)), dy);
+            *acc = _mm256_fnmadd_ps(dmin, offset, _mm256_fmadd_ps(d, dot, *acc));
+        }
     }
-    sum
+    acc
 }
 
 /// The products of a Q6_K group's rows with every token of `a` (`blocks` Q8_K blocks per
@@ -168,47 +203,73 @@ fn q4k_dots(base: *const u8, y: &Q8K) -> __m256i {
 /// As for [`group`]; `group` holds `blocks` Q6_K group blocks.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn q6k_group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
-    q6k::avx2::run(group, blocks, a, (out, start), |base, y| q6k_dots(base, y));
+    let (four, one) = (
+        |t| q6k_pass::<TOKENS>(group, blocks, a, t),
+        |t| q6k_pass::<1>(group, blocks, a, t),
+    );
+    each_pass(out, a.len() / blocks, start, four, one);
 }
 
-/// The eight rows' `Σ_g scale_g · Σ q·y` (values 0..64) for one Q6_K group block at `base`
-/// and one Q8_K block: the four steps of a 16-value group summed in 32 bits, times its row's
-/// scale (sign-extended from the scale pair's half).
+/// The eight rows' products with activation rows `t..t + T` of a Q6_K group, one lane per
+/// row. Each step's values are unpacked once for all `T` tokens (the AVX2 version unpacks
+/// them per token); a 16-value group's four steps are summed in 32 bits and multiplied by
+/// its row's scale (sign-extended from the scale pair's half), then the block is finished
+/// as in the AVX2 version: `d · d_y · (Σ s·q·y − 32 · Σ s·bsum)`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn q6k_dots(base: *const u8, y: &Q8K) -> __m256i {
-    let load = |n: usize, m: usize, which: usize| {
-        // SAFETY: a value vector within the group block.
-        unsafe { _mm256_loadu_si256(base.add(q6k::vector_at(n, m, which, 0)).cast()) }
-    };
-    let mut sum = _mm256_setzero_si256();
-    for n in 0..2 {
-        // SAFETY: the half's 128 activations within the block's 256.
-        let y = unsafe { y.qs.as_ptr().add(128 * n) }.cast::<u8>();
-        for half in 0..2 {
-            // Quarter `q`'s scale of this half: group `2p + half` of pair `p = 4n + q`.
-            let scales: [__m256i; 4] = std::array::from_fn(|q| {
-                let pair = q6k::avx2::pair(base, 4 * n + q);
-                match half {
-                    0 => _mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16),
-                    _ => _mm256_srai_epi32(pair, 16),
+fn q6k_pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) -> [__m256; T] {
+    assert!(group.len() >= blocks * q6k::GROUP_BLOCK && a.len() >= (t + T) * blocks);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..blocks {
+        // SAFETY: block `b` of the group lies within it (asserted above).
+        let base = unsafe { group.as_ptr().add(b * q6k::GROUP_BLOCK) };
+        prefetch(base, q6k::GROUP_BLOCK.div_ceil(64));
+        let ys: [&Q8K; T] = std::array::from_fn(|j| &a[(t + j) * blocks + b]);
+        let load = |n: usize, m: usize, which: usize| {
+            // SAFETY: a value vector within the group block.
+            unsafe { _mm256_loadu_si256(base.add(q6k::vector_at(n, m, which, 0)).cast()) }
+        };
+        let mut dots = [_mm256_setzero_si256(); T];
+        for n in 0..2 {
+            for half in 0..2 {
+                // Quarter `q`'s scale of this half: group `2p + half` of pair `p = 4n + q`.
+                let scales: [__m256i; 4] = std::array::from_fn(|q| {
+                    let pair = q6k::avx2::pair(base, 4 * n + q);
+                    match half {
+                        0 => _mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16),
+                        _ => _mm256_srai_epi32(pair, 16),
+                    }
+                });
+                let mut s = [[_mm256_setzero_si256(); 4]; T];
+                for m in 4 * half..4 * half + 4 {
+                    let q = q6k::avx2::quarters(load(n, m, 0), load(n, m, 1), load(n, m, 2));
+                    for (s, y) in s.iter_mut().zip(&ys) {
+                        // SAFETY: the half's 128 activations within the block's 256.
+                        let y = unsafe { y.qs.as_ptr().add(128 * n) }.cast::<u8>();
+                        for (quarter, (s, q)) in s.iter_mut().zip(&q).enumerate() {
+                            // SAFETY: the quarter's 32 activations within the half's 128.
+                            let yq = unsafe { y.add(32 * quarter) };
+                            *s = _mm256_dpbusd_epi32(*s, *q, four(yq, m));
+                        }
+                    }
                 }
-            });
-            let mut s = [_mm256_setzero_si256(); 4];
-            for m in 4 * half..4 * half + 4 {
-                let q = q6k::avx2::quarters(load(n, m, 0), load(n, m, 1), load(n, m, 2));
-                for (quarter, q) in q.iter().enumerate() {
-                    // SAFETY: the quarter's 32 activations within the half's 128.
-                    let yq = unsafe { y.add(32 * quarter) };
-                    s[quarter] = _mm256_dpbusd_epi32(s[quarter], *q, four(yq, m));
+                for (dot, s) in dots.iter_mut().zip(&s) {
+                    for (s, scale) in s.iter().zip(&scales) {
+                        *dot = _mm256_add_epi32(*dot, _mm256_mullo_epi32(*s, *scale));
+                    }
                 }
-            }
-            for (s, scale) in s.iter().zip(&scales) {
-                sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(*s, *scale));
             }
         }
+        // SAFETY: 16 bytes of `d` at the block's start.
+        let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(base.add(q6k::D).cast()) });
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let (dot, y) = (&dots[j], ys[j]);
+            let total = _mm256_sub_epi32(*dot, _mm256_slli_epi32(q6k::avx2::offsets(base, y), 5));
+            let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(total), _mm256_set1_ps(y.d));
+            *acc = _mm256_fmadd_ps(d, scaled, *acc);
+        }
     }
-    sum
+    acc
 }
 
 #[cfg(test)]

@@ -188,20 +188,22 @@ impl Interleaved {
     }
 }
 
-/// The reference: each product summed in integers per block, then scaled, in block order.
+/// The reference: each product summed in integers per block over the stored values, then
+/// scaled with the offset taken out, in block order, with the fused multiply-adds of the
+/// SIMD versions, which it therefore matches bit for bit.
 pub(super) mod scalar {
-    use super::{lane_at, Activations, Kind, Q8_0_BYTES};
+    use super::{lane_at, Activations, Kind};
     use half::f16;
 
-    /// Value `j` of row `lane` in a group's block.
-    fn value(kind: Kind, g: &[u8], lane: usize, j: usize) -> i32 {
+    /// Stored value `j` of row `lane` in a group's block (the true value plus the offset).
+    fn stored(kind: Kind, g: &[u8], lane: usize, j: usize) -> i32 {
         match kind {
             Kind::Q8_0 => i32::from(g[lane_at(j / 4, lane) + j % 4] as i8),
-            Kind::Q4_0 => i32::from(nibble(g, 0, lane, j)) - 8,
+            Kind::Q4_0 => i32::from(nibble(g, 0, lane, j)),
             Kind::Q5_0 => {
                 let at = lane_at(0, lane);
                 let high = u32::from_le_bytes([g[at], g[at + 1], g[at + 2], g[at + 3]]) >> j & 1;
-                i32::from(nibble(g, 1, lane, j)) + 16 * high as i32 - 16
+                i32::from(nibble(g, 1, lane, j)) + 16 * high as i32
             }
         }
     }
@@ -231,19 +233,20 @@ pub(super) mod scalar {
         let count = out.len() / tokens;
         for lane in 0..(count - start).min(super::ROWS) {
             for t in 0..tokens {
-                let y = a.row(t);
-                out[t * count + start + lane] = (0..blocks)
-                    .map(|b| {
-                        let g = &group[b * size..][..size];
-                        let y = &y[b * Q8_0_BYTES..][..Q8_0_BYTES];
-                        let dw = f16::from_le_bytes([g[2 * lane], g[2 * lane + 1]]).to_f32();
-                        let dy = f16::from_le_bytes([y[0], y[1]]).to_f32();
-                        let dot: i32 = (0..32)
-                            .map(|j| value(kind, g, lane, j) * i32::from(y[2 + j] as i8))
-                            .sum();
-                        dw * dy * dot as f32
-                    })
-                    .sum();
+                let (y, scales, sums) = (a.row(t), a.scales(t), a.sums(t));
+                let mut acc = 0f32;
+                for b in 0..blocks {
+                    let g = &group[b * size..][..size];
+                    let values = &y[b * super::Q8_0_BYTES + 2..][..32];
+                    let dw = f16::from_le_bytes([g[2 * lane], g[2 * lane + 1]]).to_f32();
+                    let dot: i32 = (0..32)
+                        .map(|j| stored(kind, g, lane, j) * i32::from(values[j] as i8))
+                        .sum();
+                    // d_w · (d_y · Σ q·y − offset · d_y · Σ y), as the SIMD passes round it.
+                    let scaled = (dot as f32).mul_add(scales[b], -(kind.offset() * sums[b]));
+                    acc = dw.mul_add(scaled, acc);
+                }
+                out[t * count + start + lane] = acc;
             }
         }
     }
@@ -576,6 +579,9 @@ pub(super) mod tests {
                         for t in 0..tokens {
                             let want = dequantized_dot(kind, row, a.row(t));
                             let at = t * (rows - first) + r - first;
+                            if super::super::level::level() > super::super::level::Level::Scalar {
+                                assert_eq!(out[at].to_bits(), reference[at].to_bits(), "{kind:?}");
+                            }
                             for got in [out[at], reference[at]] {
                                 let tolerance = 1e-4 * want.abs().max(1.0);
                                 assert!((got - want).abs() <= tolerance, "{kind:?} {r} {t}");

@@ -205,7 +205,7 @@ mod scalar {
                 out[t * count + start + lane] = group
                     .chunks_exact(GROUP_BLOCK)
                     .zip(&a[t * blocks..(t + 1) * blocks])
-                    .map(|(g, y)| {
+                    .fold(0f32, |acc, (g, y)| {
                         let (mut dot, mut offset) = (0i32, 0i32);
                         for j in 0..8 {
                             let sub: i32 = (0..32)
@@ -220,9 +220,10 @@ mod scalar {
                             offset += i32::from(g[min_at(j, lane)]) * sum;
                         }
                         let (d, dmin) = (half(g, D + 2 * lane), half(g, DMIN + 2 * lane));
-                        y.d * (d * dot as f32 - dmin * offset as f32)
-                    })
-                    .sum();
+                        // As the SIMD passes round it: d_y applied to each sum, then fused.
+                        let (dot, offset) = (dot as f32 * y.d, offset as f32 * y.d);
+                        (-dmin).mul_add(offset, d.mul_add(dot, acc))
+                    });
             }
         }
     }
@@ -386,6 +387,10 @@ pub(super) mod tests {
                     (vec![0f32; count * tokens], vec![0f32; count * tokens]);
                 products(first, &a, tokens, &mut simd);
                 reference(first, &a, &mut scalar);
+                if crate::models::cpu::level::level() > crate::models::cpu::level::Level::Scalar {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&simd), bits(&scalar), "SIMD and scalar bits");
+                }
                 for i in 0..count {
                     for t in 0..tokens {
                         let exact: f64 = expected[first + i]

@@ -145,7 +145,7 @@ mod scalar {
                 out[t * count + start + lane] = group
                     .chunks_exact(GROUP_BLOCK)
                     .zip(&a[t * blocks..(t + 1) * blocks])
-                    .map(|(g, y)| {
+                    .fold(0f32, |acc, (g, y)| {
                         let dot: i32 = (0..16)
                             .map(|k| {
                                 let sum: i32 = (16 * k..16 * k + 16)
@@ -157,9 +157,9 @@ mod scalar {
                             })
                             .sum();
                         let d = f16::from_le_bytes([g[D + 2 * lane], g[D + 2 * lane + 1]]);
-                        d.to_f32() * (y.d * dot as f32)
-                    })
-                    .sum();
+                        // As the SIMD passes round it: d · (d_y · Σ) fused into the sum.
+                        d.to_f32().mul_add(dot as f32 * y.d, acc)
+                    });
             }
         }
     }

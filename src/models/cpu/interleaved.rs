@@ -152,6 +152,7 @@ impl Interleaved {
                 "activation row length"
             );
         }
+        #[cfg(target_arch = "x86_64")]
         let level = super::level::level();
         for start in (0..count).step_by(ROWS) {
             let group = self.group(first + start);

@@ -164,6 +164,7 @@ pub(super) fn each_group<'w>(
     assert_eq!(out.len() % tokens, 0, "whole rows of products");
     let count = out.len() / tokens;
     assert!(first + count <= rows, "rows {first}+{count} of {rows}");
+    #[cfg(target_arch = "x86_64")]
     let level = super::level::level();
     for start in (0..count).step_by(ROWS) {
         let group = group(first + start);

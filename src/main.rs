@@ -213,7 +213,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let pool = Pool::start(config, Some(args.config.clone())).await?;
         eprintln!("llorch listening on http://{address}");
         let http_threads = tokio::runtime::Handle::current().metrics().num_workers();
-        tracing::info!(%address, models, http_threads, "llorch listening");
+        let cpu_kernels = llorch::models::cpu::level::level().name();
+        tracing::info!(%address, models, http_threads, cpu_kernels, "llorch listening");
         let state = AppState::new(&pool, keys, server);
         reload_on_sighup(pool.supervisor());
         let mut signals = ShutdownSignals::new()?;

@@ -38,6 +38,8 @@ fn bench_reports_prefill_and_decode_medians_as_json() {
         "3",
     ]);
     assert_eq!(report["threads"], 1);
+    let level = report["cpu_level"].as_str().unwrap();
+    assert!(["avx512", "avx2", "scalar"].contains(&level), "{level}");
     assert_eq!(report["prompt_tokens"], 16);
     assert_eq!(report["dtype"], "f32");
     for runs in ["prefill_tok_s_runs", "decode_tok_s_runs"] {

@@ -200,6 +200,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         "device": args.device,
         "dtype": format!("{:?}", info.dtype).to_lowercase(),
         "threads": threads,
+        "cpu_level": llorch::models::cpu::level::level().name(),
         "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.decode_tokens,
         "runs": args.runs,

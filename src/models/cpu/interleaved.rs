@@ -72,6 +72,12 @@ fn lane_at(m: usize, lane: usize) -> usize {
     2 * ROWS + 32 * m + 4 * lane
 }
 
+/// A SIMD version of one group's products (the kind, the group's blocks, their number, the
+/// activations, the output and the group's first row in it): unsafe to call unless the CPU
+/// has its level's features.
+#[cfg(target_arch = "x86_64")]
+type GroupProducts = unsafe fn(Kind, &[u8], usize, &Activations, &mut [f32], usize);
+
 /// A matrix in groups of eight interleaved rows.
 pub struct Interleaved {
     kind: Kind,
@@ -153,36 +159,23 @@ impl Interleaved {
             );
         }
         #[cfg(target_arch = "x86_64")]
-        let level = super::level::level();
+        let kernel: Option<GroupProducts> = match super::level::level() {
+            super::level::Level::Avx512 => Some(super::interleaved_vnni::group),
+            super::level::Level::Avx2 => Some(avx2::group),
+            super::level::Level::Scalar => None,
+        };
         for start in (0..count).step_by(ROWS) {
             let group = self.group(first + start);
             #[cfg(target_arch = "x86_64")]
-            {
-                use super::level::Level;
+            if let Some(kernel) = kernel {
                 // SAFETY: the level's features were detected; `group` holds `self.blocks`
                 // blocks of `kind`, and every activation row as many Q8_0 blocks (asserted
                 // above).
                 #[allow(unsafe_code)]
-                match level {
-                    Level::Avx512 => {
-                        unsafe {
-                            super::interleaved_vnni::group(
-                                self.kind,
-                                group,
-                                self.blocks,
-                                a,
-                                out,
-                                start,
-                            )
-                        };
-                        continue;
-                    }
-                    Level::Avx2 => {
-                        unsafe { avx2::group(self.kind, group, self.blocks, a, out, start) };
-                        continue;
-                    }
-                    Level::Scalar => {}
-                }
+                unsafe {
+                    kernel(self.kind, group, self.blocks, a, out, start)
+                };
+                continue;
             }
             scalar::group(self.kind, group, self.blocks, a, out, start);
         }

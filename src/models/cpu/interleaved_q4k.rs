@@ -165,26 +165,22 @@ pub(super) fn each_group<'w>(
     let count = out.len() / tokens;
     assert!(first + count <= rows, "rows {first}+{count} of {rows}");
     #[cfg(target_arch = "x86_64")]
-    let level = super::level::level();
+    let kernel = match super::level::level() {
+        super::level::Level::Avx512 => Some(kernels.avx512),
+        super::level::Level::Avx2 => Some(kernels.avx2),
+        super::level::Level::Scalar => None,
+    };
     for start in (0..count).step_by(ROWS) {
         let group = group(first + start);
         #[cfg(target_arch = "x86_64")]
-        {
-            use super::level::Level;
-            let kernel = match level {
-                Level::Avx512 => Some(kernels.avx512),
-                Level::Avx2 => Some(kernels.avx2),
-                Level::Scalar => None,
+        if let Some(kernel) = kernel {
+            // SAFETY: the level's features were detected; `group` holds `blocks` group blocks
+            // and `a` as many Q8_K blocks per token (asserted above).
+            #[allow(unsafe_code)]
+            unsafe {
+                kernel(group, blocks, a, out, start)
             };
-            if let Some(kernel) = kernel {
-                // SAFETY: the level's features were detected; `group` holds `blocks` group
-                // blocks and `a` as many Q8_K blocks per token (asserted above).
-                #[allow(unsafe_code)]
-                unsafe {
-                    kernel(group, blocks, a, out, start)
-                };
-                continue;
-            }
+            continue;
         }
         (kernels.scalar)(group, blocks, a, out, start);
     }

@@ -9,6 +9,13 @@
 //! `Weight::matmul` (quantizing the activations included) and reports multiply-adds per
 //! second; run it with `RAYON_NUM_THREADS=1` for one thread's figure.
 //!
+//! The `batch8` and `batch16` groups do the same with 8 and 16 rows: the products of a
+//! decode step of that many streams.
+//!
+//! The `attention` group runs one KV head's attention (its query heads' scores, softmax and
+//! weighted sums of the values) over a sequence's paged cache, for the small and 1b models'
+//! geometry and several context lengths, and reports multiply-adds per second.
+//!
 //! Every label ends in the kernels' level (`@avx512`, `@avx2`, `@scalar`): the best this CPU
 //! has, or the one `LLORCH_CPU_LEVEL` forces, so
 //! `LLORCH_CPU_LEVEL=avx2 cargo bench --bench kernels` adds the AVX2 rows beside the others.
@@ -22,12 +29,14 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::f16;
+use llorch::models::batch::KvLayout;
 use llorch::models::cpu::activations::Activations;
 use llorch::models::cpu::f16_panels::F16Panels;
 use llorch::models::cpu::interleaved::{Interleaved, Kind};
 use llorch::models::cpu::interleaved_q4k::InterleavedQ4K;
 use llorch::models::cpu::interleaved_q6k::InterleavedQ6K;
 use llorch::models::cpu::kquants::{quantize_q8k, Q8K, QK_K};
+use llorch::models::cpu::kv_pool::{KvPool, Scratch, Span};
 use llorch::models::cpu::level::level;
 use llorch::models::cpu::weight::Weight;
 
@@ -156,14 +165,26 @@ fn matvec(c: &mut Criterion) {
 const PREFILL_TOKENS: usize = 128;
 
 fn prefill(c: &mut Criterion) {
-    let mut group = c.benchmark_group("prefill");
+    products(c, "prefill", PREFILL_TOKENS);
+}
+
+/// The decode step of eight and of sixteen streams: as many activation rows.
+fn batch(c: &mut Criterion) {
+    for tokens in [8, 16] {
+        products(c, &format!("batch{tokens}"), tokens);
+    }
+}
+
+/// Group `name`: every type's product of both matrices with `tokens` activation rows.
+fn products(c: &mut Criterion, name: &str, tokens: usize) {
+    let mut group = c.benchmark_group(name);
     for (rows, cols) in [(1536usize, 576usize), (5632, 2048)] {
         let w = Tensor::from_vec(values(rows * cols, 3), (rows, cols), &Device::Cpu)
             .expect("weight tensor");
-        let x = values(PREFILL_TOKENS * cols, 7);
-        let mut out = vec![0f32; PREFILL_TOKENS * rows];
+        let x = values(tokens * cols, 7);
+        let mut out = vec![0f32; tokens * rows];
         let label = format!("{rows}x{cols}@{}", level().name());
-        group.throughput(Throughput::Elements((PREFILL_TOKENS * rows * cols) as u64));
+        group.throughput(Throughput::Elements((tokens * rows * cols) as u64));
         for (name, dtype) in [
             ("q8_0", GgmlDType::Q8_0),
             ("q4_0", GgmlDType::Q4_0),
@@ -177,13 +198,59 @@ fn prefill(c: &mut Criterion) {
             }
             let q = QTensor::quantize(&w, dtype).expect("quantize");
             let weight = Weight::new(&q).expect("weight");
+            // Inside the pool, as the model's forward pass runs: a product called from outside
+            // pays for waking the pool, which a step pays once.
             group.bench_function(BenchmarkId::new(name, &label), |b| {
-                b.iter(|| weight.matmul(&x, PREFILL_TOKENS, &mut out))
+                rayon::scope(|_| b.iter(|| weight.matmul(&x, tokens, &mut out)))
             });
         }
     }
     group.finish();
 }
 
-criterion_group!(benches, matvec, prefill);
+/// Head size of both geometries.
+const HEAD_DIM: usize = 64;
+
+fn attention(c: &mut Criterion) {
+    let mut group = c.benchmark_group("attention");
+    // (name, query heads per KV head, KV heads): the small model's and the 1b model's.
+    for (model, queries, kv_heads) in [("small", 3usize, 3usize), ("1b", 8, 4)] {
+        let width = kv_heads * HEAD_DIM;
+        for context in [64usize, 256, 1024] {
+            let layout = KvLayout {
+                block_size: 16,
+                blocks: context.div_ceil(16),
+            };
+            let mut pool = KvPool::new(1, kv_heads, HEAD_DIM, layout);
+            // Blocks in reverse order, as a pool handed out over time holds them.
+            let table: Vec<u32> = (0..layout.blocks as u32).rev().collect();
+            let keys = values(context * width, 11);
+            let cached = values(context * width, 13);
+            pool.write(0, &table, 0, &keys, &cached);
+            let q: Vec<f32> = values(queries * HEAD_DIM, 17)
+                .iter()
+                .map(|v| v * 0.2)
+                .collect();
+            let span = Span {
+                table: &table,
+                start: 0,
+                end: context,
+                kv_head: 1,
+            };
+            let mut scratch = Scratch::default();
+            let mut out = vec![0f32; queries * HEAD_DIM];
+            let layer = pool.layer(0);
+            let label = format!("{model}/{context}@{}", level().name());
+            group.throughput(Throughput::Elements(
+                (2 * queries * context * HEAD_DIM) as u64,
+            ));
+            group.bench_function(BenchmarkId::new("attend", &label), |b| {
+                b.iter(|| layer.attend(&q, HEAD_DIM, &span, 0.125, &mut scratch, &mut out))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matvec, prefill, batch, attention);
 criterion_main!(benches);

@@ -137,10 +137,9 @@ mod avx2 {
 
     /// Positions per step of [`scores`]: their four sums are reduced together.
     const POSITIONS: usize = 4;
-    /// Output values per pass of [`weighted_sum`], held in four registers.
-    const WIDTH: usize = 32;
 
-    /// [`super::scores`] over runs.
+    /// [`super::scores`] over runs: the queries two at a time, so that each key vector loaded
+    /// serves both (eight chains of multiply-adds in flight), then the odd one alone.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; every run's rows lie within `keys` (checked by the
@@ -154,18 +153,34 @@ mod avx2 {
         runs: &[(usize, usize)],
         out: &mut [f32],
     ) {
-        let total = out.len() / (queries.len() / d).max(1);
+        let heads = queries.len() / d;
+        let total = out.len() / heads.max(1);
         let mut first = 0;
         for &(at, len) in runs {
-            for (query, out) in queries.chunks_exact(d).zip(out.chunks_exact_mut(total)) {
+            let keys = &keys[at..];
+            let span = first..first + len;
+            let mut outs = out.chunks_exact_mut(total);
+            let mut query = queries.chunks_exact(d);
+            for _ in 0..heads / 2 {
+                let (Some(qa), Some(qb), Some(oa), Some(ob)) =
+                    (query.next(), query.next(), outs.next(), outs.next())
+                else {
+                    break;
+                };
+                let out = [&mut oa[span.clone()], &mut ob[span.clone()]];
                 // SAFETY: as this function's.
-                unsafe { scores(query, &keys[at..], stride, &mut out[first..first + len]) };
+                unsafe { scores::<2>([qa, qb], keys, stride, out) };
+            }
+            if let (Some(q), Some(o)) = (query.next(), outs.next()) {
+                // SAFETY: as this function's.
+                unsafe { scores::<1>([q], keys, stride, [&mut o[span.clone()]]) };
             }
             first += len;
         }
     }
 
-    /// [`super::weighted_sums`] over runs.
+    /// [`super::weighted_sums`] over runs: the queries two at a time, so that each value
+    /// vector loaded serves both, then the odd one alone.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; every run's rows lie within `values` (checked by the
@@ -179,28 +194,74 @@ mod avx2 {
         out: &mut [f32],
         d: usize,
     ) {
-        let total = weights.len() / (out.len() / d).max(1);
+        let heads = out.len() / d;
+        let total = weights.len() / heads.max(1);
         let mut first = 0;
         for &(at, len) in runs {
-            for (weights, out) in weights.chunks_exact(total).zip(out.chunks_exact_mut(d)) {
-                let part = &weights[first..first + len];
+            let values = &values[at..];
+            let span = first..first + len;
+            let mut outs = out.chunks_exact_mut(d);
+            let mut weight = weights.chunks_exact(total);
+            for _ in 0..heads / 2 {
+                let (Some(wa), Some(wb), Some(oa), Some(ob)) =
+                    (weight.next(), weight.next(), outs.next(), outs.next())
+                else {
+                    break;
+                };
+                let w = [&wa[span.clone()], &wb[span.clone()]];
                 // SAFETY: as this function's.
-                unsafe { weighted_sum_into(part, &values[at..], stride, out) };
+                unsafe { weighted_sum_into::<2, 4>(w, values, stride, [oa, ob]) };
+            }
+            if let (Some(w), Some(o)) = (weight.next(), outs.next()) {
+                // SAFETY: as this function's.
+                unsafe { weighted_sum_into::<1, 8>([&w[span.clone()]], values, stride, [o]) };
             }
             first += len;
         }
     }
 
+    /// The scores of `H` queries against `out[0].len()` key rows at `stride`: each
+    /// position's sum is formed lane by lane in column order and reduced four positions at a
+    /// time, as it would be for one query alone.
+    ///
     /// # Safety
-    /// AVX2 and FMA must be available; `out.len()` rows of `query.len()` values at `stride`
-    /// lie within `keys`.
+    /// AVX2 and FMA must be available; `out[h].len()` rows of `queries[h].len()` values at
+    /// `stride` lie within `keys`, and every query and output has the first's length.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores(query: &[f32], keys: &[f32], stride: usize, out: &mut [f32]) {
-        let d = query.len();
+    unsafe fn scores<const H: usize>(
+        queries: [&[f32]; H],
+        keys: &[f32],
+        stride: usize,
+        mut out: [&mut [f32]; H],
+    ) {
+        let d = queries[0].len();
         let whole = d / 8 * 8;
         let row = |p: usize| &keys[p * stride..][..d];
-        let dot = |p: usize| -> __m256 {
+        // The dot products of every query with POSITIONS consecutive rows from `p`, formed
+        // side by side so that their chains of multiply-adds overlap.
+        let dots = |p: usize| -> [[__m256; POSITIONS]; H] {
+            // The rows are checked once here; the loop reads within them.
+            let last = row(p + POSITIONS - 1);
+            let first = last.as_ptr().wrapping_sub((POSITIONS - 1) * stride);
+            let mut acc = [[_mm256_setzero_ps(); POSITIONS]; H];
+            for c in (0..whole).step_by(8) {
+                // SAFETY: eight floats from `c < whole <= d` of each query and of each key row
+                // `p + i` (rows `p` to `p + 3` lie in `keys`: the last was sliced above).
+                unsafe {
+                    let k: [__m256; POSITIONS] =
+                        std::array::from_fn(|i| _mm256_loadu_ps(first.add(i * stride + c)));
+                    for (acc, query) in acc.iter_mut().zip(queries) {
+                        let q = _mm256_loadu_ps(query.as_ptr().add(c));
+                        for (a, k) in acc.iter_mut().zip(k) {
+                            *a = _mm256_fmadd_ps(q, k, *a);
+                        }
+                    }
+                }
+            }
+            acc
+        };
+        let dot = |query: &[f32], p: usize| -> __m256 {
             let key = row(p);
             let mut acc = _mm256_setzero_ps();
             for c in (0..whole).step_by(8) {
@@ -215,76 +276,130 @@ mod avx2 {
             }
             acc
         };
-        let tail = |p: usize| -> f32 {
+        let tail = |query: &[f32], p: usize| -> f32 {
             query[whole..]
                 .iter()
                 .zip(&row(p)[whole..])
                 .map(|(q, k)| q * k)
                 .sum()
         };
-        let positions = out.len();
+        let positions = out[0].len();
         let grouped = positions / POSITIONS * POSITIONS;
         for p in (0..grouped).step_by(POSITIONS) {
-            // Pairwise adds leave lane i of each half holding part of position p + i's sum.
-            let pairs = _mm256_hadd_ps(
-                _mm256_hadd_ps(dot(p), dot(p + 1)),
-                _mm256_hadd_ps(dot(p + 2), dot(p + 3)),
-            );
-            let four = _mm_add_ps(
-                _mm256_castps256_ps128(pairs),
-                _mm256_extractf128_ps::<1>(pairs),
-            );
-            let mut sums = [0f32; POSITIONS];
-            // SAFETY: the array holds four floats.
-            unsafe { _mm_storeu_ps(sums.as_mut_ptr(), four) };
-            for (i, s) in sums.iter().enumerate() {
-                out[p + i] = s + tail(p + i);
+            for ((sums, out), query) in dots(p).into_iter().zip(out.iter_mut()).zip(queries) {
+                // Pairwise adds leave lane i of each half holding part of position p + i's sum.
+                let [p0, p1, p2, p3] = sums;
+                let pairs = _mm256_hadd_ps(_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
+                let four = _mm_add_ps(
+                    _mm256_castps256_ps128(pairs),
+                    _mm256_extractf128_ps::<1>(pairs),
+                );
+                let sums = &mut out[p..p + POSITIONS];
+                // SAFETY: the slice holds four floats.
+                unsafe { _mm_storeu_ps(sums.as_mut_ptr(), four) };
+                if whole < d {
+                    for (i, s) in sums.iter_mut().enumerate() {
+                        *s += tail(query, p + i);
+                    }
+                }
             }
         }
-        for (p, o) in out.iter_mut().enumerate().skip(grouped) {
-            *o = crate::models::cpu::kernels::avx2::sum_lanes(dot(p)) + tail(p);
+        for (out, query) in out.iter_mut().zip(queries) {
+            for (p, o) in out.iter_mut().enumerate().skip(grouped) {
+                *o = crate::models::cpu::kernels::avx2::sum_lanes(dot(query, p)) + tail(query, p);
+            }
         }
     }
 
+    /// `out[h] += Σ_p weights[h][p] · values[p * stride..]` for `H` queries, `V` vectors of
+    /// each query's output per pass over the positions (`H × V` registers of sums), then the
+    /// rest a vector at a time; each output value is summed in position order, as it would be
+    /// for one query alone.
+    ///
     /// # Safety
-    /// AVX2 and FMA must be available; `weights.len()` rows of `out.len()` values at `stride`
-    /// lie within `values`.
+    /// AVX2 and FMA must be available; `weights[h].len()` rows of `out[h].len()` values at
+    /// `stride` lie within `values`, and every query's weights and output have the first's
+    /// lengths.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn weighted_sum_into(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
-        let d = out.len();
+    unsafe fn weighted_sum_into<const H: usize, const V: usize>(
+        weights: [&[f32]; H],
+        values: &[f32],
+        stride: usize,
+        mut out: [&mut [f32]; H],
+    ) {
+        let d = out[0].len();
+        let positions = weights[0].len();
+        if positions > 0 {
+            assert!((positions - 1) * stride + d <= values.len(), "value rows");
+        }
         let whole = d / 8 * 8;
-        for c in (0..whole).step_by(WIDTH) {
-            let vectors = (whole - c).min(WIDTH) / 8;
-            let mut acc = [_mm256_setzero_ps(); WIDTH / 8];
-            for (k, acc) in acc.iter_mut().enumerate().take(vectors) {
-                // SAFETY: eight floats from `c + 8k < whole <= d`.
-                *acc = unsafe { _mm256_loadu_ps(out.as_ptr().add(c + 8 * k)) };
-            }
-            for (p, w) in weights.iter().enumerate() {
-                let w = _mm256_set1_ps(*w);
-                let value = &values[p * stride + c..][..vectors * 8];
-                for (k, acc) in acc.iter_mut().enumerate().take(vectors) {
-                    // SAFETY: eight floats from `8k < vectors * 8 = value.len()`.
-                    *acc = unsafe {
-                        _mm256_fmadd_ps(w, _mm256_loadu_ps(value.as_ptr().add(8 * k)), *acc)
-                    };
-                }
-            }
-            for (k, acc) in acc.iter().enumerate().take(vectors) {
-                // SAFETY: eight floats from `c + 8k < whole <= d`.
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * k), *acc) };
-            }
+        let full = whole / (8 * V) * (8 * V);
+        for c in (0..full).step_by(8 * V) {
+            // SAFETY: `8V` values from `c + 8V <= whole <= d` of each row and output.
+            unsafe { weighted_pass::<H, V>(&weights, values, stride, &mut out, c) };
+        }
+        for c in (full..whole).step_by(8) {
+            // SAFETY: eight values from `c + 8 <= whole <= d` of each row and output.
+            unsafe { weighted_pass::<H, 1>(&weights, values, stride, &mut out, c) };
         }
         if whole < d {
-            let tail = &mut out[whole..];
-            for (p, w) in weights.iter().enumerate() {
-                for (o, v) in tail
-                    .iter_mut()
-                    .zip(&values[p * stride + whole..][..d - whole])
-                {
-                    *o += w * v;
+            for (out, weights) in out.into_iter().zip(weights) {
+                let tail = &mut out[whole..];
+                for (p, w) in weights.iter().enumerate() {
+                    for (o, v) in tail
+                        .iter_mut()
+                        .zip(&values[p * stride + whole..][..d - whole])
+                    {
+                        *o += w * v;
+                    }
                 }
+            }
+        }
+    }
+
+    /// One pass of [`weighted_sum_into`] over every position for the `8V` output values
+    /// from `c` of each query.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `c + 8V` is at most every output's length, and the
+    /// positions' rows at `stride` hold as many values from `c` within `values`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted_pass<const H: usize, const V: usize>(
+        weights: &[&[f32]; H],
+        values: &[f32],
+        stride: usize,
+        out: &mut [&mut [f32]; H],
+        c: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); V]; H];
+        for (acc, out) in acc.iter_mut().zip(out.iter()) {
+            for (k, a) in acc.iter_mut().enumerate() {
+                // SAFETY: eight floats from `c + 8k < c + 8V <=` the output's length.
+                *a = unsafe { _mm256_loadu_ps(out.as_ptr().add(c + 8 * k)) };
+            }
+        }
+        let positions = weights[0].len();
+        for p in 0..positions {
+            // SAFETY: the caller's: row `p` holds `8V` values from `c`.
+            let row = unsafe { values.as_ptr().add(p * stride + c) };
+            let mut v = [_mm256_setzero_ps(); V];
+            for (k, v) in v.iter_mut().enumerate() {
+                // SAFETY: as above.
+                *v = unsafe { _mm256_loadu_ps(row.add(8 * k)) };
+            }
+            for (acc, weights) in acc.iter_mut().zip(weights) {
+                let w = _mm256_set1_ps(weights[p]);
+                for (a, v) in acc.iter_mut().zip(&v) {
+                    *a = _mm256_fmadd_ps(w, *v, *a);
+                }
+            }
+        }
+        for (acc, out) in acc.iter().zip(out.iter_mut()) {
+            for (k, a) in acc.iter().enumerate() {
+                // SAFETY: eight floats from `c + 8k < c + 8V <=` the output's length.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c + 8 * k), *a) };
             }
         }
     }
@@ -341,6 +456,36 @@ mod tests {
                         "{d} {i}: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Queries taken together (two at a time, the odd one alone) give each query the bits it
+    /// gets alone, for head sizes with and without a tail and runs split at multiples of four.
+    #[test]
+    fn a_query_scores_and_sums_the_same_bits_alone_and_in_a_group() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (d, stride, heads) in [(64, 192, 3), (64, 256, 8), (72, 80, 5), (13, 26, 2)] {
+            let positions = 23;
+            let mut random =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+            let queries = random(heads * d);
+            let cache = random(positions * stride + d);
+            let weights = random(heads * positions);
+            let runs = [(0, 8), (8 * stride, 12), (20 * stride, 3)];
+            let mut together = vec![0.0; heads * positions];
+            scores(&queries, d, &cache, stride, &runs, &mut together);
+            let mut summed = vec![0.5; heads * d];
+            weighted_sums(&weights, &cache, stride, &runs, &mut summed, d);
+            for h in 0..heads {
+                let mut alone = vec![0.0; positions];
+                scores(&queries[h * d..][..d], d, &cache, stride, &runs, &mut alone);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&alone), bits(&together[h * positions..][..positions]));
+                let mut sum = vec![0.5; d];
+                let w = &weights[h * positions..][..positions];
+                weighted_sums(w, &cache, stride, &runs, &mut sum, d);
+                assert_eq!(bits(&sum), bits(&summed[h * d..][..d]), "{d} {h}");
             }
         }
     }

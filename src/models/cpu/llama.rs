@@ -129,9 +129,9 @@ impl CpuLlama {
     pub fn forward(&mut self, ids: &[u32], position: usize) -> Result<Vec<f32>, GenerationError> {
         let layout = self.solo.layout(position, ids.len())?;
         let w = &self.weights;
-        let pool = self
-            .solo_pool
-            .get_or_insert_with(|| KvPool::new(w.layers.len(), w.kv_width(), layout));
+        let pool = self.solo_pool.get_or_insert_with(|| {
+            KvPool::new(w.layers.len(), w.hyper.kv_heads, w.hyper.head_dim, layout)
+        });
         pool.grow(layout.blocks);
         let chunk = self.solo.chunk(ids);
         check_step(&[chunk], pool.layout(), w.vocab())?;
@@ -150,7 +150,12 @@ impl BatchedModel for CpuLlama {
 
     fn init_kv(&mut self, layout: KvLayout) -> Result<(), GenerationError> {
         let w = &self.weights;
-        self.pool = Some(KvPool::new(w.layers.len(), w.kv_width(), layout));
+        self.pool = Some(KvPool::new(
+            w.layers.len(),
+            w.hyper.kv_heads,
+            w.hyper.head_dim,
+            layout,
+        ));
         Ok(())
     }
 
@@ -295,7 +300,7 @@ impl Weights {
                     table: seqs[rows.seq[row]].block_table,
                     start: s.window.map_or(0, |w| (position + 1).saturating_sub(w)),
                     end: position + 1,
-                    head: kv_head * d,
+                    kv_head,
                 };
                 let queries = &q[unit * group..(unit + 1) * group];
                 layer_kv.attend(queries, d, &span, s.attention_scale, scratch, o);

@@ -14,7 +14,8 @@
 //!
 //! The `attention` group runs one KV head's attention (its query heads' scores, softmax and
 //! weighted sums of the values) over a sequence's paged cache, for the small and 1b models'
-//! geometry and several context lengths, and reports multiply-adds per second.
+//! geometry and several context lengths, and reports multiply-adds per second; `attend` with
+//! an f32 cache, `attend_f16` with a half-precision one.
 //!
 //! Every label ends in the kernels' level (`@avx512`, `@avx2`, `@scalar`): the best this CPU
 //! has, or the one `LLORCH_CPU_LEVEL` forces, so
@@ -31,6 +32,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::f16;
 use llorch::models::batch::KvLayout;
 use llorch::models::cpu::activations::Activations;
+use llorch::models::cpu::attention::Element;
 use llorch::models::cpu::f16_panels::F16Panels;
 use llorch::models::cpu::interleaved::{Interleaved, Kind};
 use llorch::models::cpu::interleaved_q4k::InterleavedQ4K;
@@ -39,6 +41,7 @@ use llorch::models::cpu::kquants::{quantize_q8k, Q8K, QK_K};
 use llorch::models::cpu::kv_pool::{KvPool, Scratch, Span};
 use llorch::models::cpu::level::level;
 use llorch::models::cpu::weight::Weight;
+use llorch::models::cpu::Plain;
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n as u32)
@@ -213,6 +216,16 @@ const HEAD_DIM: usize = 64;
 
 fn attention(c: &mut Criterion) {
     let mut group = c.benchmark_group("attention");
+    attend::<f32>(&mut group, "attend");
+    attend::<f16>(&mut group, "attend_f16");
+    group.finish();
+}
+
+/// Rows `name` of the attention group: a cache of `T`.
+fn attend<T: Element + Plain>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+) {
     // (name, query heads per KV head, KV heads): the small model's and the 1b model's.
     for (model, queries, kv_heads) in [("small", 3usize, 3usize), ("1b", 8, 4)] {
         let width = kv_heads * HEAD_DIM;
@@ -221,7 +234,7 @@ fn attention(c: &mut Criterion) {
                 block_size: 16,
                 blocks: context.div_ceil(16),
             };
-            let mut pool = KvPool::new(1, kv_heads, HEAD_DIM, layout);
+            let mut pool = KvPool::<T>::new(1, kv_heads, HEAD_DIM, layout);
             // Blocks in reverse order, as a pool handed out over time holds them.
             let table: Vec<u32> = (0..layout.blocks as u32).rev().collect();
             let keys = values(context * width, 11);
@@ -244,12 +257,11 @@ fn attention(c: &mut Criterion) {
             group.throughput(Throughput::Elements(
                 (2 * queries * context * HEAD_DIM) as u64,
             ));
-            group.bench_function(BenchmarkId::new("attend", &label), |b| {
+            group.bench_function(BenchmarkId::new(name, &label), |b| {
                 b.iter(|| layer.attend(&q, HEAD_DIM, &span, 0.125, &mut scratch, &mut out))
             });
         }
     }
-    group.finish();
 }
 
 criterion_group!(benches, matvec, prefill, batch, attention);

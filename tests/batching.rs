@@ -13,7 +13,7 @@ use llorch::actors::engine::{
     spawn_engine, EngineConfig, EngineExit, EngineHandle, GenerationRequest, Job, TokenEvent,
 };
 use llorch::metrics::Metrics;
-use llorch::models::batch::{KvLayout, SeqChunk};
+use llorch::models::batch::{KvDtype, KvLayout, SeqChunk};
 use llorch::models::{
     DTypeChoice, FinishReason, GenerationParams, LoadSpec, ModelSource, Prompt, SamplingParams,
 };
@@ -138,6 +138,43 @@ fn config(max_seqs: usize, max_batch_tokens: usize, kv_cache_bytes: Option<u64>)
     }
 }
 
+/// Submits every case of `fixture` at once to an engine of `config` and checks each stream's
+/// tokens against the golden ones.
+fn all_cases_together(fixture: &Fixture, config: EngineConfig, what: &str) {
+    let engine = engine(&fixture.source, config);
+    let mut streams: Vec<_> = fixture
+        .cases
+        .iter()
+        .map(|(prompt, gold)| submit(&engine, prompt, gold.len(), 0))
+        .collect();
+    for ((_, gold), events) in fixture.cases.iter().zip(&mut streams) {
+        let (ids, _) = finish(events);
+        assert_eq!(&ids, gold, "{} {what}", fixture.source.display());
+    }
+}
+
+/// A half-precision cache rounds every key and value once: the trained model (stories260k,
+/// from safetensors and from GGUF) still generates its golden tokens with it, run together.
+#[test]
+fn a_half_precision_cache_keeps_the_trained_models_golden_tokens() {
+    let Some(fixtures) = batched_fixtures() else {
+        return;
+    };
+    let trained = fixtures
+        .iter()
+        .filter(|f| f.source.to_string_lossy().contains("stories260k"));
+    let mut checked = 0;
+    for fixture in trained {
+        let f16 = EngineConfig {
+            kv_dtype: KvDtype::F16,
+            ..config(4, 7, None)
+        };
+        all_cases_together(fixture, f16, "f16 cache");
+        checked += 1;
+    }
+    assert_eq!(checked, 2, "the safetensors and the GGUF stories260k");
+}
+
 /// Every case of every batched fixture submitted at once, with budgets from one token per
 /// sequence (prompts read in chunks beside the others' decodes) to whole prompts.
 #[test]
@@ -147,16 +184,11 @@ fn sequences_run_together_give_the_golden_tokens() {
     };
     for fixture in &fixtures {
         for budget in [4, 7, 64] {
-            let engine = engine(&fixture.source, config(4, budget, None));
-            let mut streams: Vec<_> = fixture
-                .cases
-                .iter()
-                .map(|(prompt, gold)| submit(&engine, prompt, gold.len(), 0))
-                .collect();
-            for ((_, gold), events) in fixture.cases.iter().zip(&mut streams) {
-                let (ids, _) = finish(events);
-                assert_eq!(&ids, gold, "{} budget {budget}", fixture.source.display());
-            }
+            all_cases_together(
+                fixture,
+                config(4, budget, None),
+                &format!("budget {budget}"),
+            );
         }
     }
 }
@@ -211,7 +243,7 @@ fn preempted_sequences_recompute_to_the_same_tokens() {
             .model
             .batched()
             .unwrap()
-            .kv_bytes_per_token() as u64;
+            .kv_bytes_per_token(KvDtype::Auto) as u64;
         let longest = fixture
             .cases
             .iter()
@@ -286,13 +318,24 @@ fn batched_logits_equal_each_sequence_alone_bit_for_bit() {
         return;
     };
     for fixture in &fixtures {
+        let full = logits_alone_and_together(fixture, KvDtype::F32);
+        let half = logits_alone_and_together(fixture, KvDtype::F16);
+        // The half cache is in use: its rounding moves the logits.
+        assert_ne!(full, half, "{}", fixture.source.display());
+    }
+}
+
+/// The check of [`batched_logits_equal_each_sequence_alone_bit_for_bit`] for one fixture and
+/// cache type; returns the logits' bits of each sequence's steps alone.
+fn logits_alone_and_together(fixture: &Fixture, dtype: KvDtype) -> Vec<Vec<Vec<u32>>> {
+    {
         let mut loaded = load_cpu(fixture.source.to_str().unwrap());
         let model = loaded.model.batched().unwrap();
         let layout = KvLayout {
             block_size: 16,
             blocks: 160,
         };
-        model.init_kv(layout).unwrap();
+        model.init_kv(layout, dtype).unwrap();
         let prompts: Vec<Vec<u32>> = fixture
             .cases
             .iter()
@@ -342,11 +385,12 @@ fn batched_logits_equal_each_sequence_alone_bit_for_bit() {
                 assert_eq!(
                     bits(&logits),
                     alone[*s][step],
-                    "{} sequence {s} step {step}",
+                    "{} sequence {s} step {step}, {dtype:?} cache",
                     fixture.source.display()
                 );
             }
         }
+        alone
     }
 }
 

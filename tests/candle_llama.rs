@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use common::{fixtures, golden};
-use llorch::models::batch::{BatchedModel, KvLayout, SeqChunk};
+use llorch::models::batch::{BatchedModel, KvDtype, KvLayout, SeqChunk};
 use llorch::models::candle_llama::CandleLlama;
 use llorch::models::cpu::llama_hf::FamilyConfig;
 use llorch::models::{argmax, DeviceSpec};
@@ -61,10 +61,13 @@ fn sequences_run_together_give_the_golden_tokens() {
         let path = dir.join("models").join(name);
         let mut model = model(&path, &device);
         model
-            .init_kv(KvLayout {
-                block_size: 16,
-                blocks: 64,
-            })
+            .init_kv(
+                KvLayout {
+                    block_size: 16,
+                    blocks: 64,
+                },
+                KvDtype::Auto,
+            )
             .unwrap();
         let cases = golden(&dir, &format!("models/{name}/golden.json")).cases;
         let mut seqs: Vec<Seq> = cases
@@ -134,10 +137,13 @@ fn a_sequence_in_a_batch_has_the_logits_it_has_alone() {
             })
             .collect();
         model
-            .init_kv(KvLayout {
-                block_size: 16,
-                blocks: 32,
-            })
+            .init_kv(
+                KvLayout {
+                    block_size: 16,
+                    blocks: 32,
+                },
+                KvDtype::Auto,
+            )
             .unwrap();
         let tables: Vec<Vec<u32>> = (0..prompts.len())
             .map(|i| (0..4).map(|b| (4 * i + b) as u32).collect())
@@ -163,4 +169,24 @@ fn a_sequence_in_a_batch_has_the_logits_it_has_alone() {
             assert_eq!(argmax(a), argmax(b));
         }
     }
+}
+
+/// The candle path's cache stores the model's compute dtype: naming another is an error that
+/// says so, and naming that one (or `auto`) works.
+#[test]
+fn the_candle_cache_takes_only_the_models_dtype() {
+    let Some(dir) = fixtures() else {
+        return;
+    };
+    let device = device();
+    let path = dir.join("models").join(FAMILY[0].0);
+    let mut model = model(&path, &device);
+    let layout = KvLayout {
+        block_size: 16,
+        blocks: 4,
+    };
+    let err = model.init_kv(layout, KvDtype::F16).unwrap_err().to_string();
+    assert!(err.contains("kv_cache_dtype \"f16\""), "{err}");
+    model.init_kv(layout, KvDtype::F32).unwrap();
+    assert_eq!(model.kv_layout(), Some(layout));
 }

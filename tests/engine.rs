@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use candle_core::Device;
 use llorch::actors::engine::{
     spawn_engine, EngineConfig, EngineError, EngineHandle, GenerationRequest, Job, TokenEvent,
+    EVENT_BUFFER,
 };
 use llorch::models::{
     DTypeChoice, FinishReason, GenerationParams, LoadSpec, ModelSource, Prompt, SamplingParams,
@@ -106,8 +107,11 @@ fn the_cancel_flag_stops_a_job_without_a_finished_event() {
     }
     cancel.store(true, Ordering::Relaxed);
     let after = drain(events);
+    // Tokens sent before the flag was seen may still be in the channel (the engine runs up to
+    // its buffer ahead of a reader that a loaded machine deschedules), none after: far fewer
+    // than the 1 000 asked for.
     assert!(
-        token_ids(&after).len() <= 1,
+        token_ids(&after).len() <= EVENT_BUFFER + 1,
         "{} tokens after cancel",
         after.len()
     );

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::bench::load::{steady_decode, Prompts};
 use crate::bench::{median, peak_rss_of, Rates, Run};
+use llorch::models::batch::KvDtype;
 
 /// What the HTTP runs share with the bare-engine runs.
 pub struct HttpBench<'a> {
@@ -35,6 +36,8 @@ pub struct HttpBench<'a> {
     pub concurrency: &'a [usize],
     /// Tokens per engine step (default: the engine's).
     pub max_batch_tokens: Option<usize>,
+    /// How the KV cache stores keys and values.
+    pub kv_cache_dtype: KvDtype,
 }
 
 /// A daemon process the bench started; killed when dropped.
@@ -93,6 +96,7 @@ impl<'a> HttpBench<'a> {
         if let Some(tokens) = self.max_batch_tokens {
             writeln!(file, "max_batch_tokens = {tokens}")?;
         }
+        writeln!(file, "kv_cache_dtype = \"{}\"", self.kv_cache_dtype.name())?;
         let mut child = Command::new(std::env::current_exe()?)
             .args(["serve", "--config"])
             .arg(&pool)

@@ -15,6 +15,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use llorch::actors::engine::{spawn_engine, EngineConfig};
+use llorch::models::batch::KvDtype;
 
 /// What `llorch bench` measures.
 #[derive(Args)]
@@ -53,6 +54,10 @@ pub struct BenchArgs {
     /// Tokens per engine step (default: the engine's).
     #[arg(long)]
     max_batch_tokens: Option<usize>,
+    /// How the KV cache stores keys and values: auto, f32 or f16 (as pool.toml's
+    /// `kv_cache_dtype`).
+    #[arg(long, default_value = "auto")]
+    kv_cache_dtype: KvDtype,
 }
 
 /// One run: the time of every token from the request's submission.
@@ -120,6 +125,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
     let config = EngineConfig {
         max_seqs: Some(streams.max().unwrap_or(1).max(1)),
         max_batch_tokens: args.max_batch_tokens,
+        kv_dtype: args.kv_cache_dtype,
         prefix_caching: true,
         ..EngineConfig::default()
     };
@@ -146,6 +152,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
                 decode_tokens: args.decode_tokens,
                 concurrency: &args.concurrency,
                 max_batch_tokens: args.max_batch_tokens,
+                kv_cache_dtype: args.kv_cache_dtype,
             }
             .start()?,
         ),
@@ -217,6 +224,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<Value> {
         "decode_fraction_of_bound": decode_tok_s.zip(bound).map(|(d, b)| d / b),
         "max_sequences": info.max_seqs,
         "kv_cache_bytes": info.kv_cache_bytes,
+        "kv_cache_dtype": args.kv_cache_dtype.name(),
         "concurrent": concurrent,
         "ttft_under_load": under_load,
         "prefix_cache": prefix,

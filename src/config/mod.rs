@@ -17,6 +17,7 @@ pub use confine::{confine, Outside};
 pub use schema::{DeviceSection, ModelEntry, PoolFile, ServerSection};
 pub use validate::{parse_bytes, parse_duration, validate, validate_entry};
 
+use crate::models::batch::KvDtype;
 use crate::models::{DTypeChoice, DeviceSpec, ModelSource};
 
 /// A validated pool.
@@ -148,6 +149,8 @@ pub struct ModelSpec {
     pub max_batch_tokens: Option<usize>,
     /// Bytes of each replica's KV cache (`None`: the engine's default).
     pub kv_cache: Option<u64>,
+    /// How the KV cache stores keys and values.
+    pub kv_cache_dtype: KvDtype,
     /// Which requests share cached prompt blocks.
     pub prefix_cache: PrefixCacheScope,
     /// Waiting requests per model.

@@ -120,6 +120,11 @@ pub struct ModelEntry {
     /// sequences of up to 4096 tokens, at most a quarter of the device's free memory).
     #[serde(default)]
     pub kv_cache: Option<String>,
+    /// How the KV cache stores keys and values: `"auto"` (f32 on the CPU, the compute dtype
+    /// on a GPU), `"f32"` or `"f16"` (half the memory and the bytes a decode step reads, as
+    /// llama.cpp's default cache; on a GPU only with `dtype = "f16"`). Default `"auto"`.
+    #[serde(default)]
+    pub kv_cache_dtype: Option<String>,
     /// Which requests reuse each other's cached prompt blocks: `"key"` (those of the same
     /// API key), `"global"` (all) or `"off"` (default `"key"`).
     #[serde(default)]

@@ -361,6 +361,13 @@ fn validate_model(
     if kv_cache == Some(0) {
         return Err(fail("kv_cache", "must be more than 0 bytes".to_string()));
     }
+    let kv_cache_dtype = entry
+        .kv_cache_dtype
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|message| fail("kv_cache_dtype", message))?
+        .unwrap_or_default();
     let prefix_cache = entry
         .prefix_cache
         .as_deref()
@@ -421,6 +428,7 @@ fn validate_model(
         max_concurrent: entry.max_concurrent,
         max_batch_tokens: entry.max_batch_tokens,
         kv_cache,
+        kv_cache_dtype,
         prefix_cache,
         max_queue: entry.max_queue,
         max_seq_len: entry.max_seq_len,
@@ -521,6 +529,7 @@ fn key_of(line: &str) -> Option<&str> {
 mod tests {
     use super::super::{parse, PrefixCacheScope};
     use super::*;
+    use crate::models::batch::KvDtype;
 
     fn check(text: &str) -> Result<PoolConfig, ConfigError> {
         let path = Path::new("/etc/llorch/pool.toml");
@@ -671,10 +680,12 @@ mod tests {
     #[test]
     fn batching_settings_are_checked() {
         let pool = check(&format!(
-            "{DEMO}max_concurrent = 8\nmax_batch_tokens = 64\nprefix_cache = \"global\"\n"
+            "{DEMO}max_concurrent = 8\nmax_batch_tokens = 64\nprefix_cache = \"global\"\n\
+             kv_cache_dtype = \"f16\"\n"
         ))
         .unwrap();
         let model = &pool.models[0];
+        assert_eq!(model.kv_cache_dtype, KvDtype::F16);
         assert_eq!(
             (model.max_concurrent, model.max_batch_tokens),
             (Some(8), Some(64))
@@ -688,6 +699,7 @@ mod tests {
             ("kv_cache = \"0B\"", "models[0].kv_cache"),
             ("kv_cache = \"big\"", "models[0].kv_cache"),
             ("prefix_cache = \"shared\"", "models[0].prefix_cache"),
+            ("kv_cache_dtype = \"f8\"", "models[0].kv_cache_dtype"),
         ] {
             let err = check(&format!("{DEMO}{line}\n")).unwrap_err();
             assert_eq!(err.field, field, "{err}");

@@ -17,6 +17,46 @@ pub struct KvLayout {
     pub blocks: usize,
 }
 
+/// How a paged KV cache stores keys and values: `F32` as computed, or `F16`, which halves the
+/// cache's memory and the bytes each decode step reads (llama.cpp's default), each value
+/// rounded once when stored. `Auto` is f32 on the CPU and the model's compute dtype on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// The model's choice.
+    #[default]
+    Auto,
+    /// 32-bit floats.
+    F32,
+    /// 16-bit IEEE halves.
+    F16,
+}
+
+impl KvDtype {
+    /// The name pool.toml uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::Auto => "auto",
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value {
+            "auto" => Ok(KvDtype::Auto),
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            other => Err(format!(
+                "expected \"auto\", \"f32\" or \"f16\", got {other:?}"
+            )),
+        }
+    }
+}
+
 /// Block sizes are multiples of this, so that attention's four-position groups never straddle
 /// a block boundary and a position's products do not depend on the block size.
 pub const BLOCK_ALIGN: usize = 4;
@@ -150,11 +190,12 @@ impl Solo {
 
 /// A model that runs many sequences in one forward pass over a paged KV cache it owns.
 pub trait BatchedModel {
-    /// Bytes of cache one token takes (keys and values of every layer).
-    fn kv_bytes_per_token(&self) -> usize;
+    /// Bytes of cache one token takes (keys and values of every layer) stored as `dtype`.
+    fn kv_bytes_per_token(&self, dtype: KvDtype) -> usize;
 
-    /// Replaces the cache with an empty pool of `layout`'s geometry.
-    fn init_kv(&mut self, layout: KvLayout) -> Result<(), GenerationError>;
+    /// Replaces the cache with an empty pool of `layout`'s geometry storing `dtype`; an error
+    /// where the model cannot store that type.
+    fn init_kv(&mut self, layout: KvLayout, dtype: KvDtype) -> Result<(), GenerationError>;
 
     /// The cache's geometry (`None` before [`BatchedModel::init_kv`]).
     fn kv_layout(&self) -> Option<KvLayout>;

@@ -33,7 +33,7 @@ mod tokenizer;
 
 pub use arch::Architecture;
 pub use detok::Detokenizer;
-pub use device::{available_memory, proc_bytes, DTypeChoice, DeviceSpec};
+pub use device::{available_memory, device_label, proc_bytes, DTypeChoice, DeviceSpec};
 pub use error::{first_line, GenerationError, LoadError};
 #[cfg(feature = "fault-injection")]
 pub use fake::fake_forwards;

@@ -30,6 +30,7 @@ use crate::models::{
 };
 
 pub use crate::metrics::StepMetrics;
+use crate::models::batch::KvDtype;
 pub use stats::{EngineStats, Occupancy};
 
 /// Events a job's channel holds before the job is paused. A token event becomes one SSE frame
@@ -310,6 +311,8 @@ pub struct EngineConfig {
     /// Bytes of the paged KV cache (default: room for every sequence at the full context, at
     /// most 1/4 of the device's free memory).
     pub kv_cache_bytes: Option<u64>,
+    /// How the KV cache stores keys and values.
+    pub kv_dtype: KvDtype,
     /// Whether full KV blocks are kept for later prompts that start the same way.
     pub prefix_caching: bool,
     /// Whether every request may reuse every cached block (else only requests of the same

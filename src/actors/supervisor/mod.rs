@@ -521,6 +521,7 @@ async fn start_generation(
                 max_seqs: spec.max_concurrent,
                 max_batch_tokens: spec.max_batch_tokens,
                 kv_cache_bytes: spec.kv_cache,
+                kv_dtype: spec.kv_cache_dtype,
                 prefix_caching: spec.prefix_cache != PrefixCacheScope::Off,
                 shared_prefix_cache: spec.prefix_cache == PrefixCacheScope::Global,
                 metrics: Some(state.metrics.step_metrics(&spec.name)),

@@ -13,7 +13,7 @@ mod attention;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::batch::{check_step, BatchedModel, KvLayout, SeqChunk, Solo};
+use super::batch::{check_step, BatchedModel, KvDtype, KvLayout, SeqChunk, Solo};
 use super::cpu::llama_hf::FamilyConfig;
 use super::error::GenerationError;
 use attention::{KvPool, StepIndex};
@@ -294,12 +294,26 @@ fn scaled(t: Tensor, multiplier: f64) -> candle_core::Result<Tensor> {
 }
 
 impl BatchedModel for CandleLlama {
-    fn kv_bytes_per_token(&self) -> usize {
+    /// The cache stores the model's compute dtype; `dtype` must be that or `Auto`.
+    fn kv_bytes_per_token(&self, _dtype: KvDtype) -> usize {
         let h = &self.hyper;
         2 * self.layers.len() * h.kv_heads * h.head_dim * self.dtype.size_in_bytes()
     }
 
-    fn init_kv(&mut self, layout: KvLayout) -> Result<(), GenerationError> {
+    fn init_kv(&mut self, layout: KvLayout, dtype: KvDtype) -> Result<(), GenerationError> {
+        let stored = match dtype {
+            KvDtype::Auto => self.dtype,
+            KvDtype::F32 => DType::F32,
+            KvDtype::F16 => DType::F16,
+        };
+        if stored != self.dtype {
+            return Err(GenerationError::Forward(format!(
+                "kv_cache_dtype \"{}\" needs the model's dtype to be the same on this device \
+                 (its cache stores the compute dtype, here {:?}); use \"auto\"",
+                dtype.name(),
+                self.dtype
+            )));
+        }
         self.pool = None;
         self.pool = Some(self.new_pool(layout)?);
         Ok(())

@@ -7,6 +7,61 @@
 //! The cache rows hold every KV head of a position: `keys[p * stride..][..d]` is position
 //! `p`'s key for the head the slice starts at.
 
+/// A cached value's storage type: `f32`, or `f16` (half the memory, and half the bytes a
+/// decode step's attention reads; each key and value rounded once, when stored).
+pub trait Element: Copy + Send + Sync + 'static {
+    /// The stored form of `value`.
+    fn from_f32(value: f32) -> Self;
+    /// The value as f32.
+    fn to_f32(self) -> f32;
+    /// Eight values from `p` as the lanes of a vector.
+    ///
+    /// # Safety
+    /// AVX2 and F16C must be available, and eight values from `p` readable.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Element for f32 {
+    fn from_f32(value: f32) -> f32 {
+        value
+    }
+
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller's.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl Element for half::f16 {
+    fn from_f32(value: f32) -> half::f16 {
+        half::f16::from_f32(value)
+    }
+
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const half::f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's: eight halves, 16 bytes.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
 /// A run of consecutive positions in the cache: the offset of its first row's value, and
 /// how many rows.
 pub type Run = (usize, usize);
@@ -21,10 +76,10 @@ fn positions(runs: &[Run]) -> usize {
 /// the positions. The runs are walked once, each run's keys used by every query in turn while
 /// they are in the cache. Runs other than the last must hold a multiple of four rows, so that
 /// every position is summed as it would be in one run.
-pub fn scores(
+pub fn scores<T: Element>(
     queries: &[f32],
     d: usize,
-    keys: &[f32],
+    keys: &[T],
     stride: usize,
     runs: &[Run],
     out: &mut [f32],
@@ -55,9 +110,9 @@ pub fn scores(
 /// queries: `out[j][..] += Σ_p weights[j * P + p] · value_p`, each position added in turn, so a
 /// sum split into runs rounds exactly as one run over all of them. `out` holds the queries'
 /// outputs of `d` values one after another.
-pub fn weighted_sums(
+pub fn weighted_sums<T: Element>(
     weights: &[f32],
-    values: &[f32],
+    values: &[T],
     stride: usize,
     runs: &[Run],
     out: &mut [f32],
@@ -86,7 +141,7 @@ pub fn weighted_sums(
 }
 
 /// Asserts that every run's rows fit in `cache`.
-fn check_runs(d: usize, cache: &[f32], stride: usize, runs: &[Run]) {
+fn check_runs<T>(d: usize, cache: &[T], stride: usize, runs: &[Run]) {
     for &(at, len) in runs {
         assert!(at <= cache.len(), "a run starts in the cache");
         check(d, &cache[at..], stride, len);
@@ -94,7 +149,7 @@ fn check_runs(d: usize, cache: &[f32], stride: usize, runs: &[Run]) {
 }
 
 /// Asserts that `positions` rows of `d` values at `stride` fit in `cache`.
-fn check(d: usize, cache: &[f32], stride: usize, positions: usize) {
+fn check<T>(d: usize, cache: &[T], stride: usize, positions: usize) {
     assert!(d <= stride, "a head is at most a cache row");
     if positions > 0 {
         assert!(
@@ -106,25 +161,32 @@ fn check(d: usize, cache: &[f32], stride: usize, positions: usize) {
 
 /// The reference versions.
 pub mod scalar {
+    use super::Element;
+
     /// `out[p] = query · keys[p * stride..][..query.len()]`, one run of [`super::scores`].
-    pub fn scores(query: &[f32], keys: &[f32], stride: usize, out: &mut [f32]) {
+    pub fn scores<T: Element>(query: &[f32], keys: &[T], stride: usize, out: &mut [f32]) {
         let d = query.len();
         for (p, o) in out.iter_mut().enumerate() {
             *o = query
                 .iter()
                 .zip(&keys[p * stride..][..d])
-                .map(|(q, k)| q * k)
+                .map(|(q, k)| q * k.to_f32())
                 .sum();
         }
     }
 
     /// `out += Σ_p weights[p] · values[p * stride..][..out.len()]`, one run of
     /// [`super::weighted_sums`].
-    pub fn weighted_sum_into(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+    pub fn weighted_sum_into<T: Element>(
+        weights: &[f32],
+        values: &[T],
+        stride: usize,
+        out: &mut [f32],
+    ) {
         let d = out.len();
         for (p, w) in weights.iter().enumerate() {
             for (o, v) in out.iter_mut().zip(&values[p * stride..][..d]) {
-                *o += w * v;
+                *o += w * v.to_f32();
             }
         }
     }
@@ -133,6 +195,7 @@ pub mod scalar {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
+    use super::Element;
     use std::arch::x86_64::*;
 
     /// Positions per step of [`scores`]: their four sums are reduced together.
@@ -142,13 +205,13 @@ mod avx2 {
     /// serves both (eight chains of multiply-adds in flight), then the odd one alone.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; every run's rows lie within `keys` (checked by the
+    /// AVX2, FMA and F16C must be available; every run's rows lie within `keys` (checked by the
     /// caller), and `out` holds a score per query and position.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores_runs(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores_runs<T: Element>(
         queries: &[f32],
         d: usize,
-        keys: &[f32],
+        keys: &[T],
         stride: usize,
         runs: &[(usize, usize)],
         out: &mut [f32],
@@ -169,11 +232,11 @@ mod avx2 {
                 };
                 let out = [&mut oa[span.clone()], &mut ob[span.clone()]];
                 // SAFETY: as this function's.
-                unsafe { scores::<2>([qa, qb], keys, stride, out) };
+                unsafe { scores::<T, 2>([qa, qb], keys, stride, out) };
             }
             if let (Some(q), Some(o)) = (query.next(), outs.next()) {
                 // SAFETY: as this function's.
-                unsafe { scores::<1>([q], keys, stride, [&mut o[span.clone()]]) };
+                unsafe { scores::<T, 1>([q], keys, stride, [&mut o[span.clone()]]) };
             }
             first += len;
         }
@@ -183,12 +246,12 @@ mod avx2 {
     /// vector loaded serves both, then the odd one alone.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; every run's rows lie within `values` (checked by the
+    /// AVX2, FMA and F16C must be available; every run's rows lie within `values` (checked by the
     /// caller), and `weights` holds a weight per query and position.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sums_runs(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sums_runs<T: Element>(
         weights: &[f32],
-        values: &[f32],
+        values: &[T],
         stride: usize,
         runs: &[(usize, usize)],
         out: &mut [f32],
@@ -210,11 +273,11 @@ mod avx2 {
                 };
                 let w = [&wa[span.clone()], &wb[span.clone()]];
                 // SAFETY: as this function's.
-                unsafe { weighted_sum_into::<2, 4>(w, values, stride, [oa, ob]) };
+                unsafe { weighted_sum_into::<T, 2, 4>(w, values, stride, [oa, ob]) };
             }
             if let (Some(w), Some(o)) = (weight.next(), outs.next()) {
                 // SAFETY: as this function's.
-                unsafe { weighted_sum_into::<1, 8>([&w[span.clone()]], values, stride, [o]) };
+                unsafe { weighted_sum_into::<T, 1, 8>([&w[span.clone()]], values, stride, [o]) };
             }
             first += len;
         }
@@ -225,13 +288,13 @@ mod avx2 {
     /// time, as it would be for one query alone.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `out[h].len()` rows of `queries[h].len()` values at
+    /// AVX2, FMA and F16C must be available; `out[h].len()` rows of `queries[h].len()` values at
     /// `stride` lie within `keys`, and every query and output has the first's length.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores<const H: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scores<T: Element, const H: usize>(
         queries: [&[f32]; H],
-        keys: &[f32],
+        keys: &[T],
         stride: usize,
         mut out: [&mut [f32]; H],
     ) {
@@ -250,7 +313,7 @@ mod avx2 {
                 // `p + i` (rows `p` to `p + 3` lie in `keys`: the last was sliced above).
                 unsafe {
                     let k: [__m256; POSITIONS] =
-                        std::array::from_fn(|i| _mm256_loadu_ps(first.add(i * stride + c)));
+                        std::array::from_fn(|i| T::load8(first.add(i * stride + c)));
                     for (acc, query) in acc.iter_mut().zip(queries) {
                         let q = _mm256_loadu_ps(query.as_ptr().add(c));
                         for (a, k) in acc.iter_mut().zip(k) {
@@ -269,7 +332,7 @@ mod avx2 {
                 acc = unsafe {
                     _mm256_fmadd_ps(
                         _mm256_loadu_ps(query.as_ptr().add(c)),
-                        _mm256_loadu_ps(key.as_ptr().add(c)),
+                        T::load8(key.as_ptr().add(c)),
                         acc,
                     )
                 };
@@ -280,7 +343,7 @@ mod avx2 {
             query[whole..]
                 .iter()
                 .zip(&row(p)[whole..])
-                .map(|(q, k)| q * k)
+                .map(|(q, k)| q * k.to_f32())
                 .sum()
         };
         let positions = out[0].len();
@@ -317,14 +380,14 @@ mod avx2 {
     /// for one query alone.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `weights[h].len()` rows of `out[h].len()` values at
+    /// AVX2, FMA and F16C must be available; `weights[h].len()` rows of `out[h].len()` values at
     /// `stride` lie within `values`, and every query's weights and output have the first's
     /// lengths.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weighted_sum_into<const H: usize, const V: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted_sum_into<T: Element, const H: usize, const V: usize>(
         weights: [&[f32]; H],
-        values: &[f32],
+        values: &[T],
         stride: usize,
         mut out: [&mut [f32]; H],
     ) {
@@ -337,11 +400,11 @@ mod avx2 {
         let full = whole / (8 * V) * (8 * V);
         for c in (0..full).step_by(8 * V) {
             // SAFETY: `8V` values from `c + 8V <= whole <= d` of each row and output.
-            unsafe { weighted_pass::<H, V>(&weights, values, stride, &mut out, c) };
+            unsafe { weighted_pass::<T, H, V>(&weights, values, stride, &mut out, c) };
         }
         for c in (full..whole).step_by(8) {
             // SAFETY: eight values from `c + 8 <= whole <= d` of each row and output.
-            unsafe { weighted_pass::<H, 1>(&weights, values, stride, &mut out, c) };
+            unsafe { weighted_pass::<T, H, 1>(&weights, values, stride, &mut out, c) };
         }
         if whole < d {
             for (out, weights) in out.into_iter().zip(weights) {
@@ -351,7 +414,7 @@ mod avx2 {
                         .iter_mut()
                         .zip(&values[p * stride + whole..][..d - whole])
                     {
-                        *o += w * v;
+                        *o += w * v.to_f32();
                     }
                 }
             }
@@ -362,13 +425,13 @@ mod avx2 {
     /// from `c` of each query.
     ///
     /// # Safety
-    /// AVX2 and FMA must be available; `c + 8V` is at most every output's length, and the
+    /// AVX2, FMA and F16C must be available; `c + 8V` is at most every output's length, and the
     /// positions' rows at `stride` hold as many values from `c` within `values`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weighted_pass<const H: usize, const V: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted_pass<T: Element, const H: usize, const V: usize>(
         weights: &[&[f32]; H],
-        values: &[f32],
+        values: &[T],
         stride: usize,
         out: &mut [&mut [f32]; H],
         c: usize,
@@ -387,7 +450,7 @@ mod avx2 {
             let mut v = [_mm256_setzero_ps(); V];
             for (k, v) in v.iter_mut().enumerate() {
                 // SAFETY: as above.
-                *v = unsafe { _mm256_loadu_ps(row.add(8 * k)) };
+                *v = unsafe { T::load8(row.add(8 * k)) };
             }
             for (acc, weights) in acc.iter_mut().zip(weights) {
                 let w = _mm256_set1_ps(weights[p]);
@@ -412,6 +475,12 @@ mod tests {
 
     #[test]
     fn scores_and_weighted_sums_match_the_f64_products() {
+        products_match_f64::<f32>();
+        products_match_f64::<half::f16>();
+    }
+
+    /// The kernels against f64 sums of the stored values, for a cache of `T`.
+    fn products_match_f64<T: Element>() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(31);
         // Head sizes with and without a tail, positions around the group of four.
         for (d, stride, positions) in [(64, 192, 37), (64, 64, 1), (72, 80, 6), (13, 26, 5)] {
@@ -419,17 +488,20 @@ mod tests {
                 |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
             let query = random(d);
             // The cache starts one head in, as a later KV head's slice does.
-            let cache = random(positions * stride + d);
+            let cache: Vec<T> = random(positions * stride + d)
+                .into_iter()
+                .map(T::from_f32)
+                .collect();
             let cache = &cache[d.min(stride - d)..];
             let weights = random(positions);
             let exact_score = |p: usize| -> f64 {
                 (0..d)
-                    .map(|i| f64::from(query[i]) * f64::from(cache[p * stride + i]))
+                    .map(|i| f64::from(query[i]) * f64::from(cache[p * stride + i].to_f32()))
                     .sum()
             };
             let exact_sum = |i: usize| -> f64 {
                 (0..positions)
-                    .map(|p| f64::from(weights[p]) * f64::from(cache[p * stride + i]))
+                    .map(|p| f64::from(weights[p]) * f64::from(cache[p * stride + i].to_f32()))
                     .sum()
             };
             let tolerance = |n: usize| 1e-6 * 4.0 * n as f64;
@@ -464,13 +536,21 @@ mod tests {
     /// gets alone, for head sizes with and without a tail and runs split at multiples of four.
     #[test]
     fn a_query_scores_and_sums_the_same_bits_alone_and_in_a_group() {
+        same_bits_alone_and_together::<f32>();
+        same_bits_alone_and_together::<half::f16>();
+    }
+
+    fn same_bits_alone_and_together<T: Element>() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for (d, stride, heads) in [(64, 192, 3), (64, 256, 8), (72, 80, 5), (13, 26, 2)] {
             let positions = 23;
             let mut random =
                 |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
             let queries = random(heads * d);
-            let cache = random(positions * stride + d);
+            let cache: Vec<T> = random(positions * stride + d)
+                .into_iter()
+                .map(T::from_f32)
+                .collect();
             let weights = random(heads * positions);
             let runs = [(0, 8), (8 * stride, 12), (20 * stride, 3)];
             let mut together = vec![0.0; heads * positions];

@@ -13,17 +13,17 @@
 //! kilobytes of every new block (`perf record` of 16 decoding streams showed the kernel
 //! clearing pages inside the steps).
 
-use super::attention;
-use super::huge_pages::{weight_buffer, WeightBuffer};
+use super::attention::{self, Element};
+use super::huge_pages::{weight_buffer, Plain, WeightBuffer};
 use crate::models::batch::{KvLayout, BLOCK_ALIGN};
 
-/// Keys and values of every layer, in blocks.
-pub struct KvPool {
+/// Keys and values of every layer, in blocks, stored as `T` (`f32` or `f16`).
+pub struct KvPool<T: Plain> {
     layout: KvLayout,
     kv_heads: usize,
     head_dim: usize,
-    keys: Vec<WeightBuffer<f32>>,
-    values: Vec<WeightBuffer<f32>>,
+    keys: Vec<WeightBuffer<T>>,
+    values: Vec<WeightBuffer<T>>,
 }
 
 /// Where a query's attention reads: one KV head of one sequence's positions.
@@ -38,9 +38,9 @@ pub struct Span<'a> {
     pub kv_head: usize,
 }
 
-impl KvPool {
+impl<T: Plain + Element> KvPool<T> {
     /// An empty pool of `layout` for `layers` layers of `kv_heads` heads of `head_dim` values.
-    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, layout: KvLayout) -> KvPool {
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, layout: KvLayout) -> KvPool<T> {
         let len = layout.tokens() * kv_heads * head_dim;
         KvPool {
             layout,
@@ -91,13 +91,18 @@ impl KvPool {
         let d = self.head_dim;
         for (i, (k, v)) in keys.chunks_exact(d).zip(values.chunks_exact(d)).enumerate() {
             let at = self.slot(table, first + i / self.kv_heads, i % self.kv_heads);
-            self.keys[layer][at..at + d].copy_from_slice(k);
-            self.values[layer][at..at + d].copy_from_slice(v);
+            let store = |to: &mut [T], from: &[f32]| {
+                to.iter_mut()
+                    .zip(from)
+                    .for_each(|(t, f)| *t = T::from_f32(*f));
+            };
+            store(&mut self.keys[layer][at..at + d], k);
+            store(&mut self.values[layer][at..at + d], v);
         }
     }
 
     /// Layer `layer`'s storage, for [`attend`].
-    pub fn layer(&self, layer: usize) -> Layer<'_> {
+    pub fn layer(&self, layer: usize) -> Layer<'_, T> {
         Layer {
             keys: &self.keys[layer],
             values: &self.values[layer],
@@ -110,15 +115,15 @@ impl KvPool {
 
 /// One layer's keys and values, shared by the threads of its attention.
 #[derive(Clone, Copy)]
-pub struct Layer<'a> {
-    keys: &'a [f32],
-    values: &'a [f32],
+pub struct Layer<'a, T> {
+    keys: &'a [T],
+    values: &'a [T],
     kv_heads: usize,
     head_dim: usize,
     block_size: usize,
 }
 
-impl Layer<'_> {
+impl<T: Element> Layer<'_, T> {
     /// The pieces of positions `start..span.end` that lie in one block each: (offset of the
     /// first position's value in the storage, first position, one past the last).
     fn pieces<'s>(
@@ -219,9 +224,9 @@ mod tests {
                     table.swap(i, rng.random_range(0..=i));
                 }
                 let layout = KvLayout { block_size, blocks };
-                let mut pool = KvPool::new(1, kv_heads, d, layout);
+                let mut pool = KvPool::<f32>::new(1, kv_heads, d, layout);
                 pool.write(0, &table, 0, &keys, &values);
-                let mut contiguous = KvPool::new(
+                let mut contiguous = KvPool::<f32>::new(
                     1,
                     kv_heads,
                     d,

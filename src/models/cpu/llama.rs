@@ -10,12 +10,15 @@
 
 use rayon::prelude::*;
 
+use super::attention::Element;
 use super::buffer::zeros;
+use super::huge_pages::Plain;
 use super::kv_pool::{KvPool, Scratch, Span};
 use super::ops::{self, Rope};
 use super::weight::Weight;
-use crate::models::batch::{check_step, BatchedModel, KvLayout, SeqChunk, Solo};
+use crate::models::batch::{check_step, BatchedModel, KvDtype, KvLayout, SeqChunk, Solo};
 use crate::models::error::GenerationError;
+use half::f16;
 
 /// A weight matrix and its optional bias.
 pub struct Linear {
@@ -102,9 +105,9 @@ pub struct Weights {
 pub struct CpuLlama {
     weights: Weights,
     /// The batched engine's pool (`None` until [`BatchedModel::init_kv`]).
-    pool: Option<KvPool>,
+    pool: Option<Pool>,
     /// The single-sequence path's pool and its sequence.
-    solo_pool: Option<KvPool>,
+    solo_pool: Option<KvPool<f32>>,
     solo: Solo,
 }
 
@@ -143,24 +146,38 @@ impl CpuLlama {
     }
 }
 
+/// The batched engine's pool in the type it stores.
+enum Pool {
+    F32(KvPool<f32>),
+    F16(KvPool<f16>),
+}
+
 impl BatchedModel for CpuLlama {
-    fn kv_bytes_per_token(&self) -> usize {
-        2 * self.weights.layers.len() * self.weights.kv_width() * std::mem::size_of::<f32>()
+    /// `Auto` stores f32.
+    fn kv_bytes_per_token(&self, dtype: KvDtype) -> usize {
+        let size = match dtype {
+            KvDtype::Auto | KvDtype::F32 => std::mem::size_of::<f32>(),
+            KvDtype::F16 => std::mem::size_of::<f16>(),
+        };
+        2 * self.weights.layers.len() * self.weights.kv_width() * size
     }
 
-    fn init_kv(&mut self, layout: KvLayout) -> Result<(), GenerationError> {
+    fn init_kv(&mut self, layout: KvLayout, dtype: KvDtype) -> Result<(), GenerationError> {
         let w = &self.weights;
-        self.pool = Some(KvPool::new(
-            w.layers.len(),
-            w.hyper.kv_heads,
-            w.hyper.head_dim,
-            layout,
-        ));
+        let (layers, heads, d) = (w.layers.len(), w.hyper.kv_heads, w.hyper.head_dim);
+        self.pool = None;
+        self.pool = Some(match dtype {
+            KvDtype::Auto | KvDtype::F32 => Pool::F32(KvPool::new(layers, heads, d, layout)),
+            KvDtype::F16 => Pool::F16(KvPool::new(layers, heads, d, layout)),
+        });
         Ok(())
     }
 
     fn kv_layout(&self) -> Option<KvLayout> {
-        self.pool.as_ref().map(KvPool::layout)
+        self.pool.as_ref().map(|pool| match pool {
+            Pool::F32(p) => p.layout(),
+            Pool::F16(p) => p.layout(),
+        })
     }
 
     /// Runs on a thread of rayon's pool, so its matrix products split their rows from inside
@@ -171,8 +188,16 @@ impl BatchedModel for CpuLlama {
         let pool = self.pool.as_mut().ok_or_else(|| {
             GenerationError::Forward("the KV cache was not initialised".to_string())
         })?;
-        check_step(seqs, pool.layout(), w.vocab())?;
-        Ok(rayon::scope(|_| w.forward(seqs, pool)))
+        Ok(match pool {
+            Pool::F32(pool) => {
+                check_step(seqs, pool.layout(), w.vocab())?;
+                rayon::scope(|_| w.forward(seqs, pool))
+            }
+            Pool::F16(pool) => {
+                check_step(seqs, pool.layout(), w.vocab())?;
+                rayon::scope(|_| w.forward(seqs, pool))
+            }
+        })
     }
 }
 
@@ -194,7 +219,11 @@ impl Weights {
     }
 
     /// One step over checked `seqs`; returns the logits of the chunks that ask for them.
-    fn forward(&self, seqs: &[SeqChunk<'_>], pool: &mut KvPool) -> Vec<Vec<f32>> {
+    fn forward<T: Plain + Element>(
+        &self,
+        seqs: &[SeqChunk<'_>],
+        pool: &mut KvPool<T>,
+    ) -> Vec<Vec<f32>> {
         let s = &self.hyper;
         let mut rows = Rows {
             seq: Vec::new(),
@@ -241,7 +270,7 @@ impl Weights {
     /// embedding, the new keys and values stored in the pool, then each row's attention over
     /// its own sequence. Returns the heads' outputs, `rows × heads × head_dim`.
     #[allow(clippy::too_many_arguments)]
-    fn attention(
+    fn attention<T: Plain + Element>(
         &self,
         index: usize,
         layer: &Layer,
@@ -249,7 +278,7 @@ impl Weights {
         seqs: &[SeqChunk<'_>],
         rows: &Rows,
         angles: &ops::Angles,
-        pool: &mut KvPool,
+        pool: &mut KvPool<T>,
     ) -> Vec<f32> {
         let s = &self.hyper;
         let n = rows.seq.len();

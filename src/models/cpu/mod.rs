@@ -25,4 +25,5 @@ pub mod ops;
 mod token_major;
 pub mod weight;
 
+pub use huge_pages::Plain;
 pub use llama::{CpuLlama, Hyper, Layer, Linear, Weights};

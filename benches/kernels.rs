@@ -258,7 +258,7 @@ fn attend<T: Element + Plain>(
                 (2 * queries * context * HEAD_DIM) as u64,
             ));
             group.bench_function(BenchmarkId::new(name, &label), |b| {
-                b.iter(|| layer.attend(&q, HEAD_DIM, &span, 0.125, &mut scratch, &mut out))
+                b.iter(|| layer.attend(&q, &span, 0.125, &mut scratch, &mut out))
             });
         }
     }

@@ -243,7 +243,8 @@ fn preempted_sequences_recompute_to_the_same_tokens() {
             .model
             .batched()
             .unwrap()
-            .kv_bytes_per_token(KvDtype::Auto) as u64;
+            .kv_bytes_per_token(KvDtype::Auto)
+            .unwrap() as u64;
         let longest = fixture
             .cases
             .iter()

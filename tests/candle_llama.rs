@@ -185,6 +185,8 @@ fn the_candle_cache_takes_only_the_models_dtype() {
         block_size: 16,
         blocks: 4,
     };
+    let reason = model.kv_bytes_per_token(KvDtype::F16).unwrap_err();
+    assert!(reason.contains("kv_cache_dtype \"f16\""), "{reason}");
     let err = model.init_kv(layout, KvDtype::F16).unwrap_err().to_string();
     assert!(err.contains("kv_cache_dtype \"f16\""), "{err}");
     model.init_kv(layout, KvDtype::F32).unwrap();

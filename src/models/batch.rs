@@ -190,11 +190,12 @@ impl Solo {
 
 /// A model that runs many sequences in one forward pass over a paged KV cache it owns.
 pub trait BatchedModel {
-    /// Bytes of cache one token takes (keys and values of every layer) stored as `dtype`.
-    fn kv_bytes_per_token(&self, dtype: KvDtype) -> usize;
+    /// Bytes of cache one token takes (keys and values of every layer) stored as `dtype`, or
+    /// why this model cannot store `dtype`.
+    fn kv_bytes_per_token(&self, dtype: KvDtype) -> Result<usize, String>;
 
-    /// Replaces the cache with an empty pool of `layout`'s geometry storing `dtype`; an error
-    /// where the model cannot store that type.
+    /// Replaces the cache with an empty pool of `layout`'s geometry storing `dtype` (one that
+    /// [`BatchedModel::kv_bytes_per_token`] accepts).
     fn init_kv(&mut self, layout: KvLayout, dtype: KvDtype) -> Result<(), GenerationError>;
 
     /// The cache's geometry (`None` before [`BatchedModel::init_kv`]).

@@ -57,6 +57,7 @@ impl<'a> Engine<'a> {
         let context = model.info.context_length;
         let on_gpu = !model.device().is_cpu();
         let available = available_memory(model.device());
+        let device = device_label(model.device());
         let scheduler = match model.model.batched() {
             Some(batched) => {
                 let max_seqs = config.max_seqs.unwrap_or(if on_gpu { 64 } else { 16 });
@@ -64,7 +65,13 @@ impl<'a> Engine<'a> {
                     .max_batch_tokens
                     .unwrap_or(if on_gpu { 2048 } else { 256 })
                     .max(max_seqs);
-                let per_token = batched.kv_bytes_per_token(config.kv_dtype) as u64;
+                let per_token = batched
+                    .kv_bytes_per_token(config.kv_dtype)
+                    .map_err(|reason| LoadError::UnsupportedDtype {
+                        dtype: format!("kv_cache_dtype {}", config.kv_dtype.name()),
+                        device,
+                        reason,
+                    })? as u64;
                 let bytes = config.kv_cache_bytes.unwrap_or_else(|| {
                     let wanted = (max_seqs * context.min(DEFAULT_CONTEXT_PER_SEQUENCE)) as u64;
                     let cap = available.map_or(u64::MAX, |free| free / 4);
@@ -77,13 +84,9 @@ impl<'a> Engine<'a> {
                     block_size: BLOCK_SIZE,
                     blocks,
                 };
-                batched.init_kv(layout, config.kv_dtype).map_err(|err| {
-                    LoadError::UnsupportedDtype {
-                        dtype: format!("kv_cache_dtype {}", config.kv_dtype.name()),
-                        device: device_label(model.device()),
-                        reason: err.to_string(),
-                    }
-                })?;
+                batched
+                    .init_kv(layout, config.kv_dtype)
+                    .map_err(|err| LoadError::Panicked(err.to_string()))?;
                 model.info.batched = true;
                 model.info.max_seqs = max_seqs;
                 model.info.kv_cache_bytes = blocks as u64 * block_bytes;

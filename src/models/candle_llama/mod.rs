@@ -197,6 +197,24 @@ impl CandleLlama {
             .ok_or_else(|| GenerationError::Forward("no logits".to_string()))
     }
 
+    /// Whether the cache can store `dtype`: only the compute dtype (or `Auto`).
+    fn check_kv_dtype(&self, dtype: KvDtype) -> Result<(), String> {
+        let stored = match dtype {
+            KvDtype::Auto => self.dtype,
+            KvDtype::F32 => DType::F32,
+            KvDtype::F16 => DType::F16,
+        };
+        match stored == self.dtype {
+            true => Ok(()),
+            false => Err(format!(
+                "kv_cache_dtype \"{}\" needs the model's dtype to be the same on this device \
+                 (its cache stores the compute dtype, here {:?}); use \"auto\"",
+                dtype.name(),
+                self.dtype
+            )),
+        }
+    }
+
     fn new_pool(&self, layout: KvLayout) -> candle_core::Result<KvPool> {
         let h = &self.hyper;
         KvPool::new(
@@ -295,25 +313,15 @@ fn scaled(t: Tensor, multiplier: f64) -> candle_core::Result<Tensor> {
 
 impl BatchedModel for CandleLlama {
     /// The cache stores the model's compute dtype; `dtype` must be that or `Auto`.
-    fn kv_bytes_per_token(&self, _dtype: KvDtype) -> usize {
+    fn kv_bytes_per_token(&self, dtype: KvDtype) -> Result<usize, String> {
+        self.check_kv_dtype(dtype)?;
         let h = &self.hyper;
-        2 * self.layers.len() * h.kv_heads * h.head_dim * self.dtype.size_in_bytes()
+        Ok(2 * self.layers.len() * h.kv_heads * h.head_dim * self.dtype.size_in_bytes())
     }
 
     fn init_kv(&mut self, layout: KvLayout, dtype: KvDtype) -> Result<(), GenerationError> {
-        let stored = match dtype {
-            KvDtype::Auto => self.dtype,
-            KvDtype::F32 => DType::F32,
-            KvDtype::F16 => DType::F16,
-        };
-        if stored != self.dtype {
-            return Err(GenerationError::Forward(format!(
-                "kv_cache_dtype \"{}\" needs the model's dtype to be the same on this device \
-                 (its cache stores the compute dtype, here {:?}); use \"auto\"",
-                dtype.name(),
-                self.dtype
-            )));
-        }
+        self.check_kv_dtype(dtype)
+            .map_err(GenerationError::Forward)?;
         self.pool = None;
         self.pool = Some(self.new_pool(layout)?);
         Ok(())

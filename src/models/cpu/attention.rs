@@ -222,21 +222,16 @@ mod avx2 {
         for &(at, len) in runs {
             let keys = &keys[at..];
             let span = first..first + len;
-            let mut outs = out.chunks_exact_mut(total);
-            let mut query = queries.chunks_exact(d);
-            for _ in 0..heads / 2 {
-                let (Some(qa), Some(qb), Some(oa), Some(ob)) =
-                    (query.next(), query.next(), outs.next(), outs.next())
-                else {
-                    break;
-                };
-                let out = [&mut oa[span.clone()], &mut ob[span.clone()]];
-                // SAFETY: as this function's.
-                unsafe { scores::<T, 2>([qa, qb], keys, stride, out) };
-            }
-            if let (Some(q), Some(o)) = (query.next(), outs.next()) {
-                // SAFETY: as this function's.
-                unsafe { scores::<T, 1>([q], keys, stride, [&mut o[span.clone()]]) };
+            for (q, o) in queries.chunks(2 * d).zip(out.chunks_mut(2 * total)) {
+                if q.len() == 2 * d {
+                    let ((qa, qb), (oa, ob)) = (q.split_at(d), o.split_at_mut(total));
+                    let out = [&mut oa[span.clone()], &mut ob[span.clone()]];
+                    // SAFETY: as this function's.
+                    unsafe { scores::<T, 2>([qa, qb], keys, stride, out) };
+                } else {
+                    // SAFETY: as this function's.
+                    unsafe { scores::<T, 1>([q], keys, stride, [&mut o[span.clone()]]) };
+                }
             }
             first += len;
         }
@@ -263,21 +258,17 @@ mod avx2 {
         for &(at, len) in runs {
             let values = &values[at..];
             let span = first..first + len;
-            let mut outs = out.chunks_exact_mut(d);
-            let mut weight = weights.chunks_exact(total);
-            for _ in 0..heads / 2 {
-                let (Some(wa), Some(wb), Some(oa), Some(ob)) =
-                    (weight.next(), weight.next(), outs.next(), outs.next())
-                else {
-                    break;
-                };
-                let w = [&wa[span.clone()], &wb[span.clone()]];
-                // SAFETY: as this function's.
-                unsafe { weighted_sum_into::<T, 2, 4>(w, values, stride, [oa, ob]) };
-            }
-            if let (Some(w), Some(o)) = (weight.next(), outs.next()) {
-                // SAFETY: as this function's.
-                unsafe { weighted_sum_into::<T, 1, 8>([&w[span.clone()]], values, stride, [o]) };
+            for (w, o) in weights.chunks(2 * total).zip(out.chunks_mut(2 * d)) {
+                if o.len() == 2 * d {
+                    let ((wa, wb), (oa, ob)) = (w.split_at(total), o.split_at_mut(d));
+                    let w = [&wa[span.clone()], &wb[span.clone()]];
+                    // SAFETY: as this function's.
+                    unsafe { weighted_sum_into::<T, 2, 4>(w, values, stride, [oa, ob]) };
+                } else {
+                    let w = [&w[span.clone()]];
+                    // SAFETY: as this function's.
+                    unsafe { weighted_sum_into::<T, 1, 8>(w, values, stride, [o]) };
+                }
             }
             first += len;
         }

@@ -5,7 +5,8 @@
 //! one contiguous run of memory, which the attention of a decode step streams from DRAM.
 //! With each slot holding every head (`[block][slot][kv head][head dim]`) a head's keys were
 //! 256-byte pieces a row apart: the attention of eight streams at 520–640-token contexts took
-//! 5–10 % longer per step, and `cargo bench --bench kernels -- attention/` ran 15–25 % slower.
+//! about 7 % longer per step (17.8 against 16.6 ms, three alternations), and `cargo bench
+//! --bench kernels -- attention/` ran 13–28 % slower.
 //!
 //! The storage is written (zeroed) when the pool is made, on huge pages where the system gives
 //! them, as llama.cpp clears its cache at start: the scheduler hands blocks out across the whole
@@ -89,13 +90,13 @@ impl<T: Plain + Element> KvPool<T> {
         values: &[f32],
     ) {
         let d = self.head_dim;
+        let store = |to: &mut [T], from: &[f32]| {
+            to.iter_mut()
+                .zip(from)
+                .for_each(|(t, f)| *t = T::from_f32(*f));
+        };
         for (i, (k, v)) in keys.chunks_exact(d).zip(values.chunks_exact(d)).enumerate() {
             let at = self.slot(table, first + i / self.kv_heads, i % self.kv_heads);
-            let store = |to: &mut [T], from: &[f32]| {
-                to.iter_mut()
-                    .zip(from)
-                    .for_each(|(t, f)| *t = T::from_f32(*f));
-            };
             store(&mut self.keys[layer][at..at + d], k);
             store(&mut self.values[layer][at..at + d], v);
         }
@@ -141,8 +142,8 @@ impl<T: Element> Layer<'_, T> {
         })
     }
 
-    /// Softmax attention of the queries of one KV head's group (`queries`: heads of `d`
-    /// values, one after another) over `span`, into `out` (the same shape): for each query,
+    /// Softmax attention of the queries of one KV head's group (`queries`: heads of the
+    /// pool's head size, one after another) over `span`, into `out` (the same shape): for each query,
     /// `out = Σ_p softmax(scale · q·k_p)_p · v_p`. The group's queries take each block in
     /// turn, so a block's keys and values come from memory once for all of them. `scratch` is
     /// the caller's scores and weights space.
@@ -154,13 +155,12 @@ impl<T: Element> Layer<'_, T> {
     pub fn attend(
         &self,
         queries: &[f32],
-        d: usize,
         span: &Span<'_>,
         scale: f32,
         scratch: &mut Scratch,
         out: &mut [f32],
     ) {
-        assert_eq!(d, self.head_dim, "the pool's head size");
+        let d = self.head_dim;
         let heads = queries.len() / d;
         let aligned = span.start / BLOCK_ALIGN * BLOCK_ALIGN;
         let (all, seen) = (span.end - aligned, span.end - span.start);
@@ -248,7 +248,7 @@ mod tests {
                         kv_head: 1,
                     };
                     pool.layer(0)
-                        .attend(&query, d, &paged, 0.3, &mut scratch, &mut got);
+                        .attend(&query, &paged, 0.3, &mut scratch, &mut got);
                     let flat = Span {
                         table: &[0],
                         start,
@@ -257,7 +257,7 @@ mod tests {
                     };
                     contiguous
                         .layer(0)
-                        .attend(&query, d, &flat, 0.3, &mut scratch, &mut want);
+                        .attend(&query, &flat, 0.3, &mut scratch, &mut want);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&got),

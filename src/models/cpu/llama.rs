@@ -153,13 +153,13 @@ enum Pool {
 }
 
 impl BatchedModel for CpuLlama {
-    /// `Auto` stores f32.
-    fn kv_bytes_per_token(&self, dtype: KvDtype) -> usize {
+    /// Every type; `Auto` stores f32.
+    fn kv_bytes_per_token(&self, dtype: KvDtype) -> Result<usize, String> {
         let size = match dtype {
             KvDtype::Auto | KvDtype::F32 => std::mem::size_of::<f32>(),
             KvDtype::F16 => std::mem::size_of::<f16>(),
         };
-        2 * self.weights.layers.len() * self.weights.kv_width() * size
+        Ok(2 * self.weights.layers.len() * self.weights.kv_width() * size)
     }
 
     fn init_kv(&mut self, layout: KvLayout, dtype: KvDtype) -> Result<(), GenerationError> {
@@ -188,16 +188,10 @@ impl BatchedModel for CpuLlama {
         let pool = self.pool.as_mut().ok_or_else(|| {
             GenerationError::Forward("the KV cache was not initialised".to_string())
         })?;
-        Ok(match pool {
-            Pool::F32(pool) => {
-                check_step(seqs, pool.layout(), w.vocab())?;
-                rayon::scope(|_| w.forward(seqs, pool))
-            }
-            Pool::F16(pool) => {
-                check_step(seqs, pool.layout(), w.vocab())?;
-                rayon::scope(|_| w.forward(seqs, pool))
-            }
-        })
+        match pool {
+            Pool::F32(pool) => w.step(seqs, pool),
+            Pool::F16(pool) => w.step(seqs, pool),
+        }
     }
 }
 
@@ -208,6 +202,16 @@ struct Rows {
 }
 
 impl Weights {
+    /// Checks `seqs` against `pool` and runs them as one step inside rayon's pool.
+    fn step<T: Plain + Element>(
+        &self,
+        seqs: &[SeqChunk<'_>],
+        pool: &mut KvPool<T>,
+    ) -> Result<Vec<Vec<f32>>, GenerationError> {
+        check_step(seqs, pool.layout(), self.vocab())?;
+        Ok(rayon::scope(|_| self.forward(seqs, pool)))
+    }
+
     /// Values per KV slot of one layer.
     fn kv_width(&self) -> usize {
         self.hyper.kv_heads * self.hyper.head_dim
@@ -332,7 +336,7 @@ impl Weights {
                     kv_head,
                 };
                 let queries = &q[unit * group..(unit + 1) * group];
-                layer_kv.attend(queries, d, &span, s.attention_scale, scratch, o);
+                layer_kv.attend(queries, &span, s.attention_scale, scratch, o);
             },
         );
         out

@@ -139,6 +139,21 @@ async fn every_rejection_is_an_openai_envelope_and_the_daemon_keeps_serving() {
             "unsupported_parameter",
             Some("n"),
         ),
+        Case::new(
+            "POST",
+            "/v1/chat/completions",
+            json,
+            br#"{"model":"demo","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#.to_vec(),
+            400,
+            "unsupported_parameter",
+            Some("response_format"),
+        ),
+        post(
+            br#"{"model":"demo","prompt":"x","guided_regex":"a+"}"#,
+            400,
+            "unsupported_parameter",
+            Some("guided_regex"),
+        ),
         post(
             br#"{"model":"demo","prompt":"x","temperature":-1}"#,
             400,

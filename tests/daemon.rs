@@ -336,3 +336,53 @@ fn a_broken_pool_file_fails_startup_naming_file_line_and_field() {
         assert!(!stderr.contains("listening"), "{stderr}");
     }
 }
+
+/// The demo model's greedy output repeats one token; OpenAI's penalties on generated tokens
+/// break the loop, and the first token (nothing generated yet) is the same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_frequency_penalties_break_a_greedy_loop() {
+    let daemon = Daemon::start(&demo_pool(
+        "[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n",
+    ))
+    .await;
+    let ids = |penalties: Value| {
+        let mut body = json!({
+            "model": "demo", "prompt": "hello there", "max_tokens": 40, "temperature": 0,
+            "ignore_eos": true, "return_token_ids": true,
+        });
+        body.as_object_mut()
+            .unwrap()
+            .extend(penalties.as_object().unwrap().clone());
+        let daemon = &daemon;
+        async move {
+            let (status, response) = daemon.post("/v1/completions", &body).await;
+            assert_eq!(status, 200, "{response}");
+            let ids: Vec<u64> =
+                serde_json::from_value(response["choices"][0]["token_ids"].clone()).unwrap();
+            ids
+        }
+    };
+    let distinct = |ids: &[u64]| ids.iter().collect::<std::collections::HashSet<_>>().len();
+    let plain = ids(json!({})).await;
+    assert!(distinct(&plain) < 10, "the demo's greedy loop: {plain:?}");
+    for penalties in [
+        json!({"frequency_penalty": 1.0}),
+        json!({"presence_penalty": 2.0}),
+    ] {
+        let penalised = ids(penalties.clone()).await;
+        assert_eq!(penalised[0], plain[0], "{penalties}");
+        assert!(
+            distinct(&penalised) > 3 * distinct(&plain),
+            "{penalties}: {penalised:?} against {plain:?}"
+        );
+    }
+    assert_eq!(ids(json!({"presence_penalty": -2.0})).await, plain);
+    let (status, response) = daemon
+        .post(
+            "/v1/completions",
+            &json!({"model": "demo", "prompt": "x", "frequency_penalty": 2.5}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(response["error"]["param"], "frequency_penalty");
+}

@@ -9,6 +9,7 @@ mod dispatch;
 mod error;
 mod execute;
 mod extract;
+mod fields;
 mod health;
 mod host;
 mod metrics;

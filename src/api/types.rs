@@ -1,8 +1,10 @@
 //! OpenAI request types and their validation into an engine [`GenerationRequest`].
 
 use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use super::error::ApiError;
+use super::fields::{self, Endpoint};
 use crate::actors::engine::GenerationRequest;
 use crate::config::RequestLimits;
 use crate::models::{ChatMessage, GenerationParams, Prompt, SamplingParams};
@@ -73,16 +75,27 @@ pub struct CommonParams {
     /// Add `prompt_token_ids` and `token_ids` to each choice.
     #[serde(default)]
     pub return_token_ids: bool,
-    /// Not supported beyond 0.
+    /// OpenAI's frequency penalty on generated tokens, in [-2, 2] (default 0).
     pub frequency_penalty: Option<f32>,
-    /// Not supported beyond 0.
+    /// OpenAI's presence penalty on generated tokens, in [-2, 2] (default 0).
     pub presence_penalty: Option<f32>,
-    /// Log probabilities of the chosen tokens (not returned; `true` is refused).
-    pub logprobs: Option<bool>,
+    /// Log probabilities of the chosen tokens (not returned yet: chat's `true` and a
+    /// completion's count above 0 are refused).
+    pub logprobs: Option<LogprobsInput>,
     /// Alternatives per position with their log probabilities (at most 20; not returned).
     pub top_logprobs: Option<u32>,
     /// Additive biases on token logits, by token id (-100 to 100, at most 300 entries).
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+}
+
+/// `logprobs`: chat's flag, or a completion's count of alternatives per position.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+pub enum LogprobsInput {
+    /// Chat: return the chosen tokens' log probabilities.
+    Flag(bool),
+    /// Completions: this many alternatives per position.
+    Count(u32),
 }
 
 /// `POST /v1/completions`.
@@ -92,9 +105,12 @@ pub struct CompletionRequest {
     pub model: String,
     /// The prompt.
     pub prompt: PromptInput,
-    /// Everything else.
+    /// The sampling and stopping fields.
     #[serde(flatten)]
     pub common: CommonParams,
+    /// Every other field, checked against [`fields`]' rules.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
 }
 
 /// Chat message content: a string or a list of text parts.
@@ -124,6 +140,9 @@ pub struct MessageInput {
     pub role: String,
     /// The content.
     pub content: ContentInput,
+    /// Every other field, checked against [`fields`]' rules.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -133,15 +152,19 @@ pub struct ChatRequest {
     pub model: String,
     /// The conversation.
     pub messages: Vec<MessageInput>,
-    /// Everything else.
+    /// The sampling and stopping fields.
     #[serde(flatten)]
     pub common: CommonParams,
+    /// Every other field, checked against [`fields`]' rules.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
 }
 
 impl CompletionRequest {
     /// Validates the request into an engine request.
     pub fn to_generation(&self, limits: &RequestLimits) -> Result<GenerationRequest, ApiError> {
         check_model_name(&self.model)?;
+        fields::check_request(Endpoint::Completions, &self.rest)?;
         let prompt = match &self.prompt {
             PromptInput::Text(text) => text.clone(),
             PromptInput::Texts(texts) if texts.len() == 1 => texts.concat(),
@@ -194,6 +217,7 @@ impl ChatRequest {
     /// Validates the request into an engine request.
     pub fn to_generation(&self, limits: &RequestLimits) -> Result<GenerationRequest, ApiError> {
         check_model_name(&self.model)?;
+        fields::check_request(Endpoint::Chat, &self.rest)?;
         if self.messages.len() > limits.max_messages {
             return Err(ApiError::bad_request(
                 "invalid_parameter",
@@ -227,6 +251,7 @@ impl ChatRequest {
                         ),
                     ));
                 }
+                fields::check_message(&message.rest)?;
                 let content = match &message.content {
                     ContentInput::Text(text) => text.clone(),
                     ContentInput::Parts(parts) => parts
@@ -268,18 +293,6 @@ impl CommonParams {
                 "only n = 1 is supported",
             ));
         }
-        for (param, value) in [
-            ("frequency_penalty", self.frequency_penalty),
-            ("presence_penalty", self.presence_penalty),
-        ] {
-            if value.is_some_and(|v| v != 0.0) {
-                return Err(ApiError::bad_request(
-                    "unsupported_parameter",
-                    Some(param),
-                    format!("{param} is not supported; use repetition_penalty"),
-                ));
-            }
-        }
         let max_tokens = self
             .max_completion_tokens
             .or(self.max_tokens)
@@ -318,11 +331,23 @@ impl CommonParams {
                 "top_logprobs may be at most 20",
             ));
         }
-        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
+        let asked = match self.logprobs {
+            Some(LogprobsInput::Flag(flag)) => flag,
+            Some(LogprobsInput::Count(count)) => count > 0,
+            None => false,
+        };
+        let param = if asked {
+            Some("logprobs")
+        } else if self.top_logprobs.is_some_and(|n| n > 0) {
+            Some("top_logprobs")
+        } else {
+            None
+        };
+        if let Some(param) = param {
             return Err(ApiError::bad_request(
                 "unsupported_parameter",
-                Some("logprobs"),
-                "logprobs are not returned by this server",
+                Some(param),
+                "logprobs are not returned by this server yet",
             ));
         }
         let sampling = SamplingParams {
@@ -331,6 +356,8 @@ impl CommonParams {
             top_k,
             min_p: self.min_p.unwrap_or(0.0),
             repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             seed: self.seed,
             logit_bias: self.logit_bias()?,
         };
@@ -507,9 +534,9 @@ mod properties {
             "repetition_penalty" => (0.0f64..2.0).prop_map(|f| json!(f)).boxed(),
             "top_k" => (-2i64..50).prop_map(Value::from).boxed(),
             "max_completion_tokens" => (0i64..100).prop_map(Value::from).boxed(),
-            "frequency_penalty" | "presence_penalty" => prop::sample::select(vec![0.0, 0.0, 0.5])
-                .prop_map(|f| json!(f))
-                .boxed(),
+            "frequency_penalty" | "presence_penalty" => {
+                (-2.5f64..2.5).prop_map(|f| json!(f)).boxed()
+            }
             "stream_options" => any::<bool>()
                 .prop_map(|b| json!({"include_usage": b}))
                 .boxed(),
@@ -556,6 +583,8 @@ mod properties {
         assert!((0.0..=2.0).contains(&sampling.temperature));
         assert!(sampling.top_p > 0.0 && sampling.top_p <= 1.0);
         assert!(sampling.logit_bias.len() <= 300);
+        assert!((-2.0..=2.0).contains(&sampling.presence_penalty));
+        assert!((-2.0..=2.0).contains(&sampling.frequency_penalty));
     }
 
     proptest! {

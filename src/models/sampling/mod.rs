@@ -1,4 +1,7 @@
-//! Token sampling: repetition penalty, temperature, top-k, top-p, min-p, seeded RNG.
+//! Token sampling: logit bias, repetition, presence and frequency penalties, temperature,
+//! top-k, top-p, min-p, seeded RNG.
+
+use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -22,6 +25,10 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// HuggingFace-style penalty on every token already in the sequence (1 = off).
     pub repetition_penalty: f32,
+    /// OpenAI's: subtracted once from the logit of every token generated so far (0 = off).
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated (0 = off).
+    pub frequency_penalty: f32,
     /// RNG seed; the same seed gives the same tokens. `None` draws one from the OS.
     pub seed: Option<u64>,
     /// Added to the logits of these token ids before anything else (ids past the vocabulary
@@ -37,6 +44,8 @@ impl Default for SamplingParams {
             top_k: 0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: None,
             logit_bias: Vec::new(),
         }
@@ -72,6 +81,12 @@ impl SamplingParams {
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return invalid("repetition_penalty", "must be a finite number > 0");
         }
+        if !(-MAX_PENALTY..=MAX_PENALTY).contains(&self.presence_penalty) {
+            return invalid("presence_penalty", "must be in [-2, 2]");
+        }
+        if !(-MAX_PENALTY..=MAX_PENALTY).contains(&self.frequency_penalty) {
+            return invalid("frequency_penalty", "must be in [-2, 2]");
+        }
         if self.logit_bias.len() > MAX_LOGIT_BIAS {
             return invalid("logit_bias", "at most 300 token biases are allowed");
         }
@@ -90,6 +105,8 @@ impl SamplingParams {
 pub const MAX_TEMPERATURE: f32 = 2.0;
 /// Most `logit_bias` entries.
 pub const MAX_LOGIT_BIAS: usize = 300;
+/// Largest presence or frequency penalty, either sign (OpenAI's range).
+pub const MAX_PENALTY: f32 = 2.0;
 
 /// Chooses tokens from logits, with its own seeded RNG.
 #[derive(Debug)]
@@ -97,6 +114,9 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     candidates: Candidates,
+    /// How often each token was drawn, for the presence and frequency penalties (kept only
+    /// when one of them is set).
+    drawn: HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -110,12 +130,14 @@ impl Sampler {
             params,
             rng,
             candidates: Candidates::default(),
+            drawn: HashMap::new(),
         }
     }
 
     /// Picks the next token. `previous` is every token of the sequence so far (prompt and
-    /// generated), for the repetition penalty. A NaN logit is never drawn; logits with no
-    /// finite maximum are decided greedily.
+    /// generated), for the repetition penalty; the presence and frequency penalties count
+    /// only the tokens this sampler drew (the generated ones, as OpenAI and vLLM define
+    /// them). A NaN logit is never drawn; logits with no finite maximum are decided greedily.
     pub fn sample(&mut self, logits: &mut [f32], previous: &[u32]) -> u32 {
         for (id, bias) in &self.params.logit_bias {
             if let Some(logit) = logits.get_mut(*id as usize) {
@@ -125,6 +147,21 @@ impl Sampler {
         if self.params.repetition_penalty != 1.0 {
             apply_repetition_penalty(logits, previous, self.params.repetition_penalty);
         }
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        let counting = presence != 0.0 || frequency != 0.0;
+        for (&id, &count) in &self.drawn {
+            if let Some(logit) = logits.get_mut(id as usize) {
+                *logit -= presence + frequency * count as f32;
+            }
+        }
+        let token = self.choose(logits);
+        if counting {
+            *self.drawn.entry(token).or_default() += 1;
+        }
+        token
+    }
+
+    fn choose(&mut self, logits: &mut [f32]) -> u32 {
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
@@ -197,6 +234,41 @@ mod tests {
         };
         let mut sampler = Sampler::new(params);
         assert_eq!(sampler.sample(&mut logits(), &[1]), 4);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_only_drawn_tokens() {
+        // Logits 1, 3, 2, 0.5, 2.9: greedy takes 1; the prompt's tokens are not penalised.
+        let params = SamplingParams {
+            presence_penalty: 0.05,
+            frequency_penalty: 0.1,
+            ..SamplingParams::greedy()
+        };
+        let mut sampler = Sampler::new(params);
+        assert_eq!(sampler.sample(&mut logits(), &[1, 1, 1, 4]), 1);
+        // Token 1 drawn once: 3 - 0.05 - 0.1 = 2.85 < 2.9.
+        assert_eq!(sampler.sample(&mut logits(), &[1, 1, 1, 4, 1]), 4);
+        // 1 at 2.85, 4 at 2.9 - 0.15 = 2.75: 1 again.
+        assert_eq!(sampler.sample(&mut logits(), &[]), 1);
+        // 1 drawn twice, 4 once: each loses the presence penalty once and the frequency
+        // penalty per draw.
+        let mut values = logits();
+        sampler.sample(&mut values, &[]);
+        assert_eq!(values[1], 3.0 - (0.05 + 0.1 * 2.0));
+        assert_eq!(values[4], 2.9 - (0.05 + 0.1));
+        assert_eq!(values[2], 2.0);
+    }
+
+    #[test]
+    fn a_negative_presence_penalty_favours_drawn_tokens() {
+        let params = SamplingParams {
+            presence_penalty: -2.0,
+            ..SamplingParams::greedy()
+        };
+        let mut sampler = Sampler::new(params);
+        let mut first = [1.0, 3.0, 2.0];
+        assert_eq!(sampler.sample(&mut first, &[]), 1);
+        assert_eq!(sampler.sample(&mut [1.0, 0.5, 2.0], &[]), 1);
     }
 
     #[test]
@@ -316,6 +388,14 @@ mod tests {
                 logit_bias: vec![(1, 101.0)],
                 ..SamplingParams::default()
             },
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                frequency_penalty: f32::NAN,
+                ..SamplingParams::default()
+            },
         ];
         let names: Vec<String> = bad
             .iter()
@@ -328,6 +408,8 @@ mod tests {
             "repetition_penalty",
             "temperature",
             "logit_bias",
+            "presence_penalty",
+            "frequency_penalty",
         ]) {
             assert!(message.contains(name), "{message}");
         }

@@ -376,6 +376,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         stop: args.stop,
         ignore_eos: args.ignore_eos,
         strict_max_tokens: false,
+        logprobs: None,
     };
     let (job, mut events, _cancel) = Job::new(GenerationRequest {
         prompt,
@@ -392,7 +393,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     while let Some(event) = events.blocking_recv() {
         match event {
             TokenEvent::Started { prompt_ids: ids } => prompt_ids = ids,
-            TokenEvent::Token { id, text: piece } => {
+            TokenEvent::Token {
+                id, text: piece, ..
+            } => {
                 generated_ids.push(id);
                 if !args.json {
                     stdout.write_all(piece.as_bytes())?;

@@ -149,6 +149,28 @@ async fn every_rejection_is_an_openai_envelope_and_the_daemon_keeps_serving() {
             Some("response_format"),
         ),
         post(
+            br#"{"model":"demo","prompt":"x","logprobs":6}"#,
+            400,
+            "integer_out_of_range",
+            Some("logprobs"),
+        ),
+        post(
+            br#"{"model":"demo","prompt":"x","logprobs":true}"#,
+            400,
+            "invalid_type",
+            Some("logprobs"),
+        ),
+        Case::new(
+            "POST",
+            "/v1/chat/completions",
+            json,
+            br#"{"model":"demo","messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#
+                .to_vec(),
+            400,
+            "invalid_parameter",
+            Some("top_logprobs"),
+        ),
+        post(
             br#"{"model":"demo","prompt":"x","guided_regex":"a+"}"#,
             400,
             "unsupported_parameter",

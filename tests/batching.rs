@@ -84,9 +84,8 @@ fn submit(engine: &EngineHandle, prompt: &[u32], n: usize, salt: u64) -> Receive
         params: GenerationParams {
             sampling: SamplingParams::greedy(),
             max_tokens: Some(n),
-            stop: Vec::new(),
             ignore_eos: true,
-            strict_max_tokens: false,
+            ..GenerationParams::default()
         },
         cache_salt: salt,
     });

@@ -34,9 +34,8 @@ fn request(text: &str, max_tokens: usize, sampling: SamplingParams) -> Generatio
         params: GenerationParams {
             sampling,
             max_tokens: Some(max_tokens),
-            stop: Vec::new(),
             ignore_eos: true,
-            strict_max_tokens: false,
+            ..GenerationParams::default()
         },
         cache_salt: 0,
     }

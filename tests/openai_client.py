@@ -36,6 +36,32 @@ for chunk in stream:
 assert "".join(pieces) == chat.choices[0].message.content, (pieces, chat)
 assert reasons[-1] == chat.choices[0].finish_reason, reasons
 
+# Log probabilities as the client parses them: one entry per token, streamed and not, the
+# same values either way; the greedy token is the most likely of its alternatives.
+chat_lp = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+)
+entries = chat_lp.choices[0].logprobs.content
+assert len(entries) == chat_lp.usage.completion_tokens, chat_lp
+for entry in entries:
+    assert len(entry.top_logprobs) == 3, entry
+    assert entry.logprob == entry.top_logprobs[0].logprob <= 0, entry
+    assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token, entry
+streamed = []
+for chunk in client.chat.completions.create(
+    model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+    stream=True,
+):
+    if chunk.choices and chunk.choices[0].logprobs:
+        streamed.extend(chunk.choices[0].logprobs.content)
+assert [e.logprob for e in streamed] == [e.logprob for e in entries], (streamed, entries)
+lp = client.completions.create(
+    model=model, prompt="Once upon a time", max_tokens=4, temperature=0, logprobs=2
+).choices[0].logprobs
+assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4, lp
+assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), lp
+assert all(max(top.values()) == chosen for top, chosen in zip(lp.top_logprobs, lp.token_logprobs)), lp
+
 completion = client.completions.create(
     model=model, prompt="Once upon a time", max_tokens=8, temperature=0
 )

@@ -16,7 +16,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::openai::observe;
 use super::rate::Caller;
-use super::stream::{sse, ChunkFormat, Usage};
+use super::stream::{sse, ChunkFormat, Generated, Usage};
 use super::types::{CommonParams, StopInput};
 use super::AppState;
 use crate::actors::engine::GenerationRequest;
@@ -55,8 +55,8 @@ struct ExecuteFrames {
 }
 
 impl ChunkFormat for ExecuteFrames {
-    fn token(&mut self, _id: u32, text: &str) -> Value {
-        let frame = json!({"type": "token", "t": text, "i": self.index});
+    fn token(&mut self, token: &Generated) -> Value {
+        let frame = json!({"type": "token", "t": token.text, "i": self.index});
         self.index += 1;
         frame
     }

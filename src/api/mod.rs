@@ -12,6 +12,7 @@ mod extract;
 mod fields;
 mod health;
 mod host;
+mod logprobs;
 mod metrics;
 mod openai;
 mod rate;

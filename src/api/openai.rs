@@ -13,8 +13,9 @@ use super::auth::Access;
 use super::dispatch::start;
 use super::error::ApiError;
 use super::extract::ApiJson;
+use super::logprobs;
 use super::rate::Caller;
-use super::stream::{collect, sse, ChunkFormat, Usage};
+use super::stream::{collect, sse, ChunkFormat, Generated, Usage};
 use super::types::{ChatRequest, CompletionRequest};
 use super::AppState;
 use crate::models::FinishReason;
@@ -35,6 +36,8 @@ struct Envelope {
     model: String,
     return_token_ids: bool,
     include_usage: bool,
+    /// The request asked for log probabilities.
+    logprobs: bool,
 }
 
 impl Envelope {
@@ -56,6 +59,7 @@ impl Envelope {
             model: model.to_string(),
             return_token_ids,
             include_usage: false,
+            logprobs: false,
         }
     }
 
@@ -117,14 +121,30 @@ fn usage_json(usage: Usage) -> Value {
     })
 }
 
+/// The `logprobs` of a choice holding `tokens`, in the endpoint's form.
+fn choice_logprobs(
+    kind: Kind,
+    completion: &mut logprobs::Completion,
+    tokens: &[&Generated],
+) -> Value {
+    match kind {
+        Kind::Chat => logprobs::chat(tokens),
+        Kind::Completion => completion.object(tokens),
+    }
+}
+
 /// Streamed chunks of one OpenAI request.
-struct OpenAiChunks(Envelope);
+struct OpenAiChunks(Envelope, logprobs::Completion);
 
 impl ChunkFormat for OpenAiChunks {
-    fn token(&mut self, id: u32, text: &str) -> Value {
-        let mut choice = self.0.text_choice(text, true, false);
+    fn token(&mut self, token: &Generated) -> Value {
+        let mut choice = self.0.text_choice(&token.text, true, false);
         if self.0.return_token_ids {
-            set(&mut choice, "token_ids", json!([id]));
+            set(&mut choice, "token_ids", json!([token.id]));
+        }
+        if self.0.logprobs {
+            let logprobs = choice_logprobs(self.0.kind, &mut self.1, &[token]);
+            set(&mut choice, "logprobs", logprobs);
         }
         self.0.wrap(true, choice, None)
     }
@@ -217,9 +237,10 @@ pub fn observe(state: &AppState, model: &str, result: Result<Response, ApiError>
 async fn respond(
     state: &AppState,
     generation: crate::actors::engine::GenerationRequest,
-    envelope: Envelope,
+    mut envelope: Envelope,
     stream: bool,
 ) -> Result<Response, ApiError> {
+    envelope.logprobs = generation.params.logprobs.is_some();
     let mut started = start(state, &envelope.model, generation).await?;
     if stream {
         let mut opening = Vec::new();
@@ -230,15 +251,23 @@ async fn respond(
             }
             opening.push(envelope.wrap(true, choice, None));
         }
-        let format = OpenAiChunks(envelope);
+        let format = OpenAiChunks(envelope, logprobs::Completion::default());
         return Ok(sse(opening, started, format).into_response());
     }
-    let (ids, text, reason, usage) = collect(&mut started).await?;
+    let (tokens, reason, usage) = collect(&mut started).await?;
+    let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
     let mut choice = envelope.text_choice(&text, false, true);
     set(&mut choice, "finish_reason", json!(reason.openai()));
     if envelope.return_token_ids {
+        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
         set(&mut choice, "prompt_token_ids", json!(started.prompt_ids));
         set(&mut choice, "token_ids", json!(ids));
+    }
+    if envelope.logprobs {
+        let all: Vec<&Generated> = tokens.iter().collect();
+        let mut completion = logprobs::Completion::default();
+        let logprobs = choice_logprobs(envelope.kind, &mut completion, &all);
+        set(&mut choice, "logprobs", logprobs);
     }
     Ok(Json(envelope.wrap(false, choice, Some(usage))).into_response())
 }

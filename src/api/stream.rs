@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::dispatch::{lost, Started};
 use super::error::ApiError;
 use crate::actors::engine::TokenEvent;
-use crate::models::FinishReason;
+use crate::models::{FinishReason, Logprobs};
 
 /// Interval of SSE comment pings that keep proxies from closing idle streams.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -28,10 +28,21 @@ pub struct Usage {
     pub cached_tokens: usize,
 }
 
+/// One generated token as a route sees it.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// The token id.
+    pub id: u32,
+    /// Text that became final with it.
+    pub text: String,
+    /// Its log probabilities, when the request asked.
+    pub logprobs: Option<Box<Logprobs>>,
+}
+
 /// What a route sends for each kind of event.
 pub trait ChunkFormat: Send + 'static {
     /// The chunk for one generated token.
-    fn token(&mut self, id: u32, text: &str) -> Value;
+    fn token(&mut self, token: &Generated) -> Value;
     /// The chunks that close a finished stream (before `[DONE]`).
     fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<Value>;
     /// The event for a failure.
@@ -44,7 +55,7 @@ pub trait ChunkFormat: Send + 'static {
 
 /// How a job's next step went.
 enum Step {
-    Token(u32, String),
+    Token(Generated),
     Finished(FinishReason, Usage),
     Failed(ApiError),
     Nothing,
@@ -57,7 +68,9 @@ async fn next_step(started: &mut Started) -> Step {
         error = started.interrupts.fired() => return Step::Failed(error),
     };
     match event {
-        Some(TokenEvent::Token { id, text }) => Step::Token(id, text),
+        Some(TokenEvent::Token { id, text, logprobs }) => {
+            Step::Token(Generated { id, text, logprobs })
+        }
         Some(TokenEvent::Finished {
             reason,
             prompt_tokens,
@@ -87,9 +100,9 @@ pub fn sse<F: ChunkFormat>(
     let body = stream::unfold(Some((started, format)), |state| async move {
         let (mut started, mut format) = state?;
         let (batch, finished) = match next_step(&mut started).await {
-            Step::Token(id, text) => {
+            Step::Token(token) => {
                 started.recorder.token();
-                (vec![format.token(id, &text)], false)
+                (vec![format.token(&token)], false)
             }
             Step::Finished(reason, usage) => {
                 started.recorder.finished();
@@ -118,22 +131,20 @@ fn json_event(chunk: &Value) -> Event {
     Event::default().data(chunk.to_string())
 }
 
-/// Collects a started job to its end: token ids, text, and how it ended.
+/// Collects a started job to its end: its tokens, and how it ended.
 pub async fn collect(
     started: &mut Started,
-) -> Result<(Vec<u32>, String, FinishReason, Usage), ApiError> {
-    let mut ids = Vec::new();
-    let mut text = String::new();
+) -> Result<(Vec<Generated>, FinishReason, Usage), ApiError> {
+    let mut tokens = Vec::new();
     loop {
         match next_step(started).await {
-            Step::Token(id, piece) => {
+            Step::Token(token) => {
                 started.recorder.token();
-                ids.push(id);
-                text.push_str(&piece);
+                tokens.push(token);
             }
             Step::Finished(reason, usage) => {
                 started.recorder.finished();
-                return Ok((ids, text, reason, usage));
+                return Ok((tokens, reason, usage));
             }
             Step::Failed(error) => {
                 // The handler's response counts this failure.

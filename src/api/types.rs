@@ -15,8 +15,10 @@ pub const DEFAULT_MAX_TOKENS: usize = 512;
 pub const MAX_MODEL_NAME: usize = 256;
 /// The chat roles a message may have.
 pub const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
-/// Most `top_logprobs`.
+/// Most `top_logprobs` (chat).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Most alternatives a completion's `logprobs` may ask for.
+pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
 
 /// A prompt: a string, a one-element list of strings, or token ids.
 #[derive(Debug, Clone, Deserialize)]
@@ -79,10 +81,10 @@ pub struct CommonParams {
     pub frequency_penalty: Option<f32>,
     /// OpenAI's presence penalty on generated tokens, in [-2, 2] (default 0).
     pub presence_penalty: Option<f32>,
-    /// Log probabilities of the chosen tokens (not returned yet: chat's `true` and a
-    /// completion's count above 0 are refused).
+    /// Log probabilities of the chosen tokens: chat's flag or a completion's count of
+    /// alternatives.
     pub logprobs: Option<LogprobsInput>,
-    /// Alternatives per position with their log probabilities (at most 20; not returned).
+    /// Chat: alternatives per position with their log probabilities (at most 20).
     pub top_logprobs: Option<u32>,
     /// Additive biases on token logits, by token id (-100 to 100, at most 300 entries).
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
@@ -178,7 +180,7 @@ impl CompletionRequest {
             PromptInput::Ids(ids) => {
                 return Ok(GenerationRequest {
                     prompt: Prompt::Ids(ids.clone()),
-                    params: self.common.to_params(limits)?,
+                    params: self.params(limits)?,
                     cache_salt: 0,
                 })
             }
@@ -195,8 +197,15 @@ impl CompletionRequest {
                 text: prompt,
                 add_special_tokens: true,
             },
-            params: self.common.to_params(limits)?,
+            params: self.params(limits)?,
             cache_salt: 0,
+        })
+    }
+
+    fn params(&self, limits: &RequestLimits) -> Result<GenerationParams, ApiError> {
+        Ok(GenerationParams {
+            logprobs: self.common.requested_logprobs(Endpoint::Completions)?,
+            ..self.common.to_params(limits)?
         })
     }
 }
@@ -274,7 +283,10 @@ impl ChatRequest {
             .collect::<Result<Vec<_>, ApiError>>()?;
         Ok(GenerationRequest {
             prompt: Prompt::Chat(messages),
-            params: self.common.to_params(limits)?,
+            params: GenerationParams {
+                logprobs: self.common.requested_logprobs(Endpoint::Chat)?,
+                ..self.common.to_params(limits)?
+            },
             cache_salt: 0,
         })
     }
@@ -331,25 +343,6 @@ impl CommonParams {
                 "top_logprobs may be at most 20",
             ));
         }
-        let asked = match self.logprobs {
-            Some(LogprobsInput::Flag(flag)) => flag,
-            Some(LogprobsInput::Count(count)) => count > 0,
-            None => false,
-        };
-        let param = if asked {
-            Some("logprobs")
-        } else if self.top_logprobs.is_some_and(|n| n > 0) {
-            Some("top_logprobs")
-        } else {
-            None
-        };
-        if let Some(param) = param {
-            return Err(ApiError::bad_request(
-                "unsupported_parameter",
-                Some(param),
-                "logprobs are not returned by this server yet",
-            ));
-        }
         let sampling = SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),
             top_p: self.top_p.unwrap_or(1.0),
@@ -373,7 +366,57 @@ impl CommonParams {
             stop,
             ignore_eos: self.ignore_eos,
             strict_max_tokens: self.max_completion_tokens.or(self.max_tokens).is_some(),
+            logprobs: None,
         })
+    }
+
+    /// How many alternatives per position the request asks for with each token's log
+    /// probability (`None`: none asked). Chat takes `logprobs: true` and `top_logprobs`
+    /// (0–20); completions take `logprobs: N` (0–5).
+    fn requested_logprobs(&self, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+        let top = self.top_logprobs.unwrap_or(0) as usize;
+        let invalid = |code, param, message: &str| {
+            Err(ApiError::bad_request(
+                code,
+                Some(param),
+                message.to_string(),
+            ))
+        };
+        match (endpoint, self.logprobs) {
+            (Endpoint::Chat, Some(LogprobsInput::Count(_))) => invalid(
+                "invalid_type",
+                "logprobs",
+                "chat takes logprobs: true or false (and top_logprobs for alternatives)",
+            ),
+            (Endpoint::Chat, Some(LogprobsInput::Flag(true))) => Ok(Some(top)),
+            (Endpoint::Chat, _) if top > 0 => invalid(
+                "invalid_parameter",
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            ),
+            (Endpoint::Chat, _) => Ok(None),
+            (Endpoint::Completions, _) if self.top_logprobs.is_some() => invalid(
+                "unsupported_parameter",
+                "top_logprobs",
+                "completions take logprobs: N (0 to 5) for alternatives, not top_logprobs",
+            ),
+            (Endpoint::Completions, Some(LogprobsInput::Flag(_))) => invalid(
+                "invalid_type",
+                "logprobs",
+                "completions take logprobs as a number of alternatives, 0 to 5",
+            ),
+            (Endpoint::Completions, Some(LogprobsInput::Count(n)))
+                if n > MAX_COMPLETION_LOGPROBS =>
+            {
+                invalid(
+                    "integer_out_of_range",
+                    "logprobs",
+                    "logprobs may be at most 5",
+                )
+            }
+            (Endpoint::Completions, Some(LogprobsInput::Count(n))) => Ok(Some(n as usize)),
+            (Endpoint::Completions, None) => Ok(None),
+        }
     }
 }
 

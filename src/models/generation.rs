@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::detok::Detokenizer;
 use super::error::GenerationError;
 use super::load::LoadedModel;
+use super::logprobs::{Distribution, Logprobs};
 use super::sampling::{Sampler, SamplingParams};
 use super::stop::{StopMatcher, StopOutcome};
 use super::tokenizer::{ChatMessage, TextTokenizer};
@@ -42,6 +43,9 @@ pub struct GenerationParams {
     /// Refuse a `max_tokens` that does not fit beside the prompt in the context (a client asked
     /// for it explicitly) instead of stopping when the context is full.
     pub strict_max_tokens: bool,
+    /// Return each generated token's log probability with this many most likely alternatives
+    /// (`None`: no log probabilities).
+    pub logprobs: Option<usize>,
 }
 
 /// Why a generation ended.
@@ -77,6 +81,8 @@ pub struct StepOutput {
     pub text: String,
     /// Set when this step ended the generation.
     pub finished: Option<FinishReason>,
+    /// The token's log probability and the most likely alternatives, when asked for.
+    pub logprobs: Option<Box<Logprobs>>,
 }
 
 /// Turns a prompt into token ids (chat: rendered template, tokenized without extra specials).
@@ -188,7 +194,19 @@ impl Sequence {
         mut logits: Vec<f32>,
         tokenizer: &TextTokenizer,
     ) -> Result<StepOutput, GenerationError> {
+        // The sampler changes the logits in place; log probabilities take the raw ones.
+        let raw = self
+            .params
+            .logprobs
+            .map(|top| (Distribution::new(&logits, top), logits.clone()));
         let token = self.sampler.sample(&mut logits, &self.all_ids);
+        let logprobs = match raw {
+            Some((distribution, raw)) => {
+                let logit = raw.get(token as usize).copied().unwrap_or(f32::NAN);
+                Some(Box::new(distribution.resolve((token, logit), tokenizer)?))
+            }
+            None => None,
+        };
         self.all_ids.push(token);
         let decoded = self.detok.push(tokenizer, token)?;
         let generated = self.detok.ids().len();
@@ -220,6 +238,7 @@ impl Sequence {
             token,
             text,
             finished,
+            logprobs,
         })
     }
 

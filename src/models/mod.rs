@@ -23,6 +23,7 @@ mod gguf_tokenizer;
 mod gguf_vocab;
 mod hf_dir;
 mod load;
+mod logprobs;
 mod model;
 mod phi;
 mod quantize;
@@ -43,6 +44,7 @@ pub use generation::{
 };
 pub use gguf_check::check_gguf;
 pub use load::{load, LoadSpec, LoadedModel, ModelInfo};
+pub use logprobs::{Logprobs, TokenLogprob};
 pub use model::Model;
 pub use quantize::{quantize_dir, tensor_type, QuantType, QuantizeReport, Role};
 pub use sampling::{argmax, Sampler, SamplingParams};

@@ -126,7 +126,7 @@ pub fn greedy(model: &mut LoadedModel, prompt_ids: Vec<u32>, n: usize) -> (Vec<u
         max_tokens: Some(n),
         stop: Vec::new(),
         ignore_eos: true,
-        strict_max_tokens: false,
+        ..GenerationParams::default()
     };
     let mut sequence = Sequence::new(model, prompt_ids, params).unwrap();
     let mut text = String::new();

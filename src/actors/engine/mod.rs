@@ -31,6 +31,7 @@ use crate::models::{
 
 pub use crate::metrics::StepMetrics;
 use crate::models::batch::KvDtype;
+use crate::models::Logprobs;
 pub use stats::{EngineStats, Occupancy};
 
 /// Events a job's channel holds before the job is paused. A token event becomes one SSE frame
@@ -68,6 +69,8 @@ pub enum TokenEvent {
         id: u32,
         /// Text that became final with this token.
         text: String,
+        /// Its log probability and the most likely alternatives, when the request asked.
+        logprobs: Option<Box<Logprobs>>,
     },
     /// The generation ended normally.
     Finished {

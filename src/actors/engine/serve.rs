@@ -333,6 +333,7 @@ impl<'a> Engine<'a> {
             entry.job.send(TokenEvent::Token {
                 id: output.token,
                 text: output.text,
+                logprobs: output.logprobs,
             });
             self.scheduler.push_token(chunk.seq, output.token);
             if let Some(reason) = output.finished {

@@ -375,8 +375,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         max_tokens: Some(args.max_tokens),
         stop: args.stop,
         ignore_eos: args.ignore_eos,
-        strict_max_tokens: false,
-        logprobs: None,
+        ..GenerationParams::default()
     };
     let (job, mut events, _cancel) = Job::new(GenerationRequest {
         prompt,

@@ -43,6 +43,7 @@ HONOURED = {
         "presence_penalty": -0.5,
         "logprobs": True,
         "top_logprobs": 2,
+        "response_format": {"type": "json_object"},
     },
     "completions": {
         "model": MODEL,
@@ -84,7 +85,6 @@ ASKS = {
         "prompt_cache_options": {"ttl": "30m"},
         "prompt_cache_retention": "24h",
         "reasoning_effort": "low",
-        "response_format": {"type": "json_object"},
         "safety_identifier": "user-1",
         "service_tier": "flex",
         "store": True,
@@ -112,7 +112,6 @@ ACCEPTED = {
         "function_call": "none",
         "functions": [],
         "modalities": ["text"],
-        "response_format": {"type": "text"},
         "tool_choice": "none",
         "tools": [],
     },

@@ -44,13 +44,6 @@ const CHAT: &[(&str, Rule)] = &[
         "prediction",
         Rule::Ignored("a predicted output only speeds up OpenAI's decoding; the output is the same without it"),
     ),
-    (
-        "response_format",
-        Rule::Only(
-            is_text_format,
-            "structured outputs (response_format json_object or json_schema) are not supported yet; only {\"type\": \"text\"}",
-        ),
-    ),
     ("tools", Rule::Only(is_empty_list, TOOLS)),
     ("functions", Rule::Only(is_empty_list, TOOLS)),
     ("tool_choice", Rule::Only(is_no_tool_choice, TOOLS)),
@@ -174,10 +167,6 @@ fn check(rules: &[(&str, Rule)], rest: &Map<String, Value>, prefix: &str) -> Res
     Ok(())
 }
 
-fn is_text_format(value: &Value) -> bool {
-    value.get("type").and_then(Value::as_str) == Some("text")
-}
-
 fn is_empty_list(value: &Value) -> bool {
     value.as_array().is_some_and(Vec::is_empty)
 }
@@ -255,13 +244,8 @@ mod tests {
 
     #[test]
     fn a_field_that_asks_for_nothing_new_is_accepted_and_one_that_does_is_refused() {
-        let text = json!({"response_format": {"type": "text"}, "tools": [], "tool_choice": "none"});
+        let text = json!({"tools": [], "tool_choice": "none"});
         check_request(Endpoint::Chat, &rest(text)).unwrap();
-        let json = json!({"response_format": {"type": "json_object"}});
-        assert_eq!(
-            refused_param(check_request(Endpoint::Chat, &rest(json))),
-            "response_format"
-        );
         let tools = json!({"tools": [{"type": "function", "function": {"name": "f"}}]});
         assert_eq!(
             refused_param(check_request(Endpoint::Chat, &rest(tools))),

@@ -88,6 +88,14 @@ pub struct CommonParams {
     pub top_logprobs: Option<u32>,
     /// Additive biases on token logits, by token id (-100 to 100, at most 300 entries).
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// `text`, `json_object` or `json_schema` (structured outputs).
+    pub response_format: Option<Value>,
+    /// vLLM's: the output is a whole match of this regular expression.
+    pub guided_regex: Option<String>,
+    /// vLLM's: the output is exactly one of these strings.
+    pub guided_choice: Option<Vec<String>>,
+    /// vLLM's: the output follows this Lark grammar (llguidance's dialect).
+    pub guided_grammar: Option<String>,
 }
 
 /// `logprobs`: chat's flag, or a completion's count of alternatives per position.
@@ -367,6 +375,7 @@ impl CommonParams {
             ignore_eos: self.ignore_eos,
             strict_max_tokens: self.max_completion_tokens.or(self.max_tokens).is_some(),
             logprobs: None,
+            constraint: self.constraint()?,
         })
     }
 

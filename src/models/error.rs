@@ -188,6 +188,17 @@ pub enum GenerationError {
     /// Tokenizing or detokenizing failed.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    /// A request's constraint (`response_format`, `guided_*`) cannot be compiled.
+    #[error("{param}: {reason}")]
+    InvalidConstraint {
+        /// The request field that gave it.
+        param: &'static str,
+        /// What the grammar engine said.
+        reason: String,
+    },
+    /// The grammar engine failed while masking or advancing a constrained sequence.
+    #[error("constrained decoding failed: {0}")]
+    Grammar(String),
     /// The forward pass failed (device error, shape bug).
     #[error("forward pass failed: {0}")]
     Forward(String),

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::detok::Detokenizer;
 use super::error::GenerationError;
+use super::grammar::{Constraint, Guide};
 use super::load::LoadedModel;
 use super::logprobs::{Distribution, Logprobs};
 use super::sampling::{Sampler, SamplingParams};
@@ -46,6 +47,8 @@ pub struct GenerationParams {
     /// Return each generated token's log probability with this many most likely alternatives
     /// (`None`: no log probabilities).
     pub logprobs: Option<usize>,
+    /// What the output must match (`None`: anything).
+    pub constraint: Option<Constraint>,
 }
 
 /// Why a generation ended.
@@ -116,6 +119,8 @@ pub struct Sequence {
     context_length: usize,
     position: usize,
     finished: Option<FinishReason>,
+    /// The matcher of the request's constraint.
+    guide: Option<Guide>,
 }
 
 impl Sequence {
@@ -149,7 +154,24 @@ impl Sequence {
         if let Some(&id) = prompt_ids.iter().find(|&&id| id as usize >= vocab_size) {
             return Err(GenerationError::TokenOutOfVocabulary { id, vocab_size });
         }
+        let guide = match &params.constraint {
+            Some(constraint) => {
+                let invalid = |reason| GenerationError::InvalidConstraint {
+                    param: constraint.param(),
+                    reason,
+                };
+                Some(
+                    model
+                        .grammars()
+                        .map_err(invalid)?
+                        .guide(constraint)
+                        .map_err(invalid)?,
+                )
+            }
+            None => None,
+        };
         Ok(Self {
+            guide,
             all_ids: prompt_ids.clone(),
             prompt_ids,
             sampler: Sampler::new(params.sampling.clone()),
@@ -199,7 +221,15 @@ impl Sequence {
             .params
             .logprobs
             .map(|top| (Distribution::new(&logits, top), logits.clone()));
+        if let Some(guide) = &mut self.guide {
+            guide.mask(&mut logits)?;
+        }
         let token = self.sampler.sample(&mut logits, &self.all_ids);
+        // A constrained output ends where its grammar does, whatever `ignore_eos` says.
+        let complete = match &mut self.guide {
+            Some(guide) => guide.advance(token)?,
+            None => false,
+        };
         let logprobs = match raw {
             Some((distribution, raw)) => {
                 let logit = raw.get(token as usize).copied().unwrap_or(f32::NAN);
@@ -219,7 +249,8 @@ impl Sequence {
             StopOutcome::Continue(text) => text,
         };
         if finished.is_none() {
-            finished = if !self.params.ignore_eos && self.eos_ids.contains(&token) {
+            let eos = self.eos_ids.contains(&token);
+            finished = if complete || (!self.params.ignore_eos && eos) {
                 Some(FinishReason::Eos)
             } else if self.params.max_tokens.is_some_and(|max| generated >= max) {
                 Some(FinishReason::MaxTokens)

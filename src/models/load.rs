@@ -1,6 +1,7 @@
 //! Turns a `ModelSource` into a `LoadedModel`: weights, tokenizer and generation facts.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
@@ -9,6 +10,7 @@ use super::demo;
 use super::device::{device_label, DTypeChoice};
 use super::error::{GenerationError, LoadError};
 use super::gguf::load_gguf;
+use super::grammar::Grammars;
 use super::hf_dir::{load_dir, read_json};
 use super::model::Model;
 use super::source::{default_hub_cache, hub_offline, resolve_hub, ModelSource};
@@ -67,6 +69,9 @@ pub struct LoadedModel {
     /// Facts about the model.
     pub info: ModelInfo,
     device: Device,
+    /// The grammar compiler over the tokenizer's vocabulary, built by the first request
+    /// that asks for a constraint.
+    grammars: OnceLock<Result<Grammars, String>>,
 }
 
 impl LoadedModel {
@@ -84,6 +89,16 @@ impl LoadedModel {
     /// Returns the device the model runs on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The grammar compiler of this model's vocabulary (built on first use), or why it
+    /// cannot be built.
+    pub fn grammars(&self) -> Result<&Grammars, String> {
+        let eos = self.info.eos_ids.first().copied().unwrap_or(0);
+        self.grammars
+            .get_or_init(|| Grammars::new(&self.tokenizer, eos))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 }
 
@@ -106,6 +121,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
             std::thread::sleep(std::time::Duration::from_millis(*load_ms));
             let tokenizer = demo::demo_tokenizer()?;
             LoadedModel {
+                grammars: OnceLock::new(),
                 model: super::model::Model::Fake(super::fake::FakeModel::new(
                     std::time::Duration::from_millis(*ms),
                     tokenizer.vocab_size(),
@@ -131,6 +147,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
         ModelSource::BuiltinDemo => {
             let dtype = spec.dtype.resolve(&device)?;
             LoadedModel {
+                grammars: OnceLock::new(),
                 model: demo::demo_model(&device, dtype)?,
                 tokenizer: demo::demo_tokenizer()?,
                 info: ModelInfo {
@@ -178,6 +195,7 @@ fn load_hf_dir(dir: &Path, device: &Device, choice: DTypeChoice) -> Result<Loade
     let dtype = loaded.dtype;
     let eos_ids = eos_ids(dir, &loaded.config, &tokenizer)?;
     Ok(LoadedModel {
+        grammars: OnceLock::new(),
         model: loaded.model,
         tokenizer,
         info: ModelInfo {
@@ -238,6 +256,7 @@ fn load_gguf_file(
     let eos = tokens(gguf.specials.eos.first().copied(), &inner);
     let tokenizer = TextTokenizer::new(inner, gguf.chat_template, bos, eos)?;
     Ok(LoadedModel {
+        grammars: OnceLock::new(),
         model: gguf.model,
         tokenizer,
         info: ModelInfo {

@@ -21,6 +21,7 @@ mod gguf;
 mod gguf_check;
 mod gguf_tokenizer;
 mod gguf_vocab;
+mod grammar;
 mod hf_dir;
 mod load;
 mod logprobs;
@@ -43,6 +44,7 @@ pub use generation::{
     tokenize_prompt, FinishReason, GenerationParams, Prompt, Sequence, StepOutput,
 };
 pub use gguf_check::check_gguf;
+pub use grammar::{Constraint, Grammars, Guide};
 pub use load::{load, LoadSpec, LoadedModel, ModelInfo};
 pub use logprobs::{Logprobs, TokenLogprob};
 pub use model::Model;

@@ -92,6 +92,16 @@ impl TextTokenizer {
             .map_err(|err| GenerationError::Tokenizer(err.to_string()))
     }
 
+    /// The tokenizer as HuggingFace's `tokenizer.json`.
+    pub fn to_json(&self) -> Result<String, String> {
+        self.inner.to_string(false).map_err(|err| err.to_string())
+    }
+
+    /// The HuggingFace tokenizer itself.
+    pub fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     /// Returns the id of a token string, special tokens included.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -143,9 +143,12 @@ impl From<GenerationError> for EngineError {
             GenerationError::NoChatTemplate | GenerationError::ChatTemplate(_) => {
                 invalid("chat_template_error", Some("messages"), message)
             }
-            GenerationError::Tokenizer(_) | GenerationError::Forward(_) => {
-                EngineError::Generation(message)
+            GenerationError::InvalidConstraint { param, .. } => {
+                invalid("invalid_grammar", Some(param), message)
             }
+            GenerationError::Tokenizer(_)
+            | GenerationError::Forward(_)
+            | GenerationError::Grammar(_) => EngineError::Generation(message),
             GenerationError::OutOfMemory(_) => EngineError::OutOfMemory(message),
         }
     }
@@ -398,10 +401,11 @@ impl EngineHandle {
         let Some(jobs) = &self.jobs else {
             return Err(Box::new(job));
         };
-        jobs.send(Command::Run(job)).map_err(|err| match err.0 {
-            Command::Run(job) => Box::new(job),
-            Command::Abort(_) => unreachable!("a Run command was sent"),
-        })
+        jobs.send(Command::Run(Box::new(job)))
+            .map_err(|err| match err.0 {
+                Command::Run(job) => job,
+                Command::Abort(_) => unreachable!("a Run command was sent"),
+            })
     }
 
     /// Ends every job of this engine, running or waiting, with `error` (at the next step).
@@ -438,8 +442,8 @@ impl Drop for EngineHandle {
 /// What the engine thread receives.
 #[derive(Debug)]
 enum Command {
-    /// Run a job.
-    Run(Job),
+    /// Run a job (boxed: a job is large beside an error).
+    Run(Box<Job>),
     /// End every running and waiting job with this error.
     Abort(EngineError),
 }

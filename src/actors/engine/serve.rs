@@ -202,7 +202,7 @@ impl<'a> Engine<'a> {
 
     fn apply(&mut self, command: Command) {
         match command {
-            Command::Run(job) => self.admit(job),
+            Command::Run(job) => self.admit(*job),
             Command::Abort(error) => {
                 for id in self.scheduler.ids() {
                     self.fail(id, error.clone());
@@ -387,7 +387,7 @@ impl<'a> Engine<'a> {
             }
         }
         unstarted.extend(commands.try_iter().filter_map(|command| match command {
-            Command::Run(job) => Some(job),
+            Command::Run(job) => Some(*job),
             Command::Abort(_) => None,
         }));
         self.shared.stats.clear();

@@ -455,3 +455,46 @@ async fn presence_and_frequency_penalties_break_a_greedy_loop() {
     assert_eq!(status, 400);
     assert_eq!(response["error"]["param"], "frequency_penalty");
 }
+
+/// A sequence that ends at an end-of-sequence token counts it but does not write its text
+/// (the demo's are `<|eos|>` and `<|end|>`), plain or constrained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_sequence_token_is_counted_but_not_written() {
+    let daemon = Daemon::start(&demo_pool(
+        "[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n",
+    ))
+    .await;
+    let mut stopped = 0;
+    for seed in 0..20 {
+        let body = json!({
+            "model": "demo", "prompt": "hi", "max_tokens": 60, "seed": seed,
+            "return_token_ids": true,
+        });
+        let (status, response) = daemon.post("/v1/completions", &body).await;
+        assert_eq!(status, 200, "{response}");
+        let choice = &response["choices"][0];
+        let text = choice["text"].as_str().unwrap();
+        assert!(
+            !text.contains("<|eos|>") && !text.contains("<|end|>"),
+            "{text:?}"
+        );
+        let ids = choice["token_ids"].as_array().unwrap().len();
+        assert_eq!(response["usage"]["completion_tokens"], json!(ids));
+        if choice["finish_reason"] == "stop" {
+            stopped += 1;
+        }
+    }
+    assert!(stopped >= 3, "{stopped} of 20 ended at EOS");
+    for seed in 0..5 {
+        let body = json!({
+            "model": "demo", "prompt": "x", "max_tokens": 40, "seed": seed, "guided_regex": "a+",
+        });
+        let (status, response) = daemon.post("/v1/completions", &body).await;
+        assert_eq!(status, 200, "{response}");
+        let text = response["choices"][0]["text"].as_str().unwrap();
+        assert!(
+            !text.is_empty() && text.chars().all(|c| c == 'a'),
+            "{text:?}"
+        );
+    }
+}

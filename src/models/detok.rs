@@ -58,11 +58,6 @@ impl Detokenizer {
         self.read_offset = self.ids.len();
         Ok(rest)
     }
-
-    /// Every token id pushed so far.
-    pub fn ids(&self) -> &[u32] {
-        &self.ids
-    }
 }
 
 #[cfg(test)]

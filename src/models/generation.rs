@@ -192,7 +192,7 @@ impl Sequence {
 
     /// The generated token ids so far.
     pub fn generated_ids(&self) -> &[u32] {
-        self.detok.ids()
+        &self.all_ids[self.prompt_ids.len()..]
     }
 
     /// Why the sequence ended, once it has.
@@ -238,8 +238,15 @@ impl Sequence {
             None => None,
         };
         self.all_ids.push(token);
-        let decoded = self.detok.push(tokenizer, token)?;
-        let generated = self.detok.ids().len();
+        // An EOS that ends the sequence is counted but not written: its text is no part of
+        // the answer (as vLLM and OpenAI give it).
+        let eos = self.eos_ids.contains(&token);
+        let ends_at_eos = eos && !self.params.ignore_eos;
+        let decoded = match ends_at_eos {
+            true => String::new(),
+            false => self.detok.push(tokenizer, token)?,
+        };
+        let generated = self.generated_ids().len();
         let mut finished = None;
         let mut text = match self.stops.push(&decoded) {
             StopOutcome::Stopped(text) => {
@@ -249,8 +256,7 @@ impl Sequence {
             StopOutcome::Continue(text) => text,
         };
         if finished.is_none() {
-            let eos = self.eos_ids.contains(&token);
-            finished = if complete || (!self.params.ignore_eos && eos) {
+            finished = if complete || ends_at_eos {
                 Some(FinishReason::Eos)
             } else if self.params.max_tokens.is_some_and(|max| generated >= max) {
                 Some(FinishReason::MaxTokens)

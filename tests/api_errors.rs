@@ -143,9 +143,9 @@ async fn every_rejection_is_an_openai_envelope_and_the_daemon_keeps_serving() {
             "POST",
             "/v1/chat/completions",
             json,
-            br#"{"model":"demo","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#.to_vec(),
+            br#"{"model":"demo","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"type":"nope"}}}}"#.to_vec(),
             400,
-            "unsupported_parameter",
+            "invalid_grammar",
             Some("response_format"),
         ),
         post(
@@ -171,10 +171,10 @@ async fn every_rejection_is_an_openai_envelope_and_the_daemon_keeps_serving() {
             Some("top_logprobs"),
         ),
         post(
-            br#"{"model":"demo","prompt":"x","guided_regex":"a+"}"#,
+            br#"{"model":"demo","prompt":"x","tools":[{"type":"function"}]}"#,
             400,
             "unsupported_parameter",
-            Some("guided_regex"),
+            Some("tools"),
         ),
         post(
             br#"{"model":"demo","prompt":"x","temperature":-1}"#,

@@ -1,9 +1,9 @@
 //! What llorch does with each OpenAI request field that is not a sampling or stopping
 //! parameter ([`super::types::CommonParams`] holds those): a field is honoured, accepted and
-//! ignored for a stated reason, or refused with 400 `unsupported_parameter`. Nothing a client
-//! sends is dropped in silence: a field named nowhere here or in the request types is refused
-//! too. The README's table of fields says the same, and `tests/openai_fields.py` checks both
-//! against the official client's request schemas.
+//! ignored for a stated reason, or refused with 400 `unsupported_parameter`. A field of no
+//! OpenAI schema is ignored and logged at debug (RELIABILITY.md: unknown extra fields must
+//! succeed, as in vLLM). The README's table of fields says the same, and
+//! `tests/openai_fields.py` checks both against the official client's request schemas.
 
 use serde_json::{Map, Value};
 
@@ -131,17 +131,27 @@ fn rules(endpoint: Endpoint) -> &'static [(&'static str, Rule)] {
 }
 
 /// Checks the fields of a request that its types did not take: each must be one whose rule
-/// accepts its value.
+/// accepts its value. A field of the other endpoint's schema is refused there; a field of no
+/// OpenAI schema (another server's extension) is ignored and logged at debug, as vLLM does.
 pub fn check_request(endpoint: Endpoint, rest: &Map<String, Value>) -> Result<(), ApiError> {
-    check(rules(endpoint), rest, "")
+    let other = match endpoint {
+        Endpoint::Chat => COMPLETIONS,
+        Endpoint::Completions => CHAT,
+    };
+    check(rules(endpoint), other, rest, "")
 }
 
 /// Checks the fields of a chat message other than `role` and `content`.
 pub fn check_message(rest: &Map<String, Value>) -> Result<(), ApiError> {
-    check(MESSAGE, rest, "messages.")
+    check(MESSAGE, &[], rest, "messages.")
 }
 
-fn check(rules: &[(&str, Rule)], rest: &Map<String, Value>, prefix: &str) -> Result<(), ApiError> {
+fn check(
+    rules: &[(&str, Rule)],
+    other: &[(&str, Rule)],
+    rest: &Map<String, Value>,
+    prefix: &str,
+) -> Result<(), ApiError> {
     // Sorted, so that the first refused field is the same whatever the map's order.
     let mut names: Vec<&String> = rest.keys().collect();
     names.sort();
@@ -156,7 +166,10 @@ fn check(rules: &[(&str, Rule)], rest: &Map<String, Value>, prefix: &str) -> Res
             ))
         };
         match rules.iter().find(|(field, _)| field == name) {
-            None => return refuse("unknown parameter"),
+            None if other.iter().any(|(field, _)| field == name) => {
+                return refuse("not a field of this endpoint")
+            }
+            None => tracing::debug!(field = %param, "unknown request field ignored"),
             Some((_, Rule::Ignored(reason))) => {
                 tracing::debug!(field = %param, reason, "request field accepted and ignored");
             }
@@ -254,11 +267,12 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_and_the_other_endpoints_fields_are_refused() {
-        let unknown = json!({"guided_json": {}});
+    fn unknown_fields_pass_and_the_other_endpoints_fields_are_refused() {
+        check_request(Endpoint::Chat, &rest(json!({"guided_json": {}, "x": 1}))).unwrap();
+        let tools = json!({"tools": [{"type": "function"}]});
         assert_eq!(
-            refused_param(check_request(Endpoint::Chat, &rest(unknown))),
-            "guided_json"
+            refused_param(check_request(Endpoint::Completions, &rest(tools))),
+            "tools"
         );
         let echo = json!({"echo": true});
         assert_eq!(

@@ -153,9 +153,19 @@ impl Guide {
     /// tokenizer's vocabulary too).
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), GenerationError> {
         let allowed = self.matcher.compute_mask_or_eos().map_err(fault)?;
-        for (id, logit) in logits.iter_mut().enumerate() {
-            if !allowed.is_allowed(id as TokenId) {
-                *logit = f32::NEG_INFINITY;
+        let words = allowed.as_slice();
+        // 32 tokens per word of the mask: most words are all masked or all allowed.
+        for (i, chunk) in logits.chunks_mut(32).enumerate() {
+            match words.get(i).copied().unwrap_or(0) {
+                u32::MAX => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                word => {
+                    for (bit, logit) in chunk.iter_mut().enumerate() {
+                        if word & (1 << bit) == 0 {
+                            *logit = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
         }
         Ok(())

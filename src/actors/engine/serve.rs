@@ -10,6 +10,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use super::scheduler::{Plan, Scheduler, SchedulerConfig, SeqId};
 use super::{
     panic_message, Command, EngineConfig, EngineError, EngineExit, Job, Shared, TokenEvent,
@@ -307,16 +309,35 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Samples each sequence's next token from its logits and sends its events.
+    /// Samples each sequence's next token from its logits and sends its events. The
+    /// sequences sample side by side on rayon's pool (each masks its logits with its grammar,
+    /// draws, detokenizes; none touches another's state), then their events go out in plan
+    /// order.
     fn accept(&mut self, plan: &Plan, logits: Vec<Vec<f32>>) {
-        for (chunk, logits) in plan.chunks.iter().filter(|c| c.logits).zip(logits) {
-            let Some(entry) = self.entries.get_mut(&chunk.seq) else {
+        let mut logits: BTreeMap<SeqId, Vec<f32>> = plan
+            .chunks
+            .iter()
+            .filter(|c| c.logits)
+            .map(|c| c.seq)
+            .zip(logits)
+            .collect();
+        let tokenizer = &self.model.tokenizer;
+        let work: Vec<(SeqId, &mut Sequence, Vec<f32>)> = self
+            .entries
+            .iter_mut()
+            .filter_map(|(id, entry)| Some((*id, &mut entry.sequence, logits.remove(id)?)))
+            .collect();
+        let mut sampled: BTreeMap<SeqId, _> = work
+            .into_par_iter()
+            .map(|(id, sequence, logits)| {
+                let result = catch_unwind(AssertUnwindSafe(|| sequence.accept(logits, tokenizer)));
+                (id, result)
+            })
+            .collect();
+        for chunk in plan.chunks.iter().filter(|c| c.logits) {
+            let Some(sampled) = sampled.remove(&chunk.seq) else {
                 continue;
             };
-            let tokenizer = &self.model.tokenizer;
-            let sampled = catch_unwind(AssertUnwindSafe(|| {
-                entry.sequence.accept(logits, tokenizer)
-            }));
             let output = match sampled {
                 Ok(Ok(output)) => output,
                 Ok(Err(err)) => {
@@ -329,6 +350,9 @@ impl<'a> Engine<'a> {
                     self.fail(chunk.seq, EngineError::Crashed(message));
                     continue;
                 }
+            };
+            let Some(entry) = self.entries.get(&chunk.seq) else {
+                continue;
             };
             entry.job.send(TokenEvent::Token {
                 id: output.token,

@@ -134,9 +134,9 @@ async fn every_rejection_is_an_openai_envelope_and_the_daemon_keeps_serving() {
             None,
         ),
         post(
-            br#"{"model":"demo","prompt":"x","n":2}"#,
+            br#"{"model":"demo","prompt":"x","n":9}"#,
             400,
-            "unsupported_parameter",
+            "integer_out_of_range",
             Some("n"),
         ),
         Case::new(

@@ -498,3 +498,39 @@ async fn the_end_of_sequence_token_is_counted_but_not_written() {
         );
     }
 }
+
+/// `n` choices of one prompt: the first is prefilled alone, the others reuse its full KV
+/// blocks from the prefix cache (`llorch_prefix_cache_hits_total` counts their tokens);
+/// usage counts the prompt once and every choice's tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_choices_of_one_request_share_the_prompts_blocks() {
+    let daemon = Daemon::start(&demo_pool(
+        "[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n",
+    ))
+    .await;
+    let hits = |metrics: String| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("llorch_prefix_cache_hits_total{model=\"demo\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = hits(daemon.metrics().await);
+    let prompt: Vec<String> = (0..60).map(|i| format!("word{i}")).collect();
+    let body = json!({
+        "model": "demo", "prompt": prompt.join(" "), "max_tokens": 5, "n": 4, "seed": 1,
+        "ignore_eos": true,
+    });
+    let (status, response) = daemon.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{response}");
+    let choices = response["choices"].as_array().unwrap();
+    let indexes: Vec<u64> = choices
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes, [0, 1, 2, 3]);
+    let prompt_tokens = response["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(response["usage"]["completion_tokens"], 20);
+    let full_blocks = prompt_tokens / 16 * 16;
+    assert_eq!(hits(daemon.metrics().await) - before, 3 * full_blocks);
+}

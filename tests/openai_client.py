@@ -62,6 +62,29 @@ assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4, lp
 assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), lp
 assert all(max(top.values()) == chosen for top, chosen in zip(lp.top_logprobs, lp.token_logprobs)), lp
 
+# n choices: indexed 0..n, each seeded with the request's seed plus its index (so the same
+# request streamed gives the same texts), usage counting the prompt once.
+several = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=10, seed=5, n=3, logprobs=True
+)
+assert [c.index for c in several.choices] == [0, 1, 2], several
+texts = [c.message.content for c in several.choices]
+assert len(set(texts)) > 1, texts
+assert all(len(c.logprobs.content) >= 1 for c in several.choices), several
+single = client.chat.completions.create(model=model, messages=messages, max_tokens=10, seed=5)
+assert several.usage.prompt_tokens == single.usage.prompt_tokens, (several.usage, single.usage)
+pieces = {}
+for chunk in client.chat.completions.create(
+    model=model, messages=messages, max_tokens=10, seed=5, n=3, stream=True,
+    stream_options={"include_usage": True},
+):
+    for c in chunk.choices:
+        pieces[c.index] = pieces.get(c.index, "") + (c.delta.content or "")
+    if chunk.usage:
+        assert chunk.usage.completion_tokens == several.usage.completion_tokens, chunk.usage
+assert [pieces[i] for i in range(3)] == texts, (pieces, texts)
+assert texts[0] == single.choices[0].message.content, (texts, single)
+
 completion = client.completions.create(
     model=model, prompt="Once upon a time", max_tokens=8, temperature=0
 )

@@ -66,8 +66,8 @@ NEEDS = {"top_logprobs": {"logprobs": True}}
 
 # Fields honoured up to a limit (the README's field paragraph says so): (refused, accepted).
 LIMITED = {
-    "chat": {"n": (2, 1)},
-    "completions": {"n": (2, 1)},
+    "chat": {"n": (9, 2)},
+    "completions": {"n": (9, 2)},
 }
 
 # The README's table fields: a value that asks for the feature, and for refused fields with

@@ -55,19 +55,23 @@ struct ExecuteFrames {
 }
 
 impl ChunkFormat for ExecuteFrames {
-    fn token(&mut self, token: &Generated) -> Value {
+    fn token(&mut self, _index: usize, token: &Generated) -> Value {
         let frame = json!({"type": "token", "t": token.text, "i": self.index});
         self.index += 1;
         frame
     }
 
-    fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<Value> {
+    fn finish(&mut self, _index: usize, reason: FinishReason, usage: Usage) -> Vec<Value> {
         vec![json!({
             "type": "end",
             "tokens_out": usage.completion_tokens,
             "decode_time_ms": self.started_at.elapsed().as_millis() as u64,
             "stop_reason": reason,
         })]
+    }
+
+    fn end(&mut self, _usage: Usage) -> Vec<Value> {
+        Vec::new()
     }
 
     fn error(&mut self, error: &ApiError) -> Value {
@@ -128,5 +132,5 @@ async fn run(
         index: 0,
         started_at: Instant::now(),
     };
-    Ok(sse(opening, started, frames).into_response())
+    Ok(sse(opening, vec![started], frames).into_response())
 }

@@ -10,7 +10,7 @@ use rand::Rng;
 use serde_json::{json, Value};
 
 use super::auth::Access;
-use super::dispatch::start;
+use super::dispatch::{start, Started};
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::logprobs;
@@ -133,35 +133,41 @@ fn choice_logprobs(
     }
 }
 
-/// Streamed chunks of one OpenAI request.
-struct OpenAiChunks(Envelope, logprobs::Completion);
+/// Streamed chunks of one OpenAI request: the envelope, and each choice's completion
+/// log probabilities (whose text offsets run on across its chunks).
+struct OpenAiChunks(Envelope, Vec<logprobs::Completion>);
 
 impl ChunkFormat for OpenAiChunks {
-    fn token(&mut self, token: &Generated) -> Value {
+    fn token(&mut self, index: usize, token: &Generated) -> Value {
         let mut choice = self.0.text_choice(&token.text, true, false);
+        set(&mut choice, "index", json!(index));
         if self.0.return_token_ids {
             set(&mut choice, "token_ids", json!([token.id]));
         }
-        if self.0.logprobs {
-            let logprobs = choice_logprobs(self.0.kind, &mut self.1, &[token]);
+        if let (true, Some(completion)) = (self.0.logprobs, self.1.get_mut(index)) {
+            let logprobs = choice_logprobs(self.0.kind, completion, &[token]);
             set(&mut choice, "logprobs", logprobs);
         }
         self.0.wrap(true, choice, None)
     }
 
-    fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<Value> {
+    fn finish(&mut self, index: usize, reason: FinishReason, _usage: Usage) -> Vec<Value> {
         let mut choice = self.0.text_choice("", true, false);
+        set(&mut choice, "index", json!(index));
         set(&mut choice, "finish_reason", json!(reason.openai()));
         if self.0.kind == Kind::Chat {
             set(&mut choice, "delta", json!({}));
         }
-        let mut chunks = vec![self.0.wrap(true, choice, None)];
-        if self.0.include_usage {
-            let mut last = self.0.wrap(true, Value::Null, Some(usage));
-            set(&mut last, "choices", json!([]));
-            chunks.push(last);
+        vec![self.0.wrap(true, choice, None)]
+    }
+
+    fn end(&mut self, usage: Usage) -> Vec<Value> {
+        if !self.0.include_usage {
+            return Vec::new();
         }
-        chunks
+        let mut last = self.0.wrap(true, Value::Null, Some(usage));
+        set(&mut last, "choices", json!([]));
+        vec![last]
     }
 
     fn error(&mut self, error: &ApiError) -> Value {
@@ -186,7 +192,14 @@ pub async fn completions(
             request.common.return_token_ids,
         );
         envelope.include_usage = request.stream_include_usage();
-        respond(&state, generation, envelope, request.common.stream).await
+        respond(
+            &state,
+            generation,
+            envelope,
+            request.common.stream,
+            request.common.choices(),
+        )
+        .await
     }
     .await;
     observe(&state, &request.model, result)
@@ -208,7 +221,14 @@ pub async fn chat_completions(
         let mut envelope =
             Envelope::new(Kind::Chat, &request.model, request.common.return_token_ids);
         envelope.include_usage = request.stream_include_usage();
-        respond(&state, generation, envelope, request.common.stream).await
+        respond(
+            &state,
+            generation,
+            envelope,
+            request.common.stream,
+            request.common.choices(),
+        )
+        .await
     }
     .await;
     observe(&state, &request.model, result)
@@ -239,35 +259,83 @@ async fn respond(
     generation: crate::actors::engine::GenerationRequest,
     mut envelope: Envelope,
     stream: bool,
+    n: usize,
 ) -> Result<Response, ApiError> {
     envelope.logprobs = generation.params.logprobs.is_some();
-    let mut started = start(state, &envelope.model, generation).await?;
+    let started = start_choices(state, &envelope.model, generation, n).await?;
+    let prompt_ids = started
+        .first()
+        .map(|s| s.prompt_ids.clone())
+        .unwrap_or_default();
     if stream {
         let mut opening = Vec::new();
         if envelope.kind == Kind::Chat || envelope.return_token_ids {
-            let mut choice = envelope.text_choice("", true, true);
-            if envelope.return_token_ids {
-                set(&mut choice, "prompt_token_ids", json!(started.prompt_ids));
+            for index in 0..started.len() {
+                let mut choice = envelope.text_choice("", true, true);
+                set(&mut choice, "index", json!(index));
+                if envelope.return_token_ids {
+                    set(&mut choice, "prompt_token_ids", json!(prompt_ids));
+                }
+                opening.push(envelope.wrap(true, choice, None));
             }
-            opening.push(envelope.wrap(true, choice, None));
         }
-        let format = OpenAiChunks(envelope, logprobs::Completion::default());
+        let completions = started.iter().map(|_| Default::default()).collect();
+        let format = OpenAiChunks(envelope, completions);
         return Ok(sse(opening, started, format).into_response());
     }
-    let (tokens, reason, usage) = collect(&mut started).await?;
-    let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
-    let mut choice = envelope.text_choice(&text, false, true);
-    set(&mut choice, "finish_reason", json!(reason.openai()));
-    if envelope.return_token_ids {
-        let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
-        set(&mut choice, "prompt_token_ids", json!(started.prompt_ids));
-        set(&mut choice, "token_ids", json!(ids));
+    let collected = futures::future::join_all(
+        started
+            .into_iter()
+            .map(|mut started| async move { collect(&mut started).await }),
+    )
+    .await;
+    let mut choices = Vec::new();
+    let mut usages = Vec::new();
+    for (index, result) in collected.into_iter().enumerate() {
+        let (tokens, reason, usage) = result?;
+        usages.push(usage);
+        let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+        let mut choice = envelope.text_choice(&text, false, true);
+        set(&mut choice, "index", json!(index));
+        set(&mut choice, "finish_reason", json!(reason.openai()));
+        if envelope.return_token_ids {
+            let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
+            set(&mut choice, "prompt_token_ids", json!(prompt_ids));
+            set(&mut choice, "token_ids", json!(ids));
+        }
+        if envelope.logprobs {
+            let all: Vec<&Generated> = tokens.iter().collect();
+            let mut completion = logprobs::Completion::default();
+            let logprobs = choice_logprobs(envelope.kind, &mut completion, &all);
+            set(&mut choice, "logprobs", logprobs);
+        }
+        choices.push(choice);
     }
-    if envelope.logprobs {
-        let all: Vec<&Generated> = tokens.iter().collect();
-        let mut completion = logprobs::Completion::default();
-        let logprobs = choice_logprobs(envelope.kind, &mut completion, &all);
-        set(&mut choice, "logprobs", logprobs);
-    }
-    Ok(Json(envelope.wrap(false, choice, Some(usage))).into_response())
+    let mut body = envelope.wrap(false, Value::Null, Some(Usage::of_choices(&usages)));
+    set(&mut body, "choices", json!(choices));
+    Ok(Json(body).into_response())
+}
+
+/// Starts a request's `n` choices: the first alone, so that its prompt is in the prefix
+/// cache by the time the others are admitted (they then reuse its blocks), then the rest
+/// together, choice `i` seeded with the request's seed plus `i`.
+async fn start_choices(
+    state: &AppState,
+    model: &str,
+    generation: crate::actors::engine::GenerationRequest,
+    n: usize,
+) -> Result<Vec<Started>, ApiError> {
+    let first = start(state, model, generation.clone()).await?;
+    let rest = (1..n).map(|i| {
+        let mut choice = generation.clone();
+        choice.params.sampling.seed = choice
+            .params
+            .sampling
+            .seed
+            .map(|s| s.wrapping_add(i as u64));
+        start(state, model, choice)
+    });
+    let mut started = vec![first];
+    started.extend(futures::future::try_join_all(rest).await?);
+    Ok(started)
 }

@@ -18,7 +18,7 @@ use crate::models::{FinishReason, Logprobs};
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// Token counts of a finished job.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
@@ -39,17 +39,30 @@ pub struct Generated {
     pub logprobs: Option<Box<Logprobs>>,
 }
 
-/// What a route sends for each kind of event.
+/// What a route sends for each kind of event of a request's choices (one, or `n`).
 pub trait ChunkFormat: Send + 'static {
-    /// The chunk for one generated token.
-    fn token(&mut self, token: &Generated) -> Value;
-    /// The chunks that close a finished stream (before `[DONE]`).
-    fn finish(&mut self, reason: FinishReason, usage: Usage) -> Vec<Value>;
+    /// The chunk for one generated token of choice `index`.
+    fn token(&mut self, index: usize, token: &Generated) -> Value;
+    /// The chunks that close choice `index` (its own counts in `usage`).
+    fn finish(&mut self, index: usize, reason: FinishReason, usage: Usage) -> Vec<Value>;
+    /// The chunks after every choice finished (`usage` summed over them), before `[DONE]`.
+    fn end(&mut self, usage: Usage) -> Vec<Value>;
     /// The event for a failure.
     fn error(&mut self, error: &ApiError) -> Value;
     /// Whether the stream ends with `data: [DONE]`.
     fn done_marker(&self) -> bool {
         true
+    }
+}
+
+impl Usage {
+    /// The usage of several choices of one prompt: the prompt once, every choice's tokens.
+    pub fn of_choices(usages: &[Usage]) -> Usage {
+        let first = usages.first().copied().unwrap_or_default();
+        Usage {
+            completion_tokens: usages.iter().map(|u| u.completion_tokens).sum(),
+            ..first
+        }
     }
 }
 
@@ -90,39 +103,75 @@ async fn next_step(started: &mut Started) -> Step {
     }
 }
 
-/// Streams a started job as SSE in the given format. `opening` chunks are sent first.
+/// One choice's steps, as a stream that ends after its terminal step; its recorder counts
+/// them as they pass.
+fn steps(index: usize, started: Started) -> impl Stream<Item = (usize, Step)> {
+    stream::unfold(Some(started), move |state| async move {
+        let mut started = state?;
+        let step = next_step(&mut started).await;
+        match &step {
+            Step::Token(_) => started.recorder.token(),
+            Step::Finished(..) => started.recorder.finished(),
+            Step::Failed(error) => started.recorder.failed(error),
+            Step::Nothing => {}
+        }
+        let terminal = matches!(step, Step::Finished(..) | Step::Failed(_));
+        Some(((index, step), (!terminal).then_some(started)))
+    })
+}
+
+/// Streams started jobs, the choices of one request, as SSE in the given format: their
+/// chunks interleaved as their tokens come, each choice closed by its finish chunks, then
+/// the format's end chunks once all have finished. A failure of any choice ends the stream
+/// with its error event (the others are cancelled as they are dropped). `opening` chunks are
+/// sent first.
 pub fn sse<F: ChunkFormat>(
     opening: Vec<Value>,
-    started: Started,
+    started: Vec<Started>,
     format: F,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let head = stream::iter(opening.into_iter().map(|chunk| json_event(&chunk)));
-    let body = stream::unfold(Some((started, format)), |state| async move {
-        let (mut started, mut format) = state?;
-        let (batch, finished) = match next_step(&mut started).await {
-            Step::Token(token) => {
-                started.recorder.token();
-                (vec![format.token(&token)], false)
+    let left = started.len();
+    let merged = stream::select_all(
+        started
+            .into_iter()
+            .enumerate()
+            .map(|(index, started)| Box::pin(steps(index, started))),
+    );
+    let body = stream::unfold(
+        Some((merged, format, Vec::new(), left)),
+        |state| async move {
+            let (mut merged, mut format, mut usages, mut left) = state?;
+            let (index, step) = merged.next().await?;
+            let mut out: Vec<Value> = Vec::new();
+            let mut done = false;
+            match step {
+                Step::Token(token) => out.push(format.token(index, &token)),
+                Step::Finished(reason, usage) => {
+                    out.extend(format.finish(index, reason, usage));
+                    usages.push(usage);
+                    left -= 1;
+                    if left == 0 {
+                        out.extend(format.end(Usage::of_choices(&usages)));
+                        done = true;
+                    }
+                }
+                Step::Failed(error) => {
+                    out.push(format.error(&error));
+                    done = true;
+                }
+                Step::Nothing => {}
             }
-            Step::Finished(reason, usage) => {
-                started.recorder.finished();
-                (format.finish(reason, usage), true)
+            let mut events: Vec<Event> = out.iter().map(json_event).collect();
+            if done {
+                if format.done_marker() {
+                    events.push(Event::default().data("[DONE]"));
+                }
+                return Some((stream::iter(events), None));
             }
-            Step::Failed(error) => {
-                started.recorder.failed(&error);
-                (vec![format.error(&error)], true)
-            }
-            Step::Nothing => (Vec::new(), false),
-        };
-        let mut out: Vec<Event> = batch.iter().map(json_event).collect();
-        if finished {
-            if format.done_marker() {
-                out.push(Event::default().data("[DONE]"));
-            }
-            return Some((stream::iter(out), None));
-        }
-        Some((stream::iter(out), Some((started, format))))
-    })
+            Some((stream::iter(events), Some((merged, format, usages, left))))
+        },
+    )
     .flatten();
     Sse::new(head.chain(body).map(Ok)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
 }

@@ -15,6 +15,8 @@ pub const DEFAULT_MAX_TOKENS: usize = 512;
 pub const MAX_MODEL_NAME: usize = 256;
 /// The chat roles a message may have.
 pub const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+/// Most choices (`n`) per request.
+pub const MAX_CHOICES: u32 = 8;
 /// Most `top_logprobs` (chat).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
 /// Most alternatives a completion's `logprobs` may ask for.
@@ -69,7 +71,7 @@ pub struct CommonParams {
     pub stream: bool,
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
-    /// Number of choices; only 1 is served.
+    /// Number of choices (1 to [`MAX_CHOICES`]).
     pub n: Option<u32>,
     /// Keep generating past EOS.
     #[serde(default)]
@@ -306,11 +308,10 @@ impl CommonParams {
         let out_of_range = |param: &str, message: &str| {
             ApiError::bad_request("integer_out_of_range", Some(param), message.to_string())
         };
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad_request(
-                "unsupported_parameter",
-                Some("n"),
-                "only n = 1 is supported",
+        if self.n.is_some_and(|n| !(1..=MAX_CHOICES).contains(&n)) {
+            return Err(out_of_range(
+                "n",
+                &format!("n must be between 1 and {MAX_CHOICES}"),
             ));
         }
         let max_tokens = self
@@ -455,6 +456,13 @@ pub struct StreamOptions {
     /// Send a last chunk with `usage`.
     #[serde(default)]
     pub include_usage: bool,
+}
+
+impl CommonParams {
+    /// How many choices the request asks for (validated by [`CommonParams::to_params`]).
+    pub fn choices(&self) -> usize {
+        self.n.unwrap_or(1) as usize
+    }
 }
 
 impl CompletionRequest {
@@ -648,7 +656,7 @@ mod properties {
             if let Ok(request) = serde_json::from_value::<CompletionRequest>(body) {
                 if let Ok(generation) = request.to_generation(&limits) {
                     check_params(&generation.params, &limits);
-                    prop_assert!(request.common.n.is_none_or(|n| n == 1));
+                    prop_assert!(request.common.n.is_none_or(|n| (1..=8).contains(&n)));
                 }
             }
         }

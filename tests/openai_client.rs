@@ -17,26 +17,36 @@ fn openai_available() -> bool {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_official_openai_python_client_works_against_the_daemon() {
-    if !openai_available() {
-        return;
-    }
-    let daemon = Daemon::start(
-        "version = 1\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n\
-         [[models]]\nname = \"slow\"\nsource = \"builtin:fake?ms=50\"\nrequest_timeout = \"400ms\"\n",
-    )
-    .await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+/// The demo model's pool, plus `extra` models.
+fn pool(extra: &str) -> String {
+    format!("version = 1\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n{extra}")
+}
+
+/// Runs `tests/<script>` with the daemon's URL and `args`; it must exit 0 and say that all
+/// its checks passed.
+async fn run_script(daemon: &Daemon, script: &str, args: &[&str]) {
+    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
     let output = tokio::process::Command::new("python3")
-        .args([script, &daemon.url, "demo", "slow"])
+        .arg(path)
+        .arg(&daemon.url)
+        .args(args)
         .output()
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("all checks passed"), "{stdout}");
+    assert!(output.status.success(), "{script}: {stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{script}: {stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_python_client_works_against_the_daemon() {
+    if !openai_available() {
+        return;
+    }
+    let slow = "[[models]]\nname = \"slow\"\nsource = \"builtin:fake?ms=50\"\nrequest_timeout = \"400ms\"\n";
+    let daemon = Daemon::start(&pool(slow)).await;
+    run_script(&daemon, "openai_client.py", &["demo", "slow"]).await;
 }
 
 /// `tests/openai_fields.py`: every field of the official client's chat and completions request
@@ -46,20 +56,9 @@ async fn every_field_of_the_openai_request_schemas_is_honoured_documented_or_ref
     if !openai_available() {
         return;
     }
-    let daemon =
-        Daemon::start("version = 1\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n")
-            .await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_fields.py");
+    let daemon = Daemon::start(&pool("")).await;
     let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
-    let output = tokio::process::Command::new("python3")
-        .args([script, &daemon.url, "demo", readme])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("all checks passed"), "{stdout}");
+    run_script(&daemon, "openai_fields.py", &["demo", readme]).await;
 }
 
 /// `tests/openai_structured.py`: structured outputs (`json_schema`, `json_object`, `parse`
@@ -70,17 +69,6 @@ async fn structured_outputs_of_a_random_model_parse_and_validate() {
     if !openai_available() {
         return;
     }
-    let daemon =
-        Daemon::start("version = 1\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n")
-            .await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_structured.py");
-    let output = tokio::process::Command::new("python3")
-        .args([script, &daemon.url, "demo"])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("all checks passed"), "{stdout}");
+    let daemon = Daemon::start(&pool("")).await;
+    run_script(&daemon, "openai_structured.py", &["demo"]).await;
 }

@@ -28,38 +28,28 @@ from openai.types.chat import (
 BASE, MODEL, README = sys.argv[1], sys.argv[2], sys.argv[3]
 
 # Fields llorch honours, each with a value that exercises it.
+SHARED = {
+    "model": MODEL,
+    "max_tokens": 3,
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "seed": 7,
+    "stop": ["zz"],
+    "stream_options": {"include_usage": True},
+    "logit_bias": {"5": 1.5},
+    "frequency_penalty": 0.5,
+    "presence_penalty": -0.5,
+}
 HONOURED = {
-    "chat": {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 3,
-        "max_completion_tokens": 3,
-        "temperature": 0.5,
-        "top_p": 0.9,
-        "seed": 7,
-        "stop": ["zz"],
-        "stream_options": {"include_usage": True},
-        "logit_bias": {"5": 1.5},
-        "frequency_penalty": 0.5,
-        "presence_penalty": -0.5,
-        "logprobs": True,
-        "top_logprobs": 2,
-        "response_format": {"type": "json_object"},
-    },
-    "completions": {
-        "model": MODEL,
-        "prompt": "hi",
-        "max_tokens": 3,
-        "temperature": 0.5,
-        "top_p": 0.9,
-        "seed": 7,
-        "stop": ["zz"],
-        "stream_options": {"include_usage": True},
-        "logit_bias": {"5": 1.5},
-        "frequency_penalty": 0.5,
-        "presence_penalty": -0.5,
-        "logprobs": 2,
-    },
+    "chat": dict(
+        SHARED,
+        messages=[{"role": "user", "content": "hi"}],
+        max_completion_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+        response_format={"type": "json_object"},
+    ),
+    "completions": dict(SHARED, prompt="hi", logprobs=2),
 }
 # Fields an honoured field needs beside it.
 NEEDS = {"top_logprobs": {"logprobs": True}}

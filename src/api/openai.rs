@@ -16,7 +16,7 @@ use super::extract::ApiJson;
 use super::logprobs;
 use super::rate::Caller;
 use super::stream::{collect, sse, ChunkFormat, Generated, Usage};
-use super::types::{ChatRequest, CompletionRequest};
+use super::types::{ChatRequest, CommonParams, CompletionRequest};
 use super::AppState;
 use crate::models::FinishReason;
 
@@ -41,7 +41,7 @@ struct Envelope {
 }
 
 impl Envelope {
-    fn new(kind: Kind, model: &str, return_token_ids: bool) -> Self {
+    fn new(kind: Kind, model: &str, common: &CommonParams) -> Self {
         let prefix = match kind {
             Kind::Completion => "cmpl",
             Kind::Chat => "chatcmpl",
@@ -57,8 +57,8 @@ impl Envelope {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             model: model.to_string(),
-            return_token_ids,
-            include_usage: false,
+            return_token_ids: common.return_token_ids,
+            include_usage: common.stream_include_usage(),
             logprobs: false,
         }
     }
@@ -186,20 +186,8 @@ pub async fn completions(
         access.check(&request.model)?;
         let mut generation = request.to_generation(&state.server.limits)?;
         generation.cache_salt = caller.map_or(0, |Extension(caller)| caller.cache_salt());
-        let mut envelope = Envelope::new(
-            Kind::Completion,
-            &request.model,
-            request.common.return_token_ids,
-        );
-        envelope.include_usage = request.stream_include_usage();
-        respond(
-            &state,
-            generation,
-            envelope,
-            request.common.stream,
-            request.common.choices(),
-        )
-        .await
+        let envelope = Envelope::new(Kind::Completion, &request.model, &request.common);
+        respond(&state, generation, envelope, &request.common).await
     }
     .await;
     observe(&state, &request.model, result)
@@ -218,17 +206,8 @@ pub async fn chat_completions(
         access.check(&request.model)?;
         let mut generation = request.to_generation(&state.server.limits)?;
         generation.cache_salt = caller.map_or(0, |Extension(caller)| caller.cache_salt());
-        let mut envelope =
-            Envelope::new(Kind::Chat, &request.model, request.common.return_token_ids);
-        envelope.include_usage = request.stream_include_usage();
-        respond(
-            &state,
-            generation,
-            envelope,
-            request.common.stream,
-            request.common.choices(),
-        )
-        .await
+        let envelope = Envelope::new(Kind::Chat, &request.model, &request.common);
+        respond(&state, generation, envelope, &request.common).await
     }
     .await;
     observe(&state, &request.model, result)
@@ -258,16 +237,15 @@ async fn respond(
     state: &AppState,
     generation: crate::actors::engine::GenerationRequest,
     mut envelope: Envelope,
-    stream: bool,
-    n: usize,
+    common: &CommonParams,
 ) -> Result<Response, ApiError> {
     envelope.logprobs = generation.params.logprobs.is_some();
-    let started = start_choices(state, &envelope.model, generation, n).await?;
+    let started = start_choices(state, &envelope.model, generation, common.choices()).await?;
     let prompt_ids = started
         .first()
         .map(|s| s.prompt_ids.clone())
         .unwrap_or_default();
-    if stream {
+    if common.stream {
         let mut opening = Vec::new();
         if envelope.kind == Kind::Chat || envelope.return_token_ids {
             for index in 0..started.len() {

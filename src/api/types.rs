@@ -463,23 +463,10 @@ impl CommonParams {
     pub fn choices(&self) -> usize {
         self.n.unwrap_or(1) as usize
     }
-}
 
-impl CompletionRequest {
     /// Whether the client asked for a usage chunk at the end of the stream.
     pub fn stream_include_usage(&self) -> bool {
-        self.common
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage)
-    }
-}
-
-impl ChatRequest {
-    /// Whether the client asked for a usage chunk at the end of the stream.
-    pub fn stream_include_usage(&self) -> bool {
-        self.common
-            .stream_options
+        self.stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage)
     }

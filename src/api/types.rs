@@ -513,6 +513,12 @@ mod properties {
         "logit_bias",
         "frequency_penalty",
         "presence_penalty",
+        "response_format",
+        "json_schema",
+        "schema",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
         "0",
         "1",
     ];
@@ -584,6 +590,16 @@ mod properties {
             "frequency_penalty" | "presence_penalty" => {
                 (-2.5f64..2.5).prop_map(|f| json!(f)).boxed()
             }
+            "response_format" => {
+                prop::sample::select(vec!["text", "json_object", "json_schema", "yaml"])
+                    .prop_map(
+                        |kind| json!({"type": kind, "json_schema": {"schema": {"type": "object"}}}),
+                    )
+                    .boxed()
+            }
+            "guided_choice" => prop::collection::vec("[a-z]{0,5}", 0..3)
+                .prop_map(|v| json!(v))
+                .boxed(),
             "stream_options" => any::<bool>()
                 .prop_map(|b| json!({"include_usage": b}))
                 .boxed(),
@@ -632,6 +648,9 @@ mod properties {
         assert!(sampling.logit_bias.len() <= 300);
         assert!((-2.0..=2.0).contains(&sampling.presence_penalty));
         assert!((-2.0..=2.0).contains(&sampling.frequency_penalty));
+        if let Some(crate::models::Constraint::Choice(choices)) = &params.constraint {
+            assert!(!choices.is_empty());
+        }
     }
 
     proptest! {

@@ -354,10 +354,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .blocking_recv()
         .context("the engine thread ended while loading")??;
     let prompt = if args.chat {
-        Prompt::Chat(vec![ChatMessage {
-            role: "user".to_string(),
-            content: args.prompt,
-        }])
+        Prompt::Chat {
+            messages: vec![ChatMessage::new("user", args.prompt)],
+            tools: None,
+        }
     } else {
         Prompt::Text {
             text: args.prompt,
@@ -391,7 +391,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     while let Some(event) = events.blocking_recv() {
         match event {
-            TokenEvent::Started { prompt_ids: ids } => prompt_ids = ids,
+            TokenEvent::Started {
+                prompt_ids: ids, ..
+            } => prompt_ids = ids,
             TokenEvent::Token {
                 id, text: piece, ..
             } => {

@@ -29,9 +29,15 @@ const FULL: Check = Check {
 
 fn check_case(model: &mut LoadedModel, case: &Case, check: &Check, label: &str) {
     let prompt = if case.kind == "chat" {
-        let rendered = model.tokenizer.render_chat(&case.messages, true).unwrap();
+        let rendered = model
+            .tokenizer
+            .render_chat(&case.messages, None, true)
+            .unwrap();
         assert_eq!(rendered, case.prompt, "{label}: rendered chat template");
-        Prompt::Chat(case.messages.clone())
+        Prompt::Chat {
+            messages: case.messages.clone(),
+            tools: None,
+        }
     } else {
         Prompt::Text {
             text: case.prompt.clone(),

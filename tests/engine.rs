@@ -78,7 +78,8 @@ fn a_job_streams_started_tokens_then_finished() {
     assert_eq!(
         events.first(),
         Some(&TokenEvent::Started {
-            prompt_ids: vec![1, 79, 112]
+            prompt_ids: vec![1, 79, 112],
+            tool_format: None,
         })
     );
     assert_eq!(token_ids(&events).len(), 5);

@@ -72,3 +72,15 @@ async fn structured_outputs_of_a_random_model_parse_and_validate() {
     let daemon = Daemon::start(&pool("")).await;
     run_script(&daemon, "openai_structured.py", &["demo"]).await;
 }
+
+/// `tests/openai_tools.py`: `tool_choice="required"` calls validate against their functions'
+/// schemas, streamed (reassembled by the client's stream helper) and not; `parse` with a
+/// pydantic function tool; a round trip with `tool` messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_of_a_random_model_parse_and_validate() {
+    if !openai_available() {
+        return;
+    }
+    let daemon = Daemon::start(&pool("")).await;
+    run_script(&daemon, "openai_tools.py", &["demo"]).await;
+}

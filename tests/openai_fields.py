@@ -48,11 +48,21 @@ HONOURED = {
         logprobs=True,
         top_logprobs=2,
         response_format={"type": "json_object"},
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        tool_choice="auto",
+        parallel_tool_calls=False,
     ),
+    "message": {
+        "tool_calls": (
+            "assistant",
+            [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        ),
+        "tool_call_id": ("tool", "c1"),
+    },
     "completions": dict(SHARED, prompt="hi", logprobs=2),
 }
 # Fields an honoured field needs beside it.
-NEEDS = {"top_logprobs": {"logprobs": True}}
+NEEDS = {"top_logprobs": {"logprobs": True}, "tool_choice": {"tools": HONOURED["chat"]["tools"]}}
 
 # Fields honoured up to a limit (the README's field paragraph says so): (refused, accepted).
 LIMITED = {
@@ -70,7 +80,6 @@ ASKS = {
         "metadata": {"team": "a"},
         "modalities": ["text", "audio"],
         "moderation": {"model": "omni-moderation-latest"},
-        "parallel_tool_calls": True,
         "prediction": {"type": "content", "content": "hello"},
         "prompt_cache_key": "key-1",
         "prompt_cache_options": {"ttl": "30m"},
@@ -79,8 +88,6 @@ ASKS = {
         "safety_identifier": "user-1",
         "service_tier": "flex",
         "store": True,
-        "tool_choice": "required",
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
         "user": "user-1",
         "verbosity": "low",
         "web_search_options": {},
@@ -89,11 +96,6 @@ ASKS = {
     "message": {
         "name": ("user", "bob"),
         "refusal": ("assistant", "I cannot."),
-        "tool_calls": (
-            "assistant",
-            [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
-        ),
-        "tool_call_id": ("tool", "c1"),
         "function_call": ("assistant", {"name": "f", "arguments": "{}"}),
         "audio": ("assistant", {"id": "audio-1"}),
     },
@@ -103,11 +105,8 @@ ACCEPTED = {
         "function_call": "none",
         "functions": [],
         "modalities": ["text"],
-        "tool_choice": "none",
-        "tools": [],
     },
     "completions": {"best_of": 1, "echo": False, "suffix": ""},
-    "message": {"tool_calls": []},
 }
 
 
@@ -232,6 +231,8 @@ def main():
     expect(status == 200, "unknown field", status, answer)
     status, answer = post("chat", dict(base("chat"), echo=True))
     expect(status == 400 and answer["error"]["param"] == "echo", "a completions field on chat", status, answer)
+    status, answer = post("completions", dict(base("completions"), tools=HONOURED["chat"]["tools"]))
+    expect(status == 400 and answer["error"]["param"] == "tools", "a chat field on completions", status, answer)
     print(f"{checked} fields checked; all checks passed")
 
 

@@ -18,6 +18,7 @@ use super::AppState;
 use crate::actors::engine::{EngineError, GenerationRequest, TokenEvent};
 use crate::actors::router::RouterMsg;
 use crate::metrics::Metrics;
+use crate::models::ToolFormat;
 
 /// How long the router may take to answer an admission call.
 const ROUTER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -148,6 +149,8 @@ impl Drop for Recorder {
 pub struct Started {
     /// The prompt's token ids.
     pub prompt_ids: Vec<u32>,
+    /// How the model writes tool calls, when the request offered tools.
+    pub tool_format: Option<ToolFormat>,
     /// The events after `Started`.
     pub events: EventStream,
     /// Cancels the job when dropped (held only for that).
@@ -240,8 +243,11 @@ async fn attempt(
             ))
         }
     };
-    let prompt_ids = match queued {
-        Some(TokenEvent::Started { prompt_ids }) => prompt_ids,
+    let (prompt_ids, tool_format) = match queued {
+        Some(TokenEvent::Started {
+            prompt_ids,
+            tool_format,
+        }) => (prompt_ids, tool_format),
         Some(TokenEvent::Failed(err @ EngineError::Crashed(_))) => {
             return Ok(Attempt::Lost(err.into()))
         }
@@ -261,6 +267,7 @@ async fn attempt(
             recorder.started(prompt_ids.len());
             Ok(Attempt::Started(Box::new(Started {
                 prompt_ids,
+                tool_format,
                 events: EventStream {
                     first,
                     rest: events,

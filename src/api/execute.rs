@@ -55,10 +55,10 @@ struct ExecuteFrames {
 }
 
 impl ChunkFormat for ExecuteFrames {
-    fn token(&mut self, _index: usize, token: &Generated) -> Value {
+    fn token(&mut self, _index: usize, token: &Generated) -> Vec<Value> {
         let frame = json!({"type": "token", "t": token.text, "i": self.index});
         self.index += 1;
-        frame
+        vec![frame]
     }
 
     fn finish(&mut self, _index: usize, reason: FinishReason, usage: Usage) -> Vec<Value> {

@@ -44,14 +44,8 @@ const CHAT: &[(&str, Rule)] = &[
         "prediction",
         Rule::Ignored("a predicted output only speeds up OpenAI's decoding; the output is the same without it"),
     ),
-    ("tools", Rule::Only(is_empty_list, TOOLS)),
-    ("functions", Rule::Only(is_empty_list, TOOLS)),
-    ("tool_choice", Rule::Only(is_no_tool_choice, TOOLS)),
-    ("function_call", Rule::Only(is_no_tool_choice, TOOLS)),
-    (
-        "parallel_tool_calls",
-        Rule::Ignored("no tools can be given, so no tool calls are made, parallel or not"),
-    ),
+    ("functions", Rule::Only(is_empty_list, FUNCTIONS)),
+    ("function_call", Rule::Only(is_no_tool_choice, FUNCTIONS)),
     (
         "modalities",
         Rule::Only(is_text_modality, "only the text modality is served"),
@@ -108,9 +102,7 @@ const MESSAGE: &[(&str, Rule)] = &[
         "refusal",
         Rule::Ignored("an earlier refusal's text is the message's content to the template"),
     ),
-    ("tool_calls", Rule::Only(is_empty_list, TOOLS)),
-    ("tool_call_id", Rule::Refused(TOOLS)),
-    ("function_call", Rule::Only(Value::is_null, TOOLS)),
+    ("function_call", Rule::Only(Value::is_null, FUNCTIONS)),
     ("audio", Rule::Only(Value::is_null, "audio is not served")),
 ];
 
@@ -120,7 +112,8 @@ const STORE: &str = "llorch stores no completions, so there is nothing to store 
 const TIER: &str = "llorch has one service tier";
 const CACHE_KEY: &str =
     "llorch's prefix cache matches prompts by their tokens, whatever the key or retention asked";
-const TOOLS: &str = "tool calls are not supported yet";
+const FUNCTIONS: &str =
+    "the functions API is deprecated and not served; give tools and tool_choice (tool_calls on messages)";
 
 /// The rules of `endpoint`'s request fields.
 fn rules(endpoint: Endpoint) -> &'static [(&'static str, Rule)] {
@@ -138,8 +131,21 @@ pub fn check_request(endpoint: Endpoint, rest: &Map<String, Value>) -> Result<()
         Endpoint::Chat => COMPLETIONS,
         Endpoint::Completions => CHAT,
     };
+    if endpoint == Endpoint::Completions {
+        let given = |f: &&&str| rest.get(**f).is_some_and(|v| !v.is_null());
+        if let Some(field) = CHAT_HONOURED.iter().find(given) {
+            return Err(ApiError::bad_request(
+                "unsupported_parameter",
+                Some(field),
+                format!("{field}: a chat completions field; completions take no tools"),
+            ));
+        }
+    }
     check(rules(endpoint), other, rest, "")
 }
+
+/// Fields the chat request's types take that completions refuse.
+const CHAT_HONOURED: &[&str] = &["tools", "tool_choice", "parallel_tool_calls"];
 
 /// Checks the fields of a chat message other than `role` and `content`.
 pub fn check_message(rest: &Map<String, Value>) -> Result<(), ApiError> {
@@ -257,12 +263,12 @@ mod tests {
 
     #[test]
     fn a_field_that_asks_for_nothing_new_is_accepted_and_one_that_does_is_refused() {
-        let text = json!({"tools": [], "tool_choice": "none"});
+        let text = json!({"functions": [], "function_call": "none"});
         check_request(Endpoint::Chat, &rest(text)).unwrap();
-        let tools = json!({"tools": [{"type": "function", "function": {"name": "f"}}]});
+        let functions = json!({"functions": [{"name": "f"}]});
         assert_eq!(
-            refused_param(check_request(Endpoint::Chat, &rest(tools))),
-            "tools"
+            refused_param(check_request(Endpoint::Chat, &rest(functions))),
+            "functions"
         );
     }
 
@@ -289,10 +295,10 @@ mod tests {
     #[test]
     fn message_fields_are_named_with_their_path() {
         check_message(&rest(json!({"name": "bob", "refusal": null}))).unwrap();
-        let call = json!({"tool_call_id": "call_1"});
+        let call = json!({"function_call": {"name": "f", "arguments": "{}"}});
         assert_eq!(
             refused_param(check_message(&rest(call))),
-            "messages.tool_call_id"
+            "messages.function_call"
         );
     }
 }

@@ -22,6 +22,7 @@ mod routes;
 mod server;
 mod shutdown;
 mod stream;
+mod tools;
 mod types;
 
 use std::future::Future;

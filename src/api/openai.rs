@@ -16,9 +16,10 @@ use super::extract::ApiJson;
 use super::logprobs;
 use super::rate::Caller;
 use super::stream::{collect, sse, ChunkFormat, Generated, Usage};
+use super::tools;
 use super::types::{ChatRequest, CommonParams, CompletionRequest};
 use super::AppState;
-use crate::models::FinishReason;
+use crate::models::{parse_answer, FinishReason, Piece, Prompt, ToolFormat, ToolStream};
 
 /// Which OpenAI object a response is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +106,14 @@ impl Envelope {
     }
 }
 
+/// A choice's `finish_reason`: `tool_calls` when it ended after calls.
+fn finish_reason(reason: FinishReason, calls: usize) -> &'static str {
+    match (reason, calls) {
+        (FinishReason::Eos | FinishReason::StopString, 1..) => "tool_calls",
+        _ => reason.openai(),
+    }
+}
+
 /// Sets `key` on a JSON object (does nothing to a value that is not an object).
 fn set(target: &mut Value, key: &str, value: Value) {
     if let Some(object) = target.as_object_mut() {
@@ -133,39 +142,91 @@ fn choice_logprobs(
     }
 }
 
-/// Streamed chunks of one OpenAI request: the envelope, and each choice's completion
-/// log probabilities (whose text offsets run on across its chunks).
-struct OpenAiChunks(Envelope, Vec<logprobs::Completion>);
+/// Streamed chunks of one OpenAI request: the envelope, each choice's completion log
+/// probabilities (whose text offsets run on across its chunks) and, when the request offered
+/// tools, each choice's call parser.
+struct OpenAiChunks {
+    envelope: Envelope,
+    completions: Vec<logprobs::Completion>,
+    tools: Vec<Option<ToolStream>>,
+}
+
+impl OpenAiChunks {
+    /// A content chunk of choice `index`.
+    fn content(&mut self, index: usize, text: &str, token: Option<&Generated>) -> Value {
+        let mut choice = self.envelope.text_choice(text, true, false);
+        set(&mut choice, "index", json!(index));
+        if let Some(token) = token {
+            if self.envelope.return_token_ids {
+                set(&mut choice, "token_ids", json!([token.id]));
+            }
+            if let (true, Some(completion)) =
+                (self.envelope.logprobs, self.completions.get_mut(index))
+            {
+                let logprobs = choice_logprobs(self.envelope.kind, completion, &[token]);
+                set(&mut choice, "logprobs", logprobs);
+            }
+        }
+        self.envelope.wrap(true, choice, None)
+    }
+
+    /// The chunks of a choice's pieces: content, and each call whole as one
+    /// `delta.tool_calls` entry, numbered from `first_call`.
+    fn pieces(&mut self, index: usize, pieces: Vec<Piece>, first_call: usize) -> Vec<Value> {
+        let mut call_index = first_call;
+        let mut chunks = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Content(text) => chunks.push(self.content(index, &text, None)),
+                Piece::Call(call) => {
+                    let mut entry = tools::call_json(&call);
+                    set(&mut entry, "index", json!(call_index));
+                    call_index += 1;
+                    let delta = json!({"tool_calls": [entry]});
+                    let choice = json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": null});
+                    chunks.push(self.envelope.wrap(true, choice, None));
+                }
+            }
+        }
+        chunks
+    }
+}
 
 impl ChunkFormat for OpenAiChunks {
-    fn token(&mut self, index: usize, token: &Generated) -> Value {
-        let mut choice = self.0.text_choice(&token.text, true, false);
-        set(&mut choice, "index", json!(index));
-        if self.0.return_token_ids {
-            set(&mut choice, "token_ids", json!([token.id]));
-        }
-        if let (true, Some(completion)) = (self.0.logprobs, self.1.get_mut(index)) {
-            let logprobs = choice_logprobs(self.0.kind, completion, &[token]);
-            set(&mut choice, "logprobs", logprobs);
-        }
-        self.0.wrap(true, choice, None)
+    fn token(&mut self, index: usize, token: &Generated) -> Vec<Value> {
+        let Some(stream) = self.tools.get_mut(index).and_then(Option::as_mut) else {
+            return vec![self.content(index, &token.text, Some(token))];
+        };
+        let before = stream.calls();
+        let pieces = stream.push(&token.text);
+        self.pieces(index, pieces, before)
     }
 
     fn finish(&mut self, index: usize, reason: FinishReason, _usage: Usage) -> Vec<Value> {
-        let mut choice = self.0.text_choice("", true, false);
+        let mut chunks = Vec::new();
+        let mut finish = reason.openai();
+        if let Some(stream) = self.tools.get_mut(index).and_then(Option::as_mut) {
+            let before = stream.calls();
+            let pieces = stream.finish();
+            let calls = stream.calls();
+            chunks = self.pieces(index, pieces, before);
+            finish = finish_reason(reason, calls);
+        }
+        let mut choice = self.envelope.text_choice("", true, false);
         set(&mut choice, "index", json!(index));
-        set(&mut choice, "finish_reason", json!(reason.openai()));
-        if self.0.kind == Kind::Chat {
+        set(&mut choice, "finish_reason", json!(finish));
+        if self.envelope.kind == Kind::Chat {
             set(&mut choice, "delta", json!({}));
         }
-        vec![self.0.wrap(true, choice, None)]
+        chunks.push(self.envelope.wrap(true, choice, None));
+        chunks
     }
 
     fn end(&mut self, usage: Usage) -> Vec<Value> {
-        if !self.0.include_usage {
+        if !self.envelope.include_usage {
             return Vec::new();
         }
-        let mut last = self.0.wrap(true, Value::Null, Some(usage));
+        let mut last = self.envelope.wrap(true, Value::Null, Some(usage));
         set(&mut last, "choices", json!([]));
         vec![last]
     }
@@ -240,6 +301,12 @@ async fn respond(
     common: &CommonParams,
 ) -> Result<Response, ApiError> {
     envelope.logprobs = generation.params.logprobs.is_some();
+    let parallel = match &generation.prompt {
+        Prompt::Chat {
+            tools: Some(tools), ..
+        } => tools.parallel,
+        _ => true,
+    };
     let started = start_choices(state, &envelope.model, generation, common.choices()).await?;
     let prompt_ids = started
         .first()
@@ -257,10 +324,17 @@ async fn respond(
                 opening.push(envelope.wrap(true, choice, None));
             }
         }
-        let completions = started.iter().map(|_| Default::default()).collect();
-        let format = OpenAiChunks(envelope, completions);
+        let format = OpenAiChunks {
+            completions: started.iter().map(|_| Default::default()).collect(),
+            tools: started
+                .iter()
+                .map(|s| s.tool_format.map(|f| ToolStream::new(f, parallel)))
+                .collect(),
+            envelope,
+        };
         return Ok(sse(opening, started, format).into_response());
     }
+    let formats: Vec<Option<ToolFormat>> = started.iter().map(|s| s.tool_format).collect();
     let collected = futures::future::join_all(
         started
             .into_iter()
@@ -276,6 +350,20 @@ async fn respond(
         let mut choice = envelope.text_choice(&text, false, true);
         set(&mut choice, "index", json!(index));
         set(&mut choice, "finish_reason", json!(reason.openai()));
+        if let Some(format) = formats.get(index).copied().flatten() {
+            let (content, calls) = parse_answer(format, parallel, &text);
+            if !calls.is_empty() {
+                let content = Some(content).filter(|c| !c.is_empty());
+                let calls: Vec<Value> = calls.iter().map(tools::call_json).collect();
+                let message = json!({"role": "assistant", "content": content, "tool_calls": calls});
+                set(&mut choice, "message", message);
+                set(
+                    &mut choice,
+                    "finish_reason",
+                    json!(finish_reason(reason, calls.len())),
+                );
+            }
+        }
         if envelope.return_token_ids {
             let ids: Vec<u32> = tokens.iter().map(|t| t.id).collect();
             set(&mut choice, "prompt_token_ids", json!(prompt_ids));

@@ -41,8 +41,9 @@ pub struct Generated {
 
 /// What a route sends for each kind of event of a request's choices (one, or `n`).
 pub trait ChunkFormat: Send + 'static {
-    /// The chunk for one generated token of choice `index`.
-    fn token(&mut self, index: usize, token: &Generated) -> Value;
+    /// The chunks for one generated token of choice `index` (none while the text it made
+    /// final is held back, as a tool call's may be).
+    fn token(&mut self, index: usize, token: &Generated) -> Vec<Value>;
     /// The chunks that close choice `index` (its own counts in `usage`).
     fn finish(&mut self, index: usize, reason: FinishReason, usage: Usage) -> Vec<Value>;
     /// The chunks after every choice finished (`usage` summed over them), before `[DONE]`.
@@ -146,7 +147,7 @@ pub fn sse<F: ChunkFormat>(
             let mut out: Vec<Value> = Vec::new();
             let mut done = false;
             match step {
-                Step::Token(token) => out.push(format.token(index, &token)),
+                Step::Token(token) => out.extend(format.token(index, &token)),
                 Step::Finished(reason, usage) => {
                     out.extend(format.finish(index, reason, usage));
                     usages.push(usage);

@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::fields::{self, Endpoint};
+use super::tools;
 use crate::actors::engine::GenerationRequest;
 use crate::config::RequestLimits;
 use crate::models::{ChatMessage, GenerationParams, Prompt, SamplingParams};
@@ -150,8 +151,12 @@ pub struct ContentPart {
 pub struct MessageInput {
     /// The role.
     pub role: String,
-    /// The content.
-    pub content: ContentInput,
+    /// The content (an assistant message that calls tools may have none).
+    pub content: Option<ContentInput>,
+    /// An assistant message's tool calls.
+    pub tool_calls: Option<Vec<Value>>,
+    /// A tool message: the id of the call it answers.
+    pub tool_call_id: Option<String>,
     /// Every other field, checked against [`fields`]' rules.
     #[serde(flatten)]
     pub rest: Map<String, Value>,
@@ -164,6 +169,12 @@ pub struct ChatRequest {
     pub model: String,
     /// The conversation.
     pub messages: Vec<MessageInput>,
+    /// Functions the model may call.
+    pub tools: Option<Vec<Value>>,
+    /// `none`, `auto`, `required` or `{"type": "function", "function": {"name": ..}}`.
+    pub tool_choice: Option<Value>,
+    /// Whether an answer may hold several calls (default true).
+    pub parallel_tool_calls: Option<bool>,
     /// The sampling and stopping fields.
     #[serde(flatten)]
     pub common: CommonParams,
@@ -272,8 +283,8 @@ impl ChatRequest {
                 }
                 fields::check_message(&message.rest)?;
                 let content = match &message.content {
-                    ContentInput::Text(text) => text.clone(),
-                    ContentInput::Parts(parts) => parts
+                    Some(ContentInput::Text(text)) => text.clone(),
+                    Some(ContentInput::Parts(parts)) => parts
                         .iter()
                         .map(|part| match (part.kind.as_str(), &part.text) {
                             ("text", Some(text)) => Ok(text.as_str()),
@@ -284,19 +295,47 @@ impl ChatRequest {
                             )),
                         })
                         .collect::<Result<String, _>>()?,
+                    None if message.role == "assistant" => String::new(),
+                    None => {
+                        return Err(ApiError::bad_request(
+                            "missing_field",
+                            Some("messages"),
+                            format!("a {} message needs content", message.role),
+                        ))
+                    }
                 };
                 Ok(ChatMessage {
                     role: message.role.clone(),
                     content,
+                    tool_calls: tools::message_calls(
+                        message.tool_calls.as_deref().unwrap_or_default(),
+                    )?,
+                    tool_call_id: message.tool_call_id.clone(),
                 })
             })
             .collect::<Result<Vec<_>, ApiError>>()?;
+        let tools = tools::request_tools(
+            self.tools.as_deref(),
+            self.tool_choice.as_ref(),
+            self.parallel_tool_calls,
+        )?;
+        let params = GenerationParams {
+            logprobs: self.common.requested_logprobs(Endpoint::Chat)?,
+            ..self.common.to_params(limits)?
+        };
+        if let (Some(_), Some(constraint)) = (&tools, &params.constraint) {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                Some(constraint.param()),
+                format!(
+                    "{} cannot be combined with tools (give tool_choice: \"none\" to use it)",
+                    constraint.param()
+                ),
+            ));
+        }
         Ok(GenerationRequest {
-            prompt: Prompt::Chat(messages),
-            params: GenerationParams {
-                logprobs: self.common.requested_logprobs(Endpoint::Chat)?,
-                ..self.common.to_params(limits)?
-            },
+            prompt: Prompt::Chat { messages, tools },
+            params,
             cache_salt: 0,
         })
     }
@@ -519,6 +558,13 @@ mod properties {
         "guided_regex",
         "guided_choice",
         "guided_grammar",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "tool_calls",
+        "tool_call_id",
+        "function",
+        "name",
         "0",
         "1",
     ];
@@ -597,6 +643,18 @@ mod properties {
                     )
                     .boxed()
             }
+            "tools" => prop::collection::vec("[a-z_ ]{0,6}", 0..3)
+                .prop_map(|names| {
+                    let tool = |name| json!({"type": "function", "function": {"name": name}});
+                    Value::Array(names.iter().map(tool).collect())
+                })
+                .boxed(),
+            "tool_choice" => prop_oneof![
+                prop::sample::select(vec!["none", "auto", "required", "any"]).prop_map(Value::from),
+                "[a-z]{0,3}"
+                    .prop_map(|name| json!({"type": "function", "function": {"name": name}})),
+            ]
+            .boxed(),
             "guided_choice" => prop::collection::vec("[a-z]{0,5}", 0..3)
                 .prop_map(|v| json!(v))
                 .boxed(),

@@ -32,8 +32,16 @@ const BOS_ID: u32 = 1;
 pub const DEMO_EOS: &[u32] = &[2, 6];
 /// The seed of the demo weights: the same model in every process.
 const DEMO_SEED: u64 = 0x11_0c4;
-/// The demo chat template (ChatML-like, emits BOS itself).
-const DEMO_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}";
+/// The demo chat template (ChatML-like, emits BOS itself): tools go in a first system turn,
+/// calls are written as Hermes' `<tool_call>` blocks.
+const DEMO_TEMPLATE: &str = concat!(
+    "{{ bos_token }}",
+    "{% if tools %}{{ '<|system|>\n<tools>\n' }}{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}",
+    "{{ '</tools>\nTo call a function, answer <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>, one block per call.<|end|>\n' }}{% endif %}",
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] }}",
+    "{% for call in message['tool_calls'] or [] %}{{ '<tool_call>\n' }}{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}{{ '\n</tool_call>' }}{% endfor %}",
+    "{{ '<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+);
 /// The demo model's context length.
 pub const DEMO_CONTEXT: usize = 2048;
 /// The demo model's parameter count: embeddings and head (263 × 128 each), 4 layers of

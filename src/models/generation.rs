@@ -13,6 +13,7 @@ use super::logprobs::{Distribution, Logprobs};
 use super::sampling::{Sampler, SamplingParams};
 use super::stop::{StopMatcher, StopOutcome};
 use super::tokenizer::{ChatMessage, TextTokenizer};
+use super::tools::{ToolFormat, Tools};
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,7 +26,12 @@ pub enum Prompt {
         add_special_tokens: bool,
     },
     /// Chat messages rendered with the model's chat template (generation prompt added).
-    Chat(Vec<ChatMessage>),
+    Chat {
+        /// The conversation.
+        messages: Vec<ChatMessage>,
+        /// The functions the model may call.
+        tools: Option<Tools>,
+    },
     /// Token ids given directly.
     Ids(Vec<u32>),
 }
@@ -98,12 +104,35 @@ pub fn tokenize_prompt(
             text,
             add_special_tokens,
         } => tokenizer.encode(text, *add_special_tokens),
-        Prompt::Chat(messages) => {
-            let rendered = tokenizer.render_chat(messages, true)?;
+        Prompt::Chat { messages, tools } => {
+            let rendered = tokenizer.render_chat(messages, tools.as_ref(), true)?;
             tokenizer.encode(&rendered, false)
         }
         Prompt::Ids(ids) => Ok(ids.clone()),
     }
+}
+
+/// A prompt made ready for a sequence: its ids, the parameters (with the grammar that forces
+/// tool calls when the request requires one) and, for a request with tools, how the model
+/// writes its calls.
+pub fn prepare_prompt(
+    tokenizer: &TextTokenizer,
+    prompt: &Prompt,
+    params: &GenerationParams,
+) -> Result<(Vec<u32>, GenerationParams, Option<ToolFormat>), GenerationError> {
+    let ids = tokenize_prompt(tokenizer, prompt)?;
+    let mut params = params.clone();
+    let tools = match prompt {
+        Prompt::Chat {
+            tools: Some(tools), ..
+        } => tools,
+        _ => return Ok((ids, params, None)),
+    };
+    let format = tokenizer.tool_format();
+    if let Some(constraint) = format.constraint(tools) {
+        params.constraint = Some(constraint);
+    }
+    Ok((ids, params, Some(format)))
 }
 
 /// The state of one generating sequence.

@@ -26,6 +26,8 @@ pub enum Constraint {
     Choice(Vec<String>),
     /// A Lark grammar (llguidance's dialect).
     Lark(String),
+    /// Tool calls only: a Lark grammar built from the request's tools.
+    ToolCalls(String),
 }
 
 impl Constraint {
@@ -36,6 +38,7 @@ impl Constraint {
             Constraint::Regex(_) => "guided_regex",
             Constraint::Choice(_) => "guided_choice",
             Constraint::Lark(_) => "guided_grammar",
+            Constraint::ToolCalls(_) => "tools",
         }
     }
 
@@ -52,7 +55,9 @@ impl Constraint {
                 let alternatives: Vec<String> = choices.iter().map(|c| lark_string(c)).collect();
                 TopLevelGrammar::from_lark(format!("start: {}", alternatives.join(" | ")))
             }
-            Constraint::Lark(grammar) => TopLevelGrammar::from_lark(grammar.clone()),
+            Constraint::Lark(grammar) | Constraint::ToolCalls(grammar) => {
+                TopLevelGrammar::from_lark(grammar.clone())
+            }
         }
     }
 }

@@ -32,6 +32,7 @@ mod sampling;
 mod source;
 mod stop;
 mod tokenizer;
+mod tools;
 
 pub use arch::Architecture;
 pub use detok::Detokenizer;
@@ -41,7 +42,7 @@ pub use error::{first_line, GenerationError, LoadError};
 pub use fake::fake_forwards;
 pub use footprint::estimate_weight_bytes;
 pub use generation::{
-    tokenize_prompt, FinishReason, GenerationParams, Prompt, Sequence, StepOutput,
+    prepare_prompt, tokenize_prompt, FinishReason, GenerationParams, Prompt, Sequence, StepOutput,
 };
 pub use gguf_check::check_gguf;
 pub use grammar::{Constraint, Grammars, Guide};
@@ -52,4 +53,5 @@ pub use quantize::{quantize_dir, tensor_type, QuantType, QuantizeReport, Role};
 pub use sampling::{argmax, Sampler, SamplingParams};
 pub use source::{resolve_hub, ModelSource, BUILTIN_DEMO};
 pub use stop::{StopMatcher, StopOutcome};
-pub use tokenizer::{ChatMessage, TextTokenizer};
+pub use tokenizer::{ChatMessage, MessageCall, TextTokenizer};
+pub use tools::{parse_answer, Call, Function, Piece, ToolChoice, ToolFormat, ToolStream, Tools};

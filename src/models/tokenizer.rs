@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::{GenerationError, LoadError};
+use super::tools::{function_json, tools_prompt, ToolFormat, Tools};
 
 /// One chat message as clients send it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,12 +15,44 @@ pub struct ChatMessage {
     pub role: String,
     /// The message text.
     pub content: String,
+    /// An assistant message's tool calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<MessageCall>,
+    /// A tool message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of `role` with text `content`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// A tool call of an earlier assistant message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageCall {
+    /// The call's id, which the tool message answering it names.
+    pub id: String,
+    /// The function called.
+    pub name: String,
+    /// Its arguments as JSON text.
+    pub arguments: String,
 }
 
 /// A tokenizer plus what generation needs around it.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
     chat: Option<minijinja::Environment<'static>>,
+    /// The chat template takes `tools` (otherwise llorch describes them in a system message).
+    takes_tools: bool,
+    tool_format: ToolFormat,
     bos_token: String,
     eos_token: String,
 }
@@ -35,10 +68,17 @@ impl TextTokenizer {
         bos_token: Option<String>,
         eos_token: Option<String>,
     ) -> Result<Self, LoadError> {
+        let takes_tools = chat_template.as_deref().is_some_and(takes_tools);
+        let tool_format = match (&chat_template, takes_tools) {
+            (Some(source), true) => ToolFormat::of_template(source),
+            _ => ToolFormat::Hermes,
+        };
         let chat = chat_template.map(compile_template).transpose()?;
         Ok(Self {
             inner,
             chat,
+            takes_tools,
+            tool_format,
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
         })
@@ -122,24 +162,104 @@ impl TextTokenizer {
         self.chat.is_some()
     }
 
-    /// Renders `messages` with the model's chat template.
+    /// How this model writes tool calls.
+    pub fn tool_format(&self) -> ToolFormat {
+        self.tool_format
+    }
+
+    /// Renders `messages` with the model's chat template, offering `tools`: to the template
+    /// when it takes them, otherwise described in a system message (and earlier calls and
+    /// tool results written into the messages' text) in the [`ToolFormat::Hermes`] form.
     pub fn render_chat(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&Tools>,
         add_generation_prompt: bool,
     ) -> Result<String, GenerationError> {
         let env = self.chat.as_ref().ok_or(GenerationError::NoChatTemplate)?;
         let template = env
             .get_template(CHAT_TEMPLATE)
             .map_err(|err| GenerationError::ChatTemplate(err.to_string()))?;
+        let mut messages: Vec<Value> = messages
+            .iter()
+            .map(|message| message_json(message, self.takes_tools))
+            .collect();
+        if let (Some(tools), false) = (tools, self.takes_tools) {
+            describe_tools(&mut messages, &tools_prompt(tools));
+        }
+        let tools: Option<Vec<Value>> =
+            tools.map(|tools| tools.functions.iter().map(function_json).collect());
         template
             .render(minijinja::context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token.as_str(),
                 eos_token => self.eos_token.as_str(),
             })
             .map_err(|err| GenerationError::ChatTemplate(err.to_string()))
+    }
+}
+
+/// Whether a chat template reads `tools`.
+fn takes_tools(source: &str) -> bool {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.template_from_str(source)
+        .map(|template| template.undeclared_variables(false).contains("tools"))
+        .unwrap_or(false)
+}
+
+/// A message as chat templates read it (transformers' form: a call's arguments as an
+/// object). For a template without tools, calls and results are written into the text.
+fn message_json(message: &ChatMessage, takes_tools: bool) -> Value {
+    let mut value = serde_json::json!({"role": message.role, "content": message.content});
+    if !message.tool_calls.is_empty() {
+        let calls: Vec<Value> = message
+            .tool_calls
+            .iter()
+            .map(|call| {
+                let arguments = serde_json::from_str(&call.arguments)
+                    .unwrap_or_else(|_| Value::String(call.arguments.clone()));
+                serde_json::json!({"id": call.id, "type": "function",
+                    "function": {"name": call.name, "arguments": arguments}})
+            })
+            .collect();
+        if !takes_tools {
+            let mut text = message.content.clone();
+            for call in &calls {
+                let written = serde_json::json!({"name": call["function"]["name"],
+                    "arguments": call["function"]["arguments"]});
+                text.push_str(&format!("<tool_call>\n{written}\n</tool_call>"));
+            }
+            value["content"] = Value::String(text);
+        }
+        value["tool_calls"] = Value::Array(calls);
+    }
+    if let Some(id) = &message.tool_call_id {
+        value["tool_call_id"] = Value::String(id.clone());
+        if !takes_tools {
+            let text = format!("<tool_response>\n{}\n</tool_response>", message.content);
+            value["content"] = Value::String(text);
+        }
+    }
+    value
+}
+
+/// Puts the tools' description at the start of the first system message, or in a new one.
+fn describe_tools(messages: &mut Vec<Value>, description: &str) {
+    match messages.first_mut() {
+        Some(first) if first["role"] == "system" => {
+            let text = format!(
+                "{}\n\n{description}",
+                first["content"].as_str().unwrap_or("")
+            );
+            first["content"] = Value::String(text);
+        }
+        _ => messages.insert(
+            0,
+            serde_json::json!({"role": "system", "content": description}),
+        ),
     }
 }
 
@@ -210,18 +330,18 @@ mod tests {
             None,
         )
         .unwrap();
-        let messages = vec![ChatMessage {
-            role: "user".into(),
-            content: "  hi  ".into(),
-        }];
-        assert_eq!(tok.render_chat(&messages, true).unwrap(), "<s>USER: hi\nA:");
+        let messages = vec![ChatMessage::new("user", "  hi  ")];
+        assert_eq!(
+            tok.render_chat(&messages, None, true).unwrap(),
+            "<s>USER: hi\nA:"
+        );
     }
 
     #[test]
     fn raise_exception_surfaces_as_a_template_error() {
         let template = "{{ raise_exception('roles must alternate') }}";
         let tok = TextTokenizer::new(word_level(), Some(template.into()), None, None).unwrap();
-        let err = tok.render_chat(&[], false).unwrap_err().to_string();
+        let err = tok.render_chat(&[], None, false).unwrap_err().to_string();
         assert!(err.contains("roles must alternate"), "{err}");
     }
 
@@ -229,7 +349,7 @@ mod tests {
     fn no_template_is_a_typed_error() {
         let tok = TextTokenizer::new(word_level(), None, None, None).unwrap();
         assert!(matches!(
-            tok.render_chat(&[], true),
+            tok.render_chat(&[], None, true),
             Err(GenerationError::NoChatTemplate)
         ));
     }

@@ -31,7 +31,7 @@ use crate::models::{
 
 pub use crate::metrics::StepMetrics;
 use crate::models::batch::KvDtype;
-use crate::models::Logprobs;
+use crate::models::{Logprobs, ToolFormat};
 pub use stats::{EngineStats, Occupancy};
 
 /// Events a job's channel holds before the job is paused. A token event becomes one SSE frame
@@ -62,6 +62,8 @@ pub enum TokenEvent {
     Started {
         /// The prompt's token ids.
         prompt_ids: Vec<u32>,
+        /// How the model writes tool calls, when the request offered tools.
+        tool_format: Option<ToolFormat>,
     },
     /// One generated token and the text it made final (possibly empty).
     Token {

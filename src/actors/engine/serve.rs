@@ -20,7 +20,8 @@ use super::{
 use crate::models::batch::{KvLayout, SeqChunk};
 use crate::models::device_label;
 use crate::models::{
-    available_memory, tokenize_prompt, GenerationError, LoadError, LoadedModel, ModelInfo, Sequence,
+    available_memory, prepare_prompt, GenerationError, LoadError, LoadedModel, ModelInfo, Sequence,
+    ToolFormat,
 };
 
 /// Token slots per KV block.
@@ -34,6 +35,8 @@ struct Entry {
     sequence: Sequence,
     /// When its client stopped reading (its channel filled up), while it still has not.
     paused_since: Option<Instant>,
+    /// How the model writes tool calls, when the request offered tools.
+    tool_format: Option<ToolFormat>,
 }
 
 /// The state of one engine thread after its model loaded.
@@ -171,6 +174,7 @@ impl<'a> Engine<'a> {
                 if let Some(entry) = self.entries.get(id) {
                     entry.job.send(TokenEvent::Started {
                         prompt_ids: entry.sequence.prompt_ids().to_vec(),
+                        tool_format: entry.tool_format,
                     });
                 }
             }
@@ -219,10 +223,13 @@ impl<'a> Engine<'a> {
         if job.abandoned() {
             return;
         }
-        let prepared = tokenize_prompt(&self.model.tokenizer, &job.request.prompt)
-            .and_then(|ids| Sequence::new(&self.model, ids, job.request.params.clone()));
+        let request = &job.request;
+        let prepared = prepare_prompt(&self.model.tokenizer, &request.prompt, &request.params)
+            .and_then(|(ids, params, format)| {
+                Ok((Sequence::new(&self.model, ids, params)?, format))
+            });
         match prepared {
-            Ok(sequence) => {
+            Ok((sequence, tool_format)) => {
                 let id = self.next_id;
                 self.next_id += 1;
                 let prompt = sequence.prompt_ids().to_vec();
@@ -237,6 +244,7 @@ impl<'a> Engine<'a> {
                         job,
                         sequence,
                         paused_since: None,
+                        tool_format,
                     },
                 );
             }

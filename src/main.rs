@@ -394,6 +394,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             TokenEvent::Started {
                 prompt_ids: ids, ..
             } => prompt_ids = ids,
+            TokenEvent::Prompt { .. } => {}
             TokenEvent::Token {
                 id, text: piece, ..
             } => {

@@ -108,7 +108,7 @@ fn finish(events: &mut Receiver<TokenEvent>) -> (Vec<u32>, usize) {
                 return (ids, cached_tokens);
             }
             TokenEvent::Failed(err) => panic!("failed: {err}"),
-            TokenEvent::Started { .. } => {}
+            TokenEvent::Started { .. } | TokenEvent::Prompt { .. } => {}
         }
     }
     panic!("the stream ended without a terminal event")
@@ -355,6 +355,7 @@ fn logits_alone_and_together(fixture: &Fixture, dtype: KvDtype) -> Vec<Vec<Vec<u
                     context_len: start,
                     block_table: &table,
                     logits: true,
+                    all_logits: false,
                 };
                 steps.push(bits(&model.forward_batch(&[chunk]).unwrap()[0]));
             }
@@ -375,6 +376,7 @@ fn logits_alone_and_together(fixture: &Fixture, dtype: KvDtype) -> Vec<Vec<Vec<u
                         context_len: start,
                         block_table: &tables[s],
                         logits: true,
+                        all_logits: false,
                     };
                     (s, chunk)
                 })

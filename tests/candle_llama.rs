@@ -96,6 +96,7 @@ fn sequences_run_together_give_the_golden_tokens() {
                         context_len: s.computed,
                         block_table: &s.table,
                         logits: end == s.tokens.len(),
+                        all_logits: false,
                     }
                 })
                 .collect();
@@ -156,6 +157,7 @@ fn a_sequence_in_a_batch_has_the_logits_it_has_alone() {
                 context_len: 0,
                 block_table: t,
                 logits: true,
+                all_logits: false,
             })
             .collect();
         let together = model.forward_batch(&chunks).unwrap();
@@ -191,4 +193,53 @@ fn the_candle_cache_takes_only_the_models_dtype() {
     assert!(err.contains("kv_cache_dtype \"f16\""), "{err}");
     model.init_kv(layout, KvDtype::F32).unwrap();
     assert_eq!(model.kv_layout(), Some(layout));
+}
+
+/// A chunk that asks for every row's logits (an echo's prompt log probabilities) gets, for
+/// each of its positions, the logits a prompt ending there gets alone.
+#[test]
+fn every_row_of_a_chunk_has_the_logits_of_its_prefix() {
+    let Some(dir) = fixtures() else {
+        return;
+    };
+    let device = device();
+    for (name, _) in FAMILY {
+        let path = dir.join("models").join(name);
+        let mut model = model(&path, &device);
+        let prompt = golden(&dir, &format!("models/{name}/golden.json")).cases[0]
+            .prompt_ids
+            .clone();
+        let prefixes = [1, prompt.len() / 2, prompt.len()];
+        let alone: Vec<Vec<f32>> = prefixes
+            .iter()
+            .map(|&n| {
+                let logits = model.forward(&prompt[..n], 0).unwrap();
+                model.clear_kv_cache();
+                logits
+            })
+            .collect();
+        let layout = KvLayout {
+            block_size: 16,
+            blocks: 8,
+        };
+        model.init_kv(layout, KvDtype::Auto).unwrap();
+        let table: Vec<u32> = (0..4).collect();
+        let chunk = SeqChunk {
+            tokens: &prompt,
+            context_len: 0,
+            block_table: &table,
+            logits: true,
+            all_logits: true,
+        };
+        let rows = model.forward_batch(&[chunk]).unwrap();
+        assert_eq!(rows.len(), prompt.len(), "{name}: one row per token");
+        for (&n, expected) in prefixes.iter().zip(&alone) {
+            let worst = rows[n - 1]
+                .iter()
+                .zip(expected)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(worst < 1e-3, "{name} row {}: |diff| {worst}", n - 1);
+        }
+    }
 }

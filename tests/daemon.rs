@@ -30,66 +30,6 @@ fn chunk_ids(chunk: &Value) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-/// The first generated token's log probabilities against the golden top-5 logits at the
-/// last prompt position: a log probability is the logit less one normaliser, so the five
-/// alternatives' differences from the first equal the logits' differences; the greedy token
-/// is the most likely; and five probabilities add up to at most 1.
-fn check_first_logprobs(label: &str, logprobs: &Value, golden: &[common::TopLogit]) {
-    let (chosen, top): (f64, Vec<f64>) = match logprobs.get("content") {
-        Some(content) => (
-            content[0]["logprob"].as_f64().unwrap(),
-            content[0]["top_logprobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t["logprob"].as_f64().unwrap())
-                .collect(),
-        ),
-        None => {
-            let mut top: Vec<f64> = logprobs["top_logprobs"][0]
-                .as_object()
-                .unwrap()
-                .values()
-                .map(|v| v.as_f64().unwrap())
-                .collect();
-            top.sort_by(|a, b| b.total_cmp(a));
-            (logprobs["token_logprobs"][0].as_f64().unwrap(), top)
-        }
-    };
-    assert_eq!(
-        chosen, top[0],
-        "{label}: the greedy token is the most likely"
-    );
-    let expected: Vec<f64> = golden
-        .iter()
-        .map(|g| f64::from(g.logit - golden[0].logit))
-        .collect();
-    if logprobs.get("content").is_some() {
-        assert_eq!(top.len(), 5, "{label}: {logprobs}");
-        for (k, lp) in top.iter().enumerate() {
-            let got = lp - top[0];
-            assert!(
-                (got - expected[k]).abs() < 1e-3,
-                "{label}: alternative {k}: {got} against the golden {}",
-                expected[k]
-            );
-        }
-    } else {
-        // Completions key alternatives by text, so tokens that decode alike share a key.
-        for lp in &top {
-            let got = lp - top[0];
-            assert!(
-                expected.iter().any(|e| (got - e).abs() < 1e-3),
-                "{label}: {got} is no golden difference {expected:?}"
-            );
-        }
-    }
-    assert!(
-        top.iter().map(|lp| lp.exp()).sum::<f64>() <= 1.0 + 1e-6,
-        "{label}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fixture_architecture_returns_the_golden_tokens_over_http() {
     let Some(fixtures) = fixtures() else { return };
@@ -130,7 +70,7 @@ async fn every_fixture_architecture_returns_the_golden_tokens_over_http() {
             let (status, response) = daemon.post(path, &body).await;
             assert_eq!(status, 200, "{label}: {response}");
             let choice = &response["choices"][0];
-            check_first_logprobs(&label, &choice["logprobs"], &case.last_prompt_top5);
+            common::check_first_logprobs(&label, &choice["logprobs"], &case.last_prompt_top5);
             body.as_object_mut().unwrap().remove("logprobs");
             body.as_object_mut().unwrap().remove("top_logprobs");
             assert_eq!(

@@ -59,7 +59,7 @@ HONOURED = {
         ),
         "tool_call_id": ("tool", "c1"),
     },
-    "completions": dict(SHARED, prompt="hi", logprobs=2),
+    "completions": dict(SHARED, prompt="hi", logprobs=2, echo=True),
 }
 # Fields an honoured field needs beside it.
 NEEDS = {"top_logprobs": {"logprobs": True}, "tool_choice": {"tools": HONOURED["chat"]["tools"]}}
@@ -92,7 +92,7 @@ ASKS = {
         "verbosity": "low",
         "web_search_options": {},
     },
-    "completions": {"best_of": 2, "echo": True, "suffix": "!", "user": "user-1"},
+    "completions": {"best_of": 2, "suffix": "!", "user": "user-1"},
     "message": {
         "name": ("user", "bob"),
         "refusal": ("assistant", "I cannot."),
@@ -106,7 +106,7 @@ ACCEPTED = {
         "functions": [],
         "modalities": ["text"],
     },
-    "completions": {"best_of": 1, "echo": False, "suffix": ""},
+    "completions": {"best_of": 1, "suffix": ""},
 }
 
 

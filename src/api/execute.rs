@@ -118,7 +118,7 @@ async fn run(
             text: request.prompt.clone(),
             add_special_tokens: true,
         },
-        params: common.to_params(&state.server.limits)?,
+        params: common.to_params(&state.server.limits, false)?,
         cache_salt,
     };
     let started = start(state, &request.model, generation).await?;

@@ -77,13 +77,6 @@ const COMPLETIONS: &[(&str, Rule)] = &[
         ),
     ),
     (
-        "echo",
-        Rule::Only(
-            is_false,
-            "echo is not supported yet (the prompt is not returned with the completion)",
-        ),
-    ),
-    (
         "suffix",
         Rule::Only(
             is_null_or_empty_text,
@@ -131,21 +124,25 @@ pub fn check_request(endpoint: Endpoint, rest: &Map<String, Value>) -> Result<()
         Endpoint::Chat => COMPLETIONS,
         Endpoint::Completions => CHAT,
     };
-    if endpoint == Endpoint::Completions {
-        let given = |f: &&&str| rest.get(**f).is_some_and(|v| !v.is_null());
-        if let Some(field) = CHAT_HONOURED.iter().find(given) {
-            return Err(ApiError::bad_request(
-                "unsupported_parameter",
-                Some(field),
-                format!("{field}: a chat completions field; completions take no tools"),
-            ));
-        }
+    let (honoured_elsewhere, reason) = match endpoint {
+        Endpoint::Chat => (COMPLETIONS_HONOURED, "a completions field"),
+        Endpoint::Completions => (CHAT_HONOURED, "a chat completions field"),
+    };
+    let given = |f: &&&str| rest.get(**f).is_some_and(|v| !v.is_null());
+    if let Some(field) = honoured_elsewhere.iter().find(given) {
+        return Err(ApiError::bad_request(
+            "unsupported_parameter",
+            Some(field),
+            format!("{field}: {reason}, not one of this endpoint"),
+        ));
     }
     check(rules(endpoint), other, rest, "")
 }
 
 /// Fields the chat request's types take that completions refuse.
 const CHAT_HONOURED: &[&str] = &["tools", "tool_choice", "parallel_tool_calls"];
+/// Fields the completion request's types take that chat refuses.
+const COMPLETIONS_HONOURED: &[&str] = &["echo"];
 
 /// Checks the fields of a chat message other than `role` and `content`.
 pub fn check_message(rest: &Map<String, Value>) -> Result<(), ApiError> {
@@ -202,10 +199,6 @@ fn is_text_modality(value: &Value) -> bool {
 
 fn is_one(value: &Value) -> bool {
     value.as_u64() == Some(1)
-}
-
-fn is_false(value: &Value) -> bool {
-    value.as_bool() == Some(false)
 }
 
 fn is_null_or_empty_text(value: &Value) -> bool {
@@ -285,11 +278,7 @@ mod tests {
             refused_param(check_request(Endpoint::Chat, &rest(echo))),
             "echo"
         );
-        check_request(
-            Endpoint::Completions,
-            &rest(json!({"echo": false, "best_of": 1})),
-        )
-        .unwrap();
+        check_request(Endpoint::Completions, &rest(json!({"best_of": 1}))).unwrap();
     }
 
     #[test]

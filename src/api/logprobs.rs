@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 
 use super::stream::Generated;
-use crate::models::{Logprobs, TokenLogprob};
+use crate::models::{EchoedToken, Logprobs, TokenLogprob};
 
 /// Chat's `logprobs` for `tokens`: `{"content": [...], "refusal": null}`.
 pub fn chat(tokens: &[&Generated]) -> Value {
@@ -43,12 +43,40 @@ pub struct Completion {
 impl Completion {
     /// The object for `tokens`, the next ones of the completion.
     pub fn object(&mut self, tokens: &[&Generated]) -> Value {
+        self.entries(
+            tokens
+                .iter()
+                .map(|token| (token.text.as_str(), token.logprobs.as_deref())),
+        )
+    }
+
+    /// The object for an echoed prompt's tokens followed by the completion's `tokens`
+    /// (the prompt's first token has no log probability: `null`).
+    pub fn with_prompt(&mut self, prompt: &[EchoedToken], tokens: &[&Generated]) -> Value {
+        let prompt = prompt
+            .iter()
+            .map(|token| (token.text.as_str(), token.logprobs.as_deref()));
+        let generated = tokens
+            .iter()
+            .map(|token| (token.text.as_str(), token.logprobs.as_deref()));
+        self.entries(prompt.chain(generated))
+    }
+
+    /// One entry per token: its text, log probability and alternatives (`null` when it has
+    /// none) and its offset.
+    fn entries<'a>(
+        &mut self,
+        tokens: impl Iterator<Item = (&'a str, Option<&'a Logprobs>)>,
+    ) -> Value {
         let (mut texts, mut logprobs, mut tops, mut offsets) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for token in tokens {
+        for (text, lp) in tokens {
             offsets.push(self.offset);
-            self.offset += token.text.chars().count();
-            let Some(lp) = token.logprobs.as_deref() else {
+            self.offset += text.chars().count();
+            let Some(lp) = lp else {
+                texts.push(json!(text));
+                logprobs.push(Value::Null);
+                tops.push(Value::Null);
                 continue;
             };
             texts.push(json!(lp.chosen.text));
@@ -133,5 +161,26 @@ mod tests {
             third["top_logprobs"][0]["é"], -3.0,
             "the likelier of two alike"
         );
+    }
+
+    #[test]
+    fn an_echoed_prompt_comes_first_with_null_for_its_first_token() {
+        let mut completion = Completion::default();
+        let first = EchoedToken {
+            id: 1,
+            text: "<s>".into(),
+            logprobs: None,
+        };
+        let second = EchoedToken {
+            id: 5,
+            text: "ab".into(),
+            logprobs: token(5, "ab", -2.0).logprobs,
+        };
+        let generated = token(6, "c", -0.5);
+        let object = completion.with_prompt(&[first, second], &[&generated]);
+        assert_eq!(object["tokens"], json!(["<s>", "ab", "c"]));
+        assert_eq!(object["token_logprobs"], json!([null, -2.0, -0.5]));
+        assert_eq!(object["top_logprobs"][0], Value::Null);
+        assert_eq!(object["text_offset"], json!([0, 3, 5]));
     }
 }

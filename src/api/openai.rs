@@ -15,11 +15,13 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::logprobs;
 use super::rate::Caller;
-use super::stream::{collect, sse, ChunkFormat, Generated, Usage};
+use super::stream::{collect, sse, ChunkFormat, Collected, Generated, Usage};
 use super::tools;
 use super::types::{ChatRequest, CommonParams, CompletionRequest};
 use super::AppState;
-use crate::models::{parse_answer, FinishReason, Piece, Prompt, ToolFormat, ToolStream};
+use crate::models::{
+    parse_answer, EchoedToken, FinishReason, Piece, Prompt, ToolFormat, ToolStream,
+};
 
 /// Which OpenAI object a response is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +108,15 @@ impl Envelope {
     }
 }
 
+/// The text of an echoed prompt: the prompt as given, or its tokens' texts when it was given
+/// as token ids.
+fn echo_text(given: Option<&str>, tokens: &[EchoedToken]) -> String {
+    match given {
+        Some(text) => text.to_string(),
+        None => tokens.iter().map(|t| t.text.as_str()).collect(),
+    }
+}
+
 /// A choice's `finish_reason`: `tool_calls` when it ended after calls.
 fn finish_reason(reason: FinishReason, calls: usize) -> &'static str {
     match (reason, calls) {
@@ -149,6 +160,8 @@ struct OpenAiChunks {
     envelope: Envelope,
     completions: Vec<logprobs::Completion>,
     tools: Vec<Option<ToolStream>>,
+    /// The prompt as given, for an echo.
+    prompt_text: Option<String>,
 }
 
 impl OpenAiChunks {
@@ -193,6 +206,17 @@ impl OpenAiChunks {
 }
 
 impl ChunkFormat for OpenAiChunks {
+    fn prompt(&mut self, index: usize, tokens: &[EchoedToken]) -> Vec<Value> {
+        let text = echo_text(self.prompt_text.as_deref(), tokens);
+        let mut choice = self.envelope.text_choice(&text, true, false);
+        set(&mut choice, "index", json!(index));
+        if let (true, Some(completion)) = (self.envelope.logprobs, self.completions.get_mut(index))
+        {
+            set(&mut choice, "logprobs", completion.with_prompt(tokens, &[]));
+        }
+        vec![self.envelope.wrap(true, choice, None)]
+    }
+
     fn token(&mut self, index: usize, token: &Generated) -> Vec<Value> {
         let Some(stream) = self.tools.get_mut(index).and_then(Option::as_mut) else {
             return vec![self.content(index, &token.text, Some(token))];
@@ -301,6 +325,10 @@ async fn respond(
     common: &CommonParams,
 ) -> Result<Response, ApiError> {
     envelope.logprobs = generation.params.logprobs.is_some();
+    let prompt_text = match &generation.prompt {
+        Prompt::Text { text, .. } => Some(text.clone()),
+        _ => None,
+    };
     let parallel = match &generation.prompt {
         Prompt::Chat {
             tools: Some(tools), ..
@@ -331,6 +359,7 @@ async fn respond(
                 .map(|s| s.tool_format.map(|f| ToolStream::new(f, parallel)))
                 .collect(),
             envelope,
+            prompt_text,
         };
         return Ok(sse(opening, started, format).into_response());
     }
@@ -344,9 +373,17 @@ async fn respond(
     let mut choices = Vec::new();
     let mut usages = Vec::new();
     for (index, result) in collected.into_iter().enumerate() {
-        let (tokens, reason, usage) = result?;
+        let Collected {
+            echo,
+            tokens,
+            reason,
+            usage,
+        } = result?;
         usages.push(usage);
-        let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+        let mut text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+        if let Some(echo) = &echo {
+            text = echo_text(prompt_text.as_deref(), echo) + &text;
+        }
         let mut choice = envelope.text_choice(&text, false, true);
         set(&mut choice, "index", json!(index));
         set(&mut choice, "finish_reason", json!(reason.openai()));
@@ -372,7 +409,10 @@ async fn respond(
         if envelope.logprobs {
             let all: Vec<&Generated> = tokens.iter().collect();
             let mut completion = logprobs::Completion::default();
-            let logprobs = choice_logprobs(envelope.kind, &mut completion, &all);
+            let logprobs = match &echo {
+                Some(echo) => completion.with_prompt(echo, &all),
+                None => choice_logprobs(envelope.kind, &mut completion, &all),
+            };
             set(&mut choice, "logprobs", logprobs);
         }
         choices.push(choice);

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::dispatch::{lost, Started};
 use super::error::ApiError;
 use crate::actors::engine::TokenEvent;
-use crate::models::{FinishReason, Logprobs};
+use crate::models::{EchoedToken, FinishReason, Logprobs};
 
 /// Interval of SSE comment pings that keep proxies from closing idle streams.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -44,6 +44,10 @@ pub trait ChunkFormat: Send + 'static {
     /// The chunks for one generated token of choice `index` (none while the text it made
     /// final is held back, as a tool call's may be).
     fn token(&mut self, index: usize, token: &Generated) -> Vec<Value>;
+    /// The chunks of choice `index`'s echoed prompt (a completion with `echo`).
+    fn prompt(&mut self, _index: usize, _tokens: &[EchoedToken]) -> Vec<Value> {
+        Vec::new()
+    }
     /// The chunks that close choice `index` (its own counts in `usage`).
     fn finish(&mut self, index: usize, reason: FinishReason, usage: Usage) -> Vec<Value>;
     /// The chunks after every choice finished (`usage` summed over them), before `[DONE]`.
@@ -69,6 +73,7 @@ impl Usage {
 
 /// How a job's next step went.
 enum Step {
+    Prompt(Vec<EchoedToken>),
     Token(Generated),
     Finished(FinishReason, Usage),
     Failed(ApiError),
@@ -98,6 +103,7 @@ async fn next_step(started: &mut Started) -> Step {
                 cached_tokens,
             },
         ),
+        Some(TokenEvent::Prompt { tokens }) => Step::Prompt(tokens),
         Some(TokenEvent::Started { .. }) => Step::Nothing,
         Some(TokenEvent::Failed(err)) => Step::Failed(err.into()),
         None => Step::Failed(lost()),
@@ -114,7 +120,7 @@ fn steps(index: usize, started: Started) -> impl Stream<Item = (usize, Step)> {
             Step::Token(_) => started.recorder.token(),
             Step::Finished(..) => started.recorder.finished(),
             Step::Failed(error) => started.recorder.failed(error),
-            Step::Nothing => {}
+            Step::Prompt(_) | Step::Nothing => {}
         }
         let terminal = matches!(step, Step::Finished(..) | Step::Failed(_));
         Some(((index, step), (!terminal).then_some(started)))
@@ -147,6 +153,7 @@ pub fn sse<F: ChunkFormat>(
             let mut out: Vec<Value> = Vec::new();
             let mut done = false;
             match step {
+                Step::Prompt(tokens) => out.extend(format.prompt(index, &tokens)),
                 Step::Token(token) => out.extend(format.token(index, &token)),
                 Step::Finished(reason, usage) => {
                     out.extend(format.finish(index, reason, usage));
@@ -181,20 +188,38 @@ fn json_event(chunk: &Value) -> Event {
     Event::default().data(chunk.to_string())
 }
 
-/// Collects a started job to its end: its tokens, and how it ended.
-pub async fn collect(
-    started: &mut Started,
-) -> Result<(Vec<Generated>, FinishReason, Usage), ApiError> {
+/// A job collected to its end.
+#[derive(Debug)]
+pub struct Collected {
+    /// The echoed prompt, when the request asked for one.
+    pub echo: Option<Vec<EchoedToken>>,
+    /// The generated tokens.
+    pub tokens: Vec<Generated>,
+    /// Why it ended.
+    pub reason: FinishReason,
+    /// Its counts.
+    pub usage: Usage,
+}
+
+/// Collects a started job to its end: its echo, its tokens, and how it ended.
+pub async fn collect(started: &mut Started) -> Result<Collected, ApiError> {
     let mut tokens = Vec::new();
+    let mut echo = None;
     loop {
         match next_step(started).await {
+            Step::Prompt(prompt) => echo = Some(prompt),
             Step::Token(token) => {
                 started.recorder.token();
                 tokens.push(token);
             }
             Step::Finished(reason, usage) => {
                 started.recorder.finished();
-                return Ok((tokens, reason, usage));
+                return Ok(Collected {
+                    echo,
+                    tokens,
+                    reason,
+                    usage,
+                });
             }
             Step::Failed(error) => {
                 // The handler's response counts this failure.

@@ -118,6 +118,10 @@ pub struct CompletionRequest {
     pub model: String,
     /// The prompt.
     pub prompt: PromptInput,
+    /// Return the prompt before the completion (with its tokens' log probabilities when
+    /// `logprobs` asks); `max_tokens: 0` then generates nothing.
+    #[serde(default)]
+    pub echo: Option<bool>,
     /// The sampling and stopping fields.
     #[serde(flatten)]
     pub common: CommonParams,
@@ -224,9 +228,11 @@ impl CompletionRequest {
     }
 
     fn params(&self, limits: &RequestLimits) -> Result<GenerationParams, ApiError> {
+        let echo = self.echo.unwrap_or(false);
         Ok(GenerationParams {
             logprobs: self.common.requested_logprobs(Endpoint::Completions)?,
-            ..self.common.to_params(limits)?
+            echo,
+            ..self.common.to_params(limits, echo)?
         })
     }
 }
@@ -321,7 +327,7 @@ impl ChatRequest {
         )?;
         let params = GenerationParams {
             logprobs: self.common.requested_logprobs(Endpoint::Chat)?,
-            ..self.common.to_params(limits)?
+            ..self.common.to_params(limits, false)?
         };
         if let (Some(_), Some(constraint)) = (&tools, &params.constraint) {
             return Err(ApiError::bad_request(
@@ -342,8 +348,13 @@ impl ChatRequest {
 }
 
 impl CommonParams {
-    /// Validates the sampling and stopping fields.
-    pub fn to_params(&self, limits: &RequestLimits) -> Result<GenerationParams, ApiError> {
+    /// Validates the sampling and stopping fields; `max_tokens: 0` is taken only with an
+    /// `echo` (the prompt's log probabilities alone).
+    pub fn to_params(
+        &self,
+        limits: &RequestLimits,
+        echo: bool,
+    ) -> Result<GenerationParams, ApiError> {
         let out_of_range = |param: &str, message: &str| {
             ApiError::bad_request("integer_out_of_range", Some(param), message.to_string())
         };
@@ -357,8 +368,11 @@ impl CommonParams {
             .max_completion_tokens
             .or(self.max_tokens)
             .unwrap_or(DEFAULT_MAX_TOKENS);
-        if max_tokens == 0 {
-            return Err(out_of_range("max_tokens", "max_tokens must be at least 1"));
+        if max_tokens == 0 && !echo {
+            return Err(out_of_range(
+                "max_tokens",
+                "max_tokens must be at least 1 (0 only with echo)",
+            ));
         }
         let top_k = match self.top_k {
             None | Some(-1) | Some(0) => 0,
@@ -416,6 +430,7 @@ impl CommonParams {
             strict_max_tokens: self.max_completion_tokens.or(self.max_tokens).is_some(),
             logprobs: None,
             constraint: self.constraint()?,
+            echo: false,
         })
     }
 

@@ -66,7 +66,7 @@ async fn collect(mut events: Receiver<TokenEvent>, start: Instant) -> anyhow::Re
             TokenEvent::Token { .. } => times.push(start.elapsed()),
             TokenEvent::Finished { .. } => break,
             TokenEvent::Failed(err) => return Err(anyhow!(err)),
-            TokenEvent::Started { .. } => {}
+            TokenEvent::Started { .. } | TokenEvent::Prompt { .. } => {}
         }
     }
     Run::from_times(&times)

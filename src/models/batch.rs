@@ -79,9 +79,21 @@ pub struct SeqChunk<'a> {
     pub block_table: &'a [u32],
     /// Whether the logits of the chunk's last token come back.
     pub logits: bool,
+    /// Whether the logits of every token of the chunk come back (a prompt's log
+    /// probabilities); implies the last token's.
+    pub all_logits: bool,
 }
 
 impl SeqChunk<'_> {
+    /// How many rows of logits the chunk gets back.
+    pub fn logit_rows(&self) -> usize {
+        match (self.all_logits, self.logits) {
+            (true, _) => self.tokens.len(),
+            (false, true) => 1,
+            (false, false) => 0,
+        }
+    }
+
     /// Positions this sequence covers once the step has run.
     pub fn end(&self) -> usize {
         self.context_len + self.tokens.len()
@@ -179,6 +191,7 @@ impl Solo {
             context_len: self.cached,
             block_table: &self.table,
             logits: true,
+            all_logits: false,
         }
     }
 
@@ -201,8 +214,9 @@ pub trait BatchedModel {
     /// The cache's geometry (`None` before [`BatchedModel::init_kv`]).
     fn kv_layout(&self) -> Option<KvLayout>;
 
-    /// Runs one step and returns the logits of the last token of each chunk that asks for
-    /// them, in the order of `seqs`.
+    /// Runs one step and returns, in the order of `seqs`, the logits of each chunk's
+    /// [`SeqChunk::logit_rows`]: every token's for a chunk with `all_logits`, the last
+    /// token's for one with `logits`.
     fn forward_batch(&mut self, seqs: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, GenerationError>;
 }
 
@@ -216,6 +230,7 @@ mod tests {
             context_len,
             block_table: table,
             logits: true,
+            all_logits: false,
         }
     }
 

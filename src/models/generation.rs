@@ -55,6 +55,21 @@ pub struct GenerationParams {
     pub logprobs: Option<usize>,
     /// What the output must match (`None`: anything).
     pub constraint: Option<Constraint>,
+    /// Return the prompt's tokens before the generated ones (with their log probabilities
+    /// when `logprobs` asks); `max_tokens: Some(0)` then generates nothing.
+    pub echo: bool,
+}
+
+/// One prompt token as an echo returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EchoedToken {
+    /// The token id.
+    pub id: u32,
+    /// The token decoded alone.
+    pub text: String,
+    /// Its log probability given the tokens before it, and the likeliest alternatives there
+    /// (`None` for the first token, and when no log probabilities were asked for).
+    pub logprobs: Option<Box<Logprobs>>,
 }
 
 /// Why a generation ended.
@@ -150,6 +165,11 @@ pub struct Sequence {
     finished: Option<FinishReason>,
     /// The matcher of the request's constraint.
     guide: Option<Guide>,
+    /// The prompt's log probabilities by position, while an echo with log probabilities
+    /// collects them (position 0 has none).
+    prompt_logprobs: Vec<Option<Box<Logprobs>>>,
+    /// The echo was handed out.
+    echoed: bool,
 }
 
 impl Sequence {
@@ -201,6 +221,8 @@ impl Sequence {
         };
         Ok(Self {
             guide,
+            prompt_logprobs: Vec::new(),
+            echoed: false,
             all_ids: prompt_ids.clone(),
             prompt_ids,
             sampler: Sampler::new(params.sampling.clone()),
@@ -227,6 +249,72 @@ impl Sequence {
     /// Why the sequence ended, once it has.
     pub fn finished(&self) -> Option<FinishReason> {
         self.finished
+    }
+
+    /// Whether the sequence ends with its prompt: an echo of `max_tokens: 0`.
+    pub fn prompt_only(&self) -> bool {
+        self.params.echo && self.params.max_tokens == Some(0)
+    }
+
+    /// Whether a step computing this sequence's tokens from `start` on should return every
+    /// token's logits: it echoes its prompt with log probabilities not all recorded yet.
+    pub fn wants_prompt_rows(&self, start: usize) -> bool {
+        self.params.echo
+            && self.params.logprobs.is_some()
+            && self.prompt_logprobs.len() < self.prompt_ids.len()
+            && start + 1 < self.prompt_ids.len()
+    }
+
+    /// Records the prompt's log probabilities from `rows`, the logits after positions
+    /// `start`, `start + 1`, ...: row `i` gives the log probability of prompt token
+    /// `start + i + 1`. Positions recorded before are skipped.
+    pub fn record_prompt(
+        &mut self,
+        start: usize,
+        rows: &[Vec<f32>],
+        tokenizer: &TextTokenizer,
+    ) -> Result<(), GenerationError> {
+        let Some(top) = self.params.logprobs else {
+            return Ok(());
+        };
+        if self.prompt_logprobs.is_empty() {
+            self.prompt_logprobs.push(None);
+        }
+        for (i, row) in rows.iter().enumerate() {
+            let position = start + i + 1;
+            if position != self.prompt_logprobs.len() || position >= self.prompt_ids.len() {
+                continue;
+            }
+            let token = self.prompt_ids[position];
+            let logit = row.get(token as usize).copied().unwrap_or(f32::NAN);
+            let distribution = Distribution::new(row, top);
+            let logprobs = distribution.resolve((token, logit), tokenizer)?;
+            self.prompt_logprobs.push(Some(Box::new(logprobs)));
+        }
+        Ok(())
+    }
+
+    /// The echo of the prompt, once, when the request asked for one.
+    pub fn take_echo(
+        &mut self,
+        tokenizer: &TextTokenizer,
+    ) -> Result<Option<Vec<EchoedToken>>, GenerationError> {
+        if !self.params.echo || self.echoed {
+            return Ok(None);
+        }
+        self.echoed = true;
+        let mut logprobs = std::mem::take(&mut self.prompt_logprobs).into_iter();
+        self.prompt_ids
+            .iter()
+            .map(|&id| {
+                Ok(EchoedToken {
+                    id,
+                    text: tokenizer.decode(&[id])?,
+                    logprobs: logprobs.next().flatten(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     /// Runs one forward pass (the whole prompt on the first step) and samples one token.

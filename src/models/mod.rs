@@ -42,7 +42,8 @@ pub use error::{first_line, GenerationError, LoadError};
 pub use fake::fake_forwards;
 pub use footprint::estimate_weight_bytes;
 pub use generation::{
-    prepare_prompt, tokenize_prompt, FinishReason, GenerationParams, Prompt, Sequence, StepOutput,
+    prepare_prompt, tokenize_prompt, EchoedToken, FinishReason, GenerationParams, Prompt, Sequence,
+    StepOutput,
 };
 pub use gguf_check::check_gguf;
 pub use grammar::{Constraint, Grammars, Guide};

@@ -31,7 +31,7 @@ use crate::models::{
 
 pub use crate::metrics::StepMetrics;
 use crate::models::batch::KvDtype;
-use crate::models::{Logprobs, ToolFormat};
+use crate::models::{EchoedToken, Logprobs, ToolFormat};
 pub use stats::{EngineStats, Occupancy};
 
 /// Events a job's channel holds before the job is paused. A token event becomes one SSE frame
@@ -64,6 +64,11 @@ pub enum TokenEvent {
         prompt_ids: Vec<u32>,
         /// How the model writes tool calls, when the request offered tools.
         tool_format: Option<ToolFormat>,
+    },
+    /// The prompt's tokens, for a request that asked for an echo; before any `Token`.
+    Prompt {
+        /// The tokens with their texts and, when asked, log probabilities.
+        tokens: Vec<EchoedToken>,
     },
     /// One generated token and the text it made final (possibly empty).
     Token {

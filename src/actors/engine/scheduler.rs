@@ -57,6 +57,8 @@ struct Seq {
     /// The keys of the full computed blocks, in order.
     keys: Vec<BlockKey>,
     salt: u64,
+    /// Whether it may start from cached blocks.
+    reuse: bool,
     paused: bool,
     admitted: bool,
     preempted: bool,
@@ -139,8 +141,9 @@ impl Scheduler {
     }
 
     /// Queues a sequence of `tokens` (its prompt, at least one token and fewer than the pool
-    /// holds) whose prefix-cache entries are shared only under `salt`.
-    pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, salt: u64) {
+    /// holds) whose prefix-cache entries are shared only under `salt`; without `reuse` it
+    /// computes every token, whatever the cache holds (its blocks still join the cache).
+    pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, salt: u64, reuse: bool) {
         assert!(!tokens.is_empty() && tokens.len() < self.capacity());
         self.seqs.insert(
             id,
@@ -150,6 +153,7 @@ impl Scheduler {
                 blocks: Vec::new(),
                 keys: Vec::new(),
                 salt,
+                reuse,
                 paused: false,
                 admitted: false,
                 preempted: false,
@@ -468,7 +472,7 @@ impl Scheduler {
         if !self.config.prefix_caching {
             return 0;
         }
-        let Some(seq) = self.seqs.get_mut(&id) else {
+        let Some(seq) = self.seqs.get_mut(&id).filter(|seq| seq.reuse) else {
             return 0;
         };
         let full = (seq.tokens.len() - 1) / size;

@@ -20,8 +20,8 @@ use super::{
 use crate::models::batch::{KvLayout, SeqChunk};
 use crate::models::device_label;
 use crate::models::{
-    available_memory, prepare_prompt, GenerationError, LoadError, LoadedModel, ModelInfo, Sequence,
-    ToolFormat,
+    available_memory, prepare_prompt, FinishReason, GenerationError, LoadError, LoadedModel,
+    ModelInfo, Sequence, ToolFormat,
 };
 
 /// Token slots per KV block.
@@ -180,7 +180,16 @@ impl<'a> Engine<'a> {
             }
             let began = Instant::now();
             self.shared.heartbeat.begin();
-            let ran = catch_unwind(AssertUnwindSafe(|| self.execute(&plan)));
+            let all_rows: Vec<bool> = plan
+                .chunks
+                .iter()
+                .map(|c| {
+                    self.entries
+                        .get(&c.seq)
+                        .is_some_and(|e| e.sequence.wants_prompt_rows(c.start))
+                })
+                .collect();
+            let ran = catch_unwind(AssertUnwindSafe(|| self.execute(&plan, &all_rows)));
             self.shared.heartbeat.end();
             match ran {
                 Err(panic) => return self.crash(panic_message(panic.as_ref()), commands),
@@ -194,7 +203,7 @@ impl<'a> Engine<'a> {
                 }
                 Ok(Ok(logits)) => {
                     self.scheduler.commit(&plan);
-                    self.accept(&plan, logits);
+                    self.accept(&plan, &all_rows, logits);
                 }
             }
             if let Some(metrics) = &self.config.metrics {
@@ -237,7 +246,10 @@ impl<'a> Engine<'a> {
                     true => 0,
                     false => job.request.cache_salt,
                 };
-                self.scheduler.add(id, prompt, salt);
+                // An echo with log probabilities computes its whole prompt: cached blocks
+                // would leave their positions without logits.
+                let reuse = !sequence.wants_prompt_rows(0);
+                self.scheduler.add(id, prompt, salt, reuse);
                 self.entries.insert(
                     id,
                     Entry {
@@ -282,8 +294,13 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Runs a planned step and returns the logits of the chunks that ask for them.
-    fn execute(&mut self, plan: &Plan) -> Result<Vec<Vec<f32>>, GenerationError> {
+    /// Runs a planned step and returns the logits of the chunks that ask for them: every
+    /// token's of the chunks marked in `all_rows`, the last token's of the others.
+    fn execute(
+        &mut self,
+        plan: &Plan,
+        all_rows: &[bool],
+    ) -> Result<Vec<Vec<f32>>, GenerationError> {
         #[cfg(feature = "fault-injection")]
         for chunk in plan.chunks.iter().filter(|c| c.logits) {
             if let Some(entry) = self.entries.get(&chunk.seq) {
@@ -297,16 +314,26 @@ impl<'a> Engine<'a> {
                 return Ok(Vec::new());
             };
             let tokens = scheduler.chunk_tokens(chunk);
+            if all_rows.first() == Some(&true) {
+                // The unbatched models return their last token's logits: one token a pass.
+                return tokens
+                    .chunks(1)
+                    .enumerate()
+                    .map(|(i, token)| self.model.forward(token, chunk.start + i))
+                    .collect();
+            }
             return Ok(vec![self.model.forward(tokens, chunk.start)?]);
         }
         let chunks: Vec<SeqChunk<'_>> = plan
             .chunks
             .iter()
-            .map(|c| SeqChunk {
+            .zip(all_rows)
+            .map(|(c, &all_logits)| SeqChunk {
                 tokens: scheduler.chunk_tokens(c),
                 context_len: c.start,
                 block_table: scheduler.block_table(c.seq),
                 logits: c.logits,
+                all_logits,
             })
             .collect();
         match self.model.model.batched() {
@@ -321,14 +348,36 @@ impl<'a> Engine<'a> {
     /// sequences sample side by side on rayon's pool (each masks its logits with its grammar,
     /// draws, detokenizes; none touches another's state), then their events go out in plan
     /// order.
-    fn accept(&mut self, plan: &Plan, logits: Vec<Vec<f32>>) {
-        let mut logits: BTreeMap<SeqId, Vec<f32>> = plan
-            .chunks
-            .iter()
-            .filter(|c| c.logits)
-            .map(|c| c.seq)
-            .zip(logits)
-            .collect();
+    fn accept(&mut self, plan: &Plan, all_rows: &[bool], rows: Vec<Vec<f32>>) {
+        let mut rows = rows.into_iter();
+        let mut logits: BTreeMap<SeqId, Vec<f32>> = BTreeMap::new();
+        let mut failed = Vec::new();
+        for (chunk, &all) in plan.chunks.iter().zip(all_rows) {
+            let count = match all {
+                true => chunk.len,
+                false => usize::from(chunk.logits),
+            };
+            let taken: Vec<Vec<f32>> = rows.by_ref().take(count).collect();
+            let Some(entry) = self.entries.get_mut(&chunk.seq) else {
+                continue;
+            };
+            if all {
+                let tokenizer = &self.model.tokenizer;
+                if let Err(err) = entry.sequence.record_prompt(chunk.start, &taken, tokenizer) {
+                    failed.push((chunk.seq, err.into()));
+                    continue;
+                }
+            }
+            if chunk.logits {
+                if let Some(last) = taken.into_iter().last() {
+                    logits.insert(chunk.seq, last);
+                }
+            }
+        }
+        for (id, error) in failed {
+            self.fail(id, error);
+        }
+        self.echo(plan, &mut logits);
         let tokenizer = &self.model.tokenizer;
         let work: Vec<(SeqId, &mut Sequence, Vec<f32>)> = self
             .entries
@@ -373,6 +422,35 @@ impl<'a> Engine<'a> {
                     reason,
                     prompt_tokens: entry.sequence.prompt_ids().len(),
                     completion_tokens: entry.sequence.generated_ids().len(),
+                    cached_tokens: self.scheduler.cached_tokens(chunk.seq),
+                });
+                self.remove(chunk.seq);
+            }
+        }
+    }
+
+    /// Sends the echo of each sequence whose prompt is now computed, and ends those that
+    /// asked for nothing more (`max_tokens: 0`), taking their logits out of the sampling.
+    fn echo(&mut self, plan: &Plan, logits: &mut BTreeMap<SeqId, Vec<f32>>) {
+        for chunk in plan.chunks.iter().filter(|c| c.logits) {
+            let Some(entry) = self.entries.get_mut(&chunk.seq) else {
+                continue;
+            };
+            match entry.sequence.take_echo(&self.model.tokenizer) {
+                Ok(Some(tokens)) => entry.job.send(TokenEvent::Prompt { tokens }),
+                Ok(None) => {}
+                Err(err) => {
+                    logits.remove(&chunk.seq);
+                    self.fail(chunk.seq, err.into());
+                    continue;
+                }
+            }
+            if entry.sequence.prompt_only() {
+                logits.remove(&chunk.seq);
+                entry.job.send(TokenEvent::Finished {
+                    reason: FinishReason::MaxTokens,
+                    prompt_tokens: entry.sequence.prompt_ids().len(),
+                    completion_tokens: 0,
                     cached_tokens: self.scheduler.cached_tokens(chunk.seq),
                 });
                 self.remove(chunk.seq);

@@ -145,8 +145,10 @@ impl StepIndex {
         let logit_rows: Vec<u32> = seqs
             .iter()
             .zip(&first_row)
-            .filter(|(s, _)| s.logits)
-            .map(|(s, first)| (first + s.tokens.len() - 1) as u32)
+            .flat_map(|(s, first)| {
+                let end = first + s.tokens.len();
+                (end - s.logit_rows()..end).map(|row| row as u32)
+            })
             .collect();
         all.extend(&logit_rows);
         let decoding: Vec<usize> = (0..seqs.len())

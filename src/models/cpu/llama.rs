@@ -342,7 +342,8 @@ impl Weights {
         out
     }
 
-    /// The final norm and output projection of each chunk's last row that asks for logits.
+    /// The final norm and output projection of each chunk's rows that ask for logits (see
+    /// [`SeqChunk::logit_rows`]).
     fn logits(&self, seqs: &[SeqChunk<'_>], x: &[f32]) -> Vec<Vec<f32>> {
         let s = &self.hyper;
         let hidden = s.hidden;
@@ -350,9 +351,8 @@ impl Weights {
         let mut end = 0;
         for seq in seqs {
             end += seq.tokens.len();
-            if seq.logits {
-                last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
-            }
+            let rows = seq.logit_rows();
+            last.extend_from_slice(&x[(end - rows) * hidden..end * hidden]);
         }
         let wanted = last.len() / hidden;
         if wanted == 0 {

@@ -34,8 +34,8 @@ fn chunk(seq: SeqId, start: usize, len: usize, logits: bool) -> Chunk {
 #[test]
 fn prompts_are_chunked_to_the_budget_and_decodes_go_first() {
     let mut s = Scheduler::new(config(64, 4, 8));
-    s.add(1, vec![7; 5], 0);
-    s.add(2, vec![8; 10], 0);
+    s.add(1, vec![7; 5], 0, true);
+    s.add(2, vec![8; 10], 0, true);
     let plan = s.schedule();
     assert_eq!(plan.chunks, [chunk(1, 0, 5, true), chunk(2, 0, 3, false)]);
     assert_eq!(plan.admitted, [1, 2]);
@@ -55,7 +55,7 @@ fn prompts_alone_gives_a_finishing_prompt_a_step_without_decodes_then_alternates
         prompts_alone: true,
         ..config(64, 4, 8)
     });
-    s.add(1, vec![7; 3], 0);
+    s.add(1, vec![7; 3], 0, true);
     let plan = s.schedule();
     assert_eq!(
         plan.chunks,
@@ -64,12 +64,12 @@ fn prompts_alone_gives_a_finishing_prompt_a_step_without_decodes_then_alternates
     );
     run(&mut s, &plan);
     // 2 arrives while 1 decodes: its prompt runs alone, 1's decode waits one step.
-    s.add(2, vec![8; 4], 0);
+    s.add(2, vec![8; 4], 0, true);
     let plan = s.schedule();
     assert_eq!(plan.chunks, [chunk(2, 0, 4, true)]);
     run(&mut s, &plan);
     // 3 arrives at once: never two such steps in a row, so it shares the decodes' step.
-    s.add(3, vec![9; 2], 0);
+    s.add(3, vec![9; 2], 0, true);
     let plan = s.schedule();
     assert_eq!(
         plan.chunks,
@@ -81,7 +81,7 @@ fn prompts_alone_gives_a_finishing_prompt_a_step_without_decodes_then_alternates
     );
     run(&mut s, &plan);
     // A prompt that does not finish in this step rides along with the decodes.
-    s.add(4, vec![5; 12], 0);
+    s.add(4, vec![5; 12], 0, true);
     let plan = s.schedule();
     assert_eq!(
         plan.chunks,
@@ -105,7 +105,7 @@ fn prompts_alone_gives_a_finishing_prompt_a_step_without_decodes_then_alternates
 fn the_queue_is_served_in_order_up_to_max_seqs() {
     let mut s = Scheduler::new(config(64, 2, 64));
     for id in 1..=3 {
-        s.add(id, vec![1, 2, 3], 0);
+        s.add(id, vec![1, 2, 3], 0, true);
     }
     let plan = s.schedule();
     assert_eq!(plan.admitted, [1, 2]);
@@ -124,8 +124,8 @@ fn a_full_pool_preempts_the_newest_which_resumes_with_all_its_tokens() {
         prefix_caching: false,
         ..config(4, 4, 64)
     });
-    s.add(1, (0..6).collect(), 0);
-    s.add(2, (10..13).collect(), 0);
+    s.add(1, (0..6).collect(), 0, true);
+    s.add(2, (10..13).collect(), 0, true);
     let plan = s.schedule();
     assert_eq!(plan.admitted, [1, 2]);
     run(&mut s, &plan);
@@ -161,10 +161,10 @@ fn a_paused_sequence_is_skipped_and_preempted_first() {
         prefix_caching: false,
         ..config(4, 4, 64)
     });
-    s.add(1, (0..3).collect(), 0);
+    s.add(1, (0..3).collect(), 0, true);
     let plan = s.schedule();
     run(&mut s, &plan);
-    s.add(2, (10..13).collect(), 0);
+    s.add(2, (10..13).collect(), 0, true);
     let plan = s.schedule();
     run(&mut s, &plan);
     s.set_paused(1, true);
@@ -190,38 +190,45 @@ fn a_paused_sequence_is_skipped_and_preempted_first() {
 fn a_repeated_prompt_reuses_its_full_blocks_but_never_its_last_token() {
     let mut s = Scheduler::new(config(16, 4, 64));
     let prompt: Vec<u32> = (0..10).collect();
-    s.add(1, prompt.clone(), 0);
+    s.add(1, prompt.clone(), 0, true);
     let plan = s.schedule();
     run(&mut s, &plan);
     s.remove(1);
     assert_eq!(s.blocks_cached(), 2);
     // The same prompt: blocks 0..8 are reused, 8..10 computed.
-    s.add(2, prompt.clone(), 0);
+    s.add(2, prompt.clone(), 0, true);
     let plan = s.schedule();
     assert_eq!(plan.chunks, [chunk(2, 8, 2, true)]);
     assert_eq!(s.cached_tokens(2), 8);
     run(&mut s, &plan);
     s.remove(2);
     // Exactly 8 tokens: the last block must be computed for its logits, so 4 are reused.
-    s.add(3, prompt[..8].to_vec(), 0);
+    s.add(3, prompt[..8].to_vec(), 0, true);
     let plan = s.schedule();
     assert_eq!(plan.chunks, [chunk(3, 4, 4, true)]);
     run(&mut s, &plan);
     s.remove(3);
     // Another salt (another caller) shares nothing.
-    s.add(4, prompt.clone(), 1);
+    s.add(4, prompt.clone(), 1, true);
     let plan = s.schedule();
     assert_eq!(plan.chunks, [chunk(4, 0, 10, true)]);
+    run(&mut s, &plan);
+    s.remove(4);
+    // A sequence that may not reuse (an echo with log probabilities) computes it all.
+    s.add(5, prompt.clone(), 0, false);
+    let plan = s.schedule();
+    assert_eq!(plan.chunks, [chunk(5, 0, 10, true)]);
+    assert_eq!(s.cached_tokens(5), 0);
     let counters = s.counters();
     assert_eq!(counters.prefix_hit_tokens, 12);
-    assert_eq!(counters.prefix_queried_tokens, 38);
+    assert_eq!(counters.prefix_queried_tokens, 48);
     s.check();
 }
 
 #[test]
 fn generated_tokens_fill_blocks_that_the_next_turn_reuses() {
     let mut s = Scheduler::new(config(16, 4, 64));
-    s.add(1, vec![5, 6, 7], 0);
+    s.add(1, vec![5, 6, 7], 0, true);
     for _ in 0..6 {
         let plan = s.schedule();
         run(&mut s, &plan);
@@ -231,7 +238,7 @@ fn generated_tokens_fill_blocks_that_the_next_turn_reuses() {
     s.remove(1);
     let mut next = turn.clone();
     next.extend([40, 41]);
-    s.add(2, next, 0);
+    s.add(2, next, 0, true);
     let plan = s.schedule();
     assert_eq!(plan.chunks, [chunk(2, 8, 3, true)]);
 }
@@ -239,22 +246,22 @@ fn generated_tokens_fill_blocks_that_the_next_turn_reuses() {
 #[test]
 fn cached_blocks_are_evicted_least_recently_freed_first() {
     let mut s = Scheduler::new(config(4, 4, 64));
-    s.add(1, (0..5).collect(), 0);
+    s.add(1, (0..5).collect(), 0, true);
     let plan = s.schedule();
     run(&mut s, &plan);
     s.remove(1);
-    s.add(2, (10..15).collect(), 0);
+    s.add(2, (10..15).collect(), 0, true);
     let plan = s.schedule();
     run(&mut s, &plan);
     s.remove(2);
     assert_eq!(s.blocks_cached(), 2);
     // Four blocks' worth of new tokens: every cached block is reused for new contents.
-    s.add(3, (20..35).collect(), 0);
+    s.add(3, (20..35).collect(), 0, true);
     let plan = s.schedule();
     run(&mut s, &plan);
     assert_eq!(s.counters().evictions, 2);
     s.remove(3);
-    s.add(4, (0..5).collect(), 0);
+    s.add(4, (0..5).collect(), 0, true);
     let plan = s.schedule();
     assert_eq!(
         plan.chunks,
@@ -301,7 +308,7 @@ proptest! {
                 Action::Add { prompt, salt } => {
                     if prompt.len() < s.capacity() / 2 {
                         next += 1;
-                        s.add(next, prompt, salt);
+                        s.add(next, prompt, salt, true);
                     }
                 }
                 Action::Step => {

@@ -338,10 +338,12 @@ impl Sequence {
             .params
             .logprobs
             .map(|top| (Distribution::new(&logits, top), logits.clone()));
-        if let Some(guide) = &mut self.guide {
-            guide.mask(&mut logits)?;
-        }
-        let token = self.sampler.sample(&mut logits, &self.all_ids);
+        let token = match &mut self.guide {
+            Some(guide) => self
+                .sampler
+                .sample_constrained(&mut logits, &self.all_ids, guide)?,
+            None => self.sampler.sample(&mut logits, &self.all_ids),
+        };
         // A constrained output ends where its grammar does, whatever `ignore_eos` says.
         let complete = match &mut self.guide {
             Some(guide) => guide.advance(token)?,

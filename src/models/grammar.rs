@@ -11,6 +11,7 @@ use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
 
 use super::error::GenerationError;
+use super::sampling::Constrain;
 use super::tokenizer::TextTokenizer;
 
 /// What the output must match.
@@ -82,6 +83,8 @@ fn lark_string(text: &str) -> String {
 /// One model's grammar compiler: its vocabulary as byte strings in a trie, built once.
 pub struct Grammars {
     factory: ParserFactory,
+    /// Tokens the trie knows.
+    vocab: usize,
 }
 
 impl Grammars {
@@ -101,7 +104,7 @@ impl Grammars {
         let env: TokEnv = Arc::new(env);
         let mut factory = ParserFactory::new_simple(&env).map_err(|err| err.to_string())?;
         factory.quiet();
-        Ok(Self { factory })
+        Ok(Self { factory, vocab })
     }
 
     /// A fresh matcher for `constraint`, or why the constraint cannot be compiled.
@@ -113,7 +116,10 @@ impl Grammars {
         let matcher = Matcher::new(Ok(parser));
         match matcher.get_error() {
             Some(error) => Err(error),
-            None => Ok(Guide { matcher }),
+            None => Ok(Guide {
+                matcher,
+                vocab: self.vocab,
+            }),
         }
     }
 }
@@ -143,6 +149,8 @@ impl TokenizerEnv for Env {
 /// One sequence's matcher.
 pub struct Guide {
     matcher: Matcher,
+    /// Tokens its trie knows (a model's vocabulary may be padded past them).
+    vocab: usize,
 }
 
 impl std::fmt::Debug for Guide {
@@ -150,6 +158,18 @@ impl std::fmt::Debug for Guide {
         f.debug_struct("Guide")
             .field("stopped", &self.matcher.is_stopped())
             .finish()
+    }
+}
+
+impl Constrain for Guide {
+    type Error = GenerationError;
+
+    fn allows(&mut self, token: u32) -> Result<bool, GenerationError> {
+        Guide::allows(self, token)
+    }
+
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), GenerationError> {
+        Guide::mask(self, logits)
     }
 }
 
@@ -174,6 +194,14 @@ impl Guide {
             }
         }
         Ok(())
+    }
+
+    /// Whether `token` may come next (the end-of-sequence token once the output may end).
+    pub fn allows(&mut self, token: u32) -> Result<bool, GenerationError> {
+        if token as usize >= self.vocab || self.matcher.is_stopped() {
+            return Ok(false);
+        }
+        Ok(self.matcher.validate_tokens(&[token]).map_err(fault)? == 1)
     }
 
     /// Moves past `token`; returns whether the output is now complete (nothing may follow).

@@ -108,6 +108,16 @@ pub const MAX_LOGIT_BIAS: usize = 300;
 /// Largest presence or frequency penalty, either sign (OpenAI's range).
 pub const MAX_PENALTY: f32 = 2.0;
 
+/// What limits the tokens a sampler may choose: a grammar's matcher.
+pub trait Constrain {
+    /// Why the constraint failed.
+    type Error;
+    /// Whether `token` may come next.
+    fn allows(&mut self, token: u32) -> Result<bool, Self::Error>;
+    /// Sets every logit of a token that may not come next to −∞.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<(), Self::Error>;
+}
+
 /// Chooses tokens from logits, with its own seeded RNG.
 #[derive(Debug)]
 pub struct Sampler {
@@ -139,6 +149,48 @@ impl Sampler {
     /// only the tokens this sampler drew (the generated ones, as OpenAI and vLLM define
     /// them). A NaN logit is never drawn; logits with no finite maximum are decided greedily.
     pub fn sample(&mut self, logits: &mut [f32], previous: &[u32]) -> u32 {
+        self.adjust(logits, previous);
+        let token = self.choose(logits);
+        self.record(token);
+        token
+    }
+
+    /// Picks the next token under a constraint (a grammar). With no truncation (top-k, top-p
+    /// and min-p off), a token is first drawn from all the logits and kept when the
+    /// constraint allows it: such a draw is distributed as a draw from the masked
+    /// logits (and the greedy choice is the same), so the mask is computed only when the
+    /// first draw is refused, as llama.cpp's sampler does. Otherwise the mask comes first.
+    pub fn sample_constrained<C: Constrain>(
+        &mut self,
+        logits: &mut [f32],
+        previous: &[u32],
+        constraint: &mut C,
+    ) -> Result<u32, C::Error> {
+        self.adjust(logits, previous);
+        let p = &self.params;
+        let whole = p.top_k == 0 && p.top_p >= 1.0 && p.min_p == 0.0;
+        let token = match whole {
+            true => {
+                let first = self.choose(logits);
+                match constraint.allows(first)? {
+                    true => first,
+                    false => {
+                        constraint.mask(logits)?;
+                        self.choose(logits)
+                    }
+                }
+            }
+            false => {
+                constraint.mask(logits)?;
+                self.choose(logits)
+            }
+        };
+        self.record(token);
+        Ok(token)
+    }
+
+    /// Applies the logit biases and the penalties.
+    fn adjust(&self, logits: &mut [f32], previous: &[u32]) {
         for (id, bias) in &self.params.logit_bias {
             if let Some(logit) = logits.get_mut(*id as usize) {
                 *logit += bias;
@@ -148,17 +200,19 @@ impl Sampler {
             apply_repetition_penalty(logits, previous, self.params.repetition_penalty);
         }
         let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
-        let counting = presence != 0.0 || frequency != 0.0;
         for (&id, &count) in &self.drawn {
             if let Some(logit) = logits.get_mut(id as usize) {
                 *logit -= presence + frequency * count as f32;
             }
         }
-        let token = self.choose(logits);
-        if counting {
+    }
+
+    /// Counts a chosen token for the presence and frequency penalties.
+    fn record(&mut self, token: u32) {
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if presence != 0.0 || frequency != 0.0 {
             *self.drawn.entry(token).or_default() += 1;
         }
-        token
     }
 
     fn choose(&mut self, logits: &mut [f32]) -> u32 {
@@ -207,6 +261,94 @@ pub fn argmax(logits: &[f32]) -> u32 {
 mod tests {
     use super::candidates::Kept;
     use super::*;
+
+    /// Allows the even token ids and counts its masks.
+    struct Evens {
+        masks: usize,
+    }
+
+    impl Constrain for Evens {
+        type Error = ();
+
+        fn allows(&mut self, token: u32) -> Result<bool, ()> {
+            Ok(token.is_multiple_of(2))
+        }
+
+        fn mask(&mut self, logits: &mut [f32]) -> Result<(), ()> {
+            self.masks += 1;
+            logits
+                .iter_mut()
+                .skip(1)
+                .step_by(2)
+                .for_each(|l| *l = f32::NEG_INFINITY);
+            Ok(())
+        }
+    }
+
+    /// Drawing from all the logits first and masking only on a refusal gives the masked
+    /// distribution: over 40 000 seeded draws each allowed token's frequency is its masked
+    /// probability, no refused token comes out, and most draws need no mask.
+    #[test]
+    fn a_refused_first_draw_falls_back_to_the_masked_distribution() {
+        let logits = [1.0f32, 2.0, 0.5, 1.5, 0.0, 2.5];
+        let allowed = [0usize, 2, 4];
+        let total: f64 = allowed.iter().map(|&i| f64::from(logits[i]).exp()).sum();
+        let mut sampler = Sampler::new(SamplingParams {
+            seed: Some(3),
+            ..SamplingParams::default()
+        });
+        let mut constraint = Evens { masks: 0 };
+        let mut counts = [0usize; 6];
+        let draws = 40_000;
+        for _ in 0..draws {
+            let mut row = logits.to_vec();
+            let token = sampler
+                .sample_constrained(&mut row, &[], &mut constraint)
+                .unwrap();
+            counts[token as usize] += 1;
+        }
+        for (i, &count) in counts.iter().enumerate() {
+            let expected = match allowed.contains(&i) {
+                true => f64::from(logits[i]).exp() / total,
+                false => 0.0,
+            };
+            let got = count as f64 / draws as f64;
+            assert!(
+                (got - expected).abs() < 0.01,
+                "token {i}: {got} against {expected}"
+            );
+        }
+        assert!(constraint.masks < draws, "{} masks", constraint.masks);
+        assert!(constraint.masks > 0);
+    }
+
+    #[test]
+    fn greedy_and_truncated_sampling_under_a_constraint() {
+        let logits = [1.0f32, 2.0, 0.5, 1.5, 0.0, 2.5];
+        let mut greedy = Sampler::new(SamplingParams::greedy());
+        let mut constraint = Evens { masks: 0 };
+        let token = greedy
+            .sample_constrained(&mut logits.to_vec(), &[], &mut constraint)
+            .unwrap();
+        assert_eq!(
+            (token, constraint.masks),
+            (0, 1),
+            "the best allowed, after a refusal"
+        );
+        let mut top_p = Sampler::new(SamplingParams {
+            top_p: 0.9,
+            seed: Some(1),
+            ..SamplingParams::default()
+        });
+        let mut constraint = Evens { masks: 0 };
+        for _ in 0..50 {
+            let token = top_p
+                .sample_constrained(&mut logits.to_vec(), &[], &mut constraint)
+                .unwrap();
+            assert!(token.is_multiple_of(2));
+        }
+        assert_eq!(constraint.masks, 50, "truncation masks first");
+    }
 
     fn logits() -> Vec<f32> {
         vec![1.0, 3.0, 2.0, 0.5, 2.9]

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, SseReader};
-use common::{fixtures, golden, index};
+use common::{fixture_pool, fixtures, golden, index};
 use serde_json::{json, Value};
 
 fn demo_pool(extra: &str) -> String {
@@ -37,15 +37,7 @@ async fn every_fixture_architecture_returns_the_golden_tokens_over_http() {
         .into_iter()
         .filter(|entry| entry.kind == "safetensors")
         .collect();
-    let mut toml = String::from("version = 1\n");
-    for entry in &entries {
-        toml.push_str(&format!(
-            "[[models]]\nname = \"{}\"\nsource = \"{}\"\n",
-            entry.name,
-            fixtures.join(&entry.path).display()
-        ));
-    }
-    let daemon = Daemon::start(&toml).await;
+    let daemon = Daemon::start(&fixture_pool(&fixtures, &entries)).await;
     for entry in &entries {
         let cases = golden(&fixtures, &entry.golden[0]).cases;
         let mut kinds_seen = Vec::new();

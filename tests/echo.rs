@@ -7,7 +7,7 @@
 mod common;
 
 use common::daemon::Daemon;
-use common::{check_first_logprobs, fixtures, golden, index};
+use common::{check_first_logprobs, fixture_pool, fixtures, golden, index};
 use serde_json::{json, Value};
 
 const COMPLETIONS: &str = "/v1/completions";
@@ -20,15 +20,7 @@ fn demo_pool() -> String {
 async fn echoed_greedy_continuations_match_the_goldens_for_every_fixture() {
     let Some(fixtures) = fixtures() else { return };
     let entries = index(&fixtures);
-    let mut toml = String::from("version = 1\n");
-    for entry in &entries {
-        toml.push_str(&format!(
-            "[[models]]\nname = \"{}\"\nsource = \"{}\"\n",
-            entry.name,
-            fixtures.join(&entry.path).display()
-        ));
-    }
-    let daemon = Daemon::start(&toml).await;
+    let daemon = Daemon::start(&fixture_pool(&fixtures, &entries)).await;
     for entry in &entries {
         let case = golden(&fixtures, &entry.golden[0])
             .cases

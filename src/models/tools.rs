@@ -384,6 +384,11 @@ pub fn parse_answer(format: ToolFormat, parallel: bool, text: &str) -> (String, 
     let mut stream = ToolStream::new(format, parallel);
     let mut pieces = stream.push(text);
     pieces.extend(stream.finish());
+    gather(pieces)
+}
+
+/// The content (joined) and the calls of an answer's pieces.
+fn gather(pieces: Vec<Piece>) -> (String, Vec<Call>) {
     let mut content = String::new();
     let mut calls = Vec::new();
     for piece in pieces {
@@ -461,15 +466,7 @@ mod tests {
                         pieces.extend(stream.push(&chunk.iter().collect::<String>()));
                     }
                     pieces.extend(stream.finish());
-                    let mut content = String::new();
-                    let mut calls = Vec::new();
-                    for piece in pieces {
-                        match piece {
-                            Piece::Content(text) => content.push_str(&text),
-                            Piece::Call(call) => calls.push(call),
-                        }
-                    }
-                    assert_eq!((content, calls), whole, "{format:?} {size} {text:?}");
+                    assert_eq!(gather(pieces), whole, "{format:?} {size} {text:?}");
                 }
             }
         }

@@ -102,6 +102,19 @@ pub struct TopLogit {
     pub logit: f32,
 }
 
+/// A `pool.toml` serving every entry under its index name.
+pub fn fixture_pool(fixtures: &std::path::Path, entries: &[IndexEntry]) -> String {
+    let mut toml = String::from("version = 1\n");
+    for entry in entries {
+        toml.push_str(&format!(
+            "[[models]]\nname = \"{}\"\nsource = \"{}\"\n",
+            entry.name,
+            fixtures.join(&entry.path).display()
+        ));
+    }
+    toml
+}
+
 /// Reads a golden file relative to the fixtures folder.
 pub fn golden(fixtures: &std::path::Path, rel: &str) -> Golden {
     let text = std::fs::read_to_string(fixtures.join(rel)).unwrap();

@@ -69,3 +69,61 @@ async fn ps_load_reload_and_evict_drive_a_running_daemon() {
     assert!(!ok);
     assert!(stderr.contains("404"), "{stderr}");
 }
+
+/// A load shows its progress while it runs: `/admin/models` gives the loading replica's
+/// bytes read and total, and `llorch load` off a terminal prints a line per tenth of the way
+/// (the fake model's load counts its milliseconds as its bytes), then the outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_load_shows_its_progress_in_the_listing_and_the_cli() {
+    let daemon =
+        Daemon::start("version = 1\n[[models]]\nname = \"first\"\nsource = \"builtin:demo\"\n")
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("slow.toml");
+    std::fs::write(
+        &file,
+        "name = \"slow\"\nsource = \"builtin:fake?ms=5&load_ms=2000\"\n",
+    )
+    .unwrap();
+    let url = daemon.url.clone();
+    let path = file.to_str().unwrap().to_string();
+    let cli = tokio::spawn(async move { llorch(&["load", &path], &url).await });
+    let mut seen = Vec::new();
+    while !cli.is_finished() {
+        let listing = daemon.get_json("/admin/models").await;
+        let slow = listing["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "slow")
+            .cloned();
+        if let Some(progress) = slow.map(|m| m["replicas"][0]["load_progress"].clone()) {
+            if let Some(read) = progress["bytes_read"].as_u64() {
+                assert_eq!(progress["bytes_total"], 2000, "{progress}");
+                seen.push(read);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (ok, out, stderr) = cli.await.unwrap();
+    assert!(ok, "{stderr}");
+    assert_eq!(out.trim(), "slow loaded");
+    assert!(
+        seen.len() >= 3 && seen.windows(2).all(|w| w[0] <= w[1]),
+        "{seen:?}"
+    );
+    assert!(seen.last() > seen.first(), "{seen:?}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("slow: loading "))
+        .collect();
+    assert!(lines.len() >= 3, "{stderr}");
+    assert!(
+        lines.iter().any(|l| l.contains("of 2000 bytes")),
+        "{stderr}"
+    );
+    let listing = daemon.get_json("/admin/models").await;
+    let slow = &listing["models"].as_array().unwrap()[1];
+    assert_eq!(slow["replicas"][0]["state"], "ready");
+    assert!(slow["replicas"][0]["load_progress"].is_null());
+}

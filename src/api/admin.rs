@@ -126,6 +126,9 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
                         "device_memory_bytes": replica.device_memory_bytes,
                         "loaded_at": replica.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
                         "batching": batching(replica, model.info.as_ref()),
+                        "load_progress": replica.load_progress.map(|(read, total)| {
+                            json!({"bytes_read": read, "bytes_total": total})
+                        }),
                     })
                 })
                 .collect();

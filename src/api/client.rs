@@ -1,7 +1,11 @@
 //! The operator's client for a running daemon's admin API: `llorch ps`, `load`, `reload`,
-//! `evict`. The admin key comes from `LLORCH_ADMIN_KEY`.
+//! `evict`. The admin key comes from `LLORCH_ADMIN_KEY`. While a load or reload runs, the
+//! loading replicas' progress is shown on stderr: a bar on a terminal, plain lines otherwise.
 
+use std::future::Future;
+use std::io::IsTerminal;
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -102,9 +106,8 @@ impl AdminClient {
         for entry in read_entries(file)? {
             let body =
                 serde_json::to_value(&entry).map_err(|e| ClientError::BadInput(e.to_string()))?;
-            let reply = self
-                .send(reqwest::Method::POST, "/admin/models", Some(&body))
-                .await?;
+            let call = self.send(reqwest::Method::POST, "/admin/models", Some(&body));
+            let reply = self.showing_progress(Some(&entry.name), call).await?;
             lines.push(outcomes(&reply));
         }
         Ok(lines.join("\n"))
@@ -116,8 +119,36 @@ impl AdminClient {
             Some(name) => format!("/admin/models/{name}/reload"),
             None => "/admin/reload".to_string(),
         };
-        let reply = self.send(reqwest::Method::POST, &path, None).await?;
+        let call = self.send(reqwest::Method::POST, &path, None);
+        let reply = self.showing_progress(name, call).await?;
         Ok(outcomes(&reply))
+    }
+
+    /// Waits for `call`, showing on stderr, every quarter second, the load progress of the
+    /// replicas of `model` (of every model when `None`) that are loading.
+    async fn showing_progress(
+        &self,
+        model: Option<&str>,
+        call: impl Future<Output = Result<Value, ClientError>>,
+    ) -> Result<Value, ClientError> {
+        let mut call = std::pin::pin!(call);
+        let mut shown = Progress::new(std::io::stderr().is_terminal());
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                reply = &mut call => {
+                    shown.finish();
+                    return reply;
+                }
+                _ = tick.tick() => {
+                    if let Ok(listing) = self.send(reqwest::Method::GET, "/admin/models", None).await {
+                        if let Some((label, read, total)) = loading(&listing, model) {
+                            shown.update(&label, read, total);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Evicts a model (draining, or aborting its requests).
@@ -136,6 +167,81 @@ impl AdminClient {
         }
         let reply = self.send(reqwest::Method::POST, &path, None).await?;
         Ok(outcomes(&reply))
+    }
+}
+
+/// The loading replicas of `model` (every model when `None`) in a `/admin/models` listing:
+/// their names, and their bytes read and total summed.
+fn loading(listing: &Value, model: Option<&str>) -> Option<(String, u64, u64)> {
+    let (mut names, mut read, mut total) = (Vec::new(), 0, 0);
+    for entry in listing["models"].as_array()? {
+        let name = entry["name"].as_str().unwrap_or("?");
+        if model.is_some_and(|m| m != name) {
+            continue;
+        }
+        for replica in entry["replicas"].as_array().into_iter().flatten() {
+            let progress = &replica["load_progress"];
+            if let (Some(r), Some(t)) = (
+                progress["bytes_read"].as_u64(),
+                progress["bytes_total"].as_u64(),
+            ) {
+                read += r;
+                total += t;
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+    }
+    (total > 0).then(|| (names.join(", "), read, total))
+}
+
+/// Load progress on stderr: a bar on a terminal, otherwise a line each tenth of the way.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    terminal: bool,
+    tenths: u64,
+}
+
+impl Progress {
+    fn new(terminal: bool) -> Self {
+        Self {
+            bar: None,
+            terminal,
+            tenths: 0,
+        }
+    }
+
+    fn update(&mut self, label: &str, read: u64, total: u64) {
+        if !self.terminal {
+            let tenths = read * 10 / total;
+            if tenths > self.tenths {
+                self.tenths = tenths;
+                eprintln!(
+                    "{label}: loading {}% ({read} of {total} bytes)",
+                    tenths * 10
+                );
+            }
+            return;
+        }
+        let bar = self.bar.get_or_insert_with(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            let style = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar
+        });
+        bar.set_message(format!("loading {label}"));
+        bar.set_length(total);
+        bar.set_position(read);
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use super::gguf::load_gguf;
 use super::grammar::Grammars;
 use super::hf_dir::{load_dir, read_json};
 use super::model::Model;
+use super::progress::{weight_files, LoadProgress};
 use super::source::{default_hub_cache, hub_offline, resolve_hub, ModelSource};
 use super::tokenizer::TextTokenizer;
 
@@ -105,20 +106,39 @@ impl LoadedModel {
 /// Loads a model. This is CPU/IO-bound work: call it from an engine thread, never from an
 /// async task.
 pub fn load(spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
+    load_with_progress(spec, &LoadProgress::default())
+}
+
+/// [`load`], counting the bytes of weights read in `progress`.
+pub fn load_with_progress(
+    spec: &LoadSpec,
+    progress: &LoadProgress,
+) -> Result<LoadedModel, LoadError> {
     let device = spec.device.clone();
     // On a GPU, loads take turns, so the memory each one takes is the difference in use.
     let _turn = super::device::gpu_load_turn(&device);
     let before = super::device::gpu_memory_used(&device);
     let mut loaded = match &spec.source {
-        ModelSource::Dir(dir) => load_hf_dir(dir, &device, spec.dtype)?,
+        ModelSource::Dir(dir) => {
+            progress.read_ahead(&weight_files(dir), || load_hf_dir(dir, &device, spec.dtype))?
+        }
         ModelSource::Hub { repo, revision } => {
             let dir = resolve_hub(repo, revision, &default_hub_cache(), hub_offline())?;
-            load_hf_dir(&dir, &device, spec.dtype)?
+            progress.read_ahead(&weight_files(&dir), || {
+                load_hf_dir(&dir, &device, spec.dtype)
+            })?
         }
-        ModelSource::Gguf(path) => load_gguf_file(path, &device, spec.dtype)?,
+        ModelSource::Gguf(path) => progress.read_ahead(std::slice::from_ref(path), || {
+            load_gguf_file(path, &device, spec.dtype)
+        })?,
         #[cfg(feature = "fault-injection")]
         ModelSource::BuiltinFake { ms, load_ms } => {
-            std::thread::sleep(std::time::Duration::from_millis(*load_ms));
+            // The fake's progress counts the milliseconds of its load.
+            for done in (0..*load_ms).step_by(10) {
+                progress.set(done, *load_ms);
+                std::thread::sleep(std::time::Duration::from_millis((*load_ms - done).min(10)));
+            }
+            progress.set(*load_ms, *load_ms);
             let tokenizer = demo::demo_tokenizer()?;
             LoadedModel {
                 grammars: OnceLock::new(),

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
 
 use crate::models::{
-    self, FinishReason, GenerationError, GenerationParams, LoadError, LoadSpec, LoadedModel,
-    ModelInfo, Prompt,
+    self, FinishReason, GenerationError, GenerationParams, LoadError, LoadProgress, LoadSpec,
+    LoadedModel, ModelInfo, Prompt,
 };
 
 pub use crate::metrics::StepMetrics;
@@ -304,11 +304,13 @@ impl Heartbeat {
     }
 }
 
-/// What the engine thread shares with its owner: its heartbeat and its occupancy.
+/// What the engine thread shares with its owner: its heartbeat, its occupancy and its load's
+/// progress.
 #[derive(Debug)]
 pub struct Shared {
     heartbeat: Heartbeat,
     stats: EngineStats,
+    progress: LoadProgress,
 }
 
 /// How a replica's engine batches. Every `None` takes a default chosen at load, once it is
@@ -361,6 +363,7 @@ pub fn spawn_engine(
     let shared = Arc::new(Shared {
         heartbeat: Heartbeat::new(),
         stats: EngineStats::default(),
+        progress: LoadProgress::default(),
     });
     let on_thread = shared.clone();
     let thread = std::thread::Builder::new()
@@ -384,6 +387,11 @@ impl Shared {
     /// What the engine holds now.
     pub fn occupancy(&self) -> Occupancy {
         self.stats.snapshot()
+    }
+
+    /// Bytes of weights its load has read and their total.
+    pub fn load_progress(&self) -> (u64, u64) {
+        self.progress.snapshot()
     }
 }
 
@@ -463,7 +471,7 @@ fn run_engine(
     ready: oneshot::Sender<LoadResult>,
     shared: &Shared,
 ) -> EngineExit {
-    let model = match catch_unwind(AssertUnwindSafe(|| load(replica, &spec))) {
+    let model = match catch_unwind(AssertUnwindSafe(|| load(replica, &spec, &shared.progress))) {
         Ok(Ok(model)) => model,
         Ok(Err(err)) => {
             let _ = ready.send(Err(err));
@@ -490,13 +498,13 @@ fn run_engine(
 }
 
 /// Loads the model (acting on an injected load fault first, in test builds).
-fn load(replica: &str, spec: &LoadSpec) -> Result<LoadedModel, LoadError> {
+fn load(replica: &str, spec: &LoadSpec, progress: &LoadProgress) -> Result<LoadedModel, LoadError> {
     #[cfg(feature = "fault-injection")]
     if let Some(message) = super::faults::on_load(replica) {
         return Err(LoadError::Injected(message));
     }
     let _ = replica; // read only by the fault hooks of test builds
-    models::load(spec)
+    models::load_with_progress(spec, progress)
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

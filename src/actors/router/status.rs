@@ -76,6 +76,8 @@ pub struct ReplicaStatus {
     pub device_memory_bytes: Option<u64>,
     /// Its engine's sequences and KV blocks, once it has an engine.
     pub occupancy: Option<Occupancy>,
+    /// While it loads: bytes of weights read and their total.
+    pub load_progress: Option<(u64, u64)>,
 }
 
 /// A model's status for listings.
@@ -133,6 +135,11 @@ pub(super) fn list(state: &RouterState) -> Vec<ModelStatus> {
                     memory_bytes: r.info.as_ref().map(|info| info.weights_bytes),
                     device_memory_bytes: r.info.as_ref().and_then(|info| info.device_bytes),
                     occupancy: r.engine.as_ref().map(|engine| engine.occupancy()),
+                    load_progress: r
+                        .engine
+                        .as_ref()
+                        .filter(|_| r.state == ReplicaState::Loading)
+                        .map(|engine| engine.load_progress()),
                 })
                 .collect(),
             queued: route.queue.len(),

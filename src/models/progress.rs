@@ -2,8 +2,8 @@
 //! total. Beside the loader, a second thread reads the weight files through in large
 //! sequential reads: the reads count the progress, and they bring a cold file into the page
 //! cache ahead of the loader's mapped reads (page faults at random offsets, the slower way to
-//! read a cold file). A warm load is not slowed: the two run side by side and the reader
-//! stops when the loader is done.
+//! read a cold file). The two run side by side, and the reader stops when the loader is
+//! done.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

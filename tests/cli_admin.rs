@@ -127,3 +127,59 @@ async fn a_slow_load_shows_its_progress_in_the_listing_and_the_cli() {
     assert_eq!(slow["replicas"][0]["state"], "ready");
     assert!(slow["replicas"][0]["load_progress"].is_null());
 }
+
+/// `GET /admin/events` sends the pool as `/admin/models` lists it, at once and on every
+/// change: a model being loaded shows up loading with its progress, then ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_stream_follows_a_load_from_loading_to_ready() {
+    let daemon =
+        Daemon::start("version = 1\n[[models]]\nname = \"first\"\nsource = \"builtin:demo\"\n")
+            .await;
+    let response = daemon
+        .client
+        .get(daemon.at("/admin/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut events = common::daemon::SseReader::new(response);
+    let first: serde_json::Value = serde_json::from_str(&events.next().await.unwrap()).unwrap();
+    assert_eq!(
+        first["models"][0]["replicas"][0]["state"], "ready",
+        "{first}"
+    );
+    let body = serde_json::json!({"name": "slow", "source": "builtin:fake?ms=5&load_ms=1500"});
+    let loading = tokio::spawn({
+        let (client, url) = (daemon.client.clone(), daemon.at("/admin/models"));
+        async move { client.post(url).json(&body).send().await.unwrap().status() }
+    });
+    let mut states = Vec::new();
+    while states.last().map(String::as_str) != Some("ready") {
+        let event: serde_json::Value = serde_json::from_str(&events.next().await.unwrap()).unwrap();
+        let Some(slow) = event["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "slow")
+        else {
+            continue;
+        };
+        let replica = &slow["replicas"][0];
+        let state = replica["state"].as_str().unwrap_or("none").to_string();
+        if state == "loading" {
+            assert_eq!(replica["load_progress"]["bytes_total"], 1500, "{replica}");
+        }
+        if states.last() != Some(&state) {
+            states.push(state);
+        }
+    }
+    assert_eq!(states, ["loading", "ready"]);
+    assert_eq!(loading.await.unwrap(), 200);
+    // A shutdown ends the stream.
+    drop(daemon);
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while events.next().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the events stream outlived the server");
+}

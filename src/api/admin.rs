@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
 use ractor::rpc::CallResult;
 use serde::Deserialize;
@@ -81,6 +82,45 @@ fn outcome_json(outcome: &ModelOutcome) -> Value {
 
 /// `GET /admin/models`: every replica with its state, load and history.
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let models = models(&state).await?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(Json(json!({"models": models, "time": now})))
+}
+
+/// How often `GET /admin/events` looks at the pool.
+const EVENTS_POLL: Duration = Duration::from_millis(250);
+
+/// `GET /admin/events`: server-sent events, each `{"models": [...]}` as `GET /admin/models`
+/// lists them, sent at once and then whenever the listing changes (a load's progress, a
+/// state, in-flight and queued requests, sequences and KV blocks); the pool is looked at every
+/// quarter second, and a comment keeps an idle stream open until the server stops.
+pub async fn events(
+    State(state): State<AppState>,
+) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    let stream = futures::stream::unfold((state, Value::Null), |(state, last)| async move {
+        loop {
+            match models(&state).await {
+                Ok(models) if models != last => {
+                    let event = Event::default().data(json!({"models": models}).to_string());
+                    return Some((Ok(event), (state, models)));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    let event = Event::default().data(json!(error.body()).to_string());
+                    return Some((Ok(event), (state, Value::Null)));
+                }
+            }
+            tokio::time::sleep(EVENTS_POLL).await;
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// Every model with its replicas, as the listings show them.
+async fn models(state: &AppState) -> Result<Value, ApiError> {
     let call = state
         .router
         .call(RouterMsg::List, Some(Duration::from_secs(2)))
@@ -143,11 +183,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
             })
         })
         .collect();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    Ok(Json(json!({"models": models, "time": now})))
+    Ok(Value::Array(models))
 }
 
 /// A ready replica's sequences and KV blocks (`null` before it has loaded).

@@ -87,6 +87,7 @@ fn table() -> Vec<(RouteInfo, MethodRouter<AppState>)> {
             Guard::Admin,
             get(admin::list).post(admin::load),
         ),
+        route("/admin/events", &["GET"], Guard::Admin, get(admin::events)),
         route(
             "/admin/models/{name}/reload",
             &["POST"],

@@ -257,9 +257,11 @@ impl Sequence {
     }
 
     /// Whether a step computing this sequence's tokens from `start` on should return every
-    /// token's logits: it echoes its prompt with log probabilities not all recorded yet.
+    /// token's logits: it echoes its prompt with log probabilities not all recorded yet (a
+    /// sequence recomputed after a preemption, its echo sent, gets its last token's only).
     pub fn wants_prompt_rows(&self, start: usize) -> bool {
         self.params.echo
+            && !self.echoed
             && self.params.logprobs.is_some()
             && self.prompt_logprobs.len() < self.prompt_ids.len()
             && start + 1 < self.prompt_ids.len()

@@ -543,21 +543,14 @@ mod tests {
 
     #[test]
     fn templates_name_their_format() {
-        assert_eq!(
-            ToolFormat::of_template("{{ '[TOOL_CALLS]' }}"),
-            ToolFormat::Mistral
-        );
-        assert_eq!(
-            ToolFormat::of_template("<tool_call>{{ tools }}"),
-            ToolFormat::Hermes
-        );
-        assert_eq!(
-            ToolFormat::of_template("<|start_header_id|>{% if tools %}"),
-            ToolFormat::Llama3
-        );
-        assert_eq!(
-            ToolFormat::of_template("{{ messages }}"),
-            ToolFormat::Hermes
-        );
+        let cases = [
+            ("{{ '[TOOL_CALLS]' }}", ToolFormat::Mistral),
+            ("<tool_call>{{ tools }}", ToolFormat::Hermes),
+            ("<|start_header_id|>{% if tools %}", ToolFormat::Llama3),
+            ("{{ messages }}", ToolFormat::Hermes),
+        ];
+        for (template, format) in cases {
+            assert_eq!(ToolFormat::of_template(template), format, "{template}");
+        }
     }
 }

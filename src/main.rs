@@ -53,6 +53,9 @@ enum Command {
     Load {
         /// `[[models]]` tables or one entry (TOML), or an object or array of objects (JSON).
         file: PathBuf,
+        /// Return as soon as the daemon has started the operation, without waiting for it.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         url: UrlArgs,
     },
@@ -60,6 +63,9 @@ enum Command {
     Reload {
         /// The model to reload.
         name: Option<String>,
+        /// Return as soon as the daemon has started the operation, without waiting for it.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         url: UrlArgs,
     },
@@ -156,11 +162,11 @@ fn main() -> ExitCode {
         Some(Command::Quantize(args)) => quantize(args),
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Ps(url)) => admin(&url, |client| Box::pin(async move { client.ps().await })),
-        Some(Command::Load { file, url }) => admin(&url, |client| {
-            Box::pin(async move { client.load(&file).await })
+        Some(Command::Load { file, no_wait, url }) => admin(&url, |client| {
+            Box::pin(async move { client.load(&file, !no_wait).await })
         }),
-        Some(Command::Reload { name, url }) => admin(&url, |client| {
-            Box::pin(async move { client.reload(name.as_deref()).await })
+        Some(Command::Reload { name, no_wait, url }) => admin(&url, |client| {
+            Box::pin(async move { client.reload(name.as_deref(), !no_wait).await })
         }),
         Some(Command::Evict {
             name,
@@ -267,7 +273,11 @@ fn reload_on_sighup(supervisor: ractor::ActorRef<SupervisorMsg>) {
         while hangups.recv().await.is_some() {
             let reply = supervisor
                 .call(
-                    |reply| SupervisorMsg::Admin(AdminCommand::ReloadPool, reply),
+                    |reply| SupervisorMsg::Admin {
+                        command: AdminCommand::ReloadPool,
+                        wait: true,
+                        reply,
+                    },
                     None,
                 )
                 .await;

@@ -183,3 +183,58 @@ async fn the_events_stream_follows_a_load_from_loading_to_ready() {
     .await;
     assert!(ended.is_ok(), "the events stream outlived the server");
 }
+
+/// `llorch load --no-wait` and `reload --no-wait` return as soon as the daemon has started
+/// the operation (`202 Accepted`, the outcome `loading` / `reloading`); the replica then goes
+/// from loading to ready on its own. A refused operation is still refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_wait_returns_once_the_operation_has_started() {
+    let daemon =
+        Daemon::start("version = 1\n[[models]]\nname = \"first\"\nsource = \"builtin:demo\"\n")
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("slow.toml");
+    std::fs::write(
+        &file,
+        "name = \"slow\"\nsource = \"builtin:fake?ms=5&load_ms=3000\"\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let (ok, out, stderr) = llorch(&["load", path, "--no-wait"], &daemon.url).await;
+    assert!(ok, "{stderr}");
+    assert_eq!(out.trim(), "slow loading");
+    let state = |listing: serde_json::Value| {
+        listing["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "slow")
+            .map(|m| m["replicas"][0]["state"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(
+        state(daemon.get_json("/admin/models").await).as_deref(),
+        Some("loading")
+    );
+    let (ok, _, stderr) = llorch(&["load", path, "--no-wait"], &daemon.url).await;
+    assert!(!ok);
+    assert!(stderr.contains("409"), "{stderr}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while state(daemon.get_json("/admin/models").await).as_deref() != Some("ready") {
+        assert!(std::time::Instant::now() < deadline, "never became ready");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let (status, body) = daemon
+        .post(
+            "/admin/models/first/reload?wait=false",
+            &serde_json::json!(null),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["models"][0]["action"], "reloading", "{body}");
+    let (status, body) = daemon
+        .post("/admin/reload?wait=maybe", &serde_json::json!(null))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_parameter", "{body}");
+}

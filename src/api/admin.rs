@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::extract::ApiJson;
+use super::extract::{ApiJson, ApiQuery};
 use super::AppState;
 use crate::actors::admin::{
     AdminCommand, AdminError, FailureKind, ModelOutcome, DEFAULT_DRAIN_TIMEOUT,
@@ -59,11 +59,33 @@ impl From<AdminError> for ApiError {
     }
 }
 
-async fn run(state: &AppState, command: AdminCommand) -> Result<Json<Value>, ApiError> {
+/// The `wait` query of the admin operations.
+#[derive(Debug, Deserialize)]
+pub struct WaitQuery {
+    /// `false` answers `202 Accepted` as soon as the operation has started, with what it
+    /// started (`loading`, `reloading`, `evicting`, ...); `true` (the default) answers when it
+    /// has finished.
+    #[serde(default = "yes")]
+    wait: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn run(
+    state: &AppState,
+    command: AdminCommand,
+    wait: bool,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let call = state
         .supervisor
         .call(
-            |reply| SupervisorMsg::Admin(command, reply),
+            |reply| SupervisorMsg::Admin {
+                command,
+                wait,
+                reply,
+            },
             Some(ADMIN_TIMEOUT),
         )
         .await;
@@ -71,9 +93,13 @@ async fn run(state: &AppState, command: AdminCommand) -> Result<Json<Value>, Api
         Ok(CallResult::Success(result)) => result?,
         _ => return Err(AdminError::Unavailable("no answer".to_string()).into()),
     };
-    Ok(Json(
-        json!({ "models": outcomes.iter().map(outcome_json).collect::<Vec<_>>() }),
-    ))
+    let status = if wait {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let models: Vec<Value> = outcomes.iter().map(outcome_json).collect();
+    Ok((status, Json(json!({ "models": models }))))
 }
 
 fn outcome_json(outcome: &ModelOutcome) -> Value {
@@ -205,11 +231,12 @@ fn batching(replica: &ReplicaStatus, info: Option<&ModelInfo>) -> Value {
     }
 }
 
-/// `POST /admin/models`: loads a new model from a `[[models]]`-shaped JSON body.
+/// `POST /admin/models[?wait=false]`: loads a new model from a `[[models]]`-shaped JSON body.
 pub async fn load(
     State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<WaitQuery>,
     ApiJson(entry): ApiJson<ModelEntry>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let mut entry = entry;
     let root = &state.server.models_root;
     let local = matches!(
@@ -228,15 +255,21 @@ pub async fn load(
     }
     let spec = validate_entry(&entry, root)
         .map_err(|err| ApiError::bad_request("invalid_model", Some(&err.field), err.to_string()))?;
-    run(&state, AdminCommand::Load(spec)).await
+    run(&state, AdminCommand::Load(spec), query.wait).await
 }
 
-/// `POST /admin/models/{name}/reload`.
+/// `POST /admin/models/{name}/reload[?wait=false]`.
 pub async fn reload(
     State(state): State<AppState>,
     UrlPath(name): UrlPath<String>,
-) -> Result<Json<Value>, ApiError> {
-    run(&state, AdminCommand::Reload { name, spec: None }).await
+    ApiQuery(query): ApiQuery<WaitQuery>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    run(
+        &state,
+        AdminCommand::Reload { name, spec: None },
+        query.wait,
+    )
+    .await
 }
 
 /// Query of `POST /admin/models/{name}/evict`.
@@ -248,14 +281,17 @@ pub struct EvictQuery {
     /// Drain deadline in milliseconds (default 30 000).
     #[serde(default)]
     timeout_ms: Option<u64>,
+    /// As [`WaitQuery`].
+    #[serde(default = "yes")]
+    wait: bool,
 }
 
-/// `POST /admin/models/{name}/evict[?mode=abort][&timeout_ms=N]`.
+/// `POST /admin/models/{name}/evict[?mode=abort][&timeout_ms=N][&wait=false]`.
 pub async fn evict(
     State(state): State<AppState>,
     UrlPath(name): UrlPath<String>,
-    Query(query): Query<EvictQuery>,
-) -> Result<Json<Value>, ApiError> {
+    ApiQuery(query): ApiQuery<EvictQuery>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let abort = match query.mode.as_deref() {
         None | Some("drain") => false,
         Some("abort") => true,
@@ -270,10 +306,18 @@ pub async fn evict(
     let drain = query
         .timeout_ms
         .map_or(DEFAULT_DRAIN_TIMEOUT, Duration::from_millis);
-    run(&state, AdminCommand::Evict { name, abort, drain }).await
+    run(
+        &state,
+        AdminCommand::Evict { name, abort, drain },
+        query.wait,
+    )
+    .await
 }
 
-/// `POST /admin/reload`: re-reads `pool.toml` and applies the difference.
-pub async fn reload_pool(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    run(&state, AdminCommand::ReloadPool).await
+/// `POST /admin/reload[?wait=false]`: re-reads `pool.toml` and applies the difference.
+pub async fn reload_pool(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<WaitQuery>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    run(&state, AdminCommand::ReloadPool, query.wait).await
 }

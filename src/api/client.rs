@@ -100,25 +100,42 @@ impl AdminClient {
         Ok(render_table(&listing))
     }
 
-    /// Loads every model entry of a TOML (`[[models]]` tables or one entry) or JSON file.
-    pub async fn load(&self, file: &Path) -> Result<String, ClientError> {
+    /// Loads every model entry of a TOML (`[[models]]` tables or one entry) or JSON file,
+    /// showing progress until each is loaded; without `wait`, returns once each has started.
+    pub async fn load(&self, file: &Path, wait: bool) -> Result<String, ClientError> {
         let mut lines = Vec::new();
+        let path = if wait {
+            "/admin/models"
+        } else {
+            "/admin/models?wait=false"
+        };
         for entry in read_entries(file)? {
             let body =
                 serde_json::to_value(&entry).map_err(|e| ClientError::BadInput(e.to_string()))?;
-            let call = self.send(reqwest::Method::POST, "/admin/models", Some(&body));
-            let reply = self.showing_progress(Some(&entry.name), call).await?;
+            let call = self.send(reqwest::Method::POST, path, Some(&body));
+            let reply = if wait {
+                self.showing_progress(Some(&entry.name), call).await?
+            } else {
+                call.await?
+            };
             lines.push(outcomes(&reply));
         }
         Ok(lines.join("\n"))
     }
 
-    /// Reloads one model, or re-reads the pool file when `name` is `None`.
-    pub async fn reload(&self, name: Option<&str>) -> Result<String, ClientError> {
-        let path = match name {
+    /// Reloads one model, or re-reads the pool file when `name` is `None`, showing progress
+    /// until done; without `wait`, returns once the reload has started.
+    pub async fn reload(&self, name: Option<&str>, wait: bool) -> Result<String, ClientError> {
+        let mut path = match name {
             Some(name) => format!("/admin/models/{name}/reload"),
             None => "/admin/reload".to_string(),
         };
+        if !wait {
+            path.push_str("?wait=false");
+            return Ok(outcomes(
+                &self.send(reqwest::Method::POST, &path, None).await?,
+            ));
+        }
         let call = self.send(reqwest::Method::POST, &path, None);
         let reply = self.showing_progress(name, call).await?;
         Ok(outcomes(&reply))

@@ -1,10 +1,12 @@
 //! `ApiJson`: a JSON body read within the body timeout and the route's size limit, with every
-//! rejection in the OpenAI envelope (400, 408, 413 or 415).
+//! rejection in the OpenAI envelope (400, 408, 413 or 415); `ApiQuery`: a query string whose
+//! rejection is a 400 in the envelope.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection};
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
@@ -14,6 +16,23 @@ use super::AppState;
 /// A JSON body whose rejections are [`ApiError`]s.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
+
+/// A query string whose rejections are [`ApiError`]s (`invalid_parameter`).
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(value)| Self(value))
+            .map_err(|rejection| {
+                ApiError::bad_request("invalid_parameter", None, rejection.body_text())
+            })
+    }
+}
 
 impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;

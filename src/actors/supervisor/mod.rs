@@ -38,8 +38,16 @@ pub type AdminReply = RpcReplyPort<Result<Vec<ModelOutcome>, AdminError>>;
 pub enum SupervisorMsg {
     /// Start a replica again after its backoff.
     Respawn(ReplicaId),
-    /// Run an admin command.
-    Admin(AdminCommand, AdminReply),
+    /// Run an admin command; the reply comes when it is done, or, without `wait`, as soon as
+    /// it is accepted (its outcomes then say what was started: `loading`, `reloading`, ...).
+    Admin {
+        /// The command.
+        command: AdminCommand,
+        /// Reply when the operation has finished rather than when it has started.
+        wait: bool,
+        /// Receives the outcomes.
+        reply: AdminReply,
+    },
     /// Start the replicas of a spec under a new generation; replies with their ids.
     StartGeneration {
         /// The model's spec.
@@ -194,9 +202,13 @@ impl Actor for PoolSupervisor {
                     })?;
                 }
             }
-            SupervisorMsg::Admin(command, reply) => {
+            SupervisorMsg::Admin {
+                command,
+                wait,
+                reply,
+            } => {
                 let statuses = router_statuses(&state.router).await;
-                admin(&myself, state, command, reply, &statuses);
+                admin(&myself, state, (command, wait, reply), &statuses);
             }
             SupervisorMsg::EnsureLoaded(name) => {
                 let statuses = router_statuses(&state.router).await;
@@ -313,12 +325,11 @@ impl Actor for PoolSupervisor {
 }
 
 /// Checks an admin command against the pool, claims the models it touches, and hands it to a
-/// task that replies when it is done.
+/// task that replies when it is done (or replies at once with what it started, without `wait`).
 fn admin(
     myself: &ActorRef<SupervisorMsg>,
     state: &mut SupervisorState,
-    command: AdminCommand,
-    reply: AdminReply,
+    (command, wait, reply): (AdminCommand, bool, AdminReply),
     statuses: &[ModelStatus],
 ) {
     match plan::plan(state, command, statuses) {
@@ -331,8 +342,17 @@ fn admin(
                 supervisor: myself.clone(),
                 router: state.router.clone(),
             };
+            let reply = if wait {
+                Some(reply)
+            } else {
+                let _ = reply.send(Ok(plan.started()));
+                None
+            };
             tokio::spawn(async move {
-                let _ = reply.send(lifecycle::run(&ctx, plan).await);
+                let result = lifecycle::run(&ctx, plan).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
             });
         }
     }

@@ -2,7 +2,7 @@
 //! within the devices' memory budgets, checked and claimed before anything runs.
 
 use super::{ModelStatus, SupervisorState};
-use crate::actors::admin::{AdminCommand, AdminError, Failure};
+use crate::actors::admin::{AdminCommand, AdminError, Failure, ModelOutcome};
 use crate::config::ModelSpec;
 use std::time::Duration;
 
@@ -272,6 +272,46 @@ pub struct PoolPlan {
 }
 
 impl Plan {
+    /// What an accepted plan starts, one outcome per model: `loading`, `added` (a lazy model,
+    /// routed without loading), `reloading`, `evicting`, `unloading`, `unchanged`, or `failed`
+    /// for a model a pool file asks for that cannot fit its devices.
+    pub fn started(&self) -> Vec<ModelOutcome> {
+        let outcome = |name: &str, action| ModelOutcome {
+            name: name.to_string(),
+            action,
+            error: None,
+        };
+        match self {
+            Plan::Load { spec, .. } | Plan::Activate { spec, .. } => {
+                vec![outcome(&spec.name, "loading")]
+            }
+            Plan::Reload { spec, .. } => vec![outcome(&spec.name, "reloading")],
+            Plan::Evict { name, .. } => vec![outcome(name, "evicting")],
+            Plan::Unload(name) => vec![outcome(name, "unloading")],
+            Plan::Pool(pool) => {
+                let added = pool.added.iter().map(|spec| {
+                    outcome(&spec.name, if spec.preload { "loading" } else { "added" })
+                });
+                let changed = pool
+                    .changed
+                    .iter()
+                    .map(|(spec, _)| outcome(&spec.name, "reloading"));
+                let removed = pool.removed.iter().map(|name| outcome(name, "evicting"));
+                let rejected = pool.rejected.iter().map(|(name, reason)| ModelOutcome {
+                    error: Some(reason.clone()),
+                    ..outcome(name, "failed")
+                });
+                let unchanged = pool.unchanged.iter().map(|name| outcome(name, "unchanged"));
+                removed
+                    .chain(added)
+                    .chain(changed)
+                    .chain(rejected)
+                    .chain(unchanged)
+                    .collect()
+            }
+        }
+    }
+
     fn touched(&self) -> Vec<String> {
         match self {
             Plan::Load { spec, unload }

@@ -18,7 +18,7 @@ use crate::actors::admin::{
     AdminCommand, AdminError, FailureKind, ModelOutcome, DEFAULT_DRAIN_TIMEOUT,
 };
 use crate::actors::router::{ReplicaState, ReplicaStatus, Role, RouterMsg};
-use crate::actors::supervisor::SupervisorMsg;
+use crate::actors::supervisor::{Overview, SupervisorMsg};
 use crate::config::{confine, validate_entry, ModelEntry};
 use crate::models::{ModelInfo, ModelSource};
 
@@ -108,19 +108,20 @@ fn outcome_json(outcome: &ModelOutcome) -> Value {
 
 /// `GET /admin/models`: every replica with its state, load and history.
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let models = models(&state).await?;
+    let mut listing = listing(&state).await?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    Ok(Json(json!({"models": models, "time": now})))
+    listing["time"] = json!(now);
+    Ok(Json(listing))
 }
 
 /// How often `GET /admin/events` looks at the pool.
 const EVENTS_POLL: Duration = Duration::from_millis(250);
 
-/// `GET /admin/events`: server-sent events, each `{"models": [...]}` as `GET /admin/models`
-/// lists them, sent at once and then whenever the listing changes (a load's progress, a
+/// `GET /admin/events`: server-sent events, each `{"models": [...], "devices": [...]}` as
+/// `GET /admin/models` lists them, sent at once and then whenever the listing changes (a load's progress, a
 /// state, in-flight and queued requests, sequences and KV blocks); the pool is looked at every
 /// quarter second, and a comment keeps an idle stream open until the server stops.
 pub async fn events(
@@ -128,10 +129,10 @@ pub async fn events(
 ) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
     let stream = futures::stream::unfold((state, Value::Null), |(state, last)| async move {
         loop {
-            match models(&state).await {
-                Ok(models) if models != last => {
-                    let event = Event::default().data(json!({"models": models}).to_string());
-                    return Some((Ok(event), (state, models)));
+            match listing(&state).await {
+                Ok(listing) if listing != last => {
+                    let event = Event::default().data(listing.to_string());
+                    return Some((Ok(event), (state, listing)));
                 }
                 Ok(_) => {}
                 Err(error) => {
@@ -145,8 +146,8 @@ pub async fn events(
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-/// Every model with its replicas, as the listings show them.
-async fn models(state: &AppState) -> Result<Value, ApiError> {
+/// Every model with its replicas, and every device with its budget, as the listings show them.
+async fn listing(state: &AppState) -> Result<Value, ApiError> {
     let call = state
         .router
         .call(RouterMsg::List, Some(Duration::from_secs(2)))
@@ -157,14 +158,31 @@ async fn models(state: &AppState) -> Result<Value, ApiError> {
             "the router does not answer",
         ));
     };
-    let busy_call = state
+    let overview_call = state
         .supervisor
-        .call(SupervisorMsg::Busy, Some(Duration::from_secs(2)))
+        .call(SupervisorMsg::Overview, Some(Duration::from_secs(2)))
         .await;
-    let busy = match busy_call {
-        Ok(CallResult::Success(names)) => names,
-        _ => Vec::new(),
+    let Overview { busy, devices } = match overview_call {
+        Ok(CallResult::Success(overview)) => overview,
+        _ => Overview::default(),
     };
+    let devices: Vec<Value> = devices
+        .iter()
+        .map(|use_| {
+            let name = use_.device.to_string();
+            let on_it = models
+                .iter()
+                .flat_map(|model| &model.replicas)
+                .filter(|replica| replica.id.device == name);
+            json!({
+                "device": name,
+                "memory_budget_bytes": use_.budget,
+                "memory_reserved_bytes": use_.reserved,
+                "replicas": on_it.clone().count(),
+                "memory_bytes": on_it.filter_map(|replica| replica.memory_bytes).sum::<u64>(),
+            })
+        })
+        .collect();
     let models: Vec<Value> = models
         .iter()
         .map(|model| {
@@ -209,7 +227,7 @@ async fn models(state: &AppState) -> Result<Value, ApiError> {
             })
         })
         .collect();
-    Ok(Value::Array(models))
+    Ok(json!({"models": models, "devices": devices}))
 }
 
 /// A ready replica's sequences and KV blocks (`null` before it has loaded).

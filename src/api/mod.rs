@@ -5,6 +5,7 @@
 mod admin;
 mod auth;
 pub mod client;
+mod console;
 mod constraint;
 mod dispatch;
 mod error;

@@ -12,7 +12,9 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::error::ApiError;
 use super::AppState;
-use super::{admin, auth, execute, health, host, metrics, openai, rate, request_id, shutdown};
+use super::{
+    admin, auth, console, execute, health, host, metrics, openai, rate, request_id, shutdown,
+};
 
 /// Largest accepted admin request body (64 KiB).
 const ADMIN_BODY_LIMIT: usize = 64 * 1024;
@@ -20,7 +22,7 @@ const ADMIN_BODY_LIMIT: usize = 64 * 1024;
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guard {
-    /// Anyone (`/health`, `/ready`).
+    /// Anyone (`/health`, `/ready`, the console's page and assets).
     Public,
     /// An inference or admin key, once keys are configured.
     Inference,
@@ -54,6 +56,13 @@ fn table() -> Vec<(RouteInfo, MethodRouter<AppState>)> {
         )
     };
     vec![
+        route("/", &["GET"], Guard::Public, get(console::index)),
+        route(
+            "/console/{file}",
+            &["GET"],
+            Guard::Public,
+            get(console::asset),
+        ),
         route("/health", &["GET"], Guard::Public, get(health::health)),
         route("/ready", &["GET"], Guard::Public, get(health::ready)),
         route("/metrics", &["GET"], Guard::Metrics, get(metrics::metrics)),

@@ -74,8 +74,29 @@ pub enum SupervisorMsg {
     Unloaded(String),
     /// Periodic check for models idle past their `keep_alive`.
     Tick,
-    /// Lists the models an admin or background operation is working on.
-    Busy(RpcReplyPort<Vec<String>>),
+    /// The models an admin or background operation is working on, and the devices' budgets.
+    Overview(RpcReplyPort<Overview>),
+}
+
+/// What the supervisor knows beyond the router's listing.
+#[derive(Debug, Clone, Default)]
+pub struct Overview {
+    /// The models an admin or background operation is working on, sorted.
+    pub busy: Vec<String>,
+    /// Every configured or used device, sorted by name.
+    pub devices: Vec<DeviceUse>,
+}
+
+/// A device's memory budget and what the pool's models hold of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceUse {
+    /// The device (`cpu`, `cuda:0`).
+    pub device: DeviceSpec,
+    /// Its `memory_budget` in bytes, when one is set.
+    pub budget: Option<u64>,
+    /// The bytes the loaded and loading models are estimated to hold on it (weights and KV
+    /// cache), as the budget check counts them.
+    pub reserved: u64,
 }
 
 /// How often idle models are looked for.
@@ -217,10 +238,8 @@ impl Actor for PoolSupervisor {
             SupervisorMsg::Unloaded(name) => {
                 state.held.remove(&name);
             }
-            SupervisorMsg::Busy(reply) => {
-                let mut names: Vec<String> = state.busy.iter().cloned().collect();
-                names.sort();
-                let _ = reply.send(names);
+            SupervisorMsg::Overview(reply) => {
+                let _ = reply.send(overview(state));
             }
             SupervisorMsg::Tick => {
                 let statuses = router_statuses(&state.router).await;
@@ -322,6 +341,26 @@ impl Actor for PoolSupervisor {
         }
         Ok(())
     }
+}
+
+fn overview(state: &SupervisorState) -> Overview {
+    let mut busy: Vec<String> = state.busy.iter().cloned().collect();
+    busy.sort();
+    let mut reserved: HashMap<DeviceSpec, u64> =
+        state.budgets.keys().map(|device| (*device, 0)).collect();
+    for (device, bytes) in state.held.values().flatten() {
+        *reserved.entry(*device).or_default() += bytes;
+    }
+    let mut devices: Vec<DeviceUse> = reserved
+        .into_iter()
+        .map(|(device, reserved)| DeviceUse {
+            device,
+            budget: state.budgets.get(&device).copied(),
+            reserved,
+        })
+        .collect();
+    devices.sort_by_key(|d| d.device.to_string());
+    Overview { busy, devices }
 }
 
 /// Checks an admin command against the pool, claims the models it touches, and hands it to a

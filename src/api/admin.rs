@@ -113,7 +113,9 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    listing["time"] = json!(now);
+    if let Some(fields) = listing.as_object_mut() {
+        fields.insert("time".to_string(), json!(now));
+    }
     Ok(Json(listing))
 }
 

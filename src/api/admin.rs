@@ -60,7 +60,8 @@ impl From<AdminError> for ApiError {
 }
 
 /// The `wait` query of the admin operations.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// `false` answers `202 Accepted` as soon as the operation has started, with what it
     /// started (`loading`, `reloading`, `evicting`, ...); `true` (the default) answers when it
@@ -107,6 +108,9 @@ fn outcome_json(outcome: &ModelOutcome) -> Value {
 }
 
 /// `GET /admin/models`: every replica with its state, load and history.
+#[utoipa::path(get, path = "/admin/models", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "Every model, replica and device", body = crate::api::openapi::schemas::PoolListing),
+        (status = 401, description = "No admin key", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut listing = listing(&state).await?;
     let now = SystemTime::now()
@@ -126,6 +130,9 @@ const EVENTS_POLL: Duration = Duration::from_millis(250);
 /// `GET /admin/models` lists them, sent at once and then whenever the listing changes (a load's progress, a
 /// state, in-flight and queued requests, sequences and KV blocks); the pool is looked at every
 /// quarter second, and a comment keeps an idle stream open until the server stops.
+#[utoipa::path(get, path = "/admin/events", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "Server-sent events, each a listing as `GET /admin/models` gives (without `time`), at once and on every change", body = crate::api::openapi::schemas::PoolListing, content_type = "text/event-stream"),
+        (status = 401, description = "No admin key", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn events(
     State(state): State<AppState>,
 ) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
@@ -252,6 +259,13 @@ fn batching(replica: &ReplicaStatus, info: Option<&ModelInfo>) -> Value {
 }
 
 /// `POST /admin/models[?wait=false]`: loads a new model from a `[[models]]`-shaped JSON body.
+#[utoipa::path(post, path = "/admin/models", tag = "admin", security(("bearer" = [])),
+    params(WaitQuery), request_body = crate::config::ModelEntry,
+    responses((status = 200, description = "Loaded", body = crate::api::openapi::schemas::AdminOutcomes),
+        (status = 202, description = "Started (`wait=false`)", body = crate::api::openapi::schemas::AdminOutcomes),
+        (status = 400, description = "Invalid request", body = crate::api::openapi::schemas::ErrorResponse), (status = 401, description = "No key, or a key that is not valid here", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 409, description = "Already loaded, or another operation on it is running", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 503, description = "Out of memory", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn load(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<WaitQuery>,
@@ -279,6 +293,13 @@ pub async fn load(
 }
 
 /// `POST /admin/models/{name}/reload[?wait=false]`.
+#[utoipa::path(post, path = "/admin/models/{name}/reload", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The model"), WaitQuery),
+    responses((status = 200, description = "Reloaded", body = crate::api::openapi::schemas::AdminOutcomes),
+        (status = 202, description = "Started (`wait=false`)", body = crate::api::openapi::schemas::AdminOutcomes),
+        (status = 400, description = "Invalid request", body = crate::api::openapi::schemas::ErrorResponse), (status = 401, description = "No key, or a key that is not valid here", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 404, description = "No such model", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 409, description = "Another operation on it is running", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn reload(
     State(state): State<AppState>,
     UrlPath(name): UrlPath<String>,
@@ -293,7 +314,8 @@ pub async fn reload(
 }
 
 /// Query of `POST /admin/models/{name}/evict`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EvictQuery {
     /// `drain` (default) or `abort`.
     #[serde(default)]
@@ -307,6 +329,13 @@ pub struct EvictQuery {
 }
 
 /// `POST /admin/models/{name}/evict[?mode=abort][&timeout_ms=N][&wait=false]`.
+#[utoipa::path(post, path = "/admin/models/{name}/evict", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The model"), EvictQuery),
+    responses((status = 200, description = "Evicted, its memory free", body = crate::api::openapi::schemas::AdminOutcomes),
+        (status = 202, description = "Started (`wait=false`)", body = crate::api::openapi::schemas::AdminOutcomes),
+        (status = 400, description = "Invalid request", body = crate::api::openapi::schemas::ErrorResponse), (status = 401, description = "No key, or a key that is not valid here", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 404, description = "No such model", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 409, description = "Another operation on it is running", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn evict(
     State(state): State<AppState>,
     UrlPath(name): UrlPath<String>,
@@ -335,6 +364,12 @@ pub async fn evict(
 }
 
 /// `POST /admin/reload[?wait=false]`: re-reads `pool.toml` and applies the difference.
+#[utoipa::path(post, path = "/admin/reload", tag = "admin", security(("bearer" = [])),
+    params(WaitQuery),
+    responses((status = 200, description = "Each model's outcome", body = crate::api::openapi::schemas::AdminOutcomes),
+        (status = 202, description = "Started (`wait=false`)", body = crate::api::openapi::schemas::AdminOutcomes),
+        (status = 400, description = "The pool file is broken (its diagnostics); nothing changed", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 401, description = "No admin key", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn reload_pool(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<WaitQuery>,

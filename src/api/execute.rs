@@ -23,7 +23,7 @@ use crate::actors::engine::GenerationRequest;
 use crate::models::{FinishReason, Prompt};
 
 /// The `/execute` body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct ExecuteRequest {
     /// The caller's id for the job, echoed in `started`.
     pub job_id: String,
@@ -84,6 +84,11 @@ impl ChunkFormat for ExecuteFrames {
 }
 
 /// `POST /execute`.
+#[utoipa::path(post, path = "/execute", tag = "inference", security(("bearer" = [])),
+    request_body = ExecuteRequest,
+    responses((status = 200, description = "Server-sent frames: `started`, `token`s, then one `end` or `error`", body = crate::api::openapi::schemas::ExecuteFrame, content_type = "text/event-stream"),
+        (status = 400, description = "Invalid request", body = crate::api::openapi::schemas::ErrorResponse), (status = 401, description = "No key, or a key that is not valid here", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 404, description = "No such model", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn execute(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,

@@ -33,6 +33,9 @@ fn ready_replicas(status: &ModelStatus) -> usize {
 }
 
 /// Liveness: the HTTP loop and the router answer.
+#[utoipa::path(get, path = "/health", tag = "health",
+    responses((status = 200, description = "The HTTP loop and the router answer", body = crate::api::openapi::schemas::StatusBody),
+        (status = 503, description = "The router does not answer", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn health(State(state): State<AppState>) -> Response {
     match statuses(&state).await {
         Some(_) => Json(json!({"status": "ok"})).into_response(),
@@ -41,6 +44,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
 }
 
 /// Readiness: not shutting down, and every configured model has at least one ready replica.
+#[utoipa::path(get, path = "/ready", tag = "health",
+    responses((status = 200, description = "Every configured model has a ready replica", body = crate::api::openapi::schemas::StatusBody),
+        (status = 503, description = "Shutting down, or models not ready", body = crate::api::openapi::schemas::StatusBody)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     if state.shutdown.draining() {
         let body = json!({"status": "shutting_down"});
@@ -63,6 +69,9 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /v1/models`: the models with a ready replica, in the OpenAI list shape.
+#[utoipa::path(get, path = "/v1/models", tag = "inference", security(("bearer" = [])),
+    responses((status = 200, description = "The models with a ready replica", body = crate::api::openapi::schemas::ModelList),
+        (status = 401, description = "No valid key", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn models(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,

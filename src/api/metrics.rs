@@ -16,6 +16,9 @@ use crate::metrics::{BatchGauges, ModelGauges, ReplicaGauges};
 const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "metrics", security(("bearer" = [])),
+    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4"),
+        (status = 401, description = "No admin key (unless `metrics_public`)", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let models = match state
         .router

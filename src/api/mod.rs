@@ -17,6 +17,7 @@ mod host;
 mod logprobs;
 mod metrics;
 mod openai;
+pub mod openapi;
 mod rate;
 mod request_id;
 mod routes;

@@ -261,6 +261,14 @@ impl ChunkFormat for OpenAiChunks {
 }
 
 /// `POST /v1/completions`.
+#[utoipa::path(post, path = "/v1/completions", tag = "inference", security(("bearer" = [])),
+    request_body = crate::api::types::CompletionRequest,
+    responses((status = 200, description = "The completion; with `stream`, server-sent events each holding a chunk of this shape, then `[DONE]`", content(
+            (crate::api::openapi::schemas::Completion = "application/json"), (crate::api::openapi::schemas::Completion = "text/event-stream"))),
+        (status = 400, description = "Invalid request", body = crate::api::openapi::schemas::ErrorResponse), (status = 401, description = "No key, or a key that is not valid here", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 404, description = "No such model", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 429, description = "Rate limited", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 503, description = "Overloaded, or no replica can serve", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn completions(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
@@ -279,6 +287,14 @@ pub async fn completions(
 }
 
 /// `POST /v1/chat/completions`.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "inference", security(("bearer" = [])),
+    request_body = crate::api::types::ChatRequest,
+    responses((status = 200, description = "The answer; with `stream`, server-sent events of `ChatCompletionChunk`, then `[DONE]`", content(
+            (crate::api::openapi::schemas::ChatCompletion = "application/json"), (crate::api::openapi::schemas::ChatCompletionChunk = "text/event-stream"))),
+        (status = 400, description = "Invalid request", body = crate::api::openapi::schemas::ErrorResponse), (status = 401, description = "No key, or a key that is not valid here", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 404, description = "No such model", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 429, description = "Rate limited", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 503, description = "Overloaded, or no replica can serve", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,

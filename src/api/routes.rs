@@ -13,7 +13,8 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use super::error::ApiError;
 use super::AppState;
 use super::{
-    admin, auth, console, execute, health, host, metrics, openai, rate, request_id, shutdown,
+    admin, auth, console, execute, health, host, metrics, openai, openapi, rate, request_id,
+    shutdown,
 };
 
 /// Largest accepted admin request body (64 KiB).
@@ -62,6 +63,12 @@ fn table() -> Vec<(RouteInfo, MethodRouter<AppState>)> {
             &["GET"],
             Guard::Public,
             get(console::asset),
+        ),
+        route(
+            "/openapi.json",
+            &["GET"],
+            Guard::Public,
+            get(openapi::document),
         ),
         route("/health", &["GET"], Guard::Public, get(health::health)),
         route("/ready", &["GET"], Guard::Public, get(health::ready)),

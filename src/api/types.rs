@@ -24,7 +24,7 @@ pub const MAX_TOP_LOGPROBS: u32 = 20;
 pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
 
 /// A prompt: a string, a one-element list of strings, or token ids.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum PromptInput {
     /// Plain text.
@@ -36,7 +36,7 @@ pub enum PromptInput {
 }
 
 /// `stop`: one string or several.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum StopInput {
     /// One stop string.
@@ -47,7 +47,7 @@ pub enum StopInput {
 
 /// Sampling and stopping fields shared by completions and chat completions (OpenAI plus the
 /// vLLM extensions `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `return_token_ids`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct CommonParams {
     /// Most tokens to generate.
     pub max_tokens: Option<usize>,
@@ -102,7 +102,7 @@ pub struct CommonParams {
 }
 
 /// `logprobs`: chat's flag, or a completion's count of alternatives per position.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum LogprobsInput {
     /// Chat: return the chosen tokens' log probabilities.
@@ -112,7 +112,7 @@ pub enum LogprobsInput {
 }
 
 /// `POST /v1/completions`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct CompletionRequest {
     /// The model name.
     pub model: String,
@@ -127,11 +127,12 @@ pub struct CompletionRequest {
     pub common: CommonParams,
     /// Every other field, checked against [`fields`]' rules.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub rest: Map<String, Value>,
 }
 
 /// Chat message content: a string or a list of text parts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ContentInput {
     /// Plain text.
@@ -141,7 +142,7 @@ pub enum ContentInput {
 }
 
 /// One content part.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct ContentPart {
     /// The part type.
     #[serde(rename = "type")]
@@ -151,7 +152,7 @@ pub struct ContentPart {
 }
 
 /// One chat message on the wire.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct MessageInput {
     /// The role.
     pub role: String,
@@ -163,11 +164,12 @@ pub struct MessageInput {
     pub tool_call_id: Option<String>,
     /// Every other field, checked against [`fields`]' rules.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub rest: Map<String, Value>,
 }
 
 /// `POST /v1/chat/completions`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct ChatRequest {
     /// The model name.
     pub model: String,
@@ -184,6 +186,7 @@ pub struct ChatRequest {
     pub common: CommonParams,
     /// Every other field, checked against [`fields`]' rules.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub rest: Map<String, Value>,
 }
 
@@ -505,7 +508,7 @@ impl CommonParams {
 }
 
 /// `stream_options` (`include_usage` adds a final chunk with token counts).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 pub struct StreamOptions {
     /// Send a last chunk with `usage`.
     #[serde(default)]

@@ -95,7 +95,7 @@ pub struct ServerSection {
 }
 
 /// One `[[models]]` entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelEntry {
     /// What clients send as `model`.

@@ -35,11 +35,17 @@ const ASSETS: &[(&str, &str, &str)] = &[
 const JS: &str = "text/javascript; charset=utf-8";
 
 /// `GET /`: the console page.
+#[utoipa::path(get, path = "/", tag = "console",
+    responses((status = 200, description = "The web console", body = String, content_type = "text/html")))]
 pub async fn index() -> Response {
     asset_response("text/html; charset=utf-8", include_str!("index.html"))
 }
 
 /// `GET /console/{file}`: one of the page's scripts or its stylesheet.
+#[utoipa::path(get, path = "/console/{file}", tag = "console",
+    params(("file" = String, Path, description = "A script or stylesheet of the console")),
+    responses((status = 200, description = "The asset", body = String, content_type = "text/javascript"),
+        (status = 404, description = "No such asset", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn asset(UrlPath(file): UrlPath<String>) -> Response {
     match ASSETS.iter().find(|(name, _, _)| *name == file) {
         Some((_, kind, body)) => asset_response(kind, body),

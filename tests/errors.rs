@@ -265,6 +265,7 @@ fn hub_source_missing_from_an_offline_cache_is_a_clear_error() {
         "main",
         &hf_hub::Cache::new(cache.path().to_path_buf()),
         true,
+        &llorch::models::LoadProgress::default(),
     )
     .unwrap_err()
     .to_string();

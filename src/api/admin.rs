@@ -219,9 +219,12 @@ async fn listing(state: &AppState) -> Result<Value, ApiError> {
                         "device_memory_bytes": replica.device_memory_bytes,
                         "loaded_at": replica.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
                         "batching": batching(replica, model.info.as_ref()),
-                        "load_progress": replica.load_progress.map(|(read, total)| {
-                            json!({"bytes_read": read, "bytes_total": total})
-                        }),
+                        "load_progress": replica.load_progress.map(|p| json!({
+                            "bytes_read": p.bytes_read,
+                            "bytes_total": p.bytes_total,
+                            "bytes_downloaded": p.bytes_downloaded,
+                            "download_bytes_total": p.download_bytes_total,
+                        })),
                     })
                 })
                 .collect();

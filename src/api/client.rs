@@ -159,8 +159,8 @@ impl AdminClient {
                 }
                 _ = tick.tick() => {
                     if let Ok(listing) = self.send(reqwest::Method::GET, "/admin/models", None).await {
-                        if let Some((label, read, total)) = loading(&listing, model) {
-                            shown.update(&label, read, total);
+                        if let Some((label, phase, done, total)) = loading(&listing, model) {
+                            shown.update(&label, phase, done, total);
                         }
                     }
                 }
@@ -188,9 +188,11 @@ impl AdminClient {
 }
 
 /// The loading replicas of `model` (every model when `None`) in a `/admin/models` listing:
-/// their names, and their bytes read and total summed.
-fn loading(listing: &Value, model: Option<&str>) -> Option<(String, u64, u64)> {
-    let (mut names, mut read, mut total) = (Vec::new(), 0, 0);
+/// their names, what they are doing (`downloading` while an `hf:` source's files download,
+/// then `loading`), and their bytes done and total summed.
+fn loading(listing: &Value, model: Option<&str>) -> Option<(String, &'static str, u64, u64)> {
+    let mut names = Vec::new();
+    let (mut read, mut total, mut downloaded, mut download_total) = (0, 0, 0, 0);
     for entry in listing["models"].as_array()? {
         let name = entry["name"].as_str().unwrap_or("?");
         if model.is_some_and(|m| m != name) {
@@ -198,19 +200,23 @@ fn loading(listing: &Value, model: Option<&str>) -> Option<(String, u64, u64)> {
         }
         for replica in entry["replicas"].as_array().into_iter().flatten() {
             let progress = &replica["load_progress"];
-            if let (Some(r), Some(t)) = (
-                progress["bytes_read"].as_u64(),
-                progress["bytes_total"].as_u64(),
-            ) {
-                read += r;
-                total += t;
+            let count = |field: &str| progress[field].as_u64().unwrap_or(0);
+            if progress.is_object() {
+                read += count("bytes_read");
+                total += count("bytes_total");
+                downloaded += count("bytes_downloaded");
+                download_total += count("download_bytes_total");
                 if !names.contains(&name) {
                     names.push(name);
                 }
             }
         }
     }
-    (total > 0).then(|| (names.join(", "), read, total))
+    let label = names.join(", ");
+    if total == 0 && download_total > 0 {
+        return Some((label, "downloading", downloaded, download_total));
+    }
+    (total > 0).then_some((label, "loading", read, total))
 }
 
 /// Load progress on stderr: a bar on a terminal, otherwise a line each tenth of the way.
@@ -218,6 +224,7 @@ struct Progress {
     bar: Option<indicatif::ProgressBar>,
     terminal: bool,
     tenths: u64,
+    phase: &'static str,
 }
 
 impl Progress {
@@ -226,16 +233,21 @@ impl Progress {
             bar: None,
             terminal,
             tenths: 0,
+            phase: "loading",
         }
     }
 
-    fn update(&mut self, label: &str, read: u64, total: u64) {
+    fn update(&mut self, label: &str, phase: &'static str, read: u64, total: u64) {
+        if phase != self.phase {
+            self.phase = phase;
+            self.tenths = 0;
+        }
         if !self.terminal {
             let tenths = read * 10 / total;
             if tenths > self.tenths {
                 self.tenths = tenths;
                 eprintln!(
-                    "{label}: loading {}% ({read} of {total} bytes)",
+                    "{label}: {phase} {}% ({read} of {total} bytes)",
                     tenths * 10
                 );
             }
@@ -250,7 +262,7 @@ impl Progress {
             bar.set_style(style);
             bar
         });
-        bar.set_message(format!("loading {label}"));
+        bar.set_message(format!("{phase} {label}"));
         bar.set_length(total);
         bar.set_position(read);
     }

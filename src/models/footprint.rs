@@ -58,11 +58,15 @@ pub fn estimate_weight_bytes(source: &ModelSource, dtype: DTypeChoice, device: D
     match source {
         ModelSource::Dir(dir) => dir_bytes(dir),
         ModelSource::Gguf(file) => std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
-        ModelSource::Hub { repo, revision } => {
-            resolve_hub(repo, revision, &default_hub_cache(), true)
-                .map(|dir| dir_bytes(&dir))
-                .unwrap_or(0)
-        }
+        ModelSource::Hub { repo, revision } => resolve_hub(
+            repo,
+            revision,
+            &default_hub_cache(),
+            true,
+            &Default::default(),
+        )
+        .map(|dir| dir_bytes(&dir))
+        .unwrap_or(0),
         ModelSource::BuiltinDemo => demo::DEMO_PARAMETERS * compute_element_bytes(dtype, device),
         #[cfg(feature = "fault-injection")]
         ModelSource::BuiltinFake { .. } => 0,

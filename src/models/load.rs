@@ -123,7 +123,13 @@ pub fn load_with_progress(
             progress.read_ahead(&weight_files(dir), || load_hf_dir(dir, &device, spec.dtype))?
         }
         ModelSource::Hub { repo, revision } => {
-            let dir = resolve_hub(repo, revision, &default_hub_cache(), hub_offline())?;
+            let dir = resolve_hub(
+                repo,
+                revision,
+                &default_hub_cache(),
+                hub_offline(),
+                progress,
+            )?;
             progress.read_ahead(&weight_files(&dir), || {
                 load_hf_dir(&dir, &device, spec.dtype)
             })?

@@ -51,7 +51,7 @@ pub use grammar::{Constraint, Grammars, Guide};
 pub use load::{load, load_with_progress, LoadSpec, LoadedModel, ModelInfo};
 pub use logprobs::{Logprobs, TokenLogprob};
 pub use model::Model;
-pub use progress::LoadProgress;
+pub use progress::{LoadProgress, Progress};
 pub use quantize::{quantize_dir, tensor_type, QuantType, QuantizeReport, Role};
 pub use sampling::{argmax, Sampler, SamplingParams};
 pub use source::{resolve_hub, ModelSource, BUILTIN_DEMO};

@@ -19,9 +19,44 @@ const CHUNK: usize = 4 << 20;
 pub struct LoadProgress {
     read: AtomicU64,
     total: AtomicU64,
+    downloaded: AtomicU64,
+    download_total: AtomicU64,
+}
+
+/// What [`LoadProgress`] has counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes of weight files read.
+    pub bytes_read: u64,
+    /// Their total (0 before the load knows its files).
+    pub bytes_total: u64,
+    /// Bytes of an `hf:` source's files downloaded.
+    pub bytes_downloaded: u64,
+    /// The sizes of the files whose download has started (0 when nothing is downloaded).
+    pub download_bytes_total: u64,
 }
 
 impl LoadProgress {
+    /// Everything counted so far.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            bytes_read: self.read.load(Ordering::Relaxed),
+            bytes_total: self.total.load(Ordering::Relaxed),
+            bytes_downloaded: self.downloaded.load(Ordering::Relaxed),
+            download_bytes_total: self.download_total.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A file of `bytes` starts downloading.
+    pub fn download_started(&self, bytes: u64) {
+        self.download_total.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// `bytes` more have been downloaded.
+    pub fn downloaded(&self, bytes: u64) {
+        self.downloaded.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Bytes of weights read so far and their total (0 and 0 before the load knows its files
     /// or for a model built in memory).
     pub fn snapshot(&self) -> (u64, u64) {

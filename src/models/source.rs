@@ -7,6 +7,8 @@ use std::str::FromStr;
 
 use hf_hub::{Cache, Repo, RepoType};
 
+use super::progress::LoadProgress;
+
 use super::error::LoadError;
 
 /// The prefix of hub sources: `hf:org/repo[@revision]`.
@@ -135,17 +137,28 @@ pub fn hub_offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
 }
 
+/// The hub's address: `HF_ENDPOINT` (a mirror, as the Python client takes it), else
+/// `https://huggingface.co`.
+pub fn hub_endpoint() -> String {
+    std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|endpoint| !endpoint.is_empty())
+        .unwrap_or_else(|| "https://huggingface.co".to_string())
+}
+
 /// Resolves a hub repository to a local snapshot directory holding a complete HuggingFace model.
 ///
-/// Files already in `cache` are used as they are; missing ones are downloaded into it unless
-/// `offline` is set, in which case the first missing file is an error.
+/// Files already in `cache` are used as they are; missing ones are downloaded into it from
+/// [`hub_endpoint`] unless `offline` is set, in which case the first missing file is an error.
+/// Downloads count their bytes in `progress`.
 pub fn resolve_hub(
     repo: &str,
     revision: &str,
     cache: &Cache,
     offline: bool,
+    progress: &LoadProgress,
 ) -> Result<PathBuf, LoadError> {
-    let fetcher = HubFetcher::new(repo, revision, cache, offline)?;
+    let fetcher = HubFetcher::new(repo, revision, cache, offline, progress)?;
     let config = fetcher.fetch("config.json")?;
     fetcher.fetch("tokenizer.json")?;
     for name in OPTIONAL_HUB_FILES {
@@ -205,6 +218,29 @@ struct HubFetcher<'a> {
     revision: &'a str,
     cache: &'a Cache,
     offline: bool,
+    progress: &'a LoadProgress,
+}
+
+/// Counts one file's download in a [`LoadProgress`] (hf-hub announces a file's size when
+/// it starts, and again when it resumes; the size is counted once).
+struct Counting<'a> {
+    progress: &'a LoadProgress,
+    announced: bool,
+}
+
+impl hf_hub::api::Progress for Counting<'_> {
+    fn init(&mut self, size: usize, _filename: &str) {
+        if !self.announced {
+            self.announced = true;
+            self.progress.download_started(size as u64);
+        }
+    }
+
+    fn update(&mut self, size: usize) {
+        self.progress.downloaded(size as u64);
+    }
+
+    fn finish(&mut self) {}
 }
 
 impl<'a> HubFetcher<'a> {
@@ -213,6 +249,7 @@ impl<'a> HubFetcher<'a> {
         revision: &'a str,
         cache: &'a Cache,
         offline: bool,
+        progress: &'a LoadProgress,
     ) -> Result<Self, LoadError> {
         Ok(Self {
             label: format!("{repo}@{revision}"),
@@ -220,6 +257,7 @@ impl<'a> HubFetcher<'a> {
             revision,
             cache,
             offline,
+            progress,
         })
     }
 
@@ -266,11 +304,16 @@ impl<'a> HubFetcher<'a> {
             )));
         }
         let api = hf_hub::api::sync::ApiBuilder::from_cache(self.cache.clone())
+            .with_endpoint(hub_endpoint())
             .with_progress(false)
             .build()
             .map_err(|err| self.error(err.to_string()))?;
+        let counting = Counting {
+            progress: self.progress,
+            announced: false,
+        };
         api.repo(self.repo.clone())
-            .get(name)
+            .download_with_progress(name, counting)
             .map_err(|err| self.error(format!("downloading {name}: {err}")))
     }
 }

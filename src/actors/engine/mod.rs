@@ -389,9 +389,9 @@ impl Shared {
         self.stats.snapshot()
     }
 
-    /// Bytes of weights its load has read and their total.
-    pub fn load_progress(&self) -> (u64, u64) {
-        self.progress.snapshot()
+    /// Bytes of weights its load has read (and downloaded) and their totals.
+    pub fn load_progress(&self) -> crate::models::Progress {
+        self.progress.progress()
     }
 }
 

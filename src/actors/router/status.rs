@@ -76,8 +76,8 @@ pub struct ReplicaStatus {
     pub device_memory_bytes: Option<u64>,
     /// Its engine's sequences and KV blocks, once it has an engine.
     pub occupancy: Option<Occupancy>,
-    /// While it loads: bytes of weights read and their total.
-    pub load_progress: Option<(u64, u64)>,
+    /// While it loads: bytes of weights read (and downloaded) and their totals.
+    pub load_progress: Option<crate::models::Progress>,
 }
 
 /// A model's status for listings.

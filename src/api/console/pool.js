@@ -73,13 +73,19 @@ function stateCell(replica) {
   const name = replica.standby ? `${replica.state} (standby)` : replica.state;
   const cell = el("td", name, `state state-${replica.state}`);
   const progress = replica.load_progress;
-  if (progress && progress.bytes_total > 0) {
-    const bar = document.createElement("progress");
-    bar.max = progress.bytes_total;
-    bar.value = progress.bytes_read;
-    const percent = Math.floor((100 * progress.bytes_read) / progress.bytes_total);
-    bar.title = `${bytes(progress.bytes_read)} of ${bytes(progress.bytes_total)}`;
-    cell.append(" ", bar, ` ${percent}%`);
+  if (progress) {
+    const downloading = progress.bytes_total === 0 && progress.download_bytes_total > 0;
+    const [done, total] = downloading
+      ? [progress.bytes_downloaded, progress.download_bytes_total]
+      : [progress.bytes_read, progress.bytes_total];
+    if (total > 0) {
+      const bar = document.createElement("progress");
+      bar.max = total;
+      bar.value = done;
+      bar.title = `${bytes(done)} of ${bytes(total)}`;
+      const percent = Math.floor((100 * done) / total);
+      cell.append(" ", bar, ` ${downloading ? "downloading " : ""}${percent}%`);
+    }
   }
   return cell;
 }

@@ -448,6 +448,10 @@ pub struct LoadProgress {
     pub bytes_read: u64,
     /// Their total.
     pub bytes_total: u64,
+    /// Bytes of an `hf:` source's files downloaded so far.
+    pub bytes_downloaded: u64,
+    /// The sizes of the files whose download has started (0 when nothing is downloaded).
+    pub download_bytes_total: u64,
 }
 
 /// A device of the pool.

@@ -26,7 +26,10 @@ async fn s2_every_route_but_health_and_ready_refuses_a_request_without_a_key() {
     );
     for route in routes {
         for method in route.methods {
-            let path = route.path.replace("{name}", "demo");
+            let path = route
+                .path
+                .replace("{name}", "demo")
+                .replace("{file}", "app.js");
             let request = match *method {
                 "GET" => daemon.client.get(daemon.at(&path)),
                 _ => daemon.client.post(daemon.at(&path)).json(&json!({})),

@@ -5,18 +5,7 @@ mod common;
 use common::daemon::Daemon;
 
 async fn llorch(args: &[&str], url: &str) -> (bool, String, String) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_llorch"))
-        .args(args)
-        .args(["--url", url])
-        .env_remove("LLORCH_ADMIN_KEY")
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    common::llorch_cli(args, url).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

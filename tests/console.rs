@@ -21,18 +21,7 @@ fn browser_available() -> bool {
 }
 
 async fn run_browser(daemon: &Daemon, args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/console_browser.py");
-    let output = tokio::process::Command::new("python3")
-        .arg(script)
-        .arg(&daemon.url)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("all checks passed"), "{stdout}");
+    common::run_script("console_browser.py", &daemon.url, args).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

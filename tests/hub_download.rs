@@ -94,19 +94,7 @@ async fn an_hf_source_downloads_with_its_progress_shown_then_serves() {
     .unwrap();
     let path = file.to_str().unwrap().to_string();
     let url = daemon.url.clone();
-    let cli = tokio::spawn(async move {
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_llorch"))
-            .args(["load", &path, "--url", &url])
-            .env_remove("LLORCH_ADMIN_KEY")
-            .output()
-            .await
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    });
+    let cli = tokio::spawn(async move { common::llorch_cli(&["load", &path], &url).await });
     let weights = std::fs::metadata(model_dir.join("model.safetensors"))
         .unwrap()
         .len();

@@ -22,21 +22,9 @@ fn pool(extra: &str) -> String {
     format!("version = 1\n[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n{extra}")
 }
 
-/// Runs `tests/<script>` with the daemon's URL and `args`; it must exit 0 and say that all
-/// its checks passed.
+/// Runs `tests/<script>` with the daemon's URL and `args`.
 async fn run_script(daemon: &Daemon, script: &str, args: &[&str]) {
-    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
-    let output = tokio::process::Command::new("python3")
-        .arg(path)
-        .arg(&daemon.url)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{script}: {stdout}\n{stderr}");
-    assert!(stdout.contains("all checks passed"), "{script}: {stdout}");
+    common::run_script(script, &daemon.url, args).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,15 +89,6 @@ async fn the_document_is_valid_openapi_and_real_responses_match_its_schemas() {
         return;
     }
     let daemon = Daemon::start(POOL).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openapi_check.py");
-    let output = tokio::process::Command::new("python3")
-        .args([script, &daemon.url, "demo"])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("all checks passed"), "{stdout}");
+    let stdout = common::run_script("openapi_check.py", &daemon.url, &["demo"]).await;
     assert!(stdout.contains("POST /v1/chat/completions"), "{stdout}");
 }

@@ -226,3 +226,38 @@ pub fn check_first_logprobs(label: &str, logprobs: &serde_json::Value, golden: &
         "{label}"
     );
 }
+
+/// Runs `python3 tests/<script> <url> <args...>`; it must exit 0 and print "all checks
+/// passed". Returns its stdout.
+pub async fn run_script(script: &str, url: &str, args: &[&str]) -> String {
+    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = tokio::process::Command::new("python3")
+        .arg(path)
+        .arg(url)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{script}: {stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{script}: {stdout}");
+    stdout
+}
+
+/// Runs the `llorch` binary with `args` against the daemon at `url` (no admin key in its
+/// environment): whether it succeeded, its stdout and its stderr.
+pub async fn llorch_cli(args: &[&str], url: &str) -> (bool, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_llorch"))
+        .args(args)
+        .args(["--url", url])
+        .env_remove("LLORCH_ADMIN_KEY")
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

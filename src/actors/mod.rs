@@ -6,6 +6,7 @@ pub mod engine;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 pub mod lifecycle;
+pub mod listing;
 pub mod model_actor;
 pub mod pool;
 pub mod restart;

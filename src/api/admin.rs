@@ -17,10 +17,9 @@ use super::AppState;
 use crate::actors::admin::{
     AdminCommand, AdminError, FailureKind, ModelOutcome, DEFAULT_DRAIN_TIMEOUT,
 };
-use crate::actors::router::{ReplicaState, ReplicaStatus, Role, RouterMsg};
-use crate::actors::supervisor::{Overview, SupervisorMsg};
+use crate::actors::supervisor::SupervisorMsg;
 use crate::config::{confine, validate_entry, ModelEntry};
-use crate::models::{ModelInfo, ModelSource};
+use crate::models::ModelSource;
 
 /// How long an admin call may wait for its operation (a load, a drain) to finish.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(600);
@@ -112,7 +111,9 @@ fn outcome_json(outcome: &ModelOutcome) -> Value {
     responses((status = 200, description = "Every model, replica and device", body = crate::api::openapi::schemas::PoolListing),
         (status = 401, description = "No admin key", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let mut listing = listing(&state).await?;
+    let mut listing = crate::actors::listing::listing(&state.router, &state.supervisor)
+        .await
+        .ok_or_else(unanswered)?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -138,7 +139,10 @@ pub async fn events(
 ) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
     let stream = futures::stream::unfold((state, Value::Null), |(state, last)| async move {
         loop {
-            match listing(&state).await {
+            match crate::actors::listing::listing(&state.router, &state.supervisor)
+                .await
+                .ok_or_else(unanswered)
+            {
                 Ok(listing) if listing != last => {
                     let event = Event::default().data(listing.to_string());
                     return Some((Ok(event), (state, listing)));
@@ -153,112 +157,6 @@ pub async fn events(
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-}
-
-/// Every model with its replicas, and every device with its budget, as the listings show them.
-async fn listing(state: &AppState) -> Result<Value, ApiError> {
-    let call = state
-        .router
-        .call(RouterMsg::List, Some(Duration::from_secs(2)))
-        .await;
-    let Ok(CallResult::Success(models)) = call else {
-        return Err(ApiError::unavailable(
-            "unhealthy",
-            "the router does not answer",
-        ));
-    };
-    let overview_call = state
-        .supervisor
-        .call(SupervisorMsg::Overview, Some(Duration::from_secs(2)))
-        .await;
-    let Overview { busy, devices } = match overview_call {
-        Ok(CallResult::Success(overview)) => overview,
-        _ => Overview::default(),
-    };
-    let devices: Vec<Value> = devices
-        .iter()
-        .map(|use_| {
-            let name = use_.device.to_string();
-            let on_it = models
-                .iter()
-                .flat_map(|model| &model.replicas)
-                .filter(|replica| replica.id.device == name);
-            json!({
-                "device": name,
-                "memory_budget_bytes": use_.budget,
-                "memory_reserved_bytes": use_.reserved,
-                "replicas": on_it.clone().count(),
-                "memory_bytes": on_it.filter_map(|replica| replica.memory_bytes).sum::<u64>(),
-            })
-        })
-        .collect();
-    let models: Vec<Value> = models
-        .iter()
-        .map(|model| {
-            let replicas: Vec<Value> = model
-                .replicas
-                .iter()
-                .map(|replica| {
-                    let state_name = match (&replica.state, replica.role, model.draining) {
-                        (_, Role::Retiring, _) | (ReplicaState::Ready, _, true) => "draining",
-                        (ReplicaState::Loading, _, _) => "loading",
-                        (ReplicaState::Ready, _, false) => "ready",
-                        (ReplicaState::Restarting, _, _) => "restarting",
-                        (ReplicaState::Failed(_), _, _) => "failed",
-                    };
-                    json!({
-                        "replica": replica.id.to_string(),
-                        "device": replica.id.device,
-                        "generation": replica.id.generation,
-                        "state": state_name,
-                        "standby": replica.role == Role::Standby,
-                        "in_flight": replica.in_flight,
-                        "restarts": replica.restarts,
-                        "last_error": replica.last_error,
-                        "memory_bytes": replica.memory_bytes,
-                        "device_memory_bytes": replica.device_memory_bytes,
-                        "loaded_at": replica.loaded_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
-                        "batching": batching(replica, model.info.as_ref()),
-                        "load_progress": replica.load_progress.map(|p| json!({
-                            "bytes_read": p.bytes_read,
-                            "bytes_total": p.bytes_total,
-                            "bytes_downloaded": p.bytes_downloaded,
-                            "download_bytes_total": p.download_bytes_total,
-                        })),
-                    })
-                })
-                .collect();
-            json!({
-                "name": model.name,
-                "loaded": !model.replicas.is_empty(),
-                "operation_in_progress": busy.contains(&model.name),
-                "state": if model.replicas.is_empty() { "evicted" } else if model.draining { "draining" } else { "loaded" },
-                "queued": model.queued,
-                "context_length": model.info.as_ref().map(|info| info.context_length),
-                "replicas": replicas,
-            })
-        })
-        .collect();
-    Ok(json!({"models": models, "devices": devices}))
-}
-
-/// A ready replica's sequences and KV blocks (`null` before it has loaded).
-fn batching(replica: &ReplicaStatus, info: Option<&ModelInfo>) -> Value {
-    match (replica.occupancy, info, &replica.state) {
-        (Some(o), Some(info), ReplicaState::Ready) => json!({
-            "batched": info.batched,
-            "max_sequences": o.max_seqs,
-            "running": o.running,
-            "waiting": o.waiting,
-            "paused": o.paused,
-            "kv_blocks_used": o.kv_blocks_used,
-            "kv_blocks_cached": o.kv_blocks_cached,
-            "kv_blocks_total": o.kv_blocks_total,
-            "kv_block_tokens": o.kv_block_size,
-            "kv_cache_bytes": info.kv_cache_bytes,
-        }),
-        _ => Value::Null,
-    }
 }
 
 /// `POST /admin/models[?wait=false]`: loads a new model from a `[[models]]`-shaped JSON body.
@@ -378,4 +276,8 @@ pub async fn reload_pool(
     ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     run(&state, AdminCommand::ReloadPool, query.wait).await
+}
+
+fn unanswered() -> ApiError {
+    ApiError::unavailable("unhealthy", "the router does not answer")
 }

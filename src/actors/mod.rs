@@ -2,6 +2,7 @@
 //! threads. Messages carry no candle types; nobody awaits a generation inside a handler.
 
 pub mod admin;
+pub mod cluster;
 pub mod engine;
 #[cfg(feature = "fault-injection")]
 pub mod faults;

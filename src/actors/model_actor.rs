@@ -21,7 +21,7 @@ use crate::models::{LoadSpec, ModelInfo};
 const MIN_WATCHDOG_PERIOD: Duration = Duration::from_millis(20);
 
 /// Messages a model actor handles.
-#[derive(Debug)]
+#[derive(Debug, ractor_cluster::RactorMessage)]
 pub enum ModelMsg {
     /// Run a job on this replica's engine.
     Generate(Job),

@@ -111,9 +111,7 @@ fn outcome_json(outcome: &ModelOutcome) -> Value {
     responses((status = 200, description = "Every model, replica and device", body = crate::api::openapi::schemas::PoolListing),
         (status = 401, description = "No admin key", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let mut listing = crate::actors::listing::listing(&state.router, &state.supervisor)
-        .await
-        .ok_or_else(unanswered)?;
+    let mut listing = pool_listing(&state).await?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -139,10 +137,7 @@ pub async fn events(
 ) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
     let stream = futures::stream::unfold((state, Value::Null), |(state, last)| async move {
         loop {
-            match crate::actors::listing::listing(&state.router, &state.supervisor)
-                .await
-                .ok_or_else(unanswered)
-            {
+            match pool_listing(&state).await {
                 Ok(listing) if listing != last => {
                     let event = Event::default().data(listing.to_string());
                     return Some((Ok(event), (state, listing)));
@@ -278,6 +273,14 @@ pub async fn reload_pool(
     run(&state, AdminCommand::ReloadPool, query.wait).await
 }
 
-fn unanswered() -> ApiError {
-    ApiError::unavailable("unhealthy", "the router does not answer")
+/// This node's listing, and with `[cluster]` every other node's, each replica and device
+/// with its `node`.
+async fn pool_listing(state: &AppState) -> Result<Value, ApiError> {
+    let mut listing = crate::actors::listing::listing(&state.router, &state.supervisor)
+        .await
+        .ok_or_else(|| ApiError::unavailable("unhealthy", "the router does not answer"))?;
+    if let Some(cluster) = &state.cluster {
+        cluster.merge(&mut listing);
+    }
+    Ok(listing)
 }

@@ -365,9 +365,13 @@ pub fn render_table(listing: &Value) -> String {
     ]
     .map(String::from)
     .to_vec()];
+    let clustered = listing["nodes"].is_array();
+    if let Some(header) = rows.first_mut().filter(|_| clustered) {
+        header.insert(1, "NODE".to_string());
+    }
     for model in listing["models"].as_array().into_iter().flatten() {
         for replica in model["replicas"].as_array().into_iter().flatten() {
-            rows.push(vec![
+            let mut row = vec![
                 model["name"].as_str().unwrap_or("").to_string(),
                 replica["replica"].as_str().unwrap_or("").to_string(),
                 replica["state"].as_str().unwrap_or("").to_string(),
@@ -377,7 +381,11 @@ pub fn render_table(listing: &Value) -> String {
                 kv_used(&replica["batching"]),
                 replica["restarts"].to_string(),
                 replica["last_error"].as_str().unwrap_or("-").to_string(),
-            ]);
+            ];
+            if clustered {
+                row.insert(1, replica["node"].as_str().unwrap_or("-").to_string());
+            }
+            rows.push(row);
         }
     }
     let columns = rows.first().map_or(0, Vec::len);

@@ -66,6 +66,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Per-caller token buckets (used when `server.rate_limit` is set).
     pub limiter: Arc<rate::Limiter>,
+    /// The other nodes, with `[cluster]`.
+    pub cluster: Option<crate::actors::cluster::ClusterView>,
 }
 
 impl AppState {
@@ -79,6 +81,7 @@ impl AppState {
             shutdown: Arc::new(Shutdown::default()),
             metrics: pool.metrics(),
             limiter: Arc::default(),
+            cluster: pool.cluster_view(),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())

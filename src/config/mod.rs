@@ -1,6 +1,7 @@
 //! Configuration: `pool.toml` plus `LLORCH_SERVER__*` environment overrides, validated in full
 //! before any actor starts. Actors only ever see the validated [`PoolConfig`].
 
+mod cluster;
 mod confine;
 mod schema;
 mod validate;
@@ -13,8 +14,9 @@ use std::time::Duration;
 use figment::providers::{Env, Serialized};
 use figment::Figment;
 
+pub use cluster::ClusterConfig;
 pub use confine::{confine, Outside};
-pub use schema::{DeviceSection, ModelEntry, PoolFile, ServerSection};
+pub use schema::{ClusterSection, DeviceSection, ModelEntry, PoolFile, ServerSection};
 pub use validate::{parse_bytes, parse_duration, validate, validate_entry};
 
 use crate::models::batch::KvDtype;
@@ -29,6 +31,8 @@ pub struct PoolConfig {
     pub models: Vec<ModelSpec>,
     /// Memory budgets per device, in bytes (devices without one are unlimited).
     pub budgets: HashMap<DeviceSpec, u64>,
+    /// `[cluster]`, when this daemon joins others.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Validated server settings.

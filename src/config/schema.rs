@@ -24,6 +24,23 @@ pub struct PoolFile {
     /// Per-device settings: `[devices.cpu]`, `[devices."cuda:0"]`.
     #[serde(default)]
     pub devices: BTreeMap<String, DeviceSection>,
+    /// Joins this daemon with others into one pool (read at start only).
+    #[serde(default)]
+    pub cluster: Option<ClusterSection>,
+}
+
+/// `[cluster]`: this node's name, where its cluster listener binds, and the peers it dials.
+/// The shared secret comes from `LLORCH_CLUSTER_COOKIE`, never from the file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This node's name, unique in the cluster (letters, digits, `-`, `_`, `.`).
+    pub node: String,
+    /// The cluster listener's address, e.g. `"127.0.0.1:7410"`.
+    pub listen: String,
+    /// The other nodes' cluster listeners (`host:port`), dialled and re-dialled when lost.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// `[devices."<device>"]`.

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use super::cluster::validate_cluster;
 use super::schema::{ModelEntry, PoolFile, ServerSection};
 use super::{ConfigError, ModelSpec, PoolConfig, ServerConfig};
 use crate::models::{DTypeChoice, DeviceSpec, ModelSource};
@@ -129,10 +130,21 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
         Some(root) => base.join(root),
         None => base.to_path_buf(),
     };
+    let cluster = match &file.cluster {
+        Some(section) => Some(validate_cluster(section, &|field: &str, message| {
+            error(
+                find_key_line(text, Some("cluster"), field),
+                format!("cluster.{field}"),
+                message,
+            )
+        })?),
+        None => None,
+    };
     Ok(PoolConfig {
         server,
         models,
         budgets,
+        cluster,
     })
 }
 

@@ -67,6 +67,7 @@ pub struct RouteSpec {
 }
 
 /// Messages the router handles.
+#[derive(ractor_cluster::RactorMessage)]
 pub enum RouterMsg {
     /// Admit a request for a model.
     Dispatch {

@@ -35,6 +35,7 @@ pub use plan::{Plan, PoolPlan};
 pub type AdminReply = RpcReplyPort<Result<Vec<ModelOutcome>, AdminError>>;
 
 /// Messages the supervisor handles.
+#[derive(ractor_cluster::RactorMessage)]
 pub enum SupervisorMsg {
     /// Start a replica again after its backoff.
     Respawn(ReplicaId),

@@ -44,7 +44,7 @@ function replicaCells(model, replica, first) {
     const b = replica.batching;
     const kv = b && b.kv_blocks_total ? `${((100 * b.kv_blocks_used) / b.kv_blocks_total).toFixed(1)}%` : "";
     cells.push(
-      el("td", replica.replica),
+      el("td", replica.node ? `${replica.replica} (node ${replica.node})` : replica.replica),
       el("td", replica.device),
       stateCell(replica),
       el("td", replica.generation, "num"),

@@ -360,6 +360,21 @@ pub struct PoolListing {
     /// Unix time of the listing (`/admin/models` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time: Option<u64>,
+    /// With `[cluster]`: this node and every peer it hears from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Vec<NodeListing>>,
+}
+
+/// A node of the cluster.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeListing {
+    /// Its name.
+    pub node: String,
+    /// Whether it is the node that answered.
+    pub local: bool,
+    /// Unix time of its last listing.
+    pub last_seen: u64,
 }
 
 /// One model of the pool.
@@ -386,6 +401,9 @@ pub struct ModelListing {
 #[derive(Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaListing {
+    /// With `[cluster]`: the node it runs on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// `model#index@device`.
     pub replica: String,
     /// Its device.
@@ -458,6 +476,9 @@ pub struct LoadProgress {
 #[derive(Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceListing {
+    /// With `[cluster]`: the node it belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// `cpu`, `cuda:0`, ...
     pub device: String,
     /// Its `memory_budget`, when set.

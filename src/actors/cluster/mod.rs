@@ -1,0 +1,265 @@
+//! One pool across machines, on `ractor_cluster`: each node runs a `NodeServer` and one
+//! remotable [`ClusterAgent`] (named `agent@<node>`, in the process group `agents` of the
+//! scope [`SCOPE`]); a watcher task dials the configured peers (again and again, with backoff,
+//! when a link is lost), asks every peer's agent for its listing each second, and forgets a
+//! node that misses [`MISSES`] answers in a row, closing its link so that a frozen peer is
+//! dropped too (ractor_cluster never times a peer out by itself).
+
+mod view;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ractor::rpc::CallResult;
+use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::{NodeServer, NodeServerMessage, RactorClusterMessage};
+
+pub use view::ClusterView;
+
+use super::listing::listing;
+use super::router::RouterMsg;
+use super::supervisor::SupervisorMsg;
+use crate::config::ClusterConfig;
+
+/// The process-group scope of llorch's cluster actors; a change of the messages' wire format
+/// changes it, so that nodes of different versions ignore each other.
+pub const SCOPE: &str = "llorch.v1";
+/// The group every node's agent joins.
+const AGENTS: &str = "agents";
+/// How often the watcher looks at the links and the peers.
+const TICK: Duration = Duration::from_secs(1);
+/// How long a peer's agent has to answer.
+const ANSWER: Duration = Duration::from_millis(900);
+/// Answers a peer may miss in a row before it is forgotten and its link closed.
+pub const MISSES: u32 = 3;
+/// The longest wait between two dials of an unreachable peer.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What crosses nodes: each variant travels tagged by its name.
+#[derive(RactorClusterMessage)]
+pub enum AgentMsg {
+    /// Another node asks for this node's listing (`{"models": [...], "devices": [...]}` as
+    /// JSON).
+    #[rpc]
+    Status(RpcReplyPort<Vec<u8>>),
+}
+
+/// The agent of this node.
+pub struct ClusterAgent;
+
+/// What the agent answers with.
+pub struct AgentState {
+    router: ActorRef<RouterMsg>,
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+impl Actor for ClusterAgent {
+    type Msg = AgentMsg;
+    type State = AgentState;
+    type Arguments = (ActorRef<RouterMsg>, ActorRef<SupervisorMsg>);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<AgentMsg>,
+        (router, supervisor): Self::Arguments,
+    ) -> Result<AgentState, ActorProcessingErr> {
+        pg::join_scoped(
+            SCOPE.to_string(),
+            AGENTS.to_string(),
+            vec![myself.get_cell()],
+        );
+        Ok(AgentState { router, supervisor })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<AgentMsg>,
+        message: AgentMsg,
+        state: &mut AgentState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            AgentMsg::Status(reply) => {
+                let listing = listing(&state.router, &state.supervisor).await;
+                let bytes = listing.map(|l| l.to_string().into_bytes());
+                let _ = reply.send(bytes.unwrap_or_default());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running cluster membership: the node server, the agent and the watcher.
+pub struct Cluster {
+    server: ActorRef<NodeServerMessage>,
+    agent: ActorRef<AgentMsg>,
+    watcher: tokio::task::JoinHandle<()>,
+    view: ClusterView,
+}
+
+impl Cluster {
+    /// Starts this node's listener and agent and begins dialling the peers.
+    pub async fn start(
+        config: &ClusterConfig,
+        cookie: String,
+        router: ActorRef<RouterMsg>,
+        supervisor: ActorRef<SupervisorMsg>,
+    ) -> Result<Self, String> {
+        let server = NodeServer::new(
+            config.listen.port(),
+            cookie,
+            config.node.clone(),
+            config.listen.ip().to_string(),
+            None,
+            Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(config.listen.ip());
+        let (server, _) = Actor::spawn(None, server, ())
+            .await
+            .map_err(|err| format!("the cluster listener did not start: {err}"))?;
+        let name = format!("agent@{}", config.node);
+        let (agent, _) = Actor::spawn(Some(name), ClusterAgent, (router, supervisor))
+            .await
+            .map_err(|err| format!("the cluster agent did not start: {err}"))?;
+        let view = ClusterView::new(&config.node);
+        let watcher = tokio::spawn(watch(server.clone(), config.peers.clone(), view.clone()));
+        tracing::info!(node = %config.node, listen = %config.listen, peers = ?config.peers, "cluster node started");
+        Ok(Self {
+            server,
+            agent,
+            watcher,
+            view,
+        })
+    }
+
+    /// What this node knows of the others.
+    pub fn view(&self) -> ClusterView {
+        self.view.clone()
+    }
+
+    /// Leaves the cluster: stops the watcher, the agent and the node server.
+    pub fn stop(&self) {
+        self.watcher.abort();
+        self.agent.stop(None);
+        self.server.stop(None);
+    }
+}
+
+/// When a peer may next be dialled, and the wait after that.
+struct Dial {
+    next: Instant,
+    backoff: Duration,
+}
+
+/// Every [`TICK`]: dials unconnected peers, asks every agent for its listing, and drops the
+/// peers that stopped answering.
+async fn watch(server: ActorRef<NodeServerMessage>, peers: Vec<String>, view: ClusterView) {
+    let mut dials: HashMap<String, Dial> = HashMap::new();
+    let mut misses: HashMap<String, u32> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tick.tick().await;
+        let sessions = match server
+            .call(NodeServerMessage::GetSessions, Some(ANSWER))
+            .await
+        {
+            Ok(CallResult::Success(sessions)) => sessions,
+            _ => continue,
+        };
+        for peer in &peers {
+            let linked = sessions.values().any(|s| {
+                s.peer_addr == *peer
+                    || s.peer_name
+                        .as_ref()
+                        .is_some_and(|n| n.connection_string == *peer)
+            });
+            if !linked {
+                dial(&server, peer, &mut dials).await;
+            }
+        }
+        let agents: Vec<(String, ActorRef<AgentMsg>)> =
+            pg::get_scoped_members(&SCOPE.to_string(), &AGENTS.to_string())
+                .into_iter()
+                .filter(|cell| !cell.get_id().is_local())
+                .filter_map(|cell| {
+                    let node = cell.get_name()?.strip_prefix("agent@")?.to_string();
+                    Some((node, ActorRef::<AgentMsg>::from(cell)))
+                })
+                .collect();
+        let asked = futures::future::join_all(agents.iter().map(|(node, agent)| async move {
+            let answer = agent.call(AgentMsg::Status, Some(ANSWER)).await;
+            let listing = match answer {
+                Ok(CallResult::Success(bytes)) => serde_json::from_slice(&bytes).ok(),
+                _ => None,
+            };
+            (node.clone(), listing)
+        }))
+        .await;
+        for (node, listing) in asked {
+            match listing {
+                Some(listing) => {
+                    misses.remove(&node);
+                    view.seen(&node, listing);
+                }
+                None => {
+                    let missed = misses.entry(node.clone()).or_default();
+                    *missed += 1;
+                    if *missed >= MISSES {
+                        misses.remove(&node);
+                        lose(&sessions, &node, &view);
+                    }
+                }
+            }
+        }
+        for node in view.nodes() {
+            if !agents.iter().any(|(n, _)| *n == node) && view.forget(&node) {
+                tracing::warn!(%node, "cluster node left");
+            }
+        }
+    }
+}
+
+/// Dials `peer` when its backoff allows; a failure doubles the wait (up to [`MAX_BACKOFF`]).
+async fn dial(server: &ActorRef<NodeServerMessage>, peer: &str, dials: &mut HashMap<String, Dial>) {
+    let now = Instant::now();
+    let state = dials.entry(peer.to_string()).or_insert(Dial {
+        next: now,
+        backoff: TICK,
+    });
+    if now < state.next {
+        return;
+    }
+    let dialled = tokio::time::timeout(ANSWER, ractor_cluster::client_connect(server, peer)).await;
+    match dialled {
+        Ok(Ok(())) => {
+            state.backoff = TICK;
+            state.next = now + TICK;
+        }
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, error = %err, "cluster peer not reachable");
+            state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+            state.next = now + state.backoff;
+        }
+        Err(_) => {
+            state.backoff = (state.backoff * 2).min(MAX_BACKOFF);
+            state.next = now + state.backoff;
+        }
+    }
+}
+
+/// Forgets a node that stopped answering and closes its link (its remote actors then leave
+/// the process groups; the node is dialled again later if configured).
+fn lose(
+    sessions: &HashMap<u64, ractor_cluster::node::NodeServerSessionInformation>,
+    node: &str,
+    view: &ClusterView,
+) {
+    view.forget(node);
+    tracing::warn!(%node, misses = MISSES, "cluster node stopped answering; its link is closed");
+    for session in sessions.values() {
+        if session.peer_name.as_ref().is_some_and(|n| n.name == node) {
+            session
+                .actor
+                .stop(Some("the peer stopped answering".to_string()));
+        }
+    }
+}

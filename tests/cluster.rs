@@ -1,0 +1,188 @@
+//! Several daemons as one pool (`[cluster]`, ractor_cluster): three `llorch serve` processes
+//! on loopback, named a, b and c, with the demo model on b and c only. The mesh forms and
+//! a's `/admin/models` lists b's and c's replicas with their node; a node with a wrong cookie
+//! never appears; a frozen node (SIGSTOP) is dropped within a few seconds and rejoins after
+//! SIGCONT; a killed node is dropped; a `[cluster]` node without the cookie refuses to start.
+
+mod common;
+
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use common::process::{signal, start_with_args, wait_exit, wait_ready};
+use serde_json::Value;
+
+const COOKIE: &str = "test-cluster-cookie";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A node's pool file: its cluster section, and the demo model when `serves`.
+fn pool(
+    dir: &std::path::Path,
+    node: &str,
+    port: u16,
+    peers: &[u16],
+    serves: bool,
+) -> std::path::PathBuf {
+    let peers: Vec<String> = peers.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let mut text = format!(
+        "version = 1\n[cluster]\nnode = \"{node}\"\nlisten = \"127.0.0.1:{port}\"\npeers = [{}]\n",
+        peers.join(", ")
+    );
+    if serves {
+        text.push_str("[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n");
+    }
+    let path = dir.join(format!("{node}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Node {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // A stopped node must run again to be killed; a dead one ignores this.
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn node(config: &std::path::Path, cookie: &str) -> Node {
+    let (child, url, _) = start_with_args(
+        config,
+        &[("LLORCH_CLUSTER_COOKIE", cookie)],
+        &["--listen", "127.0.0.1:0"],
+    );
+    wait_ready(&url).await;
+    Node { child, url }
+}
+
+/// The nodes whose replicas of `demo` a's listing shows, sorted.
+async fn demo_nodes(url: &str) -> Vec<String> {
+    let listing: Value = reqwest::get(format!("{url}/admin/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut nodes: Vec<String> = listing["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == "demo")
+        .flat_map(|m| m["replicas"].as_array().unwrap().clone())
+        .filter(|r| r["state"] == "ready")
+        .map(|r| r["node"].as_str().unwrap().to_string())
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// Waits until `demo_nodes(url)` is `want`; returns how long it took.
+async fn until(url: &str, want: &[&str], limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let nodes = demo_nodes(url).await;
+        if nodes == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "after {limit:?} a lists demo on {nodes:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_daemons_form_one_pool_and_drop_and_readmit_lost_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let [pa, pb, pc, pd] = [free_port(), free_port(), free_port(), free_port()];
+    let a = node(&pool(dir.path(), "a", pa, &[pb, pc], false), COOKIE).await;
+    let b = node(&pool(dir.path(), "b", pb, &[pa, pc], true), COOKIE).await;
+    let c = node(&pool(dir.path(), "c", pc, &[pa, pb], true), COOKIE).await;
+    until(&a.url, &["b", "c"], Duration::from_secs(20)).await;
+    until(&b.url, &["b", "c"], Duration::from_secs(20)).await;
+    let listing: Value = reqwest::get(format!("{}/admin/models", a.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = listing["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b", "c"], "{listing}");
+    let (ok, table, stderr) = common::llorch_cli(&["ps"], &a.url).await;
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("MODEL  NODE  REPLICA"), "{table}");
+    assert!(
+        lines[1].starts_with("demo   b     demo#0@cpu  ready"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("demo   c     demo#0@cpu  ready"),
+        "{table}"
+    );
+
+    // A node with another cookie dials a and is never let in.
+    let d = node(&pool(dir.path(), "d", pd, &[pa], true), "another-cookie").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(demo_nodes(&a.url).await, ["b", "c"]);
+    assert_eq!(demo_nodes(&d.url).await, ["d"]);
+    drop(d);
+
+    // A frozen node stops answering: a drops it within a few seconds, and takes it back once
+    // it runs again.
+    signal(&b.child, "STOP");
+    let dropped = until(&a.url, &["c"], Duration::from_secs(10)).await;
+    eprintln!("a dropped the frozen b after {dropped:?}");
+    signal(&b.child, "CONT");
+    let back = until(&a.url, &["b", "c"], Duration::from_secs(30)).await;
+    eprintln!("b rejoined a {back:?} after SIGCONT");
+
+    // A killed node goes away at once.
+    let mut c = c;
+    c.child.kill().unwrap();
+    let gone = until(&a.url, &["b"], Duration::from_secs(5)).await;
+    eprintln!("a dropped the killed c after {gone:?}");
+}
+
+#[test]
+fn a_cluster_node_without_the_cookie_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = pool(dir.path(), "a", free_port(), &[], false);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llorch"))
+        .args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("LLORCH_CLUSTER_COOKIE")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, _) = wait_exit(&mut child, Duration::from_secs(30)).expect("it kept running");
+    assert_ne!(code, 0);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("LLORCH_CLUSTER_COOKIE"), "{stderr}");
+}

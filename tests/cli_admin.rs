@@ -226,4 +226,10 @@ async fn no_wait_returns_once_the_operation_has_started() {
         .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "invalid_parameter", "{body}");
+    // `node` only means something in a cluster.
+    let (status, body) = daemon
+        .post("/admin/models/first/evict?node=a", &serde_json::json!(null))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "node", "{body}");
 }

@@ -2,7 +2,8 @@
 //! on loopback, named a, b and c, with the demo model on b and c only. The mesh forms and
 //! a's `/admin/models` lists b's and c's replicas with their node; a node with a wrong cookie
 //! never appears; a frozen node (SIGSTOP) is dropped within a few seconds and rejoins after
-//! SIGCONT; a killed node is dropped; a `[cluster]` node without the cookie refuses to start.
+//! SIGCONT; a killed node is dropped; evict and reload on one node reach every node that has
+//! the model (or the one `?node=` names); a `[cluster]` node without the cookie refuses to start.
 
 mod common;
 
@@ -162,6 +163,80 @@ async fn three_daemons_form_one_pool_and_drop_and_readmit_lost_nodes() {
     c.child.kill().unwrap();
     let gone = until(&a.url, &["b"], Duration::from_secs(5)).await;
     eprintln!("a dropped the killed c after {gone:?}");
+}
+
+/// `POST path` on `url`: the status and the JSON body.
+async fn post(url: &str, path: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// Each outcome's `(node, action)`, sorted.
+fn outcomes(body: &Value) -> Vec<(String, String)> {
+    let mut outcomes: Vec<(String, String)> = body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            let field = |key: &str| o[key].as_str().unwrap().to_string();
+            (field("node"), field("action"))
+        })
+        .collect();
+    outcomes.sort();
+    outcomes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evict_and_reload_address_every_node_that_has_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let [pa, pb, pc] = [free_port(), free_port(), free_port()];
+    let a = node(&pool(dir.path(), "a", pa, &[pb, pc], false), COOKIE).await;
+    let b = node(&pool(dir.path(), "b", pb, &[pa, pc], true), COOKIE).await;
+    let c = node(&pool(dir.path(), "c", pc, &[pa, pb], true), COOKIE).await;
+    until(&a.url, &["b", "c"], Duration::from_secs(20)).await;
+
+    // a has no demo of its own: the reload runs on b and c.
+    let (status, body) = post(&a.url, "/admin/models/demo/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let reloaded = [("b", "reloaded"), ("c", "reloaded")].map(|(n, a)| (n.into(), a.into()));
+    assert_eq!(outcomes(&body), reloaded, "{body}");
+    until(&a.url, &["b", "c"], Duration::from_secs(10)).await;
+
+    // An unknown node is named as such; a node without the model says so.
+    let (status, body) = post(&a.url, "/admin/models/demo/evict?node=zz").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("node_not_found"))
+    );
+    let (status, body) = post(&a.url, "/admin/models/demo/evict?node=a").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+
+    // `?node=` picks one node; b still serves.
+    let (status, body) = post(&a.url, "/admin/models/demo/evict?node=c").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(outcomes(&body), [("c".into(), "evicted".into())], "{body}");
+    until(&a.url, &["b"], Duration::from_secs(10)).await;
+    assert_eq!(demo_nodes(&c.url).await, ["b"]);
+
+    // Without it, every node that still has the model; then none has it.
+    let (status, body) = post(&c.url, "/admin/models/demo/evict?mode=abort").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(outcomes(&body), [("b".into(), "evicted".into())], "{body}");
+    until(&a.url, &[], Duration::from_secs(10)).await;
+    let (status, body) = post(&a.url, "/admin/models/demo/evict").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    drop(b);
 }
 
 #[test]

@@ -11,12 +11,14 @@ use ractor::rpc::CallResult;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::admin_nodes;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery};
 use super::AppState;
 use crate::actors::admin::{
     AdminCommand, AdminError, FailureKind, ModelOutcome, DEFAULT_DRAIN_TIMEOUT,
 };
+use crate::actors::cluster::RemoteAdmin;
 use crate::actors::supervisor::SupervisorMsg;
 use crate::config::{confine, validate_entry, ModelEntry};
 use crate::models::ModelSource;
@@ -78,6 +80,15 @@ async fn run(
     command: AdminCommand,
     wait: bool,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    Ok(answer(local(state, command, wait).await?, wait))
+}
+
+/// Carries out `command` on this node's supervisor; each model's outcome.
+pub(super) async fn local(
+    state: &AppState,
+    command: AdminCommand,
+    wait: bool,
+) -> Result<Vec<Value>, ApiError> {
     let call = state
         .supervisor
         .call(
@@ -89,17 +100,20 @@ async fn run(
             Some(ADMIN_TIMEOUT),
         )
         .await;
-    let outcomes = match call {
-        Ok(CallResult::Success(result)) => result?,
-        _ => return Err(AdminError::Unavailable("no answer".to_string()).into()),
-    };
+    match call {
+        Ok(CallResult::Success(result)) => Ok(result?.iter().map(outcome_json).collect()),
+        _ => Err(AdminError::Unavailable("no answer".to_string()).into()),
+    }
+}
+
+/// The answer to an admin operation: `200` when done, `202` when only started.
+pub(super) fn answer(models: Vec<Value>, wait: bool) -> (StatusCode, Json<Value>) {
     let status = if wait {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED
     };
-    let models: Vec<Value> = outcomes.iter().map(outcome_json).collect();
-    Ok((status, Json(json!({ "models": models }))))
+    (status, Json(json!({ "models": models })))
 }
 
 fn outcome_json(outcome: &ModelOutcome) -> Value {
@@ -188,25 +202,36 @@ pub async fn load(
     run(&state, AdminCommand::Load(spec), query.wait).await
 }
 
-/// `POST /admin/models/{name}/reload[?wait=false]`.
+/// Query of `POST /admin/models/{name}/reload`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReloadQuery {
+    /// As [`WaitQuery`].
+    #[serde(default = "yes")]
+    wait: bool,
+    /// With `[cluster]`: only on this node (default: on every node that has the model).
+    #[serde(default)]
+    node: Option<String>,
+}
+
+/// `POST /admin/models/{name}/reload[?wait=false][&node=N]`.
 #[utoipa::path(post, path = "/admin/models/{name}/reload", tag = "admin", security(("bearer" = [])),
-    params(("name" = String, Path, description = "The model"), WaitQuery),
-    responses((status = 200, description = "Reloaded", body = crate::api::openapi::schemas::AdminOutcomes),
+    params(("name" = String, Path, description = "The model"), ReloadQuery),
+    responses((status = 200, description = "Reloaded (with `[cluster]`, on each node that has it)", body = crate::api::openapi::schemas::AdminOutcomes),
         (status = 202, description = "Started (`wait=false`)", body = crate::api::openapi::schemas::AdminOutcomes),
         (status = 400, description = "Invalid request", body = crate::api::openapi::schemas::ErrorResponse), (status = 401, description = "No key, or a key that is not valid here", body = crate::api::openapi::schemas::ErrorResponse),
-        (status = 404, description = "No such model", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 404, description = "No such model (or node)", body = crate::api::openapi::schemas::ErrorResponse),
         (status = 409, description = "Another operation on it is running", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn reload(
     State(state): State<AppState>,
     UrlPath(name): UrlPath<String>,
-    ApiQuery(query): ApiQuery<WaitQuery>,
+    ApiQuery(query): ApiQuery<ReloadQuery>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    run(
-        &state,
-        AdminCommand::Reload { name, spec: None },
-        query.wait,
-    )
-    .await
+    let op = RemoteAdmin::Reload {
+        name,
+        wait: query.wait,
+    };
+    admin_nodes::carry_out(&state, op, query.node).await
 }
 
 /// Query of `POST /admin/models/{name}/evict`.
@@ -222,15 +247,18 @@ pub struct EvictQuery {
     /// As [`WaitQuery`].
     #[serde(default = "yes")]
     wait: bool,
+    /// As in [`ReloadQuery`].
+    #[serde(default)]
+    node: Option<String>,
 }
 
-/// `POST /admin/models/{name}/evict[?mode=abort][&timeout_ms=N][&wait=false]`.
+/// `POST /admin/models/{name}/evict[?mode=abort][&timeout_ms=N][&wait=false][&node=N]`.
 #[utoipa::path(post, path = "/admin/models/{name}/evict", tag = "admin", security(("bearer" = [])),
     params(("name" = String, Path, description = "The model"), EvictQuery),
-    responses((status = 200, description = "Evicted, its memory free", body = crate::api::openapi::schemas::AdminOutcomes),
+    responses((status = 200, description = "Evicted, its memory free (with `[cluster]`, on each node that had it)", body = crate::api::openapi::schemas::AdminOutcomes),
         (status = 202, description = "Started (`wait=false`)", body = crate::api::openapi::schemas::AdminOutcomes),
         (status = 400, description = "Invalid request", body = crate::api::openapi::schemas::ErrorResponse), (status = 401, description = "No key, or a key that is not valid here", body = crate::api::openapi::schemas::ErrorResponse),
-        (status = 404, description = "No such model", body = crate::api::openapi::schemas::ErrorResponse),
+        (status = 404, description = "No such model (or node)", body = crate::api::openapi::schemas::ErrorResponse),
         (status = 409, description = "Another operation on it is running", body = crate::api::openapi::schemas::ErrorResponse)))]
 pub async fn evict(
     State(state): State<AppState>,
@@ -251,12 +279,13 @@ pub async fn evict(
     let drain = query
         .timeout_ms
         .map_or(DEFAULT_DRAIN_TIMEOUT, Duration::from_millis);
-    run(
-        &state,
-        AdminCommand::Evict { name, abort, drain },
-        query.wait,
-    )
-    .await
+    let op = RemoteAdmin::Evict {
+        name,
+        abort,
+        drain_ms: u64::try_from(drain.as_millis()).unwrap_or(u64::MAX),
+        wait: query.wait,
+    };
+    admin_nodes::carry_out(&state, op, query.node).await
 }
 
 /// `POST /admin/reload[?wait=false]`: re-reads `pool.toml` and applies the difference.

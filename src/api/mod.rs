@@ -3,6 +3,7 @@
 //! the OpenAI envelope with the statuses of RELIABILITY.md §8.
 
 mod admin;
+mod admin_nodes;
 mod auth;
 pub mod client;
 mod console;

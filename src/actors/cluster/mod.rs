@@ -5,6 +5,7 @@
 //! node that misses [`MISSES`] answers in a row, closing its link so that a frozen peer is
 //! dropped too (ractor_cluster never times a peer out by itself).
 
+mod admin;
 mod view;
 
 use std::collections::HashMap;
@@ -13,6 +14,8 @@ use std::time::{Duration, Instant};
 use ractor::rpc::CallResult;
 use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::{NodeServer, NodeServerMessage, RactorClusterMessage};
+
+pub use admin::{RemoteAdmin, RemoteAnswer};
 
 pub use view::ClusterView;
 
@@ -42,6 +45,10 @@ pub enum AgentMsg {
     /// JSON).
     #[rpc]
     Status(RpcReplyPort<Vec<u8>>),
+    /// Another node asks this one to evict or reload one of its models (a [`RemoteAdmin`] as
+    /// JSON); the answer is a [`RemoteAnswer`] as JSON.
+    #[rpc]
+    Admin(Vec<u8>, RpcReplyPort<Vec<u8>>),
 }
 
 /// The agent of this node.
@@ -83,9 +90,48 @@ impl Actor for ClusterAgent {
                 let bytes = listing.map(|l| l.to_string().into_bytes());
                 let _ = reply.send(bytes.unwrap_or_default());
             }
+            AgentMsg::Admin(request, reply) => {
+                let supervisor = state.supervisor.clone();
+                // A reload may take minutes: the agent keeps answering meanwhile.
+                tokio::spawn(async move {
+                    let answer = match serde_json::from_slice::<RemoteAdmin>(&request) {
+                        Ok(request) => admin::carry_out(&supervisor, request).await,
+                        Err(err) => RemoteAnswer::Refused(format!("unreadable request: {err}")),
+                    };
+                    let _ = reply.send(serde_json::to_vec(&answer).unwrap_or_default());
+                });
+            }
         }
         Ok(())
     }
+}
+
+/// Asks `node`'s agent to carry out `request`.
+pub async fn remote_admin(node: &str, request: &RemoteAdmin) -> RemoteAnswer {
+    let Some(agent) = agent_of(node) else {
+        return RemoteAnswer::Refused(format!("node {node} is not connected"));
+    };
+    let bytes = serde_json::to_vec(request).unwrap_or_default();
+    let call = agent
+        .call(
+            |reply| AgentMsg::Admin(bytes, reply),
+            Some(admin::REMOTE_ADMIN_TIMEOUT),
+        )
+        .await;
+    match call {
+        Ok(CallResult::Success(answer)) => serde_json::from_slice(&answer)
+            .unwrap_or_else(|err| RemoteAnswer::Refused(format!("unreadable answer: {err}"))),
+        _ => RemoteAnswer::Refused(format!("node {node} did not answer")),
+    }
+}
+
+/// The agent of a connected peer.
+fn agent_of(node: &str) -> Option<ActorRef<AgentMsg>> {
+    let name = format!("agent@{node}");
+    pg::get_scoped_members(&SCOPE.to_string(), &AGENTS.to_string())
+        .into_iter()
+        .find(|cell| !cell.get_id().is_local() && cell.get_name().as_deref() == Some(&name))
+        .map(ActorRef::from)
 }
 
 /// A running cluster membership: the node server, the agent and the watcher.

@@ -57,6 +57,21 @@ impl ClusterView {
             .unwrap_or(false)
     }
 
+    /// The peers whose last listing has a model called `model`.
+    pub fn nodes_with(&self, model: &str) -> Vec<String> {
+        let Ok(peers) = self.peers.read() else {
+            return Vec::new();
+        };
+        peers
+            .iter()
+            .filter(|(_, peer)| {
+                let models = peer.listing.get("models").and_then(Value::as_array);
+                models.is_some_and(|models| models.iter().any(|m| m["name"] == model))
+            })
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
     /// The peers known now.
     pub fn nodes(&self) -> Vec<String> {
         self.peers

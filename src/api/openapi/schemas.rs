@@ -347,6 +347,9 @@ pub struct ModelOutcome {
     pub action: String,
     /// Why it failed.
     pub error: Option<String>,
+    /// With `[cluster]`: the node it was carried out on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// `GET /admin/models` (and each `data:` event of `GET /admin/events`, without `time`).

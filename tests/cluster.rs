@@ -7,68 +7,14 @@
 
 mod common;
 
-use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::process::{signal, start_with_args, wait_exit, wait_ready};
+use common::cluster::{free_port, node, pool, COOKIE};
+use common::process::{signal, wait_exit};
 use serde_json::Value;
 
-const COOKIE: &str = "test-cluster-cookie";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A node's pool file: its cluster section, and the demo model when `serves`.
-fn pool(
-    dir: &std::path::Path,
-    node: &str,
-    port: u16,
-    peers: &[u16],
-    serves: bool,
-) -> std::path::PathBuf {
-    let peers: Vec<String> = peers.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
-    let mut text = format!(
-        "version = 1\n[cluster]\nnode = \"{node}\"\nlisten = \"127.0.0.1:{port}\"\npeers = [{}]\n",
-        peers.join(", ")
-    );
-    if serves {
-        text.push_str("[[models]]\nname = \"demo\"\nsource = \"builtin:demo\"\n");
-    }
-    let path = dir.join(format!("{node}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-struct Node {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        // A stopped node must run again to be killed; a dead one ignores this.
-        let _ = std::process::Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn node(config: &std::path::Path, cookie: &str) -> Node {
-    let (child, url, _) = start_with_args(
-        config,
-        &[("LLORCH_CLUSTER_COOKIE", cookie)],
-        &["--listen", "127.0.0.1:0"],
-    );
-    wait_ready(&url).await;
-    Node { child, url }
-}
+/// The demo model.
+const DEMO: &[(&str, &str)] = &[("demo", "builtin:demo")];
 
 /// The nodes whose replicas of `demo` a's listing shows, sorted.
 async fn demo_nodes(url: &str) -> Vec<String> {
@@ -111,9 +57,9 @@ async fn until(url: &str, want: &[&str], limit: Duration) -> Duration {
 async fn three_daemons_form_one_pool_and_drop_and_readmit_lost_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let [pa, pb, pc, pd] = [free_port(), free_port(), free_port(), free_port()];
-    let a = node(&pool(dir.path(), "a", pa, &[pb, pc], false), COOKIE).await;
-    let b = node(&pool(dir.path(), "b", pb, &[pa, pc], true), COOKIE).await;
-    let c = node(&pool(dir.path(), "c", pc, &[pa, pb], true), COOKIE).await;
+    let a = node(&pool(dir.path(), "a", pa, &[pb, pc], &[]), COOKIE).await;
+    let b = node(&pool(dir.path(), "b", pb, &[pa, pc], DEMO), COOKIE).await;
+    let c = node(&pool(dir.path(), "c", pc, &[pa, pb], DEMO), COOKIE).await;
     until(&a.url, &["b", "c"], Duration::from_secs(20)).await;
     until(&b.url, &["b", "c"], Duration::from_secs(20)).await;
     let listing: Value = reqwest::get(format!("{}/admin/models", a.url))
@@ -143,7 +89,7 @@ async fn three_daemons_form_one_pool_and_drop_and_readmit_lost_nodes() {
     );
 
     // A node with another cookie dials a and is never let in.
-    let d = node(&pool(dir.path(), "d", pd, &[pa], true), "another-cookie").await;
+    let d = node(&pool(dir.path(), "d", pd, &[pa], DEMO), "another-cookie").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(demo_nodes(&a.url).await, ["b", "c"]);
     assert_eq!(demo_nodes(&d.url).await, ["d"]);
@@ -195,9 +141,9 @@ fn outcomes(body: &Value) -> Vec<(String, String)> {
 async fn evict_and_reload_address_every_node_that_has_the_model() {
     let dir = tempfile::tempdir().unwrap();
     let [pa, pb, pc] = [free_port(), free_port(), free_port()];
-    let a = node(&pool(dir.path(), "a", pa, &[pb, pc], false), COOKIE).await;
-    let b = node(&pool(dir.path(), "b", pb, &[pa, pc], true), COOKIE).await;
-    let c = node(&pool(dir.path(), "c", pc, &[pa, pb], true), COOKIE).await;
+    let a = node(&pool(dir.path(), "a", pa, &[pb, pc], &[]), COOKIE).await;
+    let b = node(&pool(dir.path(), "b", pb, &[pa, pc], DEMO), COOKIE).await;
+    let c = node(&pool(dir.path(), "c", pc, &[pa, pb], DEMO), COOKIE).await;
     until(&a.url, &["b", "c"], Duration::from_secs(20)).await;
 
     // a has no demo of its own: the reload runs on b and c.
@@ -242,7 +188,7 @@ async fn evict_and_reload_address_every_node_that_has_the_model() {
 #[test]
 fn a_cluster_node_without_the_cookie_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
-    let config = pool(dir.path(), "a", free_port(), &[], false);
+    let config = pool(dir.path(), "a", free_port(), &[], &[]);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llorch"))
         .args([
             "serve",

@@ -98,6 +98,11 @@ impl Pool {
         self.cluster.as_ref().map(Cluster::view)
     }
 
+    /// The requests this node sends to other nodes, with `[cluster]`.
+    pub fn relay(&self) -> Option<crate::actors::cluster::Relay> {
+        self.cluster.as_ref().map(Cluster::relay)
+    }
+
     /// Stops every actor; engine threads end after their current step.
     pub async fn stop(self) {
         if let Some(cluster) = &self.cluster {

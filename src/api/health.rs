@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use ractor::rpc::CallResult;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::auth::Access;
 use super::error::ApiError;
@@ -68,7 +68,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `GET /v1/models`: the models with a ready replica, in the OpenAI list shape.
+/// `GET /v1/models`: the models with a ready replica, in the OpenAI list shape; with
+/// `[cluster]`, those of every node, each with the `nodes` that serve it.
 #[utoipa::path(get, path = "/v1/models", tag = "inference", security(("bearer" = [])),
     responses((status = 200, description = "The models with a ready replica", body = crate::api::openapi::schemas::ModelList),
         (status = 401, description = "No valid key", body = crate::api::openapi::schemas::ErrorResponse)))]
@@ -79,20 +80,56 @@ pub async fn models(
     let list = statuses(&state)
         .await
         .ok_or_else(|| ApiError::unavailable("unhealthy", "the router does not answer"))?;
-    let data: Vec<_> = list
+    let here = state.cluster.as_ref().map(|view| view.node().to_string());
+    let mut data: Vec<Value> = list
         .iter()
         .filter(|status| ready_replicas(status) > 0 || status.unloaded())
         .filter(|status| access.allows(&status.name))
         .map(|status| {
-            json!({
+            let mut card = json!({
                 "id": status.name,
                 "object": "model",
                 "created": state.started_at,
                 "owned_by": "llorch",
                 "max_model_len": status.info.as_ref().map(|info| info.context_length),
                 "replicas": ready_replicas(status),
-            })
+            });
+            if let (Some(here), Some(fields)) = (&here, card.as_object_mut()) {
+                fields.insert("nodes".to_string(), json!([here]));
+            }
+            card
         })
         .collect();
+    let remote = state
+        .cluster
+        .as_ref()
+        .map(|view| view.ready())
+        .unwrap_or_default();
+    for model in remote.into_iter().filter(|m| access.allows(&m.model)) {
+        match data
+            .iter_mut()
+            .find(|card| card["id"] == model.model.as_str())
+        {
+            Some(card) => {
+                let replicas = card["replicas"].as_u64().unwrap_or(0);
+                card["replicas"] = json!(replicas + model.replicas as u64);
+                if let Some(nodes) = card["nodes"].as_array_mut() {
+                    nodes.push(json!(model.node));
+                }
+                if card["max_model_len"].is_null() {
+                    card["max_model_len"] = json!(model.context_length);
+                }
+            }
+            None => data.push(json!({
+                "id": model.model,
+                "object": "model",
+                "created": state.started_at,
+                "owned_by": "llorch",
+                "max_model_len": model.context_length,
+                "replicas": model.replicas,
+                "nodes": [model.node],
+            })),
+        }
+    }
     Ok(Json(json!({"object": "list", "data": data})).into_response())
 }

@@ -69,6 +69,8 @@ pub struct AppState {
     pub limiter: Arc<rate::Limiter>,
     /// The other nodes, with `[cluster]`.
     pub cluster: Option<crate::actors::cluster::ClusterView>,
+    /// Requests sent to other nodes, with `[cluster]`.
+    pub relay: Option<crate::actors::cluster::Relay>,
 }
 
 impl AppState {
@@ -83,6 +85,7 @@ impl AppState {
             metrics: pool.metrics(),
             limiter: Arc::default(),
             cluster: pool.cluster_view(),
+            relay: pool.relay(),
             started_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())

@@ -16,7 +16,7 @@ use super::tokenizer::{ChatMessage, TextTokenizer};
 use super::tools::{ToolFormat, Tools};
 
 /// What to generate from.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Prompt {
     /// Plain text; `add_special_tokens` applies the tokenizer's post-processor (e.g. BOS).
     Text {
@@ -37,7 +37,7 @@ pub enum Prompt {
 }
 
 /// Everything that shapes one generation besides the prompt.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct GenerationParams {
     /// Sampling settings.
     pub sampling: SamplingParams,
@@ -61,7 +61,7 @@ pub struct GenerationParams {
 }
 
 /// One prompt token as an echo returns it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EchoedToken {
     /// The token id.
     pub id: u32,

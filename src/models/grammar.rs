@@ -15,7 +15,7 @@ use super::sampling::Constrain;
 use super::tokenizer::TextTokenizer;
 
 /// What the output must match.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Constraint {
     /// Any JSON object (`response_format: {"type": "json_object"}`).
     JsonObject,

@@ -6,7 +6,7 @@ use super::error::GenerationError;
 use super::tokenizer::TextTokenizer;
 
 /// One token with its log probability.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TokenLogprob {
     /// The token id.
     pub id: u32,
@@ -17,7 +17,7 @@ pub struct TokenLogprob {
 }
 
 /// The log probabilities of one position: the chosen token and the most likely ones.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Logprobs {
     /// The token the sampler chose.
     pub chosen: TokenLogprob,

@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use super::grammar::Constraint;
 
 /// The functions a chat request offers and how the model may use them.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Tools {
     /// The functions, in the request's order.
     pub functions: Vec<Function>,
@@ -18,7 +18,7 @@ pub struct Tools {
 }
 
 /// One function a model may call.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Function {
     /// Its name.
     pub name: String,
@@ -29,7 +29,7 @@ pub struct Function {
 }
 
 /// `tool_choice` (`none` removes the tools from the request before it gets here).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ToolChoice {
     /// The model decides between text and calls.
     Auto,
@@ -49,7 +49,7 @@ pub struct Call {
 }
 
 /// How a model writes tool calls, read from its chat template.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ToolFormat {
     /// `<tool_call>{"name": .., "arguments": {..}}</tool_call>`, once per call (Hermes, Qwen
     /// 2.5 and 3); also what llorch asks of a model whose template does not take tools.

@@ -6,7 +6,10 @@
 //! dropped too (ractor_cluster never times a peer out by itself).
 
 mod admin;
+mod relay;
+mod serve;
 mod view;
+mod wire;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -16,8 +19,9 @@ use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::{NodeServer, NodeServerMessage, RactorClusterMessage};
 
 pub use admin::{RemoteAdmin, RemoteAnswer};
-
-pub use view::ClusterView;
+pub use relay::Relay;
+pub use serve::Served;
+pub use view::{ClusterView, RemoteModel};
 
 use super::listing::listing;
 use super::router::RouterMsg;
@@ -49,6 +53,15 @@ pub enum AgentMsg {
     /// JSON); the answer is a [`RemoteAnswer`] as JSON.
     #[rpc]
     Admin(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// Another node sends a request for one of this node's models (a `wire::Generate` as
+    /// JSON); the answer is its admission (`wire::Admission`), and its events follow as
+    /// `Events` casts to the asking node's agent.
+    #[rpc]
+    Generate(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// Events of a request this node sent elsewhere (a `wire::Events` as JSON).
+    Events(Vec<u8>),
+    /// The asking node no longer wants a request this node runs (a `wire::Cancel` as JSON).
+    Cancel(Vec<u8>),
 }
 
 /// The agent of this node.
@@ -56,26 +69,29 @@ pub struct ClusterAgent;
 
 /// What the agent answers with.
 pub struct AgentState {
+    node: String,
     router: ActorRef<RouterMsg>,
     supervisor: ActorRef<SupervisorMsg>,
+    relay: Relay,
+    served: Served,
 }
 
 impl Actor for ClusterAgent {
     type Msg = AgentMsg;
     type State = AgentState;
-    type Arguments = (ActorRef<RouterMsg>, ActorRef<SupervisorMsg>);
+    type Arguments = AgentState;
 
     async fn pre_start(
         &self,
         myself: ActorRef<AgentMsg>,
-        (router, supervisor): Self::Arguments,
+        state: AgentState,
     ) -> Result<AgentState, ActorProcessingErr> {
         pg::join_scoped(
             SCOPE.to_string(),
             AGENTS.to_string(),
             vec![myself.get_cell()],
         );
-        Ok(AgentState { router, supervisor })
+        Ok(state)
     }
 
     async fn handle(
@@ -101,6 +117,32 @@ impl Actor for ClusterAgent {
                     let _ = reply.send(serde_json::to_vec(&answer).unwrap_or_default());
                 });
             }
+            AgentMsg::Generate(body, reply) => {
+                let (node, router) = (state.node.clone(), state.router.clone());
+                let served = state.served.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(serve::generate(node, router, served, body).await);
+                });
+            }
+            AgentMsg::Events(body) => match serde_json::from_slice::<wire::Events>(&body) {
+                Ok(batch) => {
+                    let (node, req_id) = (batch.node.clone(), batch.req_id);
+                    let wanted = state.relay.deliver(batch);
+                    if let (false, Some(agent)) = (wanted, agent_of(&node)) {
+                        let cancel = wire::Cancel {
+                            origin: state.node.clone(),
+                            req_id,
+                        };
+                        let bytes = serde_json::to_vec(&cancel).unwrap_or_default();
+                        let _ = agent.cast(AgentMsg::Cancel(bytes));
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "unreadable events from a peer"),
+            },
+            AgentMsg::Cancel(body) => match serde_json::from_slice::<wire::Cancel>(&body) {
+                Ok(cancel) => state.served.cancel(&cancel),
+                Err(err) => tracing::warn!(error = %err, "unreadable cancel from a peer"),
+            },
         }
         Ok(())
     }
@@ -140,6 +182,7 @@ pub struct Cluster {
     agent: ActorRef<AgentMsg>,
     watcher: tokio::task::JoinHandle<()>,
     view: ClusterView,
+    relay: Relay,
 }
 
 impl Cluster {
@@ -163,23 +206,38 @@ impl Cluster {
             .await
             .map_err(|err| format!("the cluster listener did not start: {err}"))?;
         let name = format!("agent@{}", config.node);
-        let (agent, _) = Actor::spawn(Some(name), ClusterAgent, (router, supervisor))
+        let relay = Relay::new(&config.node);
+        let state = AgentState {
+            node: config.node.clone(),
+            router,
+            supervisor,
+            relay: relay.clone(),
+            served: Served::default(),
+        };
+        let (agent, _) = Actor::spawn(Some(name), ClusterAgent, state)
             .await
             .map_err(|err| format!("the cluster agent did not start: {err}"))?;
         let view = ClusterView::new(&config.node);
-        let watcher = tokio::spawn(watch(server.clone(), config.peers.clone(), view.clone()));
+        let watched = (view.clone(), relay.clone());
+        let watcher = tokio::spawn(watch(server.clone(), config.peers.clone(), watched));
         tracing::info!(node = %config.node, listen = %config.listen, peers = ?config.peers, "cluster node started");
         Ok(Self {
             server,
             agent,
             watcher,
             view,
+            relay,
         })
     }
 
     /// What this node knows of the others.
     pub fn view(&self) -> ClusterView {
         self.view.clone()
+    }
+
+    /// The requests this node sends to others.
+    pub fn relay(&self) -> Relay {
+        self.relay.clone()
     }
 
     /// Leaves the cluster: stops the watcher, the agent and the node server.
@@ -198,7 +256,11 @@ struct Dial {
 
 /// Every [`TICK`]: dials unconnected peers, asks every agent for its listing, and drops the
 /// peers that stopped answering.
-async fn watch(server: ActorRef<NodeServerMessage>, peers: Vec<String>, view: ClusterView) {
+async fn watch(
+    server: ActorRef<NodeServerMessage>,
+    peers: Vec<String>,
+    (view, relay): (ClusterView, Relay),
+) {
     let mut dials: HashMap<String, Dial> = HashMap::new();
     let mut misses: HashMap<String, u32> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
@@ -261,6 +323,7 @@ async fn watch(server: ActorRef<NodeServerMessage>, peers: Vec<String>, view: Cl
                 tracing::warn!(%node, "cluster node left");
             }
         }
+        relay.keep_only(&view.nodes());
     }
 }
 

@@ -8,6 +8,21 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+/// A model with ready replicas on a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteModel {
+    /// Its name.
+    pub model: String,
+    /// The peer.
+    pub node: String,
+    /// Its ready replicas there.
+    pub replicas: usize,
+    /// Requests in flight on them and queued for it there.
+    pub load: usize,
+    /// Its context length.
+    pub context_length: Option<usize>,
+}
+
 /// One peer as last seen.
 #[derive(Debug, Clone)]
 struct Peer {
@@ -70,6 +85,49 @@ impl ClusterView {
             })
             .map(|(node, _)| node.clone())
             .collect()
+    }
+
+    /// Every peer's models with a ready replica, as of its last listing.
+    pub fn ready(&self) -> Vec<RemoteModel> {
+        let Ok(peers) = self.peers.read() else {
+            return Vec::new();
+        };
+        let mut ready = Vec::new();
+        for (node, peer) in peers.iter() {
+            let models = peer.listing.get("models").and_then(Value::as_array);
+            for model in models.into_iter().flatten() {
+                let replicas = model.get("replicas").and_then(Value::as_array);
+                let up: Vec<&Value> = replicas
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| r["state"] == "ready" && r["standby"] != true)
+                    .collect();
+                let (Some(name), false) = (model["name"].as_str(), up.is_empty()) else {
+                    continue;
+                };
+                let count = |v: &Value| v.as_u64().and_then(|n| usize::try_from(n).ok());
+                let in_flight: usize = up.iter().filter_map(|r| count(&r["in_flight"])).sum();
+                ready.push(RemoteModel {
+                    model: name.to_string(),
+                    node: node.clone(),
+                    replicas: up.len(),
+                    load: in_flight + count(&model["queued"]).unwrap_or(0),
+                    context_length: count(&model["context_length"]),
+                });
+            }
+        }
+        ready
+    }
+
+    /// The peers with a ready replica of `model` and their load, the least loaded first.
+    pub fn serving(&self, model: &str) -> Vec<(String, usize)> {
+        let mut ready: Vec<RemoteModel> = self
+            .ready()
+            .into_iter()
+            .filter(|m| m.model == model)
+            .collect();
+        ready.sort_by(|a, b| (a.load, &a.node).cmp(&(b.load, &b.node)));
+        ready.into_iter().map(|m| (m.node, m.load)).collect()
     }
 
     /// The peers known now.
@@ -195,9 +253,31 @@ mod tests {
         assert_eq!(listing["devices"][1]["node"], "b");
         assert_eq!(listing["nodes"][0]["node"], "a");
         assert_eq!(listing["nodes"][1]["node"], "b");
+        assert!(view.ready().is_empty(), "no replica of b is ready");
         assert!(view.forget("b") && !view.forget("b"));
         let mut alone = json!({"models": [], "devices": []});
         view.merge(&mut alone);
         assert_eq!(alone["nodes"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_least_loaded_peer_serves_first() {
+        let view = ClusterView::new("a");
+        let listing = |in_flight: u64, queued: u64| {
+            json!({"models": [{"name": "demo", "queued": queued, "context_length": 64, "replicas": [
+                {"state": "ready", "standby": false, "in_flight": in_flight},
+                {"state": "loading", "standby": false, "in_flight": 0}
+            ]}], "devices": []})
+        };
+        view.seen("b", listing(3, 1));
+        view.seen("c", listing(2, 0));
+        view.seen(
+            "d",
+            json!({"models": [{"name": "demo", "replicas": [{"state": "failed"}]}]}),
+        );
+        assert_eq!(view.serving("demo"), [("c".into(), 2), ("b".into(), 4)]);
+        assert!(view.serving("other").is_empty());
+        let b = view.ready().into_iter().find(|m| m.node == "b").unwrap();
+        assert_eq!((b.replicas, b.load, b.context_length), (1, 4, Some(64)));
     }
 }

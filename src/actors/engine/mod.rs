@@ -15,6 +15,7 @@ mod prefix;
 mod scheduler;
 mod serve;
 mod stats;
+mod wire;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,7 +44,7 @@ pub const EVENT_BUFFER: usize = 128;
 const PAUSE_POLL: Duration = Duration::from_millis(5);
 
 /// A generation request as the engine receives it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GenerationRequest {
     /// What to generate from.
     pub prompt: Prompt,
@@ -56,7 +57,7 @@ pub struct GenerationRequest {
 
 /// One event of a job's stream. A stream is `Started`, any number of `Token`s, then exactly one
 /// of `Finished` or `Failed`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum TokenEvent {
     /// The prompt was tokenized and accepted.
     Started {
@@ -91,7 +92,7 @@ pub enum TokenEvent {
         cached_tokens: usize,
     },
     /// The generation failed; nothing follows.
-    Failed(EngineError),
+    Failed(#[serde(with = "wire")] EngineError),
 }
 
 /// Why a job failed.

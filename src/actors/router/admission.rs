@@ -19,7 +19,7 @@ use crate::actors::supervisor::SupervisorMsg;
 use crate::models::ModelInfo;
 
 /// Why a request was not admitted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum RouteError {
     /// No model by that name.
     #[error("the model {0:?} does not exist")]

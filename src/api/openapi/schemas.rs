@@ -69,6 +69,9 @@ pub struct ModelCard {
     pub max_model_len: Option<usize>,
     /// Its ready replicas.
     pub replicas: usize,
+    /// With `[cluster]`: the nodes with a ready replica of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Vec<String>>,
 }
 
 /// Token counts of a request.

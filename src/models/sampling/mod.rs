@@ -13,7 +13,7 @@ use candidates::Candidates;
 mod candidates;
 
 /// How the next token is chosen.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax); otherwise logits are divided by it.
     pub temperature: f32,

@@ -1,7 +1,9 @@
-//! `[cluster]` checked: a node name, a loopback listener (links are not encrypted yet, so a
-//! listener off loopback is refused), and peers as `host:port`.
+//! `[cluster]` checked: a node name, a listener (on loopback unless links use TLS), peers as
+//! `host:port`, and the TLS files (all three or none; relative paths from the pool file's
+//! folder).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use super::schema::ClusterSection;
 use super::ConfigError;
@@ -15,11 +17,25 @@ pub struct ClusterConfig {
     pub listen: SocketAddr,
     /// The peers' listeners, `host:port`.
     pub peers: Vec<String>,
+    /// The TLS files of mutual TLS on every link, when set.
+    pub tls: Option<ClusterTls>,
+}
+
+/// The PEM files of a node's TLS links.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterTls {
+    /// This node's certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The cluster's certificate authority.
+    pub ca: PathBuf,
 }
 
 /// Validates `[cluster]`; `fail` places an error on the section's field.
 pub fn validate_cluster(
     section: &ClusterSection,
+    base: &Path,
     fail: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<ClusterConfig, ConfigError> {
     let node = section.node.trim();
@@ -39,12 +55,13 @@ pub fn validate_cluster(
             ),
         )
     })?;
-    if !listen.ip().is_loopback() {
+    let tls = validate_tls(section, base, fail)?;
+    if !listen.ip().is_loopback() && tls.is_none() {
         return Err(fail(
             "listen",
             format!(
-                "{listen} is not a loopback address: cluster links are authenticated by the \
-                 cookie but not encrypted, so the listener must stay on loopback"
+                "{listen} is not a loopback address: a listener off loopback needs TLS \
+                 (tls_cert, tls_key and tls_ca)"
             ),
         ));
     }
@@ -73,7 +90,45 @@ pub fn validate_cluster(
         node: node.to_string(),
         listen,
         peers,
+        tls,
     })
+}
+
+/// The TLS files: all three or none, each an existing file.
+fn validate_tls(
+    section: &ClusterSection,
+    base: &Path,
+    fail: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<ClusterTls>, ConfigError> {
+    let fields = [
+        ("tls_cert", &section.tls_cert),
+        ("tls_key", &section.tls_key),
+        ("tls_ca", &section.tls_ca),
+    ];
+    if fields.iter().all(|(_, value)| value.is_none()) {
+        return Ok(None);
+    }
+    let mut paths = Vec::new();
+    for (field, value) in fields {
+        let Some(value) = value else {
+            return Err(fail(
+                field,
+                "missing: TLS needs tls_cert, tls_key and tls_ca together".to_string(),
+            ));
+        };
+        let path = base.join(value);
+        if !path.is_file() {
+            return Err(fail(field, format!("{} is not a file", path.display())));
+        }
+        paths.push(path);
+    }
+    let [cert, key, ca] = <[PathBuf; 3]>::try_from(paths).map_err(|_| {
+        fail(
+            "tls_cert",
+            "TLS needs tls_cert, tls_key and tls_ca".to_string(),
+        )
+    })?;
+    Ok(Some(ClusterTls { cert, key, ca }))
 }
 
 #[cfg(test)]
@@ -85,8 +140,15 @@ mod tests {
             node: node.to_string(),
             listen: listen.to_string(),
             peers: peers.iter().map(|p| p.to_string()).collect(),
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         };
-        validate_cluster(&section, &|field, message| ConfigError {
+        check_section(&section, Path::new("."))
+    }
+
+    fn check_section(section: &ClusterSection, base: &Path) -> Result<ClusterConfig, String> {
+        validate_cluster(section, base, &|field, message| ConfigError {
             file: "pool.toml".into(),
             line: None,
             field: format!("cluster.{field}"),
@@ -142,5 +204,35 @@ mod tests {
             let err = check(node, listen, peers).unwrap_err();
             assert!(err.contains(field) && err.contains(words), "{err}");
         }
+    }
+
+    #[test]
+    fn tls_takes_three_files_and_lets_the_listener_off_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["node.pem", "node.key", "ca.pem"] {
+            std::fs::write(dir.path().join(name), "x").unwrap();
+        }
+        let mut section = ClusterSection {
+            node: "a".into(),
+            listen: "0.0.0.0:7410".into(),
+            peers: vec![],
+            tls_cert: Some("node.pem".into()),
+            tls_key: Some("node.key".into()),
+            tls_ca: Some("ca.pem".into()),
+        };
+        let config = check_section(&section, dir.path()).unwrap();
+        assert_eq!(config.tls.unwrap().ca, dir.path().join("ca.pem"));
+        section.tls_ca = Some("missing.pem".into());
+        let err = check_section(&section, dir.path()).unwrap_err();
+        assert!(
+            err.contains("cluster.tls_ca") && err.contains("not a file"),
+            "{err}"
+        );
+        section.tls_ca = None;
+        let err = check_section(&section, dir.path()).unwrap_err();
+        assert!(
+            err.contains("cluster.tls_ca") && err.contains("together"),
+            "{err}"
+        );
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use figment::providers::{Env, Serialized};
 use figment::Figment;
 
-pub use cluster::ClusterConfig;
+pub use cluster::{ClusterConfig, ClusterTls};
 pub use confine::{confine, Outside};
 pub use schema::{ClusterSection, DeviceSection, ModelEntry, PoolFile, ServerSection};
 pub use validate::{parse_bytes, parse_duration, validate, validate_entry};

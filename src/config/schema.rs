@@ -41,6 +41,15 @@ pub struct ClusterSection {
     /// The other nodes' cluster listeners (`host:port`), dialled and re-dialled when lost.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// This node's certificate chain (PEM): with `tls_key` and `tls_ca`, links use mutual TLS.
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+    /// This node's private key (PEM).
+    #[serde(default)]
+    pub tls_key: Option<String>,
+    /// The cluster's certificate authority (PEM): peers must present a certificate it signed.
+    #[serde(default)]
+    pub tls_ca: Option<String>,
 }
 
 /// `[devices."<device>"]`.

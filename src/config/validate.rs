@@ -131,7 +131,7 @@ pub fn validate(path: &Path, text: &str, file: &PoolFile) -> Result<PoolConfig, 
         None => base.to_path_buf(),
     };
     let cluster = match &file.cluster {
-        Some(section) => Some(validate_cluster(section, &|field: &str, message| {
+        Some(section) => Some(validate_cluster(section, base, &|field: &str, message| {
             error(
                 find_key_line(text, Some("cluster"), field),
                 format!("cluster.{field}"),

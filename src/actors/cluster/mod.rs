@@ -8,6 +8,7 @@
 mod admin;
 mod relay;
 mod serve;
+mod tls;
 mod view;
 mod wire;
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use ractor::rpc::CallResult;
 use ractor::{pg, Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster::{NodeServer, NodeServerMessage, RactorClusterMessage};
+use ractor_cluster::{IncomingEncryptionMode, NodeServer, NodeServerMessage, RactorClusterMessage};
 
 pub use admin::{RemoteAdmin, RemoteAnswer};
 pub use relay::Relay;
@@ -193,12 +194,16 @@ impl Cluster {
         router: ActorRef<RouterMsg>,
         supervisor: ActorRef<SupervisorMsg>,
     ) -> Result<Self, String> {
+        let tls = config.tls.as_ref().map(tls::load).transpose()?;
+        let encryption = tls
+            .as_ref()
+            .map(|tls| IncomingEncryptionMode::Tls(tls.acceptor.clone()));
         let server = NodeServer::new(
             config.listen.port(),
             cookie,
             config.node.clone(),
             config.listen.ip().to_string(),
-            None,
+            encryption,
             Some(ractor_cluster::node::NodeConnectionMode::Isolated),
         )
         .with_listen_addr(config.listen.ip());
@@ -218,9 +223,10 @@ impl Cluster {
             .await
             .map_err(|err| format!("the cluster agent did not start: {err}"))?;
         let view = ClusterView::new(&config.node);
+        let tls_on = tls.is_some();
         let watched = (view.clone(), relay.clone());
-        let watcher = tokio::spawn(watch(server.clone(), config.peers.clone(), watched));
-        tracing::info!(node = %config.node, listen = %config.listen, peers = ?config.peers, "cluster node started");
+        let watcher = tokio::spawn(watch(server.clone(), config.peers.clone(), tls, watched));
+        tracing::info!(node = %config.node, listen = %config.listen, peers = ?config.peers, tls = tls_on, "cluster node started");
         Ok(Self {
             server,
             agent,
@@ -259,6 +265,7 @@ struct Dial {
 async fn watch(
     server: ActorRef<NodeServerMessage>,
     peers: Vec<String>,
+    tls: Option<tls::Tls>,
     (view, relay): (ClusterView, Relay),
 ) {
     let mut dials: HashMap<String, Dial> = HashMap::new();
@@ -281,7 +288,7 @@ async fn watch(
                         .is_some_and(|n| n.connection_string == *peer)
             });
             if !linked {
-                dial(&server, peer, &mut dials).await;
+                dial(&server, peer, tls.as_ref(), &mut dials).await;
             }
         }
         let agents: Vec<(String, ActorRef<AgentMsg>)> =
@@ -327,8 +334,14 @@ async fn watch(
     }
 }
 
-/// Dials `peer` when its backoff allows; a failure doubles the wait (up to [`MAX_BACKOFF`]).
-async fn dial(server: &ActorRef<NodeServerMessage>, peer: &str, dials: &mut HashMap<String, Dial>) {
+/// Dials `peer` (over TLS when `tls` is set) when its backoff allows; a failure doubles the
+/// wait (up to [`MAX_BACKOFF`]).
+async fn dial(
+    server: &ActorRef<NodeServerMessage>,
+    peer: &str,
+    tls: Option<&tls::Tls>,
+    dials: &mut HashMap<String, Dial>,
+) {
     let now = Instant::now();
     let state = dials.entry(peer.to_string()).or_insert(Dial {
         next: now,
@@ -337,7 +350,20 @@ async fn dial(server: &ActorRef<NodeServerMessage>, peer: &str, dials: &mut Hash
     if now < state.next {
         return;
     }
-    let dialled = tokio::time::timeout(ANSWER, ractor_cluster::client_connect(server, peer)).await;
+    let connect = async {
+        match tls {
+            Some(tls) => {
+                let name = tls::server_name(peer)?;
+                ractor_cluster::client_connect_enc(server, peer, tls.connector.clone(), name)
+                    .await
+                    .map_err(|err| err.to_string())
+            }
+            None => ractor_cluster::client_connect(server, peer)
+                .await
+                .map_err(|err| err.to_string()),
+        }
+    };
+    let dialled = tokio::time::timeout(ANSWER, connect).await;
     match dialled {
         Ok(Ok(())) => {
             state.backoff = TICK;

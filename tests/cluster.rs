@@ -93,6 +93,10 @@ async fn three_daemons_form_one_pool_and_drop_and_readmit_lost_nodes() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(demo_nodes(&a.url).await, ["b", "c"]);
     assert_eq!(demo_nodes(&d.url).await, ["d"]);
+    assert!(
+        a.logged("cluster link refused"),
+        "a did not log the refused link"
+    );
     drop(d);
 
     // A frozen node stops answering: a drops it within a few seconds, and takes it back once

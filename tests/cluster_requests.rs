@@ -1,9 +1,11 @@
-//! Requests across a cluster: three `llorch serve` processes on loopback; a has no model, b
-//! has `demo`, `beta` and `slow`, c has `demo` and `slow`. Any node serves any model, token
-//! for token as the node that runs it; `/v1/models` lists the union; a client that leaves
-//! cancels the job on the serving node; 32 streams through a spread over b and c and all
-//! complete; a serving node killed mid-stream ends its streams with an error event, and the
-//! next request goes to the node that is left.
+//! Requests across a cluster: three `llorch serve` processes on loopback; a has `alpha`, b
+//! has `beta`, c has `gamma` (each one the others lack), and b and c both have `demo` and
+//! `slow`. Any node serves any model, token for token as the node that runs it;
+//! `/v1/models` lists the union; a client that leaves cancels the job on the serving node;
+//! 32 streams through a spread over b and c and all complete, and a's `/metrics` shows both
+//! nodes' work; a serving node killed mid-stream ends its stream with one error event and
+//! `[DONE]`, the next request goes to the node that is left, and the killed node, started
+//! again, rejoins and serves.
 
 mod common;
 
@@ -99,54 +101,68 @@ where
     started.elapsed()
 }
 
-async fn cluster(dir: &std::path::Path) -> (Node, Node, Node) {
+/// The three nodes, once a lists every model, and their pool files.
+async fn cluster(dir: &std::path::Path) -> ([Node; 3], [std::path::PathBuf; 3]) {
     let [pa, pb, pc] = [free_port(), free_port(), free_port()];
-    let demo = ("demo", "builtin:demo");
-    let a = node(&pool(dir, "a", pa, &[pb, pc], &[]), COOKIE).await;
-    let b = node(
-        &pool(
-            dir,
-            "b",
-            pb,
-            &[pa, pc],
-            &[demo, ("beta", "builtin:demo"), SLOW],
-        ),
-        COOKIE,
-    )
-    .await;
-    let c = node(&pool(dir, "c", pc, &[pa, pb], &[demo, SLOW]), COOKIE).await;
-    let want: Vec<(String, Vec<String>)> = [
+    let (demo, model) = (("demo", "builtin:demo"), |name| (name, "builtin:demo"));
+    let configs = [
+        pool(dir, "a", pa, &[pb, pc], &[model("alpha")]),
+        pool(dir, "b", pb, &[pa, pc], &[demo, model("beta"), SLOW]),
+        pool(dir, "c", pc, &[pa, pb], &[demo, model("gamma"), SLOW]),
+    ];
+    let a = node(&configs[0], COOKIE).await;
+    let b = node(&configs[1], COOKIE).await;
+    let c = node(&configs[2], COOKIE).await;
+    for url in [&a.url, &b.url, &c.url] {
+        until(
+            "every node listing every model",
+            Duration::from_secs(20),
+            || async { model_nodes(url).await == everything() },
+        )
+        .await;
+    }
+    ([a, b, c], configs)
+}
+
+/// `/v1/models` of the whole cluster.
+fn everything() -> Vec<(String, Vec<String>)> {
+    [
+        ("alpha", vec!["a"]),
         ("beta", vec!["b"]),
         ("demo", vec!["b", "c"]),
+        ("gamma", vec!["c"]),
         ("slow", vec!["b", "c"]),
     ]
     .iter()
     .map(|(m, n)| (m.to_string(), n.iter().map(|n| n.to_string()).collect()))
-    .collect();
-    until("a listing every model", Duration::from_secs(20), || async {
-        model_nodes(&a.url).await == want
-    })
-    .await;
-    (a, b, c)
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_serves_any_model_of_the_cluster() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, c) = cluster(dir.path()).await;
+    let ([a, b, c], configs) = cluster(dir.path()).await;
 
-    // Token for token as on the node that runs it, whole and streamed.
-    let ask = json!({"model": "beta", "prompt": "Once upon a time", "max_tokens": 24,
-        "temperature": 0, "logprobs": 2});
-    let (status, here) = post(&b.url, "/v1/completions", &ask).await;
-    assert_eq!(status, 200, "{here}");
-    let (status, there) = post(&a.url, "/v1/completions", &ask).await;
-    assert_eq!(status, 200, "{there}");
-    assert_eq!(there["choices"], here["choices"]);
+    // Token for token as on the node that runs it: each node asks for another's own model.
+    let ask = |model: &str| {
+        json!({"model": model, "prompt": "Once upon a time", "max_tokens": 24,
+            "temperature": 0, "logprobs": 2})
+    };
+    for (owner, asker, model) in [(&b, &a, "beta"), (&c, &b, "gamma"), (&a, &c, "alpha")] {
+        let (status, here) = post(&owner.url, "/v1/completions", &ask(model)).await;
+        assert_eq!(status, 200, "{here}");
+        let (status, there) = post(&asker.url, "/v1/completions", &ask(model)).await;
+        assert_eq!(status, 200, "{there}");
+        assert_eq!(there["choices"], here["choices"], "{model}");
+        assert_eq!(there["usage"]["completion_tokens"], 24);
+    }
+    let ask = ask("beta");
+    let (_, here) = post(&b.url, "/v1/completions", &ask).await;
+    let (_, there) = post(&a.url, "/v1/completions", &ask).await;
     for count in ["prompt_tokens", "completion_tokens"] {
         assert_eq!(there["usage"][count], here["usage"][count]);
     }
-    // It ran on b: b's prefix cache held the prompt of the first request.
+    // It ran on b: b's prefix cache held the prompt.
     assert_eq!(there["usage"]["prompt_tokens_details"]["cached_tokens"], 16);
     let mut ask_streamed = ask.clone();
     ask_streamed["stream"] = json!(true);
@@ -215,20 +231,27 @@ async fn any_node_serves_any_model_of_the_cluster() {
         assert_eq!(last, "[DONE]");
         assert!(chunks >= 25, "{chunks} chunks");
     }
-    for url in [&b.url, &c.url] {
-        let text = reqwest::get(format!("{url}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let steps = metric_sum(
-            &text,
-            "llorch_step_duration_seconds_count",
-            &[("model", "demo")],
-        );
-        assert!(steps > 0.0, "{url} ran no step of demo");
+    // a's /metrics gathers every node's, each sample with its node: both b and c ran demo.
+    let metrics = |scope: &'static str| {
+        let url = format!("{}/metrics{scope}", a.url);
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+    let text = metrics("").await;
+    for node in ["b", "c"] {
+        let labels = [("node", node), ("model", "demo")];
+        let steps = metric_sum(&text, "llorch_step_duration_seconds_count", &labels);
+        assert!(steps > 0.0, "{node} ran no step of demo:\n{text}");
     }
+    common::promtool_accepts(&text);
+    let own = metrics("?scope=node").await;
+    assert!(
+        !own.contains("node=\"b\"") && own.contains("llorch_requests_total"),
+        "{own}"
+    );
+    let bad = reqwest::get(format!("{}/metrics?scope=everything", a.url))
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
 
     // A serving node killed mid-stream: the stream ends with an error event, then [DONE];
     // the next request goes to the node left.
@@ -236,11 +259,11 @@ async fn any_node_serves_any_model_of_the_cluster() {
     for _ in 0..3 {
         events.next().await.unwrap();
     }
-    let (mut victim, survivor) = match in_flight(&b.url, "slow").await {
-        1 => (b, c),
-        _ => (c, b),
+    let (victim, survivor, config, own) = match in_flight(&b.url, "slow").await {
+        1 => (b, c, &configs[1], "beta"),
+        _ => (c, b, &configs[2], "gamma"),
     };
-    victim.child.kill().unwrap();
+    drop(victim);
     let killed = Instant::now();
     let mut error = None;
     let mut last = String::new();
@@ -256,7 +279,7 @@ async fn any_node_serves_any_model_of_the_cluster() {
         last = data;
     }
     let error = error.expect("no error event");
-    assert_eq!(error["error"]["code"], "model_crashed", "{error}");
+    assert_eq!(error["error"]["code"], "model_unavailable", "{error}");
     assert_eq!(last, "[DONE]");
     eprintln!(
         "the stream ended {:?} after its node was killed",
@@ -266,7 +289,30 @@ async fn any_node_serves_any_model_of_the_cluster() {
     let (status, body) = post(&a.url, "/v1/completions", &short).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(in_flight(&survivor.url, "slow").await, 0);
-    drop(victim);
+    let (status, body) = post(
+        &a.url,
+        "/v1/completions",
+        &json!({"model": own, "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+
+    // The killed node, started again, rejoins and serves its own model through a.
+    let _back = node(config, COOKIE).await;
+    until("the node rejoining", Duration::from_secs(20), || async {
+        model_nodes(&a.url).await == everything()
+    })
+    .await;
+    let (status, body) = post(
+        &a.url,
+        "/v1/completions",
+        &json!({"model": own, "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

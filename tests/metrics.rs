@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::daemon::{metric_sum, Daemon, SseReader};
@@ -46,40 +44,6 @@ async fn eventually(daemon: &Daemon, what: &str, check: impl Fn(&str) -> bool) -
 
 fn long(model: &str) -> Value {
     json!({"model": model, "prompt": "Once", "max_tokens": 2000, "ignore_eos": true, "stream": true})
-}
-
-/// Runs `promtool check metrics` on the text when promtool is installed (required in CI).
-fn promtool_accepts(text: &str) {
-    let child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        Err(err) => {
-            assert!(
-                std::env::var("LLORCH_REQUIRE_PROMTOOL").is_err(),
-                "promtool is required (LLORCH_REQUIRE_PROMTOOL) but cannot run: {err}"
-            );
-            eprintln!("promtool not installed; skipping the promtool check");
-            return;
-        }
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +189,7 @@ async fn counters_move_on_success_shed_cancel_and_crash_and_promtool_accepts_the
     })
     .await;
     assert!(!text.contains("Once"), "a prompt leaked into the metrics");
-    promtool_accepts(&text);
+    common::promtool_accepts(&text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

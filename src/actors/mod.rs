@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod engine;
+pub mod exposition;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
 pub mod lifecycle;

@@ -63,9 +63,15 @@ impl Pool {
             .map_err(|_| PoolStartError("the supervisor did not start the router".into()))?;
         let cluster = match &cluster_config {
             Some(config) => Some(
-                Cluster::start(config, cookie, router.clone(), supervisor.clone())
-                    .await
-                    .map_err(PoolStartError)?,
+                Cluster::start(
+                    config,
+                    cookie,
+                    router.clone(),
+                    supervisor.clone(),
+                    metrics.clone(),
+                )
+                .await
+                .map_err(PoolStartError)?,
             ),
             None => None,
         };

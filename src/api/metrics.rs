@@ -1,78 +1,60 @@
-//! `GET /metrics`: the pool's metrics in the Prometheus text format.
-
-use std::time::Duration;
+//! `GET /metrics`: the pool's metrics in the Prometheus text format; with `[cluster]`, every
+//! node's (each sample labelled with its `node`) unless `?scope=node`.
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
-use ractor::rpc::CallResult;
+use serde::Deserialize;
 
 use super::error::ApiError;
+use super::extract::ApiQuery;
 use super::AppState;
-use crate::actors::router::{ModelStatus, ReplicaState, RouterMsg};
-use crate::metrics::{BatchGauges, ModelGauges, ReplicaGauges};
+use crate::actors::cluster::peer_metrics;
+use crate::actors::exposition::render;
 
-/// How long the router may take to answer.
-const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+/// Query of `GET /metrics`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MetricsQuery {
+    /// With `[cluster]`: `cluster` (the default) gathers every node's metrics, each sample
+    /// labelled with its `node`; `node` gives this node's alone (to scrape each node).
+    #[serde(default)]
+    scope: Option<String>,
+}
 
 /// The Prometheus text exposition.
 #[utoipa::path(get, path = "/metrics", tag = "metrics", security(("bearer" = [])),
+    params(MetricsQuery),
     responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain; version=0.0.4"),
+        (status = 400, description = "Invalid `scope`", body = crate::api::openapi::schemas::ErrorResponse),
         (status = 401, description = "No admin key (unless `metrics_public`)", body = crate::api::openapi::schemas::ErrorResponse)))]
-pub async fn metrics(State(state): State<AppState>) -> Response {
-    let models = match state
-        .router
-        .call(RouterMsg::List, Some(STATUS_TIMEOUT))
-        .await
-    {
-        Ok(CallResult::Success(models)) => models,
-        _ => {
-            return ApiError::unavailable("unhealthy", "the router does not answer").into_response()
+pub async fn metrics(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<MetricsQuery>,
+) -> Response {
+    let whole = match query.scope.as_deref() {
+        None | Some("cluster") => true,
+        Some("node") => false,
+        Some(other) => {
+            return ApiError::bad_request(
+                "invalid_parameter",
+                Some("scope"),
+                format!("scope must be cluster or node, not {other:?}"),
+            )
+            .into_response()
         }
     };
-    let body = state.metrics.render(&gauges(&models));
+    let Some(mut body) = render(&state.router, &state.metrics).await else {
+        return ApiError::unavailable("unhealthy", "the router does not answer").into_response();
+    };
+    if let (Some(view), true) = (&state.cluster, whole) {
+        let mut parts = vec![(view.node().to_string(), body)];
+        parts.extend(peer_metrics().await);
+        body = crate::metrics::merge(&parts);
+    }
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,
     )
         .into_response()
-}
-
-/// The pool's state as the metrics take it.
-fn gauges(models: &[ModelStatus]) -> Vec<ModelGauges> {
-    models
-        .iter()
-        .map(|model| ModelGauges {
-            name: model.name.clone(),
-            queued: model.queued,
-            replicas: model
-                .replicas
-                .iter()
-                .map(|replica| ReplicaGauges {
-                    replica: format!("{}/g{}", replica.id.index, replica.id.generation),
-                    device: replica.id.device.clone(),
-                    state: match replica.state {
-                        ReplicaState::Loading => "loading",
-                        ReplicaState::Ready => "ready",
-                        ReplicaState::Restarting => "restarting",
-                        ReplicaState::Failed(_) => "failed",
-                    },
-                    in_flight: replica.in_flight,
-                    memory_bytes: replica.memory_bytes,
-                    device_memory_bytes: replica.device_memory_bytes,
-                    batch: replica
-                        .occupancy
-                        .filter(|o| o.kv_blocks_total > 0 && replica.state == ReplicaState::Ready)
-                        .map(|o| BatchGauges {
-                            running: o.running,
-                            waiting: o.waiting,
-                            paused: o.paused,
-                            kv_blocks_used: o.kv_blocks_used,
-                            kv_blocks_total: o.kv_blocks_total,
-                            kv_blocks_cached: o.kv_blocks_cached,
-                        }),
-                })
-                .collect(),
-        })
-        .collect()
 }

@@ -3,6 +3,7 @@
 //! `GET /metrics`. Plain data in, text out: this module knows nothing of the actors.
 
 mod batching;
+mod merge;
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
@@ -10,6 +11,7 @@ use prometheus::{
 };
 
 pub use batching::{BatchGauges, StepMetrics};
+pub use merge::merge;
 
 /// One model's state at a scrape.
 #[derive(Debug, Clone, Default)]

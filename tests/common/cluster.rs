@@ -1,6 +1,7 @@
 //! Daemons joined by `[cluster]`, each a `llorch serve` process on loopback.
 
 use std::process::Child;
+use std::sync::mpsc::Receiver;
 
 use super::process::{start_with_args, wait_ready};
 
@@ -45,6 +46,15 @@ pub struct Node {
     pub child: Child,
     /// Its API.
     pub url: String,
+    /// Its stderr, line by line.
+    pub log: Receiver<String>,
+}
+
+impl Node {
+    /// Whether a line of its log so far contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log.try_iter().any(|line| line.contains(text))
+    }
 }
 
 impl Drop for Node {
@@ -60,11 +70,11 @@ impl Drop for Node {
 
 /// Starts a node with `config` and `cookie` and waits until it is ready.
 pub async fn node(config: &std::path::Path, cookie: &str) -> Node {
-    let (child, url, _) = start_with_args(
+    let (child, url, log) = start_with_args(
         config,
         &[("LLORCH_CLUSTER_COOKIE", cookie)],
         &["--listen", "127.0.0.1:0"],
     );
     wait_ready(&url).await;
-    Node { child, url }
+    Node { child, url, log }
 }

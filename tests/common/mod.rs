@@ -9,6 +9,7 @@ pub mod load;
 pub mod process;
 pub mod raw;
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use candle_core::Device;
@@ -261,4 +262,38 @@ pub async fn llorch_cli(args: &[&str], url: &str) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// Runs `promtool check metrics` on the text when promtool is installed (required in CI).
+pub fn promtool_accepts(text: &str) {
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(err) => {
+            assert!(
+                std::env::var("LLORCH_REQUIRE_PROMTOOL").is_err(),
+                "promtool is required (LLORCH_REQUIRE_PROMTOOL) but cannot run: {err}"
+            );
+            eprintln!("promtool not installed; skipping the promtool check");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -6,6 +6,7 @@
 //! dropped too (ractor_cluster never times a peer out by itself).
 
 mod admin;
+mod links;
 mod relay;
 mod serve;
 mod tls;
@@ -13,6 +14,7 @@ mod view;
 mod wire;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::rpc::CallResult;
@@ -24,10 +26,12 @@ pub use relay::Relay;
 pub use serve::Served;
 pub use view::{ClusterView, RemoteModel};
 
+use super::exposition::render;
 use super::listing::listing;
 use super::router::RouterMsg;
 use super::supervisor::SupervisorMsg;
 use crate::config::ClusterConfig;
+use crate::metrics::Metrics;
 
 /// The process-group scope of llorch's cluster actors; a change of the messages' wire format
 /// changes it, so that nodes of different versions ignore each other.
@@ -63,6 +67,9 @@ pub enum AgentMsg {
     Events(Vec<u8>),
     /// The asking node no longer wants a request this node runs (a `wire::Cancel` as JSON).
     Cancel(Vec<u8>),
+    /// Another node asks for this node's metrics (its Prometheus text).
+    #[rpc]
+    Metrics(RpcReplyPort<Vec<u8>>),
 }
 
 /// The agent of this node.
@@ -75,6 +82,7 @@ pub struct AgentState {
     supervisor: ActorRef<SupervisorMsg>,
     relay: Relay,
     served: Served,
+    metrics: Arc<Metrics>,
 }
 
 impl Actor for ClusterAgent {
@@ -140,6 +148,10 @@ impl Actor for ClusterAgent {
                 }
                 Err(err) => tracing::warn!(error = %err, "unreadable events from a peer"),
             },
+            AgentMsg::Metrics(reply) => {
+                let text = render(&state.router, &state.metrics).await;
+                let _ = reply.send(text.unwrap_or_default().into_bytes());
+            }
             AgentMsg::Cancel(body) => match serde_json::from_slice::<wire::Cancel>(&body) {
                 Ok(cancel) => state.served.cancel(&cancel),
                 Err(err) => tracing::warn!(error = %err, "unreadable cancel from a peer"),
@@ -168,6 +180,37 @@ pub async fn remote_admin(node: &str, request: &RemoteAdmin) -> RemoteAnswer {
     }
 }
 
+/// Every connected peer's metrics (Prometheus text), by node; a peer that does not answer
+/// within [`ANSWER`] is left out.
+pub async fn peer_metrics() -> Vec<(String, String)> {
+    let asked = remote_agents().into_iter().map(|(node, agent)| async move {
+        match agent.call(AgentMsg::Metrics, Some(ANSWER)).await {
+            Ok(CallResult::Success(text)) => Some((node, String::from_utf8(text).ok()?)),
+            _ => None,
+        }
+    });
+    let mut answers: Vec<(String, String)> = futures::future::join_all(asked)
+        .await
+        .into_iter()
+        .flatten()
+        .filter(|(_, text)| !text.is_empty())
+        .collect();
+    answers.sort();
+    answers
+}
+
+/// The agents of the connected peers, by node.
+fn remote_agents() -> Vec<(String, ActorRef<AgentMsg>)> {
+    pg::get_scoped_members(&SCOPE.to_string(), &AGENTS.to_string())
+        .into_iter()
+        .filter(|cell| !cell.get_id().is_local())
+        .filter_map(|cell| {
+            let node = cell.get_name()?.strip_prefix("agent@")?.to_string();
+            Some((node, ActorRef::<AgentMsg>::from(cell)))
+        })
+        .collect()
+}
+
 /// The agent of a connected peer.
 fn agent_of(node: &str) -> Option<ActorRef<AgentMsg>> {
     let name = format!("agent@{node}");
@@ -193,6 +236,7 @@ impl Cluster {
         cookie: String,
         router: ActorRef<RouterMsg>,
         supervisor: ActorRef<SupervisorMsg>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         let tls = config.tls.as_ref().map(tls::load).transpose()?;
         let encryption = tls
@@ -210,6 +254,12 @@ impl Cluster {
         let (server, _) = Actor::spawn(None, server, ())
             .await
             .map_err(|err| format!("the cluster listener did not start: {err}"))?;
+        server
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: "llorch.links".to_string(),
+                subscription: Box::new(links::LinkLog::default()),
+            })
+            .map_err(|err| format!("the cluster listener did not start: {err}"))?;
         let name = format!("agent@{}", config.node);
         let relay = Relay::new(&config.node);
         let state = AgentState {
@@ -218,6 +268,7 @@ impl Cluster {
             supervisor,
             relay: relay.clone(),
             served: Served::default(),
+            metrics,
         };
         let (agent, _) = Actor::spawn(Some(name), ClusterAgent, state)
             .await
@@ -291,15 +342,7 @@ async fn watch(
                 dial(&server, peer, tls.as_ref(), &mut dials).await;
             }
         }
-        let agents: Vec<(String, ActorRef<AgentMsg>)> =
-            pg::get_scoped_members(&SCOPE.to_string(), &AGENTS.to_string())
-                .into_iter()
-                .filter(|cell| !cell.get_id().is_local())
-                .filter_map(|cell| {
-                    let node = cell.get_name()?.strip_prefix("agent@")?.to_string();
-                    Some((node, ActorRef::<AgentMsg>::from(cell)))
-                })
-                .collect();
+        let agents = remote_agents();
         let asked = futures::future::join_all(agents.iter().map(|(node, agent)| async move {
             let answer = agent.call(AgentMsg::Status, Some(ANSWER)).await;
             let listing = match answer {

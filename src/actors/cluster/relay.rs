@@ -1,8 +1,9 @@
 //! The asking side of a remote request: the relay numbers it, sends it to the serving node's
 //! agent, and feeds the events that agent casts back into an ordinary job channel, so the API
-//! streams a remote job exactly as a local one. A client that leaves cancels the job there;
-//! a serving node that is lost ends its jobs here with `model_crashed` (so a request that has
-//! produced nothing is retried elsewhere, as after a local crash).
+//! streams a remote job exactly as a local one. A client that leaves cancels the job there.
+//! A serving node that is lost ends its jobs here: one that has produced no token with
+//! `model_crashed`, so that it is retried elsewhere as after a local crash, and a running
+//! stream with `model_unavailable`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +27,8 @@ const CANCEL_POLL: Duration = Duration::from_millis(100);
 struct Open {
     node: String,
     to: UnboundedSender<TokenEvent>,
+    /// Whether a token has been passed on.
+    streaming: bool,
 }
 
 /// This node's remote requests, by number.
@@ -113,6 +116,7 @@ impl Relay {
         let entry = Open {
             node: node.to_string(),
             to,
+            streaming: false,
         };
         open.1.insert(req_id, entry);
         req_id
@@ -130,12 +134,13 @@ impl Relay {
         let Ok(mut open) = self.open.lock() else {
             return false;
         };
-        let Some(entry) = open.1.get(&batch.req_id) else {
+        let Some(entry) = open.1.get_mut(&batch.req_id) else {
             return false;
         };
         let mut ended = batch.end;
         for event in batch.events {
             ended |= wire::terminal(&event);
+            entry.streaming |= matches!(event, TokenEvent::Token { .. });
             if entry.to.send(event).is_err() {
                 ended = true;
             }
@@ -155,9 +160,11 @@ impl Relay {
             let alive = connected.contains(&entry.node);
             if !alive {
                 let reason = format!("the node {} serving this request was lost", entry.node);
-                let _ = entry
-                    .to
-                    .send(TokenEvent::Failed(EngineError::Crashed(reason)));
+                let error = match entry.streaming {
+                    true => EngineError::Unavailable(reason),
+                    false => EngineError::Crashed(reason),
+                };
+                let _ = entry.to.send(TokenEvent::Failed(error));
             }
             alive
         });

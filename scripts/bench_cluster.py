@@ -112,7 +112,8 @@ def main():
             text = (f'version = 1\n[cluster]\nnode = "{node}"\nlisten = "127.0.0.1:{port}"\n'
                     f'peers = ["127.0.0.1:{peer}"]\n')
             if models:
-                text += f'[[models]]\nname = "m"\nsource = "{models}"\n'
+                source = os.path.abspath(models) if os.path.exists(models) else models
+                text += f'[[models]]\nname = "m"\nsource = "{source}"\n'
             configs[node] = os.path.join(tmp, f"{node}.toml")
             with open(configs[node], "w") as handle:
                 handle.write(text)

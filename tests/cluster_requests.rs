@@ -2,6 +2,7 @@
 //! has `beta`, c has `gamma` (each one the others lack), and b and c both have `demo` and
 //! `slow`. Any node serves any model, token for token as the node that runs it;
 //! `/v1/models` lists the union; a client that leaves cancels the job on the serving node;
+//! the least-loaded replica of the cluster takes a request, the asked node's on a tie;
 //! 32 streams through a spread over b and c and all complete, and a's `/metrics` shows both
 //! nodes' work; a serving node killed mid-stream ends its stream with one error event and
 //! `[DONE]`, the next request goes to the node that is left, and the killed node, started
@@ -210,6 +211,22 @@ async fn any_node_serves_any_model_of_the_cluster() {
     )
     .await;
     eprintln!("a client leaving a freed the remote slot after {freed:?}");
+
+    // The least-loaded replica of the cluster takes a request, this node's when loads tie:
+    // b keeps the first stream of `slow` and, busy with it, sends the second to c.
+    let mut first = stream(&b.url, &long).await;
+    first.next().await.unwrap();
+    assert_eq!(in_flight(&b.url, "slow").await, 1);
+    assert_eq!(in_flight(&c.url, "slow").await, 0);
+    let mut second = stream(&b.url, &long).await;
+    second.next().await.unwrap();
+    assert_eq!(in_flight(&b.url, "slow").await, 1);
+    assert_eq!(in_flight(&c.url, "slow").await, 1);
+    drop((first, second));
+    until("both slots free", Duration::from_secs(5), || async {
+        in_flight(&b.url, "slow").await + in_flight(&c.url, "slow").await == 0
+    })
+    .await;
 
     // 32 streams through a spread over b's and c's replicas, and every one completes.
     let clients = (0..32).map(|i| {

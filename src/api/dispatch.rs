@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use ractor::rpc::CallResult;
 use tokio::sync::mpsc::Receiver;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -16,12 +15,8 @@ use super::error::ApiError;
 use super::shutdown::wait_abort;
 use super::AppState;
 use crate::actors::engine::{EngineError, GenerationRequest, TokenEvent};
-use crate::actors::router::{Admitted, RouteError, RouterMsg};
 use crate::metrics::Metrics;
 use crate::models::ToolFormat;
-
-/// How long the router may take to answer an admission call.
-const ROUTER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Sets a job's cancel flag when dropped, so a request whose client has gone (its handler or
 /// response stream dropped) stops generating.
@@ -201,7 +196,7 @@ async fn attempt(
     request: GenerationRequest,
     arrived: Instant,
 ) -> Result<Attempt, ApiError> {
-    let admitted = admit(state, model, request).await?;
+    let admitted = super::admit::admit(state, model, request).await?;
     let guard = CancelOnDrop(admitted.cancel);
     let mut events = admitted.events;
     let mut interrupts = Interrupts {
@@ -258,60 +253,6 @@ async fn attempt(
             })))
         }
     }
-}
-
-/// Admits `request` on this node's router or, with `[cluster]`, when no local replica can
-/// take it (the model is not here, or it is overloaded or not ready), on the least-loaded
-/// other node with a ready replica.
-async fn admit(
-    state: &AppState,
-    model: &str,
-    request: GenerationRequest,
-) -> Result<Admitted, ApiError> {
-    let spare = state.relay.as_ref().map(|_| request.clone());
-    let call = state
-        .router
-        .call(
-            |reply| RouterMsg::Dispatch {
-                model: model.to_string(),
-                request,
-                reply,
-            },
-            Some(ROUTER_TIMEOUT),
-        )
-        .await;
-    let local = match call {
-        Ok(CallResult::Success(result)) => result,
-        Ok(_) | Err(_) => {
-            return Err(ApiError::unavailable(
-                "model_unavailable",
-                "the router did not answer",
-            ))
-        }
-    };
-    let (Err(refused), Some(relay), Some(view), Some(request)) =
-        (&local, &state.relay, &state.cluster, spare)
-    else {
-        return Ok(local?);
-    };
-    if !matches!(
-        refused,
-        RouteError::UnknownModel(_) | RouteError::Overloaded(_) | RouteError::NotReady { .. }
-    ) {
-        return Ok(local?);
-    }
-    // A peer's listing is up to a second old: this node's own requests on it since then
-    // count too, so that a burst spreads over the peers.
-    let mut nodes = view.serving(model);
-    nodes.sort_by_key(|(node, load)| load + relay.open_on(node));
-    let mut last = local;
-    for (node, _) in nodes {
-        last = relay.dispatch(&node, model, request.clone()).await;
-        if last.is_ok() {
-            break;
-        }
-    }
-    Ok(last?)
 }
 
 /// The error of a job dropped without a terminal event (its engine died).

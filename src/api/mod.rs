@@ -4,6 +4,7 @@
 
 mod admin;
 mod admin_nodes;
+mod admit;
 mod auth;
 pub mod client;
 mod console;

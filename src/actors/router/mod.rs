@@ -125,6 +125,9 @@ pub enum RouterMsg {
     Forget(Vec<ReplicaId>),
     /// Lists every model's status.
     List(RpcReplyPort<Vec<ModelStatus>>),
+    /// A model's load: requests in flight on its ready replicas and queued for it (`None`
+    /// when no replica of it is ready to take one).
+    Load(String, RpcReplyPort<Option<usize>>),
 }
 
 /// The router actor.
@@ -323,6 +326,9 @@ impl Actor for Router {
             }
             RouterMsg::List(reply) => {
                 let _ = reply.send(list(state));
+            }
+            RouterMsg::Load(model, reply) => {
+                let _ = reply.send(status::load(state, &model));
             }
         }
         Ok(())

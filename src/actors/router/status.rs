@@ -154,3 +154,16 @@ pub(super) fn list(state: &RouterState) -> Vec<ModelStatus> {
         })
         .collect()
 }
+
+/// `model`'s load: requests in flight on its ready active replicas plus its queue; `None`
+/// when it has no such replica or is draining.
+pub(super) fn load(state: &RouterState, model: &str) -> Option<usize> {
+    let route = state.routes.get(model).filter(|route| !route.draining)?;
+    let ready: Vec<usize> = route
+        .replicas
+        .iter()
+        .filter(|r| r.state == ReplicaState::Ready && r.role == Role::Active)
+        .map(|r| r.in_flight)
+        .collect();
+    (!ready.is_empty()).then(|| ready.iter().sum::<usize>() + route.queue.len())
+}

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{free_port, node, pool, COOKIE};
+use common::cluster::{free_port, node, pool, post, COOKIE};
 use common::process::{signal, wait_exit};
 use serde_json::Value;
 
@@ -115,17 +115,6 @@ async fn three_daemons_form_one_pool_and_drop_and_readmit_lost_nodes() {
     eprintln!("a dropped the killed c after {gone:?}");
 }
 
-/// `POST path` on `url`: the status and the JSON body.
-async fn post(url: &str, path: &str) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(format!("{url}{path}"))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
-}
-
 /// Each outcome's `(node, action)`, sorted.
 fn outcomes(body: &Value) -> Vec<(String, String)> {
     let mut outcomes: Vec<(String, String)> = body["models"]
@@ -151,37 +140,37 @@ async fn evict_and_reload_address_every_node_that_has_the_model() {
     until(&a.url, &["b", "c"], Duration::from_secs(20)).await;
 
     // a has no demo of its own: the reload runs on b and c.
-    let (status, body) = post(&a.url, "/admin/models/demo/reload").await;
+    let (status, body) = post(&a.url, "/admin/models/demo/reload", &Value::Null).await;
     assert_eq!(status, 200, "{body}");
     let reloaded = [("b", "reloaded"), ("c", "reloaded")].map(|(n, a)| (n.into(), a.into()));
     assert_eq!(outcomes(&body), reloaded, "{body}");
     until(&a.url, &["b", "c"], Duration::from_secs(10)).await;
 
     // An unknown node is named as such; a node without the model says so.
-    let (status, body) = post(&a.url, "/admin/models/demo/evict?node=zz").await;
+    let (status, body) = post(&a.url, "/admin/models/demo/evict?node=zz", &Value::Null).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (404, Some("node_not_found"))
     );
-    let (status, body) = post(&a.url, "/admin/models/demo/evict?node=a").await;
+    let (status, body) = post(&a.url, "/admin/models/demo/evict?node=a", &Value::Null).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (404, Some("model_not_found"))
     );
 
     // `?node=` picks one node; b still serves.
-    let (status, body) = post(&a.url, "/admin/models/demo/evict?node=c").await;
+    let (status, body) = post(&a.url, "/admin/models/demo/evict?node=c", &Value::Null).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(outcomes(&body), [("c".into(), "evicted".into())], "{body}");
     until(&a.url, &["b"], Duration::from_secs(10)).await;
     assert_eq!(demo_nodes(&c.url).await, ["b"]);
 
     // Without it, every node that still has the model; then none has it.
-    let (status, body) = post(&c.url, "/admin/models/demo/evict?mode=abort").await;
+    let (status, body) = post(&c.url, "/admin/models/demo/evict?mode=abort", &Value::Null).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(outcomes(&body), [("b".into(), "evicted".into())], "{body}");
     until(&a.url, &[], Duration::from_secs(10)).await;
-    let (status, body) = post(&a.url, "/admin/models/demo/evict").await;
+    let (status, body) = post(&a.url, "/admin/models/demo/evict", &Value::Null).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (404, Some("model_not_found"))

@@ -12,31 +12,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{free_port, node, pool, Node, COOKIE};
+use common::cluster::{free_port, get, model_nodes, node, pool, post, Node, COOKIE};
 use common::daemon::{metric_sum, SseReader};
 use serde_json::{json, Value};
 
 const SLOW: (&str, &str) = ("slow", "builtin:fake?ms=20");
-
-async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(format!("{url}{path}"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
-}
-
-async fn get(url: &str, path: &str) -> Value {
-    reqwest::get(format!("{url}{path}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
 
 async fn stream(url: &str, body: &Value) -> SseReader {
     let response = reqwest::Client::new()
@@ -47,28 +27,6 @@ async fn stream(url: &str, body: &Value) -> SseReader {
         .unwrap();
     assert_eq!(response.status(), 200);
     SseReader::new(response)
-}
-
-/// `/v1/models` on `url`: each model's nodes, sorted.
-async fn model_nodes(url: &str) -> Vec<(String, Vec<String>)> {
-    let list = get(url, "/v1/models").await;
-    let mut models: Vec<(String, Vec<String>)> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|card| {
-            let mut nodes: Vec<String> = card["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|n| n.as_str().unwrap().to_string())
-                .collect();
-            nodes.sort();
-            (card["id"].as_str().unwrap().to_string(), nodes)
-        })
-        .collect();
-    models.sort();
-    models
 }
 
 /// Requests in flight on `url`'s own replicas of `model`.

@@ -7,12 +7,12 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::cluster::{free_port, node, pool, COOKIE};
+use common::cluster::{free_port, model_nodes, node, pool, post, COOKIE};
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// A certificate authority.
 fn authority(name: &str) -> (Certificate, KeyPair) {
@@ -40,6 +40,11 @@ fn tls_files(dir: &Path, node: &str, ca: &(Certificate, KeyPair), trust: &str) -
     format!("tls_cert = \"{node}.pem\"\ntls_key = \"{node}.key\"\ntls_ca = \"{trust}\"\n")
 }
 
+/// `/v1/models` of a node that sees only `node`'s demo.
+fn served(node: &str) -> Vec<(String, Vec<String>)> {
+    vec![("demo".to_string(), vec![node.to_string()])]
+}
+
 /// `pool(...)` with TLS lines in its `[cluster]` table.
 fn tls_pool(
     dir: &Path,
@@ -59,23 +64,6 @@ fn tls_pool(
     path
 }
 
-async fn models_on(url: &str) -> Vec<String> {
-    let list: Value = reqwest::get(format!("{url}/v1/models"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut models: Vec<String> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|card| format!("{}@{}", card["id"].as_str().unwrap(), card["nodes"]))
-        .collect();
-    models.sort();
-    models
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_with_certificates_of_the_cluster_authority_join_over_tls() {
     let dir = tempfile::tempdir().unwrap();
@@ -90,7 +78,7 @@ async fn nodes_with_certificates_of_the_cluster_authority_join_over_tls() {
     let a = node(&tls_pool(dir.path(), "a", pa, &[pb], &[], &tls_a), COOKIE).await;
     let b = node(&tls_pool(dir.path(), "b", pb, &[pa], &demo, &tls_b), COOKIE).await;
     let started = Instant::now();
-    while models_on(&a.url).await != ["demo@[\"b\"]"] {
+    while model_nodes(&a.url).await != served("b") {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "a never listed b's demo over TLS"
@@ -98,18 +86,9 @@ async fn nodes_with_certificates_of_the_cluster_authority_join_over_tls() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ask = json!({"model": "demo", "prompt": "Hello", "max_tokens": 12, "temperature": 0});
-    let client = reqwest::Client::new();
     let mut answers = Vec::new();
     for url in [&b.url, &a.url] {
-        let answer: Value = client
-            .post(format!("{url}/v1/completions"))
-            .json(&ask)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, answer) = post(url, "/v1/completions", &ask).await;
         answers.push(answer["choices"][0]["text"].clone());
     }
     assert!(answers[0].is_string());
@@ -120,7 +99,7 @@ async fn nodes_with_certificates_of_the_cluster_authority_join_over_tls() {
     let d = node(&tls_pool(dir.path(), "d", pd, &[pa], &demo, &tls_d), COOKIE).await;
     let e = node(&pool(dir.path(), "e", pe, &[pa], &demo), COOKIE).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(models_on(&a.url).await, ["demo@[\"b\"]"]);
-    assert_eq!(models_on(&d.url).await, ["demo@[\"d\"]"]);
-    assert_eq!(models_on(&e.url).await, ["demo@[\"e\"]"]);
+    assert_eq!(model_nodes(&a.url).await, served("b"));
+    assert_eq!(model_nodes(&d.url).await, served("d"));
+    assert_eq!(model_nodes(&e.url).await, served("e"));
 }

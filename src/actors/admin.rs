@@ -3,6 +3,10 @@
 
 use std::time::Duration;
 
+use ractor::rpc::CallResult;
+use ractor::ActorRef;
+
+use super::supervisor::SupervisorMsg;
 use crate::config::{ConfigError, ModelSpec};
 
 /// How long an evict (or the old generation of a reload) may drain before its remaining
@@ -86,7 +90,7 @@ pub enum AdminCommand {
 }
 
 /// What happened to one model.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ModelOutcome {
     /// The model.
     pub name: String,
@@ -125,4 +129,28 @@ pub enum AdminError {
     /// The supervisor did not answer.
     #[error("the supervisor did not answer: {0}")]
     Unavailable(String),
+}
+
+/// Runs `command` on the supervisor (answering when it is done, or only started when `wait`
+/// is false), waiting at most `timeout` for the answer.
+pub async fn run_admin(
+    supervisor: &ActorRef<SupervisorMsg>,
+    command: AdminCommand,
+    wait: bool,
+    timeout: Duration,
+) -> Result<Vec<ModelOutcome>, AdminError> {
+    let call = supervisor
+        .call(
+            |reply| SupervisorMsg::Admin {
+                command,
+                wait,
+                reply,
+            },
+            Some(timeout),
+        )
+        .await;
+    match call {
+        Ok(CallResult::Success(result)) => result,
+        _ => Err(AdminError::Unavailable("no answer".to_string())),
+    }
 }

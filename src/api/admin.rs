@@ -7,7 +7,6 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
-use ractor::rpc::CallResult;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -16,10 +15,9 @@ use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery};
 use super::AppState;
 use crate::actors::admin::{
-    AdminCommand, AdminError, FailureKind, ModelOutcome, DEFAULT_DRAIN_TIMEOUT,
+    run_admin, AdminCommand, AdminError, FailureKind, ModelOutcome, DEFAULT_DRAIN_TIMEOUT,
 };
 use crate::actors::cluster::RemoteAdmin;
-use crate::actors::supervisor::SupervisorMsg;
 use crate::config::{confine, validate_entry, ModelEntry};
 use crate::models::ModelSource;
 
@@ -89,21 +87,8 @@ pub(super) async fn local(
     command: AdminCommand,
     wait: bool,
 ) -> Result<Vec<Value>, ApiError> {
-    let call = state
-        .supervisor
-        .call(
-            |reply| SupervisorMsg::Admin {
-                command,
-                wait,
-                reply,
-            },
-            Some(ADMIN_TIMEOUT),
-        )
-        .await;
-    match call {
-        Ok(CallResult::Success(result)) => Ok(result?.iter().map(outcome_json).collect()),
-        _ => Err(AdminError::Unavailable("no answer".to_string()).into()),
-    }
+    let outcomes = run_admin(&state.supervisor, command, wait, ADMIN_TIMEOUT).await?;
+    Ok(outcomes.iter().map(outcome_json).collect())
 }
 
 /// The answer to an admin operation: `200` when done, `202` when only started.
@@ -117,7 +102,7 @@ pub(super) fn answer(models: Vec<Value>, wait: bool) -> (StatusCode, Json<Value>
 }
 
 fn outcome_json(outcome: &ModelOutcome) -> Value {
-    json!({"name": outcome.name, "action": outcome.action, "error": outcome.error})
+    serde_json::to_value(outcome).unwrap_or_default()
 }
 
 /// `GET /admin/models`: every replica with its state, load and history.

@@ -86,18 +86,9 @@ pub async fn models(
         .filter(|status| ready_replicas(status) > 0 || status.unloaded())
         .filter(|status| access.allows(&status.name))
         .map(|status| {
-            let mut card = json!({
-                "id": status.name,
-                "object": "model",
-                "created": state.started_at,
-                "owned_by": "llorch",
-                "max_model_len": status.info.as_ref().map(|info| info.context_length),
-                "replicas": ready_replicas(status),
-            });
-            if let (Some(here), Some(fields)) = (&here, card.as_object_mut()) {
-                fields.insert("nodes".to_string(), json!([here]));
-            }
-            card
+            let nodes = here.as_ref().map(|here| vec![here.clone()]);
+            let context = status.info.as_ref().map(|info| info.context_length);
+            card(&state, &status.name, context, ready_replicas(status), nodes)
         })
         .collect();
     let remote = state
@@ -120,16 +111,36 @@ pub async fn models(
                     card["max_model_len"] = json!(model.context_length);
                 }
             }
-            None => data.push(json!({
-                "id": model.model,
-                "object": "model",
-                "created": state.started_at,
-                "owned_by": "llorch",
-                "max_model_len": model.context_length,
-                "replicas": model.replicas,
-                "nodes": [model.node],
-            })),
+            None => data.push(card(
+                &state,
+                &model.model,
+                model.context_length,
+                model.replicas,
+                Some(vec![model.node]),
+            )),
         }
     }
     Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// One model of `/v1/models`; `nodes` with `[cluster]`.
+fn card(
+    state: &AppState,
+    id: &str,
+    context: Option<usize>,
+    replicas: usize,
+    nodes: Option<Vec<String>>,
+) -> Value {
+    let mut card = json!({
+        "id": id,
+        "object": "model",
+        "created": state.started_at,
+        "owned_by": "llorch",
+        "max_model_len": context,
+        "replicas": replicas,
+    });
+    if let (Some(nodes), Some(fields)) = (nodes, card.as_object_mut()) {
+        fields.insert("nodes".to_string(), json!(nodes));
+    }
+    card
 }

@@ -3,6 +3,8 @@
 use std::process::Child;
 use std::sync::mpsc::Receiver;
 
+use serde_json::Value;
+
 use super::process::{start_with_args, wait_ready};
 
 /// The cookie of the test clusters.
@@ -77,4 +79,48 @@ pub async fn node(config: &std::path::Path, cookie: &str) -> Node {
     );
     wait_ready(&url).await;
     Node { child, url, log }
+}
+
+/// `POST path` with a JSON body: the status and the JSON answer.
+pub async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// `GET path` as JSON.
+pub async fn get(url: &str, path: &str) -> Value {
+    reqwest::get(format!("{url}{path}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `/v1/models` on `url`: each model's nodes, sorted.
+pub async fn model_nodes(url: &str) -> Vec<(String, Vec<String>)> {
+    let list = get(url, "/v1/models").await;
+    let mut models: Vec<(String, Vec<String>)> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|card| {
+            let mut nodes: Vec<String> = card["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap().to_string())
+                .collect();
+            nodes.sort();
+            (card["id"].as_str().unwrap().to_string(), nodes)
+        })
+        .collect();
+    models.sort();
+    models
 }

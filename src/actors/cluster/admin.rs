@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::actors::admin::{AdminCommand, AdminError};
+use crate::actors::admin::{run_admin, AdminCommand, AdminError};
 use crate::actors::supervisor::SupervisorMsg;
 
 /// How long a remote admin operation may take (a reload loads a model).
@@ -87,27 +86,14 @@ impl RemoteAdmin {
 /// Runs `request` on this node's supervisor.
 pub async fn carry_out(supervisor: &ActorRef<SupervisorMsg>, request: RemoteAdmin) -> RemoteAnswer {
     let (command, wait) = request.command();
-    let call = supervisor
-        .call(
-            |reply| SupervisorMsg::Admin {
-                command,
-                wait,
-                reply,
-            },
-            Some(REMOTE_ADMIN_TIMEOUT),
-        )
-        .await;
-    match call {
-        Ok(CallResult::Success(Ok(outcomes))) => RemoteAnswer::Done(
+    match run_admin(supervisor, command, wait, REMOTE_ADMIN_TIMEOUT).await {
+        Ok(outcomes) => RemoteAnswer::Done(
             outcomes
                 .iter()
-                .map(|o| json!({"name": o.name, "action": o.action, "error": o.error}))
+                .map(|o| serde_json::to_value(o).unwrap_or_default())
                 .collect(),
         ),
-        Ok(CallResult::Success(Err(err @ AdminError::NotFound(_)))) => {
-            RemoteAnswer::NotFound(err.to_string())
-        }
-        Ok(CallResult::Success(Err(err))) => RemoteAnswer::Refused(err.to_string()),
-        _ => RemoteAnswer::Refused("the supervisor did not answer".to_string()),
+        Err(err @ AdminError::NotFound(_)) => RemoteAnswer::NotFound(err.to_string()),
+        Err(err) => RemoteAnswer::Refused(err.to_string()),
     }
 }

@@ -136,14 +136,8 @@ impl Actor for ClusterAgent {
             AgentMsg::Events(body) => match serde_json::from_slice::<wire::Events>(&body) {
                 Ok(batch) => {
                     let (node, req_id) = (batch.node.clone(), batch.req_id);
-                    let wanted = state.relay.deliver(batch);
-                    if let (false, Some(agent)) = (wanted, agent_of(&node)) {
-                        let cancel = wire::Cancel {
-                            origin: state.node.clone(),
-                            req_id,
-                        };
-                        let bytes = serde_json::to_vec(&cancel).unwrap_or_default();
-                        let _ = agent.cast(AgentMsg::Cancel(bytes));
+                    if !state.relay.deliver(batch) {
+                        state.relay.cancel_on(&node, req_id);
                     }
                 }
                 Err(err) => tracing::warn!(error = %err, "unreadable events from a peer"),
@@ -213,11 +207,9 @@ fn remote_agents() -> Vec<(String, ActorRef<AgentMsg>)> {
 
 /// The agent of a connected peer.
 fn agent_of(node: &str) -> Option<ActorRef<AgentMsg>> {
-    let name = format!("agent@{node}");
-    pg::get_scoped_members(&SCOPE.to_string(), &AGENTS.to_string())
+    remote_agents()
         .into_iter()
-        .find(|cell| !cell.get_id().is_local() && cell.get_name().as_deref() == Some(&name))
-        .map(ActorRef::from)
+        .find_map(|(peer, agent)| (peer == node).then_some(agent))
 }
 
 /// A running cluster membership: the node server, the agent and the watcher.

@@ -170,6 +170,19 @@ impl Relay {
         });
     }
 
+    /// Asks `node` to stop the job it runs for this node's request `req_id`.
+    pub(super) fn cancel_on(&self, node: &str, req_id: u64) {
+        let Some(agent) = agent_of(node) else {
+            return;
+        };
+        let body = Cancel {
+            origin: self.node.clone(),
+            req_id,
+        };
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let _ = agent.cast(AgentMsg::Cancel(bytes));
+    }
+
     /// This node's requests running on `node`.
     pub fn open_on(&self, node: &str) -> usize {
         self.open
@@ -211,13 +224,5 @@ async fn forward(
         }
     }
     relay.close(req_id);
-    if let Some(agent) = agent_of(&node) {
-        let body = Cancel {
-            origin: relay.node.clone(),
-            req_id,
-        };
-        let _ = agent.cast(AgentMsg::Cancel(
-            serde_json::to_vec(&body).unwrap_or_default(),
-        ));
-    }
+    relay.cancel_on(&node, req_id);
 }

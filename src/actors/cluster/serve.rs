@@ -125,10 +125,12 @@ async fn pump(
         cancel.store(true, Ordering::Relaxed);
         return;
     };
+    let mut check = tokio::time::interval(ORIGIN_CHECK);
+    check.tick().await;
     loop {
         let first = tokio::select! {
             event = events.recv() => event,
-            () = tokio::time::sleep(ORIGIN_CHECK) => {
+            _ = check.tick() => {
                 if agent_of(origin).is_none() {
                     cancel.store(true, Ordering::Relaxed);
                     return;

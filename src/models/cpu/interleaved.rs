@@ -53,12 +53,12 @@ impl Kind {
     }
 
     /// Bytes of one block of a group: eight scales, then eight rows' values.
-    fn group_block(self) -> usize {
+    pub(super) fn group_block(self) -> usize {
         ROWS * self.ggml_bytes()
     }
 
     /// What the stored values are above the true ones.
-    fn offset(self) -> f32 {
+    pub(super) fn offset(self) -> f32 {
         match self {
             Kind::Q8_0 => 0.0,
             Kind::Q4_0 => 8.0,

@@ -11,8 +11,9 @@
 
 use super::activations::Activations;
 use super::interleaved::avx2::{each_pass, four, pass, q5_0_values, store, TOKENS};
-use super::interleaved::Kind;
+use super::interleaved::{Kind, ROWS};
 use super::kernels::avx2::prefetch;
+use super::kernels::Q8_0_BYTES;
 use super::kquants::Q8K;
 use super::{interleaved_q4k as q4k, interleaved_q6k as q6k};
 use std::arch::x86_64::*;
@@ -32,11 +33,23 @@ pub unsafe fn group(
     out: &mut [f32],
     start: usize,
 ) {
-    let out = (out, start);
+    let tokens = a.tokens();
+    macro_rules! passes {
+        ($pass:ident) => {
+            wide_passes(
+                out,
+                tokens,
+                start,
+                |t| $pass::<WIDE>(group, blocks, a, t),
+                |t| $pass::<TOKENS>(group, blocks, a, t),
+                |t| $pass::<1>(group, blocks, a, t),
+            )
+        };
+    }
     match kind {
-        Kind::Q8_0 => wide_passes::<8>(kind, group, blocks, a, out, |v, y| q8_0_block(v, y)),
-        Kind::Q4_0 => wide_passes::<4>(kind, group, blocks, a, out, |v, y| q4_0_block(v, y)),
-        Kind::Q5_0 => wide_passes::<5>(kind, group, blocks, a, out, |v, y| q5_0_block(v, y)),
+        Kind::Q8_0 => passes!(q8_0_pass),
+        Kind::Q4_0 => passes!(q4_0_pass),
+        Kind::Q5_0 => passes!(q5_0_pass),
     }
 }
 
@@ -44,67 +57,90 @@ pub unsafe fn group(
 /// block's value vectors, so each block's values are loaded once per eight tokens.
 const WIDE: usize = 8;
 
-/// Every token through a pass over the group's blocks: [`WIDE`] at a time, then the rest as
-/// the AVX2 version takes them (four, then one by one). A token's sums run in the same order
-/// whatever the pass, so its products do not depend on the others.
+/// Every token through a pass over the group's blocks: [`WIDE`] at a time (`wide(t)`), then
+/// the rest as the AVX2 version takes them, four (`four(t)`), then one by one (`one(t)`). A
+/// token's sums run in the same order whatever the pass, so its products do not depend on
+/// the others.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn wide_passes<const V: usize>(
-    kind: Kind,
-    group: &[u8],
-    blocks: usize,
-    a: &Activations,
-    (out, start): (&mut [f32], usize),
-    block: impl Fn(&[__m256i; V], *const u8) -> __m256i + Copy,
+fn wide_passes(
+    out: &mut [f32],
+    tokens: usize,
+    start: usize,
+    wide: impl Fn(usize) -> [__m256; WIDE],
+    four: impl Fn(usize) -> [__m256; TOKENS],
+    one: impl Fn(usize) -> [__m256; 1],
 ) {
-    let tokens = a.tokens();
     let mut t = 0;
     while t + WIDE <= tokens {
-        let p = pass::<WIDE, V>(kind, group, blocks, a, t, block);
-        store(out, tokens, start, t, &p);
+        store(out, tokens, start, t, &wide(t));
         t += WIDE;
     }
     while t + TOKENS <= tokens {
-        let p = pass::<TOKENS, V>(kind, group, blocks, a, t, block);
-        store(out, tokens, start, t, &p);
+        store(out, tokens, start, t, &four(t));
         t += TOKENS;
     }
     for t in t..tokens {
-        let p = pass::<1, V>(kind, group, blocks, a, t, block);
-        store(out, tokens, start, t, &p);
+        store(out, tokens, start, t, &one(t));
     }
 }
 
-/// The eight rows' integer products of a Q8_0 block with the 32 activation values at `y`:
-/// the rows' magnitudes (unsigned) times the activations carrying the rows' signs, in two
-/// chains of additions.
+/// A Q8_0 pass. Each block's values are made unsigned once for all `T` tokens by adding 128
+/// (flipping the top bit), and each token's sum starts at `−128 · Σ y`:
+/// `Σ (q + 128)·y − 128·Σ y = Σ q·y` exactly, so one `vpdpbusd` per four values is all a token
+/// costs, where the AVX2 way (magnitudes times the activations carrying the rows' signs) also
+/// signs every activation vector per row.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn q8_0_block(v: &[__m256i; 8], y: *const u8) -> __m256i {
-    let mut s = [_mm256_setzero_si256(); 2];
-    for (k, v) in v.iter().enumerate() {
-        let signed = _mm256_sign_epi8(four(y, k), *v);
-        s[k % 2] = _mm256_dpbusd_epi32(s[k % 2], _mm256_abs_epi8(*v), signed);
-    }
-    _mm256_add_epi32(s[0], s[1])
+fn q8_0_pass<const T: usize>(
+    group: &[u8],
+    blocks: usize,
+    a: &Activations,
+    t: usize,
+) -> [__m256; T] {
+    let top = _mm256_set1_epi8(i8::MIN);
+    vnni_pass::<T>(Kind::Q8_0, group, blocks, a, t, 128, |base| {
+        // SAFETY: eight vectors of 32 bytes after the scales, within the block.
+        std::array::from_fn(|m| unsafe {
+            _mm256_xor_si256(_mm256_loadu_si256(base.add(2 * ROWS + 32 * m).cast()), top)
+        })
+    })
 }
 
-/// The eight rows' integer products of a Q4_0 block (values 0..16; the offset of 8 is taken
-/// out by the pass) with the 32 activation values at `y`.
+/// A Q4_0 pass: each block's nibbles split once for all `T` tokens (values 0..16; the offset
+/// of 8 is taken out as the AVX2 pass takes it).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn q4_0_block(v: &[__m256i; 4], y: *const u8) -> __m256i {
+fn q4_0_pass<const T: usize>(
+    group: &[u8],
+    blocks: usize,
+    a: &Activations,
+    t: usize,
+) -> [__m256; T] {
     let low = _mm256_set1_epi8(0x0f);
-    let mut s = [_mm256_setzero_si256(); 2];
-    for (k, v) in v.iter().enumerate() {
-        let (l, h) = (
-            _mm256_and_si256(*v, low),
-            _mm256_and_si256(_mm256_srli_epi16(*v, 4), low),
-        );
-        s[0] = _mm256_dpbusd_epi32(s[0], l, four(y, k));
-        s[1] = _mm256_dpbusd_epi32(s[1], h, four(y, k + 4));
-    }
-    _mm256_add_epi32(s[0], s[1])
+    vnni_pass::<T>(Kind::Q4_0, group, blocks, a, t, 0, |base| {
+        // SAFETY: four vectors of 32 bytes after the scales, within the block.
+        let v: [__m256i; 4] = std::array::from_fn(|m| unsafe {
+            _mm256_loadu_si256(base.add(2 * ROWS + 32 * m).cast())
+        });
+        std::array::from_fn(|k| match k {
+            0..4 => _mm256_and_si256(v[k], low),
+            _ => _mm256_and_si256(_mm256_srli_epi16(v[k - 4], 4), low),
+        })
+    })
+}
+
+/// A Q5_0 pass: the AVX2 pass with [`q5_0_block`]'s sums. Assembling a block's values once
+/// for all tokens, as the other kinds do, spills registers and runs at half the speed.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q5_0_pass<const T: usize>(
+    group: &[u8],
+    blocks: usize,
+    a: &Activations,
+    t: usize,
+) -> [__m256; T] {
+    pass::<T, 5>(Kind::Q5_0, group, blocks, a, t, |v, y| q5_0_block(v, y))
 }
 
 /// The eight rows' integer products of a Q5_0 block (values 0..32; the offset of 16 is taken
@@ -119,6 +155,70 @@ fn q5_0_block(v: &[__m256i; 5], y: *const u8) -> __m256i {
         s[1] = _mm256_dpbusd_epi32(s[1], h, four(y, k + 4));
     }
     _mm256_add_epi32(s[0], s[1])
+}
+
+/// The eight rows' products with activation rows `t..t + T` of a group of `kind`, one lane per
+/// row. `values(block)` gives a group block's values as unsigned bytes, vector `k` holding
+/// each row's values `4k..4k + 4`, once for all `T` tokens; each token then sums them with
+/// one `vpdpbusd` per vector, in its own chain, starting from `−bias · Σ y` (values stored
+/// `bias` above the true ones and taken out in integers). The float steps are the AVX2
+/// pass's, so the bits are its bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn vnni_pass<const T: usize>(
+    kind: Kind,
+    group: &[u8],
+    blocks: usize,
+    a: &Activations,
+    t: usize,
+    bias: i32,
+    values: impl Fn(*const u8) -> [__m256i; 8],
+) -> [__m256; T] {
+    let size = kind.group_block();
+    // A group block is 16 bytes of scales and eight rows' values: `values` reads within it.
+    assert!(group.len() >= blocks * size);
+    assert!(a.blocks() == blocks && a.tokens() >= t + T);
+    // Rows `t..t + T` from one pointer each, row `j`'s block `b` at `j · blocks + b`.
+    let (quants, scales, sums, integers) = a.from_row(t);
+    assert!(quants.len() >= T * blocks * Q8_0_BYTES && scales.len() >= T * blocks);
+    assert!(sums.len() >= T * blocks && integers.len() >= T * blocks);
+    let (quants, scales, sums, integers) = (
+        quants.as_ptr(),
+        scales.as_ptr(),
+        sums.as_ptr(),
+        integers.as_ptr(),
+    );
+    let offset = kind.offset();
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..blocks {
+        // SAFETY: block `b` of the group lies within it (asserted above).
+        let base = unsafe { group.as_ptr().add(b * size) };
+        prefetch(base, size.div_ceil(64));
+        // SAFETY: 16 bytes of scales at the block's start.
+        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(base.cast()) });
+        let v = values(base);
+        // SAFETY (every read below): index `j · blocks + b` of rows `t..t + T`, within the
+        // lengths asserted above; a block's 32 values follow its 2-byte scale.
+        let at = |j: usize| j * blocks + b;
+        let y: [*const u8; T] =
+            std::array::from_fn(|j| unsafe { quants.add(at(j) * Q8_0_BYTES + 2) });
+        // One chain of sums per token, each value vector taken by every token in turn.
+        let mut s: [__m256i; T] =
+            std::array::from_fn(|j| _mm256_set1_epi32(-bias * unsafe { *integers.add(at(j)) }));
+        for (k, v) in v.iter().enumerate() {
+            for j in 0..T {
+                s[j] = _mm256_dpbusd_epi32(s[j], *v, four(y[j], k));
+            }
+        }
+        for j in 0..T {
+            let dot = _mm256_cvtepi32_ps(s[j]);
+            // As the AVX2 pass: d_w · (d_y · Σ q·y − offset · d_y · Σ y).
+            let (scale, sum) = unsafe { (*scales.add(at(j)), *sums.add(at(j))) };
+            let scaled = _mm256_fmsub_ps(dot, _mm256_set1_ps(scale), _mm256_set1_ps(offset * sum));
+            acc[j] = _mm256_fmadd_ps(dw, scaled, acc[j]);
+        }
+    }
+    acc
 }
 
 /// The products of a Q4_K group's rows with every token of `a` (`blocks` Q8_K blocks per

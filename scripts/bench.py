@@ -14,7 +14,7 @@ engine and daemon processes, since processes of one binary differ by more than t
 cost): the table's daemon columns are the medians over the launches of each launch's decode
 loss and added time to first token, and the JSON keeps every launch.
 
-Formats: f32, f16, bf16 (safetensors; bf16 loads as f32 on the CPU) and f16-gguf, q8_0, q4_0,
+Formats: f32, f16, bf16 (safetensors, kept as stored on the CPU) and f16-gguf, q8_0, q4_0,
 q4_k_m (GGUF written from the f32 model). The llorch binary is target/release/llorch
 (`cargo build --release` first) unless --llorch says otherwise.
 """

@@ -1,4 +1,5 @@
-//! f16 weights in panels of [`PANEL`] rows, and their products with f32 activations. Panels
+//! f16 and bf16 weights in panels of [`PANEL`] rows, and their products with f32 activations
+//! (each weight widened to f32 exactly, then multiplied and added in f32). Panels
 //! are stored in groups of [`GROUP`] (64 rows), column by column: the group's 64 values of
 //! column 0, then of column 1, ... A panel's column is 16 consecutive values within its
 //! group's column.
@@ -13,12 +14,43 @@
 //! whole group per pass: its four panels' eight sums are independent chains, read from one
 //! stream of 128 bytes per column, and each panel's sums are formed in exactly a tile's order.
 
-use half::f16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::buffer::zeros;
 use super::huge_pages::{weight_buffer, WeightBuffer};
 use super::kernels;
+use super::Plain;
+
+/// A 16-bit float type that panels hold: f16 or bf16.
+pub trait Half: Plain {
+    /// bf16 (its bits are an f32's top half); otherwise IEEE f16.
+    const BF16: bool;
+    /// The value of two little-endian bytes.
+    fn from_le(bytes: [u8; 2]) -> Self;
+    /// The value as f32 (exact).
+    fn widen(self) -> f32;
+}
+
+impl Half for f16 {
+    const BF16: bool = false;
+    fn from_le(bytes: [u8; 2]) -> Self {
+        f16::from_le_bytes(bytes)
+    }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Half for bf16 {
+    const BF16: bool = true;
+    fn from_le(bytes: [u8; 2]) -> Self {
+        bf16::from_le_bytes(bytes)
+    }
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
 
 /// Rows per panel.
 pub const PANEL: usize = 16;
@@ -59,22 +91,35 @@ pub const GROUP: usize = 4;
 /// Rows per storage group.
 const GROUP_ROWS: usize = GROUP * PANEL;
 
-/// A `rows × columns` f16 matrix in groups of panels; the last group's missing rows are zeros.
-pub struct F16Panels {
+/// A `rows × columns` matrix of `H` values in groups of panels; the last group's missing rows
+/// are zeros.
+pub struct HalfPanels<H: Half> {
     rows: usize,
     columns: usize,
-    data: WeightBuffer<f16>,
+    data: WeightBuffer<H>,
 }
 
+/// An f16 matrix in panels.
+pub type F16Panels = HalfPanels<f16>;
+/// A bf16 matrix in panels.
+pub type Bf16Panels = HalfPanels<bf16>;
+
 /// Where a product reads: the matrix's values, its columns, and the first panel.
-#[derive(Clone, Copy)]
-struct Panels<'a> {
-    data: &'a [f16],
+struct Panels<'a, H> {
+    data: &'a [H],
     columns: usize,
     first: usize,
 }
 
-impl Panels<'_> {
+impl<H> Clone for Panels<'_, H> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<H> Copy for Panels<'_, H> {}
+
+impl<H> Panels<'_, H> {
     /// Where panel `p` (from the first) starts: its column `k` is 16 values from there plus
     /// `k × GROUP_ROWS`.
     fn at(&self, p: usize) -> usize {
@@ -83,10 +128,14 @@ impl Panels<'_> {
     }
 }
 
-impl F16Panels {
-    /// Lays out `rows` row-major rows of `columns` little-endian f16 values.
-    pub fn new(bytes: &[u8], rows: usize, columns: usize) -> F16Panels {
-        assert_eq!(bytes.len(), rows * columns * 2, "rows × columns f16 values");
+impl<H: Half> HalfPanels<H> {
+    /// Lays out `rows` row-major rows of `columns` little-endian `H` values.
+    pub fn new(bytes: &[u8], rows: usize, columns: usize) -> HalfPanels<H> {
+        assert_eq!(
+            bytes.len(),
+            rows * columns * 2,
+            "rows × columns 16-bit values"
+        );
         let groups = rows.div_ceil(GROUP_ROWS);
         let mut data = weight_buffer(groups * GROUP_ROWS * columns);
         data.par_chunks_exact_mut(GROUP_ROWS * columns.max(1))
@@ -95,11 +144,11 @@ impl F16Panels {
                 for i in 0..GROUP_ROWS.min(rows - g * GROUP_ROWS) {
                     let row = &bytes[(g * GROUP_ROWS + i) * columns * 2..][..columns * 2];
                     for (k, b) in row.chunks_exact(2).enumerate() {
-                        group[k * GROUP_ROWS + i] = f16::from_le_bytes([b[0], b[1]]);
+                        group[k * GROUP_ROWS + i] = H::from_le([b[0], b[1]]);
                     }
                 }
             });
-        F16Panels {
+        HalfPanels {
             rows,
             columns,
             data,
@@ -111,7 +160,7 @@ impl F16Panels {
         let size = GROUP_ROWS * self.columns;
         let group = &self.data[row / GROUP_ROWS * size..][..size];
         for (o, column) in out.iter_mut().zip(group.chunks_exact(GROUP_ROWS)) {
-            *o = column[row % GROUP_ROWS].to_f32();
+            *o = column[row % GROUP_ROWS].widen();
         }
     }
 
@@ -153,10 +202,10 @@ fn write(out: &mut [f32], count: usize, p: usize, t: usize, values: &[f32; PANEL
 
 /// The reference version.
 mod scalar {
-    use super::{tiles, write, Panels, GROUP_ROWS, PANEL};
+    use super::{tiles, write, Half, Panels, GROUP_ROWS, PANEL};
 
-    /// [`super::F16Panels::products`] of the panels from `panels.first`.
-    pub fn products(panels: Panels<'_>, x: &[f32], tokens: usize, out: &mut [f32]) {
+    /// [`super::HalfPanels::products`] of the panels from `panels.first`.
+    pub fn products<H: Half>(panels: Panels<'_, H>, x: &[f32], tokens: usize, out: &mut [f32]) {
         let (count, columns) = (out.len() / tokens, panels.columns);
         for p in 0..count.div_ceil(PANEL) {
             let at = panels.at(p);
@@ -167,7 +216,7 @@ mod scalar {
                     for (k, a) in tile.iter().skip(j).step_by(width).enumerate() {
                         let w = &panels.data[at + k * GROUP_ROWS..][..PANEL];
                         for (s, w) in sums.iter_mut().zip(w) {
-                            *s += w.to_f32() * a;
+                            *s += w.widen() * a;
                         }
                     }
                     write(out, count, p, t + j, &sums);
@@ -180,16 +229,37 @@ mod scalar {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod avx2 {
-    use super::{tiles, write, Panels, GROUP, GROUP_ROWS, PANEL, TOKENS};
+    use super::{tiles, write, Half, Panels, GROUP, GROUP_ROWS, PANEL, TOKENS};
     use crate::models::cpu::kernels::avx2::prefetch;
-    use half::f16;
     use std::arch::x86_64::*;
+
+    /// The eight `H` values at `p` as f32: f16 converted by F16C, bf16 moved into the top
+    /// half of each lane (both exact).
+    ///
+    /// # Safety
+    /// Eight values must be readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen<H: Half>(p: *const H) -> __m256 {
+        // SAFETY: the caller's 16 bytes at `p`.
+        let bits = unsafe { _mm_loadu_si128(p.cast()) };
+        if H::BF16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16))
+        } else {
+            _mm256_cvtph_ps(bits)
+        }
+    }
 
     /// # Safety
     /// AVX2, FMA and F16C must be available; the storage holds every panel of `out`'s rows,
     /// `x` is `tokens` rows of `columns` values.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn products(panels: Panels<'_>, x: &[f32], tokens: usize, out: &mut [f32]) {
+    pub unsafe fn products<H: Half>(
+        panels: Panels<'_, H>,
+        x: &[f32],
+        tokens: usize,
+        out: &mut [f32],
+    ) {
         let (count, columns) = (out.len() / tokens, panels.columns);
         let total = count.div_ceil(PANEL);
         if tokens == 1 {
@@ -204,7 +274,7 @@ mod avx2 {
                     }
                     p += GROUP;
                 } else {
-                    write(out, count, p, 0, &lanes(tile::<1>(panels, p, x)[0]));
+                    write(out, count, p, 0, &lanes(tile::<H, 1>(panels, p, x)[0]));
                     p += 1;
                 }
             }
@@ -214,12 +284,12 @@ mod avx2 {
             for (t, width) in tiles(tokens) {
                 let a = &x[t * columns..(t + width) * columns];
                 match width {
-                    TOKENS => store(out, count, p, t, tile::<TOKENS>(panels, p, a)),
-                    1 => store(out, count, p, t, tile::<1>(panels, p, a)),
-                    2 => store(out, count, p, t, tile::<2>(panels, p, a)),
-                    3 => store(out, count, p, t, tile::<3>(panels, p, a)),
-                    4 => store(out, count, p, t, tile::<4>(panels, p, a)),
-                    _ => store(out, count, p, t, tile::<5>(panels, p, a)),
+                    TOKENS => store(out, count, p, t, tile::<H, TOKENS>(panels, p, a)),
+                    1 => store(out, count, p, t, tile::<H, 1>(panels, p, a)),
+                    2 => store(out, count, p, t, tile::<H, 2>(panels, p, a)),
+                    3 => store(out, count, p, t, tile::<H, 3>(panels, p, a)),
+                    4 => store(out, count, p, t, tile::<H, 4>(panels, p, a)),
+                    _ => store(out, count, p, t, tile::<H, 5>(panels, p, a)),
                 }
             }
         }
@@ -229,7 +299,11 @@ mod avx2 {
     /// the panel's 16 rows.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn tile<const T: usize>(panels: Panels<'_>, p: usize, a: &[f32]) -> [[__m256; 2]; T] {
+    fn tile<H: Half, const T: usize>(
+        panels: Panels<'_, H>,
+        p: usize,
+        a: &[f32],
+    ) -> [[__m256; 2]; T] {
         let columns = a.len() / T;
         let at = panels.at(p);
         assert!(columns == panels.columns && a.len() == T * columns);
@@ -240,8 +314,8 @@ mod avx2 {
             // SAFETY: column `k` of the panel is 16 halves from `at + k GROUP_ROWS` and column
             // `k` of the tile `T` floats from `T k` (asserted lengths).
             unsafe {
-                let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * GROUP_ROWS).cast()));
-                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(k * GROUP_ROWS + 8).cast()));
+                let w0 = widen(w.add(k * GROUP_ROWS));
+                let w1 = widen(w.add(k * GROUP_ROWS + 8));
                 for (j, acc) in acc.iter_mut().enumerate() {
                     let b = _mm256_broadcast_ss(&*a.add(k * T + j));
                     acc[0] = _mm256_fmadd_ps(w0, b, acc[0]);
@@ -258,7 +332,7 @@ mod avx2 {
     /// additions' latency, and a column of all four is one 128-byte read.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn matvec(group: &[f16], x: &[f32]) -> [[__m256; 2]; GROUP] {
+    fn matvec<H: Half>(group: &[H], x: &[f32]) -> [[__m256; 2]; GROUP] {
         let columns = x.len();
         assert_eq!(group.len(), GROUP_ROWS * columns);
         let base = group.as_ptr();
@@ -270,8 +344,8 @@ mod avx2 {
                 let column = base.add(k * GROUP_ROWS);
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let w = column.add(i * PANEL);
-                    let w0 = _mm256_cvtph_ps(_mm_loadu_si128(w.cast()));
-                    let w1 = _mm256_cvtph_ps(_mm_loadu_si128(w.add(8).cast()));
+                    let w0 = widen(w);
+                    let w1 = widen(w.add(8));
                     acc[0] = _mm256_fmadd_ps(w0, s, acc[0]);
                     acc[1] = _mm256_fmadd_ps(w1, s, acc[1]);
                 }
@@ -330,16 +404,27 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    fn matrix(rng: &mut impl Rng, rows: usize, columns: usize) -> (Vec<f16>, Vec<u8>) {
-        let values: Vec<f16> = (0..rows * columns)
-            .map(|_| f16::from_f32(rng.random_range(-2.0f32..2.0)))
+    fn matrix<H: Half>(
+        rng: &mut impl Rng,
+        rows: usize,
+        columns: usize,
+        from: fn(f32) -> H,
+        bytes: fn(H) -> [u8; 2],
+    ) -> (Vec<H>, Vec<u8>) {
+        let values: Vec<H> = (0..rows * columns)
+            .map(|_| from(rng.random_range(-2.0f32..2.0)))
             .collect();
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        (values, bytes)
+        let raw = values.iter().flat_map(|&v| bytes(v)).collect();
+        (values, raw)
     }
 
     #[test]
     fn panels_compute_every_product_of_rows_and_tokens_in_both_versions() {
+        products_of::<f16>(f16::from_f32, f16::to_le_bytes);
+        products_of::<bf16>(bf16::from_f32, bf16::to_le_bytes);
+    }
+
+    fn products_of<H: Half>(from: fn(f32) -> H, bytes: fn(H) -> [u8; 2]) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         // Row counts below, at and past a panel; one token (the matrix-vector steps) and
         // token counts leaving a last tile of every width from 1 to 6; column counts with and
@@ -359,8 +444,8 @@ mod tests {
             (128, 1, 33),
         ];
         for (rows, tokens, columns) in cases {
-            let (values, bytes) = matrix(&mut rng, rows, columns);
-            let w = F16Panels::new(&bytes, rows, columns);
+            let (values, raw) = matrix(&mut rng, rows, columns, from, bytes);
+            let w = HalfPanels::<H>::new(&raw, rows, columns);
             let x: Vec<f32> = (0..tokens * columns)
                 .map(|_| rng.random_range(-2.0f32..2.0))
                 .collect();
@@ -383,7 +468,7 @@ mod tests {
                         .enumerate()
                     {
                         for (t, a) in x.chunks_exact(columns).enumerate() {
-                            let want: f32 = row.iter().zip(a).map(|(w, a)| w.to_f32() * a).sum();
+                            let want: f32 = row.iter().zip(a).map(|(w, a)| w.widen() * a).sum();
                             // Float rounding of `columns` products of magnitude up to 4 in
                             // another order.
                             let tolerance = 8e-6 * columns as f32;
@@ -403,12 +488,12 @@ mod tests {
     #[test]
     fn a_row_of_panels_is_the_row_that_was_laid_out() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
-        let (values, bytes) = matrix(&mut rng, 21, 10);
-        let w = F16Panels::new(&bytes, 21, 10);
+        let (values, raw) = matrix(&mut rng, 21, 10, bf16::from_f32, bf16::to_le_bytes);
+        let w = Bf16Panels::new(&raw, 21, 10);
         let mut out = [0f32; 10];
         for (r, want) in values.chunks_exact(10).enumerate() {
             w.row(r, &mut out);
-            let want: Vec<f32> = want.iter().map(|v| v.to_f32()).collect();
+            let want: Vec<f32> = want.iter().map(|v| v.widen()).collect();
             assert_eq!(out.as_slice(), want.as_slice(), "row {r}");
         }
     }

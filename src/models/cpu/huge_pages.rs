@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use half::f16;
+use half::{bf16, f16};
 
 /// A huge page.
 const HUGE: usize = 2 << 20;
@@ -23,6 +23,7 @@ const CHUNK: usize = 64 << 20;
 pub trait Plain: Copy + Send + Sync + 'static {}
 impl Plain for u8 {}
 impl Plain for f16 {}
+impl Plain for bf16 {}
 impl Plain for f32 {}
 
 /// One allocation that weight buffers are carved from: 2 MiB-aligned and asked to be huge

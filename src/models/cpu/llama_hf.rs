@@ -3,8 +3,9 @@
 //! Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Granite (its four multipliers). Biases and
 //! q/k norms are taken wherever the checkpoint has them.
 //!
-//! f32 and f16 matrices are kept as stored (f16 in panels), bf16 ones are converted to f32;
-//! with `as_f16` every matrix is kept in f16. Norms and biases become f32 vectors.
+//! f32, f16 and bf16 matrices are kept as stored (f16 and bf16 in panels, widened to f32
+//! value by value as they are multiplied); with `as_f16` every matrix is kept in f16. Norms and
+//! biases become f32 vectors.
 
 use std::borrow::Cow;
 
@@ -240,8 +241,8 @@ pub fn from_tensors(
     })
 }
 
-/// A matrix of `dtype` as a [`Weight`]: f16 kept (in panels), f32 kept unless `as_f16`, bf16
-/// widened to f32 (or narrowed to f16 with `as_f16`).
+/// A matrix of `dtype` as a [`Weight`]: f16 kept (in panels), f32 and bf16 kept (bf16 in
+/// panels) unless `as_f16` narrows them to f16.
 fn matrix_weight(
     dtype: DType,
     bytes: &[u8],
@@ -262,7 +263,7 @@ fn matrix_weight(
                 .collect();
             Ok(Weight::from_f16(&halves, rows, columns))
         }
-        (DType::BF16, false) => Ok(Weight::from_f32(&floats(dtype, bytes)?, rows, columns)),
+        (DType::BF16, false) => Ok(Weight::from_bf16(bytes, rows, columns)),
         (other, _) => bail!("{other:?} weights are not run on the CPU path"),
     }
 }

@@ -9,7 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
 use super::activations::Activations;
-use super::f16_panels::{self, F16Panels, PANEL};
+use super::f16_panels::{self, Bf16Panels, F16Panels, PANEL};
 use super::huge_pages::{weight_buffer, WeightBuffer};
 use super::interleaved::{Interleaved, Kind};
 use super::interleaved_q4k::InterleavedQ4K;
@@ -23,6 +23,8 @@ enum Rows {
     F32(WeightBuffer<f32>),
     /// f16, in panels of 16 rows.
     F16(F16Panels),
+    /// bf16, in panels of 16 rows.
+    Bf16(Bf16Panels),
     /// Q8_0, Q4_0 or Q5_0, interleaved eight rows at a time.
     Blocks(Interleaved),
     /// Q4_K, interleaved eight rows at a time.
@@ -139,6 +141,15 @@ impl Weight {
         }
     }
 
+    /// A bf16 matrix from `rows × columns` little-endian values, laid out in panels.
+    pub fn from_bf16(bytes: &[u8], rows: usize, columns: usize) -> Weight {
+        Weight {
+            rows,
+            columns,
+            data: Rows::Bf16(Bf16Panels::new(bytes, rows, columns)),
+        }
+    }
+
     /// Output rows.
     pub fn rows(&self) -> usize {
         self.rows
@@ -150,6 +161,7 @@ impl Weight {
         match &self.data {
             Rows::F32(d) => out.copy_from_slice(&d[row * n..(row + 1) * n]),
             Rows::F16(d) => d.row(row, out),
+            Rows::Bf16(d) => d.row(row, out),
             Rows::Blocks(d) => {
                 let bytes = d.row(row);
                 match d.kind() {
@@ -221,10 +233,11 @@ impl Weight {
             });
     }
 
-    /// Rows per unit of a one-token product: f16 panels are multiplied a group at a time.
+    /// Rows per unit of a one-token product: f16 and bf16 panels are multiplied a group at a
+    /// time.
     fn decode_rows(&self) -> usize {
         match self.data {
-            Rows::F16(_) => f16_panels::GROUP * PANEL,
+            Rows::F16(_) | Rows::Bf16(_) => f16_panels::GROUP * PANEL,
             _ => ROW_CHUNK,
         }
     }
@@ -245,6 +258,7 @@ impl Weight {
         match &self.data {
             Rows::F32(d) => each(part, &|r, t| kernels::dot_f32(&d[r * n..(r + 1) * n], x(t))),
             Rows::F16(d) => d.products(first, p.packed.as_deref().unwrap_or(p.x), tokens, part),
+            Rows::Bf16(d) => d.products(first, p.packed.as_deref().unwrap_or(p.x), tokens, part),
             Rows::Blocks(d) => d.products(first, p.q8_0.as_ref().expect("Q8_0 activations"), part),
             Rows::Q4K(d) => d.products(
                 first,
@@ -318,7 +332,7 @@ impl<'a> Prepared<'a> {
                     }
                     p.q8k = Some(a);
                 }
-                Rows::F16(_) if tokens > 1 && p.packed.is_none() => {
+                Rows::F16(_) | Rows::Bf16(_) if tokens > 1 && p.packed.is_none() => {
                     p.packed = Some(f16_panels::pack(x, tokens, columns));
                 }
                 Rows::Q5K(_) if p.q8k_candle.is_none() => {

@@ -9,7 +9,8 @@ use candle_core::DType;
 
 /// Bytes of weights one decode step reads: every matrix once, but of the token embedding only
 /// one row unless it doubles as the output projection. `dtype` is the dtype the weights of a
-/// HuggingFace directory are loaded in; GGUF tensors keep their stored types. `None` for a
+/// HuggingFace directory are loaded in; a tensor stored narrower keeps its stored width (as
+/// llorch's CPU decoder keeps f16 and bf16 matrices); GGUF tensors keep their stored types. `None` for a
 /// source that is not a local file or directory (`builtin:demo`, `hf:`).
 pub fn weight_bytes_per_token(source: &str, dtype: DType) -> anyhow::Result<Option<u64>> {
     let path = Path::new(source);
@@ -66,7 +67,12 @@ fn safetensors_tensors(dir: &Path, dtype: DType) -> anyhow::Result<Vec<(String, 
                 continue;
             };
             let elements: u64 = shape.iter().filter_map(|d| d.as_u64()).product();
-            out.push((name.clone(), elements * dtype.size_in_bytes() as u64));
+            let stored = match info.get("dtype").and_then(|d| d.as_str()) {
+                Some("F16" | "BF16") => 2,
+                _ => 4,
+            };
+            let width = stored.min(dtype.size_in_bytes() as u64);
+            out.push((name.clone(), elements * width));
         }
     }
     Ok(out)
@@ -110,11 +116,40 @@ fn sum_words(words: &[u64]) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::sum_words;
+    use super::*;
+    use candle_core::{Device, Tensor};
 
     #[test]
     fn sums_every_word_including_the_tail() {
         let words: Vec<u64> = (1..=19).collect();
         assert_eq!(sum_words(&words), 190);
+    }
+
+    #[test]
+    fn stored_half_tensors_count_their_stored_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Device::Cpu;
+        let tensors = std::collections::HashMap::from([
+            (
+                "a".to_string(),
+                Tensor::zeros((2, 3), DType::BF16, &device).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                Tensor::zeros(4, DType::F32, &device).unwrap(),
+            ),
+        ]);
+        candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+        let source = dir.path().to_str().unwrap();
+        // Loaded in f32: the bf16 matrix stays 2 bytes a value, the f32 vector 4.
+        assert_eq!(
+            weight_bytes_per_token(source, DType::F32).unwrap(),
+            Some(6 * 2 + 4 * 4)
+        );
+        // Loaded in f16: everything 2 bytes a value.
+        assert_eq!(
+            weight_bytes_per_token(source, DType::F16).unwrap(),
+            Some(6 * 2 + 4 * 2)
+        );
     }
 }

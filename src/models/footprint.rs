@@ -1,9 +1,11 @@
 //! How much memory a model's weights take once loaded, estimated before loading from the
-//! weight files (their size, scaled from the stored dtype to the compute dtype). The
+//! weight files (their size, scaled from the stored dtype to the compute dtype, or kept at the
+//! stored width where llorch's CPU decoder keeps f16 and bf16 matrices as stored). The
 //! supervisor uses it to keep each device within its memory budget.
 
 use std::path::Path;
 
+use super::arch::Architecture;
 use super::demo;
 use super::device::{DTypeChoice, DeviceSpec};
 use super::hf_dir::weight_files;
@@ -33,6 +35,28 @@ fn compute_element_bytes(dtype: DTypeChoice, device: DeviceSpec) -> u64 {
     }
 }
 
+/// Whether llorch's own CPU decoder loads the directory: a Llama-family model on the CPU in
+/// f32 (`auto`) or f16, which keeps matrices stored in f16 or bf16 as they are.
+fn own_cpu_decoder(dir: &Path, dtype: DTypeChoice, device: DeviceSpec) -> bool {
+    let path = dir.join("config.json");
+    let config = std::fs::read_to_string(&path).unwrap_or_default();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap_or_default();
+    let family = matches!(
+        Architecture::detect(&config, &path),
+        Ok(Architecture::Llama
+            | Architecture::Mistral
+            | Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Granite)
+    );
+    family
+        && device == DeviceSpec::Cpu
+        && matches!(
+            dtype,
+            DTypeChoice::Auto | DTypeChoice::F32 | DTypeChoice::F16
+        )
+}
+
 /// The bytes a loaded model's weights take, from its weight files and its compute dtype.
 pub fn loaded_bytes(source: &ModelSource, dtype: candle_core::DType) -> u64 {
     let choice = match dtype {
@@ -53,7 +77,15 @@ pub fn estimate_weight_bytes(source: &ModelSource, dtype: DTypeChoice, device: D
             .filter_map(|file| std::fs::metadata(file).ok())
             .map(|meta| meta.len())
             .sum();
-        stored * compute_element_bytes(dtype, device) / stored_element_bytes(dir)
+        let (element, compute) = (
+            stored_element_bytes(dir),
+            compute_element_bytes(dtype, device),
+        );
+        let loaded = match own_cpu_decoder(dir, dtype, device) {
+            true => compute.min(element),
+            false => compute,
+        };
+        stored * loaded / element
     };
     match source {
         ModelSource::Dir(dir) => dir_bytes(dir),
@@ -114,6 +146,26 @@ mod tests {
         assert_eq!(
             estimate_weight_bytes(&source, DTypeChoice::Bf16, DeviceSpec::Cpu),
             1000
+        );
+    }
+
+    #[test]
+    fn the_cpu_decoder_keeps_half_precision_checkpoints_at_their_width() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = r#"{"model_type": "llama", "torch_dtype": "bfloat16"}"#;
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), vec![0u8; 1000]).unwrap();
+        let source = ModelSource::Dir(dir.path().to_path_buf());
+        assert_eq!(
+            estimate_weight_bytes(&source, DTypeChoice::Auto, DeviceSpec::Cpu),
+            1000
+        );
+        // Another architecture runs through candle, which widens it to f32.
+        let phi = r#"{"model_type": "phi", "torch_dtype": "bfloat16"}"#;
+        std::fs::write(dir.path().join("config.json"), phi).unwrap();
+        assert_eq!(
+            estimate_weight_bytes(&source, DTypeChoice::Auto, DeviceSpec::Cpu),
+            2000
         );
     }
 }

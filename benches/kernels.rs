@@ -6,8 +6,8 @@
 //! same blocks.
 //!
 //! The `prefill` group multiplies the same matrices with 128 activation rows through
-//! `Weight::matmul` (quantizing the activations included) and reports multiply-adds per
-//! second; run it with `RAYON_NUM_THREADS=1` for one thread's figure.
+//! `Weight::matmul` (quantizing or packing the activations included; every GGML type, and
+//! bf16 as a safetensors checkpoint stores it) and reports multiply-adds per second; run it with `RAYON_NUM_THREADS=1` for one thread's figure.
 //!
 //! The `batch8` and `batch16` groups do the same with 8 and 16 rows: the products of a
 //! decode step of that many streams.
@@ -29,7 +29,7 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use half::f16;
+use half::{bf16, f16};
 use llorch::models::batch::KvLayout;
 use llorch::models::cpu::activations::Activations;
 use llorch::models::cpu::attention::Element;
@@ -207,6 +207,14 @@ fn products(c: &mut Criterion, name: &str, tokens: usize) {
                 rayon::scope(|_| b.iter(|| weight.matmul(&x, tokens, &mut out)))
             });
         }
+        let bytes: Vec<u8> = values(rows * cols, 3)
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let weight = Weight::from_bf16(&bytes, rows, cols);
+        group.bench_function(BenchmarkId::new("bf16", &label), |b| {
+            rayon::scope(|_| b.iter(|| weight.matmul(&x, tokens, &mut out)))
+        });
     }
     group.finish();
 }

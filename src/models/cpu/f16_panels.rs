@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use super::buffer::zeros;
 use super::huge_pages::{weight_buffer, WeightBuffer};
-use super::kernels;
+use super::level::Level;
 use super::Plain;
 
 /// A 16-bit float type that panels hold: f16 or bf16.
@@ -54,24 +54,41 @@ impl Half for bf16 {
 
 /// Rows per panel.
 pub const PANEL: usize = 16;
-/// Tokens per tile: 6 × 2 accumulators, 2 weight vectors and a broadcast fill 15 of the 16
-/// AVX registers.
-const TOKENS: usize = 6;
+/// Tokens per tile of the AVX2 version: 6 × 2 accumulators, 2 weight vectors and a broadcast
+/// fill 15 of the 16 AVX registers.
+pub(super) const TOKENS: usize = 6;
+/// Tokens per tile of the AVX-512 version ([`super::half_avx512`]): a panel's 16 rows are one
+/// 512-bit register, so 16 accumulators, the weights and a broadcast fit in its 32.
+pub(super) const WIDE: usize = 16;
 
-/// The tiles of `tokens` tokens: their first token and their width.
-fn tiles(tokens: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..tokens)
-        .step_by(TOKENS)
-        .map(move |t| (t, TOKENS.min(tokens - t)))
+/// Tokens per tile at the kernels' level: the activations are [`pack`]ed this wide.
+fn tile_width() -> usize {
+    match super::level::level() {
+        super::level::Level::Avx512 => WIDE,
+        _ => TOKENS,
+    }
 }
 
-/// `tokens` activation rows of `columns` values (`x`, row-major) laid out tile by tile: the
-/// tile of tokens `t..t + w` takes `w × columns` values from `t × columns`, column by column
-/// (value `k` of token `t + j` at `t × columns + k × w + j`).
+/// The tiles of `tokens` tokens `width` wide: their first token and their width.
+pub(super) fn tiles(tokens: usize, width: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..tokens)
+        .step_by(width)
+        .map(move |t| (t, width.min(tokens - t)))
+}
+
+/// `tokens` activation rows of `columns` values (`x`, row-major) laid out tile by tile, as
+/// wide as the kernels' level takes them (see [`pack_tiles`]).
 pub fn pack(x: &[f32], tokens: usize, columns: usize) -> Vec<f32> {
+    pack_tiles(x, tokens, columns, tile_width())
+}
+
+/// `x` laid out in tiles of `width` tokens: the tile of tokens `t..t + w` takes `w × columns`
+/// values from `t × columns`, column by column (value `k` of token `t + j` at
+/// `t × columns + k × w + j`).
+pub(super) fn pack_tiles(x: &[f32], tokens: usize, columns: usize, width: usize) -> Vec<f32> {
     assert_eq!(x.len(), tokens * columns, "activation size");
     let mut packed = zeros(x.len());
-    let tile = TOKENS * columns.max(1);
+    let tile = width * columns.max(1);
     packed
         .par_chunks_mut(tile)
         .zip(x.par_chunks(tile))
@@ -89,7 +106,7 @@ pub fn pack(x: &[f32], tokens: usize, columns: usize) -> Vec<f32> {
 /// Panels per storage group.
 pub const GROUP: usize = 4;
 /// Rows per storage group.
-const GROUP_ROWS: usize = GROUP * PANEL;
+pub(super) const GROUP_ROWS: usize = GROUP * PANEL;
 
 /// A `rows × columns` matrix of `H` values in groups of panels; the last group's missing rows
 /// are zeros.
@@ -105,10 +122,13 @@ pub type F16Panels = HalfPanels<f16>;
 pub type Bf16Panels = HalfPanels<bf16>;
 
 /// Where a product reads: the matrix's values, its columns, and the first panel.
-struct Panels<'a, H> {
-    data: &'a [H],
-    columns: usize,
-    first: usize,
+pub(super) struct Panels<'a, H> {
+    /// The matrix's values, in groups of panels.
+    pub(super) data: &'a [H],
+    /// Values per row.
+    pub(super) columns: usize,
+    /// The first panel of the product.
+    pub(super) first: usize,
 }
 
 impl<H> Clone for Panels<'_, H> {
@@ -122,7 +142,7 @@ impl<H> Copy for Panels<'_, H> {}
 impl<H> Panels<'_, H> {
     /// Where panel `p` (from the first) starts: its column `k` is 16 values from there plus
     /// `k × GROUP_ROWS`.
-    fn at(&self, p: usize) -> usize {
+    pub(super) fn at(&self, p: usize) -> usize {
         let p = self.first + p;
         p / GROUP * GROUP_ROWS * self.columns + p % GROUP * PANEL
     }
@@ -164,38 +184,56 @@ impl<H: Half> HalfPanels<H> {
         }
     }
 
-    /// The products of rows `first..` with `tokens` activation rows, [`pack`]ed in `x`,
-    /// token-major: `out[t * count + i]` = row `first + i` · token `t`, for the `count` rows
-    /// `out` has room for. `first` is a multiple of [`PANEL`].
-    pub fn products(&self, first: usize, x: &[f32], tokens: usize, out: &mut [f32]) {
-        let n = self.columns;
+    /// Where a product of rows `first..` with `tokens` tokens into `out` reads, and the
+    /// number of rows `out` has room for; asserts that `first` is a panel's first row, that
+    /// `out` holds whole rows of products and that the rows lie within the matrix.
+    fn checked(&self, first: usize, tokens: usize, out: &[f32]) -> (Panels<'_, H>, usize) {
         assert!(
             tokens > 0 && first.is_multiple_of(PANEL),
             "a panel's first row"
         );
-        assert_eq!(x.len(), tokens * n, "activation size");
         assert_eq!(out.len() % tokens, 0, "whole rows of products");
         let count = out.len() / tokens;
         assert!(first + count <= self.rows, "rows of the matrix");
-        let panels = Panels {
+        (self.panels(first), count)
+    }
+
+    /// Where a product of rows `first..` (a multiple of [`PANEL`]) reads.
+    pub(super) fn panels(&self, first: usize) -> Panels<'_, H> {
+        Panels {
             data: &self.data,
-            columns: n,
+            columns: self.columns,
             first: first / PANEL,
-        };
-        #[cfg(target_arch = "x86_64")]
-        if kernels::simd() {
-            // SAFETY: the features were detected; the sizes were checked above, and the
-            // storage holds whole groups, so every panel of these rows lies within it.
-            #[allow(unsafe_code)]
-            return unsafe { avx2::products(panels, x, tokens, out) };
         }
-        scalar::products(panels, x, tokens, out)
+    }
+
+    /// The products of rows `first..` with `tokens` activation rows, [`pack`]ed in `x`,
+    /// token-major: `out[t * count + i]` = row `first + i` · token `t`, for the `count` rows
+    /// `out` has room for. `first` is a multiple of [`PANEL`].
+    pub fn products(&self, first: usize, x: &[f32], tokens: usize, out: &mut [f32]) {
+        let (panels, _) = self.checked(first, tokens, out);
+        assert_eq!(x.len(), tokens * self.columns, "activation size");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level's features were detected; the sizes were checked above, and the
+        // storage holds whole groups, so every panel of these rows lies within it; `x` was
+        // packed as wide as the level's tiles.
+        #[allow(unsafe_code)]
+        match super::level::level() {
+            Level::Avx512 if tokens > 1 => {
+                return unsafe { super::half_avx512::products(panels, x, tokens, out) }
+            }
+            Level::Avx512 | Level::Avx2 => {
+                return unsafe { avx2::products(panels, x, tokens, out) }
+            }
+            Level::Scalar => {}
+        }
+        scalar::products(panels, x, tokens, out, tile_width())
     }
 }
 
 /// Writes the products of panel `p` with token `t` (`values`, one per panel row) into `out`
 /// (token-major, `count` rows of products per token), as many as it has rows for.
-fn write(out: &mut [f32], count: usize, p: usize, t: usize, values: &[f32; PANEL]) {
+pub(super) fn write(out: &mut [f32], count: usize, p: usize, t: usize, values: &[f32; PANEL]) {
     let valid = PANEL.min(count - p * PANEL);
     out[t * count + p * PANEL..][..valid].copy_from_slice(&values[..valid]);
 }
@@ -204,12 +242,19 @@ fn write(out: &mut [f32], count: usize, p: usize, t: usize, values: &[f32; PANEL
 mod scalar {
     use super::{tiles, write, Half, Panels, GROUP_ROWS, PANEL};
 
-    /// [`super::HalfPanels::products`] of the panels from `panels.first`.
-    pub fn products<H: Half>(panels: Panels<'_, H>, x: &[f32], tokens: usize, out: &mut [f32]) {
+    /// [`super::HalfPanels::products`] of the panels from `panels.first`, `x` packed in
+    /// tiles `tile` tokens wide.
+    pub fn products<H: Half>(
+        panels: Panels<'_, H>,
+        x: &[f32],
+        tokens: usize,
+        out: &mut [f32],
+        tile: usize,
+    ) {
         let (count, columns) = (out.len() / tokens, panels.columns);
         for p in 0..count.div_ceil(PANEL) {
             let at = panels.at(p);
-            for (t, width) in tiles(tokens) {
+            for (t, width) in tiles(tokens, tile) {
                 let tile = &x[t * columns..(t + width) * columns];
                 for j in 0..width {
                     let mut sums = [0f32; PANEL];
@@ -228,7 +273,7 @@ mod scalar {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{tiles, write, Half, Panels, GROUP, GROUP_ROWS, PANEL, TOKENS};
     use crate::models::cpu::kernels::avx2::prefetch;
     use std::arch::x86_64::*;
@@ -252,7 +297,7 @@ mod avx2 {
 
     /// # Safety
     /// AVX2, FMA and F16C must be available; the storage holds every panel of `out`'s rows,
-    /// `x` is `tokens` rows of `columns` values.
+    /// `x` is `tokens` rows of `columns` values, packed in tiles of [`TOKENS`].
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn products<H: Half>(
         panels: Panels<'_, H>,
@@ -281,7 +326,7 @@ mod avx2 {
             return;
         }
         for p in 0..total {
-            for (t, width) in tiles(tokens) {
+            for (t, width) in tiles(tokens, TOKENS) {
                 let a = &x[t * columns..(t + width) * columns];
                 match width {
                     TOKENS => store(out, count, p, t, tile::<H, TOKENS>(panels, p, a)),
@@ -452,6 +497,7 @@ mod tests {
             for first in (0..rows).step_by(PANEL) {
                 for count in [rows - first, PANEL.min(rows - first)] {
                     let packed = pack(&x, tokens, columns);
+                    let tile = tile_width();
                     let mut fast = vec![f32::NAN; count * tokens];
                     w.products(first, &packed, tokens, &mut fast);
                     let panels = Panels {
@@ -460,7 +506,7 @@ mod tests {
                         first: first / PANEL,
                     };
                     let mut reference = vec![f32::NAN; count * tokens];
-                    scalar::products(panels, &packed, tokens, &mut reference);
+                    scalar::products(panels, &packed, tokens, &mut reference, tile);
                     for (i, row) in values
                         .chunks_exact(columns)
                         .skip(first)

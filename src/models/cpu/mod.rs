@@ -8,6 +8,8 @@ pub mod attention;
 pub(crate) mod buffer;
 pub(crate) mod exp;
 pub mod f16_panels;
+#[cfg(target_arch = "x86_64")]
+mod half_avx512;
 mod huge_pages;
 pub mod interleaved;
 pub mod interleaved_q4k;

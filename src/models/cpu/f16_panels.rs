@@ -388,9 +388,7 @@ pub(super) mod avx2 {
                 let s = _mm256_set1_ps(x[k]);
                 let column = base.add(k * GROUP_ROWS);
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    let w = column.add(i * PANEL);
-                    let w0 = widen(w);
-                    let w1 = widen(w.add(8));
+                    let [w0, w1] = widen_panel(column.add(i * PANEL));
                     acc[0] = _mm256_fmadd_ps(w0, s, acc[0]);
                     acc[1] = _mm256_fmadd_ps(w1, s, acc[1]);
                 }
@@ -402,7 +400,40 @@ pub(super) mod avx2 {
             }
             step(k);
         }
+        if H::BF16 {
+            // Rows 0-3 and 8-11 sat in the first vector, 4-7 and 12-15 in the second.
+            for acc in &mut acc {
+                *acc = [
+                    _mm256_permute2f128_ps::<0x20>(acc[0], acc[1]),
+                    _mm256_permute2f128_ps::<0x31>(acc[0], acc[1]),
+                ];
+            }
+        }
         acc
+    }
+
+    /// A panel's column (16 values at `p`) as f32 in two vectors: f16 rows 0-7 and 8-15;
+    /// bf16 rows 0-3 and 8-11, then 4-7 and 12-15, each value interleaved with a zero below
+    /// it (one load and two shuffles, where the in-order widening takes two loads, two
+    /// zero-extensions and two shifts).
+    ///
+    /// # Safety
+    /// Sixteen values must be readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen_panel<H: Half>(p: *const H) -> [__m256; 2] {
+        if H::BF16 {
+            // SAFETY: the caller's 32 bytes at `p`.
+            let bits = unsafe { _mm256_loadu_si256(p.cast()) };
+            let zero = _mm256_setzero_si256();
+            [
+                _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, bits)),
+                _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, bits)),
+            ]
+        } else {
+            // SAFETY: the caller's 16 values at `p`.
+            unsafe { [widen(p), widen(p.add(8))] }
+        }
     }
 
     /// The 16 values of two vectors.

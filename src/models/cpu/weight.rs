@@ -404,8 +404,15 @@ mod tests {
     fn a_tokens_products_do_not_depend_on_its_batch() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let columns = 512;
-        for &dtype in SUPPORTED {
-            let (w, _) = weight(dtype, 72, columns, &mut rng);
+        let mut weights: Vec<(String, Weight)> = SUPPORTED
+            .iter()
+            .map(|&dtype| (format!("{dtype:?}"), weight(dtype, 72, columns, &mut rng).0))
+            .collect();
+        let bf16: Vec<u8> = (0..72 * columns)
+            .flat_map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes())
+            .collect();
+        weights.push(("bf16".to_string(), Weight::from_bf16(&bf16, 72, columns)));
+        for (dtype, w) in &weights {
             let x: Vec<f32> = (0..64 * columns)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
@@ -422,7 +429,7 @@ mod tests {
                 w.matmul(&x[..n * columns], n, &mut out);
                 for (t, row) in out.chunks_exact(w.rows).enumerate() {
                     let bits: Vec<u32> = row.iter().map(|v| v.to_bits()).collect();
-                    assert_eq!(bits, alone[t], "{dtype:?}: token {t} of {n}");
+                    assert_eq!(bits, alone[t], "{dtype}: token {t} of {n}");
                 }
             }
         }

@@ -184,20 +184,6 @@ impl<H: Half> HalfPanels<H> {
         }
     }
 
-    /// Where a product of rows `first..` with `tokens` tokens into `out` reads, and the
-    /// number of rows `out` has room for; asserts that `first` is a panel's first row, that
-    /// `out` holds whole rows of products and that the rows lie within the matrix.
-    fn checked(&self, first: usize, tokens: usize, out: &[f32]) -> (Panels<'_, H>, usize) {
-        assert!(
-            tokens > 0 && first.is_multiple_of(PANEL),
-            "a panel's first row"
-        );
-        assert_eq!(out.len() % tokens, 0, "whole rows of products");
-        let count = out.len() / tokens;
-        assert!(first + count <= self.rows, "rows of the matrix");
-        (self.panels(first), count)
-    }
-
     /// Where a product of rows `first..` (a multiple of [`PANEL`]) reads.
     pub(super) fn panels(&self, first: usize) -> Panels<'_, H> {
         Panels {
@@ -211,8 +197,17 @@ impl<H: Half> HalfPanels<H> {
     /// token-major: `out[t * count + i]` = row `first + i` · token `t`, for the `count` rows
     /// `out` has room for. `first` is a multiple of [`PANEL`].
     pub fn products(&self, first: usize, x: &[f32], tokens: usize, out: &mut [f32]) {
-        let (panels, _) = self.checked(first, tokens, out);
+        assert!(
+            tokens > 0 && first.is_multiple_of(PANEL),
+            "a panel's first row"
+        );
         assert_eq!(x.len(), tokens * self.columns, "activation size");
+        assert_eq!(out.len() % tokens, 0, "whole rows of products");
+        assert!(
+            first + out.len() / tokens <= self.rows,
+            "rows of the matrix"
+        );
+        let panels = self.panels(first);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the level's features were detected; the sizes were checked above, and the
         // storage holds whole groups, so every panel of these rows lies within it; `x` was

@@ -231,7 +231,7 @@ mod scalar {
 pub(super) mod avx2 {
     use super::{nibbles_at, D, DMIN, GROUP_BLOCK, MINS, Q8K, SCALES};
     use crate::models::cpu::interleaved::avx2::{each_pass, four, TOKENS};
-    use crate::models::cpu::kernels::avx2::prefetch;
+    use crate::models::cpu::kernels::avx2::prefetch_part;
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -255,15 +255,19 @@ pub(super) mod avx2 {
         _mm256_or_si256(s, _mm256_slli_epi32(s, 16))
     }
 
-    /// The eight rows' `Σ_j scale_j · Σ q·y` for one group block at `base` and one Q8_K block.
+    /// The eight rows' `Σ_j scale_j · Σ q·y` for one group block at `base` and one Q8_K block
+    /// (asking for a later block's lines as it goes if `fetch`).
     /// Each `maddubs` lane is at most 2 · 15 · 127 = 3810, so a sub-block's eight add up in
     /// i16; `madd` with the duplicated scales then sums a lane's pair times its row's scale.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn dots(base: *const u8, y: &Q8K) -> __m256i {
+    fn dots(base: *const u8, y: &Q8K, fetch: bool) -> __m256i {
         let low = _mm256_set1_epi8(0x0f);
         let mut sum = _mm256_setzero_si256();
         for k in 0..4 {
+            if fetch {
+                prefetch_part(base, GROUP_BLOCK, k, 4);
+            }
             let (mut l, mut h) = (_mm256_setzero_si256(), _mm256_setzero_si256());
             // SAFETY: sub-blocks `2k` and `2k + 1` of the block's 256 values.
             let (yl, yh) = unsafe { (y.qs.as_ptr().add(64 * k), y.qs.as_ptr().add(64 * k + 32)) };
@@ -310,7 +314,6 @@ pub(super) mod avx2 {
         for b in 0..blocks {
             // SAFETY: block `b` of the group lies within it (asserted above).
             let base = unsafe { group.as_ptr().add(b * GROUP_BLOCK) };
-            prefetch(base, GROUP_BLOCK.div_ceil(64));
             // SAFETY: 16 bytes of `d` and of `dmin` at the block's start.
             let (d, dmin) = unsafe {
                 (
@@ -321,7 +324,7 @@ pub(super) mod avx2 {
             for (j, acc) in acc.iter_mut().enumerate() {
                 let y = &a[(t + j) * blocks + b];
                 let dy = _mm256_set1_ps(y.d);
-                let dot = _mm256_mul_ps(_mm256_cvtepi32_ps(dots(base, y)), dy);
+                let dot = _mm256_mul_ps(_mm256_cvtepi32_ps(dots(base, y, j == 0)), dy);
                 let offset = _mm256_mul_ps(_mm256_cvtepi32_ps(offsets(base, y)), dy);
                 *acc = _mm256_fnmadd_ps(dmin, offset, _mm256_fmadd_ps(d, dot, *acc));
             }

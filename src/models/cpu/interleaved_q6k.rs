@@ -170,7 +170,7 @@ mod scalar {
 pub(super) mod avx2 {
     use super::{vector_at, D, GROUP_BLOCK, Q8K, SCALES};
     use crate::models::cpu::interleaved::avx2::{each_pass, four, TOKENS};
-    use crate::models::cpu::kernels::avx2::prefetch;
+    use crate::models::cpu::kernels::avx2::prefetch_part;
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -194,13 +194,14 @@ pub(super) mod avx2 {
     }
 
     /// The eight rows' `Σ_g scale_g · Σ q·y` (values 0..64) for one group block at `base` and
-    /// one Q8_K block. Each step `m` of a half unpacks its three vectors into the four
-    /// quarters' values (the `qh` pair moved to bits 4..6 by one shift and mask). A `maddubs`
-    /// lane is at most 2 · 63 · 127 = 16002, so two steps add up in i16 before `madd` with
-    /// their group's scale, duplicated in both halves of each lane.
+    /// one Q8_K block (asking for a later block's lines as it goes if `fetch`). Each step `m`
+    /// of a half unpacks its three vectors into the four quarters' values (the `qh` pair
+    /// moved to bits 4..6 by one shift and mask). A `maddubs` lane is at most 2 · 63 · 127 =
+    /// 16002, so two steps add up in i16 before `madd` with their group's scale, duplicated
+    /// in both halves of each lane.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn dots(base: *const u8, y: &Q8K) -> __m256i {
+    fn dots(base: *const u8, y: &Q8K, fetch: bool) -> __m256i {
         let load = |n: usize, m: usize, which: usize| {
             // SAFETY: a value vector within the group block.
             unsafe { _mm256_loadu_si256(base.add(vector_at(n, m, which, 0)).cast()) }
@@ -210,6 +211,9 @@ pub(super) mod avx2 {
             // SAFETY: the half's 128 activations within the block's 256.
             let y = unsafe { y.qs.as_ptr().add(128 * n) }.cast::<u8>();
             for half in 0..2 {
+                if fetch {
+                    prefetch_part(base, GROUP_BLOCK, 2 * n + half, 4);
+                }
                 // Each quarter's scales of this half: group `2p + half` of pair `p = 4n + quarter`.
                 let pattern = |p: __m256i| match half {
                     0 => _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(p, 0xa0), 0xa0),
@@ -287,12 +291,14 @@ pub(super) mod avx2 {
         for b in 0..blocks {
             // SAFETY: block `b` of the group lies within it (asserted above).
             let base = unsafe { group.as_ptr().add(b * GROUP_BLOCK) };
-            prefetch(base, GROUP_BLOCK.div_ceil(64));
             // SAFETY: 16 bytes of `d` at the block's start.
             let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(base.add(D).cast()) });
             for (j, acc) in acc.iter_mut().enumerate() {
                 let y = &a[(t + j) * blocks + b];
-                let total = _mm256_sub_epi32(dots(base, y), _mm256_slli_epi32(offsets(base, y), 5));
+                let total = _mm256_sub_epi32(
+                    dots(base, y, j == 0),
+                    _mm256_slli_epi32(offsets(base, y), 5),
+                );
                 let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(total), _mm256_set1_ps(y.d));
                 *acc = _mm256_fmadd_ps(d, scaled, *acc);
             }

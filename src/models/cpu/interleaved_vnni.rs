@@ -12,7 +12,7 @@
 use super::activations::Activations;
 use super::interleaved::avx2::{each_pass, four, pass, q5_0_values, store, TOKENS};
 use super::interleaved::{Kind, ROWS};
-use super::kernels::avx2::prefetch;
+use super::kernels::avx2::{prefetch, prefetch_part};
 use super::kernels::Q8_0_BYTES;
 use super::kquants::Q8K;
 use super::{interleaved_q4k as q4k, interleaved_q6k as q6k};
@@ -248,7 +248,6 @@ fn q4k_pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) ->
     for b in 0..blocks {
         // SAFETY: block `b` of the group lies within it (asserted above).
         let base = unsafe { group.as_ptr().add(b * q4k::GROUP_BLOCK) };
-        prefetch(base, q4k::GROUP_BLOCK.div_ceil(64));
         let ys: [&Q8K; T] = std::array::from_fn(|j| &a[(t + j) * blocks + b]);
         let scale = |j: usize| {
             // SAFETY: eight bytes of scales within the group block.
@@ -256,6 +255,7 @@ fn q4k_pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) ->
         };
         let mut dots = [_mm256_setzero_si256(); T];
         for k in 0..4 {
+            prefetch_part(base, q4k::GROUP_BLOCK, k, 4);
             let mut l = [_mm256_setzero_si256(); T];
             let mut h = [_mm256_setzero_si256(); T];
             for m in 0..8 {
@@ -323,7 +323,6 @@ fn q6k_pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) ->
     for b in 0..blocks {
         // SAFETY: block `b` of the group lies within it (asserted above).
         let base = unsafe { group.as_ptr().add(b * q6k::GROUP_BLOCK) };
-        prefetch(base, q6k::GROUP_BLOCK.div_ceil(64));
         let ys: [&Q8K; T] = std::array::from_fn(|j| &a[(t + j) * blocks + b]);
         let load = |n: usize, m: usize, which: usize| {
             // SAFETY: a value vector within the group block.
@@ -332,6 +331,7 @@ fn q6k_pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) ->
         let mut dots = [_mm256_setzero_si256(); T];
         for n in 0..2 {
             for half in 0..2 {
+                prefetch_part(base, q6k::GROUP_BLOCK, 2 * n + half, 4);
                 // Quarter `q`'s scale of this half: group `2p + half` of pair `p = 4n + q`.
                 let scales: [__m256i; 4] = std::array::from_fn(|q| {
                     let pair = q6k::avx2::pair(base, 4 * n + q);

@@ -201,7 +201,7 @@ pub(super) mod avx2 {
     /// The largest of the eight lanes.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn max_lane(v: __m256) -> f32 {
+    pub(in crate::models::cpu) fn max_lane(v: __m256) -> f32 {
         let pair = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let pair = _mm_max_ps(pair, _mm_movehl_ps(pair, pair));
         _mm_cvtss_f32(_mm_max_ps(pair, _mm_movehdup_ps(pair)))

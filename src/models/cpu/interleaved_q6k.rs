@@ -242,29 +242,30 @@ pub(super) mod avx2 {
     }
 
     /// The four quarters' values (0..64) of one step from its three vectors (`ql`, `ql + 32`,
-    /// `qh`): nibbles, with the `qh` pair moved to bits 4..6 by one shift and mask.
+    /// `qh`), as [`quarter`] makes each.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(in crate::models::cpu) fn quarters(a: __m256i, b: __m256i, h: __m256i) -> [__m256i; 4] {
+        std::array::from_fn(|i| quarter(a, b, h, i))
+    }
+
+    /// Quarter `i`'s values (0..64) of one step from its three vectors (`ql`, `ql + 32`,
+    /// `qh`): nibbles (low ones of `ql` and `ql + 32` for quarters 0 and 1, high ones for 2
+    /// and 3), with the quarter's `qh` pair moved to bits 4..6 by one shift and mask.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in crate::models::cpu) fn quarter(a: __m256i, b: __m256i, h: __m256i, i: usize) -> __m256i {
         let (nibble, pair_bits) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
-        [
-            _mm256_or_si256(
-                _mm256_and_si256(a, nibble),
-                _mm256_and_si256(_mm256_slli_epi16(h, 4), pair_bits),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(b, nibble),
-                _mm256_and_si256(_mm256_slli_epi16(h, 2), pair_bits),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble),
-                _mm256_and_si256(h, pair_bits),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble),
-                _mm256_and_si256(_mm256_srli_epi16(h, 2), pair_bits),
-            ),
-        ]
+        let (low, high) = match i {
+            0 => (a, _mm256_slli_epi16(h, 4)),
+            1 => (b, _mm256_slli_epi16(h, 2)),
+            2 => (_mm256_srli_epi16(a, 4), h),
+            _ => (_mm256_srli_epi16(b, 4), _mm256_srli_epi16(h, 2)),
+        };
+        _mm256_or_si256(
+            _mm256_and_si256(low, nibble),
+            _mm256_and_si256(high, pair_bits),
+        )
     }
 
     /// The eight rows' `Σ_g scale_g · Σ y` for one group block at `base` and one Q8_K block.

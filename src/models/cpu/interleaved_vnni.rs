@@ -303,18 +303,22 @@ fn q4k_pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) ->
 /// As for [`group`]; `group` holds `blocks` Q6_K group blocks.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn q6k_group(group: &[u8], blocks: usize, a: &[Q8K], out: &mut [f32], start: usize) {
-    let (four, one) = (
+    wide_passes(
+        out,
+        a.len() / blocks,
+        start,
+        |t| q6k_pass::<WIDE>(group, blocks, a, t),
         |t| q6k_pass::<TOKENS>(group, blocks, a, t),
         |t| q6k_pass::<1>(group, blocks, a, t),
     );
-    each_pass(out, a.len() / blocks, start, four, one);
 }
 
 /// The eight rows' products with activation rows `t..t + T` of a Q6_K group, one lane per
-/// row. Each step's values are unpacked once for all `T` tokens (the AVX2 version unpacks
-/// them per token); a 16-value group's four steps are summed in 32 bits and multiplied by
-/// its row's scale (sign-extended from the scale pair's half), then the block is finished
-/// as in the AVX2 version: `d · d_y · (Σ s·q·y − 32 · Σ s·bsum)`.
+/// row. Each quarter of a step's values is unpacked once for all `T` tokens (the AVX2 version
+/// unpacks them per token); a 16-value group's four steps are summed in 32 bits and multiplied
+/// by its row's scale (sign-extended from the scale pair's half), then the block is finished
+/// as in the AVX2 version: `d · d_y · (Σ s·q·y − 32 · Σ s·bsum)`. Quarter by quarter, a
+/// token needs two accumulators, so eight tokens fit in the registers.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn q6k_pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) -> [__m256; T] {
@@ -332,30 +336,29 @@ fn q6k_pass<const T: usize>(group: &[u8], blocks: usize, a: &[Q8K], t: usize) ->
         for n in 0..2 {
             for half in 0..2 {
                 prefetch_part(base, q6k::GROUP_BLOCK, 2 * n + half, 4);
-                // Quarter `q`'s scale of this half: group `2p + half` of pair `p = 4n + q`.
-                let scales: [__m256i; 4] = std::array::from_fn(|q| {
-                    let pair = q6k::avx2::pair(base, 4 * n + q);
-                    match half {
+                for quarter in 0..4 {
+                    // The quarter's scale of this half: group `2p + half` of pair `p = 4n + quarter`.
+                    let pair = q6k::avx2::pair(base, 4 * n + quarter);
+                    let scale = match half {
                         0 => _mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16),
                         _ => _mm256_srai_epi32(pair, 16),
-                    }
-                });
-                let mut s = [[_mm256_setzero_si256(); 4]; T];
-                for m in 4 * half..4 * half + 4 {
-                    let q = q6k::avx2::quarters(load(n, m, 0), load(n, m, 1), load(n, m, 2));
-                    for (s, y) in s.iter_mut().zip(&ys) {
-                        // SAFETY: the half's 128 activations within the block's 256.
-                        let y = unsafe { y.qs.as_ptr().add(128 * n) }.cast::<u8>();
-                        for (quarter, (s, q)) in s.iter_mut().zip(&q).enumerate() {
-                            // SAFETY: the quarter's 32 activations within the half's 128.
-                            let yq = unsafe { y.add(32 * quarter) };
-                            *s = _mm256_dpbusd_epi32(*s, *q, four(yq, m));
+                    };
+                    let mut s = [_mm256_setzero_si256(); T];
+                    for m in 4 * half..4 * half + 4 {
+                        let q = q6k::avx2::quarter(
+                            load(n, m, 0),
+                            load(n, m, 1),
+                            load(n, m, 2),
+                            quarter,
+                        );
+                        for (s, y) in s.iter_mut().zip(&ys) {
+                            // SAFETY: the quarter's 32 activations within the block's 256.
+                            let yq = unsafe { y.qs.as_ptr().add(128 * n + 32 * quarter) };
+                            *s = _mm256_dpbusd_epi32(*s, q, four(yq.cast(), m));
                         }
                     }
-                }
-                for (dot, s) in dots.iter_mut().zip(&s) {
-                    for (s, scale) in s.iter().zip(&scales) {
-                        *dot = _mm256_add_epi32(*dot, _mm256_mullo_epi32(*s, *scale));
+                    for (dot, s) in dots.iter_mut().zip(&s) {
+                        *dot = _mm256_add_epi32(*dot, _mm256_mullo_epi32(*s, scale));
                     }
                 }
             }
@@ -426,7 +429,7 @@ mod tests {
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(10);
-        for (rows, tokens, blocks) in [(19, 9, 2), (8, 1, 1), (5, 4, 3), (16, 6, 2)] {
+        for (rows, tokens, blocks) in [(19, 13, 2), (8, 1, 1), (5, 4, 3), (16, 6, 2)] {
             let x: Vec<f32> = (0..tokens * blocks * QK_K)
                 .map(|_| rng.random_range(-2.0f32..2.0))
                 .collect();

@@ -71,10 +71,15 @@ unsafe fn widen<H: Half>(p: *const H) -> __m512 {
     }
 }
 
+/// Values past the 4 KiB that [`prefetch`] adds, so that the tile asks 8 KiB ahead: a
+/// 16-token tile does 16 multiply-adds per column, too little work to cover 4 KiB's fetch.
+const FURTHER: usize = 2048;
+
 /// The products of panel `p` with `T` tokens of a packed tile: per token, the panel's 16
-/// rows. Each column asks for the line 4 KiB ahead of its own: left to the hardware, the
+/// rows. Each column asks for the line 8 KiB ahead of its own: left to the hardware, the
 /// panel's stride of one 128-byte group column per column kept the tile waiting on memory
-/// (1b f16 prefill 58 → 64 tokens/s with one thread, small f16 16 streams 336 → 373 with two).
+/// (4 KiB ahead: 1b f16 prefill 58 → 64 tokens/s with one thread, small f16 16 streams
+/// 336 → 373 with two; 8 KiB: 16 streams 337 → 362 more, prefill unchanged).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
 fn tile<H: Half, const T: usize>(panels: Panels<'_, H>, p: usize, tile: Tile<'_>) -> [__m512; T] {
@@ -88,7 +93,7 @@ fn tile<H: Half, const T: usize>(panels: Panels<'_, H>, p: usize, tile: Tile<'_>
         // SAFETY: column `k` of the panel is 16 values from `at + k GROUP_ROWS`, and the
         // tile's tokens `first..first + T` of column `k` lie within its `width` (asserted).
         unsafe {
-            prefetch(w.add(k * GROUP_ROWS).cast(), 1);
+            prefetch(w.add(k * GROUP_ROWS + FURTHER).cast(), 1);
             let wk = widen(w.add(k * GROUP_ROWS));
             let ak = a.add(k * tile.width + tile.first);
             for (j, acc) in acc.iter_mut().enumerate() {

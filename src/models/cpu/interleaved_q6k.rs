@@ -245,7 +245,7 @@ pub(super) mod avx2 {
     /// `qh`), as [`quarter`] makes each.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in crate::models::cpu) fn quarters(a: __m256i, b: __m256i, h: __m256i) -> [__m256i; 4] {
+    fn quarters(a: __m256i, b: __m256i, h: __m256i) -> [__m256i; 4] {
         std::array::from_fn(|i| quarter(a, b, h, i))
     }
 

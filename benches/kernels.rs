@@ -10,7 +10,9 @@
 //! bf16 as a safetensors checkpoint stores it) and reports multiply-adds per second; run it with `RAYON_NUM_THREADS=1` for one thread's figure.
 //!
 //! The `batch8` and `batch16` groups do the same with 8 and 16 rows: the products of a
-//! decode step of that many streams.
+//! decode step of that many streams. Their one matrix stays in cache from call to call; the
+//! `cold16` group cycles through 1 GiB of copies of the larger one, so that its weights come
+//! from memory, as a model's step reads them.
 //!
 //! The `attention` group runs one KV head's attention (its query heads' scores, softmax and
 //! weighted sums of the values) over a sequence's paged cache, for the small and 1b models'
@@ -178,6 +180,45 @@ fn batch(c: &mut Criterion) {
     }
 }
 
+/// Bytes of weights the `cold` group cycles through: more than any cache of these machines,
+/// so every product reads its weights from memory, as a model's step does.
+const COLD_BYTES: usize = 1 << 30;
+
+/// The 1b model's FFN product with 16 activation rows, each call on the next of as many
+/// copies of the matrix as [`COLD_BYTES`] takes: a 16-stream decode step's weights come
+/// from memory, which the `batch16` group (one matrix, cached) does not measure.
+fn cold(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cold16");
+    let (rows, cols, tokens) = (5632usize, 2048usize, 16usize);
+    let w = Tensor::from_vec(values(rows * cols, 3), (rows, cols), &Device::Cpu)
+        .expect("weight tensor");
+    let x = values(tokens * cols, 7);
+    let mut out = vec![0f32; tokens * rows];
+    let label = format!("{rows}x{cols}@{}", level().name());
+    group.throughput(Throughput::Elements((tokens * rows * cols) as u64));
+    for (name, dtype) in [
+        ("q8_0", GgmlDType::Q8_0),
+        ("q4_0", GgmlDType::Q4_0),
+        ("f16", GgmlDType::F16),
+    ] {
+        let q = QTensor::quantize(&w, dtype).expect("quantize");
+        let copies = COLD_BYTES.div_ceil(q.storage_size_in_bytes());
+        let weights: Vec<Weight> = (0..copies)
+            .map(|_| Weight::new(&q).expect("weight"))
+            .collect();
+        let mut next = 0;
+        group.bench_function(BenchmarkId::new(name, &label), |b| {
+            rayon::scope(|_| {
+                b.iter(|| {
+                    weights[next].matmul(&x, tokens, &mut out);
+                    next = (next + 1) % weights.len();
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Group `name`: every type's product of both matrices with `tokens` activation rows.
 fn products(c: &mut Criterion, name: &str, tokens: usize) {
     let mut group = c.benchmark_group(name);
@@ -272,5 +313,5 @@ fn attend<T: Element + Plain>(
     }
 }
 
-criterion_group!(benches, matvec, prefill, batch, attention);
+criterion_group!(benches, matvec, prefill, batch, cold, attention);
 criterion_main!(benches);

@@ -1,6 +1,6 @@
 //! f16 and bf16 weights in panels of [`PANEL`] rows, and their products with f32 activations
 //! (each weight widened to f32 exactly, then multiplied and added in f32). Panels
-//! are stored in groups of [`GROUP`] (64 rows), column by column: the group's 64 values of
+//! are stored in groups of [`GROUP`] (32 rows), column by column: the group's 32 values of
 //! column 0, then of column 1, ... A panel's column is 16 consecutive values within its
 //! group's column.
 //!
@@ -10,9 +10,12 @@
 //! converted once per six tokens and each activation loaded once per 16 rows; the results are
 //! 16 consecutive outputs of a token, stored as two vectors into the token-major output.
 //! The activations are first [`pack`]ed tile by tile, so that a tile reads them as one stream
-//! rather than six rows whose addresses may share a cache set. A decode (one token) takes a
-//! whole group per pass: its four panels' eight sums are independent chains, read from one
-//! stream of 128 bytes per column, and each panel's sums are formed in exactly a tile's order.
+//! rather than six rows whose addresses may share a cache set. A decode (one token) takes
+//! [`STREAMS`] whole groups per pass: their four panels' eight sums are independent chains,
+//! read from two streams of one 64-byte line per column, and each panel's sums are formed in
+//! exactly a tile's order. Groups of four panels (128 bytes a column) made the AVX-512 tiles'
+//! walks, two panels a unit, read every other line: 1b f16 two threads, 16 streams 75 → 89
+//! tokens/s and decode 12.8 → 14.5 with groups of two (`llorch bench --concurrency 16`).
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -103,8 +106,12 @@ pub(super) fn pack_tiles(x: &[f32], tokens: usize, columns: usize, width: usize)
     packed
 }
 
-/// Panels per storage group.
-pub const GROUP: usize = 4;
+/// Panels per storage group: a group's column is one 64-byte line, so a pair of panels walks
+/// its storage as one stream.
+pub const GROUP: usize = 2;
+/// Groups a one-token product runs at once ([`avx2::products`]): their panels' eight
+/// independent sums cover the additions' latency.
+pub const STREAMS: usize = 2;
 /// Rows per storage group.
 pub(super) const GROUP_ROWS: usize = GROUP * PANEL;
 
@@ -269,7 +276,7 @@ mod scalar {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(super) mod avx2 {
-    use super::{tiles, write, Half, Panels, GROUP, GROUP_ROWS, PANEL, TOKENS};
+    use super::{tiles, write, Half, Panels, GROUP, GROUP_ROWS, PANEL, STREAMS, TOKENS};
     use crate::models::cpu::kernels::avx2::prefetch;
     use std::arch::x86_64::*;
 
@@ -307,9 +314,21 @@ pub(super) mod avx2 {
             // one by one.
             let mut p = 0;
             while p < total {
-                if (panels.first + p).is_multiple_of(GROUP) && p + GROUP <= total {
-                    let group = &panels.data[panels.at(p)..][..GROUP_ROWS * columns];
-                    for (i, sums) in matvec(group, x).into_iter().enumerate() {
+                let size = GROUP_ROWS * columns;
+                if (panels.first + p).is_multiple_of(GROUP) && p + STREAMS * GROUP <= total {
+                    let groups =
+                        std::array::from_fn(|n| &panels.data[panels.at(p) + n * size..][..size]);
+                    for (i, sums) in matvec::<H, STREAMS>(groups, x)
+                        .into_iter()
+                        .flatten()
+                        .enumerate()
+                    {
+                        write(out, count, p + i, 0, &lanes(sums));
+                    }
+                    p += STREAMS * GROUP;
+                } else if (panels.first + p).is_multiple_of(GROUP) && p + GROUP <= total {
+                    let group = &panels.data[panels.at(p)..][..size];
+                    for (i, sums) in matvec::<H, 1>([group], x).into_iter().flatten().enumerate() {
                         write(out, count, p + i, 0, &lanes(sums));
                     }
                     p += GROUP;
@@ -366,38 +385,41 @@ pub(super) mod avx2 {
         acc
     }
 
-    /// A group's products with one activation row. Each panel's sums run over the columns in
-    /// order, exactly as [`tile`] forms them for a token of a batch, so a token decoded alone
-    /// gets the same bits as in a batch; the four panels' eight independent sums overlap the
-    /// additions' latency, and a column of all four is one 128-byte read.
+    /// The products of `N` groups with one activation row. Each panel's sums run over the
+    /// columns in order, exactly as [`tile`] forms them for a token of a batch, so a token
+    /// decoded alone gets the same bits as in a batch; the groups' panels' independent sums
+    /// (eight for two groups) overlap the additions' latency, and a group's column is one
+    /// 64-byte line.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn matvec<H: Half>(group: &[H], x: &[f32]) -> [[__m256; 2]; GROUP] {
+    fn matvec<H: Half, const N: usize>(groups: [&[H]; N], x: &[f32]) -> [[[__m256; 2]; GROUP]; N] {
         let columns = x.len();
-        assert_eq!(group.len(), GROUP_ROWS * columns);
-        let base = group.as_ptr();
-        let mut acc = [[_mm256_setzero_ps(); 2]; GROUP];
-        let mut step = |k: usize| {
-            // SAFETY: `k < columns`: column `k` of the group is 64 halves from `64 k`.
+        for group in groups {
+            assert_eq!(group.len(), GROUP_ROWS * columns);
+        }
+        let bases = groups.map(<[H]>::as_ptr);
+        let mut acc = [[[_mm256_setzero_ps(); 2]; GROUP]; N];
+        for (k, &value) in x.iter().enumerate() {
+            // SAFETY: `k < columns`: column `k` of a group is `GROUP_ROWS` halves from
+            // `k GROUP_ROWS`.
             unsafe {
-                let s = _mm256_set1_ps(x[k]);
-                let column = base.add(k * GROUP_ROWS);
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let [w0, w1] = widen_panel(column.add(i * PANEL));
-                    acc[0] = _mm256_fmadd_ps(w0, s, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(w1, s, acc[1]);
+                let s = _mm256_set1_ps(value);
+                for (base, acc) in bases.iter().zip(acc.iter_mut()) {
+                    if k % 4 == 0 {
+                        prefetch(base.wrapping_add(k * GROUP_ROWS).cast(), GROUP_ROWS / 8);
+                    }
+                    let column = base.add(k * GROUP_ROWS);
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let [w0, w1] = widen_panel(column.add(i * PANEL));
+                        acc[0] = _mm256_fmadd_ps(w0, s, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(w1, s, acc[1]);
+                    }
                 }
             }
-        };
-        for k in 0..columns {
-            if k % 4 == 0 {
-                prefetch(base.wrapping_add(k * GROUP_ROWS).cast(), 8);
-            }
-            step(k);
         }
         if H::BF16 {
             // Rows 0-3 and 8-11 sat in the first vector, 4-7 and 12-15 in the second.
-            for acc in &mut acc {
+            for acc in acc.iter_mut().flatten() {
                 *acc = [
                     _mm256_permute2f128_ps::<0x20>(acc[0], acc[1]),
                     _mm256_permute2f128_ps::<0x31>(acc[0], acc[1]),
@@ -510,7 +532,7 @@ mod tests {
             (17, 10, 40),
             (17, 11, 40),
             (16, 12, 8),
-            // Whole groups and a partial one, one token (a group per pass, then panels).
+            // Whole groups and a partial one, one token (two groups a pass, one, then panels).
             (70, 1, 40),
             (128, 1, 33),
         ];

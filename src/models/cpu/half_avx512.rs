@@ -9,12 +9,16 @@
 #![allow(unsafe_code)]
 
 use super::f16_panels::{tiles, write, Half, Panels, GROUP_ROWS, PANEL, WIDE};
-use super::kernels::avx2::prefetch;
+use super::kernels::avx2::{prefetch, prefetch_ahead};
 use std::arch::x86_64::*;
 
 /// The products of the panels from `panels.first` with `tokens` activation rows, packed in
-/// tiles of [`WIDE`] tokens, as [`super::f16_panels::HalfPanels::products`] describes. A
-/// tile narrower than [`WIDE`] (the last) runs as sub-tiles of 8, 4, 2 and 1 of its tokens.
+/// tiles of [`WIDE`] tokens, as [`super::f16_panels::HalfPanels::products`] describes.
+///
+/// The two panels of a group share each column's cache line, so they run together ([`pair`]):
+/// eight tokens at a time over a span of [`SPAN`] columns, every tile of the span in turn,
+/// each token's sums carried from span to span. A single panel (the last of an odd count)
+/// runs alone, [`WIDE`] tokens a tile and the rest in sub-tiles of 8, 4, 2 and 1.
 ///
 /// # Safety
 /// AVX2, FMA, F16C and AVX-512 F must be available; the storage holds every panel of `out`'s
@@ -23,7 +27,18 @@ use std::arch::x86_64::*;
 pub unsafe fn products<H: Half>(panels: Panels<'_, H>, x: &[f32], tokens: usize, out: &mut [f32]) {
     let (count, columns) = (out.len() / tokens, panels.columns);
     assert_eq!(x.len(), tokens * columns, "activation size");
-    for p in 0..count.div_ceil(PANEL) {
+    let all = count.div_ceil(PANEL);
+    let mut p = 0;
+    while p < all {
+        if p + 1 < all && panels.at(p) + PANEL == panels.at(p + 1) {
+            let sums = pairs(panels, p, x, tokens);
+            for (t, two) in sums.chunks_exact(2).enumerate() {
+                store(out, count, p, t, [two[0]]);
+                store(out, count, p + 1, t, [two[1]]);
+            }
+            p += 2;
+            continue;
+        }
         for (t, width) in tiles(tokens, WIDE) {
             let a = &x[t * columns..(t + width) * columns];
             let mut j = 0;
@@ -42,6 +57,109 @@ pub unsafe fn products<H: Half>(panels: Panels<'_, H>, x: &[f32], tokens: usize,
                 j += sub;
             }
         }
+        p += 1;
+    }
+}
+
+/// Columns per span of [`pairs`]: 8 KiB of a group's storage.
+const SPAN: usize = 64;
+
+/// The sums of panels `p` and `p + 1` (adjacent in their group) with every token, two per
+/// token (`[token][panel]`): span by span of [`SPAN`] columns, every tile's tokens eight (then
+/// 4, 2, 1) at a time. The first pass over a span reads its lines from memory and the others
+/// from cache; each pass also asks for its share of the next span's lines, so memory is busy
+/// while the later passes compute.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+fn pairs<H: Half>(panels: Panels<'_, H>, p: usize, x: &[f32], tokens: usize) -> Vec<__m512> {
+    let columns = panels.columns;
+    let mut sums = vec![_mm512_setzero_ps(); 2 * tokens];
+    let mut passes = Vec::new();
+    for (t, width) in tiles(tokens, WIDE) {
+        let mut j = 0;
+        for sub in [8, 4, 2, 1] {
+            while width - j >= sub {
+                passes.push((t, width, j, sub));
+                j += sub;
+            }
+        }
+    }
+    for from in (0..columns).step_by(SPAN) {
+        let span = from..(from + SPAN).min(columns);
+        for (n, &(t, width, j, sub)) in passes.iter().enumerate() {
+            let at = Tile {
+                a: &x[t * columns..(t + width) * columns],
+                width,
+                first: j,
+            };
+            let fetch = Fetch {
+                pass: n,
+                passes: passes.len(),
+            };
+            let state = &mut sums[2 * (t + j)..2 * (t + j + sub)];
+            match sub {
+                8 => pair::<H, 8>(panels, p, at, span.clone(), fetch, state),
+                4 => pair::<H, 4>(panels, p, at, span.clone(), fetch, state),
+                2 => pair::<H, 2>(panels, p, at, span.clone(), fetch, state),
+                _ => pair::<H, 1>(panels, p, at, span.clone(), fetch, state),
+            }
+        }
+    }
+    sums
+}
+
+/// Which of a span's passes this is: pass `pass` of `passes` asks for the next span's lines
+/// of the columns `k` with `k % passes == pass`.
+#[derive(Clone, Copy)]
+struct Fetch {
+    pass: usize,
+    passes: usize,
+}
+
+/// Panels `p` and `p + 1` over columns `span` with `T` tokens of a packed tile, continuing the
+/// sums in `state` (`[token][panel]`). Every sum runs over the columns in order with the
+/// fused multiply-adds of [`tile`], so the products are its bits.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+fn pair<H: Half, const T: usize>(
+    panels: Panels<'_, H>,
+    p: usize,
+    tile: Tile<'_>,
+    span: std::ops::Range<usize>,
+    fetch: Fetch,
+    state: &mut [__m512],
+) {
+    let columns = panels.columns;
+    let at = panels.at(p);
+    assert!(tile.first + T <= tile.width && tile.a.len() == tile.width * columns);
+    assert!(span.end <= columns && state.len() == 2 * T);
+    assert!(span.is_empty() || at + (span.end - 1) * GROUP_ROWS + 2 * PANEL <= panels.data.len());
+    let (w, a) = (panels.data.as_ptr().wrapping_add(at), tile.a.as_ptr());
+    let mut acc0: [__m512; T] = std::array::from_fn(|j| state[2 * j]);
+    let mut acc1: [__m512; T] = std::array::from_fn(|j| state[2 * j + 1]);
+    for k in span {
+        // SAFETY: columns `k` of both panels are 32 values from `at + k GROUP_ROWS` (the
+        // second panel follows the first), and the tile's tokens `first..first + T` of column
+        // `k` lie within its `width` (asserted).
+        unsafe {
+            if k % fetch.passes == fetch.pass {
+                prefetch_ahead(w.add(k * GROUP_ROWS).cast(), SPAN * GROUP_ROWS * 2, 1);
+            }
+            let (w0, w1) = (
+                widen(w.add(k * GROUP_ROWS)),
+                widen(w.add(k * GROUP_ROWS + PANEL)),
+            );
+            let ak = a.add(k * tile.width + tile.first);
+            for j in 0..T {
+                let y = _mm512_set1_ps(*ak.add(j));
+                acc0[j] = _mm512_fmadd_ps(w0, y, acc0[j]);
+                acc1[j] = _mm512_fmadd_ps(w1, y, acc1[j]);
+            }
+        }
+    }
+    for (j, two) in state.chunks_exact_mut(2).enumerate() {
+        two[0] = acc0[j];
+        two[1] = acc1[j];
     }
 }
 
@@ -76,8 +194,9 @@ unsafe fn widen<H: Half>(p: *const H) -> __m512 {
 const FURTHER: usize = 2048;
 
 /// The products of panel `p` with `T` tokens of a packed tile: per token, the panel's 16
-/// rows. Each column asks for the line 8 KiB ahead of its own: left to the hardware, the
-/// panel's stride of one 128-byte group column per column kept the tile waiting on memory
+/// rows (a panel without its group's other, the last of an odd count). Each column asks for
+/// the line 8 KiB ahead of its own: left to the hardware, the panel's stride of one group
+/// column per column (128 bytes when groups were four panels) kept the tile waiting on memory
 /// (4 KiB ahead: 1b f16 prefill 58 → 64 tokens/s with one thread, small f16 16 streams
 /// 336 → 373 with two; 8 KiB: 16 streams 337 → 362 more, prefill unchanged).
 #[inline]
@@ -136,8 +255,14 @@ mod tests {
     fn same_bits<H: Half>(bytes: fn(f32) -> [u8; 2]) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         // Token counts of whole wide tiles and of every remainder's sub-tiles; rows below, at
-        // and past a panel and a group; odd column counts.
-        for (rows, tokens, columns) in [(40, 16, 64), (70, 31, 45), (16, 2, 576), (33, 23, 7)] {
+        // and past a panel and a group; odd column counts; several spans of a pair.
+        for (rows, tokens, columns) in [
+            (40, 16, 64),
+            (70, 31, 45),
+            (16, 2, 576),
+            (33, 23, 7),
+            (64, 19, 200),
+        ] {
             let raw: Vec<u8> = (0..rows * columns)
                 .flat_map(|_| bytes(rng.random_range(-2.0f32..2.0)))
                 .collect();

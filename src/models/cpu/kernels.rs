@@ -113,7 +113,14 @@ pub(super) mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(in crate::models::cpu) fn prefetch(p: *const u8, lines: usize) {
-        let ahead = p.wrapping_add(PREFETCH);
+        prefetch_ahead(p, PREFETCH, lines);
+    }
+
+    /// Asks for the `lines` cache lines `ahead` bytes past `p` to be brought into L1.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(in crate::models::cpu) fn prefetch_ahead(p: *const u8, ahead: usize, lines: usize) {
+        let ahead = p.wrapping_add(ahead);
         for line in 0..lines {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line).cast());
         }

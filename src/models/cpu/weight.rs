@@ -237,7 +237,7 @@ impl Weight {
     /// time.
     fn decode_rows(&self) -> usize {
         match self.data {
-            Rows::F16(_) | Rows::Bf16(_) => f16_panels::GROUP * PANEL,
+            Rows::F16(_) | Rows::Bf16(_) => f16_panels::STREAMS * f16_panels::GROUP * PANEL,
             _ => ROW_CHUNK,
         }
     }

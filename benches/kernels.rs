@@ -190,12 +190,7 @@ const COLD_BYTES: usize = 1 << 30;
 fn cold(c: &mut Criterion) {
     let mut group = c.benchmark_group("cold16");
     let (rows, cols, tokens) = (5632usize, 2048usize, 16usize);
-    let w = Tensor::from_vec(values(rows * cols, 3), (rows, cols), &Device::Cpu)
-        .expect("weight tensor");
-    let x = values(tokens * cols, 7);
-    let mut out = vec![0f32; tokens * rows];
-    let label = format!("{rows}x{cols}@{}", level().name());
-    group.throughput(Throughput::Elements((tokens * rows * cols) as u64));
+    let (w, x, mut out, label) = case(&mut group, (rows, cols), tokens);
     for (name, dtype) in [
         ("q8_0", GgmlDType::Q8_0),
         ("q4_0", GgmlDType::Q4_0),
@@ -219,16 +214,29 @@ fn cold(c: &mut Criterion) {
     group.finish();
 }
 
+/// A product's operands: the `rows × cols` weight, `tokens` activation rows, the output and
+/// the label; `group` counts its multiply-adds.
+fn case(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    (rows, cols): (usize, usize),
+    tokens: usize,
+) -> (Tensor, Vec<f32>, Vec<f32>, String) {
+    let w = Tensor::from_vec(values(rows * cols, 3), (rows, cols), &Device::Cpu)
+        .expect("weight tensor");
+    group.throughput(Throughput::Elements((tokens * rows * cols) as u64));
+    (
+        w,
+        values(tokens * cols, 7),
+        vec![0f32; tokens * rows],
+        format!("{rows}x{cols}@{}", level().name()),
+    )
+}
+
 /// Group `name`: every type's product of both matrices with `tokens` activation rows.
 fn products(c: &mut Criterion, name: &str, tokens: usize) {
     let mut group = c.benchmark_group(name);
     for (rows, cols) in [(1536usize, 576usize), (5632, 2048)] {
-        let w = Tensor::from_vec(values(rows * cols, 3), (rows, cols), &Device::Cpu)
-            .expect("weight tensor");
-        let x = values(tokens * cols, 7);
-        let mut out = vec![0f32; tokens * rows];
-        let label = format!("{rows}x{cols}@{}", level().name());
-        group.throughput(Throughput::Elements((tokens * rows * cols) as u64));
+        let (w, x, mut out, label) = case(&mut group, (rows, cols), tokens);
         for (name, dtype) in [
             ("q8_0", GgmlDType::Q8_0),
             ("q4_0", GgmlDType::Q4_0),

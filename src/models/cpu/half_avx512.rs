@@ -61,7 +61,7 @@ pub unsafe fn products<H: Half>(panels: Panels<'_, H>, x: &[f32], tokens: usize,
     }
 }
 
-/// Columns per span of [`pairs`]: 8 KiB of a group's storage.
+/// Columns per span of [`pairs`]: 4 KiB of a group's storage (one 64-byte line a column).
 const SPAN: usize = 64;
 
 /// The sums of panels `p` and `p + 1` (adjacent in their group) with every token, two per

@@ -314,24 +314,11 @@ pub(super) mod avx2 {
             // one by one.
             let mut p = 0;
             while p < total {
-                let size = GROUP_ROWS * columns;
-                if (panels.first + p).is_multiple_of(GROUP) && p + STREAMS * GROUP <= total {
-                    let groups =
-                        std::array::from_fn(|n| &panels.data[panels.at(p) + n * size..][..size]);
-                    for (i, sums) in matvec::<H, STREAMS>(groups, x)
-                        .into_iter()
-                        .flatten()
-                        .enumerate()
-                    {
-                        write(out, count, p + i, 0, &lanes(sums));
-                    }
-                    p += STREAMS * GROUP;
-                } else if (panels.first + p).is_multiple_of(GROUP) && p + GROUP <= total {
-                    let group = &panels.data[panels.at(p)..][..size];
-                    for (i, sums) in matvec::<H, 1>([group], x).into_iter().flatten().enumerate() {
-                        write(out, count, p + i, 0, &lanes(sums));
-                    }
-                    p += GROUP;
+                let whole = (panels.first + p).is_multiple_of(GROUP);
+                if whole && p + STREAMS * GROUP <= total {
+                    p += groups::<H, STREAMS>(panels, p, x, out);
+                } else if whole && p + GROUP <= total {
+                    p += groups::<H, 1>(panels, p, x, out);
                 } else {
                     write(out, count, p, 0, &lanes(tile::<H, 1>(panels, p, x)[0]));
                     p += 1;
@@ -383,6 +370,25 @@ pub(super) mod avx2 {
             }
         }
         acc
+    }
+
+    /// Writes the one-token products of the `N` whole groups from panel `p` into `out`;
+    /// returns the panels done.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn groups<H: Half, const N: usize>(
+        panels: Panels<'_, H>,
+        p: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> usize {
+        let size = GROUP_ROWS * x.len();
+        let groups = std::array::from_fn(|n| &panels.data[panels.at(p) + n * size..][..size]);
+        let sums = matvec::<H, N>(groups, x);
+        for (i, sums) in sums.into_iter().flatten().enumerate() {
+            write(out, out.len(), p + i, 0, &lanes(sums));
+        }
+        N * GROUP
     }
 
     /// The products of `N` groups with one activation row. Each panel's sums run over the

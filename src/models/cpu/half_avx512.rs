@@ -137,13 +137,17 @@ fn pair<H: Half, const T: usize>(
     let (w, a) = (panels.data.as_ptr().wrapping_add(at), tile.a.as_ptr());
     let mut acc0: [__m512; T] = std::array::from_fn(|j| state[2 * j]);
     let mut acc1: [__m512; T] = std::array::from_fn(|j| state[2 * j + 1]);
+    // The first column of the span whose line this pass asks for, then every `passes`-th.
+    let mut due =
+        span.start + (fetch.pass + fetch.passes - span.start % fetch.passes) % fetch.passes;
     for k in span {
         // SAFETY: columns `k` of both panels are 32 values from `at + k GROUP_ROWS` (the
         // second panel follows the first), and the tile's tokens `first..first + T` of column
         // `k` lie within its `width` (asserted).
         unsafe {
-            if k % fetch.passes == fetch.pass {
+            if k == due {
                 prefetch_ahead(w.add(k * GROUP_ROWS).cast(), SPAN * GROUP_ROWS * 2, 1);
+                due += fetch.passes;
             }
             let (w0, w1) = (
                 widen(w.add(k * GROUP_ROWS)),

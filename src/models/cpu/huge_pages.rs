@@ -209,10 +209,27 @@ pub fn weight_buffer<T: Plain>(len: usize) -> WeightBuffer<T> {
     #[allow(unsafe_code)]
     let ptr = unsafe {
         let start = chunk.ptr.as_ptr().add(offset);
-        std::ptr::write_bytes(start, 0, size);
+        zero(start, size);
         NonNull::new_unchecked(start.cast::<T>())
     };
     WeightBuffer { chunk, ptr, len }
+}
+
+/// Writes zeros over `size` bytes at `start`, a huge page's worth at a time on every thread
+/// of rayon's pool: the first write to a page of fresh memory has the kernel clear it, which
+/// on one thread was most of a model's load.
+///
+/// # Safety
+/// `start..start + size` must be memory this thread may write and that nothing else uses.
+#[allow(unsafe_code)]
+unsafe fn zero(start: *mut u8, size: usize) {
+    use rayon::prelude::*;
+    let address = start as usize;
+    (0..size.div_ceil(HUGE)).into_par_iter().for_each(|piece| {
+        let from = piece * HUGE;
+        // SAFETY: the pieces are disjoint parts of the caller's range.
+        unsafe { std::ptr::write_bytes((address + from) as *mut u8, 0, HUGE.min(size - from)) };
+    });
 }
 
 impl<T: Plain> std::ops::Deref for WeightBuffer<T> {

@@ -14,8 +14,6 @@
 //! kilobytes of every new block (`perf record` of 16 decoding streams showed the kernel
 //! clearing pages inside the steps).
 
-use rayon::prelude::*;
-
 use super::attention::{self, Element};
 use super::huge_pages::{weight_buffer, Plain, WeightBuffer};
 use crate::models::batch::{KvLayout, BLOCK_ALIGN};
@@ -43,22 +41,14 @@ pub struct Span<'a> {
 
 impl<T: Plain + Element> KvPool<T> {
     /// An empty pool of `layout` for `layers` layers of `kv_heads` heads of `head_dim` values.
-    /// The layers' buffers are made (and so zeroed) on every thread of rayon's pool at once:
-    /// the kernel clears each page as it is first written, which alone took most of a load.
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, layout: KvLayout) -> KvPool<T> {
         let len = layout.tokens() * kv_heads * head_dim;
-        let buffers = || {
-            (0..layers)
-                .into_par_iter()
-                .map(|_| weight_buffer(len))
-                .collect()
-        };
         KvPool {
             layout,
             kv_heads,
             head_dim,
-            keys: buffers(),
-            values: buffers(),
+            keys: (0..layers).map(|_| weight_buffer(len)).collect(),
+            values: (0..layers).map(|_| weight_buffer(len)).collect(),
         }
     }
 

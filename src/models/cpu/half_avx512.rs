@@ -15,10 +15,14 @@ use std::arch::x86_64::*;
 /// The products of the panels from `panels.first` with `tokens` activation rows, packed in
 /// tiles of [`WIDE`] tokens, as [`super::f16_panels::HalfPanels::products`] describes.
 ///
-/// The two panels of a group share each column's cache line, so they run together ([`pair`]):
-/// eight tokens at a time over a span of [`SPAN`] columns, every tile of the span in turn,
-/// each token's sums carried from span to span. A single panel (the last of an odd count)
-/// runs alone, [`WIDE`] tokens a tile and the rest in sub-tiles of 8, 4, 2 and 1.
+/// With more than [`WIDE`] tokens the two panels of a group share each column's cache line, so
+/// they run together ([`pair`]): eight tokens at a time over a span of [`SPAN`] columns, every
+/// tile of the span in turn, each token's sums carried from span to span. Otherwise (a decode
+/// batch), and for a single panel (the last of an odd count), a panel runs alone, [`WIDE`]
+/// tokens a tile and the rest in sub-tiles of 8, 4, 2 and 1: one pass over the weights then,
+/// which for 16 tokens beat the pairs' two (`llorch bench --prompt-tokens 16 --concurrency 16`,
+/// two threads, alternated: small f16 16 streams 481–484 → 497–506 tokens/s, 1b f16 96–97 →
+/// 100).
 ///
 /// # Safety
 /// AVX2, FMA, F16C and AVX-512 F must be available; the storage holds every panel of `out`'s
@@ -30,7 +34,7 @@ pub unsafe fn products<H: Half>(panels: Panels<'_, H>, x: &[f32], tokens: usize,
     let all = count.div_ceil(PANEL);
     let mut p = 0;
     while p < all {
-        if p + 1 < all && panels.at(p) + PANEL == panels.at(p + 1) {
+        if tokens > WIDE && p + 1 < all && panels.at(p) + PANEL == panels.at(p + 1) {
             let sums = pairs(panels, p, x, tokens);
             for (t, two) in sums.chunks_exact(2).enumerate() {
                 store(out, count, p, t, [two[0]]);
@@ -266,6 +270,7 @@ mod tests {
             (16, 2, 576),
             (33, 23, 7),
             (64, 19, 200),
+            (64, 12, 100),
         ] {
             let raw: Vec<u8> = (0..rows * columns)
                 .flat_map(|_| bytes(rng.random_range(-2.0f32..2.0)))

@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use common::{fixtures, golden};
-use llorch::models::batch::{BatchedModel, KvDtype, KvLayout, SeqChunk};
+use llorch::models::batch::{BatchedModel, KvDtype, KvLayout, Row, SeqChunk};
 use llorch::models::candle_llama::CandleLlama;
 use llorch::models::cpu::llama_hf::FamilyConfig;
 use llorch::models::{argmax, DeviceSpec};
@@ -240,6 +240,71 @@ fn every_row_of_a_chunk_has_the_logits_of_its_prefix() {
                 .map(|(x, y)| (x - y).abs())
                 .fold(0.0, f32::max);
             assert!(worst < 1e-3, "{name} row {}: |diff| {worst}", n - 1);
+        }
+    }
+}
+
+/// A step asked for greedy tokens gives, for the chunks marked greedy, the argmax of the
+/// logits the same step gives (chosen on the device by the fused CUDA kernels; on the host
+/// elsewhere), and the logits of the others.
+#[test]
+fn greedy_rows_are_the_argmax_of_the_same_steps_logits() {
+    let Some(dir) = fixtures() else {
+        return;
+    };
+    let device = device();
+    let mut model = model(&dir.join("models").join("llama"), &device);
+    model
+        .init_kv(
+            KvLayout {
+                block_size: 16,
+                blocks: 48,
+            },
+            KvDtype::Auto,
+        )
+        .unwrap();
+    let prompts: Vec<Vec<u32>> = (0..5u32)
+        .map(|i| (0..3 + 2 * i).map(|t| 1 + (t * 7 + i * 13) % 200).collect())
+        .collect();
+    let tables: Vec<Vec<u32>> = (0..prompts.len())
+        .map(|i| (0..8).map(|b| (b * prompts.len() + i) as u32).collect())
+        .collect();
+    let mut tokens = prompts.clone();
+    let mut computed = vec![0; prompts.len()];
+    // The prompts, then decodes of changing subsets.
+    let subsets: [&[usize]; 5] = [
+        &[0, 1, 2, 3, 4],
+        &[0, 1, 2, 3, 4],
+        &[2],
+        &[0, 3, 4],
+        &[4, 2],
+    ];
+    for subset in subsets {
+        let chunks: Vec<SeqChunk<'_>> = subset
+            .iter()
+            .map(|&i| SeqChunk {
+                tokens: &tokens[i][computed[i]..],
+                context_len: computed[i],
+                block_table: &tables[i],
+                logits: true,
+                all_logits: false,
+            })
+            .collect();
+        let logits = model.forward_batch(&chunks).unwrap();
+        // The same step again (it rewrites the same keys and values), every other
+        // sequence's token chosen greedily.
+        let greedy: Vec<bool> = (0..chunks.len()).map(|k| k % 2 == 0).collect();
+        let rows = model.forward_greedy(&chunks, &greedy).unwrap();
+        assert_eq!(rows.len(), chunks.len());
+        for ((row, logits), greedy) in rows.iter().zip(&logits).zip(&greedy) {
+            match greedy {
+                true => assert_eq!(row, &Row::Greedy(argmax(logits))),
+                false => assert_eq!(row, &Row::Logits(logits.clone())),
+            }
+        }
+        for (&i, logits) in subset.iter().zip(&logits) {
+            computed[i] = tokens[i].len();
+            tokens[i].push(argmax(logits));
         }
     }
 }

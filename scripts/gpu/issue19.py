@@ -78,11 +78,47 @@ def concurrent(streams, start):
             "steady_decode_tok_s": None if steady is None else round(steady, 1)}
 
 
-def batch():
-    """The daemon with 1, 8, 32, 64 streams, then transformers at batch 1, 8, 32."""
+def transformers_rates(big, sizes):
+    """transformers' greedy `generate` on `big` in bf16 at each batch size: decode tokens/s
+    (a DECODE-token run less a one-token run), median of five after two warm-ups."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(big, torch_dtype=torch.bfloat16).to("cuda:0").eval()
+
+    def hf_timed(batch_size, n):
+        ids = torch.tensor([[10 + (i * 7 + b * 13) % 31000 for i in range(PROMPT)]
+                            for b in range(batch_size)], device="cuda:0")
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        assert out.shape[1] == PROMPT + n
+        return time.perf_counter() - started
+
+    hf = []
+    for batch_size in sizes:
+        # Two full-length warm-ups: the first call of each shape is several times slower.
+        hf_timed(batch_size, DECODE + 1)
+        hf_timed(batch_size, DECODE + 1)
+        rates = []
+        for _ in range(5):
+            t1, tn = hf_timed(batch_size, 1), hf_timed(batch_size, DECODE + 1)
+            rates.append(batch_size * DECODE / (tn - t1))
+        hf.append({"batch": batch_size, "tok_s_median": round(statistics.median(rates), 1),
+                   "tok_s_runs": [round(r, 1) for r in rates]})
+        log("transformers", json.dumps(hf[-1]))
+    result = {"runs": hf, "torch": torch.__version__,
+              "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    del model
+    torch.cuda.empty_cache()
+    return result
+
+
+def batch():
+    """The daemon with 1, 8, 32, 64 streams, then transformers at batch 1, 8, 32."""
     big = big_model()
     result = {"card": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                      capture_output=True, text=True).stdout.strip(),
@@ -124,56 +160,31 @@ def batch():
             result["daemon_before_batching_exit"] = daemon.stop()
             issue6.BIN = current
 
-    model = AutoModelForCausalLM.from_pretrained(big, torch_dtype=torch.bfloat16).to("cuda:0").eval()
-
-    def hf_timed(batch_size, n):
-        ids = torch.tensor([[10 + (i * 7 + b * 13) % 31000 for i in range(PROMPT)]
-                            for b in range(batch_size)], device="cuda:0")
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                 min_new_tokens=n, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        assert out.shape[1] == PROMPT + n
-        return time.perf_counter() - started
-
-    hf = []
-    for batch_size in (1, 8, 32):
-        # Two full-length warm-ups: the first call of each shape is several times slower.
-        hf_timed(batch_size, DECODE + 1)
-        hf_timed(batch_size, DECODE + 1)
-        rates = []
-        for _ in range(5):
-            t1, tn = hf_timed(batch_size, 1), hf_timed(batch_size, DECODE + 1)
-            rates.append(batch_size * DECODE / (tn - t1))
-        hf.append({"batch": batch_size, "tok_s_median": round(statistics.median(rates), 1),
-                   "tok_s_runs": [round(r, 1) for r in rates]})
-        log("batch", "transformers", json.dumps(hf[-1]))
-    result["transformers"] = {"runs": hf, "torch": torch.__version__,
-                              "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    result["transformers"] = transformers_rates(big, (1, 8, 32))
     report["batch"] = result
 
 
 STEPS = {"suite": issue6.suite, "conformance": issue6.conformance, "batch": batch}
 
 
-def main():
+def run_steps(steps, report_name):
+    """Runs the named steps (`all`: every one) in order, each failure recorded and the next
+    step run, and writes the report to $OUT/report_name after each."""
     os.makedirs(OUT, exist_ok=True)
     os.makedirs(issue6.WORK, exist_ok=True)
     issue6.unpack(os.path.join(issue6.GPU, "llorch.xz"), issue6.BIN)
-    steps = list(STEPS) if sys.argv[1:] == ["all"] else sys.argv[1:]
-    for step in steps:
+    names = list(steps) if sys.argv[1:] == ["all"] else sys.argv[1:]
+    for step in names:
         started = time.time()
         try:
-            STEPS[step]()
+            steps[step]()
         except Exception as err:  # keep going: every step's result is worth bringing back
             report.setdefault("errors", {})[step] = repr(err)[:2000]
             log(step, "failed", repr(err))
         report.setdefault("step_seconds", {})[step] = round(time.time() - started, 1)
-        with open(os.path.join(OUT, "issue19.json"), "w") as out:
+        with open(os.path.join(OUT, report_name), "w") as out:
             json.dump(report, out, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_steps(STEPS, "issue19.json")

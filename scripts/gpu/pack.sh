@@ -10,7 +10,7 @@ FIXTURES="${LLORCH_FIXTURES:-../shared/fixtures}"
 source ../shared/cuda/cuda_env.sh
 export CARGO_TARGET_DIR=target-cuda
 cargo build --release --features cuda
-tests=$(cargo test --release --features cuda --test daemon --test admin --test candle_llama --no-run \
+tests=$(cargo test --release --features cuda --test daemon --test admin --test candle_llama --test cuda_kernels --no-run \
     --message-format=json | python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -7,6 +7,7 @@
 //! who runs and owns the block tables; the model owns the cache's storage.
 
 use super::error::GenerationError;
+use super::sampling::argmax;
 
 /// The geometry of a paged KV cache: `blocks` blocks of `block_size` token slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,11 +219,75 @@ pub trait BatchedModel {
     /// [`SeqChunk::logit_rows`]: every token's for a chunk with `all_logits`, the last
     /// token's for one with `logits`.
     fn forward_batch(&mut self, seqs: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, GenerationError>;
+
+    /// Runs one step as [`BatchedModel::forward_batch`] does, except that the row of each
+    /// chunk marked in `greedy` (one that asks for its last token's logits only) comes back
+    /// as its greedy token. This default chooses on the host; a model whose logits lie on a
+    /// GPU chooses there and copies back only the ids.
+    fn forward_greedy(
+        &mut self,
+        seqs: &[SeqChunk<'_>],
+        greedy: &[bool],
+    ) -> Result<Vec<Row>, GenerationError> {
+        let rows = self.forward_batch(seqs)?;
+        Ok(greedy_rows(seqs, greedy)
+            .into_iter()
+            .zip(rows)
+            .map(|(greedy, row)| match greedy {
+                true => Row::Greedy(argmax(&row)),
+                false => Row::Logits(row),
+            })
+            .collect())
+    }
+}
+
+/// One row of a step's output: a token's logits, or the greedy token chosen from them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Row {
+    /// The logits.
+    Logits(Vec<f32>),
+    /// The index of the largest logit, as [`argmax`] gives it.
+    Greedy(u32),
+}
+
+impl Row {
+    /// The logits, unless the row was chosen greedily.
+    pub fn logits(&self) -> Option<&Vec<f32>> {
+        match self {
+            Row::Logits(logits) => Some(logits),
+            Row::Greedy(_) => None,
+        }
+    }
+}
+
+/// For each row a step returns (each chunk's [`SeqChunk::logit_rows`], in order), whether it
+/// comes back as its greedy token: the row of a chunk marked in `greedy` that asks for its
+/// last token's logits only.
+pub fn greedy_rows(seqs: &[SeqChunk<'_>], greedy: &[bool]) -> Vec<bool> {
+    seqs.iter()
+        .zip(greedy)
+        .flat_map(|(seq, &greedy)| std::iter::repeat_n(greedy && !seq.all_logits, seq.logit_rows()))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a chunk marked greedy that asks for its last row alone gets that row chosen.
+    #[test]
+    fn greedy_rows_follow_each_chunks_rows() {
+        let table = [0u32, 1];
+        let mut echo = chunk(&[1, 2, 3], 0, &table);
+        echo.all_logits = true;
+        let mut silent = chunk(&[4, 5], 0, &table);
+        silent.logits = false;
+        let chunks = [chunk(&[6], 3, &table), echo, silent, chunk(&[7], 2, &table)];
+        assert_eq!(
+            greedy_rows(&chunks, &[true, true, true, false]),
+            [true, false, false, false, false]
+        );
+    }
 
     fn chunk<'a>(tokens: &'a [u32], context_len: usize, table: &'a [u32]) -> SeqChunk<'a> {
         SeqChunk {

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::batch::Row;
 use super::detok::Detokenizer;
 use super::error::GenerationError;
 use super::grammar::{Constraint, Guide};
@@ -328,6 +329,37 @@ impl Sequence {
         self.accept(logits, &model.tokenizer)
     }
 
+    /// Whether this sequence's next token is the argmax of the raw logits: greedy, with no
+    /// bias, penalty, constraint or log probabilities reading them. Such a token can be
+    /// chosen where the logits lie ([`crate::models::batch::Row::Greedy`]).
+    pub fn samples_raw_argmax(&self) -> bool {
+        let s = &self.params.sampling;
+        s.temperature == 0.0
+            && s.logit_bias.is_empty()
+            && s.repetition_penalty == 1.0
+            && s.presence_penalty == 0.0
+            && s.frequency_penalty == 0.0
+            && self.params.logprobs.is_none()
+            && self.guide.is_none()
+    }
+
+    /// Takes a step's row for this sequence: samples from its logits ([`Sequence::accept`]),
+    /// or appends the token chosen from them when it came back chosen (only for a sequence
+    /// that [`Sequence::samples_raw_argmax`]: the sampler would choose the same).
+    pub fn accept_row(
+        &mut self,
+        row: Row,
+        tokenizer: &TextTokenizer,
+    ) -> Result<StepOutput, GenerationError> {
+        match row {
+            Row::Logits(logits) => self.accept(logits, tokenizer),
+            Row::Greedy(token) => {
+                debug_assert!(self.samples_raw_argmax());
+                self.append(token, false, None, tokenizer)
+            }
+        }
+    }
+
     /// Samples the next token from `logits` (those of this sequence's last known token, from
     /// a forward pass run by the caller), appends it, and checks stops, EOS and limits.
     pub fn accept(
@@ -358,6 +390,18 @@ impl Sequence {
             }
             None => None,
         };
+        self.append(token, complete, logprobs, tokenizer)
+    }
+
+    /// Appends the chosen `token` (`complete`: its constraint's grammar ends there), and
+    /// checks stops, EOS and limits.
+    fn append(
+        &mut self,
+        token: u32,
+        complete: bool,
+        logprobs: Option<Box<Logprobs>>,
+        tokenizer: &TextTokenizer,
+    ) -> Result<StepOutput, GenerationError> {
         self.all_ids.push(token);
         // An EOS that ends the sequence is counted but not written: its text is no part of
         // the answer (as vLLM and OpenAI give it).

@@ -17,7 +17,7 @@ use super::{
     panic_message, Command, EngineConfig, EngineError, EngineExit, Job, Shared, TokenEvent,
     PAUSE_POLL,
 };
-use crate::models::batch::{KvLayout, SeqChunk};
+use crate::models::batch::{KvLayout, Row, SeqChunk};
 use crate::models::device_label;
 use crate::models::{
     available_memory, prepare_prompt, FinishReason, GenerationError, LoadError, LoadedModel,
@@ -296,11 +296,7 @@ impl<'a> Engine<'a> {
 
     /// Runs a planned step and returns the logits of the chunks that ask for them: every
     /// token's of the chunks marked in `all_rows`, the last token's of the others.
-    fn execute(
-        &mut self,
-        plan: &Plan,
-        all_rows: &[bool],
-    ) -> Result<Vec<Vec<f32>>, GenerationError> {
+    fn execute(&mut self, plan: &Plan, all_rows: &[bool]) -> Result<Vec<Row>, GenerationError> {
         #[cfg(feature = "fault-injection")]
         for chunk in plan.chunks.iter().filter(|c| c.logits) {
             if let Some(entry) = self.entries.get(&chunk.seq) {
@@ -319,11 +315,22 @@ impl<'a> Engine<'a> {
                 return tokens
                     .chunks(1)
                     .enumerate()
-                    .map(|(i, token)| self.model.forward(token, chunk.start + i))
+                    .map(|(i, token)| self.model.forward(token, chunk.start + i).map(Row::Logits))
                     .collect();
             }
-            return Ok(vec![self.model.forward(tokens, chunk.start)?]);
+            return Ok(vec![Row::Logits(self.model.forward(tokens, chunk.start)?)]);
         }
+        // Sequences that sample greedily from the raw logits get their token chosen where
+        // the logits lie.
+        let greedy: Vec<bool> = plan
+            .chunks
+            .iter()
+            .map(|c| {
+                self.entries
+                    .get(&c.seq)
+                    .is_some_and(|e| e.sequence.samples_raw_argmax())
+            })
+            .collect();
         let chunks: Vec<SeqChunk<'_>> = plan
             .chunks
             .iter()
@@ -337,7 +344,7 @@ impl<'a> Engine<'a> {
             })
             .collect();
         match self.model.model.batched() {
-            Some(model) => model.forward_batch(&chunks),
+            Some(model) => model.forward_greedy(&chunks, &greedy),
             None => Err(GenerationError::Forward(
                 "the model lost its batched path".into(),
             )),
@@ -348,22 +355,24 @@ impl<'a> Engine<'a> {
     /// sequences sample side by side on rayon's pool (each masks its logits with its grammar,
     /// draws, detokenizes; none touches another's state), then their events go out in plan
     /// order.
-    fn accept(&mut self, plan: &Plan, all_rows: &[bool], rows: Vec<Vec<f32>>) {
+    fn accept(&mut self, plan: &Plan, all_rows: &[bool], rows: Vec<Row>) {
         let mut rows = rows.into_iter();
-        let mut logits: BTreeMap<SeqId, Vec<f32>> = BTreeMap::new();
+        let mut logits: BTreeMap<SeqId, Row> = BTreeMap::new();
         let mut failed = Vec::new();
         for (chunk, &all) in plan.chunks.iter().zip(all_rows) {
             let count = match all {
                 true => chunk.len,
                 false => usize::from(chunk.logits),
             };
-            let taken: Vec<Vec<f32>> = rows.by_ref().take(count).collect();
+            let taken: Vec<Row> = rows.by_ref().take(count).collect();
             let Some(entry) = self.entries.get_mut(&chunk.seq) else {
                 continue;
             };
             if all {
                 let tokenizer = &self.model.tokenizer;
-                if let Err(err) = entry.sequence.record_prompt(chunk.start, &taken, tokenizer) {
+                // A chunk with every row's logits never has its rows chosen greedily.
+                let rows: Vec<Vec<f32>> = taken.iter().filter_map(Row::logits).cloned().collect();
+                if let Err(err) = entry.sequence.record_prompt(chunk.start, &rows, tokenizer) {
                     failed.push((chunk.seq, err.into()));
                     continue;
                 }
@@ -379,15 +388,15 @@ impl<'a> Engine<'a> {
         }
         self.echo(plan, &mut logits);
         let tokenizer = &self.model.tokenizer;
-        let work: Vec<(SeqId, &mut Sequence, Vec<f32>)> = self
+        let work: Vec<(SeqId, &mut Sequence, Row)> = self
             .entries
             .iter_mut()
             .filter_map(|(id, entry)| Some((*id, &mut entry.sequence, logits.remove(id)?)))
             .collect();
         let mut sampled: BTreeMap<SeqId, _> = work
             .into_par_iter()
-            .map(|(id, sequence, logits)| {
-                let result = catch_unwind(AssertUnwindSafe(|| sequence.accept(logits, tokenizer)));
+            .map(|(id, sequence, row)| {
+                let result = catch_unwind(AssertUnwindSafe(|| sequence.accept_row(row, tokenizer)));
                 (id, result)
             })
             .collect();
@@ -431,7 +440,7 @@ impl<'a> Engine<'a> {
 
     /// Sends the echo of each sequence whose prompt is now computed, and ends those that
     /// asked for nothing more (`max_tokens: 0`), taking their logits out of the sampling.
-    fn echo(&mut self, plan: &Plan, logits: &mut BTreeMap<SeqId, Vec<f32>>) {
+    fn echo(&mut self, plan: &Plan, logits: &mut BTreeMap<SeqId, Row>) {
         for chunk in plan.chunks.iter().filter(|c| c.logits) {
             let Some(entry) = self.entries.get_mut(&chunk.seq) else {
                 continue;

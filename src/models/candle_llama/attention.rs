@@ -10,6 +10,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::ops::Ops;
 use crate::models::batch::{KvLayout, SeqChunk};
 
 /// The keys and values of every layer.
@@ -56,25 +57,9 @@ impl KvPool {
         Ok(())
     }
 
-    /// Stores layer `layer`'s new keys (`[1, tokens, kv heads, head dim]`, rotated) and values
-    /// (`[tokens, kv heads × head dim]`) in the step's slots.
-    pub fn write(
-        &mut self,
-        layer: usize,
-        index: &StepIndex,
-        keys: &Tensor,
-        values: &Tensor,
-    ) -> candle_core::Result<()> {
-        let (kv_heads, _, head_dim) = self.keys[layer].dims3()?;
-        let n = index.tokens();
-        let by_head = |t: &Tensor| {
-            t.reshape((n, kv_heads, head_dim))?
-                .transpose(0, 1)?
-                .contiguous()
-        };
-        self.keys[layer].scatter_set(&index.slots, &by_head(keys)?, 1)?;
-        self.values[layer].scatter_set(&index.slots, &by_head(values)?, 1)?;
-        Ok(())
+    /// Layer `layer`'s key and value caches, `[kv heads, slots, head dim]` each.
+    pub fn caches(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
     }
 }
 
@@ -83,13 +68,55 @@ struct Group {
     /// Their rows of the step's tokens, padded: `sequences × queries` indices (`None`: the
     /// step's rows in order).
     rows: Option<Tensor>,
-    /// Their slots, padded: `sequences × keys` indices.
-    gather: Tensor,
-    /// 0 where a query sees a key, -inf elsewhere: `[1, sequences, 1, queries, keys]`.
-    mask: Tensor,
+    /// Where their keys are found.
+    keys_at: Keys,
     sequences: usize,
     queries: usize,
     keys: usize,
+}
+
+/// A group's offsets into the step's upload.
+struct Plan {
+    rows_at: Option<usize>,
+    keys_at: PlannedKeys,
+    sequences: usize,
+    queries: usize,
+    keys: usize,
+}
+
+/// Where a group's key indices lie in the upload (and its mask in the masks').
+enum PlannedKeys {
+    Gathered {
+        gather_at: usize,
+        mask_at: usize,
+    },
+    Paged {
+        tables_at: usize,
+        width: usize,
+        lens_at: usize,
+    },
+}
+
+/// How a group finds its keys and values.
+enum Keys {
+    /// Gathered into a padded batch (candle's ops).
+    Gathered {
+        /// Their slots, padded: `sequences × keys` indices.
+        gather: Tensor,
+        /// 0 where a query sees a key, -inf elsewhere: `[1, sequences, 1, queries, keys]`.
+        mask: Tensor,
+    },
+    /// Read in place by the paged kernel (decodes on CUDA).
+    Paged {
+        /// Each sequence's block table, padded: `[sequences, blocks]`.
+        tables: Tensor,
+        /// Each sequence's positions once the step has run.
+        lens: Tensor,
+        /// Token slots per block.
+        block_size: usize,
+        /// The sliding window, if any.
+        window: Option<usize>,
+    },
 }
 
 /// Everything a step's layers index with, uploaded once per step.
@@ -98,27 +125,26 @@ pub struct StepIndex {
     pub ids: Tensor,
     /// Absolute positions, one per row.
     pub positions: Tensor,
-    /// The slot each row's keys and values go to, for every value of a cache row:
-    /// `[kv heads, tokens, head dim]`.
-    slots: Tensor,
+    /// The slot each row's keys and values go to.
+    pub slots: Tensor,
     groups: Vec<Group>,
     /// Where each row's output lies in the groups' outputs, concatenated (`None`: in order).
     order: Option<Tensor>,
     /// The rows whose logits come back (`None`: none).
     pub logit_rows: Option<Tensor>,
-    tokens: usize,
 }
 
 impl StepIndex {
     /// The step's indices for `seqs` in a pool of `layout`, with an optional sliding window,
-    /// for caches of `kv heads × head dim` values per slot and masks of `dtype`. Every index
+    /// with masks of `dtype`; `paged`: the
+    /// decodes' keys are read through their block tables by the paged kernel. Every index
     /// goes up in one copy (and the masks in another).
     pub fn new(
         seqs: &[SeqChunk<'_>],
         layout: KvLayout,
         window: Option<usize>,
-        (kv_heads, head_dim): (usize, usize),
         dtype: DType,
+        paged: bool,
         device: &Device,
     ) -> candle_core::Result<StepIndex> {
         let size = layout.block_size;
@@ -163,8 +189,7 @@ impl StepIndex {
                 .filter(|&s| seqs[s].tokens.len() > 1)
                 .map(|s| vec![s]),
         );
-        // Per group: (rows offset or None, gather offset, mask offset, b, tq, l).
-        let mut shapes = Vec::with_capacity(members.len());
+        let mut plans = Vec::with_capacity(members.len());
         let mut masks: Vec<f32> = Vec::new();
         let mut placed = Vec::with_capacity(tokens);
         for (g, group) in members.iter().enumerate() {
@@ -174,9 +199,12 @@ impl StepIndex {
                 .max()
                 .unwrap_or(1);
             let keys = group.iter().map(|&s| seqs[s].end()).max().unwrap_or(1);
+            let in_kernel = paged && queries == 1;
             let rows_at = all.len();
             let mask_at = masks.len();
-            masks.resize(mask_at + group.len() * queries * keys, f32::NEG_INFINITY);
+            if !in_kernel {
+                masks.resize(mask_at + group.len() * queries * keys, f32::NEG_INFINITY);
+            }
             for (b, &s) in group.iter().enumerate() {
                 let seq = &seqs[s];
                 for t in 0..queries {
@@ -186,10 +214,12 @@ impl StepIndex {
                     if real {
                         placed.push((first_row[s] + t, (g, b * queries + t)));
                     }
-                    let position = seq.context_len + if real { t } else { 0 };
-                    let from = window.map_or(0, |w| (position + 1).saturating_sub(w));
-                    let row = &mut masks[mask_at + (b * queries + t) * keys..][..keys];
-                    row[from..=position].fill(0.0);
+                    if !in_kernel {
+                        let position = seq.context_len + if real { t } else { 0 };
+                        let from = window.map_or(0, |w| (position + 1).saturating_sub(w));
+                        let row = &mut masks[mask_at + (b * queries + t) * keys..][..keys];
+                        row[from..=position].fill(0.0);
+                    }
                 }
             }
             let rows: Vec<u32> = all[rows_at..].to_vec();
@@ -198,19 +228,45 @@ impl StepIndex {
             if identity {
                 all.truncate(rows_at);
             }
-            let gather_at = all.len();
-            for &s in group {
-                let seq = &seqs[s];
-                all.extend((0..keys).map(|p| if p < seq.end() { slot(seq, p) } else { 0 }));
-            }
-            let rows_at = (!identity).then_some(rows_at);
-            shapes.push((rows_at, gather_at, mask_at, group.len(), queries, keys));
+            let keys_at = match in_kernel {
+                true => {
+                    let width = keys.div_ceil(size);
+                    let tables_at = all.len();
+                    for &s in group {
+                        let table = &seqs[s].block_table[..seqs[s].end().div_ceil(size)];
+                        all.extend(table);
+                        all.extend(std::iter::repeat_n(0, width - table.len()));
+                    }
+                    let lens_at = all.len();
+                    all.extend(group.iter().map(|&s| seqs[s].end() as u32));
+                    PlannedKeys::Paged {
+                        tables_at,
+                        width,
+                        lens_at,
+                    }
+                }
+                false => {
+                    let gather_at = all.len();
+                    for &s in group {
+                        let seq = &seqs[s];
+                        all.extend((0..keys).map(|p| if p < seq.end() { slot(seq, p) } else { 0 }));
+                    }
+                    PlannedKeys::Gathered { gather_at, mask_at }
+                }
+            };
+            plans.push(Plan {
+                rows_at: (!identity).then_some(rows_at),
+                keys_at,
+                sequences: group.len(),
+                queries,
+                keys,
+            });
         }
-        let mut offsets = Vec::with_capacity(shapes.len());
+        let mut offsets = Vec::with_capacity(plans.len());
         let mut total = 0;
-        for &(_, _, _, b, tq, _) in &shapes {
+        for plan in &plans {
             offsets.push(total);
-            total += b * tq;
+            total += plan.sequences * plan.queries;
         }
         placed.sort_by_key(|(row, _)| *row);
         let order: Vec<u32> = placed
@@ -225,17 +281,37 @@ impl StepIndex {
         let count = all.len();
         let uploaded = Tensor::from_vec(all, count, device)?;
         let view = |at: usize, len: usize| uploaded.narrow(0, at, len);
-        let mask_count = masks.len();
-        let masks = Tensor::from_vec(masks, mask_count, device)?.to_dtype(dtype)?;
-        let groups = shapes
+        let masks = match masks.len() {
+            0 => None,
+            count => Some(Tensor::from_vec(masks, count, device)?.to_dtype(dtype)?),
+        };
+        let groups = plans
             .iter()
-            .map(|&(rows_at, gather_at, mask_at, b, tq, l)| {
+            .map(|plan| {
+                let (b, tq, l) = (plan.sequences, plan.queries, plan.keys);
+                let keys_at = match plan.keys_at {
+                    PlannedKeys::Paged {
+                        tables_at,
+                        width,
+                        lens_at,
+                    } => Keys::Paged {
+                        tables: view(tables_at, b * width)?.reshape((b, width))?,
+                        lens: view(lens_at, b)?,
+                        block_size: size,
+                        window,
+                    },
+                    PlannedKeys::Gathered { gather_at, mask_at } => Keys::Gathered {
+                        gather: view(gather_at, b * l)?,
+                        mask: masks
+                            .as_ref()
+                            .expect("a gathered group has a mask")
+                            .narrow(0, mask_at, b * tq * l)?
+                            .reshape((1, b, 1, tq, l))?,
+                    },
+                };
                 Ok(Group {
-                    rows: rows_at.map(|at| view(at, b * tq)).transpose()?,
-                    gather: view(gather_at, b * l)?,
-                    mask: masks
-                        .narrow(0, mask_at, b * tq * l)?
-                        .reshape((1, b, 1, tq, l))?,
+                    rows: plan.rows_at.map(|at| view(at, b * tq)).transpose()?,
+                    keys_at,
                     sequences: b,
                     queries: tq,
                     keys: l,
@@ -246,10 +322,7 @@ impl StepIndex {
         Ok(StepIndex {
             ids: view(0, tokens)?,
             positions: view(tokens, tokens)?,
-            slots: view(2 * tokens, tokens)?
-                .reshape((1, tokens, 1))?
-                .broadcast_as((kv_heads, tokens, head_dim))?
-                .contiguous()?,
+            slots: view(2 * tokens, tokens)?,
             groups,
             order: match in_order {
                 true => None,
@@ -259,33 +332,47 @@ impl StepIndex {
                 0 => None,
                 count => Some(view(3 * tokens, count)?),
             },
-            tokens,
         })
-    }
-
-    /// Rows (tokens) in the step.
-    pub fn tokens(&self) -> usize {
-        self.tokens
     }
 }
 
-/// Attention of the step's queries (`[1, tokens, heads, head dim]`, rotated) over layer
+/// Attention of the step's queries (`flat`: `[tokens, heads × head dim]`, rotated) over layer
 /// `layer`'s cache; returns `[tokens, heads × head dim]`.
 pub fn attend(
     pool: &KvPool,
     layer: usize,
     index: &StepIndex,
-    queries: &Tensor,
+    flat: &Tensor,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
     scale: f64,
+    ops: &Ops,
 ) -> candle_core::Result<Tensor> {
-    let (_, n, heads, head_dim) = queries.dims4()?;
     let (keys, values) = (&pool.keys[layer], &pool.values[layer]);
-    let kv_heads = keys.dim(0)?;
     let group_size = heads / kv_heads;
-    let flat = queries.reshape((n, heads * head_dim))?;
     let mut outputs = Vec::with_capacity(index.groups.len());
     for g in &index.groups {
         let (b, tq, l) = (g.sequences, g.queries, g.keys);
+        let (gather, mask) = match &g.keys_at {
+            Keys::Paged {
+                tables,
+                lens,
+                block_size,
+                window,
+            } => {
+                outputs.push(ops.paged_attention(
+                    flat,
+                    g.rows.as_ref(),
+                    (heads, kv_heads, head_dim),
+                    (keys, values),
+                    (tables, lens),
+                    *block_size,
+                    *window,
+                    scale as f32,
+                )?);
+                continue;
+            }
+            Keys::Gathered { gather, mask } => (gather, mask),
+        };
         // Queries: [kv heads, b, group × tq, head dim].
         let rows = match &g.rows {
             Some(rows) => flat.index_select(rows, 0)?,
@@ -299,16 +386,16 @@ pub fn attend(
         // Keys and values: [kv heads × b, l, head dim].
         let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
             cache
-                .index_select(&g.gather, 1)?
+                .index_select(gather, 1)?
                 .reshape((kv_heads * b, l, head_dim))
         };
         let (k, v) = (gather(keys)?, gather(values)?);
         // Scores in the mask's dtype: the model's, but f32 for f16 (whose range the scores
         // may exceed); the softmax accumulates in f32 either way.
         let scores = (q.matmul(&k.t()?)? * scale)?
-            .to_dtype(g.mask.dtype())?
+            .to_dtype(mask.dtype())?
             .reshape((kv_heads, b, group_size, tq, l))?
-            .broadcast_add(&g.mask)?;
+            .broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?
             .to_dtype(v.dtype())?
             .reshape((kv_heads * b, group_size * tq, l))?;

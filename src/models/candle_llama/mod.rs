@@ -9,21 +9,25 @@
 //! matrix products pick their tiling by shape), as BATCHING.md says of every GPU stack.
 
 mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod ops;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::batch::{check_step, BatchedModel, KvDtype, KvLayout, SeqChunk, Solo};
+use super::batch::{check_step, greedy_rows, BatchedModel, KvDtype, KvLayout, Row, SeqChunk, Solo};
 use super::cpu::llama_hf::FamilyConfig;
 use super::error::GenerationError;
+use super::sampling::argmax;
 use attention::{KvPool, StepIndex};
+use ops::{scaled, Ops};
 
 /// One transformer block's weights.
 struct Layer {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// The q, k and v projections in one matrix (`(heads + 2 kv heads) × head dim` rows).
+    qkv: Linear,
     o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
@@ -59,6 +63,7 @@ pub struct CandleLlama {
     sin: Tensor,
     device: Device,
     dtype: DType,
+    ops: Ops,
     vocab: usize,
     pool: Option<KvPool>,
     /// The single-sequence path's pool and its sequence.
@@ -103,17 +108,19 @@ impl CandleLlama {
                 let mlp = vb.pp("mlp");
                 Ok(Layer {
                     attn_norm: vb.get(hidden, "input_layernorm.weight")?,
-                    q: linear(attn.pp("q_proj"), heads * head_dim, hidden)?,
-                    k: linear(attn.pp("k_proj"), kv_heads * head_dim, hidden)?,
-                    v: linear(attn.pp("v_proj"), kv_heads * head_dim, hidden)?,
+                    qkv: fused(&[
+                        linear(attn.pp("q_proj"), heads * head_dim, hidden)?,
+                        linear(attn.pp("k_proj"), kv_heads * head_dim, hidden)?,
+                        linear(attn.pp("v_proj"), kv_heads * head_dim, hidden)?,
+                    ])?,
                     o: linear(attn.pp("o_proj"), hidden, heads * head_dim)?,
                     q_norm: optional(&attn, "q_norm.weight")?,
                     k_norm: optional(&attn, "k_norm.weight")?,
                     ffn_norm: vb.get(hidden, "post_attention_layernorm.weight")?,
-                    gate_up: fused(
+                    gate_up: fused(&[
                         linear(mlp.pp("gate_proj"), ffn, hidden)?,
                         linear(mlp.pp("up_proj"), ffn, hidden)?,
-                    )?,
+                    ])?,
                     ffn,
                     down: linear(mlp.pp("down_proj"), hidden, ffn)?,
                 })
@@ -158,6 +165,7 @@ impl CandleLlama {
             },
             cos: table(cos)?,
             sin: table(sin)?,
+            ops: Ops::for_device(&device, dtype, head_dim)?,
             device,
             dtype,
             vocab,
@@ -184,17 +192,15 @@ impl CandleLlama {
             }
             self.solo_pool = Some(grown);
         }
-        let mut pool = self.solo_pool.take();
-        let result = match &mut pool {
-            Some(pool) => self.step(&[self.solo.chunk(ids)], pool),
-            None => Err(GenerationError::Forward("no cache".to_string())),
+        let rows = match &self.solo_pool {
+            Some(pool) => self.step(&[self.solo.chunk(ids)], pool, &[false])?,
+            None => return Err(GenerationError::Forward("no cache".to_string())),
         };
-        self.solo_pool = pool;
-        let mut logits = result?;
         self.solo.advance(ids.len());
-        logits
-            .pop()
-            .ok_or_else(|| GenerationError::Forward("no logits".to_string()))
+        match rows.into_iter().last() {
+            Some(Row::Logits(logits)) => Ok(logits),
+            _ => Err(GenerationError::Forward("no logits".to_string())),
+        }
     }
 
     /// Whether the cache can store `dtype`: only the compute dtype (or `Auto`).
@@ -227,87 +233,147 @@ impl CandleLlama {
         )
     }
 
+    /// Runs a step eagerly; `chosen`: which of its rows come back as their greedy token.
     fn step(
         &self,
         seqs: &[SeqChunk<'_>],
-        pool: &mut KvPool,
-    ) -> Result<Vec<Vec<f32>>, GenerationError> {
+        pool: &KvPool,
+        chosen: &[bool],
+    ) -> Result<Vec<Row>, GenerationError> {
         check_step(seqs, pool.layout(), self.vocab)?;
-        Ok(self.forward_rows(seqs, pool)?)
-    }
-
-    fn forward_rows(
-        &self,
-        seqs: &[SeqChunk<'_>],
-        pool: &mut KvPool,
-    ) -> candle_core::Result<Vec<Vec<f32>>> {
-        let h = &self.hyper;
-        let shape = (h.kv_heads, h.head_dim);
         let scores = match self.dtype {
             DType::F16 => DType::F32,
             other => other,
         };
-        let index = StepIndex::new(seqs, pool.layout(), h.window, shape, scores, &self.device)?;
-        let n = index.tokens();
+        let index = StepIndex::new(
+            seqs,
+            pool.layout(),
+            self.hyper.window,
+            scores,
+            self.ops.paged(),
+            &self.device,
+        )?;
+        Ok(match self.logits(&index, pool)? {
+            Some(logits) => self.rows(&logits.to_dtype(DType::F32)?, chosen)?,
+            None => Vec::new(),
+        })
+    }
+
+    /// A step's f32 `logits` as rows for the host: the greedy token of the rows marked in
+    /// `chosen`, chosen on the device by the fused kernels when they run (then a step of
+    /// greedy rows only copies back nothing but their ids), the logits of the others.
+    fn rows(&self, logits: &Tensor, chosen: &[bool]) -> candle_core::Result<Vec<Row>> {
+        let on_device = match chosen.contains(&true) {
+            true => self.ops.greedy(logits)?,
+            false => None,
+        };
+        if let Some(ids) = on_device {
+            let mut all = match chosen.contains(&false) {
+                true => Some(logits.to_vec2::<f32>()?.into_iter()),
+                false => None,
+            };
+            return Ok(ids
+                .into_iter()
+                .zip(chosen)
+                .map(
+                    |(id, &greedy)| match (greedy, all.as_mut().and_then(Iterator::next)) {
+                        (false, Some(row)) => Row::Logits(row),
+                        _ => Row::Greedy(id),
+                    },
+                )
+                .collect());
+        }
+        Ok(logits
+            .to_vec2::<f32>()?
+            .into_iter()
+            .zip(chosen)
+            .map(|(row, &greedy)| match greedy {
+                true => Row::Greedy(argmax(&row)),
+                false => Row::Logits(row),
+            })
+            .collect())
+    }
+
+    /// Runs the step that `index` describes: writes its keys and values into `pool` and
+    /// returns the logits of its logit rows (`None` when it has none), in the compute dtype.
+    fn logits(&self, index: &StepIndex, pool: &KvPool) -> candle_core::Result<Option<Tensor>> {
+        let h = &self.hyper;
         let mut x = self.embed.index_select(&index.ids, 0)?;
         if h.embedding_multiplier != 1.0 {
             x = (x * h.embedding_multiplier)?;
         }
-        let cos = self.cos.index_select(&index.positions, 0)?;
-        let sin = self.sin.index_select(&index.positions, 0)?;
+        let shape = (h.heads, h.kv_heads, h.head_dim);
+        let mut delta: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            let normed = candle_nn::ops::rms_norm(&x, &layer.attn_norm, h.eps)?;
-            let heads = |t: Tensor, count: usize, norm: &Option<Tensor>| {
-                let t = t.reshape((1, n, count, h.head_dim))?;
-                let t = match norm {
-                    Some(weight) => candle_nn::ops::rms_norm(&t, weight, h.eps)?,
-                    None => t,
-                };
-                candle_nn::rotary_emb::rope_thd(&t.contiguous()?, &cos, &sin)
+            let add_norm = |x: &Tensor, delta: Option<&Tensor>, weight: &Tensor| {
+                self.ops
+                    .add_rms_norm(x, delta, weight, h.eps, h.residual_multiplier)
             };
-            let q = heads(layer.q.forward(&normed)?, h.heads, &layer.q_norm)?;
-            let k = heads(layer.k.forward(&normed)?, h.kv_heads, &layer.k_norm)?;
-            let v = layer.v.forward(&normed)?;
-            pool.write(i, &index, &k, &v)?;
-            let attended = attention::attend(pool, i, &index, &q, h.attention_scale)?;
+            let (residual, normed) = add_norm(&x, delta.as_ref(), &layer.attn_norm)?;
+            let q = self.ops.rope_kv_write(
+                &layer.qkv.forward(&normed)?,
+                shape,
+                (&index.positions, &index.slots),
+                (&self.cos, &self.sin),
+                (layer.q_norm.as_ref(), layer.k_norm.as_ref()),
+                pool.caches(i),
+                h.eps,
+            )?;
+            let attended =
+                attention::attend(pool, i, index, &q, shape, h.attention_scale, &self.ops)?;
             let out = layer.o.forward(&attended)?;
-            x = (x + scaled(out, h.residual_multiplier)?)?;
-            let normed = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, h.eps)?;
+            let (residual, normed) = add_norm(&residual, Some(&out), &layer.ffn_norm)?;
             let gate_up = layer.gate_up.forward(&normed)?;
-            let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, layer.ffn)?)?;
-            let up = gate_up.narrow(1, layer.ffn, layer.ffn)?;
-            let mlp = layer.down.forward(&(gate * up)?)?;
-            x = (x + scaled(mlp, h.residual_multiplier)?)?;
+            delta = Some(
+                layer
+                    .down
+                    .forward(&self.ops.silu_mul(&gate_up, layer.ffn)?)?,
+            );
+            x = residual;
         }
         let Some(last) = &index.logit_rows else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
-        let last = x.index_select(last, 0)?;
-        let normed = candle_nn::ops::rms_norm(&last, &self.norm, h.eps)?;
-        let logits = scaled(normed.matmul(&self.lm_head.t()?)?, h.logits_multiplier)?;
-        logits.to_dtype(DType::F32)?.to_vec2::<f32>()
+        let (x, delta) = match delta {
+            Some(delta) => (x.index_select(last, 0)?, Some(delta.index_select(last, 0)?)),
+            None => (x.index_select(last, 0)?, None),
+        };
+        let (_, normed) =
+            self.ops
+                .add_rms_norm(&x, delta.as_ref(), &self.norm, h.eps, h.residual_multiplier)?;
+        scaled(normed.matmul(&self.lm_head.t()?)?, h.logits_multiplier).map(Some)
     }
 }
 
-/// Two projections of the same input as one matrix: one product instead of two.
-fn fused(a: Linear, b: Linear) -> candle_core::Result<Linear> {
-    let weight = Tensor::cat(&[a.weight(), b.weight()], 0)?;
-    let bias = match (a.bias(), b.bias()) {
-        (None, None) => None,
-        (a_bias, b_bias) => {
-            let zeros = |w: &Tensor| Tensor::zeros(w.dim(0)?, w.dtype(), w.device());
-            let a_bias = a_bias.cloned().map_or_else(|| zeros(a.weight()), Ok)?;
-            let b_bias = b_bias.cloned().map_or_else(|| zeros(b.weight()), Ok)?;
-            Some(Tensor::cat(&[&a_bias, &b_bias], 0)?)
+/// Projections of the same input as one matrix (their rows stacked): one product instead of
+/// several. A projection without a bias gets zeros where another has one.
+fn fused(parts: &[Linear]) -> candle_core::Result<Linear> {
+    let weights: Vec<&Tensor> = parts.iter().map(Linear::weight).collect();
+    let weight = Tensor::cat(&weights, 0)?;
+    let bias = match parts.iter().any(|p| p.bias().is_some()) {
+        false => None,
+        true => {
+            let biases = parts
+                .iter()
+                .map(|p| match p.bias() {
+                    Some(bias) => Ok(bias.clone()),
+                    None => {
+                        Tensor::zeros(p.weight().dim(0)?, p.weight().dtype(), p.weight().device())
+                    }
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
         }
     };
     Ok(Linear::new(weight, bias))
 }
 
-fn scaled(t: Tensor, multiplier: f64) -> candle_core::Result<Tensor> {
-    match multiplier == 1.0 {
-        true => Ok(t),
-        false => t * multiplier,
+impl CandleLlama {
+    /// The batched path's pool.
+    fn pool(&self) -> Result<&KvPool, GenerationError> {
+        self.pool
+            .as_ref()
+            .ok_or_else(|| GenerationError::Forward("the KV cache was not initialised".to_string()))
     }
 }
 
@@ -332,11 +398,21 @@ impl BatchedModel for CandleLlama {
     }
 
     fn forward_batch(&mut self, seqs: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, GenerationError> {
-        let mut pool = self.pool.take().ok_or_else(|| {
-            GenerationError::Forward("the KV cache was not initialised".to_string())
-        })?;
-        let result = self.step(seqs, &mut pool);
-        self.pool = Some(pool);
-        result
+        let rows = self.forward_greedy(seqs, &vec![false; seqs.len()])?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|row| match row {
+                Row::Logits(logits) => Some(logits),
+                Row::Greedy(_) => None,
+            })
+            .collect())
+    }
+
+    fn forward_greedy(
+        &mut self,
+        seqs: &[SeqChunk<'_>],
+        greedy: &[bool],
+    ) -> Result<Vec<Row>, GenerationError> {
+        self.step(seqs, self.pool()?, &greedy_rows(seqs, greedy))
     }
 }

@@ -1,0 +1,333 @@
+//! Launches of the fused decoder kernels (`kernels.cu`, compiled to PTX by build.rs) on candle
+//! CUDA tensors. Each function checks its tensors' dtypes, shapes and contiguity, takes their
+//! device pointers and enqueues one kernel on the device's stream, as candle's own ops do.
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaStream, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::{bail, DType, Device, Result, Storage, Tensor};
+use half::{bf16, f16};
+use std::sync::Arc;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llorch_kernels.ptx"));
+
+/// The widest head the kernels take (eight values per lane of a warp).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// The kernels of one storage dtype, loaded once per model.
+pub struct Kernels {
+    dtype: DType,
+    device: Device,
+    stream: Arc<CudaStream>,
+    add_rms_norm: CudaFunction,
+    rope_kv_write: CudaFunction,
+    paged_attention: CudaFunction,
+    silu_mul: CudaFunction,
+    argmax: CudaFunction,
+}
+
+impl Kernels {
+    /// Loads the kernels for tensors of `dtype` (f32, f16 or bf16) on `device`.
+    pub fn new(device: &CudaDevice, dtype: DType) -> Result<Kernels> {
+        let suffix = match dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            other => bail!("no fused CUDA kernels for {other:?}"),
+        };
+        let load = |name: &str| -> Result<CudaFunction> {
+            Ok(device
+                .get_or_load_custom_func(&format!("{name}_{suffix}"), "llorch_kernels", PTX)?
+                .into_cuda_function())
+        };
+        Ok(Kernels {
+            dtype,
+            device: Device::Cuda(device.clone()),
+            stream: device.cuda_stream(),
+            add_rms_norm: load("add_rms_norm")?,
+            rope_kv_write: load("rope_kv_write")?,
+            paged_attention: load("paged_attention")?,
+            silu_mul: load("silu_mul")?,
+            argmax: device
+                .get_or_load_custom_func("argmax_f32", "llorch_kernels", PTX)?
+                .into_cuda_function(),
+        })
+    }
+
+    /// An uninitialised tensor of the kernels' dtype, for a kernel to fill.
+    #[allow(unsafe_code)]
+    fn output(&self, shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
+        // SAFETY: every caller launches a kernel that writes every element before it is read.
+        unsafe { Tensor::empty(shape, self.dtype, &self.device) }
+    }
+
+    /// An uninitialised u32 vector of `len` indices, for a kernel to fill.
+    #[allow(unsafe_code)]
+    fn indices(&self, len: usize) -> Result<Tensor> {
+        // SAFETY: every caller launches a kernel that writes every element before it is read.
+        unsafe { Tensor::empty(len, DType::U32, &self.device) }
+    }
+
+    /// The device address of a contiguous tensor's first element (`dtype`: what the kernel
+    /// reads, checked).
+    fn ptr(&self, t: &Tensor, dtype: DType) -> Result<u64> {
+        if t.dtype() != dtype {
+            bail!("fused kernel: expected {dtype:?}, got {:?}", t.dtype())
+        }
+        let (storage, layout) = t.storage_and_layout();
+        if !layout.is_contiguous() {
+            bail!(
+                "fused kernel: a tensor of shape {:?} is not contiguous",
+                t.shape()
+            )
+        }
+        let Storage::Cuda(cuda) = &*storage else {
+            bail!("fused kernel: a tensor is not on a CUDA device")
+        };
+        let base = base_ptr(cuda, dtype, &self.stream)?;
+        Ok(base + (layout.start_offset() * dtype.size_in_bytes()) as u64)
+    }
+
+    fn data(&self, t: &Tensor) -> Result<u64> {
+        self.ptr(t, self.dtype)
+    }
+
+    fn index(&self, t: &Tensor) -> Result<u64> {
+        self.ptr(t, DType::U32)
+    }
+
+    /// Enqueues `kernel` with arguments `pointers`, then `ints`, then `last`, in that order.
+    fn launch(
+        &self,
+        kernel: &CudaFunction,
+        config: LaunchConfig,
+        pointers: &[u64],
+        ints: &[i32],
+        last: f32,
+    ) -> Result<()> {
+        let mut launch = self.stream.launch_builder(kernel);
+        for pointer in pointers {
+            launch.arg(pointer);
+        }
+        for int in ints {
+            launch.arg(int);
+        }
+        launch.arg(&last);
+        enqueue(launch, config)
+    }
+
+    /// `x += delta × multiplier` in place (when `delta` is given) and returns
+    /// `rmsnorm(x) × weight`; `x` and `delta` are `[rows, hidden]`.
+    pub fn add_rms_norm(
+        &self,
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        weight: &Tensor,
+        eps: f32,
+        multiplier: f32,
+    ) -> Result<Tensor> {
+        let (rows, hidden) = x.dims2()?;
+        if let Some(delta) = delta {
+            if delta.dims2()? != (rows, hidden) {
+                bail!(
+                    "add_rms_norm: delta {:?} for x {:?}",
+                    delta.shape(),
+                    x.shape()
+                )
+            }
+        }
+        let out = self.output((rows, hidden))?;
+        let (x_ptr, weight_ptr, out_ptr) = (self.data(x)?, self.data(weight)?, self.data(&out)?);
+        let delta_ptr = delta.map(|d| self.data(d)).transpose()?.unwrap_or(0);
+        let hidden = hidden as i32;
+        let config = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&self.add_rms_norm);
+        launch
+            .arg(&x_ptr)
+            .arg(&delta_ptr)
+            .arg(&weight_ptr)
+            .arg(&out_ptr)
+            .arg(&hidden)
+            .arg(&eps)
+            .arg(&multiplier);
+        enqueue(launch, config)?;
+        Ok(out)
+    }
+
+    /// Splits the fused projection `qkv` (`[tokens, (heads + 2 kv heads) × dim]`) into heads,
+    /// applies the optional q/k RMSNorm and the rotary embedding at `positions` (rows of the
+    /// `cos`/`sin` tables), writes k and v into the caches (`[kv heads, slots, dim]`) at
+    /// `slots`, and returns the rotated queries, `[tokens, heads × dim]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_write(
+        &self,
+        qkv: &Tensor,
+        (heads, kv_heads, dim): (usize, usize, usize),
+        (positions, slots): (&Tensor, &Tensor),
+        (cos, sin): (&Tensor, &Tensor),
+        (q_norm, k_norm): (Option<&Tensor>, Option<&Tensor>),
+        (k_cache, v_cache): (&Tensor, &Tensor),
+        eps: f32,
+    ) -> Result<Tensor> {
+        let (tokens, width) = qkv.dims2()?;
+        let (cache_heads, total_slots, cache_dim) = k_cache.dims3()?;
+        if width != (heads + 2 * kv_heads) * dim
+            || (cache_heads, cache_dim) != (kv_heads, dim)
+            || v_cache.dims3()? != (kv_heads, total_slots, dim)
+            || positions.dims1()? != tokens
+            || slots.dims1()? != tokens
+            || cos.dim(1)? * 2 != dim
+            || dim % 2 != 0
+            || dim > MAX_HEAD_DIM
+        {
+            bail!("rope_kv_write: inconsistent shapes")
+        }
+        let q = self.output((tokens, heads * dim))?;
+        let norm = |t: Option<&Tensor>| t.map(|t| self.data(t)).transpose().map(|p| p.unwrap_or(0));
+        let ptrs = [
+            self.data(qkv)?,
+            self.index(positions)?,
+            self.index(slots)?,
+            self.data(cos)?,
+            self.data(sin)?,
+            norm(q_norm)?,
+            norm(k_norm)?,
+            self.data(&q)?,
+            self.data(k_cache)?,
+            self.data(v_cache)?,
+        ];
+        let ints = [heads, kv_heads, dim, total_slots].map(|v| v as i32);
+        let config = LaunchConfig {
+            grid_dim: (tokens as u32, (heads + kv_heads) as u32, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(&self.rope_kv_write, config, &ptrs, &ints, eps)?;
+        Ok(q)
+    }
+
+    /// Attention of one query per sequence (row `rows[s]` of `q`, `[rows, heads × dim]`; row
+    /// `s` without `rows`) over that sequence's `lens[s]` cached positions, found through its
+    /// row of `tables` (`[sequences, width]` block ids of `block_size` slots), within `window`
+    /// positions when given. Returns `[sequences, heads × dim]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_attention(
+        &self,
+        q: &Tensor,
+        rows: Option<&Tensor>,
+        (heads, kv_heads, dim): (usize, usize, usize),
+        (k_cache, v_cache): (&Tensor, &Tensor),
+        (tables, lens): (&Tensor, &Tensor),
+        block_size: usize,
+        window: Option<usize>,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (sequences, table_width) = tables.dims2()?;
+        let (_, total_slots, _) = k_cache.dims3()?;
+        if q.dim(1)? != heads * dim
+            || k_cache.dims3()? != (kv_heads, total_slots, dim)
+            || v_cache.dims3()? != (kv_heads, total_slots, dim)
+            || lens.dims1()? != sequences
+            || rows.map_or(Ok(sequences), |r| r.dims1())? != sequences
+            || heads % kv_heads != 0
+            || dim > MAX_HEAD_DIM
+        {
+            bail!("paged_attention: inconsistent shapes")
+        }
+        let out = self.output((sequences, heads * dim))?;
+        let ptrs = [
+            self.data(q)?,
+            rows.map(|r| self.index(r)).transpose()?.unwrap_or(0),
+            self.data(k_cache)?,
+            self.data(v_cache)?,
+            self.index(tables)?,
+            self.index(lens)?,
+            self.data(&out)?,
+        ];
+        let ints = [
+            heads,
+            kv_heads,
+            dim,
+            total_slots,
+            block_size,
+            table_width,
+            window.unwrap_or(0),
+        ]
+        .map(|v| v as i32);
+        let config = LaunchConfig {
+            grid_dim: (sequences as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(&self.paged_attention, config, &ptrs, &ints, scale)?;
+        Ok(out)
+    }
+
+    /// `silu(gate) × up` of `gate_up` (`[rows, 2 × ffn]`, gate first): `[rows, ffn]`.
+    pub fn silu_mul(&self, gate_up: &Tensor, ffn: usize) -> Result<Tensor> {
+        let (rows, width) = gate_up.dims2()?;
+        if width != 2 * ffn {
+            bail!("silu_mul: {width} columns for ffn {ffn}")
+        }
+        let out = self.output((rows, ffn))?;
+        let (input, output) = (self.data(gate_up)?, self.data(&out)?);
+        let (rows_arg, ffn_arg) = (rows as i32, ffn as i32);
+        let blocks = (rows * ffn).div_ceil(256).clamp(1, 1 << 16) as u32;
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&self.silu_mul);
+        launch.arg(&input).arg(&output).arg(&rows_arg).arg(&ffn_arg);
+        enqueue(launch, config)?;
+        Ok(out)
+    }
+}
+
+impl Kernels {
+    /// Each row's greedy token: the index of the largest of `logits` (`[rows, vocab]`, f32),
+    /// the first of equal ones, never a NaN (0 for a row of NaNs), as [`crate::models::argmax`].
+    pub fn argmax(&self, logits: &Tensor) -> Result<Tensor> {
+        let (rows, vocab) = logits.dims2()?;
+        let out = self.indices(rows)?;
+        let (input, output) = (self.ptr(logits, DType::F32)?, self.index(&out)?);
+        let vocab = vocab as i32;
+        let config = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&self.argmax);
+        launch.arg(&input).arg(&output).arg(&vocab);
+        enqueue(launch, config)?;
+        Ok(out)
+    }
+}
+
+/// Enqueues the kernel whose arguments `launch` holds.
+#[allow(unsafe_code)]
+fn enqueue(mut launch: LaunchArgs<'_>, config: LaunchConfig) -> Result<()> {
+    // SAFETY: every caller pushes exactly the arguments of its kernel's signature, in order;
+    // the pointers address tensors of the shapes it checked (indices within them: the step's
+    // check), and those tensors outlive the kernel on the stream (frees are stream-ordered).
+    unsafe { launch.launch(config) }
+        .map(|_| ())
+        .map_err(candle_core::Error::wrap)
+}
+
+/// The device address of a storage's first element.
+fn base_ptr(storage: &CudaStorage, dtype: DType, stream: &CudaStream) -> Result<u64> {
+    Ok(match dtype {
+        DType::F32 => storage.as_cuda_slice::<f32>()?.device_ptr(stream).0,
+        DType::F16 => storage.as_cuda_slice::<f16>()?.device_ptr(stream).0,
+        DType::BF16 => storage.as_cuda_slice::<bf16>()?.device_ptr(stream).0,
+        DType::U32 => storage.as_cuda_slice::<u32>()?.device_ptr(stream).0,
+        other => bail!("fused kernel: no pointer for {other:?}"),
+    })
+}

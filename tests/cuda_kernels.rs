@@ -1,0 +1,280 @@
+//! The fused CUDA kernels of the batched decoder against the candle ops they replace, on the
+//! device named by `LLORCH_TEST_DEVICE` (a CUDA device; the CUDA build only), in f32 and bf16,
+//! with shapes that leave partial warps and blocks.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use llorch::models::candle_llama::ops::Ops;
+use llorch::models::DeviceSpec;
+
+fn device() -> Device {
+    let name = std::env::var("LLORCH_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".to_string());
+    let device = name.parse::<DeviceSpec>().unwrap().open().unwrap();
+    assert!(
+        device.is_cuda(),
+        "these tests need a CUDA device, got {name}"
+    );
+    device
+}
+
+fn kernels(device: &Device, dtype: DType, head_dim: usize) -> Ops {
+    let ops = Ops::for_device(device, dtype, head_dim).unwrap();
+    assert!(ops.paged(), "the fused kernels are not in use");
+    ops
+}
+
+fn random(shape: &[usize], dtype: DType, device: &Device) -> Tensor {
+    Tensor::randn(0f32, 1.0, shape, device)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// The largest difference between two tensors relative to the reference's largest magnitude.
+fn relative(a: &Tensor, reference: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = reference
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    let diff: f32 = (a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let scale: f32 = b.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
+    diff / scale.max(1e-6)
+}
+
+fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-5,
+        _ => 2e-2,
+    }
+}
+
+const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+
+#[test]
+fn add_rms_norm_is_the_residual_add_and_norm() {
+    let device = device();
+    for dtype in DTYPES {
+        let fused = kernels(&device, dtype, 64);
+        for (rows, hidden, multiplier) in [(1, 2048, 1.0), (5, 300, 0.5), (3, 7, 1.0)] {
+            let x = random(&[rows, hidden], dtype, &device);
+            let delta = random(&[rows, hidden], dtype, &device);
+            let weight = random(&[hidden], dtype, &device);
+            let (x_ref, normed_ref) = Ops::Candle
+                .add_rms_norm(&x, Some(&delta), &weight, 1e-5, multiplier)
+                .unwrap();
+            let mine = x.copy().unwrap();
+            let (x_new, normed) = fused
+                .add_rms_norm(&mine, Some(&delta), &weight, 1e-5, multiplier)
+                .unwrap();
+            let what = format!("{dtype:?} {rows}x{hidden} × {multiplier}");
+            assert!(relative(&x_new, &x_ref) <= tolerance(dtype), "{what}: sum");
+            assert!(
+                relative(&mine, &x_ref) <= tolerance(dtype),
+                "{what}: in place"
+            );
+            assert!(
+                relative(&normed, &normed_ref) <= tolerance(dtype),
+                "{what}: norm"
+            );
+            let (_, plain) = fused.add_rms_norm(&x, None, &weight, 1e-5, 1.0).unwrap();
+            let (_, plain_ref) = Ops::Candle
+                .add_rms_norm(&x, None, &weight, 1e-5, 1.0)
+                .unwrap();
+            assert!(
+                relative(&plain, &plain_ref) <= tolerance(dtype),
+                "{what}: no delta"
+            );
+        }
+    }
+}
+
+#[test]
+fn silu_mul_is_silu_of_the_gate_times_up() {
+    let device = device();
+    for dtype in DTYPES {
+        let fused = kernels(&device, dtype, 64);
+        for (rows, ffn) in [(1, 5632), (7, 150)] {
+            let gate_up = random(&[rows, 2 * ffn], dtype, &device);
+            let mine = fused.silu_mul(&gate_up, ffn).unwrap();
+            let reference = Ops::Candle.silu_mul(&gate_up, ffn).unwrap();
+            let error = relative(&mine, &reference);
+            assert!(error <= tolerance(dtype), "{dtype:?} {rows}x{ffn}: {error}");
+        }
+    }
+}
+
+#[test]
+fn rope_kv_write_rotates_and_stores_what_candle_does() {
+    let device = device();
+    for dtype in DTYPES {
+        for (heads, kv_heads, dim, norms) in
+            [(4, 2, 64, false), (6, 3, 96, true), (2, 2, 256, false)]
+        {
+            let fused = kernels(&device, dtype, dim);
+            let tokens = 5;
+            let slots_total = 40;
+            let qkv = random(&[tokens, (heads + 2 * kv_heads) * dim], dtype, &device);
+            let positions = Tensor::new(&[0u32, 3, 17, 4, 30], &device).unwrap();
+            let slots = Tensor::new(&[9u32, 0, 39, 12, 21], &device).unwrap();
+            let (cos, sin) = tables(64, dim / 2, dtype, &device);
+            let (q_norm, k_norm) = match norms {
+                true => (
+                    Some(random(&[dim], dtype, &device)),
+                    Some(random(&[dim], dtype, &device)),
+                ),
+                false => (None, None),
+            };
+            let caches = || {
+                (
+                    Tensor::zeros((kv_heads, slots_total, dim), dtype, &device).unwrap(),
+                    Tensor::zeros((kv_heads, slots_total, dim), dtype, &device).unwrap(),
+                )
+            };
+            let run = |ops: &Ops| {
+                let (k, v) = caches();
+                let q = ops
+                    .rope_kv_write(
+                        &qkv,
+                        (heads, kv_heads, dim),
+                        (&positions, &slots),
+                        (&cos, &sin),
+                        (q_norm.as_ref(), k_norm.as_ref()),
+                        (&k, &v),
+                        1e-6,
+                    )
+                    .unwrap();
+                (q, k, v)
+            };
+            let (q, k, v) = run(&fused);
+            let (q_ref, k_ref, v_ref) = run(&Ops::Candle);
+            let what = format!("{dtype:?} {heads}/{kv_heads} heads of {dim}, norms {norms}");
+            assert!(relative(&q, &q_ref) <= tolerance(dtype), "{what}: q");
+            assert!(relative(&k, &k_ref) <= tolerance(dtype), "{what}: k cache");
+            assert!(relative(&v, &v_ref) == 0.0, "{what}: v cache");
+        }
+    }
+}
+
+#[test]
+fn paged_attention_is_softmax_attention_over_the_block_table() {
+    let device = device();
+    for dtype in DTYPES {
+        for (heads, kv_heads, dim, window) in
+            [(4, 2, 64, None), (8, 8, 128, Some(5)), (3, 1, 32, None)]
+        {
+            let fused = kernels(&device, dtype, dim);
+            let (block_size, blocks) = (4, 12);
+            let k = random(&[kv_heads, block_size * blocks, dim], dtype, &device);
+            let v = random(&[kv_heads, block_size * blocks, dim], dtype, &device);
+            // Three sequences: 1, 9 and 13 positions, blocks out of order.
+            let lens = [1u32, 9, 13];
+            let table: Vec<Vec<u32>> = vec![vec![7], vec![2, 11, 0], vec![5, 1, 9, 3]];
+            let width = 4;
+            let flat: Vec<u32> = table
+                .iter()
+                .flat_map(|t| t.iter().copied().chain(std::iter::repeat(0)).take(width))
+                .collect();
+            let tables = Tensor::from_vec(flat, (3, width), &device).unwrap();
+            let lens_t = Tensor::new(&lens, &device).unwrap();
+            // Queries in rows 4, 0 and 2 of a five-row step.
+            let q = random(&[5, heads * dim], dtype, &device);
+            let rows = Tensor::new(&[4u32, 0, 2], &device).unwrap();
+            let scale = 1.0 / (dim as f32).sqrt();
+            let out = fused
+                .paged_attention(
+                    &q,
+                    Some(&rows),
+                    (heads, kv_heads, dim),
+                    (&k, &v),
+                    (&tables, &lens_t),
+                    block_size,
+                    window,
+                    scale,
+                )
+                .unwrap();
+            for (s, (&len, &row)) in lens.iter().zip(&[4usize, 0, 2]).enumerate() {
+                let len = len as usize;
+                let first = window.map_or(0, |w| len.saturating_sub(w));
+                let slots: Vec<u32> = (first..len)
+                    .map(|p| table[s][p / block_size] * block_size as u32 + (p % block_size) as u32)
+                    .collect();
+                let slots = Tensor::new(slots.as_slice(), &device).unwrap();
+                let group = heads / kv_heads;
+                for h in 0..heads {
+                    let f32s = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+                    let qh = f32s(q.i((row, h * dim..(h + 1) * dim)).unwrap())
+                        .unsqueeze(0)
+                        .unwrap();
+                    let kh = f32s(k.i(h / group).unwrap().index_select(&slots, 0).unwrap());
+                    let vh = f32s(v.i(h / group).unwrap().index_select(&slots, 0).unwrap());
+                    let scores = (qh.matmul(&kh.t().unwrap()).unwrap() * scale as f64).unwrap();
+                    let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+                    let reference = probs.matmul(&vh).unwrap().squeeze(0).unwrap();
+                    let mine = out.i((s, h * dim..(h + 1) * dim)).unwrap();
+                    let error = relative(&mine, &reference);
+                    assert!(
+                        error <= tolerance(dtype),
+                        "{dtype:?} {heads}/{kv_heads} heads of {dim}, window {window:?}, sequence {s} head {h}: {error}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Rotary tables of `positions` rows and `pairs` frequencies.
+fn tables(positions: usize, pairs: usize, dtype: DType, device: &Device) -> (Tensor, Tensor) {
+    let angles: Vec<f32> = (0..positions)
+        .flat_map(|p| (0..pairs).map(move |i| p as f32 * 10000f32.powf(-(i as f32) / pairs as f32)))
+        .collect();
+    let angles = Tensor::from_vec(angles, (positions, pairs), device).unwrap();
+    (
+        angles.cos().unwrap().to_dtype(dtype).unwrap(),
+        angles.sin().unwrap().to_dtype(dtype).unwrap(),
+    )
+}
+
+/// The device's greedy choice is the host's: the first of equal maxima, never a NaN, the
+/// first of a row of -inf, 0 for a row of NaNs; rows narrower and wider than a block.
+#[test]
+fn greedy_on_the_device_is_the_hosts_argmax() {
+    let device = device();
+    let ops = kernels(&device, DType::F32, 64);
+    for vocab in [1usize, 7, 256, 257, 32000] {
+        let mut rows: Vec<Vec<f32>> = (0..4)
+            .map(|r| {
+                (0..vocab)
+                    .map(|i| ((i * 7919 + r * 104729) % 1009) as f32 / 97.0)
+                    .collect()
+            })
+            .collect();
+        // Ties at the maximum, early and late.
+        rows[1].iter_mut().for_each(|v| *v = v.min(3.0));
+        // NaNs, one where the maximum would be.
+        let top = llorch::models::argmax(&rows[2]) as usize;
+        rows[2][top] = f32::NAN;
+        rows[2][vocab / 2] = f32::NAN;
+        rows.push(vec![f32::NEG_INFINITY; vocab]);
+        rows.push(vec![f32::NAN; vocab]);
+        let flat: Vec<f32> = rows.concat();
+        let logits = Tensor::from_vec(flat, (rows.len(), vocab), &device).unwrap();
+        let chosen = ops.greedy(&logits).unwrap().expect("chosen on the device");
+        let host: Vec<u32> = rows.iter().map(|r| llorch::models::argmax(r)).collect();
+        assert_eq!(chosen, host, "vocab {vocab}");
+    }
+    assert_eq!(
+        Ops::Candle
+            .greedy(&Tensor::zeros((1, 4), DType::F32, &device).unwrap())
+            .unwrap(),
+        None
+    );
+}

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use super::scheduler::{Plan, Scheduler, SchedulerConfig, SeqId};
+use super::scheduler::{Chunk, Plan, Scheduler, SchedulerConfig, SeqId};
 use super::{
     panic_message, Command, EngineConfig, EngineError, EngineExit, Job, Shared, TokenEvent,
     PAUSE_POLL,
@@ -180,15 +180,7 @@ impl<'a> Engine<'a> {
             }
             let began = Instant::now();
             self.shared.heartbeat.begin();
-            let all_rows: Vec<bool> = plan
-                .chunks
-                .iter()
-                .map(|c| {
-                    self.entries
-                        .get(&c.seq)
-                        .is_some_and(|e| e.sequence.wants_prompt_rows(c.start))
-                })
-                .collect();
+            let all_rows = self.per_chunk(&plan, |c, s| s.wants_prompt_rows(c.start));
             let ran = catch_unwind(AssertUnwindSafe(|| self.execute(&plan, &all_rows)));
             self.shared.heartbeat.end();
             match ran {
@@ -322,15 +314,7 @@ impl<'a> Engine<'a> {
         }
         // Sequences that sample greedily from the raw logits get their token chosen where
         // the logits lie.
-        let greedy: Vec<bool> = plan
-            .chunks
-            .iter()
-            .map(|c| {
-                self.entries
-                    .get(&c.seq)
-                    .is_some_and(|e| e.sequence.samples_raw_argmax())
-            })
-            .collect();
+        let greedy = self.per_chunk(plan, |_, s| s.samples_raw_argmax());
         let chunks: Vec<SeqChunk<'_>> = plan
             .chunks
             .iter()
@@ -349,6 +333,18 @@ impl<'a> Engine<'a> {
                 "the model lost its batched path".into(),
             )),
         }
+    }
+
+    /// `test` of each chunk of `plan` and its sequence (false where the sequence has left).
+    fn per_chunk(&self, plan: &Plan, test: impl Fn(&Chunk, &Sequence) -> bool) -> Vec<bool> {
+        plan.chunks
+            .iter()
+            .map(|c| {
+                self.entries
+                    .get(&c.seq)
+                    .is_some_and(|e| test(c, &e.sequence))
+            })
+            .collect()
     }
 
     /// Samples each sequence's next token from its logits and sends its events. The

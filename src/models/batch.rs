@@ -7,7 +7,6 @@
 //! who runs and owns the block tables; the model owns the cache's storage.
 
 use super::error::GenerationError;
-use super::sampling::argmax;
 
 /// The geometry of a paged KV cache: `blocks` blocks of `block_size` token slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,23 +219,21 @@ pub trait BatchedModel {
     /// token's for one with `logits`.
     fn forward_batch(&mut self, seqs: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, GenerationError>;
 
-    /// Runs one step as [`BatchedModel::forward_batch`] does, except that the row of each
-    /// chunk marked in `greedy` (one that asks for its last token's logits only) comes back
-    /// as its greedy token. This default chooses on the host; a model whose logits lie on a
-    /// GPU chooses there and copies back only the ids.
+    /// Runs one step as [`BatchedModel::forward_batch`] does, except that the row of a chunk
+    /// marked in `greedy` (one that asks for its last token's logits only) may come back as
+    /// its greedy token: a model whose logits lie on a GPU chooses there and copies back only
+    /// the ids. This default returns every row's logits: on the host the sequences' samplers
+    /// choose, side by side on rayon's pool.
     fn forward_greedy(
         &mut self,
         seqs: &[SeqChunk<'_>],
         greedy: &[bool],
     ) -> Result<Vec<Row>, GenerationError> {
-        let rows = self.forward_batch(seqs)?;
-        Ok(greedy_rows(seqs, greedy)
+        let _ = greedy;
+        Ok(self
+            .forward_batch(seqs)?
             .into_iter()
-            .zip(rows)
-            .map(|(greedy, row)| match greedy {
-                true => Row::Greedy(argmax(&row)),
-                false => Row::Logits(row),
-            })
+            .map(Row::Logits)
             .collect())
     }
 }
@@ -246,13 +243,13 @@ pub trait BatchedModel {
 pub enum Row {
     /// The logits.
     Logits(Vec<f32>),
-    /// The index of the largest logit, as [`argmax`] gives it.
+    /// The index of the largest logit, as [`super::argmax`] gives it.
     Greedy(u32),
 }
 
 impl Row {
     /// The logits, unless the row was chosen greedily.
-    pub fn logits(&self) -> Option<&Vec<f32>> {
+    pub fn into_logits(self) -> Option<Vec<f32>> {
         match self {
             Row::Logits(logits) => Some(logits),
             Row::Greedy(_) => None,

@@ -360,18 +360,19 @@ impl<'a> Engine<'a> {
                 true => chunk.len,
                 false => usize::from(chunk.logits),
             };
-            let taken: Vec<Row> = rows.by_ref().take(count).collect();
+            let mut taken: Vec<Row> = rows.by_ref().take(count).collect();
             let Some(entry) = self.entries.get_mut(&chunk.seq) else {
                 continue;
             };
             if all {
                 let tokenizer = &self.model.tokenizer;
                 // A chunk with every row's logits never has its rows chosen greedily.
-                let rows: Vec<Vec<f32>> = taken.iter().filter_map(Row::logits).cloned().collect();
+                let rows: Vec<Vec<f32>> = taken.into_iter().filter_map(Row::into_logits).collect();
                 if let Err(err) = entry.sequence.record_prompt(chunk.start, &rows, tokenizer) {
                     failed.push((chunk.seq, err.into()));
                     continue;
                 }
+                taken = rows.into_iter().map(Row::Logits).collect();
             }
             if chunk.logits {
                 if let Some(last) = taken.into_iter().last() {

@@ -288,9 +288,7 @@ impl Kernels {
         enqueue(launch, config)?;
         Ok(out)
     }
-}
 
-impl Kernels {
     /// Each row's greedy token: the index of the largest of `logits` (`[rows, vocab]`, f32),
     /// the first of equal ones, never a NaN (0 for a row of NaNs), as [`crate::models::argmax`].
     pub fn argmax(&self, logits: &Tensor) -> Result<Tensor> {

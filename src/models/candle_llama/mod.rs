@@ -399,13 +399,7 @@ impl BatchedModel for CandleLlama {
 
     fn forward_batch(&mut self, seqs: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, GenerationError> {
         let rows = self.forward_greedy(seqs, &vec![false; seqs.len()])?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|row| match row {
-                Row::Logits(logits) => Some(logits),
-                Row::Greedy(_) => None,
-            })
-            .collect())
+        Ok(rows.into_iter().filter_map(Row::into_logits).collect())
     }
 
     fn forward_greedy(

@@ -308,3 +308,75 @@ fn greedy_rows_are_the_argmax_of_the_same_steps_logits() {
         }
     }
 }
+
+/// Decode steps replayed from CUDA graphs give the logits of the same steps run eagerly, while
+/// the batch size changes from step to step (each size padded to its graph's) and after the
+/// cache is made anew (a graph captured against the old cache must not be replayed).
+#[cfg(feature = "cuda")]
+#[test]
+fn decode_graphs_give_the_eager_logits_across_batch_sizes_and_caches() {
+    let Some(dir) = fixtures() else {
+        return;
+    };
+    let device = device();
+    assert!(device.is_cuda(), "CUDA graphs need a CUDA test device");
+    let path = dir.join("models").join("llama");
+    let mut graphed = model(&path, &device);
+    let mut eager = model(&path, &device);
+    eager.set_graphs(false);
+    let prompts: Vec<Vec<u32>> = (0..5u32)
+        .map(|i| (0..3 + 2 * i).map(|t| 1 + (t * 7 + i * 13) % 200).collect())
+        .collect();
+    for blocks in [48, 40] {
+        let layout = KvLayout {
+            block_size: 16,
+            blocks,
+        };
+        graphed.init_kv(layout, KvDtype::Auto).unwrap();
+        eager.init_kv(layout, KvDtype::Auto).unwrap();
+        let tables: Vec<Vec<u32>> = (0..prompts.len())
+            .map(|i| (0..8).map(|b| (b * prompts.len() + i) as u32).collect())
+            .collect();
+        let mut tokens = prompts.clone();
+        let mut computed = vec![0; prompts.len()];
+        // The prompts (an eager step), then decodes of changing subsets.
+        let subsets: [&[usize]; 7] = [
+            &[0, 1, 2, 3, 4],
+            &[0, 1, 2, 3, 4],
+            &[2],
+            &[0, 3, 4],
+            &[1],
+            &[0, 1, 2, 3, 4],
+            &[4, 2],
+        ];
+        for subset in subsets {
+            let chunks: Vec<SeqChunk<'_>> = subset
+                .iter()
+                .map(|&i| SeqChunk {
+                    tokens: &tokens[i][computed[i]..],
+                    context_len: computed[i],
+                    block_table: &tables[i],
+                    logits: true,
+                    all_logits: false,
+                })
+                .collect();
+            let mine = graphed.forward_batch(&chunks).unwrap();
+            let theirs = eager.forward_batch(&chunks).unwrap();
+            for (&i, (a, b)) in subset.iter().zip(mine.iter().zip(&theirs)) {
+                let worst = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    worst < 1e-3,
+                    "{blocks} blocks, sequence {i}: |diff| {worst}"
+                );
+                computed[i] = tokens[i].len();
+                tokens[i].push(argmax(b));
+            }
+        }
+    }
+    assert_eq!(eager.graph_replays(), 0);
+    assert_eq!(graphed.graph_replays(), 12, "six decode steps per cache");
+}

@@ -3,8 +3,9 @@
 
 Expects what `scripts/gpu/pack.sh` puts in `.gpu/`. `suite` is issue 6's (every packed test
 binary on cuda:0, including the fused kernels' `cuda_kernels`). `decode`: the 1.1B random Llama
-in bf16 through the daemon with 1, 8, 32 and 64 concurrent streams with the fused kernels,
-then with 1 and 32 on candle's ops with the same binary (`LLORCH_CUDA_KERNELS=candle`), beside
+in bf16 through the daemon with 1, 8, 32 and 64 concurrent streams, first with the fused
+kernels and decode graphs, then with the fused kernels run eagerly (`LLORCH_CUDA_GRAPHS=off`),
+then with the same binary on candle's ops (`LLORCH_CUDA_KERNELS=candle`), beside
 transformers' `generate` at batch 1, 8 and 32 in the same call. `profile`: one single-stream
 `llorch bench` run of each kind under `nsys` (when the machine has it): kernels launched per
 generated token and GPU time per kernel name. Writes `issue23.json` and logs under $OUT.
@@ -22,7 +23,8 @@ import issue6  # noqa: E402
 import issue19  # noqa: E402
 from issue6 import OUT, Daemon, big_model, log, report  # noqa: E402
 
-KINDS = {"fused": {}, "candle": {"LLORCH_CUDA_KERNELS": "candle"}}
+KINDS = {"graphs": {}, "eager": {"LLORCH_CUDA_GRAPHS": "off"},
+         "candle": {"LLORCH_CUDA_KERNELS": "candle"}}
 PROFILE_DECODE = 128
 
 
@@ -58,7 +60,8 @@ def daemon_runs(kind, counts, reps=3):
 
 def decode():
     result = {"card": card(), "prompt_tokens": issue19.PROMPT, "decode_tokens": issue19.DECODE}
-    result["fused"] = daemon_runs("fused", (1, 8, 32, 64))
+    result["graphs"] = daemon_runs("graphs", (1, 8, 32, 64))
+    result["eager"] = daemon_runs("eager", (1, 8, 32, 64), reps=2)
     result["candle"] = daemon_runs("candle", (1, 32), reps=2)
     result["transformers"] = issue19.transformers_rates(big_model(), (1, 8, 32))
     report["decode"] = result
@@ -75,7 +78,7 @@ def profile():
     big = big_model()
     for kind, env in KINDS.items():
         stem = os.path.join(issue6.WORK, f"profile-{kind}")
-        command = [nsys, "profile", "-t", "cuda", "--force-overwrite", "true", "-o", stem,
+        command = [nsys, "profile", "-t", "cuda", "--cuda-graph-trace", "node", "--force-overwrite", "true", "-o", stem,
                    issue6.BIN, "bench", "--source", big, "--device", "cuda:0", "--dtype", "bf16",
                    "--prompt-tokens", "16", "--decode-tokens", str(PROFILE_DECODE), "--runs", "1",
                    "--concurrency", "1"]

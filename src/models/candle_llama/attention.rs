@@ -13,15 +13,23 @@ use candle_core::{DType, Device, Tensor};
 use super::ops::Ops;
 use crate::models::batch::{KvLayout, SeqChunk};
 
-/// The keys and values of every layer.
+/// The keys and values of every layer: the layout's blocks and one scratch block after them,
+/// which no sequence holds (a captured step's padding rows write there).
 pub struct KvPool {
     layout: KvLayout,
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
+    /// Distinct for every pool made: what a captured step was recorded against.
+    #[cfg(feature = "cuda")]
+    id: u64,
 }
 
+/// The ids of pools.
+#[cfg(feature = "cuda")]
+static POOLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl KvPool {
-    /// A zeroed pool of `layout` for `layers` layers.
+    /// A zeroed pool of `layout` (and its scratch block) for `layers` layers.
     pub fn new(
         layers: usize,
         kv_heads: usize,
@@ -30,13 +38,27 @@ impl KvPool {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<KvPool> {
-        let shape = (kv_heads, layout.tokens(), head_dim);
+        let shape = (kv_heads, layout.tokens() + layout.block_size, head_dim);
         let zeros = || Tensor::zeros(shape, dtype, device);
         Ok(KvPool {
             layout,
             keys: (0..layers).map(|_| zeros()).collect::<Result<_, _>>()?,
             values: (0..layers).map(|_| zeros()).collect::<Result<_, _>>()?,
+            #[cfg(feature = "cuda")]
+            id: POOLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// This pool's id, distinct from every other pool's.
+    #[cfg(feature = "cuda")]
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The block after the layout's, which no sequence holds.
+    #[cfg(feature = "cuda")]
+    pub fn scratch_block(&self) -> u32 {
+        self.layout.blocks as u32
     }
 
     /// The pool's geometry.
@@ -44,7 +66,7 @@ impl KvPool {
         self.layout
     }
 
-    /// Copies a smaller pool's slots into the first slots of this one.
+    /// Copies a smaller pool's slots (its scratch block too) into the first slots of this one.
     pub fn copy_from(&mut self, old: &KvPool) -> candle_core::Result<()> {
         for (new, old) in self
             .keys
@@ -334,6 +356,79 @@ impl StepIndex {
             },
         })
     }
+}
+
+#[cfg(feature = "cuda")]
+impl StepIndex {
+    /// The indices of a step of `batch` decodes laid out in `inputs` as a captured step reads
+    /// them ([`decode_inputs`]): ids, positions, slots, logit rows (`0..batch`), block tables
+    /// of `width` blocks each, lengths.
+    pub fn decode(
+        inputs: &Tensor,
+        batch: usize,
+        width: usize,
+        block_size: usize,
+        window: Option<usize>,
+    ) -> candle_core::Result<StepIndex> {
+        let view = |at: usize, len: usize| inputs.narrow(0, at * batch, len * batch);
+        Ok(StepIndex {
+            ids: view(0, 1)?,
+            positions: view(1, 1)?,
+            slots: view(2, 1)?,
+            logit_rows: Some(view(3, 1)?),
+            groups: vec![Group {
+                rows: None,
+                keys_at: Keys::Paged {
+                    tables: view(4, width)?.reshape((batch, width))?,
+                    lens: view(4 + width, 1)?,
+                    block_size,
+                    window,
+                },
+                sequences: batch,
+                queries: 1,
+                keys: width * block_size,
+            }],
+            order: None,
+        })
+    }
+}
+
+/// The host side of [`StepIndex::decode`] for `seqs` (one new token each, at most `batch`
+/// of them, tables of at most `width` blocks) padded to `batch` rows: a padding row reads
+/// and writes position 0 of the `scratch` block.
+#[cfg(feature = "cuda")]
+pub fn decode_inputs(
+    seqs: &[SeqChunk<'_>],
+    batch: usize,
+    width: usize,
+    block_size: usize,
+    scratch: u32,
+) -> Vec<u32> {
+    let padding = batch - seqs.len();
+    let size = block_size as u32;
+    let mut all = Vec::with_capacity(batch * (5 + width));
+    let column = |all: &mut Vec<u32>, real: &dyn Fn(&SeqChunk<'_>) -> u32, pad: u32| {
+        all.extend(seqs.iter().map(real));
+        all.extend(std::iter::repeat_n(pad, padding));
+    };
+    column(&mut all, &|s| s.tokens[0], 0);
+    column(&mut all, &|s| s.context_len as u32, 0);
+    column(
+        &mut all,
+        &|s| s.block_table[s.context_len / block_size] * size + (s.context_len % block_size) as u32,
+        scratch * size,
+    );
+    all.extend(0..batch as u32);
+    for seq in seqs {
+        let table = &seq.block_table[..seq.end().div_ceil(block_size)];
+        all.extend(table);
+        all.extend(std::iter::repeat_n(scratch, width - table.len()));
+    }
+    for _ in 0..padding {
+        all.extend(std::iter::repeat_n(scratch, width));
+    }
+    column(&mut all, &|s| s.end() as u32, 1);
+    all
 }
 
 /// Attention of the step's queries (`flat`: `[tokens, heads × head dim]`, rotated) over layer

@@ -11,6 +11,8 @@
 mod attention;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod graphs;
 pub mod ops;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -66,6 +68,9 @@ pub struct CandleLlama {
     ops: Ops,
     vocab: usize,
     pool: Option<KvPool>,
+    /// Captured decode steps of the batched path (CUDA only).
+    #[cfg(feature = "cuda")]
+    graphs: Option<graphs::DecodeGraphs>,
     /// The single-sequence path's pool and its sequence.
     solo_pool: Option<KvPool>,
     solo: Solo,
@@ -145,7 +150,7 @@ impl CandleLlama {
             Tensor::from_vec(values, (max_positions, pairs), &device)?.to_dtype(dtype)
         };
         let multiplier = |value: Option<f64>| value.unwrap_or(1.0);
-        Ok(CandleLlama {
+        let built = CandleLlama {
             norm: model.get(hidden, "norm.weight")?,
             embed,
             layers,
@@ -166,13 +171,22 @@ impl CandleLlama {
             cos: table(cos)?,
             sin: table(sin)?,
             ops: Ops::for_device(&device, dtype, head_dim)?,
+            #[cfg(feature = "cuda")]
+            graphs: None,
             device,
             dtype,
             vocab,
             pool: None,
             solo_pool: None,
             solo: Solo::default(),
-        })
+        };
+        #[cfg(feature = "cuda")]
+        let built = {
+            let mut built = built;
+            built.set_graphs(true);
+            built
+        };
+        Ok(built)
     }
 
     /// Empties the single-sequence path's cache.
@@ -369,11 +383,46 @@ fn fused(parts: &[Linear]) -> candle_core::Result<Linear> {
 }
 
 impl CandleLlama {
+    /// Turns the CUDA graphs of decode steps on or off (on by default unless
+    /// `LLORCH_CUDA_GRAPHS=off`; graphs need a CUDA device and the fused kernels).
+    #[cfg(feature = "cuda")]
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = match on && self.ops.paged() {
+            true => graphs::DecodeGraphs::for_device(&self.device, self.cos.dims()[0]),
+            false => None,
+        };
+    }
+
+    /// How many batched steps ran as replays of a CUDA graph.
+    #[cfg(feature = "cuda")]
+    pub fn graph_replays(&self) -> usize {
+        self.graphs
+            .as_ref()
+            .map_or(0, graphs::DecodeGraphs::replays)
+    }
+
     /// The batched path's pool.
     fn pool(&self) -> Result<&KvPool, GenerationError> {
         self.pool
             .as_ref()
             .ok_or_else(|| GenerationError::Forward("the KV cache was not initialised".to_string()))
+    }
+
+    /// The step through a captured graph when `graphs` can run it (`None`: run it eagerly);
+    /// `chosen` as in [`CandleLlama::rows`].
+    #[cfg(feature = "cuda")]
+    fn replay(
+        &self,
+        graphs: &mut graphs::DecodeGraphs,
+        seqs: &[SeqChunk<'_>],
+        chosen: &[bool],
+    ) -> Result<Option<Vec<Row>>, GenerationError> {
+        let pool = self.pool()?;
+        check_step(seqs, pool.layout(), self.vocab)?;
+        match graphs.run(self, seqs, pool)? {
+            Some(logits) => Ok(Some(self.rows(&logits, chosen)?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -407,6 +456,15 @@ impl BatchedModel for CandleLlama {
         seqs: &[SeqChunk<'_>],
         greedy: &[bool],
     ) -> Result<Vec<Row>, GenerationError> {
-        self.step(seqs, self.pool()?, &greedy_rows(seqs, greedy))
+        let chosen = greedy_rows(seqs, greedy);
+        #[cfg(feature = "cuda")]
+        if let Some(mut graphs) = self.graphs.take() {
+            let replayed = self.replay(&mut graphs, seqs, &chosen);
+            self.graphs = Some(graphs);
+            if let Some(rows) = replayed? {
+                return Ok(rows);
+            }
+        }
+        self.step(seqs, self.pool()?, &chosen)
     }
 }

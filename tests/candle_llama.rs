@@ -8,10 +8,10 @@ mod common;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use common::{fixtures, golden};
-use llorch::models::batch::{BatchedModel, KvDtype, KvLayout, Row, SeqChunk};
+use llorch::models::batch::{BatchedModel, Choice, KvDtype, KvLayout, Row, SeqChunk};
 use llorch::models::candle_llama::CandleLlama;
 use llorch::models::cpu::llama_hf::FamilyConfig;
-use llorch::models::{argmax, DeviceSpec};
+use llorch::models::{argmax, DeviceSpec, Sampler, SamplingParams};
 
 const FAMILY: &[(&str, Option<usize>)] = &[
     ("llama", None),
@@ -244,11 +244,12 @@ fn every_row_of_a_chunk_has_the_logits_of_its_prefix() {
     }
 }
 
-/// A step asked for greedy tokens gives, for the chunks marked greedy, the argmax of the
-/// logits the same step gives (chosen on the device by the fused CUDA kernels; on the host
-/// elsewhere), and the logits of the others.
+/// A step asked for chosen tokens gives, for the chunks that want the greedy token, the argmax
+/// of the logits the same step gives, for those that want a draw the token their sampler
+/// draws from those logits (both chosen on the device by the fused CUDA kernels; elsewhere
+/// the greedy token on the host and the draw's logits), and the logits of the others.
 #[test]
-fn greedy_rows_are_the_argmax_of_the_same_steps_logits() {
+fn chosen_rows_are_the_tokens_of_the_same_steps_logits() {
     let Some(dir) = fixtures() else {
         return;
     };
@@ -291,16 +292,33 @@ fn greedy_rows_are_the_argmax_of_the_same_steps_logits() {
             })
             .collect();
         let logits = model.forward_batch(&chunks).unwrap();
-        // The same step again (it rewrites the same keys and values), every other
-        // sequence's token chosen greedily.
-        let greedy: Vec<bool> = (0..chunks.len()).map(|k| k % 2 == 0).collect();
-        let rows = model.forward_greedy(&chunks, &greedy).unwrap();
+        // The same step again (it rewrites the same keys and values), the sequences' tokens
+        // chosen greedily, drawn, or left to the host in turn.
+        let params = SamplingParams {
+            temperature: 1.5,
+            repetition_penalty: 1.1,
+            seed: Some(chunks.len() as u64),
+            ..SamplingParams::default()
+        };
+        let choices: Vec<Choice> = (0..chunks.len())
+            .map(|k| match k % 3 {
+                0 => Choice::Greedy,
+                1 => Choice::Draw(Sampler::new(params.clone()).device_draw(&[1, 2]).unwrap()),
+                _ => Choice::Logits,
+            })
+            .collect();
+        let rows = model.forward_choosing(&chunks, &choices).unwrap();
         assert_eq!(rows.len(), chunks.len());
-        for ((row, logits), greedy) in rows.iter().zip(&logits).zip(&greedy) {
-            match greedy {
-                true => assert_eq!(row, &Row::Greedy(argmax(logits))),
-                false => assert_eq!(row, &Row::Logits(logits.clone())),
-            }
+        for ((row, logits), choice) in rows.iter().zip(&logits).zip(&choices) {
+            let expected = match choice {
+                Choice::Greedy => Row::Greedy(argmax(logits)),
+                Choice::Draw(_) if model.draws() => Row::Drawn {
+                    token: Sampler::new(params.clone()).sample(&mut logits.clone(), &[1, 2]),
+                    used_fraction: true,
+                },
+                _ => Row::Logits(logits.clone()),
+            };
+            assert_eq!(row, &expected);
         }
         for (&i, logits) in subset.iter().zip(&logits) {
             computed[i] = tokens[i].len();

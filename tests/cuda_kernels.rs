@@ -4,8 +4,12 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use llorch::models::batch::Choice;
 use llorch::models::candle_llama::ops::Ops;
 use llorch::models::DeviceSpec;
+use llorch::models::{Sampler, SamplingParams};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 fn device() -> Device {
     let name = std::env::var("LLORCH_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".to_string());
@@ -267,14 +271,122 @@ fn greedy_on_the_device_is_the_hosts_argmax() {
         rows.push(vec![f32::NAN; vocab]);
         let flat: Vec<f32> = rows.concat();
         let logits = Tensor::from_vec(flat, (rows.len(), vocab), &device).unwrap();
-        let chosen = ops.greedy(&logits).unwrap().expect("chosen on the device");
-        let host: Vec<u32> = rows.iter().map(|r| llorch::models::argmax(r)).collect();
+        let greedy = vec![&Choice::Greedy; rows.len()];
+        let chosen = ops
+            .choose(&logits, &greedy)
+            .unwrap()
+            .expect("chosen on the device");
+        let host: Vec<(u32, bool)> = rows
+            .iter()
+            .map(|r| (llorch::models::argmax(r), false))
+            .collect();
         assert_eq!(chosen, host, "vocab {vocab}");
     }
+    let zeros = Tensor::zeros((1, 4), DType::F32, &device).unwrap();
     assert_eq!(
-        Ops::Candle
-            .greedy(&Tensor::zeros((1, 4), DType::F32, &device).unwrap())
-            .unwrap(),
+        Ops::Candle.choose(&zeros, &[&Choice::Greedy]).unwrap(),
         None
+    );
+}
+
+/// Draws on the device are the host sampler's: for every setting (temperature, min-p, logit
+/// bias, repetition, presence and frequency penalties, greedy with penalties) and its seed,
+/// 24 steps of random logits (some with a NaN, some rows all -inf) give the tokens
+/// `Sampler::sample` gives, the RNG and the penalties staying in step; a row that asks for
+/// its logits is left as it was. Vocabularies of one token, part of a block, one block, and
+/// several with a tail.
+#[test]
+fn draws_on_the_device_are_the_host_samplers_tokens() {
+    let device = device();
+    let ops = kernels(&device, DType::F32, 64);
+    let settings = [
+        SamplingParams::default(),
+        SamplingParams {
+            temperature: 0.7,
+            min_p: 0.05,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 1.3,
+            repetition_penalty: 1.2,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            logit_bias: vec![(5, 3.0), (2, -1.0), (5, 0.25)],
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            repetition_penalty: 1.5,
+            logit_bias: vec![(1, 0.5)],
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            temperature: 2.0,
+            min_p: 0.5,
+            ..SamplingParams::default()
+        },
+    ];
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut not_the_argmax = 0;
+    for vocab in [1usize, 9, 1024, 3001, 32000] {
+        let seeded = |i: usize, p: &SamplingParams| {
+            Sampler::new(SamplingParams {
+                seed: Some((i * 7 + vocab) as u64),
+                ..p.clone()
+            })
+        };
+        let mut host: Vec<Sampler> = settings
+            .iter()
+            .enumerate()
+            .map(|(i, p)| seeded(i, p))
+            .collect();
+        let mut mirror: Vec<Sampler> = settings
+            .iter()
+            .enumerate()
+            .map(|(i, p)| seeded(i, p))
+            .collect();
+        let mut previous: Vec<Vec<u32>> = vec![vec![0, 3, 3]; settings.len()];
+        for step in 0..24 {
+            let mut rows: Vec<Vec<f32>> = (0..=settings.len())
+                .map(|_| {
+                    (0..vocab)
+                        .map(|_| rng.random::<f32>() * 8.0 - 4.0)
+                        .collect()
+                })
+                .collect();
+            if step % 6 == 5 {
+                rows[0].fill(f32::NEG_INFINITY);
+            }
+            if step % 4 == 1 {
+                rows[2][vocab / 3] = f32::NAN;
+            }
+            let mut choices: Vec<Choice> = mirror
+                .iter()
+                .zip(&previous)
+                .map(|(s, p)| Choice::Draw(s.device_draw(p).expect("no top-k or top-p")))
+                .collect();
+            choices.push(Choice::Logits);
+            let chosen: Vec<&Choice> = choices.iter().collect();
+            let logits = Tensor::from_vec(rows.concat(), (rows.len(), vocab), &device).unwrap();
+            let picked = ops
+                .choose(&logits, &chosen)
+                .unwrap()
+                .expect("chosen on the device");
+            for (r, sampler) in host.iter_mut().enumerate() {
+                let expected = sampler.sample(&mut rows[r].clone(), &previous[r]);
+                assert_eq!(
+                    picked[r].0, expected,
+                    "vocab {vocab}, step {step}, setting {r}"
+                );
+                not_the_argmax += usize::from(expected != llorch::models::argmax(&rows[r]));
+                mirror[r].take_drawn(picked[r].0, picked[r].1);
+                previous[r].push(expected);
+            }
+            let untouched = logits.i(settings.len()).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(untouched, rows[settings.len()]);
+        }
+    }
+    assert!(
+        not_the_argmax > 100,
+        "{not_the_argmax} draws were not the argmax"
     );
 }

@@ -25,10 +25,12 @@ PROMPT = 16
 DECODE = 128
 
 
-def stream_times(prompt, max_tokens, out, index):
-    """One streamed completion; appends (first token time, last token time, tokens) to out."""
+def stream_times(prompt, max_tokens, out, index, sampling=None):
+    """One streamed completion (greedy unless `sampling` gives other fields); appends (first
+    token time, last token time, tokens) to out."""
     body = json.dumps({"model": "big", "prompt": prompt, "max_tokens": max_tokens,
-                       "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+                       "temperature": 0, "ignore_eos": True, "stream": True,
+                       **(sampling or {})}).encode()
     request = urllib.request.Request(URL + "/v1/completions", data=body, method="POST",
                                      headers={"content-type": "application/json"})
     first = last = None
@@ -49,12 +51,13 @@ def stream_times(prompt, max_tokens, out, index):
     out[index] = (first, last, tokens)
 
 
-def concurrent(streams, start):
+def concurrent(streams, start, sampling=None):
     """`streams` streams at once, each its own prompt; the aggregate decode rate while all of
     them decoded (from the last first token to the first last token) and over the whole run."""
     results = [None] * streams
     threads = [threading.Thread(target=stream_times,
-                                args=(issue6.words(PROMPT, start + 100 * s), DECODE, results, s))
+                                args=(issue6.words(PROMPT, start + 100 * s), DECODE, results, s,
+                                      sampling))
                for s in range(streams)]
     began = time.perf_counter()
     for t in threads:

@@ -21,7 +21,8 @@ rm -rf .gpu/tests .gpu/llorch.xz
 mkdir -p .gpu/tests .gpu/fixtures/models
 xz -T2 -6 -c target-cuda/release/llorch >.gpu/llorch.xz
 while read -r name path; do
-    strip -o "/tmp/$name" "$path"
+    # Function names stay (a hung test is backtraced on the GPU machine); debug info goes.
+    strip --strip-debug -o "/tmp/$name" "$path"
     xz -T2 -6 -c "/tmp/$name" >".gpu/tests/$name.xz"
 done <<<"$tests"
 cp "$FIXTURES/index.json" .gpu/fixtures/

@@ -7,6 +7,7 @@
 //! who runs and owns the block tables; the model owns the cache's storage.
 
 use super::error::GenerationError;
+use super::sampling::DeviceDraw;
 
 /// The geometry of a paged KV cache: `blocks` blocks of `block_size` token slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,17 +220,23 @@ pub trait BatchedModel {
     /// token's for one with `logits`.
     fn forward_batch(&mut self, seqs: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, GenerationError>;
 
+    /// Whether [`BatchedModel::forward_choosing`] honours [`Choice::Draw`]: the engine
+    /// prepares draws only for such a model.
+    fn draws(&self) -> bool {
+        false
+    }
+
     /// Runs one step as [`BatchedModel::forward_batch`] does, except that the row of a chunk
-    /// marked in `greedy` (one that asks for its last token's logits only) may come back as
-    /// its greedy token: a model whose logits lie on a GPU chooses there and copies back only
-    /// the ids. This default returns every row's logits: on the host the sequences' samplers
-    /// choose, side by side on rayon's pool.
-    fn forward_greedy(
+    /// whose choice in `choices` is not [`Choice::Logits`] (one that asks for its last
+    /// token's logits only) may come back as the token chosen from them: a model whose logits
+    /// lie on a GPU chooses there and copies back only the ids. This default returns every
+    /// row's logits: on the host the sequences' samplers choose, side by side on rayon's pool.
+    fn forward_choosing(
         &mut self,
         seqs: &[SeqChunk<'_>],
-        greedy: &[bool],
+        choices: &[Choice],
     ) -> Result<Vec<Row>, GenerationError> {
-        let _ = greedy;
+        let _ = choices;
         Ok(self
             .forward_batch(seqs)?
             .into_iter()
@@ -238,32 +245,60 @@ pub trait BatchedModel {
     }
 }
 
-/// One row of a step's output: a token's logits, or the greedy token chosen from them.
+/// How a chunk's last row is wanted back from a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Choice {
+    /// Its logits: the host samples.
+    Logits,
+    /// The argmax of its raw logits.
+    Greedy,
+    /// The token this draw picks from its logits (the host sampler's choice, made where the
+    /// logits lie).
+    Draw(DeviceDraw),
+}
+
+/// The choice of a row that is not chosen: its logits come back.
+pub static LOGITS: Choice = Choice::Logits;
+
+/// One row of a step's output: a token's logits, or the token chosen from them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Row {
     /// The logits.
     Logits(Vec<f32>),
     /// The index of the largest logit, as [`super::argmax`] gives it.
     Greedy(u32),
+    /// The token a [`Choice::Draw`] picked, and whether the draw used its fraction.
+    Drawn {
+        /// The token.
+        token: u32,
+        /// Whether the sampler's RNG is to advance past the fraction.
+        used_fraction: bool,
+    },
 }
 
 impl Row {
-    /// The logits, unless the row was chosen greedily.
+    /// The logits, unless a token was chosen from them.
     pub fn into_logits(self) -> Option<Vec<f32>> {
         match self {
             Row::Logits(logits) => Some(logits),
-            Row::Greedy(_) => None,
+            Row::Greedy(_) | Row::Drawn { .. } => None,
         }
     }
 }
 
-/// For each row a step returns (each chunk's [`SeqChunk::logit_rows`], in order), whether it
-/// comes back as its greedy token: the row of a chunk marked in `greedy` that asks for its
-/// last token's logits only.
-pub fn greedy_rows(seqs: &[SeqChunk<'_>], greedy: &[bool]) -> Vec<bool> {
+/// For each row a step returns (each chunk's [`SeqChunk::logit_rows`], in order), how it comes
+/// back: the choice of a chunk that asks for its last token's logits only, [`LOGITS`] for
+/// every row of a chunk that asks for all of its rows.
+pub fn chosen_rows<'a>(seqs: &[SeqChunk<'_>], choices: &'a [Choice]) -> Vec<&'a Choice> {
     seqs.iter()
-        .zip(greedy)
-        .flat_map(|(seq, &greedy)| std::iter::repeat_n(greedy && !seq.all_logits, seq.logit_rows()))
+        .zip(choices)
+        .flat_map(|(seq, choice)| {
+            let choice = match seq.all_logits {
+                true => &LOGITS,
+                false => choice,
+            };
+            std::iter::repeat_n(choice, seq.logit_rows())
+        })
         .collect()
 }
 
@@ -271,19 +306,26 @@ pub fn greedy_rows(seqs: &[SeqChunk<'_>], greedy: &[bool]) -> Vec<bool> {
 mod tests {
     use super::*;
 
-    /// Only a chunk marked greedy that asks for its last row alone gets that row chosen.
+    /// Only a chunk that asks for its last row alone gets that row chosen.
     #[test]
-    fn greedy_rows_follow_each_chunks_rows() {
+    fn chosen_rows_follow_each_chunks_rows() {
         let table = [0u32, 1];
         let mut echo = chunk(&[1, 2, 3], 0, &table);
         echo.all_logits = true;
         let mut silent = chunk(&[4, 5], 0, &table);
         silent.logits = false;
         let chunks = [chunk(&[6], 3, &table), echo, silent, chunk(&[7], 2, &table)];
-        assert_eq!(
-            greedy_rows(&chunks, &[true, true, true, false]),
-            [true, false, false, false, false]
-        );
+        let choices = [
+            Choice::Greedy,
+            Choice::Greedy,
+            Choice::Greedy,
+            Choice::Logits,
+        ];
+        let rows: Vec<bool> = chosen_rows(&chunks, &choices)
+            .iter()
+            .map(|c| **c == Choice::Greedy)
+            .collect();
+        assert_eq!(rows, [true, false, false, false, false]);
     }
 
     fn chunk<'a>(tokens: &'a [u32], context_len: usize, table: &'a [u32]) -> SeqChunk<'a> {

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::batch::Row;
+use super::batch::{Choice, Row};
 use super::detok::Detokenizer;
 use super::error::GenerationError;
 use super::grammar::{Constraint, Guide};
@@ -343,9 +343,27 @@ impl Sequence {
             && self.guide.is_none()
     }
 
+    /// How this sequence's next token is to come back from a step: greedy where
+    /// [`Sequence::samples_raw_argmax`]; drawn where the logits lie when the model `draws`
+    /// and the sampler's settings allow ([`Sampler::device_draw`]; not under a grammar or
+    /// with log probabilities, which read the logits); otherwise the logits.
+    pub fn choice(&self, draws: bool) -> Choice {
+        if self.samples_raw_argmax() {
+            return Choice::Greedy;
+        }
+        let reads_logits = self.params.logprobs.is_some() || self.guide.is_some();
+        match draws && !reads_logits {
+            true => self
+                .sampler
+                .device_draw(&self.all_ids)
+                .map_or(Choice::Logits, Choice::Draw),
+            false => Choice::Logits,
+        }
+    }
+
     /// Takes a step's row for this sequence: samples from its logits ([`Sequence::accept`]),
-    /// or appends the token chosen from them when it came back chosen (only for a sequence
-    /// that [`Sequence::samples_raw_argmax`]: the sampler would choose the same).
+    /// or appends the token chosen from them when it came back chosen (as this sequence's
+    /// [`Sequence::choice`] asked: the sampler would choose the same).
     pub fn accept_row(
         &mut self,
         row: Row,
@@ -355,6 +373,13 @@ impl Sequence {
             Row::Logits(logits) => self.accept(logits, tokenizer),
             Row::Greedy(token) => {
                 debug_assert!(self.samples_raw_argmax());
+                self.append(token, false, None, tokenizer)
+            }
+            Row::Drawn {
+                token,
+                used_fraction,
+            } => {
+                self.sampler.take_drawn(token, used_fraction);
                 self.append(token, false, None, tokenizer)
             }
         }

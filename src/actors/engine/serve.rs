@@ -17,7 +17,7 @@ use super::{
     panic_message, Command, EngineConfig, EngineError, EngineExit, Job, Shared, TokenEvent,
     PAUSE_POLL,
 };
-use crate::models::batch::{KvLayout, Row, SeqChunk};
+use crate::models::batch::{Choice, KvLayout, Row, SeqChunk};
 use crate::models::device_label;
 use crate::models::{
     available_memory, prepare_prompt, FinishReason, GenerationError, LoadError, LoadedModel,
@@ -312,9 +312,21 @@ impl<'a> Engine<'a> {
             }
             return Ok(vec![Row::Logits(self.model.forward(tokens, chunk.start)?)]);
         }
-        // Sequences that sample greedily from the raw logits get their token chosen where
-        // the logits lie.
-        let greedy = self.per_chunk(plan, |_, s| s.samples_raw_argmax());
+        let Some(model) = self.model.model.batched() else {
+            return Err(GenerationError::Forward(
+                "the model lost its batched path".into(),
+            ));
+        };
+        // Sequences whose token the model can choose where the logits lie get it chosen there.
+        let draws = model.draws();
+        let choices: Vec<Choice> = plan
+            .chunks
+            .iter()
+            .map(|c| match (c.logits, self.entries.get(&c.seq)) {
+                (true, Some(entry)) => entry.sequence.choice(draws),
+                _ => Choice::Logits,
+            })
+            .collect();
         let chunks: Vec<SeqChunk<'_>> = plan
             .chunks
             .iter()
@@ -327,12 +339,7 @@ impl<'a> Engine<'a> {
                 all_logits,
             })
             .collect();
-        match self.model.model.batched() {
-            Some(model) => model.forward_greedy(&chunks, &greedy),
-            None => Err(GenerationError::Forward(
-                "the model lost its batched path".into(),
-            )),
-        }
+        model.forward_choosing(&chunks, &choices)
     }
 
     /// `test` of each chunk of `plan` and its sequence (false where the sequence has left).

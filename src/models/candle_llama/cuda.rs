@@ -10,6 +10,9 @@ use candle_core::{bail, DType, Device, Result, Storage, Tensor};
 use half::{bf16, f16};
 use std::sync::Arc;
 
+use crate::models::batch::Choice;
+use crate::models::Adjustment;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llorch_kernels.ptx"));
 
 /// The widest head the kernels take (eight values per lane of a warp).
@@ -24,7 +27,7 @@ pub struct Kernels {
     rope_kv_write: CudaFunction,
     paged_attention: CudaFunction,
     silu_mul: CudaFunction,
-    argmax: CudaFunction,
+    sample: CudaFunction,
 }
 
 impl Kernels {
@@ -49,8 +52,8 @@ impl Kernels {
             rope_kv_write: load("rope_kv_write")?,
             paged_attention: load("paged_attention")?,
             silu_mul: load("silu_mul")?,
-            argmax: device
-                .get_or_load_custom_func("argmax_f32", "llorch_kernels", PTX)?
+            sample: device
+                .get_or_load_custom_func("sample_f32", "llorch_kernels", PTX)?
                 .into_cuda_function(),
         })
     }
@@ -289,23 +292,92 @@ impl Kernels {
         Ok(out)
     }
 
-    /// Each row's greedy token: the index of the largest of `logits` (`[rows, vocab]`, f32),
-    /// the first of equal ones, never a NaN (0 for a row of NaNs), as [`crate::models::argmax`].
-    pub fn argmax(&self, logits: &Tensor) -> Result<Tensor> {
+    /// Each row's token of `logits` (`[rows, vocab]`, f32; the rows drawn from are adjusted
+    /// in place) as `choices` ask, with whether the draw used its fraction: the argmax of the
+    /// raw logits for [`Choice::Greedy`], the host sampler's choice for [`Choice::Draw`]
+    /// (`sample.cu` follows its arithmetic), nothing for [`Choice::Logits`] (`(0, false)`).
+    pub fn choose(&self, logits: &Tensor, choices: &[&Choice]) -> Result<Vec<(u32, bool)>> {
         let (rows, vocab) = logits.dims2()?;
-        let out = self.indices(rows)?;
-        let (input, output) = (self.ptr(logits, DType::F32)?, self.index(&out)?);
+        if choices.len() != rows || vocab > MAX_DRAW_VOCAB {
+            bail!(
+                "choose: {} choices for {rows} rows of {vocab} logits",
+                choices.len()
+            )
+        }
+        let (spec, fractions) = draw_spec(choices);
+        let count = spec.len();
+        let spec = Tensor::from_vec(spec, count, &self.device)?;
+        let fractions = Tensor::from_vec(fractions, rows, &self.device)?;
+        // SAFETY: the kernel writes every weight of a row it draws from before reading it.
+        #[allow(unsafe_code)]
+        let weights = unsafe { Tensor::empty((rows, vocab), DType::F32, &self.device) }?;
+        let out = self.indices(2 * rows)?;
+        let ptrs = [
+            self.ptr(logits, DType::F32)?,
+            self.ptr(&weights, DType::F32)?,
+            self.index(&spec)?,
+            self.ptr(&fractions, DType::F64)?,
+            self.index(&out)?,
+        ];
         let vocab = vocab as i32;
         let config = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = self.stream.launch_builder(&self.argmax);
-        launch.arg(&input).arg(&output).arg(&vocab);
+        let mut launch = self.stream.launch_builder(&self.sample);
+        for ptr in &ptrs {
+            launch.arg(ptr);
+        }
+        launch.arg(&vocab);
         enqueue(launch, config)?;
-        Ok(out)
+        let out = out.to_vec1::<u32>()?;
+        Ok(out.chunks(2).map(|pair| (pair[0], pair[1] != 0)).collect())
     }
+}
+
+/// The most tokens a vocabulary may have for draws on the device (the sampling kernel keeps
+/// every block's sums in shared memory).
+pub const MAX_DRAW_VOCAB: usize = 262_144;
+
+/// The sampling kernel's inputs for `choices`: five words per row (mode: 0 argmax, 1 draw,
+/// 2 none; where its adjustments start; how many; 1/temperature and min-p as f32 bits), then
+/// the adjustments, three words each (kind, token, value bits); and each row's fraction.
+fn draw_spec(choices: &[&Choice]) -> (Vec<u32>, Vec<f64>) {
+    let rows = choices.len();
+    let mut heads = Vec::with_capacity(5 * rows);
+    let mut adjustments = Vec::new();
+    let mut fractions = vec![0f64; rows];
+    for (row, choice) in choices.iter().enumerate() {
+        let start = (5 * rows + adjustments.len()) as u32;
+        let (mode, draw) = match choice {
+            Choice::Logits => (2, None),
+            Choice::Greedy => (0, None),
+            Choice::Draw(draw) => (u32::from(!draw.greedy), Some(draw)),
+        };
+        let mut count = 0;
+        if let Some(draw) = draw {
+            fractions[row] = draw.fraction;
+            for adjustment in &draw.adjustments {
+                let (kind, token, value) = match *adjustment {
+                    Adjustment::Add(token, value) => (0, token, value),
+                    Adjustment::Repeat(token, value) => (1, token, value),
+                    Adjustment::Subtract(token, value) => (2, token, value),
+                };
+                adjustments.extend([kind, token, value.to_bits()]);
+                count += 1;
+            }
+        }
+        heads.extend([
+            mode,
+            start,
+            count,
+            draw.map_or(0, |d| d.inverse_temperature.to_bits()),
+            draw.map_or(0, |d| d.min_p.to_bits()),
+        ]);
+    }
+    heads.extend(adjustments);
+    (heads, fractions)
 }
 
 /// Enqueues the kernel whose arguments `launch` holds.
@@ -326,6 +398,7 @@ fn base_ptr(storage: &CudaStorage, dtype: DType, stream: &CudaStream) -> Result<
         DType::F16 => storage.as_cuda_slice::<f16>()?.device_ptr(stream).0,
         DType::BF16 => storage.as_cuda_slice::<bf16>()?.device_ptr(stream).0,
         DType::U32 => storage.as_cuda_slice::<u32>()?.device_ptr(stream).0,
+        DType::F64 => storage.as_cuda_slice::<f64>()?.device_ptr(stream).0,
         other => bail!("fused kernel: no pointer for {other:?}"),
     })
 }

@@ -133,8 +133,8 @@ impl DecodeGraphs {
     }
 
     /// Captures the decode step of `batch` sequences: one eager run of padding rows first
-    /// (it loads the kernels and sizes cuBLAS's workspace outside the capture), then the
-    /// recorded run, whose intermediate tensors are all freed inside the graph.
+    /// (it loads the kernels and uploads candle's kernel parameters outside the capture), then
+    /// the recorded run, whose intermediate tensors are all freed inside the graph.
     fn capture(
         &self,
         model: &CandleLlama,
@@ -148,6 +148,11 @@ impl DecodeGraphs {
         let count = host.len();
         let inputs = Tensor::from_vec(host, count, &model.device)?;
         let index = StepIndex::decode(&inputs, batch, width, size, model.hyper.window)?;
+        // From here candle keeps the small host buffers its kernels upload (shapes and
+        // strides) on the device, keyed by content: the eager run fills that cache and the
+        // recorded run reads it, so that no host-to-device copy is recorded (one from pageable
+        // memory cannot be captured). The inputs above were uploaded before, uncached.
+        let _cached_uploads = self.device.enable_cuda_graph_htod_cache();
         let logits = all_logits(model, &index, pool)?;
         self.stream
             .synchronize()

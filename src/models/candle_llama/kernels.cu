@@ -8,9 +8,9 @@
 // - paged_attention: one query per sequence over its own cache, read through its block table
 //   (every sequence of a step in one launch, any length, grouped-query heads, sliding window);
 // - silu_mul: silu(gate) * up of a fused gate/up projection;
-// - argmax_f32: each row's greedy token (f32 logits only).
+// - sample_f32 (sample.cu): each row's greedy token or the host sampler's draw (f32 logits).
 //
-// Every kernel exists for bf16, f16 and f32 storage (suffixes _bf16, _f16, _f32).
+// Every decoder kernel exists for bf16, f16 and f32 storage (suffixes _bf16, _f16, _f32).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -202,52 +202,6 @@ __device__ void silu_mul(const T* gate_up, T* out, int rows, int ffn) {
     }
 }
 
-// Grid (rows), 256 threads. out[r]: the index of row r's largest logit, the first of equal
-// ones; NaN is never the largest (0 when every logit is NaN), as the host's argmax.
-extern "C" __global__ void argmax_f32(const float* logits, uint32_t* out, int vocab) {
-    __shared__ float s_value[32];
-    __shared__ int s_index[32];
-    const float* row = logits + (size_t)blockIdx.x * vocab;
-    float best = 0.f;
-    int at = -1;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float v = row[i];
-        if (!isnan(v) && (at < 0 || v > best)) {
-            best = v;
-            at = i;
-        }
-    }
-    // A candidate beats another when it exists and is larger, or equal and earlier.
-    auto merge = [&](float v, int i) {
-        if (i >= 0 && (at < 0 || v > best || (v == best && i < at))) {
-            best = v;
-            at = i;
-        }
-    };
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        const float v = __shfl_xor_sync(0xffffffff, best, offset);
-        const int i = __shfl_xor_sync(0xffffffff, at, offset);
-        merge(v, i);
-    }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) {
-        s_value[warp] = best;
-        s_index[warp] = at;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = (blockDim.x + 31) / 32;
-        best = lane < warps ? s_value[lane] : 0.f;
-        at = lane < warps ? s_index[lane] : -1;
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            const float v = __shfl_xor_sync(0xffffffff, best, offset);
-            const int i = __shfl_xor_sync(0xffffffff, at, offset);
-            merge(v, i);
-        }
-        if (lane == 0) out[blockIdx.x] = at < 0 ? 0 : at;
-    }
-}
-
 #define INSTANTIATE(T, SUFFIX)                                                                   \
     extern "C" __global__ void add_rms_norm_##SUFFIX(T* x, const T* delta, const T* weight,      \
                                                      T* out, int hidden, float eps,             \
@@ -275,3 +229,5 @@ extern "C" __global__ void argmax_f32(const float* logits, uint32_t* out, int vo
 INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
+
+#include "sample.cu"

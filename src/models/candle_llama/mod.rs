@@ -18,7 +18,9 @@ pub mod ops;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::batch::{check_step, greedy_rows, BatchedModel, KvDtype, KvLayout, Row, SeqChunk, Solo};
+use super::batch::{
+    check_step, chosen_rows, BatchedModel, Choice, KvDtype, KvLayout, Row, SeqChunk, Solo,
+};
 use super::cpu::llama_hf::FamilyConfig;
 use super::error::GenerationError;
 use super::sampling::argmax;
@@ -207,7 +209,7 @@ impl CandleLlama {
             self.solo_pool = Some(grown);
         }
         let rows = match &self.solo_pool {
-            Some(pool) => self.step(&[self.solo.chunk(ids)], pool, &[false])?,
+            Some(pool) => self.step(&[self.solo.chunk(ids)], pool, &[&Choice::Logits])?,
             None => return Err(GenerationError::Forward("no cache".to_string())),
         };
         self.solo.advance(ids.len());
@@ -247,12 +249,12 @@ impl CandleLlama {
         )
     }
 
-    /// Runs a step eagerly; `chosen`: which of its rows come back as their greedy token.
+    /// Runs a step eagerly; `chosen`: how each of its rows comes back.
     fn step(
         &self,
         seqs: &[SeqChunk<'_>],
         pool: &KvPool,
-        chosen: &[bool],
+        chosen: &[&Choice],
     ) -> Result<Vec<Row>, GenerationError> {
         check_step(seqs, pool.layout(), self.vocab)?;
         let scores = match self.dtype {
@@ -273,39 +275,38 @@ impl CandleLlama {
         })
     }
 
-    /// A step's f32 `logits` as rows for the host: the greedy token of the rows marked in
-    /// `chosen`, chosen on the device by the fused kernels when they run (then a step of
-    /// greedy rows only copies back nothing but their ids), the logits of the others.
-    fn rows(&self, logits: &Tensor, chosen: &[bool]) -> candle_core::Result<Vec<Row>> {
-        let on_device = match chosen.contains(&true) {
-            true => self.ops.greedy(logits)?,
+    /// A step's f32 `logits` as rows for the host, as `chosen` asks for each: with the fused
+    /// kernels the tokens of greedy rows and draws are chosen on the device (a step of such
+    /// rows only copies back their ids), the logits of the others come back; with candle's
+    /// ops the host takes greedy rows' argmax and draws come back as logits.
+    fn rows(&self, logits: &Tensor, chosen: &[&Choice]) -> candle_core::Result<Vec<Row>> {
+        let on_device = match chosen.iter().any(|c| **c != Choice::Logits) {
+            true => self.ops.choose(logits, chosen)?,
             false => None,
         };
-        if let Some(ids) = on_device {
-            let mut all = match chosen.contains(&false) {
-                true => Some(logits.to_vec2::<f32>()?.into_iter()),
-                false => None,
-            };
-            return Ok(ids
-                .into_iter()
-                .zip(chosen)
-                .map(
-                    |(id, &greedy)| match (greedy, all.as_mut().and_then(Iterator::next)) {
-                        (false, Some(row)) => Row::Logits(row),
-                        _ => Row::Greedy(id),
+        let copied = on_device.is_none() || chosen.iter().any(|c| **c == Choice::Logits);
+        let mut all = match copied {
+            true => Some(logits.to_vec2::<f32>()?.into_iter()),
+            false => None,
+        };
+        chosen
+            .iter()
+            .enumerate()
+            .map(|(r, choice)| {
+                let row = all.as_mut().and_then(Iterator::next);
+                let picked = on_device.as_ref().map(|p| p[r]);
+                Ok(match (choice, picked, row) {
+                    (Choice::Greedy, Some((token, _)), _) => Row::Greedy(token),
+                    (Choice::Draw(_), Some((token, used_fraction)), _) => Row::Drawn {
+                        token,
+                        used_fraction,
                     },
-                )
-                .collect());
-        }
-        Ok(logits
-            .to_vec2::<f32>()?
-            .into_iter()
-            .zip(chosen)
-            .map(|(row, &greedy)| match greedy {
-                true => Row::Greedy(argmax(&row)),
-                false => Row::Logits(row),
+                    (Choice::Greedy, None, Some(row)) => Row::Greedy(argmax(&row)),
+                    (_, _, Some(row)) => Row::Logits(row),
+                    (_, _, None) => candle_core::bail!("a row's logits were not copied"),
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Runs the step that `index` describes: writes its keys and values into `pool` and
@@ -415,7 +416,7 @@ impl CandleLlama {
         &self,
         graphs: &mut graphs::DecodeGraphs,
         seqs: &[SeqChunk<'_>],
-        chosen: &[bool],
+        chosen: &[&Choice],
     ) -> Result<Option<Vec<Row>>, GenerationError> {
         let pool = self.pool()?;
         check_step(seqs, pool.layout(), self.vocab)?;
@@ -447,16 +448,20 @@ impl BatchedModel for CandleLlama {
     }
 
     fn forward_batch(&mut self, seqs: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, GenerationError> {
-        let rows = self.forward_greedy(seqs, &vec![false; seqs.len()])?;
+        let rows = self.forward_choosing(seqs, &vec![Choice::Logits; seqs.len()])?;
         Ok(rows.into_iter().filter_map(Row::into_logits).collect())
     }
 
-    fn forward_greedy(
+    fn draws(&self) -> bool {
+        self.ops.draws(self.vocab)
+    }
+
+    fn forward_choosing(
         &mut self,
         seqs: &[SeqChunk<'_>],
-        greedy: &[bool],
+        choices: &[Choice],
     ) -> Result<Vec<Row>, GenerationError> {
-        let chosen = greedy_rows(seqs, greedy);
+        let chosen = chosen_rows(seqs, choices);
         #[cfg(feature = "cuda")]
         if let Some(mut graphs) = self.graphs.take() {
             let replayed = self.replay(&mut graphs, seqs, &chosen);

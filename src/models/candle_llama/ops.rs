@@ -5,6 +5,8 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::models::batch::Choice;
+
 /// The environment variable that turns the fused CUDA kernels off (`candle`) for comparison.
 pub const KERNELS_VAR: &str = "LLORCH_CUDA_KERNELS";
 
@@ -180,17 +182,30 @@ impl Ops {
 }
 
 impl Ops {
-    /// Each row's greedy token of `logits` (`[rows, vocab]`, f32), chosen on the device by the
-    /// fused kernels, as [`crate::models::argmax`] chooses (the first of equal maxima, never a
-    /// NaN); `None` with candle's ops, whose argmax breaks ties otherwise: the host chooses.
-    pub fn greedy(&self, logits: &Tensor) -> Result<Option<Vec<u32>>> {
+    /// Whether [`Ops::choose`] chooses on the device for a vocabulary of `vocab` tokens.
+    pub fn draws(&self, vocab: usize) -> bool {
         match self {
             Ops::Candle => {
-                let _ = logits;
+                let _ = vocab;
+                false
+            }
+            #[cfg(feature = "cuda")]
+            Ops::Cuda(_) => vocab <= super::cuda::MAX_DRAW_VOCAB,
+        }
+    }
+
+    /// Each row's token of `logits` (`[rows, vocab]`, f32) as `choices` ask, chosen on the
+    /// device by the fused kernels (the argmax as [`crate::models::argmax`] takes it, a draw
+    /// as the host's sampler makes it), with whether a draw used its fraction; `None` with
+    /// candle's ops: the host chooses.
+    pub fn choose(&self, logits: &Tensor, choices: &[&Choice]) -> Result<Option<Vec<(u32, bool)>>> {
+        match self {
+            Ops::Candle => {
+                let _ = (logits, choices);
                 Ok(None)
             }
             #[cfg(feature = "cuda")]
-            Ops::Cuda(kernels) => kernels.argmax(logits)?.to_vec1::<u32>().map(Some),
+            Ops::Cuda(kernels) => kernels.choose(logits, choices).map(Some),
         }
     }
 }

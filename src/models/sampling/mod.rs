@@ -11,6 +11,9 @@ use super::error::GenerationError;
 use candidates::Candidates;
 
 mod candidates;
+mod device;
+
+pub use device::{Adjustment, DeviceDraw};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -1,0 +1,148 @@
+// Token sampling on the device (included by kernels.cu): the host sampler's arithmetic
+// (`src/models/sampling`, `src/models/cpu/exp.rs`) operation for operation, so that a row
+// sampled here gives the token the host would give for the same logits and the same drawn
+// fraction. Every float operation is written as its rounded intrinsic (`__fadd_rn`, ...):
+// nvcc would otherwise fuse a product and a sum into one FMA, which the host never does.
+
+#define SAMPLE_THREADS 256
+// Values per block summed in f32 before the f64 total (the host's SUM_BLOCK).
+#define SUM_BLOCK 1024
+// The most blocks of a vocabulary (262 144 tokens): eight lanes and a tail each.
+#define MAX_SUM_BLOCKS 256
+
+// The host's `exp_nonpositive`: e^x for x <= 0 as 2^n * (degree-6 Taylor polynomial of e^r).
+__device__ __forceinline__ float exp_nonpositive(float x) {
+    const float n = floorf(__fadd_rn(__fmul_rn(x, 0x1.715476p+0f), 0.5f));
+    const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, 0x1.63p-1f)), __fmul_rn(n, -0x1.bd0106p-13f));
+    float poly = __fadd_rn(0x1.111112p-7f, __fmul_rn(r, 0x1.6c16c2p-10f));
+    poly = __fadd_rn(0x1.555556p-5f, __fmul_rn(r, poly));
+    poly = __fadd_rn(0x1.555556p-3f, __fmul_rn(r, poly));
+    poly = __fadd_rn(0.5f, __fmul_rn(r, poly));
+    poly = __fadd_rn(1.0f, __fmul_rn(r, poly));
+    poly = __fadd_rn(1.0f, __fmul_rn(r, poly));
+    const uint32_t biased = __float_as_uint(__fadd_rn(fmaxf(n, -126.0f), 8388735.0f));
+    const float two_n = __uint_as_float(biased << 23);
+    return x < -87.0f ? 0.0f : __fmul_rn(poly, two_n);
+}
+
+__device__ __forceinline__ float kept_weight(float w, float floor) { return w >= floor ? w : 0.0f; }
+
+// The host's `sum_at_least` of one block: eight running lanes, summed in order, then the tail.
+__device__ float block_mass(const float* lanes) {
+    float sum = -0.0f;
+    for (int j = 0; j < 8; j++) sum = __fadd_rn(sum, lanes[j]);
+    return __fadd_rn(sum, lanes[8]);
+}
+
+// One block per row. `logits`: [rows, vocab] f32, adjusted in place; `weights`: [rows, vocab]
+// scratch. `spec`: per row five words (mode, first adjustment, adjustments, 1/temperature
+// and min-p as f32 bits), then the adjustments, three words each (kind, token, f32 value):
+// kind 0 adds the value (logit bias), 1 applies it as a repetition penalty, 2 subtracts it
+// (presence and frequency penalties), in the host sampler's order. Modes: 0 greedy (the
+// argmax of the adjusted logits), 1 a draw at `fractions[row]` of the kept weight (top-k and
+// top-p off, min-p any), 2 nothing (a row the host samples). `out`: per row the token and
+// whether the fraction was used (the host's RNG advances only then).
+extern "C" __global__ void sample_f32(float* logits, float* weights, const uint32_t* spec,
+                                      const double* fractions, uint32_t* out, int vocab) {
+    __shared__ float s_value[32];
+    __shared__ int s_index[32];
+    __shared__ float s_lanes[MAX_SUM_BLOCKS * 9];
+    const int row = blockIdx.x;
+    const uint32_t* head = spec + (size_t)row * 5;
+    const uint32_t mode = head[0];
+    if (mode == 2) return;
+    float* l = logits + (size_t)row * vocab;
+    float* w = weights + (size_t)row * vocab;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (tid == 0) {
+        const uint32_t* op = spec + head[1];
+        for (uint32_t k = 0; k < head[2]; k++, op += 3) {
+            if (op[1] >= (uint32_t)vocab) continue;
+            const float v = __uint_as_float(op[2]);
+            float x = l[op[1]];
+            if (op[0] == 0) x = __fadd_rn(x, v);
+            else if (op[0] == 1) x = x < 0.0f ? __fmul_rn(x, v) : __fdiv_rn(x, v);
+            else x = __fsub_rn(x, v);
+            l[op[1]] = x;
+        }
+    }
+    __syncthreads();
+    // The largest logit that is not NaN.
+    float best = -INFINITY;
+    for (int i = tid; i < vocab; i += SAMPLE_THREADS) best = l[i] > best ? l[i] : best;
+    for (int offset = 16; offset > 0; offset >>= 1) best = fmaxf(best, __shfl_xor_sync(0xffffffff, best, offset));
+    if (lane == 0) s_value[warp] = best;
+    __syncthreads();
+    float max = -INFINITY;
+    for (int k = 0; k < SAMPLE_THREADS / 32; k++) max = fmaxf(max, s_value[k]);
+    if (mode == 0 || !isfinite(max)) {
+        // The first logit equal to the largest (0 when there is none: every logit NaN).
+        int at = vocab;
+        for (int i = tid; i < vocab && at == vocab; i += SAMPLE_THREADS)
+            if (l[i] == max) at = i;
+        for (int offset = 16; offset > 0; offset >>= 1) at = min(at, __shfl_xor_sync(0xffffffff, at, offset));
+        if (lane == 0) s_index[warp] = at;
+        __syncthreads();
+        if (tid == 0) {
+            int first = vocab;
+            for (int k = 0; k < SAMPLE_THREADS / 32; k++) first = min(first, s_index[k]);
+            out[2 * row] = first == vocab ? 0 : first;
+            out[2 * row + 1] = 0;
+        }
+        return;
+    }
+    const float inverse = __uint_as_float(head[3]);
+    const float floor = __uint_as_float(head[4]);
+    for (int i = tid; i < vocab; i += SAMPLE_THREADS) w[i] = exp_nonpositive(__fmul_rn(__fsub_rn(l[i], max), inverse));
+    __syncthreads();
+    const int blocks = (vocab + SUM_BLOCK - 1) / SUM_BLOCK;
+    for (int p = tid; p < blocks * 9; p += SAMPLE_THREADS) {
+        const int b = p / 9, j = p % 9;
+        const int start = b * SUM_BLOCK;
+        const int len = min(SUM_BLOCK, vocab - start);
+        const int whole = len / 8 * 8;
+        float sum;
+        if (j < 8) {
+            sum = 0.0f;
+            for (int c = j; c < whole; c += 8) sum = __fadd_rn(sum, kept_weight(w[start + c], floor));
+        } else {
+            sum = -0.0f;
+            for (int c = whole; c < len; c++) sum = __fadd_rn(sum, kept_weight(w[start + c], floor));
+        }
+        s_lanes[p] = sum;
+    }
+    __syncthreads();
+    if (tid != 0) return;
+    double total = 0.0;
+    for (int b = 0; b < blocks; b++) total = __dadd_rn(total, (double)block_mass(s_lanes + 9 * b));
+    double left = __dmul_rn(fractions[row], total);
+    out[2 * row + 1] = 1;
+    for (int b = 0; b < blocks; b++) {
+        const double mass = (double)block_mass(s_lanes + 9 * b);
+        if (left >= mass) {
+            left = __dsub_rn(left, mass);
+            continue;
+        }
+        const int start = b * SUM_BLOCK, end = min(vocab, start + SUM_BLOCK);
+        for (int i = start; i < end; i++) {
+            const float x = w[i];
+            if (x >= floor && x > 0.0f) {
+                left = __dsub_rn(left, (double)x);
+                if (left < 0.0) {
+                    out[2 * row] = i;
+                    return;
+                }
+            }
+        }
+    }
+    // Rounding left a sliver past the last block: the last kept token.
+    int last = 0;
+    for (int i = vocab - 1; i >= 0; i--) {
+        const float x = w[i];
+        if (x >= floor && x > 0.0f) {
+            last = i;
+            break;
+        }
+    }
+    out[2 * row] = last;
+}

@@ -28,6 +28,9 @@ KINDS = {"graphs": {}, "eager": {"LLORCH_CUDA_GRAPHS": "off"},
          "candle": {"LLORCH_CUDA_KERNELS": "candle"}}
 PROFILE_SHORT = 2
 PROFILE_LONG = 6
+# Decode steps between the two profiled runs: the warm-up (min(tokens, 4)), the measured run and
+# the one-stream run each decode their tokens.
+DECODE_STEPS = 2 * (PROFILE_LONG - PROFILE_SHORT) + min(PROFILE_LONG, 4) - min(PROFILE_SHORT, 4)
 
 
 def card():
@@ -156,7 +159,8 @@ def kernel_table(csv_text):
     table = {}
     for row in rows[1:]:
         value = float(row[value_at].replace(",", ""))
-        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}.get(row[unit_at], 1.0)
+        scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
+                 "s": 1e6, "second": 1e6}[row[unit_at]]
         entry = table.setdefault(row[name_at].split("(")[0][:80], [0, 0.0])
         entry[0] += 1
         entry[1] += value * scale
@@ -166,10 +170,10 @@ def kernel_table(csv_text):
 def profile():
     """Kernels per decode token and GPU time per kernel (ncu, which times each kernel alone;
     nsys makes no report on these machines): one `llorch bench` stream of PROFILE_SHORT and
-    one of PROFILE_LONG decode tokens per kind (a measured run and a one-stream run each, after
-    the same warm-up): the difference is 2 × (PROFILE_LONG - PROFILE_SHORT) decode steps."""
+    one of PROFILE_LONG decode tokens per kind (a warm-up of at most four tokens, a measured run
+    and a one-stream run each): the difference is DECODE_STEPS decode steps."""
     ncu = cuda_tool("ncu")
-    result = {"card": card(), "ncu": ncu, "decode_steps": 2 * (PROFILE_LONG - PROFILE_SHORT)}
+    result = {"card": card(), "ncu": ncu, "decode_steps": DECODE_STEPS}
     if ncu is None:
         report["profile"] = result
         return
@@ -183,12 +187,15 @@ def profile():
                        "--concurrency", "1"]
             run = subprocess.run(command, capture_output=True, text=True, timeout=400,
                                  env=dict(os.environ, CUDA_CACHE_PATH="/tmp/jit", **KINDS[kind]))
-            with open(os.path.join(OUT, f"profile-{kind}-{tokens}.log"), "w") as f:
-                f.write(run.stderr[-20000:])
+            if run.returncode != 0:
+                with open(os.path.join(OUT, f"profile-{kind}-{tokens}.log"), "w") as f:
+                    f.write(run.stderr[-20000:])
             csv_start = run.stdout.find('"ID"')
+            with open(os.path.join(OUT, f"profile-{kind}-{tokens}.csv"), "w") as f:
+                f.write(run.stdout[csv_start:] if csv_start >= 0 else run.stdout[-20000:])
             tables.append(kernel_table(run.stdout[csv_start:] if csv_start >= 0 else ""))
         short, long = tables
-        steps = 2 * (PROFILE_LONG - PROFILE_SHORT)
+        steps = DECODE_STEPS
         per_token = {}
         for name, entry in long.items():
             before = short.get(name, {"launches": 0, "us": 0.0})

@@ -178,7 +178,7 @@ def profile():
         report["profile"] = result
         return
     big = big_model()
-    for kind in ("graphs", "candle"):
+    for kind in os.environ.get("PROFILE_KINDS", "graphs,candle").split(","):
         tables = []
         for tokens in (PROFILE_SHORT, PROFILE_LONG):
             command = [ncu, "--csv", "--metrics", "gpu__time_duration.sum", "--clock-control", "none",

@@ -18,6 +18,13 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llorch_kernels.ptx"));
 /// The widest head the kernels take (eight values per lane of a warp).
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// Values of a row each thread of `add_rms_norm` holds (`NORM_PER_THREAD` in kernels.cu).
+const NORM_PER_THREAD: usize = 16;
+
+/// Warps of a `paged_attention` block (`WARPS` in kernels.cu), each over every sixteenth
+/// position.
+const ATTENTION_WARPS: u32 = 16;
+
 /// The kernels of one storage dtype, loaded once per model.
 pub struct Kernels {
     dtype: DType,
@@ -140,13 +147,18 @@ impl Kernels {
                 )
             }
         }
+        if hidden > NORM_PER_THREAD * 1024 {
+            bail!("add_rms_norm: rows of {hidden} values are over the kernel's 16 384")
+        }
         let out = self.output((rows, hidden))?;
         let (x_ptr, weight_ptr, out_ptr) = (self.data(x)?, self.data(weight)?, self.data(&out)?);
         let delta_ptr = delta.map(|d| self.data(d)).transpose()?.unwrap_or(0);
+        // About eight values a thread, whole warps, at most 1024 threads.
+        let threads = hidden.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32;
         let hidden = hidden as i32;
         let config = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut launch = self.stream.launch_builder(&self.add_rms_norm);
@@ -264,7 +276,7 @@ impl Kernels {
         .map(|v| v as i32);
         let config = LaunchConfig {
             grid_dim: (sequences as u32, heads as u32, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (32 * ATTENTION_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
         self.launch(&self.paged_attention, config, &ptrs, &ints, scale)?;

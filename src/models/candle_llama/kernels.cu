@@ -35,8 +35,14 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Values of a row each thread of add_rms_norm holds: a block of up to 1024 threads covers
+// hidden sizes up to 16 384.
+constexpr int NORM_PER_THREAD = 16;
+
 // One block per row. x: [rows, hidden], updated in place when delta is given
-// (x = x + delta * multiplier); out: [rows, hidden] = rmsnorm(x) * weight.
+// (x = x + delta * multiplier); out: [rows, hidden] = rmsnorm(x) * weight. Each thread keeps
+// its values (i = thread, thread + blockDim, ...) in registers between the sum and the scaling,
+// so that the row is read from memory once: every load of a thread is issued before any is used.
 template <typename T>
 __device__ void add_rms_norm(T* x, const T* delta, const T* weight, T* out, int hidden, float eps,
                              float multiplier) {
@@ -44,14 +50,26 @@ __device__ void add_rms_norm(T* x, const T* delta, const T* weight, T* out, int 
     const int row = blockIdx.x;
     T* xr = x + (size_t)row * hidden;
     const T* dr = delta ? delta + (size_t)row * hidden : nullptr;
+    float v[NORM_PER_THREAD], w[NORM_PER_THREAD];
     float sum = 0.f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = load(xr + i);
-        if (dr) {
-            v = rounded<T>(v + rounded<T>(load(dr + i) * multiplier));
-            store(xr + i, v);
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        v[k] = 0.f;
+        w[k] = 0.f;
+        if (i < hidden) {
+            v[k] = load(xr + i);
+            w[k] = load(weight + i);
+            if (dr) v[k] = rounded<T>(v[k] + rounded<T>(load(dr + i) * multiplier));
         }
-        sum += v * v;
+    }
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < hidden) {
+            if (dr) store(xr + i, v[k]);
+            sum += v[k] * v[k];
+        }
     }
     sum = warp_sum(sum);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -66,8 +84,10 @@ __device__ void add_rms_norm(T* x, const T* delta, const T* weight, T* out, int 
     __syncthreads();
     const float inv = rsqrtf(partial[0] / hidden + eps);
     T* o = out + (size_t)row * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        store(o + i, load(xr + i) * inv * load(weight + i));
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < hidden) store(o + i, v[k] * inv * w[k]);
     }
 }
 
@@ -126,7 +146,7 @@ __device__ void rope_kv_write(const T* qkv, const uint32_t* positions, const uin
 // [sequences, table_width] block ids; lens[s]: the sequence's positions, the query at the last.
 // out: [sequences, heads * dim]. Online softmax per warp over positions w, w + WARPS, ...,
 // merged at the end. dim <= 256.
-constexpr int WARPS = 4;
+constexpr int WARPS = 16;
 
 template <typename T>
 __device__ void paged_attention(const T* q, const uint32_t* rows, const T* k_cache,

@@ -43,6 +43,36 @@ fn model(dir: &std::path::Path, device: &Device) -> CandleLlama {
     CandleLlama::new(&family, vb, vocab, window, positions).unwrap()
 }
 
+/// Five prompts of 3 to 11 tokens, and their block tables (eight blocks each, interleaved).
+fn staggered_prompts() -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let prompts: Vec<Vec<u32>> = (0..5u32)
+        .map(|i| (0..3 + 2 * i).map(|t| 1 + (t * 7 + i * 13) % 200).collect())
+        .collect();
+    let tables = (0..prompts.len())
+        .map(|i| (0..8).map(|b| (b * prompts.len() + i) as u32).collect())
+        .collect();
+    (prompts, tables)
+}
+
+/// The step of the sequences in `subset`: each one's tokens from its `computed` count on.
+fn subset_chunks<'a>(
+    subset: &[usize],
+    tokens: &'a [Vec<u32>],
+    computed: &[usize],
+    tables: &'a [Vec<u32>],
+) -> Vec<SeqChunk<'a>> {
+    subset
+        .iter()
+        .map(|&i| SeqChunk {
+            tokens: &tokens[i][computed[i]..],
+            context_len: computed[i],
+            block_table: &tables[i],
+            logits: true,
+            all_logits: false,
+        })
+        .collect()
+}
+
 /// One sequence of the hand-run batch: its known tokens and how many are computed.
 struct Seq {
     tokens: Vec<u32>,
@@ -264,12 +294,7 @@ fn chosen_rows_are_the_tokens_of_the_same_steps_logits() {
             KvDtype::Auto,
         )
         .unwrap();
-    let prompts: Vec<Vec<u32>> = (0..5u32)
-        .map(|i| (0..3 + 2 * i).map(|t| 1 + (t * 7 + i * 13) % 200).collect())
-        .collect();
-    let tables: Vec<Vec<u32>> = (0..prompts.len())
-        .map(|i| (0..8).map(|b| (b * prompts.len() + i) as u32).collect())
-        .collect();
+    let (prompts, tables) = staggered_prompts();
     let mut tokens = prompts.clone();
     let mut computed = vec![0; prompts.len()];
     // The prompts, then decodes of changing subsets.
@@ -281,16 +306,7 @@ fn chosen_rows_are_the_tokens_of_the_same_steps_logits() {
         &[4, 2],
     ];
     for subset in subsets {
-        let chunks: Vec<SeqChunk<'_>> = subset
-            .iter()
-            .map(|&i| SeqChunk {
-                tokens: &tokens[i][computed[i]..],
-                context_len: computed[i],
-                block_table: &tables[i],
-                logits: true,
-                all_logits: false,
-            })
-            .collect();
+        let chunks = subset_chunks(subset, &tokens, &computed, &tables);
         let logits = model.forward_batch(&chunks).unwrap();
         // The same step again (it rewrites the same keys and values), the sequences' tokens
         // chosen greedily, drawn, or left to the host in turn.
@@ -342,9 +358,7 @@ fn decode_graphs_give_the_eager_logits_across_batch_sizes_and_caches() {
     let mut graphed = model(&path, &device);
     let mut eager = model(&path, &device);
     eager.set_graphs(false);
-    let prompts: Vec<Vec<u32>> = (0..5u32)
-        .map(|i| (0..3 + 2 * i).map(|t| 1 + (t * 7 + i * 13) % 200).collect())
-        .collect();
+    let (prompts, tables) = staggered_prompts();
     for blocks in [48, 40] {
         let layout = KvLayout {
             block_size: 16,
@@ -352,9 +366,6 @@ fn decode_graphs_give_the_eager_logits_across_batch_sizes_and_caches() {
         };
         graphed.init_kv(layout, KvDtype::Auto).unwrap();
         eager.init_kv(layout, KvDtype::Auto).unwrap();
-        let tables: Vec<Vec<u32>> = (0..prompts.len())
-            .map(|i| (0..8).map(|b| (b * prompts.len() + i) as u32).collect())
-            .collect();
         let mut tokens = prompts.clone();
         let mut computed = vec![0; prompts.len()];
         // The prompts (an eager step), then decodes of changing subsets.
@@ -368,16 +379,7 @@ fn decode_graphs_give_the_eager_logits_across_batch_sizes_and_caches() {
             &[4, 2],
         ];
         for subset in subsets {
-            let chunks: Vec<SeqChunk<'_>> = subset
-                .iter()
-                .map(|&i| SeqChunk {
-                    tokens: &tokens[i][computed[i]..],
-                    context_len: computed[i],
-                    block_table: &tables[i],
-                    logits: true,
-                    all_logits: false,
-                })
-                .collect();
+            let chunks = subset_chunks(subset, &tokens, &computed, &tables);
             let mine = graphed.forward_batch(&chunks).unwrap();
             let theirs = eager.forward_batch(&chunks).unwrap();
             for (&i, (a, b)) in subset.iter().zip(mine.iter().zip(&theirs)) {

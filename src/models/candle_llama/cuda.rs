@@ -320,9 +320,14 @@ impl Kernels {
         let count = spec.len();
         let spec = Tensor::from_vec(spec, count, &self.device)?;
         let fractions = Tensor::from_vec(fractions, rows, &self.device)?;
+        // Scratch weights for the rows that draw (a step of greedy rows reads none).
+        let draws = choices
+            .iter()
+            .any(|c| matches!(c, Choice::Draw(draw) if !draw.greedy));
+        let scratch = if draws { rows * vocab } else { 1 };
         // SAFETY: the kernel writes every weight of a row it draws from before reading it.
         #[allow(unsafe_code)]
-        let weights = unsafe { Tensor::empty((rows, vocab), DType::F32, &self.device) }?;
+        let weights = unsafe { Tensor::empty(scratch, DType::F32, &self.device) }?;
         let out = self.indices(2 * rows)?;
         let ptrs = [
             self.ptr(logits, DType::F32)?,

@@ -50,8 +50,8 @@ pub struct DecodeGraphs {
     captured: HashMap<usize, Captured>,
     /// Steps run as replays so far.
     replays: usize,
-    /// Why capturing failed, once it has: every step then runs eagerly.
-    failed: Option<String>,
+    /// Whether capturing has failed (the reason was logged): every step then runs eagerly.
+    failed: bool,
 }
 
 impl DecodeGraphs {
@@ -67,7 +67,7 @@ impl DecodeGraphs {
                 pool: None,
                 captured: HashMap::new(),
                 replays: 0,
-                failed: None,
+                failed: false,
             }),
             _ => None,
         }
@@ -102,7 +102,7 @@ impl DecodeGraphs {
         pool: &KvPool,
     ) -> Result<Option<Tensor>> {
         let size = pool.layout().block_size;
-        let Some(batch) = self.bucket(seqs, size).filter(|_| self.failed.is_none()) else {
+        let Some(batch) = self.bucket(seqs, size).filter(|_| !self.failed) else {
             return Ok(None);
         };
         if self.pool != Some(pool.id()) {
@@ -117,7 +117,7 @@ impl DecodeGraphs {
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "capturing a decode step failed; decode steps run eagerly");
-                    self.failed = Some(err.to_string());
+                    self.failed = true;
                     return Ok(None);
                 }
             }

@@ -280,11 +280,11 @@ impl CandleLlama {
     /// rows only copies back their ids), the logits of the others come back; with candle's
     /// ops the host takes greedy rows' argmax and draws come back as logits.
     fn rows(&self, logits: &Tensor, chosen: &[&Choice]) -> candle_core::Result<Vec<Row>> {
-        let on_device = match chosen.iter().any(|c| **c != Choice::Logits) {
+        let on_device = match chosen.iter().any(|c| !matches!(c, Choice::Logits)) {
             true => self.ops.choose(logits, chosen)?,
             false => None,
         };
-        let copied = on_device.is_none() || chosen.iter().any(|c| **c == Choice::Logits);
+        let copied = on_device.is_none() || chosen.iter().any(|c| matches!(c, Choice::Logits));
         let mut all = match copied {
             true => Some(logits.to_vec2::<f32>()?.into_iter()),
             false => None,

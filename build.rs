@@ -7,12 +7,17 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const SOURCE: &str = "src/models/candle_llama/kernels.cu";
-/// The file `SOURCE` includes.
-const INCLUDED: &str = "src/models/candle_llama/sample.cu";
+/// The files `SOURCE` includes.
+const INCLUDED: [&str; 2] = [
+    "src/models/candle_llama/gemv.cu",
+    "src/models/candle_llama/sample.cu",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed={SOURCE}");
-    println!("cargo:rerun-if-changed={INCLUDED}");
+    for included in INCLUDED {
+        println!("cargo:rerun-if-changed={included}");
+    }
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

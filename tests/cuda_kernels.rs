@@ -116,6 +116,48 @@ fn silu_mul_is_silu_of_the_gate_times_up() {
     }
 }
 
+/// The fused projection of one to eight rows is candle's matmul (with and without a bias, for
+/// output widths that leave partial blocks and inputs as wide as a feed-forward layer's); a
+/// ninth row, or rows whose width breaks 16-byte loads, fall back to the matmul.
+#[test]
+fn the_projection_of_a_few_rows_is_candles_matmul() {
+    let device = device();
+    for dtype in DTYPES {
+        let fused = kernels(&device, dtype, 64);
+        for (rows, k, n) in [(1, 2048, 2560), (3, 64, 7), (8, 5632, 2049), (5, 256, 1)] {
+            let x = random(&[rows, k], dtype, &device);
+            let w = random(&[n, k], dtype, &device);
+            let bias = random(&[n], dtype, &device);
+            for bias in [None, Some(bias)] {
+                let linear = candle_nn::Linear::new(w.clone(), bias);
+                let mine = fused.linear(&x, &linear).unwrap();
+                let reference = Ops::Candle.linear(&x, &linear).unwrap();
+                assert_eq!(mine.dims2().unwrap(), (rows, n));
+                let error = relative(&mine, &reference);
+                assert!(
+                    error <= tolerance(dtype),
+                    "{dtype:?} {rows}x{k}x{n}: {error}"
+                );
+            }
+            let head = fused.project(&x, &w).unwrap();
+            let error = relative(&head, &x.matmul(&w.t().unwrap()).unwrap());
+            assert!(
+                error <= tolerance(dtype),
+                "{dtype:?} head {rows}x{k}x{n}: {error}"
+            );
+        }
+    }
+    let Ops::Cuda(kernels) = kernels(&device, DType::BF16, 64) else {
+        unreachable!("the fused kernels are in use")
+    };
+    let w = random(&[16, 64], DType::BF16, &device);
+    let nine = random(&[9, 64], DType::BF16, &device);
+    assert!(kernels.gemv(&nine, &w, None).unwrap().is_none());
+    let odd = random(&[2, 60], DType::BF16, &device);
+    let w_odd = random(&[16, 60], DType::BF16, &device);
+    assert!(kernels.gemv(&odd, &w_odd, None).unwrap().is_none());
+}
+
 #[test]
 fn rope_kv_write_rotates_and_stores_what_candle_does() {
     let device = device();

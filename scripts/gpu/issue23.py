@@ -167,6 +167,12 @@ def kernel_table(csv_text):
     return {k: {"launches": n, "us": round(t, 1)} for k, (n, t) in sorted(table.items())}
 
 
+def quick():
+    """Decode with the graphs alone, 1, 8 and 64 streams, two runs each: a short check of a
+    kernel change."""
+    report["quick"] = {"card": card(), "graphs": daemon_runs("graphs", (1, 8, 64), reps=2)}
+
+
 def profile():
     """Kernels per decode token and GPU time per kernel (ncu, which times each kernel alone;
     nsys makes no report on these machines): one `llorch bench` stream of PROFILE_SHORT and
@@ -210,7 +216,7 @@ def profile():
     report["profile"] = result
 
 
-STEPS = {"suite": suite, "decode": decode, "profile": profile}
+STEPS = {"suite": suite, "decode": decode, "quick": quick, "profile": profile}
 
 
 if __name__ == "__main__":

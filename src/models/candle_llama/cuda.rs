@@ -18,6 +18,12 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llorch_kernels.ptx"));
 /// The widest head the kernels take (eight values per lane of a warp).
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// The most input rows [`Kernels::gemv`] takes (`GEMV_ROWS` in gemv.cu).
+pub const GEMV_ROWS: usize = 8;
+
+/// Output columns of a `gemv` block, a warp each.
+const GEMV_COLUMNS: usize = 8;
+
 /// Values of a row each thread of `add_rms_norm` holds (`NORM_PER_THREAD` in kernels.cu).
 const NORM_PER_THREAD: usize = 16;
 
@@ -34,6 +40,7 @@ pub struct Kernels {
     rope_kv_write: CudaFunction,
     paged_attention: CudaFunction,
     silu_mul: CudaFunction,
+    gemv: CudaFunction,
     sample: CudaFunction,
 }
 
@@ -59,6 +66,7 @@ impl Kernels {
             rope_kv_write: load("rope_kv_write")?,
             paged_attention: load("paged_attention")?,
             silu_mul: load("silu_mul")?,
+            gemv: load("gemv")?,
             sample: device
                 .get_or_load_custom_func("sample_f32", "llorch_kernels", PTX)?
                 .into_cuda_function(),
@@ -302,6 +310,52 @@ impl Kernels {
         launch.arg(&input).arg(&output).arg(&rows_arg).arg(&ffn_arg);
         enqueue(launch, config)?;
         Ok(out)
+    }
+
+    /// `x · wᵀ (+ bias)` for `x` of at most [`GEMV_ROWS`] rows (`[rows, k]`, `w`: `[n, k]`,
+    /// `bias`: `[n]`, all of the kernels' dtype and contiguous), reading `w` once at full
+    /// width; `None` where the shapes, dtypes or alignment do not suit (the caller's matmul
+    /// then runs).
+    pub fn gemv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let ((rows, k), (n, k_w)) = (x.dims2()?, w.dims2()?);
+        let element = self.dtype.size_in_bytes();
+        let suits = |t: &Tensor| t.dtype() == self.dtype && t.is_contiguous();
+        if rows == 0
+            || rows > GEMV_ROWS
+            || k != k_w
+            || !(k * element).is_multiple_of(16)
+            || !suits(x)
+            || !suits(w)
+            || !bias.is_none_or(|b| suits(b) && b.dims1().is_ok_and(|len| len == n))
+        {
+            return Ok(None);
+        }
+        let (x_ptr, w_ptr) = (self.data(x)?, self.data(w)?);
+        if !x_ptr.is_multiple_of(16) || !w_ptr.is_multiple_of(16) {
+            return Ok(None);
+        }
+        let out = self.output((rows, n))?;
+        let ptrs = [
+            x_ptr,
+            w_ptr,
+            bias.map(|b| self.data(b)).transpose()?.unwrap_or(0),
+            self.data(&out)?,
+        ];
+        let ints = [rows, k, n].map(|v| v as i32);
+        let config = LaunchConfig {
+            grid_dim: (n.div_ceil(GEMV_COLUMNS) as u32, 1, 1),
+            block_dim: (32 * GEMV_COLUMNS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self.stream.launch_builder(&self.gemv);
+        for ptr in &ptrs {
+            launch.arg(ptr);
+        }
+        for int in &ints {
+            launch.arg(int);
+        }
+        enqueue(launch, config)?;
+        Ok(Some(out))
     }
 
     /// Each row's token of `logits` (`[rows, vocab]`, f32; the rows drawn from are adjusted

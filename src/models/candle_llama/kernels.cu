@@ -8,6 +8,7 @@
 // - paged_attention: one query per sequence over its own cache, read through its block table
 //   (every sequence of a step in one launch, any length, grouped-query heads, sliding window);
 // - silu_mul: silu(gate) * up of a fused gate/up projection;
+// - gemv (gemv.cu): the projections of decode steps of up to eight rows;
 // - sample_f32 (sample.cu): each row's greedy token or the host sampler's draw (f32 logits).
 //
 // Every decoder kernel exists for bf16, f16 and f32 storage (suffixes _bf16, _f16, _f32).
@@ -250,4 +251,5 @@ INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
 
+#include "gemv.cu"
 #include "sample.cu"

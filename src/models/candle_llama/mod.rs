@@ -15,7 +15,7 @@ mod cuda;
 mod graphs;
 pub mod ops;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::batch::{
@@ -326,7 +326,7 @@ impl CandleLlama {
             };
             let (residual, normed) = add_norm(&x, delta.as_ref(), &layer.attn_norm)?;
             let q = self.ops.rope_kv_write(
-                &layer.qkv.forward(&normed)?,
+                &self.ops.linear(&normed, &layer.qkv)?,
                 shape,
                 (&index.positions, &index.slots),
                 (&self.cos, &self.sin),
@@ -336,14 +336,11 @@ impl CandleLlama {
             )?;
             let attended =
                 attention::attend(pool, i, index, &q, shape, h.attention_scale, &self.ops)?;
-            let out = layer.o.forward(&attended)?;
+            let out = self.ops.linear(&attended, &layer.o)?;
             let (residual, normed) = add_norm(&residual, Some(&out), &layer.ffn_norm)?;
-            let gate_up = layer.gate_up.forward(&normed)?;
-            delta = Some(
-                layer
-                    .down
-                    .forward(&self.ops.silu_mul(&gate_up, layer.ffn)?)?,
-            );
+            let gate_up = self.ops.linear(&normed, &layer.gate_up)?;
+            let activated = self.ops.silu_mul(&gate_up, layer.ffn)?;
+            delta = Some(self.ops.linear(&activated, &layer.down)?);
             x = residual;
         }
         let Some(last) = &index.logit_rows else {
@@ -356,7 +353,11 @@ impl CandleLlama {
         let (_, normed) =
             self.ops
                 .add_rms_norm(&x, delta.as_ref(), &self.norm, h.eps, h.residual_multiplier)?;
-        scaled(normed.matmul(&self.lm_head.t()?)?, h.logits_multiplier).map(Some)
+        scaled(
+            self.ops.project(&normed, &self.lm_head)?,
+            h.logits_multiplier,
+        )
+        .map(Some)
     }
 }
 

@@ -3,7 +3,8 @@
 //! give the same values up to rounding (the kernels round once per stored value, candle's ops
 //! after each op); the CUDA build's tests compare them on the device.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::Linear;
 
 use crate::models::batch::Choice;
 
@@ -182,6 +183,32 @@ impl Ops {
 }
 
 impl Ops {
+    /// `x · wᵀ (+ bias)` of a projection: on CUDA a step of at most eight rows runs the fused
+    /// kernels' matrix-vector product, which reads the weights once at full width; otherwise
+    /// candle's matmul.
+    pub fn linear(&self, x: &Tensor, linear: &Linear) -> Result<Tensor> {
+        match self {
+            Ops::Candle => linear.forward(x),
+            #[cfg(feature = "cuda")]
+            Ops::Cuda(kernels) => match kernels.gemv(x, linear.weight(), linear.bias())? {
+                Some(out) => Ok(out),
+                None => linear.forward(x),
+            },
+        }
+    }
+
+    /// `x · wᵀ` (the output head), as [`Ops::linear`] without a bias.
+    pub fn project(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self {
+            Ops::Candle => x.matmul(&w.t()?),
+            #[cfg(feature = "cuda")]
+            Ops::Cuda(kernels) => match kernels.gemv(x, w, None)? {
+                Some(out) => Ok(out),
+                None => x.matmul(&w.t()?),
+            },
+        }
+    }
+
     /// Whether [`Ops::choose`] chooses on the device for a vocabulary of `vocab` tokens.
     pub fn draws(&self, vocab: usize) -> bool {
         match self {

@@ -117,14 +117,23 @@ fn silu_mul_is_silu_of_the_gate_times_up() {
 }
 
 /// The fused projection of one to eight rows is candle's matmul (with and without a bias, for
-/// output widths that leave partial blocks and inputs as wide as a feed-forward layer's); a
-/// ninth row, or rows whose width breaks 16-byte loads, fall back to the matmul.
+/// output widths that leave partial blocks, and input widths shorter than a block's stride,
+/// between one and two strides, and as wide as a feed-forward layer's); a ninth row, or rows
+/// whose width breaks 16-byte loads, fall back to the matmul.
 #[test]
 fn the_projection_of_a_few_rows_is_candles_matmul() {
     let device = device();
     for dtype in DTYPES {
         let fused = kernels(&device, dtype, 64);
-        for (rows, k, n) in [(1, 2048, 2560), (3, 64, 7), (8, 5632, 2049), (5, 256, 1)] {
+        for (rows, k, n) in [
+            (1, 2048, 2560),
+            (3, 64, 7),
+            (2, 1544, 33),
+            (4, 4104, 6),
+            (8, 5632, 2049),
+            (5, 256, 1),
+            (7, 8, 13),
+        ] {
             let x = random(&[rows, k], dtype, &device);
             let w = random(&[n, k], dtype, &device);
             let bias = random(&[n], dtype, &device);

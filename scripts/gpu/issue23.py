@@ -5,11 +5,12 @@ Expects what `scripts/gpu/pack.sh` puts in `.gpu/`. `suite`: every packed test b
 (including the fused kernels' `cuda_kernels`), each under a time limit, a hung one's threads
 backtraced with cuda-gdb. `decode`: the 1.1B random Llama
 in bf16 through the daemon with 1, 8, 32 and 64 concurrent streams, first with the fused
-kernels and decode graphs, then with the fused kernels run eagerly (`LLORCH_CUDA_GRAPHS=off`),
+kernels and decode graphs, then with cuBLAS instead of the matrix-vector kernel
+(`LLORCH_CUDA_GEMV=off`), then with the fused kernels run eagerly (`LLORCH_CUDA_GRAPHS=off`),
 then with the same binary on candle's ops (`LLORCH_CUDA_KERNELS=candle`), beside
 transformers' `generate` at batch 1, 8 and 32 in the same call. `profile`: single-stream
 `llorch bench` runs of two kinds under Nsight Compute: kernels per decode token and GPU time
-per kernel name. Writes `issue23.json` and logs under $OUT.
+per kernel name (matrix products also per launch shape). Writes `issue23.json` and logs under $OUT.
 """
 
 import glob
@@ -24,8 +25,8 @@ import issue6  # noqa: E402
 import issue19  # noqa: E402
 from issue6 import OUT, Daemon, big_model, log, report  # noqa: E402
 
-KINDS = {"graphs": {}, "eager": {"LLORCH_CUDA_GRAPHS": "off"},
-         "candle": {"LLORCH_CUDA_KERNELS": "candle"}}
+KINDS = {"graphs": {}, "nogemv": {"LLORCH_CUDA_GEMV": "off"},
+         "eager": {"LLORCH_CUDA_GRAPHS": "off"}, "candle": {"LLORCH_CUDA_KERNELS": "candle"}}
 PROFILE_SHORT = 2
 PROFILE_LONG = 6
 # Decode steps between the two profiled runs: the warm-up (min(tokens, 4)), the measured run and
@@ -77,9 +78,10 @@ def decode():
     graphs_test = report.get("suite", {}).get("graphs", {})
     if graphs_test.get("hung_after_s") is None and graphs_test.get("exit_code", 0) == 0:
         result["graphs"] = daemon_runs("graphs", (1, 8, 32, 64), sampled=(1, 32))
+        result["nogemv"] = daemon_runs("nogemv", (1, 8, 32, 64), reps=2)
     else:
         result["graphs"] = "skipped: the graph test failed or hung in this call"
-    result["eager"] = daemon_runs("eager", (1, 8, 32, 64), reps=2, sampled=(1,))
+    result["eager"] = daemon_runs("eager", (1, 8, 32), reps=2, sampled=(1,))
     result["candle"] = daemon_runs("candle", (1, 32), reps=2)
     result["transformers"] = issue19.transformers_rates(big_model(), (1, 8, 32))
     report["decode"] = result
@@ -144,9 +146,9 @@ def suite():
     report["suite"] = result
 
 
-def kernel_table(csv_text):
+def kernel_table(csv_text, shapes=False):
     """ncu's CSV (one row per kernel launch and metric) as launches and GPU microseconds per
-    kernel name."""
+    kernel name (with `shapes`, per name and grid of the matrix products alone)."""
     import csv
     import io
 
@@ -155,22 +157,40 @@ def kernel_table(csv_text):
         return {}
     header = rows[0]
     name_at, value_at = header.index("Kernel Name"), header.index("Metric Value")
-    unit_at = header.index("Metric Unit")
+    unit_at, grid_at = header.index("Metric Unit"), header.index("Grid Size")
     table = {}
     for row in rows[1:]:
+        name = row[name_at].split("(")[0][:80]
+        if shapes:
+            if not any(word in name for word in ("gemv", "nvjet", "gemm", "splitK")):
+                continue
+            name = f"{name} {row[grid_at]}"
         value = float(row[value_at].replace(",", ""))
         scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
                  "s": 1e6, "second": 1e6}[row[unit_at]]
-        entry = table.setdefault(row[name_at].split("(")[0][:80], [0, 0.0])
+        entry = table.setdefault(name, [0, 0.0])
         entry[0] += 1
         entry[1] += value * scale
     return {k: {"launches": n, "us": round(t, 1)} for k, (n, t) in sorted(table.items())}
 
 
 def quick():
-    """Decode with the graphs alone, 1, 8 and 64 streams, two runs each: a short check of a
-    kernel change."""
-    report["quick"] = {"card": card(), "graphs": daemon_runs("graphs", (1, 8, 64), reps=2)}
+    """Decode with the graphs, with and without the matrix-vector kernel, 1, 8 and 64 streams,
+    two runs each: a short check of a kernel change."""
+    report["quick"] = {"card": card(), "graphs": daemon_runs("graphs", (1, 8, 64), reps=2),
+                       "nogemv": daemon_runs("nogemv", (1, 8, 64), reps=2)}
+
+
+def per_decode_token(short, long):
+    """What the longer profiled run launched beyond the shorter one, per decode step."""
+    per_token = {}
+    for name, entry in long.items():
+        before = short.get(name, {"launches": 0, "us": 0.0})
+        launches = (entry["launches"] - before["launches"]) / DECODE_STEPS
+        if launches > 0:
+            per_token[name] = {"launches": round(launches, 2),
+                               "us": round((entry["us"] - before["us"]) / DECODE_STEPS, 2)}
+    return per_token
 
 
 def profile():
@@ -184,7 +204,7 @@ def profile():
         report["profile"] = result
         return
     big = big_model()
-    for kind in os.environ.get("PROFILE_KINDS", "graphs,candle").split(","):
+    for kind in os.environ.get("PROFILE_KINDS", "graphs,nogemv").split(","):
         tables = []
         for tokens in (PROFILE_SHORT, PROFILE_LONG):
             command = [ncu, "--csv", "--metrics", "gpu__time_duration.sum", "--clock-control", "none",
@@ -199,17 +219,12 @@ def profile():
             csv_start = run.stdout.find('"ID"')
             with open(os.path.join(OUT, f"profile-{kind}-{tokens}.csv"), "w") as f:
                 f.write(run.stdout[csv_start:] if csv_start >= 0 else run.stdout[-20000:])
-            tables.append(kernel_table(run.stdout[csv_start:] if csv_start >= 0 else ""))
-        short, long = tables
-        steps = DECODE_STEPS
-        per_token = {}
-        for name, entry in long.items():
-            before = short.get(name, {"launches": 0, "us": 0.0})
-            launches = (entry["launches"] - before["launches"]) / steps
-            if launches > 0:
-                per_token[name] = {"launches": round(launches, 2),
-                                   "us": round((entry["us"] - before["us"]) / steps, 2)}
+            text = run.stdout[csv_start:] if csv_start >= 0 else ""
+            tables.append((kernel_table(text), kernel_table(text, shapes=True)))
+        (short, short_shapes), (long, long_shapes) = tables
+        per_token = per_decode_token(short, long)
         result[kind] = {"per_decode_token": per_token,
+                        "products_per_decode_token": per_decode_token(short_shapes, long_shapes),
                         "launches_per_token": round(sum(v["launches"] for v in per_token.values()), 1),
                         "gpu_us_per_token": round(sum(v["us"] for v in per_token.values()), 1)}
         log("profile", kind, result[kind]["launches_per_token"], result[kind]["gpu_us_per_token"])

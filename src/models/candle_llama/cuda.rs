@@ -18,11 +18,18 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llorch_kernels.ptx"));
 /// The widest head the kernels take (eight values per lane of a warp).
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// The most input rows [`Kernels::gemv`] takes (`GEMV_ROWS` in gemv.cu).
+/// The most input rows [`Kernels::gemv`] takes (the widest of gemv.cu's instantiations).
 pub const GEMV_ROWS: usize = 8;
 
-/// Output columns of a `gemv` block, a warp each.
-const GEMV_COLUMNS: usize = 8;
+/// Output columns of a `gemv` block (`GEMV_COLUMNS` in gemv.cu).
+const GEMV_COLUMNS: usize = 4;
+
+/// Threads of a `gemv` block (`GEMV_THREADS` in gemv.cu).
+const GEMV_THREADS: u32 = 128;
+
+/// The environment variable that turns the matrix-vector kernel off (`off`), so that decode
+/// steps project with cuBLAS, for comparison.
+pub const GEMV_VAR: &str = "LLORCH_CUDA_GEMV";
 
 /// Values of a row each thread of `add_rms_norm` holds (`NORM_PER_THREAD` in kernels.cu).
 const NORM_PER_THREAD: usize = 16;
@@ -40,7 +47,8 @@ pub struct Kernels {
     rope_kv_write: CudaFunction,
     paged_attention: CudaFunction,
     silu_mul: CudaFunction,
-    gemv: CudaFunction,
+    /// `gemv1`, `gemv2`, `gemv4` and `gemv8` (for up to that many rows), unless turned off.
+    gemv: Option<[CudaFunction; 4]>,
     sample: CudaFunction,
 }
 
@@ -66,7 +74,15 @@ impl Kernels {
             rope_kv_write: load("rope_kv_write")?,
             paged_attention: load("paged_attention")?,
             silu_mul: load("silu_mul")?,
-            gemv: load("gemv")?,
+            gemv: match std::env::var(GEMV_VAR).is_ok_and(|v| v == "off") {
+                true => None,
+                false => Some([
+                    load("gemv1")?,
+                    load("gemv2")?,
+                    load("gemv4")?,
+                    load("gemv8")?,
+                ]),
+            },
             sample: device
                 .get_or_load_custom_func("sample_f32", "llorch_kernels", PTX)?
                 .into_cuda_function(),
@@ -314,9 +330,12 @@ impl Kernels {
 
     /// `x · wᵀ (+ bias)` for `x` of at most [`GEMV_ROWS`] rows (`[rows, k]`, `w`: `[n, k]`,
     /// `bias`: `[n]`, all of the kernels' dtype and contiguous), reading `w` once at full
-    /// width; `None` where the shapes, dtypes or alignment do not suit (the caller's matmul
-    /// then runs).
+    /// width; `None` where the shapes, dtypes or alignment do not suit or the kernel is off
+    /// (`LLORCH_CUDA_GEMV=off`): the caller's matmul then runs.
     pub fn gemv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let Some(functions) = &self.gemv else {
+            return Ok(None);
+        };
         let ((rows, k), (n, k_w)) = (x.dims2()?, w.dims2()?);
         let element = self.dtype.size_in_bytes();
         let suits = |t: &Tensor| t.dtype() == self.dtype && t.is_contiguous();
@@ -344,10 +363,11 @@ impl Kernels {
         let ints = [rows, k, n].map(|v| v as i32);
         let config = LaunchConfig {
             grid_dim: (n.div_ceil(GEMV_COLUMNS) as u32, 1, 1),
-            block_dim: (32 * GEMV_COLUMNS as u32, 1, 1),
+            block_dim: (GEMV_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = self.stream.launch_builder(&self.gemv);
+        let function = &functions[rows.next_power_of_two().trailing_zeros() as usize];
+        let mut launch = self.stream.launch_builder(function);
         for ptr in &ptrs {
             launch.arg(ptr);
         }

@@ -17,7 +17,7 @@ pub enum Ops {
     Candle,
     /// The fused kernels on a CUDA device.
     #[cfg(feature = "cuda")]
-    Cuda(super::cuda::Kernels),
+    Cuda(Box<super::cuda::Kernels>),
 }
 
 impl Ops {
@@ -30,7 +30,7 @@ impl Ops {
         match device {
             #[cfg(feature = "cuda")]
             Device::Cuda(cuda) if wanted && head_dim <= super::cuda::MAX_HEAD_DIM => {
-                Ok(Ops::Cuda(super::cuda::Kernels::new(cuda, dtype)?))
+                Ok(Ops::Cuda(Box::new(super::cuda::Kernels::new(cuda, dtype)?)))
             }
             _ => {
                 let _ = (wanted, dtype, head_dim);

@@ -175,10 +175,12 @@ def kernel_table(csv_text, shapes=False):
 
 
 def quick():
-    """Decode with the graphs, with and without the matrix-vector kernel, 1, 8 and 64 streams,
-    two runs each: a short check of a kernel change."""
-    report["quick"] = {"card": card(), "graphs": daemon_runs("graphs", (1, 8, 64), reps=2),
-                       "nogemv": daemon_runs("nogemv", (1, 8, 64), reps=2)}
+    """Decode with the graphs, with and without the matrix-vector kernel, at the stream counts
+    of $QUICK_STREAMS (1, 8 and 64 unless set), two runs each: a short check of a kernel
+    change."""
+    counts = [int(c) for c in os.environ.get("QUICK_STREAMS", "1,8,64").split(",")]
+    report["quick"] = {"card": card(), "graphs": daemon_runs("graphs", counts, reps=2),
+                       "nogemv": daemon_runs("nogemv", counts, reps=2)}
 
 
 def per_decode_token(short, long):

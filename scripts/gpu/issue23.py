@@ -5,11 +5,11 @@ Expects what `scripts/gpu/pack.sh` puts in `.gpu/`. `suite`: every packed test b
 (including the fused kernels' `cuda_kernels`), each under a time limit, a hung one's threads
 backtraced with cuda-gdb. `decode`: the 1.1B random Llama
 in bf16 through the daemon with 1, 2, 4, 8, 32 and 64 concurrent streams, first with the fused
-kernels and decode graphs, then with the f32-multiply-add matrix-vector kernels alone
-(`LLORCH_CUDA_GEMV=simt`) and with cuBLAS instead of them (`LLORCH_CUDA_GEMV=off`), then with the fused kernels run eagerly (`LLORCH_CUDA_GRAPHS=off`),
+kernels and decode graphs, then with cuBLAS instead of the matrix-vector kernels
+(`LLORCH_CUDA_GEMV=off`), then with the fused kernels run eagerly (`LLORCH_CUDA_GRAPHS=off`),
 then with the same binary on candle's ops (`LLORCH_CUDA_KERNELS=candle`), beside
 transformers' `generate` at batch 1, 8 and 32 in the same call. `profile`: single-stream
-`llorch bench` runs of three kinds under Nsight Compute: kernels per decode token and GPU time
+`llorch bench` runs of two kinds under Nsight Compute: kernels per decode token and GPU time
 per kernel name (matrix products also per launch shape). Writes `issue23.json` and logs under $OUT.
 """
 
@@ -25,7 +25,7 @@ import issue6  # noqa: E402
 import issue19  # noqa: E402
 from issue6 import OUT, Daemon, big_model, log, report  # noqa: E402
 
-KINDS = {"graphs": {}, "nogemv": {"LLORCH_CUDA_GEMV": "off"}, "simt": {"LLORCH_CUDA_GEMV": "simt"},
+KINDS = {"graphs": {}, "nogemv": {"LLORCH_CUDA_GEMV": "off"},
          "eager": {"LLORCH_CUDA_GRAPHS": "off"}, "candle": {"LLORCH_CUDA_KERNELS": "candle"}}
 PROFILE_SHORT = 2
 PROFILE_LONG = 6
@@ -78,7 +78,6 @@ def decode():
     graphs_test = report.get("suite", {}).get("graphs", {})
     if graphs_test.get("hung_after_s") is None and graphs_test.get("exit_code", 0) == 0:
         result["graphs"] = daemon_runs("graphs", (1, 2, 4, 8, 32, 64), sampled=(1, 32))
-        result["simt"] = daemon_runs("simt", (1, 2, 4, 8, 32, 64), reps=2)
         result["nogemv"] = daemon_runs("nogemv", (1, 2, 4, 8, 32, 64), reps=2)
     else:
         result["graphs"] = "skipped: the graph test failed or hung in this call"
@@ -207,7 +206,7 @@ def profile():
         report["profile"] = result
         return
     big = big_model()
-    for kind in os.environ.get("PROFILE_KINDS", "graphs,simt,nogemv").split(","):
+    for kind in os.environ.get("PROFILE_KINDS", "graphs,nogemv").split(","):
         tables = []
         for tokens in (PROFILE_SHORT, PROFILE_LONG):
             command = [ncu, "--csv", "--metrics", "gpu__time_duration.sum", "--clock-control", "none",

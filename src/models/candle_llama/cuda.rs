@@ -18,30 +18,15 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llorch_kernels.ptx"));
 /// The widest head the kernels take (eight values per lane of a warp).
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// The most input rows [`Kernels::gemv`] takes (`gemv_mma`'s eight; `gemv1`/`gemv2` take two).
-pub const GEMV_ROWS: usize = 8;
+/// The most input rows [`Kernels::gemv`] takes (`gemv1` and `gemv2` in gemv.cu).
+pub const GEMV_ROWS: usize = 2;
 
-/// The most input rows of the f32-multiply-add kernels `gemv1` and `gemv2`.
-const SIMT_ROWS: usize = 2;
+/// Output columns and threads of a `gemv` block (`GEMV_COLUMNS`, `GEMV_THREADS` in gemv.cu).
+const GEMV_BLOCK: (usize, u32) = (4, 128);
 
-/// Output columns and threads of a `gemv1`/`gemv2` block (`GEMV_COLUMNS`, `GEMV_THREADS`).
-const SIMT_BLOCK: (usize, u32) = (4, 128);
-
-/// Output columns and threads of a `gemv_mma` block (`MMA_COLUMNS`, 32 × `MMA_WARPS`).
-const MMA_BLOCK: (usize, u32) = (16, 256);
-
-/// The environment variable that chooses the matrix-vector kernels of decode steps: `off`
-/// (cuBLAS for every product), `simt` (the f32-multiply-add kernels alone, up to two rows),
-/// anything else both (the tensor-core kernel for f16 and bf16, up to eight rows).
+/// The environment variable that turns the matrix-vector kernels off (`off`), so that decode
+/// steps project with cuBLAS, for comparison.
 pub const GEMV_VAR: &str = "LLORCH_CUDA_GEMV";
-
-/// The matrix-vector kernels a model's decode steps use.
-struct Gemv {
-    /// `gemv1` and `gemv2` (f32 multiply-adds, any of the three dtypes).
-    simt: [CudaFunction; SIMT_ROWS],
-    /// `gemv_mma` (tensor cores, f16 and bf16 on compute capability 8.0 and later).
-    mma: Option<CudaFunction>,
-}
 
 /// Values of a row each thread of `add_rms_norm` holds (`NORM_PER_THREAD` in kernels.cu).
 const NORM_PER_THREAD: usize = 16;
@@ -59,8 +44,8 @@ pub struct Kernels {
     rope_kv_write: CudaFunction,
     paged_attention: CudaFunction,
     silu_mul: CudaFunction,
-    /// The matrix-vector kernels, unless `LLORCH_CUDA_GEMV=off`.
-    gemv: Option<Gemv>,
+    /// `gemv1` and `gemv2` (for one and two rows), unless `LLORCH_CUDA_GEMV=off`.
+    gemv: Option<[CudaFunction; GEMV_ROWS]>,
     sample: CudaFunction,
 }
 
@@ -86,16 +71,9 @@ impl Kernels {
             rope_kv_write: load("rope_kv_write")?,
             paged_attention: load("paged_attention")?,
             silu_mul: load("silu_mul")?,
-            gemv: match std::env::var(GEMV_VAR).ok().as_deref() {
-                Some("off") => None,
-                chosen => Some(Gemv {
-                    simt: [load("gemv1")?, load("gemv2")?],
-                    // Absent for f32 and from PTX built for cards older than 8.0.
-                    mma: match (chosen, dtype) {
-                        (Some("simt"), _) | (_, DType::F32) => None,
-                        _ => load("gemv_mma").ok(),
-                    },
-                }),
+            gemv: match std::env::var(GEMV_VAR).is_ok_and(|v| v == "off") {
+                true => None,
+                false => Some([load("gemv1")?, load("gemv2")?]),
             },
             sample: device
                 .get_or_load_custom_func("sample_f32", "llorch_kernels", PTX)?
@@ -342,22 +320,18 @@ impl Kernels {
         Ok(out)
     }
 
-    /// `x · wᵀ (+ bias)` for `x` of at most [`GEMV_ROWS`] rows (`[rows, k]`, `w`: `[n, k]`,
-    /// `bias`: `[n]`, all of the kernels' dtype and contiguous), reading `w` once at full
-    /// width: on the tensor cores for f16 and bf16, with f32 multiply-adds for f32 (and with
-    /// `LLORCH_CUDA_GEMV=simt`) up to two rows. `None` where the rows, shapes, dtypes or
-    /// alignment do not suit or the kernels are off (`LLORCH_CUDA_GEMV=off`): the caller's
-    /// matmul then runs.
+    /// `x · wᵀ (+ bias)` for `x` of one or two rows (`[rows, k]`, `w`: `[n, k]`, `bias`:
+    /// `[n]`, all of the kernels' dtype and contiguous), reading `w` once at full width;
+    /// `None` where the rows, shapes, dtypes or alignment do not suit or the kernels are off
+    /// (`LLORCH_CUDA_GEMV=off`): the caller's matmul then runs.
     pub fn gemv(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-        let Some(gemv) = &self.gemv else {
-            return Ok(None);
-        };
         let ((rows, k), (n, k_w)) = (x.dims2()?, w.dims2()?);
-        let (function, (columns, threads)) = match (&gemv.mma, rows) {
-            (_, 0) => return Ok(None),
-            (Some(mma), ..=GEMV_ROWS) => (mma, MMA_BLOCK),
-            (_, ..=SIMT_ROWS) => (&gemv.simt[rows - 1], SIMT_BLOCK),
-            _ => return Ok(None),
+        let Some(function) = self
+            .gemv
+            .as_ref()
+            .and_then(|gemv| gemv.get(rows.checked_sub(1)?))
+        else {
+            return Ok(None);
         };
         let element = self.dtype.size_in_bytes();
         let suits = |t: &Tensor| t.dtype() == self.dtype && t.is_contiguous();
@@ -382,8 +356,8 @@ impl Kernels {
         ];
         let ints = [rows, k, n].map(|v| v as i32);
         let config = LaunchConfig {
-            grid_dim: (n.div_ceil(columns) as u32, 1, 1),
-            block_dim: (threads, 1, 1),
+            grid_dim: (n.div_ceil(GEMV_BLOCK.0) as u32, 1, 1),
+            block_dim: (GEMV_BLOCK.1, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut launch = self.stream.launch_builder(function);

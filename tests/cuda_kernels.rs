@@ -7,7 +7,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use llorch::models::batch::Choice;
 use llorch::models::candle_llama::ops::Ops;
 use llorch::models::DeviceSpec;
-use llorch::models::{Sampler, SamplingParams};
+use llorch::models::{Sampler, SamplingParams, MAX_DEVICE_TOP_K};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -346,11 +346,12 @@ fn greedy_on_the_device_is_the_hosts_argmax() {
 }
 
 /// Draws on the device are the host sampler's: for every setting (temperature, min-p, logit
-/// bias, repetition, presence and frequency penalties, greedy with penalties) and its seed,
-/// 24 steps of random logits (some with a NaN, some rows all -inf) give the tokens
-/// `Sampler::sample` gives, the RNG and the penalties staying in step; a row that asks for
-/// its logits is left as it was. Vocabularies of one token, part of a block, one block, and
-/// several with a tail.
+/// bias, repetition, presence and frequency penalties, greedy with penalties, top-k of 1 to
+/// the widest the device takes, alone and with top-p and min-p) and its seed, 24 steps of
+/// random logits (some with a NaN, some rows all -inf, every third step rounded to halves, so
+/// with ties and both zeros) give the tokens `Sampler::sample` gives, the RNG and the
+/// penalties staying in step; a row that asks for its logits is left as it was. Vocabularies
+/// of one token, fewer than top-k, part of a block, one block, and several with a tail.
 #[test]
 fn draws_on_the_device_are_the_host_samplers_tokens() {
     let device = device();
@@ -378,6 +379,29 @@ fn draws_on_the_device_are_the_host_samplers_tokens() {
         SamplingParams {
             temperature: 2.0,
             min_p: 0.5,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            top_k: 5,
+            top_p: 0.6,
+            min_p: 0.1,
+            repetition_penalty: 1.3,
+            presence_penalty: 0.4,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 1.5,
+            top_k: MAX_DEVICE_TOP_K,
+            top_p: 0.9,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            top_k: 1,
             ..SamplingParams::default()
         },
     ];
@@ -414,11 +438,18 @@ fn draws_on_the_device_are_the_host_samplers_tokens() {
             }
             if step % 4 == 1 {
                 rows[2][vocab / 3] = f32::NAN;
+                rows[6][vocab / 2] = f32::NAN;
+            }
+            if step % 3 == 2 {
+                // Ties, and both zeros (-0.0 ranks below +0.0 in top-k, as on the host).
+                for row in &mut rows {
+                    row.iter_mut().for_each(|x| *x = (*x * 2.0).round() / 2.0);
+                }
             }
             let mut choices: Vec<Choice> = mirror
                 .iter()
                 .zip(&previous)
-                .map(|(s, p)| Choice::Draw(s.device_draw(p).expect("no top-k or top-p")))
+                .map(|(s, p)| Choice::Draw(s.device_draw(p).expect("drawn on the device")))
                 .collect();
             choices.push(Choice::Logits);
             let chosen: Vec<&Choice> = choices.iter().collect();

@@ -53,7 +53,7 @@ pub use logprobs::{Logprobs, TokenLogprob};
 pub use model::Model;
 pub use progress::{LoadProgress, Progress};
 pub use quantize::{quantize_dir, tensor_type, QuantType, QuantizeReport, Role};
-pub use sampling::{argmax, Adjustment, DeviceDraw, Sampler, SamplingParams};
+pub use sampling::{argmax, Adjustment, DeviceDraw, Sampler, SamplingParams, MAX_DEVICE_TOP_K};
 pub use source::{resolve_hub, ModelSource, BUILTIN_DEMO};
 pub use stop::{StopMatcher, StopOutcome};
 pub use tokenizer::{ChatMessage, MessageCall, TextTokenizer};

@@ -424,20 +424,26 @@ impl Kernels {
 /// every block's sums in shared memory).
 pub const MAX_DRAW_VOCAB: usize = 262_144;
 
-/// The sampling kernel's inputs for `choices`: five words per row (mode: 0 argmax, 1 draw,
-/// 2 none; where its adjustments start; how many; 1/temperature and min-p as f32 bits), then
-/// the adjustments, three words each (kind, token, value bits); and each row's fraction.
+/// Words of a row's head in the sampling kernel's spec (`SPEC_HEAD` in sample.cu).
+const SPEC_HEAD: usize = 7;
+
+/// The sampling kernel's inputs for `choices`: seven words per row (mode: 0 argmax, 1 draw
+/// over the whole vocabulary, 2 none, 3 draw from the top k; where its adjustments start; how
+/// many; 1/temperature and min-p as f32 bits; top-k; top-p as f32 bits), then the
+/// adjustments, three words each (kind, token, value bits); and each row's fraction.
 fn draw_spec(choices: &[&Choice]) -> (Vec<u32>, Vec<f64>) {
     let rows = choices.len();
-    let mut heads = Vec::with_capacity(5 * rows);
+    let mut heads = Vec::with_capacity(SPEC_HEAD * rows);
     let mut adjustments = Vec::new();
     let mut fractions = vec![0f64; rows];
     for (row, choice) in choices.iter().enumerate() {
-        let start = (5 * rows + adjustments.len()) as u32;
+        let start = (SPEC_HEAD * rows + adjustments.len()) as u32;
         let (mode, draw) = match choice {
             Choice::Logits => (2, None),
             Choice::Greedy => (0, None),
-            Choice::Draw(draw) => (u32::from(!draw.greedy), Some(draw)),
+            Choice::Draw(draw) if draw.greedy => (0, Some(draw)),
+            Choice::Draw(draw) if draw.top_k > 0 => (3, Some(draw)),
+            Choice::Draw(draw) => (1, Some(draw)),
         };
         let mut count = 0;
         if let Some(draw) = draw {
@@ -458,6 +464,8 @@ fn draw_spec(choices: &[&Choice]) -> (Vec<u32>, Vec<f64>) {
             count,
             draw.map_or(0, |d| d.inverse_temperature.to_bits()),
             draw.map_or(0, |d| d.min_p.to_bits()),
+            draw.map_or(0, |d| d.top_k),
+            draw.map_or(0, |d| d.top_p.to_bits()),
         ]);
     }
     heads.extend(adjustments);

@@ -9,6 +9,10 @@
 #define SUM_BLOCK 1024
 // The most blocks of a vocabulary (262 144 tokens): eight lanes and a tail each.
 #define MAX_SUM_BLOCKS 256
+// Words of a row's head in `spec`.
+#define SPEC_HEAD 7
+// The largest top-k drawn here (the host's MAX_DEVICE_TOP_K).
+#define MAX_TOP_K 256
 
 // The host's `exp_nonpositive`: e^x for x <= 0 as 2^n * (degree-6 Taylor polynomial of e^r).
 __device__ __forceinline__ float exp_nonpositive(float x) {
@@ -34,13 +38,168 @@ __device__ float block_mass(const float* lanes) {
     return __fadd_rn(sum, lanes[8]);
 }
 
+// A float's place in `f32::total_cmp`'s order as an unsigned integer (-0.0 below +0.0).
+__device__ __forceinline__ uint32_t order_key(float x) {
+    const uint32_t bits = __float_as_uint(x);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Whether a logit takes part in top-k (the host's: neither NaN nor -inf).
+__device__ __forceinline__ bool ranked(float x) { return !isnan(x) && x != -INFINITY; }
+
+// The host's draw under top-k (`Candidates::top_k`, then `nucleus` over the sorted list, then
+// min-p, then `Kept::List::draw`), for a row whose largest logit `max` is finite. The k best
+// logits (by `order_key`, then by id) are found by a radix select of the k-th key, a byte at a
+// time, then taken (ties at the k-th key by lowest id: each thread walks its own range of ids
+// and a scan ranks the ranges), sorted by counting, and walked by thread 0 in the host's
+// arithmetic. Called by every thread of the block.
+__device__ void draw_top_k(const float* l, uint32_t* out, int row, int vocab, float max,
+                           float inverse, float min_p, uint32_t k, float top_p, double fraction) {
+    __shared__ uint32_t s_hist[256];
+    __shared__ uint32_t s_pick_id[MAX_TOP_K];
+    __shared__ float s_pick_logit[MAX_TOP_K];
+    __shared__ uint32_t s_id[MAX_TOP_K];
+    __shared__ float s_weight[MAX_TOP_K];
+    __shared__ uint32_t s_before[SAMPLE_THREADS];
+    __shared__ uint32_t s_prefix, s_want, s_picked, s_all;
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        s_want = k;
+        s_all = 0;
+        s_picked = 0;
+    }
+    uint32_t prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = tid; b < 256; b += SAMPLE_THREADS) s_hist[b] = 0;
+        __syncthreads();
+        for (int i = tid; i < vocab; i += SAMPLE_THREADS) {
+            const float x = l[i];
+            if (!ranked(x)) continue;
+            const uint32_t key = order_key(x);
+            if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & 255], 1u);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            uint32_t want = s_want;
+            int digit = -1;
+            for (int b = 255; b >= 0; b--) {
+                if (s_hist[b] >= want) {
+                    digit = b;
+                    break;
+                }
+                want -= s_hist[b];
+            }
+            // No digit: fewer candidates than k in all (only the first byte can find that).
+            if (digit < 0) s_all = 1;
+            else {
+                s_prefix = prefix | ((uint32_t)digit << shift);
+                s_want = want;
+            }
+        }
+        __syncthreads();
+        if (s_all) break;
+        prefix = s_prefix;
+        mask |= 255u << shift;
+    }
+    const bool all = s_all;
+    const uint32_t kth = prefix, equal_wanted = all ? 0 : s_want;
+    const int span = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    const int lo = min(vocab, tid * span), hi = min(vocab, lo + span);
+    uint32_t equal = 0;
+    if (!all)
+        for (int i = lo; i < hi; i++) equal += ranked(l[i]) && order_key(l[i]) == kth;
+    s_before[tid] = equal;
+    __syncthreads();
+    if (tid == 0) {
+        uint32_t run = 0;
+        for (int t = 0; t < SAMPLE_THREADS; t++) {
+            const uint32_t count = s_before[t];
+            s_before[t] = run;
+            run += count;
+        }
+    }
+    __syncthreads();
+    uint32_t rank = s_before[tid];
+    for (int i = lo; i < hi; i++) {
+        const float x = l[i];
+        if (!ranked(x)) continue;
+        const uint32_t key = order_key(x);
+        bool take = all || key > kth;
+        if (!take && key == kth) take = rank++ < equal_wanted;
+        if (take) {
+            const uint32_t at = atomicAdd(&s_picked, 1u);
+            s_pick_id[at] = i;
+            s_pick_logit[at] = x;
+        }
+    }
+    __syncthreads();
+    const int picked = s_picked;
+    for (int p = tid; p < picked; p += SAMPLE_THREADS) {
+        const uint32_t key = order_key(s_pick_logit[p]), id = s_pick_id[p];
+        int place = 0;
+        for (int q = 0; q < picked; q++) {
+            const uint32_t other = order_key(s_pick_logit[q]);
+            place += other > key || (other == key && s_pick_id[q] < id);
+        }
+        s_id[place] = id;
+        s_weight[place] = s_pick_logit[p];
+    }
+    __syncthreads();
+    if (tid != 0) return;
+    double total = 0.0;
+    for (int p = 0; p < picked; p++) {
+        const float w = exp_nonpositive(__fmul_rn(__fsub_rn(s_weight[p], max), inverse));
+        s_weight[p] = w;
+        total = __dadd_rn(total, (double)w);
+    }
+    int kept = picked;
+    if (top_p < 1.0f) {
+        const double goal = __dmul_rn((double)top_p, total);
+        double cumulative = 0.0;
+        for (int p = 0; p < picked; p++) {
+            cumulative = __dadd_rn(cumulative, (double)s_weight[p]);
+            if (cumulative >= goal) {
+                kept = p + 1;
+                break;
+            }
+        }
+    }
+    if (min_p > 0.0f) {
+        float most = 0.0f;
+        for (int p = 0; p < kept; p++) most = fmaxf(most, s_weight[p]);
+        const float floor = __fmul_rn(most, min_p);
+        int n = 0;
+        for (int p = 0; p < kept; p++) {
+            if (s_weight[p] >= floor) {
+                s_weight[n] = s_weight[p];
+                s_id[n] = s_id[p];
+                n++;
+            }
+        }
+        kept = n;
+    }
+    double sum = 0.0;
+    for (int p = 0; p < kept; p++) sum = __dadd_rn(sum, (double)s_weight[p]);
+    double left = __dmul_rn(fraction, sum);
+    out[2 * row + 1] = 1;
+    for (int p = 0; p < kept; p++) {
+        left = __dsub_rn(left, (double)s_weight[p]);
+        if (left < 0.0) {
+            out[2 * row] = s_id[p];
+            return;
+        }
+    }
+    out[2 * row] = kept > 0 ? s_id[kept - 1] : 0;
+}
+
 // One block per row. `logits`: [rows, vocab] f32, adjusted in place; `weights`: [rows, vocab]
-// scratch. `spec`: per row five words (mode, first adjustment, adjustments, 1/temperature
-// and min-p as f32 bits), then the adjustments, three words each (kind, token, f32 value):
-// kind 0 adds the value (logit bias), 1 applies it as a repetition penalty, 2 subtracts it
-// (presence and frequency penalties), in the host sampler's order. Modes: 0 greedy (the
-// argmax of the adjusted logits), 1 a draw at `fractions[row]` of the kept weight (top-k and
-// top-p off, min-p any), 2 nothing (a row the host samples). `out`: per row the token and
+// scratch. `spec`: per row SPEC_HEAD words (mode, first adjustment, adjustments,
+// 1/temperature and min-p as f32 bits, top-k, top-p as f32 bits), then the adjustments, three
+// words each (kind, token, f32 value): kind 0 adds the value (logit bias), 1 applies it as a
+// repetition penalty, 2 subtracts it (presence and frequency penalties), in the host
+// sampler's order. Modes: 0 greedy (the argmax of the adjusted logits), 1 a draw at
+// `fractions[row]` of the kept weight (top-k and top-p off, min-p any), 2 nothing (a row the
+// host samples), 3 a draw from the top k (then top-p, then min-p). `out`: per row the token and
 // whether the fraction was used (the host's RNG advances only then).
 extern "C" __global__ void sample_f32(float* logits, float* weights, const uint32_t* spec,
                                       const double* fractions, uint32_t* out, int vocab) {
@@ -48,7 +207,7 @@ extern "C" __global__ void sample_f32(float* logits, float* weights, const uint3
     __shared__ int s_index[32];
     __shared__ float s_lanes[MAX_SUM_BLOCKS * 9];
     const int row = blockIdx.x;
-    const uint32_t* head = spec + (size_t)row * 5;
+    const uint32_t* head = spec + (size_t)row * SPEC_HEAD;
     const uint32_t mode = head[0];
     if (mode == 2) return;
     float* l = logits + (size_t)row * vocab;
@@ -93,6 +252,11 @@ extern "C" __global__ void sample_f32(float* logits, float* weights, const uint3
     }
     const float inverse = __uint_as_float(head[3]);
     const float floor = __uint_as_float(head[4]);
+    if (mode == 3) {
+        draw_top_k(l, out, row, vocab, max, inverse, floor, head[5], __uint_as_float(head[6]),
+                   fractions[row]);
+        return;
+    }
     for (int i = tid; i < vocab; i += SAMPLE_THREADS) w[i] = exp_nonpositive(__fmul_rn(__fsub_rn(l[i], max), inverse));
     __syncthreads();
     const int blocks = (vocab + SUM_BLOCK - 1) / SUM_BLOCK;

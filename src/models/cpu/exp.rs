@@ -13,7 +13,7 @@ pub const SUM_BLOCK: usize = 1024;
 
 /// `e^x` for `x ≤ 0` (`x` above 0 is not supported: `2^n` would overflow past 88).
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub fn exp_nonpositive(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();

@@ -6,7 +6,7 @@
 //! Sorting all 151 936 tokens of a Qwen vocabulary took 9–16 ms per token (`cargo bench
 //! --bench sampling`).
 
-use crate::models::cpu::exp::{exp_shifted, sum_at_least, SUM_BLOCK};
+use crate::models::cpu::exp::{exp_nonpositive, exp_shifted, sum_at_least, SUM_BLOCK};
 
 use super::SamplingParams;
 
@@ -95,7 +95,10 @@ impl Candidates {
     /// be finite (the temperature is above 0). NaN logits are left out.
     pub(super) fn keep(&mut self, logits: &[f32], max: f32, params: &SamplingParams) -> Kept<'_> {
         let inverse = 1.0 / params.temperature;
-        let sorted = params.top_k > 0 && params.top_k < logits.len();
+        // A top-k that keeps the whole vocabulary still sorts it when that is short (so the
+        // draw's order does not depend on the vocabulary's size up to `SORT_ALL`, as a
+        // device's top-k of at most that many tokens needs); a longer one goes unsorted.
+        let sorted = params.top_k > 0 && (params.top_k < logits.len() || logits.len() <= SORT_ALL);
         let total = if sorted {
             self.top_k(logits, params.top_k, max, inverse)
         } else {
@@ -136,17 +139,19 @@ impl Candidates {
         }
     }
 
-    /// Keeps the `k` highest logits (neither NaN nor `-inf`), most likely first, as weights;
-    /// returns their sum. One pass collects the logits above a threshold, and each time `4k`
-    /// are collected only the best `k` are kept and the threshold rises to the least of them:
-    /// a later logit that does not beat it (an equal one has a higher id) cannot be in the top
+    /// Keeps the `k` highest logits (neither NaN nor `-inf`; ranked by `f32::total_cmp`, so
+    /// `+0.0` above `-0.0`, then by id), most likely first, as weights (`exp_nonpositive`, the
+    /// `exp` the weights of every other path and the CUDA sampler use); returns their sum, in
+    /// that order. One pass collects the logits above a threshold, and each time `4k` are
+    /// collected only the best `k` are kept and the threshold rises to the least of them: a
+    /// later logit that does not beat it (an equal one has a higher id) cannot be in the top
     /// `k`, so most of the vocabulary costs one comparison.
     fn top_k(&mut self, logits: &[f32], k: usize, max: f32, inverse: f32) -> f64 {
         self.list.clear();
         let cap = (4 * k).max(256);
         let mut threshold = f32::NEG_INFINITY;
         for (id, &logit) in logits.iter().enumerate() {
-            if logit > threshold {
+            if !logit.is_nan() && logit.total_cmp(&threshold).is_gt() {
                 self.list.push((id as u32, logit));
                 if self.list.len() == cap {
                     self.list.select_nth_unstable_by(k - 1, by_weight);
@@ -162,7 +167,7 @@ impl Candidates {
         self.list.sort_unstable_by(by_weight);
         let mut total = 0f64;
         for (_, value) in &mut self.list {
-            *value = ((*value - max) * inverse).exp();
+            *value = exp_nonpositive((*value - max) * inverse);
             total += f64::from(*value);
         }
         total
@@ -215,6 +220,8 @@ fn nucleus(list: &mut Vec<Weighted>, goal: f64, sorted: bool) {
     list.truncate(high.max(1));
 }
 
+/// Vocabularies this short are sorted by a top-k that keeps them whole.
+pub(crate) const SORT_ALL: usize = 256;
 /// Ranges this short are sorted rather than partitioned.
 const SORT_BELOW: usize = 64;
 /// Where the first partition splits: most of a trained model's mass is in its first tokens.

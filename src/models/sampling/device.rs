@@ -8,7 +8,12 @@ use std::collections::HashSet;
 
 use rand::Rng;
 
+use super::candidates::SORT_ALL;
 use super::Sampler;
+
+/// The largest top-k a device draws with (`MAX_TOP_K` in the CUDA sampler): a top-k that
+/// keeps a vocabulary this short whole still sorts it on the host, as the device does.
+pub const MAX_DEVICE_TOP_K: usize = SORT_ALL;
 
 /// One change to one logit, in the order the sampler makes them.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,6 +34,10 @@ pub struct DeviceDraw {
     pub greedy: bool,
     /// `1 / temperature` (0 when greedy).
     pub inverse_temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0: all), at most [`MAX_DEVICE_TOP_K`].
+    pub top_k: u32,
+    /// Then only the most likely of them that reach this share of their weight (1: all).
+    pub top_p: f32,
     /// Tokens less likely than this times the most likely one are out.
     pub min_p: f32,
     /// Where in `[0, 1)` of the kept weight the draw falls: the RNG's next `f64`.
@@ -38,13 +47,17 @@ pub struct DeviceDraw {
 }
 
 impl Sampler {
-    /// The next draw as a device makes it, when the device's sampler covers these settings
-    /// (top-k and top-p off: the draw walks every token's weight in id order, which the
-    /// device does in the host's arithmetic); `None` otherwise. `previous` as in
-    /// [`Sampler::sample`].
+    /// The next draw as a device makes it, when the device's sampler covers these settings:
+    /// greedy; top-k and top-p off (the draw walks every token's weight in id order); or a
+    /// top-k of at most [`MAX_DEVICE_TOP_K`] tokens, with any top-p and min-p (the draw walks
+    /// the kept tokens most likely first, an order the device reproduces). `None` for top-p
+    /// without top-k, whose kept tokens the host finds by a partial sort in no fixed order.
+    /// `previous` as in [`Sampler::sample`].
     pub fn device_draw(&self, previous: &[u32]) -> Option<DeviceDraw> {
         let p = &self.params;
-        if p.top_k != 0 || p.top_p < 1.0 {
+        let greedy = p.temperature == 0.0;
+        let whole = p.top_k == 0 && p.top_p >= 1.0;
+        if !greedy && !whole && !(1..=MAX_DEVICE_TOP_K).contains(&p.top_k) {
             return None;
         }
         let mut adjustments: Vec<Adjustment> = p
@@ -67,10 +80,11 @@ impl Sampler {
                 .iter()
                 .map(|(&id, &count)| Adjustment::Subtract(id, presence + frequency * count as f32)),
         );
-        let greedy = p.temperature == 0.0;
         Some(DeviceDraw {
             greedy,
             inverse_temperature: if greedy { 0.0 } else { 1.0 / p.temperature },
+            top_k: p.top_k as u32,
+            top_p: p.top_p,
             min_p: p.min_p,
             fraction: self.rng.clone().random::<f64>(),
             adjustments,
@@ -150,22 +164,34 @@ mod tests {
     }
 
     #[test]
-    fn truncated_sampling_stays_on_the_host() {
+    fn top_p_alone_and_wide_top_k_stay_on_the_host() {
         for params in [
             SamplingParams {
-                top_k: 40,
+                top_p: 0.9,
                 ..SamplingParams::default()
             },
             SamplingParams {
-                top_p: 0.9,
+                top_k: MAX_DEVICE_TOP_K + 1,
                 ..SamplingParams::default()
             },
         ] {
             assert_eq!(Sampler::new(params).device_draw(&[]), None);
         }
-        let greedy = Sampler::new(SamplingParams::greedy())
-            .device_draw(&[1])
-            .unwrap();
+        let top_k = Sampler::new(SamplingParams {
+            top_k: 40,
+            top_p: 0.9,
+            min_p: 0.05,
+            ..SamplingParams::default()
+        })
+        .device_draw(&[])
+        .expect("a narrow top-k is drawn on the device");
+        assert_eq!((top_k.top_k, top_k.top_p, top_k.min_p), (40, 0.9, 0.05));
+        let greedy = Sampler::new(SamplingParams {
+            top_p: 0.5,
+            ..SamplingParams::greedy()
+        })
+        .device_draw(&[1])
+        .unwrap();
         assert!(greedy.greedy);
         assert!(greedy.adjustments.is_empty());
     }

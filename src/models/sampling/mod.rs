@@ -13,7 +13,7 @@ use candidates::Candidates;
 mod candidates;
 mod device;
 
-pub use device::{Adjustment, DeviceDraw};
+pub use device::{Adjustment, DeviceDraw, MAX_DEVICE_TOP_K};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -40,11 +40,13 @@ def card():
 
 
 SAMPLED = {"temperature": 0.8, "min_p": 0.05, "seed": 7}
+SAMPLED_TOP_K = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 7}
 
 
 def daemon_runs(kind, counts, reps=3, sampled=()):
     """The daemon on the big model with `kind`'s environment, `reps` greedy runs per stream
-    count, then two runs per count in `sampled` with SAMPLED's settings (drawn on the device)."""
+    count, then two runs per count in `sampled` with SAMPLED's settings and two with
+    SAMPLED_TOP_K's (both drawn on the device)."""
     big = big_model()
     saved = dict(os.environ)
     os.environ.update(KINDS[kind])
@@ -64,10 +66,11 @@ def daemon_runs(kind, counts, reps=3, sampled=()):
                 runs.append(issue19.concurrent(streams, 1000 * streams + 10 * r))
                 log("decode", kind, json.dumps(runs[-1]))
         for streams in sampled:
-            for r in range(2):
-                run = issue19.concurrent(streams, 1000 * streams + 10 * r + 5, SAMPLED)
-                runs.append(dict(run, sampling=SAMPLED))
-                log("decode", kind, "sampled", json.dumps(runs[-1]))
+            for settings in (SAMPLED, SAMPLED_TOP_K):
+                for r in range(2):
+                    run = issue19.concurrent(streams, 1000 * streams + 10 * r + 5, settings)
+                    runs.append(dict(run, sampling=settings))
+                    log("decode", kind, "sampled", json.dumps(runs[-1]))
     finally:
         exit_status = daemon.stop()
     return {"runs": runs, "exit": exit_status}

@@ -347,7 +347,8 @@ fn greedy_on_the_device_is_the_hosts_argmax() {
 
 /// Draws on the device are the host sampler's: for every setting (temperature, min-p, logit
 /// bias, repetition, presence and frequency penalties, greedy with penalties, top-k of 1 to
-/// the widest the device takes, alone and with top-p and min-p) and its seed, 24 steps of
+/// the widest the device takes, alone and with top-p and min-p, top-p alone and with min-p)
+/// and its seed, 24 steps of
 /// random logits (some with a NaN, some rows all -inf, every third step rounded to halves, so
 /// with ties and both zeros) give the tokens `Sampler::sample` gives, the RNG and the
 /// penalties staying in step; a row that asks for its logits is left as it was. Vocabularies
@@ -402,6 +403,23 @@ fn draws_on_the_device_are_the_host_samplers_tokens() {
         },
         SamplingParams {
             top_k: 1,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            top_p: 0.9,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 1.3,
+            top_p: 0.5,
+            min_p: 0.05,
+            frequency_penalty: 0.2,
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            temperature: 0.6,
+            top_p: 0.3,
+            min_p: 0.5,
             ..SamplingParams::default()
         },
     ];

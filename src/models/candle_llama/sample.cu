@@ -38,10 +38,69 @@ __device__ float block_mass(const float* lanes) {
     return __fadd_rn(sum, lanes[8]);
 }
 
+// The host's `sum_at_least` of every block of `w` (`kept_weight` against `floor`): eight lanes
+// and a tail per block into `s_lanes`. Called by every thread; synchronize before reading.
+__device__ void lane_sums(const float* w, float floor, int vocab, float* s_lanes) {
+    const int blocks = (vocab + SUM_BLOCK - 1) / SUM_BLOCK;
+    for (int p = threadIdx.x; p < blocks * 9; p += SAMPLE_THREADS) {
+        const int b = p / 9, j = p % 9;
+        const int start = b * SUM_BLOCK;
+        const int len = min(SUM_BLOCK, vocab - start);
+        const int whole = len / 8 * 8;
+        float sum;
+        if (j < 8) {
+            sum = 0.0f;
+            for (int c = j; c < whole; c += 8) sum = __fadd_rn(sum, kept_weight(w[start + c], floor));
+        } else {
+            sum = -0.0f;
+            for (int c = whole; c < len; c++) sum = __fadd_rn(sum, kept_weight(w[start + c], floor));
+        }
+        s_lanes[p] = sum;
+    }
+}
+
+// The host's `kept_sum`: the blocks' sums added in f64, in order.
+__device__ double lanes_total(const float* s_lanes, int blocks) {
+    double total = 0.0;
+    for (int b = 0; b < blocks; b++) total = __dadd_rn(total, (double)block_mass(s_lanes + 9 * b));
+    return total;
+}
+
 // A float's place in `f32::total_cmp`'s order as an unsigned integer (-0.0 below +0.0).
 __device__ __forceinline__ uint32_t order_key(float x) {
     const uint32_t bits = __float_as_uint(x);
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// The float whose `order_key` is `key` (a non-negative one here).
+__device__ __forceinline__ float key_float(uint32_t key) { return __uint_as_float(key & 0x7fffffffu); }
+
+// Top-p's floor over the whole vocabulary, as the host's `threshold` defines it: the largest
+// weight whose kept mass (`lane_sums` at it as the floor) reaches `top_p` of the total. The
+// mass only falls as the floor rises and changes only at a weight, so bisecting the floors
+// between 0 and 1 (the most likely token's weight) by their order keys ends on that weight.
+// Called by every thread; `s_lanes` is scratch.
+__device__ float top_p_floor(const float* w, int vocab, float top_p, float* s_lanes) {
+    __shared__ double s_goal;
+    __shared__ int s_reaches;
+    const int blocks = (vocab + SUM_BLOCK - 1) / SUM_BLOCK;
+    lane_sums(w, 0.0f, vocab, s_lanes);
+    __syncthreads();
+    if (threadIdx.x == 0) s_goal = __dmul_rn((double)top_p, lanes_total(s_lanes, blocks));
+    __syncthreads();
+    const double goal = s_goal;
+    uint32_t lo = order_key(0.0f), hi = order_key(1.0f);
+    while (lo < hi) {
+        const uint32_t mid = lo + (hi - lo + 1) / 2;
+        lane_sums(w, key_float(mid), vocab, s_lanes);
+        __syncthreads();
+        if (threadIdx.x == 0) s_reaches = lanes_total(s_lanes, blocks) >= goal;
+        __syncthreads();
+        if (s_reaches) lo = mid;
+        else hi = mid - 1;
+        __syncthreads();
+    }
+    return key_float(lo);
 }
 
 // Whether a logit takes part in top-k (the host's: neither NaN nor -inf).
@@ -251,7 +310,7 @@ extern "C" __global__ void sample_f32(float* logits, float* weights, const uint3
         return;
     }
     const float inverse = __uint_as_float(head[3]);
-    const float floor = __uint_as_float(head[4]);
+    float floor = __uint_as_float(head[4]);
     if (mode == 3) {
         draw_top_k(l, out, row, vocab, max, inverse, floor, head[5], __uint_as_float(head[6]),
                    fractions[row]);
@@ -260,25 +319,13 @@ extern "C" __global__ void sample_f32(float* logits, float* weights, const uint3
     for (int i = tid; i < vocab; i += SAMPLE_THREADS) w[i] = exp_nonpositive(__fmul_rn(__fsub_rn(l[i], max), inverse));
     __syncthreads();
     const int blocks = (vocab + SUM_BLOCK - 1) / SUM_BLOCK;
-    for (int p = tid; p < blocks * 9; p += SAMPLE_THREADS) {
-        const int b = p / 9, j = p % 9;
-        const int start = b * SUM_BLOCK;
-        const int len = min(SUM_BLOCK, vocab - start);
-        const int whole = len / 8 * 8;
-        float sum;
-        if (j < 8) {
-            sum = 0.0f;
-            for (int c = j; c < whole; c += 8) sum = __fadd_rn(sum, kept_weight(w[start + c], floor));
-        } else {
-            sum = -0.0f;
-            for (int c = whole; c < len; c++) sum = __fadd_rn(sum, kept_weight(w[start + c], floor));
-        }
-        s_lanes[p] = sum;
-    }
+    const float top_p = __uint_as_float(head[6]);
+    // The most likely token weighs 1, so min-p's floor is min-p itself.
+    if (top_p < 1.0f) floor = fmaxf(top_p_floor(w, vocab, top_p, s_lanes), floor);
+    lane_sums(w, floor, vocab, s_lanes);
     __syncthreads();
     if (tid != 0) return;
-    double total = 0.0;
-    for (int b = 0; b < blocks; b++) total = __dadd_rn(total, (double)block_mass(s_lanes + 9 * b));
+    const double total = lanes_total(s_lanes, blocks);
     double left = __dmul_rn(fractions[row], total);
     out[2 * row + 1] = 1;
     for (int b = 0; b < blocks; b++) {

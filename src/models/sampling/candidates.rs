@@ -2,7 +2,8 @@
 //! top-k, top-p and min-p, as `transformers` defines them (top-k, then top-p over the
 //! renormalized top-k, then min-p against the most likely token), computed without sorting
 //! the vocabulary: top-k selects its k tokens in linear time, top-p finds where the kept mass
-//! is reached by a weighted quickselect, min-p and plain temperature need no order at all.
+//! is reached by a weighted quickselect (then settles its floor on sums in a fixed order),
+//! min-p and plain temperature need no order at all.
 //! Sorting all 151 936 tokens of a Qwen vocabulary took 9–16 ms per token (`cargo bench
 //! --bench sampling`).
 
@@ -99,34 +100,12 @@ impl Candidates {
         // draw's order does not depend on the vocabulary's size up to `SORT_ALL`, as a
         // device's top-k of at most that many tokens needs); a longer one goes unsorted.
         let sorted = params.top_k > 0 && (params.top_k < logits.len() || logits.len() <= SORT_ALL);
-        let total = if sorted {
-            self.top_k(logits, params.top_k, max, inverse)
-        } else {
-            self.weights.resize(logits.len(), 0.0);
-            let total = exp_shifted(logits, max, inverse, &mut self.weights);
-            if params.top_p >= 1.0 {
-                let floor = params.min_p;
-                return Kept::All {
-                    weights: &self.weights,
-                    floor,
-                    total: if floor > 0.0 {
-                        kept_sum(&self.weights, floor)
-                    } else {
-                        total
-                    },
-                };
-            }
-            let weighted = self.weights.iter().enumerate();
-            self.list.clear();
-            self.list.extend(
-                weighted
-                    .filter(|(_, w)| !w.is_nan())
-                    .map(|(id, &w)| (id as u32, w)),
-            );
-            total
-        };
+        if !sorted {
+            return self.whole(logits, max, inverse, params);
+        }
+        let total = self.top_k(logits, params.top_k, max, inverse);
         if params.top_p < 1.0 {
-            nucleus(&mut self.list, f64::from(params.top_p) * total, sorted);
+            nucleus(&mut self.list, f64::from(params.top_p) * total, true);
         }
         if params.min_p > 0.0 {
             let most = self.list.iter().fold(0f32, |m, (_, w)| m.max(*w));
@@ -136,6 +115,48 @@ impl Candidates {
         Kept::List {
             tokens: &self.list,
             total: self.list.iter().map(|(_, w)| f64::from(*w)).sum(),
+        }
+    }
+
+    /// Temperature, top-p and min-p over the whole vocabulary: every token at or above one
+    /// floor (min-p's, or top-p's [`threshold`] when higher), walked by id.
+    fn whole(
+        &mut self,
+        logits: &[f32],
+        max: f32,
+        inverse: f32,
+        params: &SamplingParams,
+    ) -> Kept<'_> {
+        self.weights.resize(logits.len(), 0.0);
+        let total = exp_shifted(logits, max, inverse, &mut self.weights);
+        if params.top_p >= 1.0 {
+            let floor = params.min_p;
+            return Kept::All {
+                weights: &self.weights,
+                floor,
+                total: if floor > 0.0 {
+                    kept_sum(&self.weights, floor)
+                } else {
+                    total
+                },
+            };
+        }
+        let weighted = self.weights.iter().enumerate();
+        self.list.clear();
+        self.list.extend(
+            weighted
+                .filter(|(_, w)| !w.is_nan())
+                .map(|(id, &w)| (id as u32, w)),
+        );
+        let goal = f64::from(params.top_p) * total;
+        nucleus(&mut self.list, goal, false);
+        let cut = self.list.iter().fold(f32::INFINITY, |m, (_, w)| m.min(*w));
+        // The most likely token weighs 1, so min-p's floor is min-p itself.
+        let floor = threshold(&self.weights, goal, cut).max(params.min_p);
+        Kept::All {
+            weights: &self.weights,
+            floor,
+            total: kept_sum(&self.weights, floor),
         }
     }
 
@@ -171,6 +192,37 @@ impl Candidates {
             total += f64::from(*value);
         }
         total
+    }
+}
+
+/// Top-p's floor over a whole vocabulary: the largest weight `t` whose kept mass
+/// (`kept_sum(weights, t)`, the sum a draw walks) still reaches `goal`, found from `guess` (the
+/// least weight a nucleus found by partial sorting kept) in a step or two up or down. So the
+/// kept tokens are every token at least as likely as the last one needed, ties included, with
+/// the mass summed in a fixed order: the floor does not depend on how the nucleus was found,
+/// and a device finds the same one by bisecting the same sums.
+fn threshold(weights: &[f32], goal: f64, guess: f32) -> f32 {
+    let mut t = guess;
+    loop {
+        if kept_sum(weights, t) >= goal {
+            let above = weights
+                .iter()
+                .filter(|w| **w > t)
+                .fold(f32::INFINITY, |m, w| m.min(*w));
+            if above.is_finite() && kept_sum(weights, above) >= goal {
+                t = above;
+                continue;
+            }
+            return t;
+        }
+        let below = weights
+            .iter()
+            .filter(|w| **w < t)
+            .fold(f32::NEG_INFINITY, |m, w| m.max(*w));
+        if below.is_infinite() {
+            return t;
+        }
+        t = below;
     }
 }
 
@@ -285,6 +337,35 @@ mod tests {
             }
         };
         normalized(probs)
+    }
+
+    /// Top-p's floor is the largest weight whose kept mass reaches the goal, whichever weight
+    /// the search starts from.
+    #[test]
+    fn top_p_floor_does_not_depend_on_the_guess() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for vocab in [1, 9, 3000] {
+            let mut weights: Vec<f32> = (0..vocab)
+                .map(|_| (rng.random::<f32>() * 4.0).round() / 4.0)
+                .collect();
+            weights[0] = 1.0;
+            let total = kept_sum(&weights, 0.0);
+            for top_p in [0.1, 0.5, 0.9, 0.999] {
+                let goal = f64::from(top_p) * total;
+                let best = weights
+                    .iter()
+                    .copied()
+                    .filter(|&t| kept_sum(&weights, t) >= goal)
+                    .fold(0f32, f32::max);
+                for guess in [0.0, 0.25, 0.5, 1.0] {
+                    assert_eq!(
+                        threshold(&weights, goal, guess),
+                        best,
+                        "{vocab} {top_p} {guess}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

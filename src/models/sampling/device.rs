@@ -48,16 +48,15 @@ pub struct DeviceDraw {
 
 impl Sampler {
     /// The next draw as a device makes it, when the device's sampler covers these settings:
-    /// greedy; top-k and top-p off (the draw walks every token's weight in id order); or a
-    /// top-k of at most [`MAX_DEVICE_TOP_K`] tokens, with any top-p and min-p (the draw walks
-    /// the kept tokens most likely first, an order the device reproduces). `None` for top-p
-    /// without top-k, whose kept tokens the host finds by a partial sort in no fixed order.
-    /// `previous` as in [`Sampler::sample`].
+    /// greedy; no top-k, with any top-p and min-p (the draw walks the weights of the tokens
+    /// at or above one floor in id order; top-p's floor is found on sums in a fixed order,
+    /// which the device bisects); or a top-k of at most [`MAX_DEVICE_TOP_K`] tokens, with any
+    /// top-p and min-p (the draw walks the kept tokens most likely first, an order the device
+    /// reproduces). `None` for a wider top-k. `previous` as in [`Sampler::sample`].
     pub fn device_draw(&self, previous: &[u32]) -> Option<DeviceDraw> {
         let p = &self.params;
         let greedy = p.temperature == 0.0;
-        let whole = p.top_k == 0 && p.top_p >= 1.0;
-        if !greedy && !whole && !(1..=MAX_DEVICE_TOP_K).contains(&p.top_k) {
+        if !greedy && p.top_k > MAX_DEVICE_TOP_K {
             return None;
         }
         let mut adjustments: Vec<Adjustment> = p
@@ -164,28 +163,26 @@ mod tests {
     }
 
     #[test]
-    fn top_p_alone_and_wide_top_k_stay_on_the_host() {
-        for params in [
-            SamplingParams {
-                top_p: 0.9,
-                ..SamplingParams::default()
-            },
-            SamplingParams {
-                top_k: MAX_DEVICE_TOP_K + 1,
-                ..SamplingParams::default()
-            },
-        ] {
-            assert_eq!(Sampler::new(params).device_draw(&[]), None);
-        }
-        let top_k = Sampler::new(SamplingParams {
-            top_k: 40,
-            top_p: 0.9,
-            min_p: 0.05,
+    fn only_a_wide_top_k_stays_on_the_host() {
+        let wide = SamplingParams {
+            top_k: MAX_DEVICE_TOP_K + 1,
             ..SamplingParams::default()
-        })
-        .device_draw(&[])
-        .expect("a narrow top-k is drawn on the device");
-        assert_eq!((top_k.top_k, top_k.top_p, top_k.min_p), (40, 0.9, 0.05));
+        };
+        assert_eq!(Sampler::new(wide).device_draw(&[]), None);
+        for (top_k, top_p, min_p) in [(40, 0.9, 0.05), (0, 0.9, 0.0), (0, 0.5, 0.1)] {
+            let draw = Sampler::new(SamplingParams {
+                top_k,
+                top_p,
+                min_p,
+                ..SamplingParams::default()
+            })
+            .device_draw(&[])
+            .expect("drawn on the device");
+            assert_eq!(
+                (draw.top_k, draw.top_p, draw.min_p),
+                (top_k as u32, top_p, min_p)
+            );
+        }
         let greedy = Sampler::new(SamplingParams {
             top_p: 0.5,
             ..SamplingParams::greedy()

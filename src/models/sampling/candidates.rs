@@ -350,7 +350,7 @@ mod tests {
                 .collect();
             weights[0] = 1.0;
             let total = kept_sum(&weights, 0.0);
-            for top_p in [0.1, 0.5, 0.9, 0.999] {
+            for top_p in [0.1f32, 0.5, 0.9, 0.999] {
                 let goal = f64::from(top_p) * total;
                 let best = weights
                     .iter()

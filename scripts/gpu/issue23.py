@@ -1,5 +1,6 @@
 """Issue 23 (GPU decode speed) on a GPU machine: run from the repository root as
-`python3 scripts/gpu/issue23.py STEP...` with STEP among suite, decode, profile (or `all`).
+`python3 scripts/gpu/issue23.py STEP...` with STEP among suite, decode, quick, sampled, profile
+(or `all`).
 
 Expects what `scripts/gpu/pack.sh` puts in `.gpu/`. `suite`: every packed test binary on cuda:0
 (including the fused kernels' `cuda_kernels`), each under a time limit, a hung one's threads
@@ -41,12 +42,13 @@ def card():
 
 SAMPLED = {"temperature": 0.8, "min_p": 0.05, "seed": 7}
 SAMPLED_TOP_K = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 7}
+SAMPLED_TOP_P = {"temperature": 0.8, "top_p": 0.9, "seed": 7}
 
 
 def daemon_runs(kind, counts, reps=3, sampled=()):
     """The daemon on the big model with `kind`'s environment, `reps` greedy runs per stream
-    count, then two runs per count in `sampled` with SAMPLED's settings and two with
-    SAMPLED_TOP_K's (both drawn on the device)."""
+    count, then two runs per count in `sampled` with each of SAMPLED's, SAMPLED_TOP_K's and
+    SAMPLED_TOP_P's settings (all drawn on the device)."""
     big = big_model()
     saved = dict(os.environ)
     os.environ.update(KINDS[kind])
@@ -66,7 +68,7 @@ def daemon_runs(kind, counts, reps=3, sampled=()):
                 runs.append(issue19.concurrent(streams, 1000 * streams + 10 * r))
                 log("decode", kind, json.dumps(runs[-1]))
         for streams in sampled:
-            for settings in (SAMPLED, SAMPLED_TOP_K):
+            for settings in (SAMPLED, SAMPLED_TOP_K, SAMPLED_TOP_P):
                 for r in range(2):
                     run = issue19.concurrent(streams, 1000 * streams + 10 * r + 5, settings)
                     runs.append(dict(run, sampling=settings))
@@ -88,6 +90,12 @@ def decode():
     result["candle"] = daemon_runs("candle", (1, 32), reps=2)
     result["transformers"] = issue19.transformers_rates(big_model(), (1, 8, 32))
     report["decode"] = result
+
+
+def sampled():
+    """Decode with the graphs, one stream greedy, then one and 32 streams with each sampled
+    setting: a short check of a sampling change."""
+    report["sampled"] = {"card": card(), "graphs": daemon_runs("graphs", (1,), reps=2, sampled=(1, 32))}
 
 
 def cuda_tool(name):
@@ -236,7 +244,7 @@ def profile():
     report["profile"] = result
 
 
-STEPS = {"suite": suite, "decode": decode, "quick": quick, "profile": profile}
+STEPS = {"suite": suite, "decode": decode, "quick": quick, "sampled": sampled, "profile": profile}
 
 
 if __name__ == "__main__":

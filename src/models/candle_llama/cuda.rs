@@ -11,7 +11,7 @@ use half::{bf16, f16};
 use std::sync::Arc;
 
 use crate::models::batch::Choice;
-use crate::models::Adjustment;
+use crate::models::{Adjustment, MAX_DEVICE_TOP_K};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llorch_kernels.ptx"));
 
@@ -382,6 +382,14 @@ impl Kernels {
                 "choose: {} choices for {rows} rows of {vocab} logits",
                 choices.len()
             )
+        }
+        // The kernel keeps a top-k in fixed shared arrays (a greedy draw ignores its top-k).
+        for choice in choices {
+            if let Choice::Draw(d) = choice {
+                if !d.greedy && d.top_k as usize > MAX_DEVICE_TOP_K {
+                    bail!("choose: a top-k of {} is over {MAX_DEVICE_TOP_K}", d.top_k)
+                }
+            }
         }
         let (spec, fractions) = draw_spec(choices);
         let count = spec.len();

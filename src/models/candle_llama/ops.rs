@@ -183,9 +183,9 @@ impl Ops {
 }
 
 impl Ops {
-    /// `x · wᵀ (+ bias)` of a projection: on CUDA a step of at most eight rows runs the fused
+    /// `x · wᵀ (+ bias)` of a projection: on CUDA a step of one or two rows runs the fused
     /// kernels' matrix-vector product, which reads the weights once at full width; otherwise
-    /// candle's matmul.
+    /// candle's matmul (cuBLAS).
     pub fn linear(&self, x: &Tensor, linear: &Linear) -> Result<Tensor> {
         match self {
             Ops::Candle => linear.forward(x),

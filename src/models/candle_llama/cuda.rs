@@ -123,14 +123,15 @@ impl Kernels {
         self.ptr(t, DType::U32)
     }
 
-    /// Enqueues `kernel` with arguments `pointers`, then `ints`, then `last`, in that order.
+    /// Enqueues `kernel` with arguments `pointers`, then `ints`, then `last` when given, in that
+    /// order.
     fn launch(
         &self,
         kernel: &CudaFunction,
         config: LaunchConfig,
         pointers: &[u64],
         ints: &[i32],
-        last: f32,
+        last: Option<f32>,
     ) -> Result<()> {
         let mut launch = self.stream.launch_builder(kernel);
         for pointer in pointers {
@@ -139,7 +140,9 @@ impl Kernels {
         for int in ints {
             launch.arg(int);
         }
-        launch.arg(&last);
+        if let Some(last) = &last {
+            launch.arg(last);
+        }
         enqueue(launch, config)
     }
 
@@ -238,7 +241,7 @@ impl Kernels {
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch(&self.rope_kv_write, config, &ptrs, &ints, eps)?;
+        self.launch(&self.rope_kv_write, config, &ptrs, &ints, Some(eps))?;
         Ok(q)
     }
 
@@ -295,7 +298,7 @@ impl Kernels {
             block_dim: (32 * ATTENTION_WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch(&self.paged_attention, config, &ptrs, &ints, scale)?;
+        self.launch(&self.paged_attention, config, &ptrs, &ints, Some(scale))?;
         Ok(out)
     }
 
@@ -360,14 +363,7 @@ impl Kernels {
             block_dim: (GEMV_BLOCK.1, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = self.stream.launch_builder(function);
-        for ptr in &ptrs {
-            launch.arg(ptr);
-        }
-        for int in &ints {
-            launch.arg(int);
-        }
-        enqueue(launch, config)?;
+        self.launch(function, config, &ptrs, &ints, None)?;
         Ok(Some(out))
     }
 

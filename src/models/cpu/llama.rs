@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::attention::Element;
 use super::buffer::zeros;
+use super::hot;
 use super::huge_pages::Plain;
 use super::kv_pool::{KvPool, Scratch, Span};
 use super::ops::{self, Rope};
@@ -138,7 +139,7 @@ impl CpuLlama {
         pool.grow(layout.blocks);
         let chunk = self.solo.chunk(ids);
         check_step(&[chunk], pool.layout(), w.vocab())?;
-        let mut logits = rayon::scope(|_| w.forward(&[chunk], pool));
+        let mut logits = hot::run(|| w.forward(&[chunk], pool));
         self.solo.advance(ids.len());
         logits
             .pop()
@@ -209,7 +210,7 @@ impl Weights {
         pool: &mut KvPool<T>,
     ) -> Result<Vec<Vec<f32>>, GenerationError> {
         check_step(seqs, pool.layout(), self.vocab())?;
-        Ok(rayon::scope(|_| self.forward(seqs, pool)))
+        Ok(hot::run(|| self.forward(seqs, pool)))
     }
 
     /// Values per KV slot of one layer.

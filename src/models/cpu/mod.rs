@@ -10,6 +10,7 @@ pub(crate) mod exp;
 pub mod f16_panels;
 #[cfg(target_arch = "x86_64")]
 mod half_avx512;
+mod hot;
 mod huge_pages;
 pub mod interleaved;
 pub mod interleaved_q4k;

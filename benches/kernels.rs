@@ -17,7 +17,8 @@
 //! The `attention` group runs one KV head's attention (its query heads' scores, softmax and
 //! weighted sums of the values) over a sequence's paged cache, for the small and 1b models'
 //! geometry and several context lengths, and reports multiply-adds per second; `attend` with
-//! an f32 cache, `attend_f16` with a half-precision one.
+//! an f32 cache, `attend_f16` with a half-precision one; `scores` and `sums` run its two
+//! products alone for one and two query heads over 256 positions in runs of 16.
 //!
 //! Every label ends in the kernels' level (`@avx512`, `@avx2`, `@scalar`): the best this CPU
 //! has, or the one `LLORCH_CPU_LEVEL` forces, so
@@ -34,7 +35,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::{bf16, f16};
 use llorch::models::batch::KvLayout;
 use llorch::models::cpu::activations::Activations;
-use llorch::models::cpu::attention::Element;
+use llorch::models::cpu::attention::{self, Element};
 use llorch::models::cpu::f16_panels::F16Panels;
 use llorch::models::cpu::interleaved::{Interleaved, Kind};
 use llorch::models::cpu::interleaved_q4k::InterleavedQ4K;
@@ -275,7 +276,36 @@ fn attention(c: &mut Criterion) {
     let mut group = c.benchmark_group("attention");
     attend::<f32>(&mut group, "attend");
     attend::<f16>(&mut group, "attend_f16");
+    attention_products(&mut group);
     group.finish();
+}
+
+/// The `scores` and `sums` rows of the attention group: its two products alone, for two
+/// query heads (a pair, the unit of the wide kernels) and for one, over 256 positions of an
+/// f32 cache in runs of 16, as a paged cache holds them.
+fn attention_products(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    let (positions, stride) = (256usize, HEAD_DIM);
+    let cache = values(positions * stride, 19);
+    let runs: Vec<(usize, usize)> = (0..positions / 16).map(|r| (r * 16 * stride, 16)).collect();
+    for heads in [2usize, 1] {
+        let queries = values(heads * HEAD_DIM, 23);
+        let weights: Vec<f32> = values(heads * positions, 29)
+            .iter()
+            .map(|w| w.abs())
+            .collect();
+        let mut scores = vec![0f32; heads * positions];
+        let mut sums = vec![0f32; heads * HEAD_DIM];
+        let label = format!("{heads}/{positions}@{}", level().name());
+        group.throughput(Throughput::Elements((heads * positions * HEAD_DIM) as u64));
+        group.bench_function(BenchmarkId::new("scores", &label), |b| {
+            b.iter(|| attention::scores(&queries, HEAD_DIM, &cache, stride, &runs, &mut scores))
+        });
+        group.bench_function(BenchmarkId::new("sums", &label), |b| {
+            b.iter(|| {
+                attention::weighted_sums(&weights, &cache, stride, &runs, &mut sums, HEAD_DIM)
+            })
+        });
+    }
 }
 
 /// Rows `name` of the attention group: a cache of `T`.

@@ -2,7 +2,8 @@
 //! scores against every cached key and the weighted sums of the cached values. Each runs over
 //! all positions (the runs of a sequence's blocks) and all the heads in one call: a kernel
 //! call per block and head cost more than the products of a decode step's short blocks. A
-//! scalar reference and an AVX2/FMA version are held to each other by the tests.
+//! scalar reference and an AVX2/FMA version are held to each other by the tests; at the
+//! AVX-512 level the weighted sums run sixteen lanes wide, to the AVX2 bits (`attention/avx512.rs`).
 //!
 //! The cache rows hold every KV head of a position: `keys[p * stride..][..d]` is position
 //! `p`'s key for the head the slice starts at.
@@ -21,6 +22,13 @@ pub trait Element: Copy + Send + Sync + 'static {
     #[cfg(target_arch = "x86_64")]
     #[allow(unsafe_code)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen values from `p` as the lanes of a vector.
+    ///
+    /// # Safety
+    /// AVX2, F16C and AVX-512 F must be available, and sixteen values from `p` readable.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Element for f32 {
@@ -39,6 +47,15 @@ impl Element for f32 {
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller's.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -59,6 +76,16 @@ impl Element for half::f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's: eight halves, 16 bytes.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[allow(unsafe_code)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    unsafe fn load16(p: *const half::f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's: sixteen halves, 32 bytes.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
     }
 }
 
@@ -126,10 +153,20 @@ pub fn weighted_sums<T: Element>(
     );
     check_runs(d, values, stride, runs);
     #[cfg(target_arch = "x86_64")]
-    if super::kernels::simd() {
+    {
+        use super::level::{level, Level};
+        let (w, v) = (weights, values);
         // SAFETY: the features were detected; the sizes were checked above.
         #[allow(unsafe_code)]
-        return unsafe { avx2::weighted_sums_runs(weights, values, stride, runs, out, d) };
+        match level() {
+            Level::Avx512 => {
+                return unsafe { avx2::weighted_sums_runs::<T, true>(w, v, stride, runs, out, d) };
+            }
+            Level::Avx2 => {
+                return unsafe { avx2::weighted_sums_runs::<T, false>(w, v, stride, runs, out, d) };
+            }
+            Level::Scalar => {}
+        }
     }
     let mut first = 0;
     for &(at, len) in runs {
@@ -238,13 +275,15 @@ mod avx2 {
     }
 
     /// [`super::weighted_sums`] over runs: the queries two at a time, so that each value
-    /// vector loaded serves both, then the odd one alone.
+    /// vector loaded serves both, then the odd one alone. `WIDE` sums with AVX-512
+    /// ([`super::avx512::weighted_sum_into`]), to the same bits.
     ///
     /// # Safety
-    /// AVX2, FMA and F16C must be available; every run's rows lie within `values` (checked by the
-    /// caller), and `weights` holds a weight per query and position.
+    /// AVX2, FMA and F16C must be available, and AVX-512 F if `WIDE`; every run's rows lie
+    /// within `values` (checked by the caller), and `weights` holds a weight per query and
+    /// position.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn weighted_sums_runs<T: Element>(
+    pub unsafe fn weighted_sums_runs<T: Element, const WIDE: bool>(
         weights: &[f32],
         values: &[T],
         stride: usize,
@@ -263,11 +302,21 @@ mod avx2 {
                     let ((wa, wb), (oa, ob)) = (w.split_at(total), o.split_at_mut(d));
                     let w = [&wa[span.clone()], &wb[span.clone()]];
                     // SAFETY: as this function's.
-                    unsafe { weighted_sum_into::<T, 2, 4>(w, values, stride, [oa, ob]) };
+                    unsafe {
+                        match WIDE {
+                            true => super::avx512::weighted_sum_into(w, values, stride, [oa, ob]),
+                            false => weighted_sum_into::<T, 2, 4>(w, values, stride, [oa, ob]),
+                        }
+                    };
                 } else {
                     let w = [&w[span.clone()]];
                     // SAFETY: as this function's.
-                    unsafe { weighted_sum_into::<T, 1, 8>(w, values, stride, [o]) };
+                    unsafe {
+                        match WIDE {
+                            true => super::avx512::weighted_sum_into(w, values, stride, [o]),
+                            false => weighted_sum_into::<T, 1, 8>(w, values, stride, [o]),
+                        }
+                    };
                 }
             }
             first += len;
@@ -376,7 +425,7 @@ mod avx2 {
     /// lengths.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn weighted_sum_into<T: Element, const H: usize, const V: usize>(
+    pub(super) unsafe fn weighted_sum_into<T: Element, const H: usize, const V: usize>(
         weights: [&[f32]; H],
         values: &[T],
         stride: usize,
@@ -459,6 +508,9 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,6 +571,62 @@ mod tests {
                         "{d} {i}: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The AVX-512 weighted sums give the AVX2 kernel's bits: head sizes with and without a
+    /// tail past whole vectors of 64, 16 and 8 values, one to five queries, runs of several
+    /// lengths.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_weighted_sums_are_the_avx2_bits() {
+        if super::super::level::level() < super::super::level::Level::Avx512 {
+            eprintln!("skipped: the kernels run below AVX-512 here");
+            return;
+        }
+        wide_sums_are_avx2_sums::<f32>();
+        wide_sums_are_avx2_sums::<half::f16>();
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    fn wide_sums_are_avx2_sums<T: Element>() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let shapes = [
+            (64, 64),
+            (128, 128),
+            (72, 80),
+            (40, 40),
+            (13, 26),
+            (200, 208),
+        ];
+        for (d, stride) in shapes {
+            for heads in 1..=5 {
+                let positions = 47;
+                let mut random = |n: usize| -> Vec<f32> {
+                    (0..n).map(|_| rng.random_range(-2.0..2.0)).collect()
+                };
+                let cache: Vec<T> = random(positions * stride + d)
+                    .into_iter()
+                    .map(T::from_f32)
+                    .collect();
+                let weights = random(heads * positions);
+                let runs = [
+                    (0, 16),
+                    (16 * stride, 12),
+                    (28 * stride, 4),
+                    (32 * stride, 15),
+                ];
+                let (mut narrow, mut wide) = (vec![0.25; heads * d], vec![0.25; heads * d]);
+                let (w, c) = (&weights, &cache);
+                // SAFETY: AVX-512 was detected (above); the runs lie within the cache.
+                unsafe {
+                    avx2::weighted_sums_runs::<T, false>(w, c, stride, &runs, &mut narrow, d);
+                    avx2::weighted_sums_runs::<T, true>(w, c, stride, &runs, &mut wide, d);
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&narrow), bits(&wide), "{d} {heads}");
             }
         }
     }

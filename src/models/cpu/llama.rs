@@ -363,12 +363,21 @@ impl Weights {
         ops::rms_norm(&last, &self.norm, s.eps, &mut normed);
         let head = self.output.as_ref().unwrap_or(&self.embedding);
         let vocab = head.rows();
-        let mut logits = zeros(wanted * vocab);
+        // A decode step's logits are megabytes: zeroed, scaled and copied out on every thread
+        // of the pool rather than on this one while the others wait.
+        let mut logits = Vec::new();
+        rayon::iter::repeat_n(0.0, wanted * vocab).collect_into_vec(&mut logits);
         head.matmul(&normed, wanted, &mut logits);
-        if s.logits_multiplier != 1.0 {
-            logits.iter_mut().for_each(|v| *v *= s.logits_multiplier);
-        }
-        logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+        let multiplier = s.logits_multiplier;
+        logits
+            .par_chunks_exact_mut(vocab)
+            .map(|row| {
+                if multiplier != 1.0 {
+                    row.iter_mut().for_each(|v| *v *= multiplier);
+                }
+                row.to_vec()
+            })
+            .collect()
     }
 }
 

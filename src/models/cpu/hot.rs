@@ -9,49 +9,77 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Whether some step in the process has the pool's threads hot. One at a time: a thread picks
+/// up a step's loop whenever it looks for work, also while it waits inside another job, and
+/// that job then waits for the step; two hot steps (two models on the CPU) could each wait for
+/// the other's loop to end (seen in `tests/batching.rs`, its engines sharing the pool).
+static HOT: AtomicBool = AtomicBool::new(false);
+
+/// How long a loop looks for work that does not come before it gives its thread back to
+/// rayon's own idling: far longer than the gaps between a step's parallel regions, and the
+/// bound on a stall if a loop was picked up inside a job of its own step (a thread that
+/// searched for work just before the step began and stole one of its first jobs).
+const IDLE: Duration = Duration::from_millis(1);
 
 /// Runs `step` on a thread of rayon's pool (so that its parallel regions split from inside the
-/// pool) with the pool's other threads kept hot until it returns.
+/// pool) with the pool's other threads kept hot until it returns, unless another step has them.
 pub fn run<R: Send>(step: impl FnOnce() -> R + Send) -> R {
+    run_hot(step).0
+}
+
+/// [`run`], and whether the step had the threads hot.
+fn run_hot<R: Send>(step: impl FnOnce() -> R + Send) -> (R, bool) {
     rayon::scope(|_| {
-        let _hot = Hot::start();
-        step()
+        let hot = Hot::start();
+        (step(), hot.done.is_some())
     })
 }
 
-/// While alive, every other worker of the current rayon pool steals work without sleeping.
+/// While alive (and holding [`HOT`]), every other worker of the current rayon pool steals work
+/// without sleeping.
 struct Hot {
-    done: Arc<AtomicBool>,
+    done: Option<Arc<AtomicBool>>,
 }
 
 impl Hot {
-    /// Starts the loop on every worker of the current pool but this thread. In a pool of one
-    /// thread nothing spins.
+    /// Starts the loop on every worker of the current pool but this thread, if no other step
+    /// holds [`HOT`]. In a pool of one thread nothing spins.
     fn start() -> Hot {
-        let done = Arc::new(AtomicBool::new(false));
         let me = rayon::current_thread_index();
-        if me.is_some() && rayon::current_num_threads() > 1 {
-            let flag = Arc::clone(&done);
-            rayon::spawn_broadcast(move |context| {
-                // This thread's own copy must return: run while it waits inside the step, a
-                // loop here would keep the step from ever finishing.
-                if Some(context.index()) == me {
-                    return;
-                }
-                while !flag.load(Ordering::Acquire) {
-                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                        std::hint::spin_loop();
-                    }
-                }
-            });
+        if me.is_none() || rayon::current_num_threads() < 2 || HOT.swap(true, Ordering::Acquire) {
+            return Hot { done: None };
         }
-        Hot { done }
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&done);
+        rayon::spawn_broadcast(move |context| {
+            // This thread's own copy must return: run while it waits inside the step, a
+            // loop here would keep the step from ever finishing.
+            if Some(context.index()) == me {
+                return;
+            }
+            let mut idle_since = None;
+            while !flag.load(Ordering::Acquire) {
+                if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                    idle_since = None;
+                } else if idle_since.get_or_insert_with(Instant::now).elapsed() > IDLE {
+                    return;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        Hot { done: Some(done) }
     }
 }
 
 impl Drop for Hot {
     fn drop(&mut self) {
-        self.done.store(true, Ordering::Release);
+        if let Some(done) = &self.done {
+            done.store(true, Ordering::Release);
+            HOT.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -59,6 +87,7 @@ impl Drop for Hot {
 mod tests {
     use super::*;
     use rayon::prelude::*;
+    use std::hint::black_box;
     use std::sync::mpsc;
     use std::time::Duration;
 
@@ -74,13 +103,20 @@ mod tests {
             .unwrap();
         let (sender, receiver) = mpsc::channel();
         std::thread::spawn(move || {
-            let sum = pool.install(|| {
-                run(|| {
-                    // This thread's own copy of the loop is the first job it finds.
-                    while rayon::yield_local() == Some(rayon::Yield::Executed) {}
-                    (0..100_000u64).into_par_iter().sum::<u64>()
-                })
-            });
+            // Another test's step may hold the threads of its own pool hot: try again.
+            let sum = loop {
+                let (sum, hot) = pool.install(|| {
+                    run_hot(|| {
+                        // This thread's own copy of the loop is the first job it finds.
+                        while rayon::yield_local() == Some(rayon::Yield::Executed) {}
+                        (0..100_000u64).into_par_iter().sum::<u64>()
+                    })
+                });
+                if hot {
+                    break sum;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
             sender.send(sum).unwrap();
         });
         let limit = Duration::from_secs(60);
@@ -91,5 +127,49 @@ mod tests {
             .collect();
         gone.sort_unstable();
         assert_eq!(gone, [0, 1, 2]);
+    }
+
+    /// Steps of several engines at once on one pool, each with nested parallel work, all
+    /// finish: two steps never hold each other's threads.
+    #[test]
+    fn steps_of_several_engines_on_one_pool_all_finish() {
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap(),
+        );
+        let (sender, receiver) = mpsc::channel();
+        for engine in 0..4u64 {
+            let (pool, sender) = (Arc::clone(&pool), sender.clone());
+            std::thread::spawn(move || {
+                let mut total = 0;
+                for _ in 0..50 {
+                    // A step: layers of parallel regions with serial work between them.
+                    total += pool.install(|| {
+                        run(|| {
+                            (0..30u64)
+                                .map(|layer| {
+                                    (0..64u64)
+                                        .into_par_iter()
+                                        .map(|i| {
+                                            (0..500 + i + layer + engine)
+                                                .map(black_box)
+                                                .sum::<u64>()
+                                        })
+                                        .sum::<u64>()
+                                })
+                                .sum::<u64>()
+                        })
+                    });
+                }
+                sender.send(total).unwrap();
+            });
+        }
+        for _ in 0..4 {
+            receiver
+                .recv_timeout(Duration::from_secs(120))
+                .expect("every engine's steps finish");
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! wakes it: on two cores under a hypervisor the wake-ups and context switches took about a
 //! tenth of a 16-stream decode step (`perf record` of `llorch bench --concurrency 16`). For the
 //! length of a step, each other worker runs a job that asks the pool for work in a loop and so
-//! never sleeps; the loop ends as soon as the step does.
+//! never sleeps; the loop ends as soon as the step does, or after [`IDLE`] without work. One
+//! step in the process at a time has the threads hot ([`HOT`]); another runs as before.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
